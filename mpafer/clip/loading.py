@@ -1,0 +1,189 @@
+"""Loading CLIP: named downloads with SHA-256 checks, and safe checkpoint reading.
+
+No file is ever unpickled with arbitrary code: plain checkpoints go through
+`torch.load(weights_only=True)`, and OpenAI's TorchScript archives are read by a small
+unpickler that only rebuilds tensors (their TorchScript code is never loaded or run).
+"""
+import hashlib
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Dict, Tuple
+
+import torch
+from tqdm import tqdm
+
+from .model import CLIP, build_model
+from .transform import clip_preprocess
+
+_MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+
+def available_models():
+    return list(_MODELS)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, root: str, expected_sha256: str) -> str:
+    """Fetch `url` into `root` unless a file with the right SHA-256 is already there.
+
+    The download goes to a temporary file beside the target and is renamed into place only
+    when its hash matches, so an interrupted or corrupted download never leaves a file behind.
+    """
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target):
+        if sha256_of(target) == expected_sha256:
+            return target
+        print(f"{target} exists but its SHA-256 does not match; downloading it again")
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(target) + ".", suffix=".part")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as source:
+            total = int(source.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(target)) as bar:
+                for chunk in iter(lambda: source.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != expected_sha256:
+            raise RuntimeError(f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
+                               f"{digest.hexdigest()}; the download was discarded")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"could not download {url} ({e}). Without internet, fetch that file elsewhere and "
+            f"put it at {target} (same file name); it is checked against SHA-256 {expected_sha256}"
+        ) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject:
+    """Stands in for a pickled TorchScript module: only its attribute dict is kept."""
+
+    def __setstate__(self, state):
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Rebuilds the tensors of a TorchScript archive's `data.pkl`; refuses any other global."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}' from a TorchScript archive")
+
+    def persistent_load(self, pid):
+        _, dtype, key, _location, _numel = pid  # ('storage', dtype, key, location, numel)
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, *_):
+    return storage.as_strided(tuple(size), tuple(stride), offset).clone()
+
+
+def _collect_tensors(obj, prefix: str, out: Dict[str, torch.Tensor]):
+    for name, value in getattr(obj, "attributes", {}).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ScriptObject):
+            _collect_tensors(value, f"{prefix}{name}.", out)
+
+
+def is_torchscript_archive(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive (e.g. OpenAI's `.pt`), keyed by attribute path."""
+    with zipfile.ZipFile(path) as archive:
+        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        prefix = pkl[: -len("data.pkl")]
+        with archive.open(pkl) as f:
+            root = _TorchScriptUnpickler(f, archive, prefix).load()
+    state_dict = {}
+    _collect_tensors(root, "", state_dict)
+    return state_dict
+
+
+def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    """A CLIP state dict from a TorchScript archive or a plain (possibly wrapped) state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP checkpoint {path} not found")
+    if is_torchscript_archive(path):
+        return read_torchscript_state_dict(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"{path} is not a plain tensor checkpoint (it needs arbitrary unpickling, "
+                           f"which mpafer refuses for safety): {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load(name_or_path: str, device="cpu", download_root: str = "weights") -> Tuple[CLIP, object]:
+    """OpenAI CLIP by name (downloaded to `download_root`) or by path -> (model, preprocess).
+
+    The model is fp32, in eval mode, every parameter frozen. It carries `checkpoint_name` and
+    `checkpoint_sha256` so checkpoints trained on it can refuse a different backbone.
+    """
+    if name_or_path in _MODELS:
+        url = _MODELS[name_or_path]
+        sha256 = url.split("/")[-2]
+        path = download(url, download_root, sha256)
+    elif os.path.isfile(name_or_path):
+        path, sha256 = name_or_path, sha256_of(name_or_path)
+    else:
+        raise RuntimeError(f"CLIP model {name_or_path!r} not found; available models: "
+                           f"{available_models()}, or give the path of a checkpoint file")
+    model = build_model(read_checkpoint(path)).to(device)
+    model.checkpoint_name, model.checkpoint_sha256 = name_or_path, sha256
+    return model, clip_preprocess(model.visual.input_resolution)

@@ -1,0 +1,251 @@
+"""OpenAI's CLIP (ViT variant), rewritten around `scaled_dot_product_attention`.
+
+Parameter names and shapes are exactly those of OpenAI's released checkpoints, so a released
+state dict loads with `strict=True`; the architecture is read off the state dict
+(`build_model`). Differences from OpenAI's `model.py`, all invisible in the checkpoint:
+
+- activations are batch-first `[B, L, W]` (OpenAI's are `[L, B, W]`);
+- attention is `F.scaled_dot_product_attention` (fused kernels on CUDA and CPU);
+- weights stay fp32: mixed precision comes from `torch.autocast`, and LayerNorm runs in fp32;
+- prompt hooks are explicit optional arguments (`prompts`, `deep_prompts`, `return_tokens`,
+  `encode_text_embeddings`); with none given, the computation is the plain path.
+"""
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-layer prompt tokens: entry l is added before layer l (None: nothing for that layer).
+LayerPrompts = Optional[Sequence[Optional[torch.Tensor]]]
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (as OpenAI's), cast back after."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
+        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, L, W/H]
+        out = out.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
+        return self.out_proj(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width)))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.width, self.layers, self.causal = width, layers, causal
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, appended: LayerPrompts = None,
+                replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
+        """Run the blocks on `x` `[B, L, W]`, with optional per-layer prompt tokens.
+
+        appended[l] `[P, W]` or `[B, P, W]`: joined after the sequence before layer l and
+            dropped after it (VPT-deep).
+        replaced[l] `[P, W]` or `[B, P, W]`: overwrites tokens `replace_start : replace_start + P`
+            before layer l (deep text prompts; later layers re-use the tokens layer l made).
+        """
+        B, L, _ = x.shape
+        for i, block in enumerate(self.resblocks):
+            if replaced is not None and i < len(replaced) and replaced[i] is not None:
+                p = _batched(replaced[i], B, x.dtype)
+                x = torch.cat([x[:, :replace_start], p, x[:, replace_start + p.shape[1]:]], dim=1)  # [B, L, W]
+            if appended is not None and i < len(appended) and appended[i] is not None:
+                x = torch.cat([x, _batched(appended[i], B, x.dtype)], dim=1)  # [B, L + P, W]
+                x = block(x, self.causal)[:, :L]  # [B, L, W]
+            else:
+                x = block(x, self.causal)
+        return x
+
+
+def _batched(p: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    p = p.to(dtype)
+    return p.unsqueeze(0).expand(batch, -1, -1) if p.dim() == 2 else p  # [B, P, W]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
+                 heads: int, output_dim: int):
+        super().__init__()
+        self.input_resolution, self.patch_size = input_resolution, patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x: torch.Tensor, prompts: LayerPrompts = None, return_tokens: bool = False):
+        """Images `[B, 3, H, W]` -> global feature `[B, D]` (and patch features `[B, N, D]`).
+
+        prompts: per-layer visual prompt tokens `[P, width]` (VPT-deep), see `Transformer`.
+        return_tokens: also return every patch through the same `ln_post` and `proj`.
+        """
+        x = self.conv1(x)  # [B, W, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, W]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, W]
+        x = self.ln_pre(x)
+        x = self.transformer(x, appended=prompts)
+        global_feature = self.ln_post(x[:, 0]) @ self.proj  # [B, D]
+        if not return_tokens:
+            return global_feature
+        # Separate from the CLS token so the global feature is bit-identical to the plain path.
+        return global_feature, self.ln_post(x[:, 1:]) @ self.proj  # [B, D], [B, N, D]
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
+                 vision_patch_size: int, context_length: int, vocab_size: int,
+                 transformer_width: int, transformer_heads: int, transformer_layers: int):
+        super().__init__()
+        self.context_length = context_length
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, vision_width // 64 or 1, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True)
+        self.vocab_size = vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation (used only for randomly initialised models)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        t = self.transformer
+        proj_std = (t.width ** -0.5) * ((2 * t.layers) ** -0.5)
+        attn_std, fc_std = t.width ** -0.5, (2 * t.width) ** -0.5
+        for block in t.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        for block in self.visual.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=self.visual.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=t.width ** -0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text_projection.shape[1]
+
+    def encode_image(self, image: torch.Tensor, prompts: LayerPrompts = None,
+                     return_tokens: bool = False):
+        return self.visual(image.to(self.dtype), prompts=prompts, return_tokens=return_tokens)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids `[B, context_length]` -> text features `[B, D]` (read at the EOT token)."""
+        x = self.token_embedding(text)  # [B, L, W]
+        # The EOT token has the largest id in the vocabulary, so argmax finds its position.
+        return self.encode_text_embeddings(x, text.argmax(dim=-1))
+
+    def encode_text_embeddings(self, x: torch.Tensor, eot_positions: torch.Tensor,
+                               deep_prompts: LayerPrompts = None, prompt_start: int = 1):
+        """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`.
+
+        eot_positions `[B]`: where each sequence's EOT token sits (its feature is the output).
+        deep_prompts[l] `[P, W]` or `[B, P, W]`: replace tokens `prompt_start : prompt_start + P`
+            before layer l (deep text prompts); entry 0 is usually None (the input is `x`).
+        """
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # [B, L, W]
+        x = self.transformer(x, replaced=deep_prompts, replace_start=prompt_start)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_positions]  # [B, W]
+        return x @ self.text_projection  # [B, D]
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+# Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
+NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def model_config(state_dict: dict) -> dict:
+    """Read CLIP's architecture off an OpenAI-format state dict (any size)."""
+    if "visual.proj" not in state_dict:
+        if any(k.startswith("visual.layer1.") for k in state_dict):
+            raise NotImplementedError(
+                "this is an OpenAI ResNet CLIP checkpoint (RN50, RN101, RN50x4, ...); mpafer "
+                "supports the ViT models only (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
+        raise ValueError("not an OpenAI CLIP state dict: no 'visual.proj' key "
+                         f"(first keys: {sorted(state_dict)[:5]})")
+
+    def count_layers(prefix: str) -> int:
+        return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
+
+    vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    transformer_width = state_dict["ln_final.weight"].shape[0]
+    return dict(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=count_layers("visual.transformer.resblocks."),
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=max(transformer_width // 64, 1),
+        transformer_layers=count_layers("transformer.resblocks."),
+    )
+
+
+def build_model(state_dict: dict) -> CLIP:
+    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly."""
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
+    model = CLIP(**model_config(state_dict))
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Shipped multi-granularity class descriptions (JSON), their generation prompt and regeneration script."""
