@@ -1,0 +1,54 @@
+"""Cross-modal global-local alignment: class text features attend to an image's patches."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GlobalLocalAlignment(nn.Module):
+    """Local score `S_l(x, c) = sum_n a_{c,n} cos(z_l,n, t_c)` by top-k cross-attention.
+
+    Queries are the class text features t_c `[C, D]`; keys and values the patch features z_l
+    `[B, N, D]` of each image. For each class only the k patches most similar to t_c get
+    attention: uniform weights 1/k by default (S_l is then the mean of the top-k cosines), or
+    a softmax over their similarities at `temperature`. With `learnable=True`, query, key and
+    value projections (initialised to the identity, so training starts from the default)
+    map t_c, z_l before the similarities: selection and weights use cos(W_k z, W_q t), the
+    score uses cos(W_v z, t_c).
+    """
+
+    def __init__(self, embed_dim: int, top_k: int = 16, temperature: Optional[float] = None,
+                 learnable: bool = False):
+        super().__init__()
+        self.top_k, self.temperature = top_k, temperature
+        if learnable:
+            self.q_proj, self.k_proj, self.v_proj = (_identity_linear(embed_dim) for _ in range(3))
+        else:
+            self.q_proj = self.k_proj = self.v_proj = None
+
+    def forward(self, patches: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """patches `[B, N, D]`, text `[C, D]` (both L2-normalised) -> (S_l `[B, C]`, attention `[B, C, N]`)."""
+        k = min(self.top_k, patches.shape[1])
+        if self.q_proj is not None:
+            keys = F.normalize(self.k_proj(patches), dim=-1)
+            queries = F.normalize(self.q_proj(text), dim=-1)
+            values = F.normalize(self.v_proj(patches), dim=-1)
+        else:
+            keys = values = patches
+            queries = text
+        similarity = torch.einsum("bnd,cd->bcn", keys, queries)  # [B, C, N]
+        top_sim, top_idx = similarity.topk(k, dim=-1)  # [B, C, k]
+        if self.temperature is None:
+            weights = torch.full_like(top_sim, 1.0 / k)
+        else:
+            weights = torch.softmax(top_sim / self.temperature, dim=-1)
+        attention = torch.zeros_like(similarity).scatter(-1, top_idx, weights)  # [B, C, N]
+        value_cos = similarity if values is keys else torch.einsum("bnd,cd->bcn", values, text)  # [B, C, N]
+        return (attention * value_cos).sum(-1), attention
+
+
+def _identity_linear(dim: int) -> nn.Linear:
+    layer = nn.Linear(dim, dim, bias=False)
+    nn.init.eye_(layer.weight)
+    return layer

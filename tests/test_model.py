@@ -1,0 +1,329 @@
+"""MPA-FER: trainable state, equivalences, alignment block, losses, prototypes, learning."""
+import ast
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpafer
+from mpafer import clip, losses
+from mpafer.alignment import GlobalLocalAlignment
+from mpafer.clip.model import CLIP
+from mpafer.model import MPAFER, MPAFERConfig
+from mpafer.prompts import build_hard_prompts, load_descriptions
+from mpafer.prototypes import cached_prototypes, compute_prototypes
+from tests.helpers import tiny_clip
+
+CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def descriptions():
+    return load_descriptions(CLASSES)
+
+
+def make_model(descriptions, seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = MPAFER(tiny_clip(), CLASSES, descriptions, MPAFERConfig(**cfg))
+    model.set_prototypes(torch.randn(len(CLASSES), 32))
+    return model
+
+
+def batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % len(CLASSES)
+
+
+def test_only_prompts_train_and_only_they_get_gradients(descriptions):
+    model = make_model(descriptions, text_prompt_depth=2)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"text_prompts.ctx", "text_prompts.deep", "visual_prompts.prompts"}
+    images, labels = batch()
+    model.train()
+    total, _ = model.loss(model(images), labels)
+    total.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    with_proj = make_model(descriptions, learnable_alignment=True)
+    extra = {k for k, p in with_proj.named_parameters() if p.requires_grad} - trainable
+    assert extra == {"alignment.q_proj.weight", "alignment.k_proj.weight", "alignment.v_proj.weight"}
+
+
+def zero_shot_logits(clip_model, images, texts):
+    image = F.normalize(clip_model.encode_image(images), dim=-1)
+    text = F.normalize(clip_model.encode_text(clip.tokenize(texts)), dim=-1)
+    return clip_model.logit_scale.exp() * image @ text.t()
+
+
+@pytest.mark.parametrize("ctx_init", ["", "a photo of a"])
+def test_prompts_off_and_no_local_term_is_zero_shot_clip(descriptions, ctx_init):
+    model = make_model(descriptions, n_ctx=0, ctx_init=ctx_init, visual_prompt_depth=0, local_weight=0.0).eval()
+    images, _ = batch()
+    prefix = ctx_init + " " if ctx_init else ""
+    expected = zero_shot_logits(model.clip, images, [f"{prefix}{c}." for c in CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_uniform_attention_is_mean_of_topk_cosines():
+    torch.manual_seed(0)
+    B, N, C, D, k = 2, 10, 3, 8, 4
+    patches, text = F.normalize(torch.randn(B, N, D), dim=-1), F.normalize(torch.randn(C, D), dim=-1)
+    score, attention = GlobalLocalAlignment(D, top_k=k)(patches, text)
+    for b in range(B):
+        for c in range(C):
+            cosines = sorted((float(patches[b, n] @ text[c]) for n in range(N)), reverse=True)
+            assert score[b, c].item() == pytest.approx(sum(cosines[:k]) / k, abs=1e-6)
+            assert (attention[b, c] > 0).sum() == k and attention[b, c].sum().item() == pytest.approx(1.0)
+    # Softmax weights at a temperature: hand computation over the same top-k.
+    t = 0.1
+    score_t, _ = GlobalLocalAlignment(D, top_k=k, temperature=t)(patches, text)
+    cos = sorted((float(patches[0, n] @ text[1]) for n in range(N)), reverse=True)[:k]
+    w = [math.exp(c / t) for c in cos]
+    assert score_t[0, 1].item() == pytest.approx(sum(wi * ci for wi, ci in zip(w, cos)) / sum(w), abs=1e-6)
+    # Identity-initialised projections start out equal to the default block.
+    learnable, _ = GlobalLocalAlignment(D, top_k=k, learnable=True)(patches, text)
+    torch.testing.assert_close(learnable, score)
+    # k larger than the number of patches uses all of them.
+    all_patches, _ = GlobalLocalAlignment(D, top_k=50)(patches, text)
+    torch.testing.assert_close(all_patches, (patches @ text.t()).mean(1))
+
+
+def test_logits_are_scaled_global_plus_local(descriptions):
+    model = make_model(descriptions, local_weight=0.5).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        out = model(images)
+    s_g = out.global_features @ out.text_features.t()
+    s_l = (out.attention * torch.einsum("bnd,cd->bcn", out.local_features, out.text_features)).sum(-1)
+    torch.testing.assert_close(out.logits, model.clip.logit_scale.exp() * (s_g + 0.5 * s_l))
+    assert out.attention.shape == (6, len(CLASSES), 16)
+
+
+def test_losses_match_hand_computation():
+    torch.manual_seed(0)
+    C, H, W, D, B, tau = 3, 5, 4, 6, 4, 0.07
+    soft_pooled, hard_pooled = torch.randn(C, W), torch.randn(H, W)
+    text, hard = torch.randn(C, D), torch.randn(H, D)
+    labels_h = torch.tensor([0, 0, 1, 2, 2])
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+
+    expected_ta = 0.0
+    for h in range(H):
+        logits = [cos(soft_pooled[c], hard_pooled[h]) / tau for c in range(C)]
+        expected_ta += -(logits[labels_h[h]] - math.log(sum(math.exp(x) for x in logits)))
+    assert losses.token_alignment_loss(soft_pooled, hard_pooled, labels_h, tau).item() == pytest.approx(expected_ta / H, rel=1e-5)
+
+    t_n, h_n = F.normalize(text, dim=-1), F.normalize(hard, dim=-1)
+    expected_l1 = sum(float((t_n[labels_h[h]] - h_n[h]).abs().sum()) / D for h in range(H)) / H
+    assert losses.prompt_alignment_loss(text, hard, labels_h).item() == pytest.approx(expected_l1, rel=1e-5)
+    expected_con = 0.0
+    for h in range(H):
+        logits = [cos(text[c], hard[h]) / tau for c in range(C)]
+        expected_con += -(logits[labels_h[h]] - math.log(sum(math.exp(x) for x in logits)))
+    assert losses.prompt_alignment_loss(text, hard, labels_h, "contrastive", tau).item() == pytest.approx(expected_con / H, rel=1e-5)
+
+    z, protos, y = torch.randn(B, D), torch.randn(C, D), torch.tensor([2, 0, 1, 2])
+    expected_v = sum(1 - cos(z[i], protos[y[i]]) for i in range(B)) / B
+    assert losses.prototype_alignment_loss(z, protos, y).item() == pytest.approx(expected_v, rel=1e-5)
+    p_n, z_n = F.normalize(protos, dim=-1), F.normalize(z, dim=-1)
+    expected_v1 = sum(float((z_n[i] - p_n[y[i]]).abs().mean()) for i in range(B)) / B
+    assert losses.prototype_alignment_loss(z, protos, y, "l1").item() == pytest.approx(expected_v1, rel=1e-5)
+
+    logits = torch.randn(B, C)
+    expected_ce = sum(-(logits[i, y[i]] - torch.logsumexp(logits[i], 0)).item() for i in range(B)) / B
+    assert losses.classification_loss(logits, y).item() == pytest.approx(expected_ce, rel=1e-5)
+    with pytest.raises(ValueError, match="'l1' or 'contrastive'"):
+        losses.prompt_alignment_loss(text, hard, labels_h, "l2")
+
+
+def test_total_is_cls_plus_beta_t_plus_gamma_v(descriptions):
+    model = make_model(descriptions, beta=0.3, gamma=2.5).train()
+    images, labels = batch()
+    out = model(images)
+    total, parts = model.loss(out, labels)
+    assert all(parts[k] > 0 for k in ("cls", "ta", "pa", "v"))
+    expected = parts["cls"] + 0.3 * (parts["ta"] + parts["pa"]) + 2.5 * parts["v"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Each part equals the plain loss function on the output and the frozen buffers.
+    assert parts["pa"].item() == pytest.approx(losses.prompt_alignment_loss(
+        out.text_features, model.hard_features, model.hard_labels).item())
+    assert parts["v"].item() == pytest.approx(losses.prototype_alignment_loss(
+        out.global_features, model.prototypes, labels).item())
+    ablated = make_model(descriptions, soft_hard_alignment=False, prototype_alignment=False).train()
+    total, parts = ablated.loss(ablated(images), labels)
+    assert parts["ta"] == parts["pa"] == parts["v"] == 0 and total.item() == pytest.approx(parts["cls"].item())
+    no_protos = MPAFER(tiny_clip(), CLASSES, descriptions)
+    with pytest.raises(RuntimeError, match="set_prototypes"):
+        no_protos.loss(no_protos(images), labels)
+
+
+def test_hard_prompt_templates_and_frozen_features(descriptions):
+    texts, labels = build_hard_prompts(CLASSES, descriptions, 3)
+    assert len(texts) == sum(len(v) for v in descriptions.values()) and labels == sorted(labels)
+    assert texts[0].startswith("a photo of a person making a facial expression of neutral, ")
+    assert build_hard_prompts(CLASSES, None, 1)[0][1] == "a photo of happiness."
+    assert build_hard_prompts(CLASSES, None, 2)[0][2] == "a photo of a person making a facial expression of surprise."
+    model = make_model(descriptions, hard_prompt_template=2)
+    expected = F.normalize(model.clip.encode_text(clip.tokenize(build_hard_prompts(CLASSES, None, 2)[0])), dim=-1)
+    torch.testing.assert_close(model.hard_features, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs descriptions"):
+        MPAFER(tiny_clip(), CLASSES, None, MPAFERConfig(hard_prompt_template=3))
+
+
+class CallCounter:
+    def __init__(self, module, method):
+        self.calls, original = 0, getattr(module, method)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        setattr(module, method, counted)
+
+
+def test_text_features_cached_in_eval_and_hard_prompts_never_recomputed(descriptions):
+    model = make_model(descriptions)
+    counter = CallCounter(model.clip, "encode_text_embeddings")
+    images, labels = batch()
+    model.train()
+    for _ in range(2):
+        model.loss(model(images), labels)[0].backward()
+    assert counter.calls == 2  # the C soft prompts once per step; hard prompts never
+    model.eval()
+    with torch.no_grad():
+        first = model(images).logits
+        for _ in range(3):
+            model(images)
+    assert counter.calls == 3
+    with torch.no_grad():
+        model.visual_prompts.prompts.add_(1.0)
+        model.text_prompts.ctx.add_(1.0)
+    model.load_trainable_state_dict(model.trainable_state_dict())  # invalidates the cache
+    with torch.no_grad():
+        assert not torch.allclose(model(images).logits, first)
+    assert counter.calls == 4
+    model.train().eval()
+    with torch.no_grad():
+        model(images)
+    assert counter.calls == 5
+
+
+def test_trainable_state_round_trip_gives_identical_logits(descriptions, tmp_path):
+    a = make_model(descriptions, seed=1)
+    images, labels = batch()
+    opt = torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.1)
+    a.train()
+    for _ in range(2):
+        opt.zero_grad()
+        a.loss(a(images), labels)[0].backward()
+        opt.step()
+    torch.save(a.trainable_state_dict(), tmp_path / "prompts.pt")
+    b = make_model(descriptions, seed=2)
+    b.load_trainable_state_dict(torch.load(tmp_path / "prompts.pt", weights_only=True))
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(images).logits, b(images).logits)
+    assert all(v.numel() < 5000 for v in a.trainable_state_dict().values())
+    other = make_model(descriptions, visual_prompt_tokens=4)
+    with pytest.raises(ValueError, match=r"visual_prompts.prompts: \(2, 8, 64\) vs model \(2, 4, 64\)"):
+        other.load_trainable_state_dict(a.trainable_state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        make_model(descriptions, text_prompt_depth=2).load_trainable_state_dict(a.trainable_state_dict())
+
+
+def test_a_few_steps_lower_the_loss(descriptions):
+    model = make_model(descriptions).train()
+    images, labels = batch(8)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    history = []
+    for _ in range(20):
+        opt.zero_grad()
+        total, _ = model.loss(model(images), labels)
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    assert history[-1] < 0.85 * history[0], history
+
+
+def test_compute_prototypes_is_mean_of_normalised_features(descriptions, tmp_path):
+    model = make_model(descriptions)
+    images, labels = batch(14, seed=3)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    protos = compute_prototypes(model, loader, progress=False)
+    feats = F.normalize(model.clip.encode_image(images), dim=-1)
+    for c in range(len(CLASSES)):
+        torch.testing.assert_close(protos[c], F.normalize(feats[labels == c].mean(0), dim=0), rtol=1e-5, atol=1e-6)
+    first_only = compute_prototypes(model, loader, per_class=1, progress=False)
+    torch.testing.assert_close(first_only, feats[:7], rtol=1e-5, atol=1e-6)  # images 0..6 are classes 0..6
+    with pytest.raises(ValueError, match="fear"):
+        compute_prototypes(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:6], labels[:6])), progress=False)
+    calls = []
+    compute = lambda: calls.append(1) or protos
+    key = {"clip_sha256": "abc", "dataset": "rafdb", "split": "train", "transform": "Resize(32)"}
+    first = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
+    again = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
+    assert torch.equal(first, again) and len(calls) == 1
+    cached_prototypes(str(tmp_path), {**key, "split": "test"}, compute, log=lambda m: None)
+    assert len(calls) == 2
+
+
+def test_load_descriptions_validates(tmp_path, descriptions):
+    assert set(descriptions) == set(CLASSES) and all(len(v) >= 3 for v in descriptions.values())
+    with pytest.raises(ValueError, match=r"no descriptions for \['awe'\]"):
+        load_descriptions(CLASSES + ["awe"])
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"classes": {"fear": {"face": ["wide eyes " * 40]}}}))
+    with pytest.raises(ValueError, match=r"long.json: the hard prompt for 'fear'.*tokens long"):
+        load_descriptions(["fear"], str(long))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"classes": {\n"fear": [,]}}')
+    with pytest.raises(ValueError, match=r"broken.json:2"):
+        load_descriptions(["fear"], str(broken))
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_descriptions(["fear"], str(tmp_path / "nowhere.json"))
+
+
+def vit_b16_default_count():
+    with torch.device("meta"):
+        clip_model = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                          vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                          transformer_heads=8, transformer_layers=12)
+    model = MPAFER(clip_model, CLASSES, None, MPAFERConfig(soft_hard_alignment=False))
+    return model.num_trainable_parameters()
+
+
+def test_readme_states_the_vit_b16_trainable_count():
+    count = vit_b16_default_count()
+    assert count == 10 * 512 + 12 * 8 * 768  # M = 10 context vectors + N_p = 8 tokens x 12 layers
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    assert f"{count:,}" in readme, f"README must state the ViT-B/16 default trainable count {count:,}"
+
+
+ALLOWED = {"torch", "torchvision", "ftfy", "regex", "tqdm", "numpy", "PIL", "mpafer"}
+OPTIONAL = {"transformers"}  # imported lazily inside the optional Exp-CLIP teacher only
+
+
+def test_package_imports_only_runtime_dependencies():
+    import sys
+    for folder, _, files in os.walk(os.path.join(REPO, "mpafer")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                           [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for module in modules:
+                    top = module.split(".")[0]
+                    assert top in ALLOWED or top in sys.stdlib_module_names or top in OPTIONAL, f"{path}: {module}"
+                    if top in OPTIONAL:
+                        assert node.col_offset > 0, f"{path}: {module} must be imported lazily"
