@@ -1,22 +1,48 @@
-"""Benchmarks that print ratios measured side by side in one run.
+"""Benchmarks that print ratios measured side by side in one run (DESIGN.md section 7).
 
-    python -m mpafer.bench clip             # vendored CLIP towers vs nn.MultiheadAttention reference
-    python -m mpafer.bench clip --shape tiny --batch 4 --repeats 3   # a quick check
+    python -m mpafer.bench                      # all: clip, train, eval, memory (ViT-B/16, random weights)
+    python -m mpafer.bench clip                 # vendored CLIP towers vs nn.MultiheadAttention reference
+    python -m mpafer.bench train eval --repeats 3
+    python -m mpafer.bench --shape tiny --train-batch 4 --eval-batch 4 --repeats 2   # a quick check
+    python -m mpafer.bench --json bench.json    # also write the figures as JSON
 
-Timings are medians over repeats after warm-up; ratios compare two timings from the same run.
+Sub-benchmarks (each ratio compares two timings taken interleaved in the same run):
+  clip    vendored image/text towers vs the `nn.MultiheadAttention` reference  (clip_ratio <= 1.0)
+  train   a full MPA-FER training step (all losses, SGD with momentum, gradient clipping) vs the
+          unavoidable part: prompted image tower + C-prompt text tower, forward and backward to
+          the prompts of a trivial scalar loss                                 (train_step_ratio <= 1.15)
+  eval    MPA-FER prediction per image vs zero-shot CLIP per image, both with cached text
+          features                                                             (eval_ratio <= 1.10)
+  memory  peak memory of a training step (CUDA: max_memory_allocated; CPU: peak RSS of a fresh
+          process), trainable parameter count, checkpoint size
+
+Timings are medians over repeats after warm-up. On CUDA, autocast (bf16 where supported, else
+fp16 with a GradScaler), TF32 matmuls and cuDNN benchmark are on; the inputs already sit on the
+device (data loading is not measured). Weights are random: speed does not depend on them.
 """
 import argparse
+import datetime
+import io
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import warnings
 from typing import Callable, Dict
 
 import torch
+import torch.nn.functional as F
 
 from .clip.model import CLIP
 from .clip.reference import build_reference_model
-from .clip.model import build_model
+from .clip.tokenizer import tokenize
+from .model import MPAFER
+from .prompts import load_descriptions
 
 SHAPES = {
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
@@ -29,33 +55,185 @@ SHAPES = {
                  vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                  transformer_heads=1, transformer_layers=2),
 }
+CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+TARGETS = {"clip_ratio": 1.0, "train_step_ratio": 1.15, "eval_ratio": 1.10}
 
+
+# -- helpers ----------------------------------------------------------------------------------
 
 def random_clip(shape: str, seed: int = 0) -> CLIP:
-    """A frozen CLIP of a named shape with random weights (nothing downloaded)."""
+    """A frozen fp32 CLIP of a named shape with random weights (nothing downloaded).
+
+    Built directly (not through a state dict) so that building it never holds two copies:
+    the memory benchmark's peak RSS should be the training step's, not the construction's.
+    """
     torch.manual_seed(seed)
-    return build_model(CLIP(**SHAPES[shape]).state_dict())
+    return CLIP(**SHAPES[shape]).requires_grad_(False).eval()
+
+
+def setup_backends(device: torch.device):
+    """What a CUDA training or evaluation loop should set (train.py does the same)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where supported (CPU, Ampere and newer GPUs), else fp16 (needs a GradScaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast_for(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
+            warmup: int = 2) -> Dict[str, float]:
+    """Median wall time in seconds of each `fn()`, the functions run in turn in every round.
+
+    Interleaving makes the ratios fair on a shared machine: a burst of load hits both sides.
+    CUDA is synchronised before and after every call.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall time of `fn()` in seconds, synchronising CUDA around each call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return compare({"fn": fn}, device, repeats, warmup)["fn"]
 
 
-def autocast_for(device: torch.device, amp: bool):
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp)
+def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
+    """CUDA only: how many host-device synchronisations `fn()` makes (CUDA sync debug mode)."""
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (monotonic)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+# -- the model and its steps ------------------------------------------------------------------
+
+def build_mpafer(args, device: torch.device) -> MPAFER:
+    """MPA-FER with the default config on a random CLIP, 7 classes, prototypes set."""
+    clip_model = random_clip(args.shape).to(device)
+    if args.grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
+    if args.compile:
+        clip_model.visual.compile()  # both sides of every ratio share this image tower
+    model = MPAFER(clip_model, CLASSES, load_descriptions(CLASSES))
+    prototypes = torch.randn(len(CLASSES), clip_model.embed_dim, generator=torch.Generator().manual_seed(0))
+    model.set_prototypes(prototypes)
+    return model
+
+
+def random_batch(model: MPAFER, batch: int, device: torch.device):
+    res = model.clip.visual.input_resolution
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, res, res, generator=g).to(device)
+    labels = (torch.arange(batch) % len(model.classnames)).to(device)
+    return images, labels
+
+
+def make_train_step(model: MPAFER, images, labels, amp: bool) -> Callable[[], torch.Tensor]:
+    """One full MPA-FER training step, as train.py runs it: forward, all losses, backward,
+    gradient clipping 1.0, SGD with momentum (GradScaler only under fp16 autocast)."""
+    device = images.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.032, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    model.train()
+
+    def step():
+        with autocast_for(device, amp):
+            output = model(images)
+            total, parts = model.loss(output, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        return total.detach()  # no .item(): the step never waits for the device
+
+    return step
+
+
+def make_unavoidable_step(model: MPAFER, images, amp: bool) -> Callable[[], torch.Tensor]:
+    """The part of a step no prompt method can avoid: the prompted image tower and the C-prompt
+    text tower, forward and backward to the same prompts, of a trivial scalar loss."""
+    device = images.device
+    model.train()
+
+    def step():
+        with autocast_for(device, amp):
+            prompts = model.visual_prompts() if model.visual_prompts is not None else None
+            image_features = model.clip.encode_image(images, prompts=prompts)
+            text_features, _ = model.text_prompts(model.clip)
+            loss = image_features.float().sum() + text_features.float().sum()
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+# -- sub-benchmarks ---------------------------------------------------------------------------
 
 def bench_clip(args, device: torch.device) -> Dict[str, float]:
     """Vendored towers vs the `nn.MultiheadAttention` reference with the same weights."""
@@ -68,43 +246,198 @@ def bench_clip(args, device: torch.device) -> Dict[str, float]:
     out = {}
     with torch.no_grad(), autocast_for(device, args.amp):
         for tower, inputs in (("image", images), ("text", texts)):
-            ours = measure(lambda: getattr(model, f"encode_{tower}")(inputs), device, args.repeats)
-            ref = measure(lambda: getattr(reference, f"encode_{tower}")(inputs), device, args.repeats)
-            out[f"clip_{tower}_seconds"], out[f"clip_{tower}_reference_seconds"] = ours, ref
-            out[f"clip_{tower}_ratio"] = ours / ref
+            t = compare({"ours": lambda: getattr(model, f"encode_{tower}")(inputs),
+                         "ref": lambda: getattr(reference, f"encode_{tower}")(inputs)},
+                        device, args.repeats, args.warmup)
+            out[f"clip_{tower}_seconds"], out[f"clip_{tower}_reference_seconds"] = t["ours"], t["ref"]
+            out[f"clip_{tower}_ratio"] = t["ours"] / t["ref"]
     out["clip_ratio"] = ((out["clip_image_seconds"] + out["clip_text_seconds"])
                          / (out["clip_image_reference_seconds"] + out["clip_text_reference_seconds"]))
-    print(f"CLIP {args.shape}, batch {args.batch}, {device.type}{' AMP' if args.amp else ' fp32'}")
-    print(f"  {'tower':<8}{'vendored':>12}{'reference':>12}{'ratio':>8}  (target <= 1.0)")
+    print(f"clip: towers, batch {args.batch}")
+    print(f"  {'tower':<8}{'vendored':>12}{'reference':>12}{'ratio':>8}")
     for tower in ("image", "text"):
         print(f"  {tower:<8}{out[f'clip_{tower}_seconds'] * 1e3:>10.1f}ms"
-              f"{out[f'clip_{tower}_reference_seconds'] * 1e3:>10.1f}ms{out[f'clip_{tower}_ratio']:>8.2f}")
-    print(f"  {'both':<32}{out['clip_ratio']:>8.2f}")
+              f"{out[f'clip_{tower}_reference_seconds'] * 1e3:>10.1f}ms{out[f'clip_{tower}_ratio']:>8.3f}")
+    print(f"  {'both':<32}{out['clip_ratio']:>8.3f}   (target <= {TARGETS['clip_ratio']})", flush=True)
     return out
 
 
-BENCHMARKS = {"clip": bench_clip}
+def bench_train(args, device: torch.device) -> Dict[str, float]:
+    """A full MPA-FER training step vs the unavoidable tower passes, same prompts, same batch."""
+    model = build_mpafer(args, device)
+    images, labels = random_batch(model, args.train_batch, device)
+    full = make_train_step(model, images, labels, args.amp)
+    unavoidable = make_unavoidable_step(model, images, args.amp)
+    t = compare({"full": full, "unavoidable": unavoidable}, device, args.repeats, args.warmup)
+    out = {"train_step_seconds": t["full"], "train_unavoidable_seconds": t["unavoidable"],
+           "train_step_ratio": t["full"] / t["unavoidable"]}
+    if device.type == "cuda":
+        out["train_step_host_syncs"] = count_host_syncs(full, device)
+    print(f"train: step, batch {args.train_batch}")
+    print(f"  MPA-FER step {t['full'] * 1e3:.1f}ms, unavoidable {t['unavoidable'] * 1e3:.1f}ms, "
+          f"ratio {out['train_step_ratio']:.3f}   (target <= {TARGETS['train_step_ratio']})", flush=True)
+    if "train_step_host_syncs" in out:
+        print(f"  host-device synchronisations in a step: {out['train_step_host_syncs']}")
+    return out
+
+
+def bench_eval(args, device: torch.device) -> Dict[str, float]:
+    """MPA-FER prediction vs zero-shot CLIP per image, both with text features computed once."""
+    model = build_mpafer(args, device).eval()
+    images, _ = random_batch(model, args.eval_batch, device)
+    clip_model = model.clip
+    with torch.no_grad(), autocast_for(device, args.amp):
+        model.text_features()  # fills the cache
+        tokens = tokenize([f"a photo of a person making a facial expression of {c}." for c in CLASSES])
+        zero_shot_text = F.normalize(clip_model.encode_text(tokens.to(device)).float(), dim=-1)  # [C, D]
+
+    @torch.no_grad()
+    def mpafer_predict():
+        with autocast_for(device, args.amp):
+            return model(images).logits.argmax(dim=-1)
+
+    @torch.no_grad()
+    def zero_shot_predict():
+        with autocast_for(device, args.amp):
+            features = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # [B, D]
+            return (clip_model.logit_scale.exp() * features @ zero_shot_text.t()).argmax(dim=-1)
+
+    t = compare({"mpafer": mpafer_predict, "zero_shot": zero_shot_predict}, device, args.repeats, args.warmup)
+    out = {"eval_seconds_per_image": t["mpafer"] / args.eval_batch,
+           "eval_zero_shot_seconds_per_image": t["zero_shot"] / args.eval_batch,
+           "eval_ratio": t["mpafer"] / t["zero_shot"]}
+    print(f"eval: per image, batch {args.eval_batch}")
+    print(f"  MPA-FER {out['eval_seconds_per_image'] * 1e3:.2f}ms, zero-shot CLIP "
+          f"{out['eval_zero_shot_seconds_per_image'] * 1e3:.2f}ms, ratio {out['eval_ratio']:.3f}"
+          f"   (target <= {TARGETS['eval_ratio']})", flush=True)
+    return out
+
+
+def memory_in_process(args, device: torch.device) -> Dict[str, object]:
+    """Peak memory of two training steps (the second with optimizer state) in this process."""
+    model = build_mpafer(args, device)
+    images, labels = random_batch(model, args.train_batch, device)
+    step = make_train_step(model, images, labels, args.amp)
+    buffer = io.BytesIO()
+    torch.save(model.trainable_state_dict(), buffer)
+    out = {"trainable_params": model.num_trainable_parameters(), "checkpoint_bytes": buffer.getbuffer().nbytes}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for _ in range(2):
+            step()
+        synchronize(device)
+        out.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device), memory_before_step_bytes=before,
+                   peak_memory_kind="torch.cuda.max_memory_allocated over two training steps")
+    else:
+        before = current_rss()
+        for _ in range(2):
+            step()
+        out.update(peak_memory_bytes=peak_rss(), memory_before_step_bytes=before,
+                   peak_memory_kind="peak RSS of a process that built the model and ran two training steps")
+    return out
+
+
+def bench_memory(args, device: torch.device) -> Dict[str, object]:
+    """Peak memory of a training step, trainable parameters, checkpoint size.
+
+    On CPU the peak RSS is process-wide and never goes down, so unless --in-process is given
+    the step runs in a fresh process that does nothing else (this command, `memory --in-process`).
+    """
+    if device.type == "cuda" or args.in_process:
+        out = memory_in_process(args, device)
+    else:
+        out = memory_in_subprocess(args)
+    print(f"memory: training step, batch {args.train_batch}")
+    print(f"  peak {mib(out['peak_memory_bytes'])} ({out['peak_memory_kind']}); "
+          f"{mib(out['memory_before_step_bytes'])} before the first step")
+    print(f"  trainable parameters {out['trainable_params']:,}, checkpoint {out['checkpoint_bytes']:,} bytes",
+          flush=True)
+    return out
+
+
+def memory_in_subprocess(args) -> Dict[str, object]:
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        command = [sys.executable, "-m", "mpafer.bench", "memory", "--in-process", "--json", path,
+                   "--shape", args.shape, "--train-batch", str(args.train_batch), "--device", "cpu",
+                   "--threads", str(torch.get_num_threads()), "--amp" if args.amp else "--no-amp"]
+        command += ["--grad-checkpointing"] * args.grad_checkpointing + ["--compile"] * args.compile
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the memory benchmark's process failed ({' '.join(command)}):\n{done.stderr}")
+        with open(path) as f:
+            results = json.load(f)
+    return {k: results[k] for k in ("peak_memory_bytes", "memory_before_step_bytes", "peak_memory_kind",
+                                    "trainable_params", "checkpoint_bytes")}
+
+
+BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "memory": bench_memory}
+
+
+def print_summary(results: Dict[str, object]):
+    s = results["settings"]
+    print(f"\nMPA-FER benchmark: {s['shape']} (random weights), {results['device']}, "
+          f"{'AMP ' + results['amp_dtype'] if s['amp'] else 'fp32'}, {results['threads']} threads, "
+          f"torch {results['torch']}{', grad checkpointing' if s['grad_checkpointing'] else ''}"
+          f"{', torch.compile' if s['compile'] else ''}")
+    rows = [("clip_ratio", f"CLIP towers, vendored / reference (batch {s['batch']})"),
+            ("train_step_ratio", f"training step / unavoidable part (batch {s['train_batch']})"),
+            ("eval_ratio", f"evaluation / zero-shot CLIP, per image (batch {s['eval_batch']})")]
+    for key, label in rows:
+        if key in results:
+            ok = "ok" if results[key] <= TARGETS[key] else "MISSED"
+            print(f"  {label:<58}{results[key]:>7.3f}   target <= {TARGETS[key]:.2f}  {ok}")
+    if "peak_memory_bytes" in results:
+        print(f"  {'peak memory of a training step (batch ' + str(s['train_batch']) + ')':<58}"
+              f"{mib(results['peak_memory_bytes']):>12}")
+        print(f"  {'trainable parameters':<58}{results['trainable_params']:>12,}")
+        print(f"  {'checkpoint size (trainable state dict)':<58}{results['checkpoint_bytes']:>12,} bytes")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS),
-                        help="sub-benchmarks to run (default: all)")
+    parser.add_argument("which", nargs="*", choices=list(BENCHMARKS), metavar="BENCHMARK",
+                        help=f"sub-benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES), help="CLIP shape (random weights)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="batch of the CLIP tower comparison")
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 1 on CPU, 3 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="autocast (default: on for CUDA, off on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="activation checkpointing in both CLIP towers (train and memory)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the image tower (train, eval, memory; meant for CUDA)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="memory: measure in this process, not a fresh one (CPU peak RSS then "
+                             "includes whatever ran before)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    args.which = args.which or list(BENCHMARKS)
     device = torch.device(args.device)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
-    results = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    args.warmup = (3 if device.type == "cuda" else 1) if args.warmup is None else args.warmup
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup_backends(device)
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "in_process")},
+               "device": device_name(device), "device_type": device.type,
+               "amp_dtype": str(amp_dtype(device)).replace("torch.", "") if args.amp else None,
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "targets": TARGETS}
     for name in args.which:
         results.update(BENCHMARKS[name](args, device))
+    print_summary(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

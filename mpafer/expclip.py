@@ -568,26 +568,36 @@ def _cli_teacher(args):
     print(f"added teacher_features {tuple(teacher.shape)} to {args.features}")
 
 
-def _cli_train(args):
-    data = load_features(args.features)
-    print(f"{args.features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
-          f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
-          f"features {tuple(data['teacher_features'].shape)}")
-    hparams = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed)
-    head, history = train_head(data["clip_features"], data["teacher_features"], device=args.device,
-                               **hparams)
+def train_head_from_file(features: str, out: str, device="cpu", log=print, **hparams) -> dict:
+    """Train a head on a feature file and save it (released format + metadata sidecar).
+
+    `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
+    Shared by `python -m mpafer.expclip train` and `train.py --method expclip`; returns the
+    metadata written beside the head.
+    """
+    data = load_features(features)
+    log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
+        f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
+        f"features {tuple(data['teacher_features'].shape)}")
+    head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
+                               log=log, **hparams)
     metadata = {
         "format": "mpafer.expclip.head/1", "method": "expclip",
         "clip_name": data.get("clip_name"), "clip_sha256": data.get("clip_sha256"),
         "teacher_name": data.get("teacher_name"), "instruction": data.get("instruction"),
-        "preprocess": data.get("preprocess"), "features_file": os.path.abspath(args.features),
+        "preprocess": data.get("preprocess"), "features_file": os.path.abspath(features),
         "num_images": int(data["clip_features"].shape[0]), "hparams": hparams, "history": history,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    save_head(head, args.out, metadata)
-    print(f"wrote {args.out} (mlp.weight {tuple(head.mlp.weight.shape)}) and "
-          f"{head_metadata_path(args.out)}")
+    save_head(head, out, metadata)
+    log(f"wrote {out} (mlp.weight {tuple(head.mlp.weight.shape)}) and {head_metadata_path(out)}")
+    return metadata
+
+
+def _cli_train(args):
+    train_head_from_file(args.features, args.out, device=args.device, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, seed=args.seed)
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Per-layer prompt tokens: entry l is added before layer l (None: nothing for that layer).
 LayerPrompts = Optional[Sequence[Optional[torch.Tensor]]]
@@ -72,6 +73,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        # Activation checkpointing: keep only each block's input and recompute the block in the
+        # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
@@ -83,15 +87,20 @@ class Transformer(nn.Module):
             before layer l (deep text prompts; later layers re-use the tokens layer l made).
         """
         B, L, _ = x.shape
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.resblocks):
             if replaced is not None and i < len(replaced) and replaced[i] is not None:
                 p = _batched(replaced[i], B, x.dtype)
                 x = torch.cat([x[:, :replace_start], p, x[:, replace_start + p.shape[1]:]], dim=1)  # [B, L, W]
-            if appended is not None and i < len(appended) and appended[i] is not None:
+            append = appended is not None and i < len(appended) and appended[i] is not None
+            if append:
                 x = torch.cat([x, _batched(appended[i], B, x.dtype)], dim=1)  # [B, L + P, W]
-                x = block(x, self.causal)[:, :L]  # [B, L, W]
+            if checkpointing:
+                x = checkpoint(block, x, self.causal, use_reentrant=False)
             else:
                 x = block(x, self.causal)
+            if append:
+                x = x[:, :L]  # [B, L, W]: the prompt tokens' outputs are dropped
         return x
 
 
@@ -167,6 +176,14 @@ class CLIP(nn.Module):
         for block in self.visual.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=self.visual.transformer.width ** -0.5)
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
+
+    def set_grad_checkpointing(self, enabled: bool = True):
+        """Activation checkpointing in both towers: each block's activations are recomputed
+        in the backward pass instead of stored (for large backbones such as ViT-L/14).
+        Outputs and gradients are the same; only memory and time change. No effect under no_grad."""
+        self.visual.transformer.grad_checkpointing = enabled
+        self.transformer.grad_checkpointing = enabled
+        return self
 
     @property
     def dtype(self) -> torch.dtype:

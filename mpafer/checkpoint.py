@@ -1,0 +1,100 @@
+"""Self-describing checkpoints: trainable tensors plus what rebuilds the model, nothing else.
+
+A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
+None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
+unpickling are refused before anything in them runs. Writes are atomic.
+
+    format            "mpafer-checkpoint/1"
+    method            "mpafer"
+    config            MPAFERConfig as a dict
+    train_config      the resolved training settings (for the record)
+    classnames        class names in the model's order
+    clip              {"name": ..., "sha256": ...}
+    descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
+    state_dict        trainable tensors only
+    epoch, metrics    epoch finished (1-based) and its evaluation
+    resume            (last.pt only) optimizer, scheduler, scaler and RNG states, best metric
+"""
+import pickle
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .model import MPAFER, MPAFERConfig
+from .prompts import descriptions_hash
+from .utils import atomic_save
+
+FORMAT = "mpafer-checkpoint/1"
+
+
+def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
+                    train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
+    clip_model = model.clip
+    checkpoint = {
+        "format": FORMAT,
+        "method": "mpafer",
+        "config": model.config.to_dict(),
+        "train_config": train_config or {},
+        "classnames": list(model.classnames),
+        "clip": {"name": getattr(clip_model, "checkpoint_name", None),
+                 "sha256": getattr(clip_model, "checkpoint_sha256", None)},
+        "descriptions": descriptions,
+        "descriptions_sha256": descriptions_hash(descriptions),
+        "state_dict": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+    if resume is not None:
+        checkpoint["resume"] = resume
+    return checkpoint
+
+
+def save_checkpoint(checkpoint: Dict, path: str):
+    atomic_save(checkpoint, path)
+
+
+def load_checkpoint(path: str) -> Dict:
+    """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} not found") from None
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"refusing to load {path}: it needs arbitrary unpickling, which could run code from the "
+            f"file. mpafer checkpoints hold only tensors and plain containers. ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected {FORMAT!r})")
+    return checkpoint
+
+
+def check_compatible(checkpoint: Dict, path: str, clip_model=None, classnames: Optional[Sequence[str]] = None,
+                     allow_other_clip: bool = False):
+    """Clear errors when the request does not match what the checkpoint was trained with."""
+    if classnames is not None and list(classnames) != checkpoint["classnames"]:
+        raise ValueError(f"{path} was trained on classes {checkpoint['classnames']}, but the requested "
+                         f"data has classes {list(classnames)}")
+    trained = checkpoint["clip"].get("sha256")
+    given = getattr(clip_model, "checkpoint_sha256", None)
+    if clip_model is not None and trained and given and trained != given and not allow_other_clip:
+        raise ValueError(f"{path} was trained on CLIP {checkpoint['clip'].get('name')!r} (SHA-256 {trained[:12]}...), "
+                         f"but the loaded CLIP {getattr(clip_model, 'checkpoint_name', '?')!r} has SHA-256 "
+                         f"{given[:12]}...; pass the matching --clip (or --allow-other-clip to force it)")
+
+
+def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:
+    """Rebuild the MPA-FER model of a checkpoint on `clip_model` and load its trainable state.
+
+    For inference the hard prompts are not needed (they are training-only), so they are not
+    built unless `for_training`.
+    """
+    config = MPAFERConfig.from_dict(checkpoint["config"])
+    if not for_training:
+        config.soft_hard_alignment = False
+        config.prototype_alignment = False
+    model = MPAFER(clip_model, checkpoint["classnames"], checkpoint.get("descriptions"), config)
+    model.load_trainable_state_dict(checkpoint["state_dict"])
+    return model
