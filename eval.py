@@ -24,7 +24,7 @@ from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_
 from mpafer.expclip import PROMPT_SETS, ZeroShotClassifier, load_head
 from mpafer.metrics import format_report
 from mpafer.prompts import build_hard_prompts, load_descriptions
-from mpafer.utils import atomic_write_json
+from mpafer.utils import atomic_write_json, run_cli
 
 
 def parse_args(argv=None):
@@ -209,4 +209,4 @@ def predict_images(args, runs, model, device, amp):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

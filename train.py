@@ -39,7 +39,7 @@ from mpafer.metrics import format_report
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
-from mpafer.utils import atomic_write_json
+from mpafer.utils import atomic_write_json, run_cli
 
 
 @dataclass
@@ -195,6 +195,7 @@ def main(argv=None):
 
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
+    seed_everything(cfg.seed)  # prompt initialisation; each epoch re-seeds from (seed, epoch)
     if device.type == "cuda":
         configure_cuda()
     amp_dtype = resolve_amp(cfg.amp, device)
@@ -412,4 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

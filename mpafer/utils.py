@@ -29,3 +29,16 @@ def atomic_save(obj, path: str):
 
 def atomic_write_json(obj, path: str):
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8")))
+
+
+def run_cli(main):
+    """Run a script's main(): expected failures (bad paths, arguments, files) print one clear
+    line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback."""
+    import pickle
+    import sys
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError, NotImplementedError) as e:
+        if os.environ.get("MPAFER_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")

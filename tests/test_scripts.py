@@ -1,0 +1,177 @@
+"""train.py and eval.py as a user runs them: subprocesses on CPU with tiny CLIPs and synthetic faces."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpafer.checkpoint import load_checkpoint
+from tests.helpers import tiny_state_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, check=True, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip.pt"
+    torch.save(tiny_state_dict(seed=0), path)
+    return str(path)
+
+
+def quick_demo(out, clip_file, *extra):
+    """The demo pipeline on a tiny random CLIP and a few synthetic faces (seconds, not minutes)."""
+    return ("train.py", "--demo", "--clip", clip_file, "--out", str(out), "--weights", str(out) + "-weights",
+            "--demo-train-per-class", "10", "--demo-test-per-class", "4", "--batch-size", "16", *extra)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's quick start, `python train.py --demo`, run once in full (about 1.5 min on 2 cores)."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run("train.py", "--demo", "--out", str(out / "run"), "--weights", str(out / "weights"))
+    return out, result.stdout + result.stderr
+
+
+def test_demo_trains_end_to_end_and_learns(demo_run):
+    out, log = demo_run
+    assert "DEMO" in log and "synthetic" in log and "pre-training a tiny CLIP" in log
+    records = read_jsonl(out / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, 11))
+    for key in ("loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds"):
+        assert all(isinstance(r[key], float) for r in records), key
+    best = max(r["war"] for r in records)
+    assert best >= 0.40, f"the demo must learn well above chance (1/7): best WAR {best:.3f}"
+    assert (out / "weights" / "demo-tiny-clip-v1.pt").is_file()  # cached for later runs
+    checkpoint = load_checkpoint(str(out / "run" / "best.pt"))
+    assert checkpoint["metrics"]["war"] == best and "resume" not in checkpoint
+    assert os.path.getsize(out / "run" / "best.pt") < 200_000  # prompts only, not the CLIP
+    assert str(out / "run" / "best.pt") in log
+
+
+def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
+    out, _ = demo_run
+    report = out / "eval.json"
+    result = run("eval.py", "--demo", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+                 "--json", str(report), "--confusion-png", str(out / "cm.png"))
+    metrics = json.load(open(report))
+    confusion = torch.tensor(metrics["confusion"])
+    assert confusion.sum() == metrics["num_samples"] == 7 * 60
+    assert metrics["war"] == pytest.approx(confusion.trace().item() / confusion.sum().item())
+    recalls = confusion.diagonal() / confusion.sum(1)
+    assert metrics["uar"] == pytest.approx(recalls.mean().item())
+    for i, name in enumerate(metrics["classnames"]):
+        assert metrics["per_class_recall"][name] == pytest.approx(recalls[i].item())
+    assert metrics["war"] == pytest.approx(load_checkpoint(str(out / "run" / "best.pt"))["metrics"]["war"])
+    assert "per-class recall" in result.stdout and (out / "cm.png").stat().st_size > 0
+
+
+def test_eval_predicts_single_images_with_attention(demo_run):
+    from mpafer.synthetic import SyntheticFaces
+    out, _ = demo_run
+    face = SyntheticFaces("test", 1, image_size=100, seed=5).load(1)  # a happy face
+    face.save(out / "face.jpg")
+    result = run("eval.py", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+                 "--clip", str(out / "weights" / "demo-tiny-clip-v1.pt"), "--image", str(out / "face.jpg"),
+                 "--attention-png", str(out / "attention.png"), "--json", str(out / "pred.json"))
+    probabilities = json.load(open(out / "pred.json"))[str(out / "face.jpg")]["MPA-FER"]
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and len(probabilities) == 7
+    assert "happiness" in result.stdout and (out / "attention.png").is_file()
+
+
+def test_resume_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file):
+    run(*quick_demo(tmp_path / "straight", tiny_clip_file, "--epochs", "3"))
+    run(*quick_demo(tmp_path / "split", tiny_clip_file, "--epochs", "3", "--stop-after", "1"))
+    assert load_checkpoint(str(tmp_path / "split" / "last.pt"))["epoch"] == 1
+    run(*quick_demo(tmp_path / "split", tiny_clip_file, "--epochs", "3", "--resume", str(tmp_path / "split" / "last.pt")))
+    a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "split" / "last.pt"))
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
+    straight, split = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [r["epoch"] for r in split] == [1, 2, 3]
+    for r, s in zip(straight, split):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-5) and r["war"] == s["war"]
+
+
+def test_ddp_with_two_gloo_processes(tmp_path, tiny_clip_file):
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"]
+    args = quick_demo(tmp_path / "ddp", tiny_clip_file, "--epochs", "2")
+    result = subprocess.run([*torchrun, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]  # one line per epoch: only rank 0 logs
+    assert set(records[0]) >= {"loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds"}
+    checkpoint = load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    assert checkpoint["epoch"] == 2 and set(checkpoint["state_dict"]) == {"text_prompts.ctx", "visual_prompts.prompts"}
+    # The evaluation gathered every test image across both ranks exactly once.
+    assert sum(sum(row) for row in checkpoint["metrics"]["confusion"]) == 7 * 4
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creating this file is the "attack"
+
+
+def test_malicious_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": "mpafer-checkpoint/1", "x": _Payload(str(marker))}))
+    result = run("eval.py", "--checkpoint", str(evil), "--demo", check=False)
+    assert result.returncode != 0 and "refusing to load" in result.stderr
+    assert not marker.exists()
+
+
+def test_checkpoint_with_other_classes_or_clip_is_refused(tmp_path, tiny_clip_file):
+    run(*quick_demo(tmp_path / "run", tiny_clip_file, "--epochs", "1"))
+    checkpoint = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    checkpoint["classnames"] = [*checkpoint["classnames"][:-1], "contempt"]
+    torch.save(checkpoint, tmp_path / "other-classes.pt")
+    result = run("eval.py", "--demo", "--checkpoint", str(tmp_path / "other-classes.pt"), "--clip", tiny_clip_file,
+                 check=False)
+    assert result.returncode != 0 and "was trained on classes" in result.stderr
+    other_clip = tmp_path / "other-clip.pt"
+    torch.save(tiny_state_dict(seed=1), other_clip)
+    result = run("eval.py", "--demo", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--clip", str(other_clip),
+                 check=False)
+    assert result.returncode != 0 and "was trained on CLIP" in result.stderr
+
+
+def test_nan_loss_stops_clearly_and_saves_nothing_bad(tmp_path, tiny_clip_file):
+    result = run(*quick_demo(tmp_path / "nan", tiny_clip_file, "--epochs", "2", "--lr", "1e30",
+                             "--log-interval", "1"), check=False)
+    assert result.returncode == 1
+    assert "stopping: the loss became" in result.stdout
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    result = run("train.py", "--dataset", "rafdb", "--data-root", str(tmp_path / "nowhere"), "--clip", "ViT-H/99",
+                 "--out", str(tmp_path / "x"), check=False)
+    assert result.returncode != 0 and "ViT-H/99" in result.stderr
+    result = run("train.py", "--dataset", "imagenet", check=False)
+    assert result.returncode != 0 and "--dataset must be one of" in result.stderr
+    result = run("eval.py", check=False)
+    assert result.returncode != 0 and "--checkpoint" in result.stderr
