@@ -15,11 +15,9 @@ unpickling are refused before anything in them runs. Writes are atomic.
     epoch, metrics    epoch finished (1-based) and its evaluation
     resume            (last.pt only) optimizer, scheduler, scaler and RNG states, best metric
 """
-import pickle
 from typing import Dict, Optional, Sequence
 
-import torch
-
+from .clip.loading import safe_load
 from .model import MPAFER, MPAFERConfig
 from .prompts import descriptions_hash
 from .utils import atomic_save
@@ -55,16 +53,7 @@ def save_checkpoint(checkpoint: Dict, path: str):
 
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} not found") from None
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f"refusing to load {path}: it needs arbitrary unpickling, which could run code from the "
-            f"file. mpafer checkpoints hold only tensors and plain containers. ({str(e).splitlines()[0]})") from None
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    checkpoint = safe_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected {FORMAT!r})")

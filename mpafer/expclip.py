@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import os
-import pickle
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpafer import clip
+from mpafer.clip.loading import load_plain_state_dict, safe_load
 from mpafer.data import CANONICAL_CLASSES, IMAGE_EXTENSIONS, expclip_transform, load_image
 from mpafer.utils import atomic_save, atomic_write_json
 
@@ -117,16 +117,7 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Exp-CLIP head {path} not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(f"{path} is not a plain tensor file (it needs arbitrary unpickling, "
-                           f"which mpafer refuses for safety): {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not an Exp-CLIP head state dict")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    state = load_plain_state_dict(path, "Exp-CLIP head")
     keys = [k for k in state if k == "mlp.weight" or k.endswith(".mlp.weight")]
     if len(keys) != 1:
         raise ValueError(f"{path} is not an Exp-CLIP head: expected one 'mlp.weight' tensor "
@@ -444,11 +435,7 @@ def load_features(path: str, require_teacher: bool = True) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"feature file {path} not found (make one with "
                                 f"`python -m mpafer.expclip cache`)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(f"{path} is not a plain tensor file (it needs arbitrary unpickling, "
-                           f"which mpafer refuses for safety): {e}") from e
+    data = safe_load(path, "feature file")
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not an Exp-CLIP feature file (it holds a {type(data).__name__})")
     missing = [k for k in ("clip_features", "paths") if k not in data]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .clip.loading import safe_load
 from .utils import atomic_save
 
 
@@ -68,7 +69,7 @@ def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], to
     compute and save them (atomically, with the key fields beside the tensor)."""
     path = os.path.join(cache_dir, f"prototypes-{prototype_cache_key(**key_fields)}.pt")
     if os.path.isfile(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = safe_load(path, "prototype cache")
         if cached.get("key") == json.loads(json.dumps(key_fields, default=str)):
             log(f"prototypes: loaded from {path}")
             return cached["prototypes"]

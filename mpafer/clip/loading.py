@@ -151,22 +151,37 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def safe_load(path: str, what: str = "file"):
+    """`torch.load(weights_only=True)` on CPU: tensors and plain containers only. A file that
+    would need arbitrary unpickling (and could run code) is refused with a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"refusing to load {what} {path}: it needs arbitrary unpickling, which "
+                           f"could run code from the file; mpafer reads only tensors and plain "
+                           f"containers ({str(e).splitlines()[0]})") from None
+
+
+def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """A plain state dict file (`safe_load`); also unwraps `{"state_dict": ...}` and strips
+    DDP's `module.` prefixes. `what` names the file in errors."""
+    obj = safe_load(path, what)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """A CLIP state dict from a TorchScript archive or a plain (possibly wrapped) state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint {path} not found")
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(f"{path} is not a plain tensor checkpoint (it needs arbitrary unpickling, "
-                           f"which mpafer refuses for safety): {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return load_plain_state_dict(path, "CLIP checkpoint")
 
 
 def load(name_or_path: str, device="cpu", download_root: str = "weights") -> Tuple[CLIP, object]:
