@@ -175,3 +175,30 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert result.returncode != 0 and "--dataset must be one of" in result.stderr
     result = run("eval.py", check=False)
     assert result.returncode != 0 and "--checkpoint" in result.stderr
+
+
+def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
+    from mpafer import clip
+    from mpafer.expclip import add_teacher_features, cache_image_features
+    from mpafer.synthetic import SyntheticFaces
+    faces = SyntheticFaces("train", 3, image_size=48, seed=9)
+    (tmp_path / "faces").mkdir()
+    for i in range(len(faces)):
+        faces.load(i).save(tmp_path / "faces" / f"{i:03d}.png")
+    clip_model, _ = clip.load(tiny_clip_file)
+    features = str(tmp_path / "feats.pt")
+    data = cache_image_features(clip_model, str(tmp_path / "faces"), features, num_workers=0, progress=False)
+    teacher = torch.nn.functional.normalize(data["clip_features"] @ torch.randn(32, 64), dim=-1)  # a planted teacher
+    add_teacher_features(features, teacher, "planted", "none")
+    result = run("train.py", "--method", "expclip", "--features", features, "--out", str(tmp_path / "head"),
+                 "--batch-size", "7", "--epochs", "3")
+    history = read_jsonl(tmp_path / "head" / "metrics.jsonl")
+    assert [h["epoch"] for h in history] == [1, 2, 3] and "wrote" in result.stdout
+    head = str(tmp_path / "head" / "expclip_head.pth")
+    assert set(torch.load(head, weights_only=True)) == {"mlp.weight"}
+    result = run("eval.py", "--method", "expclip", "--head", head, "--prompts", "ensemble5", "--demo",
+                 "--clip", tiny_clip_file, "--json", str(tmp_path / "side.json"))
+    assert "side by side:" in result.stdout
+    report = json.load(open(tmp_path / "side.json"))
+    assert set(report["all"]) == {"zero-shot CLIP (ensemble5)", "Exp-CLIP (ensemble5)"}
+    assert all(0 <= r["war"] <= 1 and 0 <= r["uar"] <= 1 for r in report["all"].values())
