@@ -14,6 +14,7 @@ printed, saved as config.json in --out, and stored in every checkpoint.
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -74,6 +75,8 @@ class TrainConfig:
     prototypes_per_class: int = 0   # 0 = every training image
     skip_bad_images: bool = False
     log_interval: int = 20          # steps between loss syncs (progress bar, NaN check)
+    grad_checkpointing: bool = False  # recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)
+    compile: bool = False           # torch.compile the image tower (CUDA; first steps are slow)
     features: str = ""              # Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`
 
 
@@ -94,22 +97,34 @@ EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-
 
 # -- configuration -------------------------------------------------------------------------------
 
+def field_comments(cls) -> dict:
+    """The `# comment` after each field in a dataclass's source: its --help text."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        name, _, comment = line.partition("#")
+        if ":" in name and comment and name.startswith("    ") and not name.strip().startswith(("def", '"')):
+            comments[name.split(":")[0].strip()] = comment.strip()
+    return comments
+
+
 def add_fields(parser, cls, group):
-    hints = get_type_hints(cls)
+    hints, comments = get_type_hints(cls), field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         kind = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
         flag = "--" + f.name.replace("_", "-")
+        text = comments.get(f.name, "")
+        text = text if "default" in text else f"{text} (default {f.default!r})".strip()
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"(default {f.default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             choices = AMP_CHOICES if f.name == "amp" else None
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
-                               metavar=kind.__name__.upper(), help=f"(default {f.default!r})")
+                               metavar=kind.__name__.upper(), help=text)
 
 
 def parse_config(argv=None):
+    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(parser, TrainConfig, parser.add_argument_group("training"))
     add_fields(parser, MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
@@ -118,7 +133,10 @@ def parse_config(argv=None):
     train = {k: v for k, v in given.items() if k in train_keys}
     model = {k: v for k, v in given.items() if k not in train_keys}
     values = {}
-    if train.get("method") == "expclip":
+    if train.get("resume"):
+        # Continue the run as it was configured; flags given now (e.g. --epochs) still win.
+        values.update(load_checkpoint(train["resume"]).get("train_config", {}))
+    elif train.get("method") == "expclip":
         values.update(EXPCLIP)
     elif train.get("demo"):
         values.update(DEMO)
@@ -225,6 +243,10 @@ def main(argv=None):
             dist.barrier()
         clip_name = demo_clip_path(cfg.weights, log=log)
     clip_model, _ = clip.load(clip_name, device=device, download_root=cfg.weights)
+    if cfg.grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
+    if cfg.compile:
+        clip_model.visual.compile()
     resolution = clip_model.visual.input_resolution
 
     # Data.
