@@ -161,6 +161,8 @@ def seed_everything(seed: int):
 
 
 def rng_state():
+    """RNG states for the record in last.pt (resume does not need them: every epoch re-seeds
+    from (seed, epoch), which is what makes a resumed run repeat an uninterrupted one)."""
     return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
