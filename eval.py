@@ -9,7 +9,6 @@
 Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
 """
 import argparse
-import json
 import os
 import sys
 

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, get_args, get_type_hints
+from typing import get_args, get_type_hints
 
 import numpy as np
 import torch

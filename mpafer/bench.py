@@ -135,11 +135,6 @@ def paired_ratio(ours: List[float], baseline: List[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, baseline))
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `fn()` in seconds, synchronising CUDA around each call."""
-    return statistics.median(compare({"fn": fn}, device, repeats, warmup)["fn"])
-
-
 def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
     """CUDA only: how many host-device synchronisations `fn()` makes (CUDA sync debug mode)."""
     synchronize(device)

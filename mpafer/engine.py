@@ -92,9 +92,9 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     for images, labels in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):
             logits = logits_fn(images.to(device, non_blocking=True))
-        preds.append(logits.argmax(dim=-1).cpu())
+        preds.append(logits.argmax(dim=-1))  # stays on the device: no sync per batch
         targets.append(labels)
-    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    preds = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
     targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
     if world > 1:
         gathered = [None] * world

@@ -1,12 +1,11 @@
 """Tiny CLIP models in OpenAI's checkpoint format, built in the tests (nothing downloaded)."""
 import torch
 
+from mpafer.bench import SHAPES
 from mpafer.clip.model import CLIP, build_model
 
 # A few layers, width 64: the same code path as ViT-B/16, at a size the CPU runs in milliseconds.
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-            transformer_layers=2)
+TINY = SHAPES["tiny"]
 
 
 def tiny_state_dict(seed: int = 0, **overrides) -> dict:

@@ -13,7 +13,7 @@ from mpafer import clip
 from mpafer.clip import loading as load_module
 from mpafer.clip.model import CLIP, LayerNorm, build_model, model_config
 from mpafer.clip.reference import build_reference_model
-from tests.helpers import TINY, tiny_clip, tiny_state_dict
+from tests.helpers import TINY, tiny_state_dict
 
 VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,

@@ -3,13 +3,11 @@ import ast
 import json
 import math
 import os
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mpafer
 from mpafer import clip, losses
 from mpafer.alignment import GlobalLocalAlignment
 from mpafer.clip.model import CLIP
