@@ -6,6 +6,9 @@ from mpafer.clip.model import CLIP, build_model
 
 # A few layers, width 64: the same code path as ViT-B/16, at a size the CPU runs in milliseconds.
 TINY = SHAPES["tiny"]
+# Width 128: two attention heads in both towers (heads = width // 64, as in OpenAI's models),
+# so head splitting and merging are checked too.
+MULTIHEAD = {**TINY, "vision_width": 128, "transformer_width": 128, "transformer_heads": 2}
 
 
 def tiny_state_dict(seed: int = 0, **overrides) -> dict:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from mpafer import clip
 from mpafer.clip import loading as load_module
 from mpafer.clip.model import CLIP, LayerNorm, build_model, model_config
-from mpafer.clip.reference import build_reference_model
-from tests.helpers import TINY, tiny_state_dict
+from tests import reference_clip
+from tests.helpers import MULTIHEAD, TINY, tiny_state_dict
 
 VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
@@ -79,13 +79,32 @@ def test_build_model_is_frozen_fp32_eval(model):
     assert not model.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     assert model_config(model.state_dict()) == TINY
+    # Built from a state dict, the checkpoint's identity is unknown (declared, not missing).
+    assert model.checkpoint_name is None and model.checkpoint_sha256 is None
 
 
-def test_matches_multihead_attention_reference(sd, model):
-    ref = build_reference_model(sd)
+def test_same_clip_compares_sha256_and_knows_when_it_cannot(sd):
+    a, b = "ab" * 32, "cd" * 32
+    assert clip.same_clip(a, a.upper()) is True and clip.same_clip(a, b) is False
+    assert clip.same_clip(a, None) is None and clip.same_clip("", a) is None
+    first, second = build_model(sd), build_model(sd)
+    assert clip.same_clip(first, a) is None  # built from a state dict: identity unknown
+    first.checkpoint_sha256, second.checkpoint_sha256 = a, b
+    assert clip.same_clip(first, a) is True and clip.same_clip(first, second) is False
+
+
+@pytest.mark.parametrize("shape", [TINY, MULTIHEAD], ids=["1-head", "2-heads"])
+def test_matches_independent_multihead_attention_reference(shape):
+    sd = tiny_state_dict(seed=4, **shape)
+    model, ref = build_model(sd), reference_clip.build_model(sd)  # both strict=True
+    heads = {m.num_heads for m in ref.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    assert heads == {shape["vision_width"] // 64}
+    assert {m.heads for m in model.modules() if hasattr(m, "in_proj_weight")} == heads
     x, t = images(), clip.tokenize(TEXTS)
     torch.testing.assert_close(model.encode_image(x), ref.encode_image(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.encode_text(t), ref.encode_text(t), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(model(x, t), ref(x, t)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
 def test_no_prompts_is_the_plain_path_bit_for_bit(model):
@@ -176,7 +195,7 @@ def test_plain_wrapped_and_prefixed_state_dicts_load_alike(tmp_path, sd, model):
 def write_torchscript_archive(sd, path):
     """An archive shaped like OpenAI's releases: a traced model, fp16 tensors, extra attributes."""
     half = {k: v.half().float() for k, v in sd.items()}
-    ref = build_reference_model(half)
+    ref = reference_clip.build_model(half)
     ref.register_buffer("input_resolution", torch.tensor(32))
     ref.register_buffer("context_length", torch.tensor(77))
     ref.register_buffer("vocab_size", torch.tensor(49408))

@@ -11,7 +11,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -29,6 +29,16 @@ _MODELS = {
 
 def available_models():
     return list(_MODELS)
+
+
+def default_weights_dir() -> str:
+    """Where CLIP downloads go unless told otherwise: `$MPAFER_WEIGHTS` if set, else the
+    `weights/` folder of the repository (beside the `mpafer` package), whatever the current
+    directory. Set `MPAFER_WEIGHTS` when mpafer is installed rather than used from a clone."""
+    if os.environ.get("MPAFER_WEIGHTS"):
+        return os.path.expanduser(os.environ["MPAFER_WEIGHTS"])
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../mpafer
+    return os.path.join(os.path.dirname(package_dir), "weights")
 
 
 def sha256_of(path: str) -> str:
@@ -184,21 +194,33 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return load_plain_state_dict(path, "CLIP checkpoint")
 
 
-def load(name_or_path: str, device="cpu", download_root: str = "weights") -> Tuple[CLIP, object]:
-    """OpenAI CLIP by name (downloaded to `download_root`) or by path -> (model, preprocess).
+def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = False,
+         download_root: Optional[str] = None) -> Tuple[CLIP, object]:
+    """OpenAI CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
-    The model is fp32, in eval mode, every parameter frozen. It carries `checkpoint_name` and
-    `checkpoint_sha256` so checkpoints trained on it can refuse a different backbone.
+    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked) or
+        the path of a checkpoint file (TorchScript archive or plain state dict).
+    device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
+    jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
+    download_root: None means `default_weights_dir()`.
+
+    Unlike OpenAI's, the model is fp32 (also on GPU), in eval mode, with every parameter frozen.
+    Its `checkpoint_name` and `checkpoint_sha256` say which file it is (see `same_clip`).
     """
-    if name_or_path in _MODELS:
-        url = _MODELS[name_or_path]
+    if jit:
+        raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "
+                         "jit=False gives the same weights as an ordinary nn.Module")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name in _MODELS:
+        url = _MODELS[name]
         sha256 = url.split("/")[-2]
-        path = download(url, download_root, sha256)
-    elif os.path.isfile(name_or_path):
-        path, sha256 = name_or_path, sha256_of(name_or_path)
+        path = download(url, download_root or default_weights_dir(), sha256)
+    elif os.path.isfile(name):
+        path, sha256 = name, sha256_of(name)
     else:
-        raise RuntimeError(f"CLIP model {name_or_path!r} not found; available models: "
+        raise RuntimeError(f"CLIP model {name!r} not found; available models: "
                            f"{available_models()}, or give the path of a checkpoint file")
     model = build_model(read_checkpoint(path)).to(device)
-    model.checkpoint_name, model.checkpoint_sha256 = name_or_path, sha256
+    model.checkpoint_name, model.checkpoint_sha256 = name, sha256
     return model, clip_preprocess(model.visual.input_resolution)

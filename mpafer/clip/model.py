@@ -4,11 +4,14 @@ Parameter names and shapes are exactly those of OpenAI's released checkpoints, s
 state dict loads with `strict=True`; the architecture is read off the state dict
 (`build_model`). Differences from OpenAI's `model.py`, all invisible in the checkpoint:
 
-- activations are batch-first `[B, L, W]` (OpenAI's are `[L, B, W]`);
+- the package's own paths run batch-first `[B, L, W]`; `Transformer` and its blocks still take
+  OpenAI's sequence-first `[L, N, W]` when called from outside (`batch_first=False`, the
+  default), so client code that permutes to `[L, N, W]` around `model.transformer(x)` is right;
 - attention is `F.scaled_dot_product_attention` (fused kernels on CUDA and CPU);
 - weights stay fp32: mixed precision comes from `torch.autocast`, and LayerNorm runs in fp32;
 - prompt hooks are explicit optional arguments (`prompts`, `deep_prompts`, `return_tokens`,
-  `encode_text_embeddings`); with none given, the computation is the plain path.
+  `encode_text_embeddings`); with none given, the computation is the plain path;
+- a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`).
 """
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -36,7 +39,8 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names."""
+    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names (not its call
+    signature): batch-first `[B, L, W]` in and out."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -55,37 +59,49 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width)))
         self.ln_2 = LayerNorm(width)
+        self.causal = causal  # the text tower's blocks mask future tokens, as OpenAI's attn_mask
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, batch_first: bool = False) -> torch.Tensor:
+        """`x` `[L, N, W]` as OpenAI's block, or `[B, L, W]` with `batch_first=True`."""
+        if not batch_first:
+            x = x.transpose(0, 1)  # [B, L, W]
+        x = x + self.attn(self.ln_1(x), self.causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x if batch_first else x.transpose(0, 1)  # [L, N, W]
 
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
         # Activation checkpointing: keep only each block's input and recompute the block in the
         # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, appended: LayerPrompts = None,
+    def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
-        """Run the blocks on `x` `[B, L, W]`, with optional per-layer prompt tokens.
+        """Run the blocks on `x`, with optional per-layer prompt tokens.
 
+        x: `[L, N, W]`, OpenAI's sequence-first convention, so client code written for OpenAI's
+            CLIP (`x.permute(1, 0, 2)` before and after `model.transformer(x)`) runs unchanged;
+            or `[B, L, W]` with `batch_first=True`, which the package's own encode paths pass
+            (no transposes on their path). The output has the input's layout.
         appended[l] `[P, W]` or `[B, P, W]`: joined after the sequence before layer l and
             dropped after it (VPT-deep).
         replaced[l] `[P, W]` or `[B, P, W]`: overwrites tokens `replace_start : replace_start + P`
             before layer l (deep text prompts; later layers re-use the tokens layer l made).
+        Prompt tokens are batch-first in either layout.
         """
+        if not batch_first:
+            x = x.transpose(0, 1)  # [B, L, W]
         B, L, _ = x.shape
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.resblocks):
@@ -96,12 +112,12 @@ class Transformer(nn.Module):
             if append:
                 x = torch.cat([x, _batched(appended[i], B, x.dtype)], dim=1)  # [B, L + P, W]
             if checkpointing:
-                x = checkpoint(block, x, self.causal, use_reentrant=False)
+                x = checkpoint(block, x, batch_first=True, use_reentrant=False)
             else:
-                x = block(x, self.causal)
+                x = block(x, batch_first=True)
             if append:
                 x = x[:, :L]  # [B, L, W]: the prompt tokens' outputs are dropped
-        return x
+        return x if batch_first else x.transpose(0, 1)  # [L, N, W]
 
 
 def _batched(p: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +129,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
                  heads: int, output_dim: int):
         super().__init__()
-        self.input_resolution, self.patch_size = input_resolution, patch_size
+        self.input_resolution, self.patch_size, self.output_dim = input_resolution, patch_size, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         grid = input_resolution // patch_size
@@ -135,7 +151,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, W]
         x = self.ln_pre(x)
-        x = self.transformer(x, appended=prompts)
+        x = self.transformer(x, batch_first=True, appended=prompts)
         global_feature = self.ln_post(x[:, 0]) @ self.proj  # [B, D]
         if not return_tokens:
             return global_feature
@@ -159,6 +175,10 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
+        # Which checkpoint this is, set by `load` (None for a model built from a state dict):
+        # trained prompts and heads record it, to refuse a different backbone (`same_clip`).
+        self.checkpoint_name: Optional[str] = None
+        self.checkpoint_sha256: Optional[str] = None
         self.initialize_parameters()
 
     def initialize_parameters(self):
@@ -212,7 +232,7 @@ class CLIP(nn.Module):
             before layer l (deep text prompts); entry 0 is usually None (the input is `x`).
         """
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # [B, L, W]
-        x = self.transformer(x, replaced=deep_prompts, replace_start=prompt_start)
+        x = self.transformer(x, batch_first=True, replaced=deep_prompts, replace_start=prompt_start)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_positions]  # [B, W]
         return x @ self.text_projection  # [B, D]
@@ -222,6 +242,20 @@ class CLIP(nn.Module):
         text_features = F.normalize(self.encode_text(text), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+def same_clip(a, b) -> Optional[bool]:
+    """Whether two CLIPs are the same checkpoint, compared by SHA-256.
+
+    a, b: SHA-256 hex strings (e.g. recorded in a trained checkpoint) or CLIP models (their
+    `checkpoint_sha256`). True or False, or None when either identity is unknown (a model built
+    from a state dict, or a record that has none). Code that refuses a different backbone tests
+    `same_clip(trained, used) is False`, so an unknown identity is let through.
+    """
+    a, b = (x.checkpoint_sha256 if isinstance(x, CLIP) else x for x in (a, b))
+    if not a or not b:
+        return None
+    return a.lower() == b.lower()
 
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
@@ -259,7 +293,9 @@ def model_config(state_dict: dict) -> dict:
 
 
 def build_model(state_dict: dict) -> CLIP:
-    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly."""
+    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly.
+
+    Its `checkpoint_name` and `checkpoint_sha256` are None: only `load` knows the file."""
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     model = CLIP(**model_config(state_dict))

@@ -1,8 +1,9 @@
 """A reference CLIP on `nn.MultiheadAttention`, laid out as OpenAI's original `model.py`.
 
 Sequence-first activations `[L, B, W]`, an explicit causal mask tensor, no prompt hooks.
-It loads the same state dicts as `mpafer.clip.CLIP` and exists only to check the vendored
-model against: the tests compare their outputs, and `python -m mpafer.bench clip` their speed.
+It loads the same state dicts as `mpafer.clip.CLIP` and is the baseline of
+`python -m mpafer.bench clip` (same weights, speed compared). The tests check outputs against
+their own reference, which shares no code with the package.
 """
 from collections import OrderedDict
 
