@@ -1,16 +1,26 @@
 """MPA-FER losses, one plain function each. Inputs are features, never models.
 
 Notation: C classes, H hard prompts (several per class), B images, D joint width, W token width.
+Every loss computes in fp32 with autocast switched off, whatever precision the towers ran in.
 """
-from typing import Dict
+from typing import Dict, Iterable
 
 import torch
 import torch.nn.functional as F
 
+PA_DISTANCES = ("l1", "l1-mean", "contrastive")
+V_DISTANCES = ("cosine", "l1", "l1-mean")
+
+
+def fp32(tensor: torch.Tensor):
+    """A context with autocast off on `tensor`'s device: matmuls stay fp32 inside autocast."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_cls = CE(logits, y), logits `[B, C]` = s * S(x, c)."""
-    return F.cross_entropy(logits.float(), labels)
+    with fp32(logits):
+        return F.cross_entropy(logits.float(), labels)
 
 
 def token_alignment_loss(soft_pooled: torch.Tensor, hard_pooled: torch.Tensor,
@@ -21,25 +31,32 @@ def token_alignment_loss(soft_pooled: torch.Tensor, hard_pooled: torch.Tensor,
     averaged over the hard prompts, each an anchor of its class d. sim is the cosine between
     pooled word-token embeddings: soft `[C, W]`, hard `[H, W]` with labels `[H]`.
     """
-    sim = F.normalize(hard_pooled.float(), dim=-1) @ F.normalize(soft_pooled.float(), dim=-1).t()  # [H, C]
-    return F.cross_entropy(sim / tau, hard_labels)
+    with fp32(soft_pooled):
+        soft = F.normalize(soft_pooled.float(), dim=-1)
+        hard = F.normalize(hard_pooled.float(), dim=-1)
+        return F.cross_entropy(hard @ soft.t() / tau, hard_labels)  # [H, C] logits
 
 
 def prompt_alignment_loss(text_features: torch.Tensor, hard_features: torch.Tensor,
                           hard_labels: torch.Tensor, distance: str = "l1", tau: float = 0.07) -> torch.Tensor:
     """Prompt-level soft-hard alignment L_pa between theta(t_c) `[C, D]` and theta(t*) `[H, D]`.
 
-    Both are L2-normalised. "l1" (default, our choice): mean absolute difference over the D
-    dimensions between each hard prompt's feature and its class's soft-prompt feature, averaged
-    over hard prompts. "contrastive": -log softmax over classes of cos(theta(t_c), theta(t*_h)) / tau.
+    Both are L2-normalised; each hard prompt h is compared with its class's soft prompt and the
+    result is averaged over the hard prompts.
+    - "l1" (default): the paper's L_pa = ||theta(t_c) - theta(t*_c)||_1, the L1 norm, a sum
+      over the D dimensions.
+    - "l1-mean": the per-dimension mean of the same differences (PromptSRC-style). It is the
+      "l1" value divided by D (1/512 for ViT-B/16), so it needs a weight about D times larger
+      to move the prompts as much.
+    - "contrastive": -log softmax over classes of cos(theta(t_c), theta(t*_h)) / tau.
     """
-    soft = F.normalize(text_features.float(), dim=-1)
-    hard = F.normalize(hard_features.float(), dim=-1)
-    if distance == "l1":
-        return (soft[hard_labels] - hard).abs().mean()
-    if distance == "contrastive":
-        return F.cross_entropy(hard @ soft.t() / tau, hard_labels)
-    raise ValueError(f"prompt-alignment distance must be 'l1' or 'contrastive', got {distance!r}")
+    _check(distance, PA_DISTANCES, "pa_distance")
+    with fp32(text_features):
+        soft = F.normalize(text_features.float(), dim=-1)
+        hard = F.normalize(hard_features.float(), dim=-1)
+        if distance == "contrastive":
+            return F.cross_entropy(hard @ soft.t() / tau, hard_labels)  # [H, C] logits
+        return _l1(soft[hard_labels], hard, distance)
 
 
 def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Tensor,
@@ -47,18 +64,57 @@ def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Te
     """Prototype-guided visual alignment L_v = mean_i M(z_g,i, p_{y_i}).
 
     z_g `[B, D]` prompted global image features, p `[C, D]` class prototypes (mean normalised
-    frozen CLIP features). M = 1 - cos (default) or "l1": mean absolute difference of the
-    L2-normalised vectors.
+    frozen CLIP features), both L2-normalised. M is "cosine" (default, 1 - cos), "l1" (the L1
+    norm ||z - p||_1, a sum over D) or "l1-mean" (the per-dimension mean, "l1" / D).
     """
-    z = F.normalize(global_features.float(), dim=-1)
-    p = F.normalize(prototypes.float(), dim=-1)[labels]  # [B, D]
-    if distance == "cosine":
-        return (1 - (z * p).sum(-1)).mean()
-    if distance == "l1":
-        return (z - p).abs().mean()
-    raise ValueError(f"visual-alignment distance must be 'cosine' or 'l1', got {distance!r}")
+    _check(distance, V_DISTANCES, "v_distance")
+    with fp32(global_features):
+        z = F.normalize(global_features.float(), dim=-1)
+        p = F.normalize(prototypes.float(), dim=-1)[labels]  # [B, D]
+        if distance == "cosine":
+            return (1 - (z * p).sum(-1)).mean()
+        return _l1(z, p, distance)
+
+
+def _l1(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Row-wise L1 distance of `[R, D]` pairs, averaged over rows: summed over D ("l1") or
+    averaged over D ("l1-mean")."""
+    per_row = (a - b).abs().sum(-1) if distance == "l1" else (a - b).abs().mean(-1)  # [R]
+    return per_row.mean()
+
+
+def _check(distance: str, allowed, name: str):
+    if distance not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {distance!r}")
+
+
+def weighted_terms(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The terms of L as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
+    return {"cls": parts["cls"], "ta": beta * parts["ta"], "pa": beta * parts["pa"], "v": gamma * parts["v"]}
 
 
 def total_loss(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """L = L_cls + beta * L_t + gamma * L_v with L_t = L_ta + L_pa."""
-    return parts["cls"] + beta * (parts["ta"] + parts["pa"]) + gamma * parts["v"]
+    terms = weighted_terms(parts, beta, gamma)
+    return terms["cls"] + terms["ta"] + terms["pa"] + terms["v"]
+
+
+def gradient_norms(terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor],
+                   scale: float = 1.0) -> Dict[str, float]:
+    """L2 norm of each term's gradient w.r.t. `params` (all of them together), one backward each.
+
+    `terms` are undetached scalars (e.g. `weighted_terms`); the graph is kept, so the caller can
+    still backpropagate the total afterwards. A term that does not depend on `params` (switched
+    off) has norm 0. Under fp16 autocast pass the GradScaler's scale, so that small gradients do
+    not underflow in the backward; the norms are divided by it again.
+    """
+    params = list(params)
+    norms = {}
+    for name, term in terms.items():
+        if not term.requires_grad:
+            norms[name] = 0.0
+            continue
+        grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        norms[name] = torch.stack(squares).sum().sqrt().item() / scale if squares else 0.0
+    return norms

@@ -1,5 +1,5 @@
 """MPA-FER: a frozen CLIP with learnable prompts and global-local alignment."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -7,41 +7,88 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .alignment import GlobalLocalAlignment
+from .alignment import LEARNABLE_NEEDS_TEMPERATURE, GlobalLocalAlignment
 from .clip.model import CLIP
 from .clip.tokenizer import tokenize
 from .prompts import (TextPromptLearner, VisualPromptLearner, build_hard_prompts, crop_to_longest,
                       eot_positions, pooled_word_embeddings)
 
 
+def _field(default, text: str):
+    """A config field whose `metadata["help"]` is its command-line help text."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class MPAFERConfig:
-    """Every MPA-FER setting. Values marked (choice) are ours where the paper is silent."""
+    """Every MPA-FER setting. Help texts marked (choice) are ours where the paper is silent.
+
+    `validate()` (run at construction and again by MPAFER) checks the value ranges; errors name
+    the field and its command-line flag.
+    """
     # Text soft prompts (CoOp).
-    n_ctx: int = 10                      # M learnable context tokens
-    ctx_init: str = ""                   # initialise from a phrase instead (M = its token count)
-    class_specific_ctx: bool = False
-    text_prompt_depth: int = 1           # (choice) 1 = input only; L > 1 adds deep text prompts
+    n_ctx: int = _field(10, "M, learnable text context vectors (ignored with --ctx-init)")
+    ctx_init: str = _field("", "initialise the context from this phrase (M = its token count) "
+                               "instead of N(0, std^2)")
+    class_specific_ctx: bool = _field(False, "one context per class instead of one shared by all")
+    text_prompt_depth: int = _field(1, "(choice) text layers with prompts: 1 = input only, "
+                                       "L > 1 adds deep text prompts to layers 1..L-1")
     # Visual deep prompts (VPT-deep).
-    visual_prompt_tokens: int = 8        # N_p
-    visual_prompt_depth: int = -1        # -1 = every layer, 0 = no visual prompts
-    prompt_init_std: float = 0.02
-    # Hard prompts: 1 "a photo of {c}.", 2 "... facial expression of {c}.", 3 "..., {description}".
-    hard_prompt_template: int = 3
+    visual_prompt_tokens: int = _field(8, "N_p, visual prompt tokens per layer (0 = none)")
+    visual_prompt_depth: int = _field(-1, "image layers with visual prompts: -1 = every layer, 0 = none")
+    prompt_init_std: float = _field(0.02, "std of the N(0, std^2) prompt initialisation")
+    # Hard prompts.
+    hard_prompt_template: int = _field(3, "1 'a photo of {c}', 2 'a photo of a person making a facial "
+                                          "expression of {c}', 3 the same followed by ', {description}' "
+                                          "(one hard prompt per LLM description)")
     # Cross-modal global-local alignment.
-    global_local: bool = True
-    top_k: int = 16
-    local_weight: float = 1.0            # lambda_l
-    attention_temperature: Optional[float] = None  # None = uniform top-k weights
-    learnable_alignment: bool = False    # identity-initialised q/k/v projections
+    global_local: bool = _field(True, "add the local score S_l (top-k cross-attention over patches)")
+    top_k: int = _field(16, "k, patches each class attends to")
+    local_weight: float = _field(1.0, "lambda_l in S = S_g + lambda_l * S_l")
+    attention_temperature: Optional[float] = _field(None, "(choice) softmax temperature over the "
+                                                          "top-k; unset = uniform 1/k weights")
+    learnable_alignment: bool = _field(False, "(choice) identity-initialised q/k/v projections; needs "
+                                              "--attention-temperature")
     # Losses: L = L_cls + beta * (L_ta + L_pa) + gamma * L_v.
-    soft_hard_alignment: bool = True     # L_ta + L_pa
-    prototype_alignment: bool = True     # L_v
-    tau: float = 0.07                    # (choice) temperature of L_ta (and contrastive L_pa)
-    pa_distance: str = "l1"              # (choice) "l1" | "contrastive"
-    v_distance: str = "cosine"           # "cosine" (1 - cos) | "l1"
-    beta: float = 1.0
-    gamma: float = 1.0
+    soft_hard_alignment: bool = _field(True, "soft-hard prompt alignment L_t = L_ta + L_pa")
+    prototype_alignment: bool = _field(True, "prototype-guided visual alignment L_v")
+    tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa)")
+    pa_distance: str = _field("l1", "L_pa distance: l1 (the L1 norm, summed over D, as the paper "
+                                    "writes it) | l1-mean (choice: per-dimension mean, 1/D of l1) "
+                                    "| contrastive (choice)")
+    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1 (L1 norm, summed over D) "
+                                       "| l1-mean (choice: per-dimension mean)")
+    beta: float = _field(1.0, "weight beta of L_t")
+    gamma: float = _field(1.0, "weight gamma of L_v")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field whose value is out of range."""
+        checks = [
+            ("n_ctx", self.n_ctx >= 1, ">= 1"),
+            ("text_prompt_depth", self.text_prompt_depth >= 1, ">= 1"),
+            ("visual_prompt_tokens", self.visual_prompt_tokens >= 0, ">= 0"),
+            ("visual_prompt_depth", self.visual_prompt_depth >= -1, ">= -1 (-1 = every layer)"),
+            ("prompt_init_std", self.prompt_init_std >= 0, ">= 0"),
+            ("hard_prompt_template", self.hard_prompt_template in (1, 2, 3), "1, 2 or 3"),
+            ("top_k", self.top_k >= 1, ">= 1"),
+            ("local_weight", self.local_weight >= 0, ">= 0"),
+            ("attention_temperature", self.attention_temperature is None or self.attention_temperature > 0,
+             "> 0 (or unset for uniform weights)"),
+            ("tau", self.tau > 0, "> 0"),
+            ("pa_distance", self.pa_distance in losses.PA_DISTANCES, f"one of {list(losses.PA_DISTANCES)}"),
+            ("v_distance", self.v_distance in losses.V_DISTANCES, f"one of {list(losses.V_DISTANCES)}"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("gamma", self.gamma >= 0, ">= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"MPAFERConfig.{name} ({flag}) must be {expected}, got {getattr(self, name)!r}")
+        if self.learnable_alignment and self.attention_temperature is None:
+            raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MPAFERConfig":
@@ -57,11 +104,11 @@ class MPAFERConfig:
 
 @dataclass
 class MPAFEROutput:
-    logits: torch.Tensor                  # [B, C] = s * (S_g + lambda_l * S_l)
+    logits: torch.Tensor                  # [B, C] = s * (S_g + lambda_l * S_l), fp32 even under autocast
     global_features: torch.Tensor         # [B, D] z_g, L2-normalised
     text_features: torch.Tensor           # [C, D] theta(t_c), L2-normalised
     local_features: Optional[torch.Tensor] = None   # [B, N, D] z_l, L2-normalised
-    attention: Optional[torch.Tensor] = None        # [B, C, N] a_{c,n}: which patches drove class c
+    attention: Optional[torch.Tensor] = None        # [B, C, N] a_{c,n} (fp32): which patches drove class c
     soft_pooled: Optional[torch.Tensor] = None      # [C, W] pooled soft-prompt word embeddings
 
 
@@ -78,20 +125,23 @@ class MPAFER(nn.Module):
                  descriptions: Optional[Dict[str, List[str]]] = None, config: Optional[MPAFERConfig] = None):
         super().__init__()
         self.config = config = config or MPAFERConfig()
+        config.validate()  # again: fields may have been changed after construction
         self.classnames = list(classnames)
         self.clip = clip_model.requires_grad_(False).eval()
-        self.text_prompts = TextPromptLearner(clip_model, classnames, config.n_ctx, config.ctx_init,
-                                              config.class_specific_ctx, config.text_prompt_depth,
-                                              config.prompt_init_std)
+        self.text_prompts = TextPromptLearner(
+            clip_model, classnames, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
+            class_specific=config.class_specific_ctx, depth=config.text_prompt_depth,
+            init_std=config.prompt_init_std)
         layers = clip_model.visual.transformer.layers
         depth = layers if config.visual_prompt_depth < 0 else config.visual_prompt_depth
         if depth > layers:
             raise ValueError(f"visual_prompt_depth {depth} exceeds the image tower's {layers} layers")
-        self.visual_prompts = (VisualPromptLearner(clip_model.visual.transformer.width,
-                                                   config.visual_prompt_tokens, depth, config.prompt_init_std)
-                               if depth > 0 and config.visual_prompt_tokens > 0 else None)
-        self.alignment = (GlobalLocalAlignment(clip_model.embed_dim, config.top_k, config.attention_temperature,
-                                               config.learnable_alignment) if config.global_local else None)
+        self.visual_prompts = (VisualPromptLearner(
+            clip_model.visual.transformer.width, num_tokens=config.visual_prompt_tokens, depth=depth,
+            init_std=config.prompt_init_std) if depth > 0 and config.visual_prompt_tokens > 0 else None)
+        self.alignment = (GlobalLocalAlignment(
+            clip_model.embed_dim, top_k=config.top_k, temperature=config.attention_temperature,
+            learnable=config.learnable_alignment) if config.global_local else None)
         self.register_buffer("prototypes", None, persistent=False)  # [C, D], see set_prototypes
         if config.soft_hard_alignment:
             self._init_hard_prompts(descriptions)
@@ -149,7 +199,7 @@ class MPAFER(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def text_features(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Soft-prompt text features `[C, D]` (normalised) and pooled word embeddings `[C, W]`.
+        """Soft-prompt text features `[C, D]` (normalised, fp32) and pooled word embeddings `[C, W]`.
 
         In eval mode without autograd they are computed once and cached.
         """
@@ -158,32 +208,36 @@ class MPAFER(nn.Module):
         if cacheable and self._text_cache is not None and self._text_cache[0].device == device:
             return self._text_cache
         features, pooled = self.text_prompts(self.clip)
-        result = (F.normalize(features.float(), dim=-1), pooled)
+        with torch.autocast(device.type, enabled=False):
+            result = (F.normalize(features.float(), dim=-1), pooled)
         if cacheable:
             self._text_cache = result
         return result
 
     def forward(self, images: torch.Tensor) -> MPAFEROutput:
+        """The towers run in whatever autocast the caller set; the scores after them in fp32."""
         text, pooled = self.text_features()
         prompts = self.visual_prompts() if self.visual_prompts is not None else None
         if self.alignment is None:
             z_g, z_l = self.clip.encode_image(images, prompts=prompts), None
         else:
             z_g, z_l = self.clip.encode_image(images, prompts=prompts, return_tokens=True)
-            z_l = F.normalize(z_l.float(), dim=-1)  # [B, N, D]
-        z_g = F.normalize(z_g.float(), dim=-1)  # [B, D]
-        scores = z_g @ text.t()  # [B, C] S_g
-        attention = None
-        if self.alignment is not None:
-            local, attention = self.alignment(z_l, text)
-            scores = scores + self.config.local_weight * local
-        logits = self.clip.logit_scale.exp() * scores
+        # bf16 logits of magnitude ~50 are quantised to 0.25, turning near-ties into exact ties.
+        with torch.autocast(images.device.type, enabled=False):
+            z_g = F.normalize(z_g.float(), dim=-1)  # [B, D]
+            scores = z_g @ text.t()  # [B, C] S_g
+            attention = None
+            if self.alignment is not None:
+                z_l = F.normalize(z_l.float(), dim=-1)  # [B, N, D]
+                local, attention = self.alignment(z_l, text)  # [B, C] S_l, [B, C, N]
+                scores = scores + self.config.local_weight * local
+            logits = self.clip.logit_scale.exp().float() * scores
         return MPAFEROutput(logits, z_g, text, z_l, attention, pooled if self.training else None)
 
-    def loss(self, output: MPAFEROutput, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """-> (total, parts) with parts `cls, ta, pa, v` (zero when switched off), detached."""
+    def loss_parts(self, output: MPAFEROutput, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The unweighted, undetached parts of L: `cls, ta, pa, v` (a constant zero when off)."""
         cfg = self.config
-        zero = output.logits.new_zeros(())
+        zero = output.logits.new_zeros((), dtype=torch.float32)
         parts = {"cls": losses.classification_loss(output.logits, labels), "ta": zero, "pa": zero, "v": zero}
         if cfg.soft_hard_alignment:
             pooled = output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
@@ -197,10 +251,22 @@ class MPAFER(nn.Module):
                                    "or set config.prototype_alignment = False")
             parts["v"] = losses.prototype_alignment_loss(output.global_features, self.prototypes,
                                                          labels, cfg.v_distance)
-        total = losses.total_loss(parts, cfg.beta, cfg.gamma)
+        return parts
+
+    def loss(self, output: MPAFEROutput, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """-> (total, parts) with parts `cls, ta, pa, v` (zero when switched off), detached."""
+        parts = self.loss_parts(output, labels)
+        total = losses.total_loss(parts, self.config.beta, self.config.gamma)
         return total, {k: v.detach() for k, v in parts.items()}
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Class indices `argmax_c S(x, c)` `[B]`."""
-        return self(images).logits.argmax(dim=-1)
+    def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> Dict[str, float]:
+        """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
+        total: cls, beta * L_ta, beta * L_pa, gamma * L_v.
+
+        One forward and one backward per term: meant for the first step, to show that no term is
+        numerically inert. Runs in the caller's autocast; call it on the bare model, not a DDP
+        wrapper. Under fp16 pass the GradScaler's scale (see `losses.gradient_norms`). Leaves no
+        `.grad` behind.
+        """
+        terms = losses.weighted_terms(self.loss_parts(self(images), labels), self.config.beta, self.config.gamma)
+        return losses.gradient_norms(terms, [p for p in self.parameters() if p.requires_grad], scale)

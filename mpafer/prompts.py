@@ -13,11 +13,11 @@ from .clip.tokenizer import get_tokenizer, tokenize
 DESCRIPTIONS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "descriptions",
                                  "fer_descriptions.json")
 
-# Hard-prompt templates. 3 is MPA-FER's (one prompt per LLM description); 1 and 2 are the
-# paper's ablation (one prompt per class).
+# Hard-prompt templates, exactly the paper's wording. 3 is MPA-FER's (one prompt per LLM
+# description); 1 and 2 are the paper's ablation (one prompt per class).
 HARD_TEMPLATES = {
-    1: "a photo of {c}.",
-    2: "a photo of a person making a facial expression of {c}.",
+    1: "a photo of {c}",
+    2: "a photo of a person making a facial expression of {c}",
     3: "a photo of a person making a facial expression of {c}, {d}",
 }
 
@@ -119,6 +119,8 @@ class TextPromptLearner(nn.Module):
         if not 1 <= depth <= clip_model.transformer.layers:
             raise ValueError(f"text_prompt_depth must be in 1..{clip_model.transformer.layers}, got {depth}")
         init_ids = get_tokenizer().encode(ctx_init) if ctx_init else []
+        if not init_ids and n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1 (or give ctx_init), got {n_ctx}")
         n_ctx = len(init_ids) or n_ctx
         names = [c.replace("_", " ") for c in classnames]
         # "X" placeholders hold the context positions; their embeddings are replaced below.

@@ -1,5 +1,6 @@
 """MPA-FER: trainable state, equivalences, alignment block, losses, prototypes, learning."""
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -12,8 +13,7 @@ from mpafer import clip, losses
 from mpafer.alignment import GlobalLocalAlignment
 from mpafer.clip.model import CLIP
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.prompts import build_hard_prompts, load_descriptions
-from mpafer.prototypes import cached_prototypes, compute_prototypes
+from mpafer.prompts import HARD_TEMPLATES, build_hard_prompts, load_descriptions
 from tests.helpers import tiny_clip
 
 CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
@@ -50,7 +50,7 @@ def test_only_prompts_train_and_only_they_get_gradients(descriptions):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
-    with_proj = make_model(descriptions, learnable_alignment=True)
+    with_proj = make_model(descriptions, learnable_alignment=True, attention_temperature=0.1)
     extra = {k for k, p in with_proj.named_parameters() if p.requires_grad} - trainable
     assert extra == {"alignment.q_proj.weight", "alignment.k_proj.weight", "alignment.v_proj.weight"}
 
@@ -61,38 +61,111 @@ def zero_shot_logits(clip_model, images, texts):
     return clip_model.logit_scale.exp() * image @ text.t()
 
 
-@pytest.mark.parametrize("ctx_init", ["", "a photo of a"])
-def test_prompts_off_and_no_local_term_is_zero_shot_clip(descriptions, ctx_init):
-    model = make_model(descriptions, n_ctx=0, ctx_init=ctx_init, visual_prompt_depth=0, local_weight=0.0).eval()
+def test_phrase_context_without_visual_prompts_or_local_term_is_zero_shot_clip(descriptions):
+    model = make_model(descriptions, ctx_init="a photo of a", visual_prompt_depth=0, local_weight=0.0).eval()
     images, _ = batch()
-    prefix = ctx_init + " " if ctx_init else ""
-    expected = zero_shot_logits(model.clip, images, [f"{prefix}{c}." for c in CLASSES])
+    expected = zero_shot_logits(model.clip, images, [f"a photo of a {c}." for c in CLASSES])
     with torch.no_grad():
         torch.testing.assert_close(model(images).logits, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_topk_uniform_attention_is_mean_of_topk_cosines():
+def hand_top_k(cosines, k):
+    """Indices of the k largest values, by a plain sort."""
+    return sorted(range(len(cosines)), key=lambda n: cosines[n], reverse=True)[:k]
+
+
+def test_topk_attention_selects_and_weights_the_most_similar_patches():
     torch.manual_seed(0)
-    B, N, C, D, k = 2, 10, 3, 8, 4
+    B, N, C, D, k, t = 2, 10, 3, 8, 4, 0.1
     patches, text = F.normalize(torch.randn(B, N, D), dim=-1), F.normalize(torch.randn(C, D), dim=-1)
-    score, attention = GlobalLocalAlignment(D, top_k=k)(patches, text)
+    uniform, uniform_attn = GlobalLocalAlignment(D, top_k=k)(patches, text)
+    soft, soft_attn = GlobalLocalAlignment(D, top_k=k, temperature=t)(patches, text)
     for b in range(B):
         for c in range(C):
-            cosines = sorted((float(patches[b, n] @ text[c]) for n in range(N)), reverse=True)
-            assert score[b, c].item() == pytest.approx(sum(cosines[:k]) / k, abs=1e-6)
-            assert (attention[b, c] > 0).sum() == k and attention[b, c].sum().item() == pytest.approx(1.0)
-    # Softmax weights at a temperature: hand computation over the same top-k.
-    t = 0.1
-    score_t, _ = GlobalLocalAlignment(D, top_k=k, temperature=t)(patches, text)
-    cos = sorted((float(patches[0, n] @ text[1]) for n in range(N)), reverse=True)[:k]
-    w = [math.exp(c / t) for c in cos]
-    assert score_t[0, 1].item() == pytest.approx(sum(wi * ci for wi, ci in zip(w, cos)) / sum(w), abs=1e-6)
-    # Identity-initialised projections start out equal to the default block.
-    learnable, _ = GlobalLocalAlignment(D, top_k=k, learnable=True)(patches, text)
-    torch.testing.assert_close(learnable, score)
+            cosines = [float(patches[b, n] @ text[c]) for n in range(N)]
+            top = hand_top_k(cosines, k)
+            expected_uniform = [1 / k if n in top else 0.0 for n in range(N)]
+            z = sum(math.exp(cosines[n] / t) for n in top)
+            expected_soft = [math.exp(cosines[n] / t) / z if n in top else 0.0 for n in range(N)]
+            assert uniform_attn[b, c].tolist() == pytest.approx(expected_uniform, abs=1e-6)
+            assert soft_attn[b, c].tolist() == pytest.approx(expected_soft, abs=1e-6)
+            assert uniform[b, c].item() == pytest.approx(sum(cosines[n] for n in top) / k, abs=1e-6)
+            assert soft[b, c].item() == pytest.approx(sum(w * x for w, x in zip(expected_soft, cosines)), abs=1e-6)
+    # Identity-initialised projections start out equal to the same block without them.
+    learnable, _ = GlobalLocalAlignment(D, top_k=k, temperature=t, learnable=True)(patches, text)
+    torch.testing.assert_close(learnable, soft)
     # k larger than the number of patches uses all of them.
     all_patches, _ = GlobalLocalAlignment(D, top_k=50)(patches, text)
     torch.testing.assert_close(all_patches, (patches @ text.t()).mean(1))
+
+
+def test_learnable_projections_need_softmax_weights():
+    message = r"learnable_alignment=True \(--learnable-alignment\).*attention_temperature \(--attention-temperature\)"
+    with pytest.raises(ValueError, match=message):
+        GlobalLocalAlignment(8, learnable=True)
+    with pytest.raises(ValueError, match=message):
+        MPAFERConfig(learnable_alignment=True)
+    config = MPAFERConfig(learnable_alignment=True, attention_temperature=0.1)
+    config.attention_temperature = None  # changed after construction: the model checks again
+    with pytest.raises(ValueError, match=message):
+        MPAFER(tiny_clip(), CLASSES, None, config)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("n_ctx", 0), ("text_prompt_depth", 0), ("visual_prompt_tokens", -1), ("visual_prompt_depth", -2),
+    ("hard_prompt_template", 4), ("top_k", 0), ("local_weight", -1.0), ("attention_temperature", 0.0),
+    ("tau", 0.0), ("pa_distance", "l2"), ("v_distance", "mean"), ("beta", -0.5), ("gamma", -1.0)])
+def test_config_rejects_out_of_range_values_naming_the_field(name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=rf"MPAFERConfig\.{name} \({flag}\) must be .*got {value!r}"):
+        MPAFERConfig(**{name: value})
+    with pytest.raises(ValueError, match="unknown MPAFERConfig fields"):
+        MPAFERConfig.from_dict({"n_ctx": 4, "topk": 3})
+
+
+def test_every_config_field_has_help_text():
+    for f in dataclasses.fields(MPAFERConfig):
+        assert len(f.metadata.get("help", "")) >= 15, f.name
+    choices = [f.name for f in dataclasses.fields(MPAFERConfig) if "(choice)" in f.metadata["help"]]
+    assert {"text_prompt_depth", "attention_temperature", "learnable_alignment", "tau"} <= set(choices)
+
+
+def test_config_reaches_the_modules(descriptions):
+    model = make_model(descriptions, n_ctx=4, class_specific_ctx=True, text_prompt_depth=2, visual_prompt_tokens=3,
+                       visual_prompt_depth=1, prompt_init_std=0.5, top_k=5, attention_temperature=0.2,
+                       learnable_alignment=True)
+    assert model.text_prompts.ctx.shape == (len(CLASSES), 4, 64) and model.text_prompts.deep.shape == (1, 4, 64)
+    assert model.visual_prompts.prompts.shape == (1, 3, 64)
+    assert model.visual_prompts.prompts.std().item() == pytest.approx(0.5, rel=0.3)
+    assert (model.alignment.top_k, model.alignment.temperature) == (5, 0.2) and model.alignment.q_proj is not None
+    assert make_model(descriptions, global_local=False).alignment is None
+    assert make_model(descriptions, visual_prompt_tokens=0).visual_prompts is None
+
+
+def test_scores_and_losses_are_fp32_under_bf16_autocast(descriptions):
+    model = make_model(descriptions).train()
+    images, labels = batch(12, seed=1)
+    with torch.no_grad():
+        reference = model(images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        total, parts = model.loss(out, labels)
+        local, attention = model.alignment(out.local_features.bfloat16(), out.text_features.bfloat16())
+    tensors = {"logits": out.logits, "attention": out.attention, "z_g": out.global_features,
+               "z_l": out.local_features, "text": out.text_features, "S_l": local, "alignment attention": attention,
+               "total": total, **parts}
+    assert {name: t.dtype for name, t in tensors.items()} == {name: torch.float32 for name in tensors}
+    assert not torch.equal(out.logits, reference.logits)  # the towers did run in bf16
+    # The logits are exactly s * (S_g + S_l) recomputed in fp32 from the output's features:
+    # bf16 scores would be off by ~1/256 of their size.
+    s_g = out.global_features @ out.text_features.t()
+    s_l = (out.attention * torch.einsum("bnd,cd->bcn", out.local_features, out.text_features)).sum(-1)
+    torch.testing.assert_close(out.logits, model.clip.logit_scale.exp() * (s_g + s_l), rtol=1e-6, atol=1e-5)
+    # Predictions equal the fp32 path's wherever the fp32 top-2 margin exceeds the bf16 noise.
+    top2 = reference.logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.2
+    assert clear.sum() >= 6
+    assert torch.equal(out.logits.argmax(-1)[clear], reference.logits.argmax(-1)[clear])
 
 
 def test_logits_are_scaled_global_plus_local(descriptions):
@@ -104,43 +177,6 @@ def test_logits_are_scaled_global_plus_local(descriptions):
     s_l = (out.attention * torch.einsum("bnd,cd->bcn", out.local_features, out.text_features)).sum(-1)
     torch.testing.assert_close(out.logits, model.clip.logit_scale.exp() * (s_g + 0.5 * s_l))
     assert out.attention.shape == (6, len(CLASSES), 16)
-
-
-def test_losses_match_hand_computation():
-    torch.manual_seed(0)
-    C, H, W, D, B, tau = 3, 5, 4, 6, 4, 0.07
-    soft_pooled, hard_pooled = torch.randn(C, W), torch.randn(H, W)
-    text, hard = torch.randn(C, D), torch.randn(H, D)
-    labels_h = torch.tensor([0, 0, 1, 2, 2])
-    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
-
-    expected_ta = 0.0
-    for h in range(H):
-        logits = [cos(soft_pooled[c], hard_pooled[h]) / tau for c in range(C)]
-        expected_ta += -(logits[labels_h[h]] - math.log(sum(math.exp(x) for x in logits)))
-    assert losses.token_alignment_loss(soft_pooled, hard_pooled, labels_h, tau).item() == pytest.approx(expected_ta / H, rel=1e-5)
-
-    t_n, h_n = F.normalize(text, dim=-1), F.normalize(hard, dim=-1)
-    expected_l1 = sum(float((t_n[labels_h[h]] - h_n[h]).abs().sum()) / D for h in range(H)) / H
-    assert losses.prompt_alignment_loss(text, hard, labels_h).item() == pytest.approx(expected_l1, rel=1e-5)
-    expected_con = 0.0
-    for h in range(H):
-        logits = [cos(text[c], hard[h]) / tau for c in range(C)]
-        expected_con += -(logits[labels_h[h]] - math.log(sum(math.exp(x) for x in logits)))
-    assert losses.prompt_alignment_loss(text, hard, labels_h, "contrastive", tau).item() == pytest.approx(expected_con / H, rel=1e-5)
-
-    z, protos, y = torch.randn(B, D), torch.randn(C, D), torch.tensor([2, 0, 1, 2])
-    expected_v = sum(1 - cos(z[i], protos[y[i]]) for i in range(B)) / B
-    assert losses.prototype_alignment_loss(z, protos, y).item() == pytest.approx(expected_v, rel=1e-5)
-    p_n, z_n = F.normalize(protos, dim=-1), F.normalize(z, dim=-1)
-    expected_v1 = sum(float((z_n[i] - p_n[y[i]]).abs().mean()) for i in range(B)) / B
-    assert losses.prototype_alignment_loss(z, protos, y, "l1").item() == pytest.approx(expected_v1, rel=1e-5)
-
-    logits = torch.randn(B, C)
-    expected_ce = sum(-(logits[i, y[i]] - torch.logsumexp(logits[i], 0)).item() for i in range(B)) / B
-    assert losses.classification_loss(logits, y).item() == pytest.approx(expected_ce, rel=1e-5)
-    with pytest.raises(ValueError, match="'l1' or 'contrastive'"):
-        losses.prompt_alignment_loss(text, hard, labels_h, "l2")
 
 
 def test_total_is_cls_plus_beta_t_plus_gamma_v(descriptions):
@@ -168,8 +204,10 @@ def test_hard_prompt_templates_and_frozen_features(descriptions):
     texts, labels = build_hard_prompts(CLASSES, descriptions, 3)
     assert len(texts) == sum(len(v) for v in descriptions.values()) and labels == sorted(labels)
     assert texts[0].startswith("a photo of a person making a facial expression of neutral, ")
-    assert build_hard_prompts(CLASSES, None, 1)[0][1] == "a photo of happiness."
-    assert build_hard_prompts(CLASSES, None, 2)[0][2] == "a photo of a person making a facial expression of surprise."
+    assert build_hard_prompts(CLASSES, None, 1)[0][1] == "a photo of happiness"
+    assert build_hard_prompts(CLASSES, None, 2)[0][2] == "a photo of a person making a facial expression of surprise"
+    assert HARD_TEMPLATES == {1: "a photo of {c}", 2: "a photo of a person making a facial expression of {c}",
+                              3: "a photo of a person making a facial expression of {c}, {d}"}
     model = make_model(descriptions, hard_prompt_template=2)
     expected = F.normalize(model.clip.encode_text(clip.tokenize(build_hard_prompts(CLASSES, None, 2)[0])), dim=-1)
     torch.testing.assert_close(model.hard_features, expected, rtol=1e-5, atol=1e-5)
@@ -249,29 +287,6 @@ def test_a_few_steps_lower_the_loss(descriptions):
         opt.step()
         history.append(total.item())
     assert history[-1] < 0.85 * history[0], history
-
-
-def test_compute_prototypes_is_mean_of_normalised_features(descriptions, tmp_path):
-    model = make_model(descriptions)
-    images, labels = batch(14, seed=3)
-    dataset = torch.utils.data.TensorDataset(images, labels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
-    protos = compute_prototypes(model, loader, progress=False)
-    feats = F.normalize(model.clip.encode_image(images), dim=-1)
-    for c in range(len(CLASSES)):
-        torch.testing.assert_close(protos[c], F.normalize(feats[labels == c].mean(0), dim=0), rtol=1e-5, atol=1e-6)
-    first_only = compute_prototypes(model, loader, per_class=1, progress=False)
-    torch.testing.assert_close(first_only, feats[:7], rtol=1e-5, atol=1e-6)  # images 0..6 are classes 0..6
-    with pytest.raises(ValueError, match="fear"):
-        compute_prototypes(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:6], labels[:6])), progress=False)
-    calls = []
-    compute = lambda: calls.append(1) or protos
-    key = {"clip_sha256": "abc", "dataset": "rafdb", "split": "train", "transform": "Resize(32)"}
-    first = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
-    again = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
-    assert torch.equal(first, again) and len(calls) == 1
-    cached_prototypes(str(tmp_path), {**key, "split": "test"}, compute, log=lambda m: None)
-    assert len(calls) == 2
 
 
 def test_load_descriptions_validates(tmp_path, descriptions):
