@@ -35,3 +35,9 @@ def expclip_transform(resolution, normalize=False):
     if normalize:
         steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))
     return T.Compose(steps)
+
+
+def describe_expclip_transform(resolution, normalize=False):
+    """`expclip_transform` in words, for feature files and reports."""
+    return (f"Resize(({resolution}, {resolution})) squash (bilinear), ToTensor, "
+            + ("CLIP mean/std normalisation" if normalize else "no normalisation"))
