@@ -135,7 +135,7 @@ EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-
 LOSS_PARTS = ("loss", "cls", "ta", "pa", "v")
 
 
-def add_fields(parser, cls, group):
+def add_fields(cls, group):
     """One flag per dataclass field; its help is the field's `metadata["help"]`."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -157,8 +157,8 @@ def parse_config(argv=None):
     """-> (TrainConfig, MPAFERConfig, the model fields given on the command line)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_fields(parser, TrainConfig, parser.add_argument_group("training"))
-    add_fields(parser, MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
+    add_fields(TrainConfig, parser.add_argument_group("training"))
+    add_fields(MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
     given = vars(parser.parse_args(argv))
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in given.items() if k in train_keys}

@@ -31,7 +31,7 @@ def save_image(path, colour, size=(40, 40), mode="RGB"):
     return path
 
 
-def jpeg_bytes(colour=(200, 30, 30), size=(64, 64)):
+def jpeg_bytes(size=(64, 64)):
     buffer = io.BytesIO()
     # Noise makes a long entropy-coded stream, so cutting it in half really truncates it.
     pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)

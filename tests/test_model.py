@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from mpafer import clip, losses
 from mpafer.alignment import GlobalLocalAlignment
 from mpafer.clip.model import CLIP
+from mpafer.labels import BASIC_CLASSES
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import build_hard_prompts, load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
 from tests.helpers import tiny_clip
 
-CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+CLASSES = list(BASIC_CLASSES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -112,7 +113,9 @@ def test_losses_match_hand_computation():
     soft_pooled, hard_pooled = torch.randn(C, W), torch.randn(H, W)
     text, hard = torch.randn(C, D), torch.randn(H, D)
     labels_h = torch.tensor([0, 0, 1, 2, 2])
-    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
 
     expected_ta = 0.0
     for h in range(H):
@@ -265,7 +268,11 @@ def test_compute_prototypes_is_mean_of_normalised_features(descriptions, tmp_pat
     with pytest.raises(ValueError, match="fear"):
         compute_prototypes(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:6], labels[:6])), progress=False)
     calls = []
-    compute = lambda: calls.append(1) or protos
+
+    def compute():
+        calls.append(1)
+        return protos
+
     key = {"clip_sha256": "abc", "dataset": "rafdb", "split": "train", "transform": "Resize(32)"}
     first = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
     again = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
