@@ -183,7 +183,7 @@ def parse_config(argv=None):
     return cfg, MPAFERConfig(**model), model
 
 
-# -- helpers -----------------------------------------------------------------------------------
+# -- seeds, learning-rate schedule, log -------------------------------------------------------
 
 def seed_everything(seed: int):
     random.seed(seed)

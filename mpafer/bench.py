@@ -73,7 +73,7 @@ CLASSES = list(BASIC_CLASSES)
 TARGETS = {"clip_ratio": 1.0, "train_step_ratio": 1.15, "eval_ratio": 1.10}
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- a CLIP with random weights -------------------------------------------------------------
 
 def random_clip(shape: str, seed: int = 0) -> CLIP:
     """A frozen fp32 CLIP of a named shape with random weights (nothing downloaded).

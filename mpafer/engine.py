@@ -21,10 +21,10 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# -- mixed precision: the one policy of the package ----------------------------------------
+# -- mixed precision: the one policy of the package -----------------------------------------
 # Weights always stay fp32; speed comes from autocast. On CUDA, bf16 where the GPU supports it,
 # else fp16 (then with a GradScaler, since fp16 gradients underflow); on CPU, fp32 unless bf16
-# is asked for. Every autocast region in mpafer goes through `resolve_amp` and `autocast`.
+# is asked for. Code that autocasts picks its dtype with `resolve_amp` and enters `autocast`.
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for `--amp`: auto = bf16 on CUDA when supported, else fp16; off on CPU."""

@@ -1,4 +1,4 @@
-"""Small helpers shared by the package and the scripts: atomic writes, the same-CLIP check,
+"""Small functions shared by the package and the scripts: atomic writes, the same-CLIP check,
 one-line errors for the scripts."""
 import json
 import os

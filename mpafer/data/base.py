@@ -1,5 +1,5 @@
 """What every dataset reader shares: the `FERDataset` base class, image loading, and the
-helpers that turn bad input into clear errors.
+checks that turn bad input into clear errors.
 
 A dataset exposes `classnames` (in the dataset's label order), `targets` (list[int]),
 `class_counts()` and `__getitem__ -> (transform(image), label)`, where the image is always an
