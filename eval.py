@@ -1,53 +1,78 @@
 """Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head; or predict single images.
 
     python eval.py --checkpoint runs/rafdb/best.pt --dataset rafdb --data-root data/RAF-DB
-    python eval.py --demo --checkpoint runs/demo/best.pt --json runs/demo/eval.json --confusion-png cm.png
+    python eval.py --demo --checkpoint runs/demo/best.pt --json eval.json --confusion-png cm.png
     python eval.py --zero-shot --prompts photo --dataset rafdb --data-root data/RAF-DB
-    python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 --dataset rafdb --data-root data/RAF-DB
+    python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 \
+                   --dataset rafdb --data-root data/RAF-DB
+    python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
     python eval.py --checkpoint runs/rafdb/best.pt --image face.jpg --attention-png attention.png
 
 Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
+`--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
+through the same transform (`--expclip-transform`, default the released protocol).
 """
 import argparse
 import os
 import sys
+from typing import Callable, List, NamedTuple
 
 import torch
 from PIL import Image, ImageDraw
 
 from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
-from mpafer.data import BASIC_CLASSES, DATASET_NAMES, build_dataset, eval_transform, expclip_transform, load_image
+from mpafer.data import DATASET_NAMES, build_dataset, load_image
 from mpafer.demo import demo_clip_path, demo_datasets
 from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_device
-from mpafer.expclip import PROMPT_SETS, ZeroShotClassifier, load_head
+from mpafer.expclip import (
+    INPUT_TRANSFORMS,
+    PROMPT_SETS,
+    ZeroShotClassifier,
+    input_transform,
+    is_prompt_file,
+    load_head,
+)
+from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report
 from mpafer.prompts import build_hard_prompts, load_descriptions
 from mpafer.utils import atomic_write_json, run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help="an MPA-FER checkpoint (best.pt / last.pt)")
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP with --prompts")
     what.add_argument("--method", choices=("mpafer", "expclip"), default="mpafer")
     what.add_argument("--head", help="Exp-CLIP projection head (.pth, released format)")
-    what.add_argument("--prompts", default="photo", choices=(*PROMPT_SETS, "descriptions"),
-                      help="zero-shot / Exp-CLIP prompt set; 'descriptions' = MPA-FER's hard prompts")
-    what.add_argument("--clip", help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
-    what.add_argument("--allow-other-clip", action="store_true", help="use a CLIP other than the checkpoint's")
+    what.add_argument("--prompts", default="photo", metavar="SET",
+                      help=f"zero-shot / Exp-CLIP prompt set: {', '.join(PROMPT_SETS)}; "
+                           "'descriptions' = MPA-FER's hard prompts; or a prompt file (.json: "
+                           "{class: [prompts]} or [templates with {c}], see the README)")
+    what.add_argument("--expclip-transform", choices=INPUT_TRANSFORMS, default="released",
+                      help="--method expclip: the input transform of both classifiers; "
+                           "released = Resize((R, R)) squash + ToTensor, no normalisation (the "
+                           "released Exp-CLIP protocol); clip = CLIP's own preprocessing")
+    what.add_argument("--clip",
+                      help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
+    what.add_argument("--allow-other-clip", action="store_true",
+                      help="use a CLIP other than the one the checkpoint or head was trained on")
     data = p.add_argument_group("data")
-    data.add_argument("--demo", action="store_true", help="the synthetic demo test split (and demo CLIP)")
+    data.add_argument("--demo", action="store_true",
+                      help="the synthetic demo test split (and demo CLIP)")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="rafdb")
     data.add_argument("--data-root", default="data/RAF-DB")
     data.add_argument("--split", default="test")
     data.add_argument("--classes", nargs="+", help="class names for --image without a checkpoint")
-    data.add_argument("--image", nargs="+", metavar="PATH", help="predict these images instead of a split")
+    data.add_argument("--image", nargs="+", metavar="PATH",
+                      help="predict these images instead of a split")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the metrics as JSON")
     out.add_argument("--confusion-png", metavar="FILE", help="draw the confusion matrix")
-    out.add_argument("--attention-png", metavar="FILE", help="with --image: overlay the global-local attention")
+    out.add_argument("--attention-png", metavar="FILE",
+                     help="with --image: overlay the global-local attention")
     run = p.add_argument_group("runtime")
     run.add_argument("--weights", default="weights", help="CLIP download folder")
     run.add_argument("--device", default="")
@@ -57,8 +82,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method == "expclip" and not args.head:
         p.error("--method expclip needs --head")
+    known = (*PROMPT_SETS, "descriptions")
+    if args.prompts not in known and not is_prompt_file(args.prompts):
+        p.error(f"--prompts must be one of {', '.join(known)} or a prompt file (.json), got "
+                f"{args.prompts!r}")
     if args.method == "mpafer" and not (args.checkpoint or args.zero_shot):
-        p.error("give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip --head FILE")
+        p.error("give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip "
+                "--head FILE")
     if args.demo:
         args.workers = 0  # the demo faces are already in memory
     if args.attention_png and not (args.image and args.checkpoint):
@@ -66,11 +96,12 @@ def parse_args(argv=None):
     return args
 
 
-def prompt_set(name, classnames, descriptions_path=None):
-    """A named Exp-CLIP prompt set, or MPA-FER's hard prompts built from the descriptions."""
+def prompt_set(name, classnames):
+    """A named Exp-CLIP prompt set or prompt file, or MPA-FER's hard prompts built from the
+    shipped descriptions."""
     if name != "descriptions":
         return name
-    texts, labels = build_hard_prompts(classnames, load_descriptions(classnames, descriptions_path), 3)
+    texts, labels = build_hard_prompts(classnames, load_descriptions(classnames), 3)
     return {c: [t for t, y in zip(texts, labels) if y == i] for i, c in enumerate(classnames)}
 
 
@@ -81,16 +112,19 @@ def draw_confusion(metrics, path):
     size = len(names)
     image = Image.new("RGB", (left + cell * size + 8, top + cell * size + 24), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 6), f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  (rows: true)", fill="black")
+    title = f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  (rows: true)"
+    draw.text((left, 6), title, fill="black")
     for i, name in enumerate(names):
         draw.text((4, top + i * cell + cell // 2 - 5), name[:13], fill="black")
         draw.text((left + i * cell + 2, top - 16 - 12 * (i % 2)), name[:9], fill="black")
         total = max(sum(counts[i]), 1)
         for j, value in enumerate(counts[i]):
             shade = int(255 * (1 - value / total))
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
+                   top + (i + 1) * cell - 1]
             draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            draw.text((box[0] + 6, box[1] + cell // 2 - 5), str(value), fill="black" if shade > 110 else "white")
+            draw.text((box[0] + 6, box[1] + cell // 2 - 5), str(value),
+                      fill="black" if shade > 110 else "white")
     image.save(path)
 
 
@@ -103,67 +137,72 @@ def draw_attention(image, attention, grid, path):
     Image.composite(red, image, overlay.point(lambda v: int(v * 0.6))).save(path)
 
 
+class Classifier(NamedTuple):
+    """One thing to evaluate: a name, its logits function, its input transform (and that
+    transform in words), its class order."""
+    label: str
+    logits: Callable
+    transform: Callable
+    transform_name: str
+    classnames: List[str]
+
+
+def zero_shot_classifiers(args, clip_model, classnames) -> List[Classifier]:
+    """--zero-shot: plain CLIP on CLIP's preprocessing. --method expclip: plain CLIP and the
+    Exp-CLIP head side by side, fed the same images through the same transform
+    (--expclip-transform), so the comparison measures the head, not the preprocessing."""
+    resolution = clip_model.visual.input_resolution
+    prompts = prompt_set(args.prompts, classnames)
+    name = os.path.basename(args.prompts)
+    plain = ZeroShotClassifier(clip_model, classnames, prompts).eval()
+    if args.method != "expclip":
+        return [Classifier(f"zero-shot CLIP ({name})", plain, *input_transform("clip", resolution),
+                           classnames)]
+    transform, transform_name = input_transform(args.expclip_transform, resolution)
+    head = load_head(args.head, clip_model, check_clip=not args.allow_other_clip)
+    expclip = ZeroShotClassifier(clip_model, classnames, prompts, head=head).eval()
+    return [Classifier(f"zero-shot CLIP ({name})", plain, transform, transform_name, classnames),
+            Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     amp = resolve_amp(args.amp, device)
 
-    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None  # safe: tensors only
+    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None  # tensors only
     clip_name = args.clip or (checkpoint["clip"]["name"] if checkpoint else None)
     if args.demo and not args.clip:
         clip_name = demo_clip_path(args.weights)
     clip_model, _ = clip.load(clip_name or "ViT-B/16", device=device, download_root=args.weights)
     resolution = clip_model.visual.input_resolution
     if checkpoint:
-        check_compatible(checkpoint, args.checkpoint, clip_model, allow_other_clip=args.allow_other_clip)
+        check_compatible(checkpoint, args.checkpoint, clip_model,
+                         allow_other_clip=args.allow_other_clip)
 
-    # What is evaluated: a list of (label, logits function, transform, classnames).
-    runs, model = [], None
+    classifiers, model, classnames = [], None, None
     if checkpoint:
         model = model_from_checkpoint(checkpoint, clip_model).eval()
-        runs.append(("MPA-FER", lambda x: model(x).logits, eval_transform(resolution), checkpoint["classnames"]))
         classnames = checkpoint["classnames"]
-    else:
-        classnames = None
-
+        classifiers.append(Classifier("MPA-FER", lambda x: model(x).logits,
+                                      *input_transform("clip", resolution), classnames))
     if args.image:
         classnames = classnames or args.classes or list(BASIC_CLASSES)
-    elif args.demo:
-        _, dataset = demo_datasets(resolution, None, None)
     else:
-        dataset = build_dataset(args.dataset, args.data_root, args.split)
-    if not args.image:
+        if args.demo:
+            _, dataset = demo_datasets(resolution, None, None)
+        else:
+            dataset = build_dataset(args.dataset, args.data_root, args.split)
         if checkpoint and set(dataset.classnames) != set(checkpoint["classnames"]):
             check_compatible(checkpoint, args.checkpoint, classnames=dataset.classnames)
         classnames = list(dataset.classnames)
-
     if args.zero_shot or args.method == "expclip":
-        prompts = prompt_set(args.prompts, classnames)
-        plain = ZeroShotClassifier(clip_model, classnames, prompts).eval()
-        runs.append((f"zero-shot CLIP ({args.prompts})", plain, eval_transform(resolution), classnames))
-        if args.method == "expclip":
-            head = load_head(args.head, clip_model)
-            expclip = ZeroShotClassifier(clip_model, classnames, prompts, head=head).eval()
-            runs.append((f"Exp-CLIP ({args.prompts})", expclip, expclip_transform(resolution), classnames))
+        classifiers += zero_shot_classifiers(args, clip_model, classnames)
 
     if args.image:
-        return predict_images(args, runs, model, device, amp)
-
-    results = {}
-    for label, logits_fn, transform, model_classes in runs:
-        # A checkpoint's class order may differ from the dataset's: predictions are matched by name.
-        order = [model_classes.index(c) for c in classnames]
-        dataset.transform = transform
-        metrics = evaluate(lambda x: logits_fn(x)[:, order], dataset, classnames, device, amp,
-                           batch_size=args.batch_size, workers=args.workers, desc=label)
-        results[label] = metrics
-        print(f"\n{label} on {'synthetic demo' if args.demo else args.dataset} {args.split} "
-              f"(transform: {'Exp-CLIP squash resize, no normalisation' if 'Exp-CLIP' in label else 'CLIP preprocess'}):")
-        print(format_report(metrics))
-    if len(results) > 1:
-        print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR {100 * v['uar']:.2f}%"
-                                            for k, v in results.items()))
-    main_label = next(iter(results)) if len(results) == 1 else list(results)[-1]
+        return predict_images(args, classifiers, model, device, amp)
+    results = evaluate_all(args, classifiers, dataset, classnames, device, amp)
+    main_label = list(results)[-1]
     if args.json:
         payload = {"dataset": "synthetic-demo" if args.demo else args.dataset, "split": args.split,
                    "checkpoint": args.checkpoint, "clip": clip_name, **results[main_label]}
@@ -177,34 +216,67 @@ def main(argv=None):
     return results
 
 
+def evaluate_all(args, classifiers, dataset, classnames, device, amp):
+    """Metrics of every classifier on the split (each with its transform), printed."""
+    results = {}
+    for c in classifiers:
+        # A checkpoint's class order may differ from the dataset's: predictions match by name.
+        order = [c.classnames.index(name) for name in classnames]
+        dataset.transform = c.transform
+        metrics = evaluate(lambda x, c=c: c.logits(x)[:, order], dataset, classnames, device,
+                           amp, batch_size=args.batch_size, workers=args.workers, desc=c.label)
+        results[c.label] = {**metrics, "transform": c.transform_name}
+        print(f"\n{c.label} on {'synthetic demo' if args.demo else args.dataset} {args.split} "
+              f"(transform: {c.transform_name}):")
+        print(format_report(metrics))
+    if len(results) > 1:
+        print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR "
+                                            f"{100 * v['uar']:.2f}%" for k, v in results.items()))
+        transforms = {v["transform"] for v in results.values()}
+        if len(transforms) == 1:
+            print(f"(all on the same input transform: {transforms.pop()})")
+    return results
+
+
 @torch.no_grad()
-def predict_images(args, runs, model, device, amp):
-    """Class probabilities of each image under each run; optionally MPA-FER's attention overlay."""
+def predict_images(args, classifiers, model, device, amp):
+    """Class probabilities of each image under each classifier; optionally MPA-FER's attention
+    overlay."""
+    for c in classifiers:
+        print(f"[{c.label}] input transform: {c.transform_name}")
     outputs = {}
     for path in args.image:
         image = load_image(path)
-        for label, logits_fn, transform, classnames in runs:
-            x = transform(image).unsqueeze(0).to(device)
+        for c in classifiers:
+            x = c.transform(image).unsqueeze(0).to(device)
             with autocast(device, amp):
-                logits = logits_fn(x).float()
+                logits = c.logits(x).float()
             probs = logits.softmax(dim=-1)[0]
-            ranked = sorted(zip(classnames, probs.tolist()), key=lambda t: -t[1])
-            print(f"{path} [{label}]: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in ranked))
-            outputs.setdefault(path, {})[label] = dict(ranked)
+            ranked = sorted(zip(c.classnames, probs.tolist()), key=lambda t: -t[1])
+            print(f"{path} [{c.label}]: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in ranked))
+            outputs.setdefault(path, {})[c.label] = dict(ranked)
         if args.attention_png and model is not None:
-            with autocast(device, amp):
-                out = model(runs[0][2](image).unsqueeze(0).to(device))
-            if out.attention is None:
-                sys.exit("this checkpoint has no global-local alignment (global_local = False): no attention to draw")
-            predicted = int(out.logits.argmax())
-            grid = model.clip.visual.input_resolution // model.clip.visual.patch_size
-            target = args.attention_png if len(args.image) == 1 else \
-                f"{os.path.splitext(args.attention_png)[0]}-{os.path.splitext(os.path.basename(path))[0]}.png"
-            draw_attention(image.resize((max(grid * 16, 224),) * 2), out.attention[0, predicted].float().cpu(), grid, target)
-            print(f"wrote {target} (attention of '{model.classnames[predicted]}')")
+            draw_attention_of(args, model, classifiers[0].transform, image, path, device, amp)
     if args.json:
         atomic_write_json(outputs, args.json)
     return outputs
+
+
+def draw_attention_of(args, model, transform, image, path, device, amp):
+    """--attention-png: the global-local attention of the predicted class over the face."""
+    with autocast(device, amp):
+        out = model(transform(image).unsqueeze(0).to(device))
+    if out.attention is None:
+        sys.exit("this checkpoint has no global-local alignment (global_local = False): no "
+                 "attention to draw")
+    predicted = int(out.logits.argmax())
+    grid = model.clip.visual.input_resolution // model.clip.visual.patch_size
+    stem = os.path.splitext(os.path.basename(path))[0]
+    target = (args.attention_png if len(args.image) == 1
+              else f"{os.path.splitext(args.attention_png)[0]}-{stem}.png")
+    draw_attention(image.resize((max(grid * 16, 224),) * 2),
+                   out.attention[0, predicted].float().cpu(), grid, target)
+    print(f"wrote {target} (attention of '{model.classnames[predicted]}')")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train MPA-FER prompts on a frozen CLIP (or an Exp-CLIP head on cached features).
 
-    python train.py --demo                                   # synthetic faces, tiny CLIP, ~2 min on CPU
-    python train.py --dataset rafdb --data-root data/RAF-DB  # the reported RAF-DB recipe, ViT-B/16
+    python train.py --demo                                   # synthetic faces, tiny CLIP, CPU
+    python train.py --dataset rafdb --data-root data/RAF-DB  # the reported RAF-DB recipe
     python train.py --dataset ferplus --data-root data/FERPlus --clip ViT-L/14 --amp bf16
     python train.py --resume runs/rafdb/last.pt              # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --dataset affectnet7 --data-root data/AffectNet
@@ -10,19 +10,22 @@
 Every field of TrainConfig and MPAFERConfig is a command-line flag (`--help` lists them).
 Precedence: defaults < dataset preset < --demo < flags you give. The resolved configuration is
 printed, saved as config.json in --out, and stored in every checkpoint.
+
+The file reads top to bottom: configuration, the run's set-up, CLIP and data, model and
+prototypes, optimiser, the epoch loop (one training step is `mpafer.engine.train_step`),
+evaluation and saving, and the final report.
 """
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
-from typing import get_args, get_type_hints
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -32,91 +35,118 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from mpafer import clip
-from mpafer.checkpoint import check_compatible, load_checkpoint, make_checkpoint, save_checkpoint
-from mpafer.data import ClassBalancedSampler, build_dataset, eval_transform, format_class_counts, train_transform
+from mpafer.checkpoint import check_compatible, load_checkpoint, make_checkpoint
+from mpafer.data import (
+    ClassBalancedSampler,
+    build_dataset,
+    eval_transform,
+    format_class_counts,
+    train_transform,
+)
 from mpafer.demo import demo_clip_path, demo_datasets
-from mpafer.engine import AMP_CHOICES, autocast, configure_cuda, evaluate, resolve_amp, setup_distributed
+from mpafer.engine import (
+    AMP_CHOICES,
+    build_mpafer,
+    configure_cuda,
+    evaluate,
+    grad_scaler,
+    resolve_amp,
+    setup_distributed,
+    train_step,
+    trainable_parameters,
+)
 from mpafer.metrics import format_report
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
-from mpafer.utils import atomic_write_json, run_cli
+from mpafer.utils import atomic_save, atomic_write_json, run_cli
+
+# -- configuration -------------------------------------------------------------------------------
 
 
 @dataclass
 class TrainConfig:
-    method: str = "mpafer"          # mpafer | expclip
-    dataset: str = "rafdb"          # rafdb | affectnet7 | affectnet8 | ferplus | folder
-    data_root: str = "data/RAF-DB"
-    clip: str = "ViT-B/16"          # CLIP name (downloaded to --weights) or path; --demo: "" = the tiny demo CLIP
-    weights: str = "weights"        # CLIP downloads and the prototype cache
-    descriptions: str = ""          # class descriptions JSON (default: the shipped one)
-    out: str = ""                   # output folder (default runs/<dataset>)
-    epochs: int = 120
-    batch_size: int = 32
-    lr: float = 0.032
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0      # linear warm-up, then cosine decay to 0 (per step)
-    grad_clip: float = 1.0          # max gradient norm (0 = off)
-    workers: int = min(4, os.cpu_count() or 1)  # DataLoader workers per process
-    amp: str = "auto"               # auto | bf16 | fp16 | off
-    seed: int = 1
-    device: str = ""                # default: cuda if available, else cpu
-    resume: str = ""                # a last.pt to continue from
-    demo: bool = False
-    demo_train_per_class: int = 200  # synthetic faces per class (--demo)
-    demo_test_per_class: int = 60
-    stop_after: int = 0             # stop after this epoch (0 = never), e.g. to fit a job's time limit; resume later
-    eval_split: str = "test"        # split evaluated every epoch and used to pick best.pt
-    eval_every: int = 1
-    balanced_sampler: bool = False  # class-balanced sampling (AffectNet)
-    samples_per_epoch: int = 0      # with the balanced sampler; 0 = the training set's size
-    prototypes_per_class: int = 0   # 0 = every training image
-    skip_bad_images: bool = False
-    log_interval: int = 20          # steps between loss syncs (progress bar, NaN check)
-    grad_checkpointing: bool = False  # recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)
-    compile: bool = False           # torch.compile the image tower (CUDA; first steps are slow)
-    features: str = ""              # Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`
+    method: str = field(default="mpafer", metadata={"help": "mpafer | expclip"})
+    dataset: str = field(default="rafdb", metadata={
+        "help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"})
+    data_root: str = field(default="data/RAF-DB")
+    clip: str = field(default="ViT-B/16", metadata={
+        "help": "CLIP name (downloaded to --weights) or path; --demo: \"\" = the tiny demo CLIP"})
+    weights: str = field(default="weights", metadata={
+        "help": "CLIP downloads and the prototype cache"})
+    descriptions: str = field(default="", metadata={
+        "help": "class descriptions JSON (default: the shipped one)"})
+    out: str = field(default="", metadata={"help": "output folder (default runs/<dataset>)"})
+    epochs: int = field(default=120)
+    batch_size: int = field(default=32)
+    lr: float = field(default=0.032)
+    momentum: float = field(default=0.9)
+    weight_decay: float = field(default=5e-4)
+    warmup_epochs: float = field(default=1.0, metadata={
+        "help": "linear warm-up, then cosine decay to 0 (per step)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
+        "help": "DataLoader workers per process"})
+    amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
+    seed: int = field(default=1)
+    device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
+    resume: str = field(default="", metadata={"help": "a last.pt to continue from"})
+    demo: bool = field(default=False)
+    demo_train_per_class: int = field(default=200, metadata={
+        "help": "synthetic faces per class (--demo)"})
+    demo_test_per_class: int = field(default=60)
+    stop_after: int = field(default=0, metadata={
+        "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
+                "resume later"})
+    eval_split: str = field(default="test", metadata={
+        "help": "split evaluated every epoch and used to pick best.pt"})
+    eval_every: int = field(default=1)
+    balanced_sampler: bool = field(default=False, metadata={
+        "help": "class-balanced sampling (AffectNet)"})
+    samples_per_epoch: int = field(default=0, metadata={
+        "help": "with the balanced sampler; 0 = the training set's size"})
+    prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
+    skip_bad_images: bool = field(default=False)
+    log_interval: int = field(default=20, metadata={
+        "help": "steps between loss syncs (progress bar, NaN check)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the image tower (CUDA; first steps are slow)"})
+    features: str = field(default="", metadata={
+        "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
 
 
 # Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
 PRESETS = {
     "rafdb": dict(data_root="data/RAF-DB", epochs=120, batch_size=32, lr=0.032),
-    "affectnet7": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-                       prototypes_per_class=2000),
-    "affectnet8": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-                       prototypes_per_class=2000),
+    "affectnet7": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                       samples_per_epoch=64000, prototypes_per_class=2000),
+    "affectnet8": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                       samples_per_epoch=64000, prototypes_per_class=2000),
     "ferplus": dict(data_root="data/FERPlus", epochs=40, eval_split="val"),
     "folder": dict(data_root="data/faces", epochs=50),
 }
-DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0, amp="off", out="runs/demo")
+DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
+            amp="off", out="runs/demo")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
-EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1, out="runs/expclip")
+EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1,
+               out="runs/expclip")
+LOSS_PARTS = ("loss", "cls", "ta", "pa", "v")
 
 
-# -- configuration -------------------------------------------------------------------------------
-
-def field_comments(cls) -> dict:
-    """The `# comment` after each field in a dataclass's source: its --help text."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, _, comment = line.partition("#")
-        if ":" in name and comment and name.startswith("    ") and not name.strip().startswith(("def", '"')):
-            comments[name.split(":")[0].strip()] = comment.strip()
-    return comments
-
-
-def add_fields(parser, cls, group):
-    hints, comments = get_type_hints(cls), field_comments(cls)
+def add_fields(cls, group):
+    """One flag per dataclass field; its help is the field's `metadata["help"]`."""
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         kind = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
         flag = "--" + f.name.replace("_", "-")
-        text = comments.get(f.name, "")
+        text = f.metadata.get("help", "")
         text = text if "default" in text else f"{text} (default {f.default!r})".strip()
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
         else:
             choices = AMP_CHOICES if f.name == "amp" else None
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
@@ -125,9 +155,10 @@ def add_fields(parser, cls, group):
 
 def parse_config(argv=None):
     """-> (TrainConfig, MPAFERConfig, the model fields given on the command line)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_fields(parser, TrainConfig, parser.add_argument_group("training"))
-    add_fields(parser, MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fields(TrainConfig, parser.add_argument_group("training"))
+    add_fields(MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
     given = vars(parser.parse_args(argv))
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in given.items() if k in train_keys}
@@ -152,7 +183,7 @@ def parse_config(argv=None):
     return cfg, MPAFERConfig(**model), model
 
 
-# -- helpers -----------------------------------------------------------------------------------
+# -- seeds, learning-rate schedule, log -------------------------------------------------------
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -163,7 +194,8 @@ def seed_everything(seed: int):
 def rng_state():
     """RNG states for the record in last.pt (resume does not need them: every epoch re-seeds
     from (seed, epoch), which is what makes a resumed run repeat an uninterrupted one)."""
-    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+    return {"python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -190,21 +222,370 @@ class Logger:
                 f.write(message + "\n")
 
 
+@dataclass
+class Run:
+    """Where and how this process trains: settings, process rank, device, precision, log."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    amp: Optional[torch.dtype]
+    log: Logger
+    resume: Optional[dict]  # the checkpoint resumed from, if any
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out, name)
+
+
+@dataclass
+class Training:
+    """What the epoch loop works on, made by the steps below."""
+    model: MPAFER
+    forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    loader: DataLoader
+    loader_rng: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    eval_set: torch.utils.data.Dataset
+    classnames: List[str]
+    descriptions: Optional[Dict]
+
+    def eval_logits(self, images):
+        return self.model(images).logits
+
+
+# -- Exp-CLIP ----------------------------------------------------------------------------------
+
 def run_expclip(cfg: TrainConfig):
+    """Train an Exp-CLIP head on a feature file (CLIP and teacher features, cached)."""
     from mpafer.expclip import train_head_from_file
     if not cfg.features:
-        sys.exit("--method expclip needs --features FILE (make it with `python -m mpafer.expclip cache` "
-                 "and `python -m mpafer.expclip teacher`)")
+        sys.exit("--method expclip needs --features FILE (make it with `python -m mpafer.expclip "
+                 "cache` and `python -m mpafer.expclip teacher`)")
     os.makedirs(cfg.out, exist_ok=True)
     log = Logger(cfg.out, True)
-    metadata = train_head_from_file(cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
-                                    log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    metadata = train_head_from_file(
+        cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
+        log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, seed=cfg.seed)
     with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in metadata["history"])
 
 
-# -- main --------------------------------------------------------------------------------------
+# -- MPA-FER: the run's set-up -------------------------------------------------------------------
+
+def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig, model_overrides: Dict):
+    """Processes, seeds, precision, the checkpoint resumed from, the log -> (Run, MPAFERConfig)."""
+    rank, world, device = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)  # prompt initialisation; each epoch re-seeds from (seed, epoch)
+    if device.type == "cuda":
+        configure_cuda()
+    amp = resolve_amp(cfg.amp, device)
+    resume = load_checkpoint(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        if "resume" not in resume:
+            sys.exit(f"{cfg.resume} has no training state (best.pt is for evaluation; resume "
+                     "from last.pt)")
+        if model_overrides:
+            print(f"note: --resume keeps the checkpoint's model configuration; ignoring "
+                  f"{sorted(model_overrides)}")
+        model_cfg = MPAFERConfig.from_dict(resume["config"])
+    os.makedirs(cfg.out, exist_ok=True)
+    run = Run(cfg, rank, world, device, amp, Logger(cfg.out, rank == 0), resume)
+    if cfg.demo:
+        run.log("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
+                "numbers say the\npipeline works end to end; they say nothing about real facial "
+                "expression data.\n" + "=" * 78)
+    config = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict()}
+    run.log(f"config: {json.dumps(config)}")
+    if run.master:
+        atomic_write_json(config, run.path("config.json"))
+    return run, model_cfg
+
+
+# -- CLIP and data -----------------------------------------------------------------------------
+
+def load_clip(run: Run):
+    """The frozen CLIP -> (model, name); the demo uses its pre-trained tiny CLIP unless --clip."""
+    name = run.cfg.clip
+    if not name:
+        if run.master:
+            demo_clip_path(run.cfg.weights, log=run.log)  # pre-trained once, then cached
+        if run.world > 1:
+            dist.barrier()
+        name = demo_clip_path(run.cfg.weights, log=run.log)
+    clip_model, _ = clip.load(name, device=run.device, download_root=run.cfg.weights)
+    return clip_model, name
+
+
+def build_data(run: Run, resolution: int):
+    """-> (training set with augmentation, evaluation set with CLIP's preprocessing)."""
+    cfg = run.cfg
+    if cfg.demo:
+        train_set, eval_set = demo_datasets(resolution, train_transform(resolution),
+                                            eval_transform(resolution),
+                                            cfg.demo_train_per_class, cfg.demo_test_per_class)
+    else:
+        options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
+        train_set = build_dataset(cfg.dataset, cfg.data_root, "train",
+                                  train_transform(resolution), **options)
+        eval_set = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split,
+                                 eval_transform(resolution), **options)
+    run.log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
+    run.log(f"{cfg.eval_split}: {len(eval_set)} images")
+    return train_set, eval_set
+
+
+# -- model and prototypes ------------------------------------------------------------------------
+
+def build_model(run: Run, clip_model, clip_name: str, classnames: List[str],
+                model_cfg: MPAFERConfig):
+    """Frozen CLIP + prompts; hard prompts from the LLM descriptions -> (model, descriptions)."""
+    if run.resume is not None:
+        descriptions = run.resume.get("descriptions")
+    elif model_cfg.soft_hard_alignment and model_cfg.hard_prompt_template == 3:
+        descriptions = load_descriptions(classnames, run.cfg.descriptions or None)
+    else:
+        descriptions = None
+    model = build_mpafer(clip_model, classnames, descriptions, model_cfg,
+                         run.cfg.grad_checkpointing, run.cfg.compile).to(run.device)
+    trainable = model.num_trainable_parameters()
+    frozen = sum(p.numel() for p in clip_model.parameters())
+    run.log(f"MPA-FER on CLIP {clip_name}: {trainable:,} trainable parameters "
+            f"({trainable / 1e6:.3f} M); CLIP frozen ({frozen:,})")
+    return model, descriptions
+
+
+def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
+    """Class prototypes for L_v from the training images (eval transform), computed once on
+    rank 0, cached on disk under a key of everything they depend on, broadcast to all ranks."""
+    cfg = run.cfg
+    proto_view = copy.copy(train_set)  # same images, eval transform
+    proto_view.transform = eval_transform(resolution)
+    key = {"clip_sha256": model.clip.checkpoint_sha256,
+           "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
+           "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",
+           "images": len(train_set), "transform": repr(proto_view.transform),
+           "per_class": cfg.prototypes_per_class, "classes": list(train_set.classnames)}
+    prototypes = None
+    if run.master:
+        loader = DataLoader(proto_view, batch_size=128, num_workers=cfg.workers,
+                            pin_memory=run.device.type == "cuda")
+        prototypes = cached_prototypes(
+            os.path.join(cfg.weights, "prototypes"), key,
+            lambda: compute_prototypes(model, loader, per_class=cfg.prototypes_per_class or None),
+            log=run.log)
+    if run.world > 1:
+        box = [prototypes]
+        dist.broadcast_object_list(box, src=0)
+        prototypes = box[0]
+    model.set_prototypes(prototypes.to(run.device))
+
+
+# -- optimiser -----------------------------------------------------------------------------------
+
+def make_train_loader(run: Run, train_set):
+    """-> (loader, its generator). Balanced, distributed or plain random sampling; batches are
+    dropped at the end so every step has the same size."""
+    cfg = run.cfg
+    if cfg.balanced_sampler:
+        sampler = ClassBalancedSampler(train_set.targets, cfg.samples_per_epoch or None,
+                                       cfg.seed, run.rank, run.world)
+    elif run.world > 1:
+        sampler = DistributedSampler(train_set, run.world, run.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    else:
+        sampler = RandomSampler(train_set, generator=torch.Generator())
+    loader_rng = torch.Generator()
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
+                        drop_last=True, generator=loader_rng)
+    if len(loader) == 0:
+        sys.exit(f"the training set ({len(train_set)} images over {run.world} processes) is "
+                 f"smaller than one batch of {cfg.batch_size}; lower --batch-size")
+    return loader, loader_rng
+
+
+def make_optimizer(run: Run, model: MPAFER, steps_per_epoch: int):
+    """SGD with momentum; linear warm-up then cosine decay, per step; GradScaler for fp16 only."""
+    cfg = run.cfg
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
+    return optimizer, scheduler, grad_scaler(run.device, run.amp)
+
+
+def restore(run: Run, t: Training):
+    """Load the resumed run's state into the model and optimiser -> (start epoch, best so far).
+
+    A fresh run starts a new metrics.jsonl; a resumed one drops the lines of epochs it redoes.
+    """
+    metrics_path = run.path("metrics.jsonl")
+    if run.resume is None:
+        if run.master and os.path.isfile(metrics_path):
+            os.remove(metrics_path)
+        return 0, {"war": -1.0, "epoch": 0}
+    check_compatible(run.resume, run.cfg.resume, t.model.clip, t.classnames)
+    t.model.load_trainable_state_dict(run.resume["state_dict"])
+    state = run.resume["resume"]
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    start_epoch, best = run.resume["epoch"], state["best"]
+    run.log(f"resumed from {run.cfg.resume} after epoch {start_epoch} "
+            f"(best WAR {100 * best['war']:.2f}%)")
+    if run.master and os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    return start_epoch, best
+
+
+# -- the epoch loop ------------------------------------------------------------------------------
+
+def seed_epoch(run: Run, t: Training, epoch: int):
+    """Everything random in an epoch derives from (seed, epoch): resuming repeats it exactly."""
+    seed = run.cfg.seed * 1000 + epoch
+    seed_everything(seed)
+    t.loader_rng.manual_seed(seed)
+    sampler = t.loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler):
+        sampler.generator.manual_seed(seed)
+
+
+def stop_on_nan(run: Run, totals: torch.Tensor, epoch: int, step: int):
+    if torch.isfinite(totals).all():
+        return
+    run.log(f"stopping: the loss became {totals[0].item()} in epoch {epoch + 1} (step {step}). "
+            f"Nothing was saved for this epoch; the last good checkpoint is "
+            f"{run.path('last.pt')}. Try a lower --lr, --amp bf16/off, or --grad-clip.")
+    if run.world > 1:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+def train_one_epoch(run: Run, t: Training, epoch: int):
+    """-> (mean loss parts over the epoch and all processes, seconds)."""
+    cfg, device = run.cfg, run.device
+    seed_epoch(run, t, epoch)
+    t.forward.train()
+    steps = len(t.loader)
+    running = torch.zeros(len(LOSS_PARTS), device=device)  # summed over steps, on the device
+    start = time.time()
+    bar = tqdm(t.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.master,
+               leave=False)
+    for step, (images, labels) in enumerate(bar, 1):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss, parts = train_step(t.model, images, labels, t.optimizer, t.scaler, run.amp,
+                                 cfg.grad_clip, forward=t.forward)
+        t.scheduler.step()
+        running += torch.stack([loss.float(), *[parts[k].float() for k in LOSS_PARTS[1:]]])
+        if step % cfg.log_interval == 0 or step == steps:  # the only host syncs of the step
+            synced = running.clone()
+            if run.world > 1:
+                dist.all_reduce(synced)
+            stop_on_nan(run, synced, epoch, step)
+            mean = (synced / (step * run.world)).tolist()
+            speed = step * cfg.batch_size * run.world / (time.time() - start)
+            bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(LOSS_PARTS, mean)},
+                            img_s=f"{speed:.0f}")
+    return dict(zip(LOSS_PARTS, mean)), time.time() - start
+
+
+# -- evaluation and saving -----------------------------------------------------------------------
+
+def save_epoch(run: Run, t: Training, epoch: int, summary: Dict, best: Dict, is_best: bool):
+    """last.pt (resumable) every epoch, best.pt when the evaluation improved; both atomic."""
+    train_cfg = dataclasses.asdict(run.cfg)
+    resume_state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                    "scaler": t.scaler.state_dict(), "rng": rng_state(), "best": best}
+    atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg,
+                                resume_state), run.path("last.pt"))
+    if is_best:
+        atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg),
+                    run.path("best.pt"))
+
+
+def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: float,
+                      best: Dict, metrics: Dict):
+    """Evaluate (every --eval-every epochs and at the end), save, log -> (best, last metrics)."""
+    cfg = run.cfg
+    images_per_second = len(t.loader) * cfg.batch_size * run.world / seconds
+    evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+    if evaluated:
+        t.model.eval()
+        metrics = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
+                           batch_size=2 * cfg.batch_size, workers=cfg.workers)
+    record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
+              "war": metrics.get("war") if evaluated else None,
+              "uar": metrics.get("uar") if evaluated else None,
+              "images_per_second": images_per_second, "seconds": seconds}
+    is_best = evaluated and metrics["war"] > best["war"]
+    if is_best:
+        best = {"war": metrics["war"], "uar": metrics["uar"], "epoch": epoch + 1}
+    if run.master:
+        keys = ("war", "uar", "per_class_recall", "confusion")
+        save_epoch(run, t, epoch, {k: metrics[k] for k in keys} if evaluated else {}, best,
+                   is_best)
+        with open(run.path("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    scores = (f"{cfg.eval_split} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%"
+              f"  (best {100 * best['war']:.2f}% @ {best['epoch']})" if evaluated else "")
+    run.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls "
+            f"{losses['cls']:.3f} ta {losses['ta']:.3f} pa {losses['pa']:.3f} v "
+            f"{losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
+            f"{images_per_second:.0f} img/s  {seconds:.0f}s")
+    return best, metrics
+
+
+def train_epochs(run: Run, t: Training, start_epoch: int, best: Dict):
+    """The epoch loop -> (best, last evaluation, whether --stop-after ended it early)."""
+    cfg, metrics = run.cfg, {}
+    for epoch in range(start_epoch, cfg.epochs):
+        losses, seconds = train_one_epoch(run, t, epoch)
+        best, metrics = evaluate_and_save(run, t, epoch, losses, seconds, best, metrics)
+        if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
+            run.log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
+                    f"--resume {run.path('last.pt')}")
+            return best, metrics, True
+    return best, metrics, False
+
+
+def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, resolution: int):
+    """The final evaluation, best.pt on the test split if another split chose it, file list."""
+    cfg = run.cfg
+    if metrics and not stopped:
+        run.log(f"\nfinal {cfg.eval_split} evaluation (epoch {cfg.epochs}):\n"
+                f"{format_report(metrics)}")
+    if cfg.eval_split != "test" and best["epoch"] > 0 and not cfg.demo and not stopped:
+        # Model selection used another split: report the best checkpoint on the test split too.
+        t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
+        t.model.eval()
+        test_set = build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
+        test = evaluate(t.eval_logits, test_set, t.classnames, run.device, run.amp,
+                        batch_size=2 * cfg.batch_size, workers=cfg.workers)
+        run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
+    run.log(f"\ncheckpoints: {run.path('best.pt')} (best {cfg.eval_split} WAR "
+            f"{100 * best['war']:.2f}% at epoch {best['epoch']}), {run.path('last.pt')}\n"
+            f"logs: {run.path('log.txt')}, {run.path('metrics.jsonl')}, config: "
+            f"{run.path('config.json')}")
+    if cfg.demo:
+        run.log(f"evaluate it again with: python eval.py --demo --checkpoint "
+                f"{run.path('best.pt')}\n(DEMO on synthetic data: see the README for training "
+                "on RAF-DB, AffectNet or FERPlus.)")
+
+
+# -- main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg, model_cfg, model_overrides = parse_config(argv)
@@ -213,226 +594,32 @@ def main(argv=None):
     if cfg.method != "mpafer":
         sys.exit(f"--method must be mpafer or expclip, got {cfg.method!r}")
 
-    rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    seed_everything(cfg.seed)  # prompt initialisation; each epoch re-seeds from (seed, epoch)
-    if device.type == "cuda":
-        configure_cuda()
-    amp_dtype = resolve_amp(cfg.amp, device)
-    resume = load_checkpoint(cfg.resume) if cfg.resume else None
-    if resume is not None:
-        if "resume" not in resume:
-            sys.exit(f"{cfg.resume} has no training state (best.pt is for evaluation; resume from last.pt)")
-        if model_overrides:
-            print(f"note: --resume keeps the checkpoint's model configuration; ignoring {sorted(model_overrides)}")
-        model_cfg = MPAFERConfig.from_dict(resume["config"])
-    os.makedirs(cfg.out, exist_ok=True)
-    log = Logger(cfg.out, master)
-    if cfg.demo:
-        log("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These numbers say the\n"
-            "pipeline works end to end; they say nothing about real facial expression data.\n" + "=" * 78)
-    log(f"config: {json.dumps({'train': dataclasses.asdict(cfg), 'model': model_cfg.to_dict()})}")
-    if master:
-        atomic_write_json({"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict()},
-                          os.path.join(cfg.out, "config.json"))
-
-    # CLIP, frozen; the demo uses its pre-trained tiny CLIP unless --clip was given.
-    clip_name = cfg.clip
-    if not clip_name:
-        if master:
-            demo_clip_path(cfg.weights, log=log)  # pre-trained once, then cached
-        if world > 1:
-            dist.barrier()
-        clip_name = demo_clip_path(cfg.weights, log=log)
-    clip_model, _ = clip.load(clip_name, device=device, download_root=cfg.weights)
-    if cfg.grad_checkpointing:
-        clip_model.set_grad_checkpointing(True)
-    if cfg.compile:
-        clip_model.visual.compile()
+    run, model_cfg = start_run(cfg, model_cfg, model_overrides)
+    clip_model, clip_name = load_clip(run)
     resolution = clip_model.visual.input_resolution
-
-    # Data.
-    if cfg.demo:
-        train_set, eval_set = demo_datasets(resolution, train_transform(resolution), eval_transform(resolution),
-                                            cfg.demo_train_per_class, cfg.demo_test_per_class)
-    else:
-        options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
-        train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_transform(resolution), **options)
-        eval_set = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, eval_transform(resolution), **options)
+    train_set, eval_set = build_data(run, resolution)
     classnames = list(train_set.classnames)
-    log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
-    log(f"{cfg.eval_split}: {len(eval_set)} images")
-
-    # Model: frozen CLIP + prompts; hard prompts from the LLM descriptions.
-    needs_descriptions = model_cfg.soft_hard_alignment and model_cfg.hard_prompt_template == 3
-    descriptions = (resume or {}).get("descriptions") if resume else (
-        load_descriptions(classnames, cfg.descriptions or None) if needs_descriptions else None)
-    model = MPAFER(clip_model, classnames, descriptions, model_cfg).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"MPA-FER on CLIP {clip_name}: {model.num_trainable_parameters():,} trainable parameters "
-        f"({model.num_trainable_parameters() / 1e6:.3f} M); CLIP frozen ({sum(p.numel() for p in clip_model.parameters()):,})")
-
+    model, descriptions = build_model(run, clip_model, clip_name, classnames, model_cfg)
     if model_cfg.prototype_alignment:
-        proto_view = copy.copy(train_set)  # same images, eval transform
-        proto_view.transform = eval_transform(resolution)
-        key = {"clip_sha256": clip_model.checkpoint_sha256, "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
-               "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train", "images": len(train_set),
-               "transform": repr(proto_view.transform), "per_class": cfg.prototypes_per_class, "classes": classnames}
-        prototypes = None
-        if master:
-            loader = DataLoader(proto_view, batch_size=128, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-            prototypes = cached_prototypes(
-                os.path.join(cfg.weights, "prototypes"), key,
-                lambda: compute_prototypes(model, loader, per_class=cfg.prototypes_per_class or None), log=log)
-        if world > 1:
-            box = [prototypes]
-            dist.broadcast_object_list(box, src=0)
-            prototypes = box[0]
-        model.set_prototypes(prototypes.to(device))
-
-    # Optimisation: SGD, warm-up + cosine per step, GradScaler only for fp16.
-    if cfg.balanced_sampler:
-        sampler = ClassBalancedSampler(train_set.targets, cfg.samples_per_epoch or None, cfg.seed, rank, world)
-    elif world > 1:
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    else:
-        sampler = RandomSampler(train_set, generator=torch.Generator())
-    loader_rng = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=device.type == "cuda", drop_last=True, generator=loader_rng)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        sys.exit(f"the training set ({len(train_set)} images over {world} processes) is smaller than one batch "
-                 f"of {cfg.batch_size}; lower --batch-size")
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
-        round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, best = 0, {"war": -1.0, "epoch": 0}
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if resume is not None:
-        check_compatible(resume, cfg.resume, clip_model, classnames)
-        model.load_trainable_state_dict(resume["state_dict"])
-        state = resume["resume"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = resume["epoch"], state["best"]
-        log(f"resumed from {cfg.resume} after epoch {start_epoch} (best WAR {100 * best['war']:.2f}%)")
-        if master and os.path.isfile(metrics_path):  # drop lines of epochs that will be redone
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    elif master and os.path.isfile(metrics_path):
-        os.remove(metrics_path)
-
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      broadcast_buffers=False) if world > 1 else model
-    eval_logits = lambda images: model(images).logits  # noqa: E731
-    eval_kwargs = dict(batch_size=2 * cfg.batch_size, workers=cfg.workers)
+        set_prototypes(run, model, train_set, resolution)
+    loader, loader_rng = make_train_loader(run, train_set)
+    optimizer, scheduler, scaler = make_optimizer(run, model, len(loader))
+    t = Training(model, model, loader, loader_rng, optimizer, scheduler, scaler, eval_set,
+                 classnames, descriptions)
+    start_epoch, best = restore(run, t)
+    if run.world > 1:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        t.forward = DDP(model, device_ids=device_ids, broadcast_buffers=False)
     if cfg.demo and start_epoch == 0:
         model.eval()
-        before = evaluate(eval_logits, eval_set, classnames, device, amp_dtype, **eval_kwargs)
-        log(f"before training (random prompts): WAR {100 * before['war']:.2f}%  UAR {100 * before['uar']:.2f}%  "
-            f"(chance {100 / len(classnames):.1f}%)")
+        before = evaluate(t.eval_logits, eval_set, classnames, run.device, run.amp,
+                          batch_size=2 * cfg.batch_size, workers=cfg.workers)
+        run.log(f"before training (random prompts): WAR {100 * before['war']:.2f}%  UAR "
+                f"{100 * before['uar']:.2f}%  (chance {100 / len(classnames):.1f}%)")
 
-    # -- the loop ---------------------------------------------------------------------------
-    metrics, stopped = {}, False
-    for epoch in range(start_epoch, cfg.epochs):
-        # Everything random in an epoch derives from (seed, epoch): resuming repeats it exactly.
-        seed_everything(cfg.seed * 1000 + epoch)
-        loader_rng.manual_seed(cfg.seed * 1000 + epoch)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        elif isinstance(sampler, RandomSampler):
-            sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
-        train_model.train()
-        running = torch.zeros(5, device=device)  # total, cls, ta, pa, v
-        start = time.time()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master, leave=False)
-        for step, (images, labels) in enumerate(bar, 1):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
-                output = train_model(images)
-                loss, parts = model.loss(output, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            running += torch.stack([loss.detach().float(), *[parts[k].float() for k in ("cls", "ta", "pa", "v")]])
-            if step % cfg.log_interval == 0 or step == steps_per_epoch:  # the only host syncs of the step
-                synced = running.clone()
-                if world > 1:
-                    dist.all_reduce(synced)
-                if not torch.isfinite(synced).all():
-                    log(f"stopping: the loss became {synced[0].item()} in epoch {epoch + 1} (step {step}). "
-                        f"Nothing was saved for this epoch; the last good checkpoint is {os.path.join(cfg.out, 'last.pt')}. "
-                        f"Try a lower --lr, --amp bf16/off, or --grad-clip.")
-                    if world > 1:
-                        dist.destroy_process_group()
-                    sys.exit(1)
-                mean = (synced / (step * world)).tolist()
-                bar.set_postfix(loss=f"{mean[0]:.3f}", cls=f"{mean[1]:.3f}", ta=f"{mean[2]:.3f}", pa=f"{mean[3]:.3f}",
-                                v=f"{mean[4]:.3f}", img_s=f"{step * cfg.batch_size * world / (time.time() - start):.0f}")
-        seconds = time.time() - start
-        losses = dict(zip(("loss", "cls", "ta", "pa", "v"), mean))
-        images_per_second = steps_per_epoch * cfg.batch_size * world / seconds
-
-        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-        if evaluated:
-            model.eval()
-            metrics = evaluate(eval_logits, eval_set, classnames, device, amp_dtype, **eval_kwargs)
-        record = {"epoch": epoch + 1, **losses, "lr": scheduler.get_last_lr()[0],
-                  "war": metrics.get("war") if evaluated else None, "uar": metrics.get("uar") if evaluated else None,
-                  "images_per_second": images_per_second, "seconds": seconds}
-        is_best = evaluated and metrics["war"] > best["war"]
-        if is_best:
-            best = {"war": metrics["war"], "uar": metrics["uar"], "epoch": epoch + 1}
-        if master:
-            summary = {k: metrics[k] for k in ("war", "uar", "per_class_recall", "confusion")} if evaluated else {}
-            train_cfg = dataclasses.asdict(cfg)
-            resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(), "rng": rng_state(), "best": best}
-            save_checkpoint(make_checkpoint(model, descriptions, epoch + 1, summary, train_cfg, resume_state),
-                            os.path.join(cfg.out, "last.pt"))
-            if is_best:
-                save_checkpoint(make_checkpoint(model, descriptions, epoch + 1, summary, train_cfg),
-                                os.path.join(cfg.out, "best.pt"))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        scores = (f"{cfg.eval_split} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
-                  f"(best {100 * best['war']:.2f}% @ {best['epoch']})" if evaluated else "")
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls {losses['cls']:.3f} ta {losses['ta']:.3f} "
-            f"pa {losses['pa']:.3f} v {losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
-            f"{images_per_second:.0f} img/s  {seconds:.0f}s")
-        if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
-            log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with --resume "
-                f"{os.path.join(cfg.out, 'last.pt')}")
-            stopped = True
-            break
-
-    if metrics and not stopped:
-        log(f"\nfinal {cfg.eval_split} evaluation (epoch {cfg.epochs}):\n{format_report(metrics)}")
-    if cfg.eval_split != "test" and best["epoch"] > 0 and not cfg.demo and not stopped:
-        # Model selection used another split: report the best checkpoint on the test split too.
-        model.load_trainable_state_dict(load_checkpoint(os.path.join(cfg.out, "best.pt"))["state_dict"])
-        model.eval()
-        test_set = build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
-        test = evaluate(eval_logits, test_set, classnames, device, amp_dtype, **eval_kwargs)
-        log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
-    log(f"\ncheckpoints: {os.path.join(cfg.out, 'best.pt')} (best {cfg.eval_split} WAR "
-        f"{100 * best['war']:.2f}% at epoch {best['epoch']}), {os.path.join(cfg.out, 'last.pt')}\n"
-        f"logs: {os.path.join(cfg.out, 'log.txt')}, {metrics_path}, config: {os.path.join(cfg.out, 'config.json')}")
-    if cfg.demo:
-        log(f"evaluate it again with: python eval.py --demo --checkpoint {os.path.join(cfg.out, 'best.pt')}\n"
-            "(DEMO on synthetic data: see the README for training on RAF-DB, AffectNet or FERPlus.)")
-    if world > 1:
+    best, metrics, stopped = train_epochs(run, t, start_epoch, best)
+    report(run, t, best, metrics, stopped, resolution)
+    if run.world > 1:
         dist.destroy_process_group()
 
 

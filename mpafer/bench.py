@@ -1,18 +1,19 @@
-"""Benchmarks that print ratios measured side by side in one run (DESIGN.md section 7).
+"""Benchmarks of the speed targets, printing ratios measured side by side in one run.
 
-    python -m mpafer.bench                      # all: clip, train, eval, memory (ViT-B/16, random weights)
-    python -m mpafer.bench clip                 # vendored CLIP towers vs nn.MultiheadAttention reference
+    python -m mpafer.bench                      # all: clip, train, eval, memory (ViT-B/16)
+    python -m mpafer.bench clip                 # vendored CLIP towers vs the reference
     python -m mpafer.bench train eval --repeats 3
     python -m mpafer.bench --shape tiny --train-batch 4 --eval-batch 4 --repeats 2   # a quick check
     python -m mpafer.bench --json bench.json    # also write the figures as JSON
 
 Sub-benchmarks (each ratio compares two timings taken interleaved in one run):
-  clip    vendored image/text towers vs the `nn.MultiheadAttention` reference  (clip_ratio <= 1.0)
+  clip    vendored image/text towers vs the `nn.MultiheadAttention` reference
+                                                                        (clip_ratio <= 1.0)
   train   a full MPA-FER training step (all losses, SGD with momentum, gradient clipping) vs the
           unavoidable part: prompted image tower + C-prompt text tower, forward and backward to
-          the prompts of a trivial scalar loss                                 (train_step_ratio <= 1.15)
+          the prompts of a trivial scalar loss                    (train_step_ratio <= 1.15)
   eval    MPA-FER prediction per image vs zero-shot CLIP per image, both with cached text
-          features                                                             (eval_ratio <= 1.10)
+          features                                                (eval_ratio <= 1.10)
   memory  peak memory of a training step (CUDA: max_memory_allocated; CPU: peak RSS of a fresh
           process), trainable parameter count, checkpoint size
 
@@ -26,30 +27,36 @@ towers) and --compile (torch.compile of the image tower, meant for CUDA) apply t
 the train and eval ratios and to the memory figure.
 """
 import argparse
-import ctypes
 import datetime
 import io
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
+from . import measure
 from .clip.model import CLIP
 from .clip.reference import build_reference_model
 from .clip.tokenizer import tokenize
-from .engine import autocast, configure_cuda, resolve_amp
+from .engine import (
+    autocast,
+    build_mpafer,
+    configure_cuda,
+    grad_scaler,
+    resolve_amp,
+    train_step,
+    trainable_parameters,
+)
+from .labels import BASIC_CLASSES
 from .model import MPAFER
 from .prompts import load_descriptions
+from .utils import atomic_write_json
 
 SHAPES = {
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
@@ -62,11 +69,11 @@ SHAPES = {
                  vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                  transformer_heads=1, transformer_layers=2),
 }
-CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+CLASSES = list(BASIC_CLASSES)
 TARGETS = {"clip_ratio": 1.0, "train_step_ratio": 1.15, "eval_ratio": 1.10}
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- a CLIP with random weights -------------------------------------------------------------
 
 def random_clip(shape: str, seed: int = 0) -> CLIP:
     """A frozen fp32 CLIP of a named shape with random weights (nothing downloaded).
@@ -78,121 +85,15 @@ def random_clip(shape: str, seed: int = 0) -> CLIP:
     return CLIP(**SHAPES[shape]).requires_grad_(False).eval()
 
 
-def keep_freed_memory() -> bool:
-    """CPU, glibc only: keep freed memory in the process instead of handing it back to the OS,
-    as PyTorch's CUDA caching allocator does. By default glibc unmaps large freed blocks, so every
-    training step page-faults its gigabytes of activations back in; on a 2-core CPU that was ~20%
-    of a ViT-B/16 step and made the train ratio depend on allocation patterns, not on compute.
-    Returns whether it took effect. (The same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>.)"""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    # mallopt takes an int; -1 becomes SIZE_MAX for the trim threshold: never trim the heap.
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """--amp's dtype: train.py's `--amp auto` on CUDA (bf16 if supported, else fp16), bf16 on CPU."""
-    return resolve_amp("auto" if device.type == "cuda" else "bf16", device)
-
-
-def autocast_for(device: torch.device, amp: bool):
-    return autocast(device, amp_dtype(device) if amp else None)
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
-            warmup: int = 2) -> Dict[str, List[float]]:
-    """Wall times in seconds of each `fn()` over `repeats` rounds, every function once a round.
-
-    Interleaving (in alternating order) makes ratios fair on a shared machine: a burst of load
-    hits both sides of a round. CUDA is synchronised before and after every call.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired_ratio(ours: List[float], baseline: List[float]) -> float:
-    """Median over rounds of ours / baseline, each pair measured back to back."""
-    return statistics.median(a / b for a, b in zip(ours, baseline))
-
-
-def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
-    """CUDA only: how many host-device synchronisations `fn()` makes (CUDA sync debug mode)."""
-    synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux; else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss()
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (monotonic)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-def mib(n: float) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
-
-
 # -- the model and its steps ------------------------------------------------------------------
 
-def build_mpafer(args, device: torch.device) -> MPAFER:
-    """MPA-FER with the default config on a random CLIP, 7 classes, prototypes set."""
-    clip_model = random_clip(args.shape).to(device)
-    if args.grad_checkpointing:
-        clip_model.set_grad_checkpointing(True)
-    if args.compile:
-        clip_model.visual.compile()  # both sides of every ratio share this image tower
-    model = MPAFER(clip_model, CLASSES, load_descriptions(CLASSES))
-    prototypes = torch.randn(len(CLASSES), clip_model.embed_dim, generator=torch.Generator().manual_seed(0))
+def build_model(args, device: torch.device) -> MPAFER:
+    """MPA-FER as train.py builds it (default config, 7 classes) on a random CLIP, with
+    prototypes set."""
+    model = build_mpafer(random_clip(args.shape).to(device), CLASSES, load_descriptions(CLASSES),
+                         grad_checkpointing=args.grad_checkpointing, compile=args.compile)
+    prototypes = torch.randn(len(CLASSES), model.clip.embed_dim,
+                             generator=torch.Generator().manual_seed(0))
     model.set_prototypes(prototypes)
     return model
 
@@ -205,38 +106,24 @@ def random_batch(model: MPAFER, batch: int, device: torch.device):
     return images, labels
 
 
-def make_train_step(model: MPAFER, images, labels, amp: bool) -> Callable[[], torch.Tensor]:
-    """One full MPA-FER training step, as train.py runs it: forward, all losses, backward,
-    gradient clipping 1.0, SGD with momentum (GradScaler only under fp16 autocast)."""
-    device = images.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.032, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+def make_train_step(model: MPAFER, images, labels, amp) -> Callable[[], torch.Tensor]:
+    """One full MPA-FER training step, train.py's own (`engine.train_step`): forward, all losses,
+    backward, gradient clipping 1.0, SGD with momentum with the RAF-DB recipe's settings."""
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.032, momentum=0.9,
+                                weight_decay=5e-4)
+    scaler = grad_scaler(images.device, amp)
     model.train()
-
-    def step():
-        with autocast_for(device, amp):
-            output = model(images)
-            total, _ = model.loss(output, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        return total.detach()  # no .item(): the step never waits for the device
-
-    return step
+    return lambda: train_step(model, images, labels, optimizer, scaler, amp, grad_clip=1.0)[0]
 
 
-def make_unavoidable_step(model: MPAFER, images, amp: bool) -> Callable[[], torch.Tensor]:
+def make_unavoidable_step(model: MPAFER, images, amp) -> Callable[[], torch.Tensor]:
     """The part of a step no prompt method can avoid: the prompted image tower and the C-prompt
     text tower, forward and backward to the same prompts, of a trivial scalar loss."""
     device = images.device
     model.train()
 
     def step():
-        with autocast_for(device, amp):
+        with autocast(device, amp):
             prompts = model.visual_prompts() if model.visual_prompts is not None else None
             image_features = model.clip.encode_image(images, prompts=prompts)
             text_features, _ = model.text_prompts(model.clip)
@@ -259,44 +146,50 @@ def bench_clip(args, device: torch.device) -> Dict[str, float]:
     texts = torch.randint(1, 49406, (args.batch, model.context_length), device=device)
     texts[:, -1] = 49407  # EOT last, so both models read the same position
     out, times = {}, {}
-    with torch.no_grad(), autocast_for(device, args.amp):
+    with torch.no_grad(), autocast(device, args.amp_dtype):
         for tower, inputs in (("image", images), ("text", texts)):
-            t = compare({"ours": lambda: getattr(model, f"encode_{tower}")(inputs),
+            t = measure.compare({"ours": lambda: getattr(model, f"encode_{tower}")(inputs),
                          "ref": lambda: getattr(reference, f"encode_{tower}")(inputs)},
                         device, args.repeats, args.warmup)
             times[tower] = t
             out.setdefault("times", {})[f"clip_{tower}"] = t
             out[f"clip_{tower}_seconds"] = statistics.median(t["ours"])
             out[f"clip_{tower}_reference_seconds"] = statistics.median(t["ref"])
-            out[f"clip_{tower}_ratio"] = paired_ratio(t["ours"], t["ref"])
+            out[f"clip_{tower}_ratio"] = measure.paired_ratio(t["ours"], t["ref"])
     # Both towers together: per round, (image + text) / (reference image + reference text).
-    out["clip_ratio"] = paired_ratio([a + b for a, b in zip(times["image"]["ours"], times["text"]["ours"])],
-                                     [a + b for a, b in zip(times["image"]["ref"], times["text"]["ref"])])
+    both = {side: [a + b for a, b in zip(times["image"][side], times["text"][side])]
+            for side in ("ours", "ref")}
+    out["clip_ratio"] = measure.paired_ratio(both["ours"], both["ref"])
     print(f"clip: towers, batch {args.batch}")
     print(f"  {'tower':<8}{'vendored':>12}{'reference':>12}{'ratio':>8}")
     for tower in ("image", "text"):
         print(f"  {tower:<8}{out[f'clip_{tower}_seconds'] * 1e3:>10.1f}ms"
-              f"{out[f'clip_{tower}_reference_seconds'] * 1e3:>10.1f}ms{out[f'clip_{tower}_ratio']:>8.3f}")
-    print(f"  {'both':<32}{out['clip_ratio']:>8.3f}   (target <= {TARGETS['clip_ratio']})", flush=True)
+              f"{out[f'clip_{tower}_reference_seconds'] * 1e3:>10.1f}ms"
+              f"{out[f'clip_{tower}_ratio']:>8.3f}")
+    print(f"  {'both':<32}{out['clip_ratio']:>8.3f}   (target <= {TARGETS['clip_ratio']})",
+          flush=True)
     return out
 
 
 def bench_train(args, device: torch.device) -> Dict[str, float]:
     """A full MPA-FER training step vs the unavoidable tower passes, same prompts, same batch."""
-    model = build_mpafer(args, device)
+    model = build_model(args, device)
     images, labels = random_batch(model, args.train_batch, device)
-    full = make_train_step(model, images, labels, args.amp)
-    unavoidable = make_unavoidable_step(model, images, args.amp)
-    t = compare({"full": full, "unavoidable": unavoidable}, device, args.repeats, args.warmup)
+    full = make_train_step(model, images, labels, args.amp_dtype)
+    unavoidable = make_unavoidable_step(model, images, args.amp_dtype)
+    t = measure.compare({"full": full, "unavoidable": unavoidable}, device, args.repeats,
+                        args.warmup)
     out = {"train_step_seconds": statistics.median(t["full"]),
            "train_unavoidable_seconds": statistics.median(t["unavoidable"]),
-           "train_step_ratio": paired_ratio(t["full"], t["unavoidable"]), "times": {"train": t}}
+           "train_step_ratio": measure.paired_ratio(t["full"], t["unavoidable"]),
+           "times": {"train": t}}
     if device.type == "cuda":
-        out["train_step_host_syncs"] = count_host_syncs(full, device)
+        out["train_step_host_syncs"] = measure.count_host_syncs(full, device)
     print(f"train: step, batch {args.train_batch}")
     print(f"  MPA-FER step {out['train_step_seconds'] * 1e3:.1f}ms, "
           f"unavoidable {out['train_unavoidable_seconds'] * 1e3:.1f}ms, "
-          f"ratio {out['train_step_ratio']:.3f}   (target <= {TARGETS['train_step_ratio']})", flush=True)
+          f"ratio {out['train_step_ratio']:.3f}   (target <= {TARGETS['train_step_ratio']})",
+          flush=True)
     if "train_step_host_syncs" in out:
         print(f"  host-device synchronisations in a step: {out['train_step_host_syncs']}")
     return out
@@ -304,29 +197,31 @@ def bench_train(args, device: torch.device) -> Dict[str, float]:
 
 def bench_eval(args, device: torch.device) -> Dict[str, float]:
     """MPA-FER prediction vs zero-shot CLIP per image, both with text features computed once."""
-    model = build_mpafer(args, device).eval()
+    model = build_model(args, device).eval()
     images, _ = random_batch(model, args.eval_batch, device)
     clip_model = model.clip
-    with torch.no_grad(), autocast_for(device, args.amp):
+    with torch.no_grad(), autocast(device, args.amp_dtype):
         model.text_features()  # fills the cache
-        tokens = tokenize([f"a photo of a person making a facial expression of {c}." for c in CLASSES])
-        zero_shot_text = F.normalize(clip_model.encode_text(tokens.to(device)).float(), dim=-1)  # [C, D]
+        tokens = tokenize([f"a photo of a person making a facial expression of {c}."
+                           for c in CLASSES]).to(device)
+        zero_shot_text = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)  # [C, D]
 
     @torch.no_grad()
     def mpafer_predict():
-        with autocast_for(device, args.amp):
+        with autocast(device, args.amp_dtype):
             return model(images).logits.argmax(dim=-1)
 
     @torch.no_grad()
     def zero_shot_predict():
-        with autocast_for(device, args.amp):
+        with autocast(device, args.amp_dtype):
             features = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # [B, D]
             return (clip_model.logit_scale.exp() * features @ zero_shot_text.t()).argmax(dim=-1)
 
-    t = compare({"mpafer": mpafer_predict, "zero_shot": zero_shot_predict}, device, args.repeats, args.warmup)
+    t = measure.compare({"mpafer": mpafer_predict, "zero_shot": zero_shot_predict}, device,
+                        args.repeats, args.warmup)
     out = {"eval_seconds_per_image": statistics.median(t["mpafer"]) / args.eval_batch,
            "eval_zero_shot_seconds_per_image": statistics.median(t["zero_shot"]) / args.eval_batch,
-           "eval_ratio": paired_ratio(t["mpafer"], t["zero_shot"]), "times": {"eval": t}}
+           "eval_ratio": measure.paired_ratio(t["mpafer"], t["zero_shot"]), "times": {"eval": t}}
     print(f"eval: per image, batch {args.eval_batch}")
     print(f"  MPA-FER {out['eval_seconds_per_image'] * 1e3:.2f}ms, zero-shot CLIP "
           f"{out['eval_zero_shot_seconds_per_image'] * 1e3:.2f}ms, ratio {out['eval_ratio']:.3f}"
@@ -337,28 +232,32 @@ def bench_eval(args, device: torch.device) -> Dict[str, float]:
 def memory_in_process(args, device: torch.device) -> Dict[str, object]:
     """Peak memory of a training step in this process (CUDA: a second step, after a warm-up one;
     CPU: peak RSS over two steps, since RSS peaks cannot be reset)."""
-    model = build_mpafer(args, device)
+    model = build_model(args, device)
     images, labels = random_batch(model, args.train_batch, device)
-    step = make_train_step(model, images, labels, args.amp)
+    step = make_train_step(model, images, labels, args.amp_dtype)
     buffer = io.BytesIO()
     torch.save(model.trainable_state_dict(), buffer)
-    out = {"trainable_params": model.num_trainable_parameters(), "checkpoint_bytes": buffer.getbuffer().nbytes}
+    out = {"trainable_params": model.num_trainable_parameters(),
+           "checkpoint_bytes": buffer.getbuffer().nbytes}
     if device.type == "cuda":
         step()  # warm-up: optimizer state, cuDNN autotuning, compilation
-        synchronize(device)
+        measure.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
-        synchronize(device)
-        out.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device), memory_before_step_bytes=before,
-                   peak_memory_kind="torch.cuda.max_memory_allocated of a training step after a warm-up step")
+        measure.synchronize(device)
+        out.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
+                   memory_before_step_bytes=before,
+                   peak_memory_kind="torch.cuda.max_memory_allocated of a training step after a "
+                                    "warm-up step")
     else:
-        before = current_rss()
+        before = measure.current_rss()
         for _ in range(2):
             step()
-        out.update(peak_memory_bytes=peak_rss(), memory_before_step_bytes=before,
-                   peak_memory_kind="peak RSS of a process that built the model and ran two training steps")
+        out.update(peak_memory_bytes=measure.peak_rss(), memory_before_step_bytes=before,
+                   peak_memory_kind="peak RSS of a process that built the model and ran two "
+                                    "training steps")
     return out
 
 
@@ -373,16 +272,17 @@ def bench_memory(args, device: torch.device) -> Dict[str, object]:
     else:
         out = memory_in_subprocess(args)
     print(f"memory: training step, batch {args.train_batch}")
-    print(f"  peak {mib(out['peak_memory_bytes'])} ({out['peak_memory_kind']}); "
-          f"{mib(out['memory_before_step_bytes'])} before the first step")
-    print(f"  trainable parameters {out['trainable_params']:,}, checkpoint {out['checkpoint_bytes']:,} bytes",
-          flush=True)
+    print(f"  peak {measure.mib(out['peak_memory_bytes'])} ({out['peak_memory_kind']}); "
+          f"{measure.mib(out['memory_before_step_bytes'])} before the first step")
+    print(f"  trainable parameters {out['trainable_params']:,}, checkpoint "
+          f"{out['checkpoint_bytes']:,} bytes", flush=True)
     return out
 
 
 def memory_in_subprocess(args) -> Dict[str, object]:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    python_path = [package_root, os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, python_path)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory.json")
         command = [sys.executable, "-m", "mpafer.bench", "memory", "--in-process", "--json", path,
@@ -392,11 +292,13 @@ def memory_in_subprocess(args) -> Dict[str, object]:
         command += ["--grad-checkpointing"] * args.grad_checkpointing + ["--compile"] * args.compile
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"the memory benchmark's process failed ({' '.join(command)}):\n{done.stderr}")
+            raise RuntimeError(f"the memory benchmark's process failed ({' '.join(command)}):\n"
+                               f"{done.stderr}")
         with open(path) as f:
             results = json.load(f)
-    return {k: results[k] for k in ("peak_memory_bytes", "memory_before_step_bytes", "peak_memory_kind",
-                                    "trainable_params", "checkpoint_bytes")}
+    keys = ("peak_memory_bytes", "memory_before_step_bytes", "peak_memory_kind",
+            "trainable_params", "checkpoint_bytes")
+    return {k: results[k] for k in keys}
 
 
 BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "memory": bench_memory}
@@ -404,7 +306,8 @@ BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "mem
 
 def print_summary(results: Dict[str, object]):
     s = results["settings"]
-    extras = [name for name, on in (("glibc keeps freed memory", results["malloc_keeps_freed_memory"]),
+    extras = [name for name, on in (("glibc keeps freed memory",
+                                     results["malloc_keeps_freed_memory"]),
                                     ("grad checkpointing", s["grad_checkpointing"]),
                                     ("torch.compile", s["compile"])) if on]
     print(f"\nMPA-FER benchmark: {s['shape']} (random weights), {results['device']}, "
@@ -418,35 +321,42 @@ def print_summary(results: Dict[str, object]):
             ok = "ok" if results[key] <= TARGETS[key] else "MISSED"
             print(f"  {label:<58}{results[key]:>7.3f}   target <= {TARGETS[key]:.2f}  {ok}")
     if s["shape"] == "tiny" and any(key in results for key, _ in rows):
-        print("  (tiny shape: per-operation overhead dominates; the targets are meant for real shapes)")
+        print("  (tiny shape: per-operation overhead dominates; the targets are meant for real "
+              "shapes)")
     if "peak_memory_bytes" in results:
         print(f"  {'peak memory of a training step (batch ' + str(s['train_batch']) + ')':<58}"
-              f"{mib(results['peak_memory_bytes']):>12}")
+              f"{measure.mib(results['peak_memory_bytes']):>12}")
         print(f"  {'trainable parameters':<58}{results['trainable_params']:>12,}")
-        print(f"  {'checkpoint size (trainable state dict)':<58}{results['checkpoint_bytes']:>12,} bytes")
+        print(f"  {'checkpoint size (trainable state dict)':<58}"
+              f"{results['checkpoint_bytes']:>12,} bytes")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", metavar="BENCHMARK",
                         help=f"sub-benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
-    parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES), help="CLIP shape (random weights)")
+    parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES),
+                        help="CLIP shape (random weights)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the CLIP tower comparison")
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--eval-batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 1 on CPU, 3 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up calls (default: 1 on CPU, 3 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="autocast (default: on for CUDA, off on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing in both CLIP towers (train and memory)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the image tower (train, eval, memory; meant for CUDA)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
-                        help="CPU/glibc: keep freed memory in the process, as CUDA's caching allocator "
-                             "does, so timings measure compute, not page faults (default: on for CPU)")
+                        help="CPU/glibc: keep freed memory in the process, as CUDA's caching "
+                             "allocator does, so timings measure compute, not page faults "
+                             "(default: on for CPU)")
     parser.add_argument("--in-process", action="store_true",
                         help="memory: measure in this process, not a fresh one (CPU peak RSS then "
                              "includes whatever ran before)")
@@ -458,17 +368,23 @@ def main(argv=None):
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     device = torch.device(args.device)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
+    # The package's precision policy: train.py's `--amp auto` on CUDA, bf16 when asked on CPU.
+    args.amp_dtype = resolve_amp(("auto" if device.type == "cuda" else "bf16") if args.amp
+                                 else "off", device)
     args.warmup = (3 if device.type == "cuda" else 1) if args.warmup is None else args.warmup
-    args.keep_freed_memory = device.type == "cpu" if args.keep_freed_memory is None else args.keep_freed_memory
-    kept = keep_freed_memory() if args.keep_freed_memory else False
+    if args.keep_freed_memory is None:
+        args.keep_freed_memory = device.type == "cpu"
+    kept = measure.keep_freed_memory() if args.keep_freed_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         configure_cuda()  # TF32 and cuDNN autotuning, as train.py sets them
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "in_process")},
-               "device": device_name(device), "device_type": device.type,
-               "amp_dtype": str(amp_dtype(device)).replace("torch.", "") if args.amp else None,
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": kept,
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "in_process", "amp_dtype")}
+    results = {"settings": settings, "device": measure.device_name(device),
+               "device_type": device.type,
+               "amp_dtype": str(args.amp_dtype).replace("torch.", "") if args.amp else None,
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "malloc_keeps_freed_memory": kept,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "targets": TARGETS}
     results["times"] = {}  # every timing in seconds, per round, for who wants more than medians
@@ -478,8 +394,7 @@ def main(argv=None):
         results.update(out)
     print_summary(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_json(results, args.json)
     return results
 
 

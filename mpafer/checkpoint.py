@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
 None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
-unpickling are refused before anything in them runs. Writes are atomic.
+unpickling are refused before anything in them runs. Save one with `mpafer.utils.atomic_save`
+(temporary file, then rename), as train.py does.
 
     format            "mpafer-checkpoint/1"
     method            "mpafer"
@@ -18,15 +19,17 @@ unpickling are refused before anything in them runs. Writes are atomic.
 from typing import Dict, Optional, Sequence
 
 from .clip.loading import safe_load
+from .clip.model import check_same_clip
 from .model import MPAFER, MPAFERConfig
 from .prompts import descriptions_hash
-from .utils import atomic_save
 
 FORMAT = "mpafer-checkpoint/1"
 
 
 def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
                     train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
+    """The checkpoint dict of `model` (see the module docstring); save it with
+    `mpafer.utils.atomic_save`."""
     clip_model = model.clip
     checkpoint = {
         "format": FORMAT,
@@ -34,8 +37,8 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
         "config": model.config.to_dict(),
         "train_config": train_config or {},
         "classnames": list(model.classnames),
-        "clip": {"name": getattr(clip_model, "checkpoint_name", None),
-                 "sha256": getattr(clip_model, "checkpoint_sha256", None)},
+        "clip": {"name": clip_model.checkpoint_name,
+                 "sha256": clip_model.checkpoint_sha256},
         "descriptions": descriptions,
         "descriptions_sha256": descriptions_hash(descriptions),
         "state_dict": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
@@ -47,31 +50,26 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
     return checkpoint
 
 
-def save_checkpoint(checkpoint: Dict, path: str):
-    atomic_save(checkpoint, path)
-
-
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
     checkpoint = safe_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected {FORMAT!r})")
+        found = (checkpoint.get("format") if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected "
+                         f"{FORMAT!r})")
     return checkpoint
 
 
-def check_compatible(checkpoint: Dict, path: str, clip_model=None, classnames: Optional[Sequence[str]] = None,
-                     allow_other_clip: bool = False):
+def check_compatible(checkpoint: Dict, path: str, clip_model=None,
+                     classnames: Optional[Sequence[str]] = None, allow_other_clip: bool = False):
     """Clear errors when the request does not match what the checkpoint was trained with."""
     if classnames is not None and list(classnames) != checkpoint["classnames"]:
-        raise ValueError(f"{path} was trained on classes {checkpoint['classnames']}, but the requested "
-                         f"data has classes {list(classnames)}")
-    trained = checkpoint["clip"].get("sha256")
-    given = getattr(clip_model, "checkpoint_sha256", None)
-    if clip_model is not None and trained and given and trained != given and not allow_other_clip:
-        raise ValueError(f"{path} was trained on CLIP {checkpoint['clip'].get('name')!r} (SHA-256 {trained[:12]}...), "
-                         f"but the loaded CLIP {getattr(clip_model, 'checkpoint_name', '?')!r} has SHA-256 "
-                         f"{given[:12]}...; pass the matching --clip (or --allow-other-clip to force it)")
+        raise ValueError(f"{path} was trained on classes {checkpoint['classnames']}, but the "
+                         f"requested data has classes {list(classnames)}")
+    if clip_model is not None and not allow_other_clip:
+        check_same_clip(checkpoint["clip"], clip_model, path,
+                        "pass the matching --clip (or --allow-other-clip to force it)")
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:

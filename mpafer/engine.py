@@ -1,7 +1,8 @@
-"""What train.py and eval.py share: devices, mixed precision, distributed setup, evaluation."""
+"""What train.py, eval.py and the benchmark share: devices, the mixed-precision policy, the
+model builder, the training step, distributed setup, evaluation."""
 import contextlib
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .metrics import confusion_matrix, summarize
+from .model import MPAFER, MPAFERConfig
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -18,6 +20,11 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+# -- mixed precision: the one policy of the package -----------------------------------------
+# Weights always stay fp32; speed comes from autocast. On CUDA, bf16 where the GPU supports it,
+# else fp16 (then with a GradScaler, since fp16 gradients underflow); on CPU, fp32 unless bf16
+# is asked for. Code that autocasts picks its dtype with `resolve_amp` and enters `autocast`.
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for `--amp`: auto = bf16 on CUDA when supported, else fp16; off on CPU."""
@@ -33,9 +40,15 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """`torch.autocast` in `dtype` on `device`; no autocast when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """A GradScaler that scales only under fp16 autocast (a no-op for bf16 and fp32)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def configure_cuda():
@@ -45,13 +58,57 @@ def configure_cuda():
     torch.backends.cudnn.benchmark = True
 
 
+# -- the model and its training step ----------------------------------------------------------
+
+def build_mpafer(clip_model, classnames: Sequence[str], descriptions: Optional[Dict] = None,
+                 config: Optional[MPAFERConfig] = None, grad_checkpointing: bool = False,
+                 compile: bool = False) -> MPAFER:
+    """MPA-FER on a frozen CLIP, with the CLIP's memory and speed options: activation
+    checkpointing in both towers (less memory, one extra forward) and `torch.compile` of the
+    image tower (meant for CUDA; the first steps are slow)."""
+    if grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
+    if compile:
+        clip_model.visual.compile()
+    return MPAFER(clip_model, classnames, descriptions, config)
+
+
+def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None):
+    """One MPA-FER training step -> (total loss, loss parts), detached, still on the device.
+
+    Forward and all losses under autocast, backward (scaled under fp16), gradient clipping to
+    `grad_clip` (0 = off) over the optimiser's parameters, optimiser step. `forward` runs the
+    model (default `model`; train.py passes its DistributedDataParallel wrapper). The step
+    never waits for the device: read the losses when you need them (that is a sync).
+    """
+    with autocast(images.device, amp):
+        output = (forward or model)(images)
+        loss, parts = model.loss(output, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), parts
+
+
 # -- distributed -------------------------------------------------------------------------------
 
 def setup_distributed(device_name: Optional[str] = None):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, resolve_device(device_name)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local)

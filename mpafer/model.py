@@ -10,8 +10,14 @@ from . import losses
 from .alignment import LEARNABLE_NEEDS_TEMPERATURE, GlobalLocalAlignment
 from .clip.model import CLIP
 from .clip.tokenizer import tokenize
-from .prompts import (TextPromptLearner, VisualPromptLearner, build_hard_prompts, crop_to_longest,
-                      eot_positions, pooled_word_embeddings)
+from .prompts import (
+    TextPromptLearner,
+    VisualPromptLearner,
+    build_hard_prompts,
+    crop_to_longest,
+    eot_positions,
+    pooled_word_embeddings,
+)
 
 
 def _field(default, text: str):

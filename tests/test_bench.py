@@ -30,7 +30,7 @@ def test_bench_tiny_writes_json_with_the_required_figures(tmp_path, capsys):
     assert len(results["times"]["train"]["full"]) == 2 and all(t > 0 for t in results["times"]["eval"]["mpafer"])
 
 
-def test_bench_with_grad_checkpointing_in_process(tmp_path):
+def test_bench_with_grad_checkpointing_in_process():
     results = bench.main(["train", "memory", "--shape", "tiny", "--train-batch", "2", "--repeats", "1",
                           "--warmup", "0", "--device", "cpu", "--no-keep-freed-memory", "--grad-checkpointing",
                           "--in-process"])

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from mpafer.clip import model as clip_model_module
+from mpafer.labels import BASIC_CLASSES
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from tests.helpers import tiny_clip
 
-CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+CLASSES = list(BASIC_CLASSES)
 
 
 @pytest.fixture

@@ -9,13 +9,35 @@ import pytest
 import torch
 from PIL import Image
 
-from mpafer.data import (AFFECTNET_CLASSES, CANONICAL_CLASSES, RAFDB_CLASSES, AffectNet,
-                         ClassBalancedSampler, FERPlus, FolderDataset, RAFDB, SyntheticFaces,
-                         build_dataset, eval_transform, expclip_transform, ferplus_vote,
-                         format_class_counts, train_transform, write_synthetic_rafdb)
-from tests.fixtures import (rafdb_colour, save_image, write_affectnet_csv,
-                            write_affectnet_per_image, write_corrupt_jpeg, write_ferplus_csvs,
-                            write_ferplus_folder, write_rafdb, write_truncated_jpeg)
+from mpafer.data import (
+    AFFECTNET_CLASSES,
+    CANONICAL_CLASSES,
+    RAFDB,
+    RAFDB_CLASSES,
+    AffectNet,
+    ClassBalancedSampler,
+    FERPlus,
+    FolderDataset,
+    SyntheticFaces,
+    build_dataset,
+    eval_transform,
+    expclip_transform,
+    ferplus_vote,
+    format_class_counts,
+    train_transform,
+)
+from tests.dataset_writers import (
+    rafdb_colour,
+    save_image,
+    write_affectnet_csv,
+    write_affectnet_per_image,
+    write_corrupt_jpeg,
+    write_ferplus_csvs,
+    write_ferplus_folder,
+    write_rafdb,
+    write_synthetic_rafdb,
+    write_truncated_jpeg,
+)
 
 NO_VOTES = [0] * 10
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from mpafer.descriptions import generate as gen
+from mpafer.labels import CANONICAL_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 DESC_DIR = REPO / "mpafer" / "descriptions"
 JSON_FILE = DESC_DIR / "fer_descriptions.json"
 PROMPT_FILE = DESC_DIR / "prompt.txt"
-CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-           "contempt"]
+CLASSES = list(CANONICAL_CLASSES)
 GRANS = ["face", "regions", "muscles"]
 TEMPLATE = "a photo of a person making a facial expression of {}, {}"
 REAL_POST_JSON = gen.post_json

@@ -1,6 +1,6 @@
-"""Exp-CLIP: projection head format, prompt sets, zero-shot logits, InfoNCE, feature files,
-training on planted data, the BLIP-2 teacher logic (tiny random BLIP-2 when transformers is
-installed)."""
+"""Exp-CLIP: projection head format, prompt sets and prompt files, zero-shot logits, InfoNCE,
+feature files, training on planted data, the BLIP-2 teacher logic (tiny random BLIP-2 when
+transformers is installed)."""
 import json
 import math
 import os
@@ -14,12 +14,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import clip
-from mpafer.data import CANONICAL_CLASSES, expclip_transform, load_image
-from mpafer.expclip import (PROMPT_SETS, ProjectionHead, ZeroShotClassifier, add_teacher_features,
-                            build_prompts, cache_image_features, info_nce, load_features, load_head,
-                            main, read_head_metadata, save_head, train_head)
-from mpafer.expclip_teacher import (INSTRUCTION, extract_teacher_features, require_transformers,
-                                    teacher_features_from_model)
+from mpafer.data import expclip_transform, load_image
+from mpafer.expclip import (
+    PROMPT_SETS,
+    ProjectionHead,
+    ZeroShotClassifier,
+    add_teacher_features,
+    build_prompts,
+    cache_image_features,
+    info_nce,
+    load_features,
+    load_head,
+    load_prompt_file,
+    read_head_metadata,
+    save_head,
+    train_head,
+    train_head_from_file,
+)
+from mpafer.expclip.__main__ import main
+from mpafer.expclip.teacher import (
+    INSTRUCTION,
+    extract_teacher_features,
+    require_transformers,
+    teacher_features_from_model,
+)
+from mpafer.labels import CANONICAL_CLASSES
 from tests.helpers import tiny_clip, tiny_state_dict
 
 D = 32  # tiny CLIP's embed_dim
@@ -141,6 +160,61 @@ def test_build_prompts():
         build_prompts("nope", ["fear"])
     with pytest.raises(ValueError, match="anger"):
         build_prompts(custom, ["fear", "anger"])
+
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_prompt_file_per_class_lists_and_shared_templates(tmp_path):
+    per_class = write_text(tmp_path / "official.json", json.dumps({
+        "happiness": ["a photo of a {c} face.", "a clean photo of a person's {} look."],
+        "sadness": "a sad face.",
+        "contempt": ["ignored: not evaluated"]}))
+    assert load_prompt_file(per_class, ["sadness", "happiness"]) == {
+        "sadness": ["a sad face."],
+        "happiness": ["a photo of a happiness face.", "a clean photo of a person's happiness look."]}
+    templates = write_text(tmp_path / "templates.json",
+                           '["an expression of {c}.", "a {} face, {not a placeholder}."]')
+    assert load_prompt_file(templates, ["fear", "anger"]) == {
+        "fear": ["an expression of fear.", "a fear face, {not a placeholder}."],
+        "anger": ["an expression of anger.", "a anger face, {not a placeholder}."]}
+    # A prompt file is a prompt set like any other: by path, in build_prompts and the classifier.
+    assert build_prompts(templates, ["fear"]) == {"fear": ["an expression of fear.",
+                                                           "a fear face, {not a placeholder}."]}
+
+
+def test_prompt_file_logits_equal_hand_computation(tmp_path, model):
+    path = write_text(tmp_path / "p.json", json.dumps({
+        "happiness": ["a happy {c} face.", "joy."], "sadness": "a sad face.",
+        "anger": ["an angry face.", "a furious person.", "{}."]}))
+    expected_prompts = {"happiness": ["a happy happiness face.", "joy."],
+                        "sadness": ["a sad face."],
+                        "anger": ["an angry face.", "a furious person.", "anger."]}
+    head, classnames, x = random_head(), ["sadness", "anger", "happiness"], images(3, seed=2)
+    with torch.no_grad():
+        logits = ZeroShotClassifier(model, classnames, path, head=head)(x)
+    assert torch.allclose(logits, hand_logits(model, head, classnames, expected_prompts, x),
+                          atol=1e-4)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"happiness": ["a",\n "b",,]}', r"bad\.json:2: not valid JSON"),
+    ('42', r"bad\.json: expected a JSON object \{class: \[prompts\]\} or a list of templates"),
+    ('{"happiness": ["x."]}', r"bad\.json: no prompts for class\(es\) \['sadness'\]"),
+    ('{"happiness": ["x."], "sadness": []}', r"bad\.json: class 'sadness' must be a non-empty"),
+    ('{"happiness": ["x."], "sadness": ["y.", 3]}', r"bad\.json: class 'sadness', prompt 2 must"),
+    ('["a {c} face.", "a face."]', r"bad\.json: template 2 'a face\.' has no \{c\} or \{\}"),
+    ('[]', r"bad\.json: the template list must be a non-empty list"),
+    ('["' + "very " * 80 + '{c}."]', r"bad\.json: class 'happiness': text is \d+ tokens long"),
+])
+def test_bad_prompt_files_name_the_file_and_the_problem(tmp_path, text, message):
+    path = write_text(tmp_path / "bad.json", text)
+    with pytest.raises(ValueError, match=message):
+        load_prompt_file(path, ["happiness", "sadness"])
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_prompt_file(str(tmp_path / "nowhere.json"), ["happiness"])
 
 
 # ------------------------------------------------------------------------------ zero-shot
@@ -369,15 +443,19 @@ def test_teacher_features_join_the_feature_file(tmp_path, model, image_folder):
         load_features(str(tmp_path / "missing.pt"))
 
 
-def test_command_line_cache_and_train(tmp_path, image_folder, capsys):
+def test_command_line_cache_then_train_head_from_file(tmp_path, image_folder, capsys):
     clip_path = str(tmp_path / "tiny_clip.pt")
     torch.save(tiny_state_dict(seed=3), clip_path)
     feats = str(tmp_path / "feats.pt")
     main(["cache", "--clip", clip_path, "--images", image_folder, "--out", feats,
           "--workers", "0", "--device", "cpu"])
     add_teacher_features(feats, torch.randn(3, 16), "blip2-test", INSTRUCTION)
+    # Training has one entry point, train.py --method expclip (which calls this function).
+    with pytest.raises(SystemExit):
+        main(["train", "--features", feats, "--out", str(tmp_path / "x.pth")])
+    assert "invalid choice: 'train'" in capsys.readouterr().err
     head_path = str(tmp_path / "head.pth")
-    main(["train", "--features", feats, "--out", head_path, "--batch-size", "2", "--epochs", "2"])
+    train_head_from_file(feats, head_path, batch_size=2, epochs=2)
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "loss" in printed
     head = load_head(head_path, clip.load(clip_path)[0])
@@ -450,10 +528,20 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
 
     # The extractor end to end (images from files, given model and tokenizer: no hub access).
     paths = [write_png(str(tmp_path / f"{i}.png"), i, (40, 30)) for i in range(3)]
-    tokenizer = lambda text, return_tensors: SimpleNamespace(input_ids=ids[None])
+
+    def tokenizer(text, return_tensors):
+        return SimpleNamespace(input_ids=ids[None])
+
     out = extract_teacher_features(paths, model=model, tokenizer=tokenizer, device="cpu",
                                    batch_size=2, num_workers=0, progress=False)
     transform = expclip_transform(32)
     x = torch.stack([transform(load_image(p)) for p in paths])
     with torch.no_grad():
         assert torch.allclose(out, teacher_features_from_model(model, x, ids), atol=1e-5)
+    # The feature file records how the teacher ran, down to its T5 feed-forward activation.
+    _, preprocess = extract_teacher_features(paths, model=model, tokenizer=tokenizer, device="cpu",
+                                             num_workers=0, progress=False,
+                                             return_preprocess=True)
+    activation = model.config.text_config.dense_act_fn
+    assert f"eval mode, T5 feed-forward activation {activation}" in preprocess
+    assert "no normalisation" in preprocess

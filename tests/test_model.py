@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from mpafer import clip, losses
 from mpafer.alignment import GlobalLocalAlignment
 from mpafer.clip.model import CLIP
+from mpafer.labels import BASIC_CLASSES
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import HARD_TEMPLATES, build_hard_prompts, load_descriptions
 from tests.helpers import tiny_clip
 
-CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
+CLASSES = list(BASIC_CLASSES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -258,6 +258,20 @@ def same_clip(a, b) -> Optional[bool]:
     return a.lower() == b.lower()
 
 
+def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
+    """A clear error when `clip_model` is not the CLIP that `source` was trained on.
+
+    trained: `{"name": ..., "sha256": ...}` as recorded at training time. Nothing is checked when
+    either identity is unknown (see `same_clip`). `hint` ends the message: how to load the right
+    CLIP or force another.
+    """
+    if same_clip(trained.get("sha256"), clip_model) is False:
+        raise ValueError(f"{source} was trained on CLIP {trained.get('name')} (SHA-256 "
+                         f"{trained['sha256'][:12]}...), but the loaded CLIP "
+                         f"{clip_model.checkpoint_name or '?'} has SHA-256 "
+                         f"{clip_model.checkpoint_sha256[:12]}...; {hint}")
+
+
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 

@@ -1,1 +1,2 @@
-"""Shipped multi-granularity class descriptions (JSON), their generation prompt and regeneration script."""
+"""Shipped multi-granularity class descriptions (JSON), the prompt that produced them, and the
+script that regenerates them (`python -m mpafer.descriptions.generate`)."""

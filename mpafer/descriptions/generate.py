@@ -15,8 +15,9 @@ strings. The result is written atomically in the same format as the shipped
 ``fer_descriptions.json``, with provenance (the model name the endpoint reports, the exact
 prompt and today's date).
 
-Standard library only. The single network call is :func:`post_json`; :func:`main` and
-:func:`generate` take it as a parameter so that tests can pass a fake.
+The HTTP client is the standard library's urllib. The single network call is
+:func:`post_json`; :func:`main` and :func:`generate` take it as a parameter so that tests can
+pass a fake.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..labels import CANONICAL_CLASSES
+from ..utils import atomic_write_json
+
 FORMAT = "mpafer-descriptions/1"
 GRANULARITIES = ("face", "regions", "muscles")
-CANONICAL_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust",
-                     "fear", "contempt")
 PROMPT_FILE = Path(__file__).with_name("prompt.txt")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4o"
@@ -164,27 +165,6 @@ def build_document(classes: Dict[str, Dict[str, List[str]]], *, model: str, prom
     }
 
 
-def write_json_atomic(doc: dict, out: os.PathLike) -> Path:
-    """Write ``doc`` as UTF-8 JSON via a temporary file in the same folder + os.replace."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return out
-
-
 def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
              prompt: str, post: Optional[PostFn] = None, log=None) -> tuple:
     """Query the endpoint once per class; returns ``(classes_dict, reported_model)``."""
@@ -275,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) ->
         for line in _long_phrases(classes):
             print(f"warning: longer than {MAX_WORDS} words (may not fit CLIP's 77 tokens):"
                   f" {line}", file=sys.stderr)
-        out = write_json_atomic(doc, args.out)
+        atomic_write_json(doc, args.out, ensure_ascii=False)
+        out = Path(args.out)
     except GenerationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,6 @@
-"""Writers for tiny datasets in each official on-disk layout (real image files, real headers)."""
+"""Writers for tiny datasets in each official on-disk layout (real image files, real headers).
+
+Plain functions the tests call (not pytest fixtures); nothing here is part of mpafer."""
 import csv
 import io
 import os
@@ -6,8 +8,13 @@ import os
 import numpy as np
 from PIL import Image
 
+from mpafer.synthetic import SyntheticFaces
+
 AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
                     "facial_landmarks", "expression", "valence", "arousal"]
+# RAF-DB's labels 1..7, written out here (not read from mpafer) so the reader is checked against
+# the format itself.
+RAFDB_LABELS = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 FER2013_HEADER = ["emotion", "pixels", "Usage"]
 FER2013NEW_HEADER = ["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger",
                      "disgust", "fear", "contempt", "unknown", "NF"]
@@ -24,7 +31,7 @@ def save_image(path, colour, size=(40, 40), mode="RGB"):
     return path
 
 
-def jpeg_bytes(colour=(200, 30, 30), size=(64, 64)):
+def jpeg_bytes(size=(64, 64)):
     buffer = io.BytesIO()
     # Noise makes a long entropy-coded stream, so cutting it in half really truncates it.
     pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
@@ -120,4 +127,28 @@ def write_ferplus_folder(root, folder, rows, with_box=True):
         for i, (name, votes) in enumerate(rows):
             writer.writerow([name, "(0, 0, 48, 48)", *votes] if with_box else [name, *votes])
             save_image(os.path.join(root, folder, name), 10 * i, size=(48, 48), mode="L")
+    return root
+
+
+def write_synthetic_rafdb(root, num_per_class_train, num_per_class_test, seed=0, image_size=100):
+    """Write SyntheticFaces to disk in the RAF-DB layout, so the RAF-DB reader reads real faces.
+
+    Writes root/EmoLabel/list_patition_label.txt (RAF-DB label numbering) and
+    root/Image/aligned/<stem>_aligned.jpg (image_size pixels, like RAF-DB's 100x100).
+    Returns root.
+    """
+    root = os.fspath(root)
+    os.makedirs(os.path.join(root, "EmoLabel"), exist_ok=True)
+    os.makedirs(os.path.join(root, "Image", "aligned"), exist_ok=True)
+    lines = []
+    for split, num_per_class in (("train", num_per_class_train), ("test", num_per_class_test)):
+        faces = SyntheticFaces(split, num_per_class, image_size=image_size, seed=seed)
+        for index in range(len(faces)):
+            image, label = faces[index]
+            stem = f"{split}_{index + 1:05d}"
+            image.save(os.path.join(root, "Image", "aligned", f"{stem}_aligned.jpg"), quality=95)
+            raf_label = RAFDB_LABELS.index(faces.classnames[label]) + 1
+            lines.append(f"{stem}.jpg {raf_label}\n")
+    with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w", encoding="utf-8") as f:
+        f.writelines(lines)
     return root

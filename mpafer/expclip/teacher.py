@@ -1,4 +1,4 @@
-"""Exp-CLIP's teacher: BLIP-2 (Flan-T5-XXL) facial-action embeddings (DESIGN.md section 4).
+"""Exp-CLIP's teacher: BLIP-2 (Flan-T5-XXL) facial-action embeddings.
 
 image -> ViT-g -> Q-Former -> 32 query tokens -> `language_projection` to the T5 width (4096),
 concatenated with the embedded instruction `INSTRUCTION`, run through the frozen T5 **encoder
@@ -9,6 +9,27 @@ Needs Hugging Face `transformers` (imported lazily); it is *not* a run-time requ
 mpafer, only of this optional step. Training the head itself needs only the cached features.
 The pure computation is `teacher_features_from_model`, which takes any
 `Blip2ForConditionalGeneration`-like model (the tests use a tiny random one).
+
+How this differs from the released Exp-CLIP code, which ran BLIP-2 through LAVIS inside its
+training loop (the paper does not say; these are choices, not yet measured on real data):
+
+- **Eval mode, computed once.** The released code called `model.train()` on the whole model,
+  so dropout was active in the Q-Former and the T5 encoder (LAVIS keeps only the ViT frozen in
+  eval mode), and every epoch saw freshly drawn, slightly different teacher targets. Here the
+  teacher runs in eval mode, deterministically, and its features are cached once.
+- **The T5 feed-forward's GELU.** LAVIS sets `dense_act_fn = "gelu"` (exact, erf-based GELU)
+  on Flan-T5, whose own config means the tanh approximation (`gelu_new`). This module uses
+  whatever the loaded model's `text_config.dense_act_fn` says (the Hugging Face conversion
+  script of the BLIP-2 checkpoints sets "gelu" too, but check yours); the extractor writes the
+  activation it ran with into the feature file's `teacher_preprocess`.
+- **Precision.** LAVIS ran the ViT in fp16, the Q-Former in fp32 and the T5 in bf16; here the
+  whole model is in one dtype (bf16 on CUDA, fp32 on CPU; fp16 overflows in T5).
+- **Encoder call.** The released code hooked T5's final layer norm during a `generate` call
+  (beam search, then discarded the text); here the encoder is called directly, which gives the
+  same encoder output without decoding.
+- **Input.** Both feed BLIP-2 the same tensor as CLIP: `Resize((224, 224))` + `ToTensor`,
+  un-normalised (BLIP-2 itself was trained on CLIP-normalised images; `normalize=True` does
+  that instead).
 """
 from typing import Optional, Sequence, Union
 
@@ -16,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from ..data.transforms import describe_expclip_transform, expclip_transform
+from .features import ImageFiles
 
 INSTRUCTION = ("Please play the role of a facial action describer. Objectively describe the "
                "detailed facial actions of the person in the image.")
@@ -52,18 +76,22 @@ def teacher_features_from_model(model, pixel_values: torch.Tensor, instruction_i
         instruction_mask = torch.ones_like(instruction_ids)
     instruction_mask = instruction_mask.expand(B, -1).to(pixel_values.device)  # [B, L]
 
-    image_embeds = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state  # [B, N, Wv]
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)  # [B, N]
+    image_embeds = model.vision_model(pixel_values=pixel_values,
+                                      return_dict=True).last_hidden_state  # [B, N, Wv]
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                            device=image_embeds.device)  # [B, N]
     queries = model.query_tokens.expand(B, -1, -1)  # [B, Q, Wq]
     query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=image_mask, return_dict=True).last_hidden_state  # [B, Q, Wq]
+                                 encoder_attention_mask=image_mask,
+                                 return_dict=True).last_hidden_state  # [B, Q, Wq]
     projection = model.language_projection
     query_embeds = projection(query_output.to(projection.weight.dtype))  # [B, Q, H]
 
     language_model = model.language_model
     text_embeds = language_model.get_input_embeddings()(instruction_ids)  # [B, L, H]
     inputs = torch.cat([query_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q + L, H]
-    query_mask = torch.ones(query_embeds.shape[:2], dtype=instruction_mask.dtype, device=inputs.device)  # [B, Q]
+    query_mask = torch.ones(query_embeds.shape[:2], dtype=instruction_mask.dtype,
+                            device=inputs.device)  # [B, Q]
     mask = torch.cat([query_mask, instruction_mask], dim=1)  # [B, Q + L]
     hidden = language_model.get_encoder()(inputs_embeds=inputs, attention_mask=mask,
                                           return_dict=True).last_hidden_state  # [B, Q + L, H]
@@ -76,8 +104,14 @@ def teacher_transform(resolution: int, normalize: bool = False):
     """The teacher's input. The official Exp-CLIP code fed BLIP-2 the same tensor as CLIP:
     `Resize((r, r))` + `ToTensor`, un-normalised; `normalize=True` adds BLIP-2's own
     normalisation (OpenAI CLIP's mean/std)."""
-    from mpafer.data import expclip_transform
     return expclip_transform(resolution, normalize=normalize)
+
+
+def t5_activation(model) -> str:
+    """The activation of the T5 feed-forward blocks the model runs with (see the module
+    docstring: exact "gelu" as in the released code, or the tanh approximation "gelu_new")."""
+    config = getattr(model.config, "text_config", None)
+    return str(getattr(config, "dense_act_fn", "unknown"))
 
 
 @torch.no_grad()
@@ -94,15 +128,14 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
     Flan-T5-XXL BLIP-2 needs about 24 GB of GPU memory in bf16.
     With `return_preprocess`, also returns a description of the image preprocessing.
     """
-    from mpafer.expclip import ImageFiles
-
     transformers = require_transformers()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model is None:
         major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
         dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-        model = transformers.Blip2ForConditionalGeneration.from_pretrained(model_name, **{dtype_kw: dtype})
+        model = transformers.Blip2ForConditionalGeneration.from_pretrained(
+            model_name, **{dtype_kw: dtype})
     if tokenizer is None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
     model = model.to(device).eval()
@@ -119,7 +152,7 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
     features = torch.cat(features)  # [N, H]
     if not return_preprocess:
         return features
-    preprocess = (f"Resize(({resolution}, {resolution})) squash (bilinear), ToTensor, "
-                  + ("CLIP mean/std normalisation" if normalize else "no normalisation")
-                  + f"; {model_name} in {str(dtype).replace('torch.', '')}")
+    preprocess = (f"{describe_expclip_transform(resolution, normalize)}; {model_name} in "
+                  f"{str(dtype).replace('torch.', '')}, eval mode, T5 feed-forward activation "
+                  f"{t5_activation(model)}")
     return features, preprocess

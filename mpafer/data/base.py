@@ -1,0 +1,194 @@
+"""What every dataset reader shares: the `FERDataset` base class, image loading, and the
+checks that turn bad input into clear errors.
+
+A dataset exposes `classnames` (in the dataset's label order), `targets` (list[int]),
+`class_counts()` and `__getitem__ -> (transform(image), label)`, where the image is always an
+RGB PIL image. Label files are parsed once, at construction; per item only the image is read.
+Paths are kept in one numpy array rather than a list of Python strings, so forked DataLoader
+workers do not slowly copy the dataset by touching reference counts.
+
+Bad input never passes silently: a missing root or label file names the path and the
+expected layout, a malformed label line names `file:line`, an unreadable image names its
+path. `skip_bad_images=True` checks every image at construction and drops (and reports)
+the unreadable ones instead.
+"""
+import csv
+import logging
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# ----------------------------------------------------------------------------- errors
+
+def missing_error(path, what, layout):
+    return FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}")
+
+
+def require_file(path, what, layout):
+    if not os.path.isfile(path):
+        raise missing_error(path, what, layout)
+
+
+def require_dir(path, what, layout):
+    if not os.path.isdir(path):
+        raise missing_error(path, what, layout)
+
+
+def check_split(split, valid, dataset_name):
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r} for {dataset_name}; "
+                         f"valid splits: {', '.join(valid)}")
+
+
+def read_csv_rows(path, required_columns):
+    """Yield (line number, row dict) from a CSV file, after checking its header."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [c for c in required_columns if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} "
+                             f"(header is {','.join(header) or '<empty>'})")
+        for row in reader:
+            if not row:  # blank line
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields, "
+                                 f"got {len(row)}")
+            yield reader.line_num, dict(zip(header, row))
+
+
+def parse_int(text, path, line, what):
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{path}:{line}: {what} must be an integer, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path, box=None):
+    """Read an image fully and return it as RGB, optionally cropped to box (x0, y0, x1, y1).
+
+    Any unreadable, truncated or corrupt file raises OSError naming the path. (Truncated
+    images are never padded: we rely on PIL's default LOAD_TRUNCATED_IMAGES = False.)
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if box is not None:
+                image = image.crop(_clamp_box(box, image.size))
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise OSError(f"cannot read image {path}: {error}") from error
+
+
+def _clamp_box(box, size):
+    # Face boxes that stick out of the picture are cut at its border, not padded with black.
+    x0, y0, x1, y1 = (int(v) for v in box)
+    width, height = size
+    x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+    x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
+    return x0, y0, x1, y1
+
+
+class FERDataset(Dataset):
+    """Base class: images listed by path (relative to `root`) with integer labels.
+
+    Subclasses parse their label files and call `_set_items`. Attributes: `classnames`,
+    `targets`, `root`, `transform`, `skipped` (paths dropped by skip_bad_images).
+    """
+
+    classnames = ()
+
+    def __init__(self, root, transform=None):
+        self.root = os.fspath(root)
+        self.transform = transform
+        self.targets = []
+        self.skipped = []
+        self._files = np.array([], dtype=bytes)
+        self._boxes = None
+
+    def _set_items(self, files, targets, boxes=None, skip_bad_images=False, source=None,
+                   layout=""):
+        """Store the parsed items; check that every image is there (and readable if asked).
+
+        files: paths relative to self.root; boxes: optional [N, 4] crop boxes (x0, y0, x1, y1);
+        source: the label file the items came from, for error messages.
+        """
+        paths = [os.path.join(self.root, f) for f in files]
+        source = source or self.root
+        if skip_bad_images:
+            good = _readable_images(paths, boxes)
+            bad = [p for p, ok in zip(paths, good) if not ok]
+            if bad:
+                for path in bad:
+                    logger.warning("skipping unreadable image %s", path)
+                warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(paths)} listed in "
+                              f"{source}; first: {', '.join(bad[:5])}", stacklevel=3)
+            keep = [i for i, ok in enumerate(good) if ok]
+            files = [files[i] for i in keep]
+            targets = [targets[i] for i in keep]
+            boxes = None if boxes is None else [boxes[i] for i in keep]
+            self.skipped = bad
+            if not files:
+                raise ValueError(f"none of the {len(paths)} images listed in {source} is readable")
+        else:
+            # Cheap existence check now, rather than a crash in the middle of epoch 37.
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} image(s) listed in {source} not found, first: "
+                    f"{missing[0]}\nExpected layout:\n{layout.rstrip()}\n"
+                    "(pass skip_bad_images=True to drop missing or unreadable images)")
+        self._files = np.array([f.encode("utf-8") for f in files], dtype=bytes)
+        self.targets = [int(t) for t in targets]
+        self._boxes = None if boxes is None else np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def image_path(self, index):
+        return os.path.join(self.root, self._files[index].decode("utf-8"))
+
+    @property
+    def paths(self):
+        """All image paths, in item order (a fresh list: meant for inspection, not the hot loop)."""
+        return [self.image_path(i) for i in range(len(self))]
+
+    def class_counts(self):
+        return np.bincount(np.asarray(self.targets, dtype=np.int64),
+                           minlength=len(self.classnames)).tolist()
+
+    def load(self, index):
+        """The untransformed RGB PIL image of item `index`."""
+        box = None if self._boxes is None else self._boxes[index]
+        return load_image(self.image_path(index), box)
+
+    def __getitem__(self, index):
+        image = self.load(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def _readable_images(paths, boxes=None):
+    """For each path, whether the image opens and decodes fully."""
+    ok = []
+    for i, path in enumerate(tqdm(paths, desc="checking images", leave=False,
+                                  disable=len(paths) < 2000)):
+        try:
+            load_image(path, None if boxes is None else boxes[i])
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+    return ok

@@ -1,0 +1,46 @@
+"""A class-balanced sampler for imbalanced training sets (AffectNet), DDP-aware."""
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ClassBalancedSampler(Sampler):
+    """Draws indices with replacement, each with probability proportional to 1 / count of
+    its class, so every class is seen equally often (for imbalanced sets like AffectNet).
+
+    The draw depends only on (seed, epoch): call set_epoch(epoch) every epoch. Under DDP
+    every rank makes the same draw and takes the disjoint slice draw[rank::world_size], so
+    it is a drop-in for DistributedSampler. num_samples is the total over all ranks
+    (default len(targets)); len(sampler) is the per-rank count.
+    """
+
+    def __init__(self, targets, num_samples=None, seed=0, rank=0, world_size=1):
+        targets = torch.as_tensor(list(targets), dtype=torch.long)
+        if targets.numel() == 0:
+            raise ValueError("ClassBalancedSampler needs at least one target")
+        if targets.min() < 0:
+            raise ValueError("targets must be non-negative class indices")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
+        counts = torch.bincount(targets).double()
+        self.weights = 1.0 / counts[targets]
+        total = len(targets) if num_samples is None else int(num_samples)
+        if total < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples = math.ceil(total / world_size)  # per rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.world_size,
+                                 replacement=True, generator=generator)
+        return iter(draw[self.rank::self.world_size].tolist())
+
+    def __len__(self):
+        return self.num_samples

@@ -1,0 +1,43 @@
+"""Image transforms: training augmentation, CLIP's evaluation preprocessing, Exp-CLIP's input."""
+from torchvision import transforms as T
+
+from ..clip.transform import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+
+def to_rgb(image):
+    """Convert a PIL image to RGB (a named function, so transforms pickle for spawn workers)."""
+    return image.convert("RGB")
+
+
+def train_transform(resolution):
+    """Training augmentation (our choice where the papers are silent): RandomResizedCrop
+    scale (0.8, 1) bicubic, horizontal flip, CLIP normalisation, RandomErasing p = 0.25."""
+    return T.Compose([
+        to_rgb,
+        T.RandomResizedCrop(resolution, scale=(0.8, 1.0),
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+        T.RandomErasing(p=0.25),
+    ])
+
+
+def eval_transform(resolution):
+    """CLIP's own preprocessing: bicubic short-side resize, centre crop, normalisation."""
+    return clip_preprocess(resolution)
+
+
+def expclip_transform(resolution, normalize=False):
+    """Exp-CLIP's input: squash to (resolution, resolution) and ToTensor, with no mean/std
+    normalisation by default (the released Exp-CLIP heads were trained that way)."""
+    steps = [to_rgb, T.Resize((resolution, resolution)), T.ToTensor()]
+    if normalize:
+        steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))
+    return T.Compose(steps)
+
+
+def describe_expclip_transform(resolution, normalize=False):
+    """`expclip_transform` in words, for feature files and reports."""
+    return (f"Resize(({resolution}, {resolution})) squash (bilinear), ToTensor, "
+            + ("CLIP mean/std normalisation" if normalize else "no normalisation"))

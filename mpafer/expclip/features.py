@@ -1,0 +1,164 @@
+"""Exp-CLIP feature files: CLIP image features of unlabelled faces, cached once, joined later
+by the teacher's embeddings of the same images (CLIP and teacher are frozen, so training the
+head runs on these files alone).
+
+    python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
+    python -m mpafer.expclip teacher --features feats.pt
+"""
+import datetime
+import os
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..clip.loading import safe_load
+from ..data import IMAGE_EXTENSIONS, load_image
+from ..data.transforms import describe_expclip_transform, expclip_transform
+from ..engine import autocast, resolve_amp
+from ..utils import atomic_save
+
+FEATURES_FORMAT = "mpafer.expclip.features/1"
+
+
+def list_images(folder: str) -> List[str]:
+    """Image files under `folder`, recursively (jpg/jpeg/png/bmp/webp), sorted, relative."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder} not found")
+    found = sorted(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                   for root, _, files in os.walk(folder) for name in files
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return found
+
+
+class ImageFiles(Dataset):
+    """Images by path (labels ignored): `transform(RGB PIL image)`; unreadable files raise
+    an error naming the file."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable, root: str = ""):
+        self.paths, self.transform, self.root = list(paths), transform, root
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(os.path.join(self.root, self.paths[i])))
+
+
+def resolve_images(images: Union[str, Sequence[str]]):
+    """A folder (searched recursively) or a list of image files -> (root, relative paths)."""
+    if isinstance(images, (str, os.PathLike)):
+        return os.path.abspath(images), list_images(images)
+    paths = [str(p) for p in images]
+    if not paths:
+        raise ValueError("no image paths given")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) not found, first: {missing[0]}")
+    return "", paths
+
+
+@torch.no_grad()
+def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path: str,
+                         transform: Optional[Callable] = None, normalize: bool = False,
+                         batch_size: int = 128, num_workers: int = 4,
+                         device: Optional[Union[str, torch.device]] = None,
+                         progress: bool = True) -> dict:
+    """Run every image through the frozen CLIP image tower and write a feature file.
+
+    images: a folder (searched recursively for jpg/jpeg/png/bmp/webp; labels and sub-folder
+    names are ignored) or a list of image paths. transform: default Exp-CLIP's input
+    (`Resize((r, r))` squash + `ToTensor`, no normalisation; `normalize=True` adds CLIP's).
+    Autocast on CUDA as `mpafer.engine.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
+    CPU. The model is moved to `device` (default: where it is).
+
+    The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:
+    `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder, else as given),
+    `root`, `clip_name`, `clip_sha256`, `preprocess`, `created`, `format`. Teacher features
+    are added to the same file later (`add_teacher_features`). Returns the dict.
+    """
+    device = torch.device(device) if device is not None else clip_model.logit_scale.device
+    clip_model = clip_model.to(device)
+    resolution = clip_model.visual.input_resolution
+    preprocess = (repr(transform) if transform is not None
+                  else describe_expclip_transform(resolution, normalize))
+    transform = transform or expclip_transform(resolution, normalize=normalize)
+    root, paths = resolve_images(images)
+    loader = DataLoader(ImageFiles(paths, transform, root), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    features = []
+    for batch in tqdm(loader, desc="CLIP image features", unit="batch", disable=not progress):
+        with autocast(device, resolve_amp("auto", device)):
+            features.append(clip_model.encode_image(batch.to(device, non_blocking=True))
+                            .float().cpu())
+    data = {
+        "format": FEATURES_FORMAT,
+        "clip_features": torch.cat(features),  # [N, D]
+        "paths": paths,
+        "root": root,
+        "clip_name": clip_model.checkpoint_name or "",
+        "clip_sha256": clip_model.checkpoint_sha256 or "",
+        "preprocess": preprocess,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_save(data, out_path)
+    return data
+
+
+def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name: str,
+                         instruction: str, preprocess: str = "",
+                         paths: Optional[Sequence[str]] = None) -> dict:
+    """Add `teacher_features [N, E]` (stored fp16: unit vectors computed in bf16, so nothing is
+    lost, at half the size) with `teacher_name`, `instruction` and `teacher_preprocess` to the
+    feature file `path`, rewriting it atomically. `paths`, if given, must be the file's."""
+    data = load_features(path, require_teacher=False)
+    n = data["clip_features"].shape[0]
+    if teacher_features.dim() != 2 or teacher_features.shape[0] != n:
+        raise ValueError(f"{path} holds {n} images but the teacher features have shape "
+                         f"{tuple(teacher_features.shape)} (expected [{n}, E])")
+    if paths is not None and list(paths) != data["paths"]:
+        raise ValueError(f"the teacher features' image paths are not those of {path} "
+                         f"(same images in the same order are required)")
+    data.update(teacher_features=teacher_features.detach().to(torch.float16).cpu(),
+                teacher_name=str(teacher_name), instruction=str(instruction),
+                teacher_preprocess=str(preprocess),
+                teacher_created=datetime.datetime.now().isoformat(timespec="seconds"))
+    atomic_save(data, path)
+    return data
+
+
+def load_features(path: str, require_teacher: bool = True) -> dict:
+    """Read and validate a feature file (see `cache_image_features`); tensors come back fp32."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"feature file {path} not found (make one with "
+                                f"`python -m mpafer.expclip cache`)")
+    data = safe_load(path, "feature file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not an Exp-CLIP feature file (it holds a "
+                         f"{type(data).__name__})")
+    missing = [k for k in ("clip_features", "paths") if k not in data]
+    if missing:
+        raise ValueError(f"{path} is not an Exp-CLIP feature file: missing {missing} "
+                         f"(keys: {sorted(data)})")
+    clip_features = data["clip_features"]
+    if not isinstance(clip_features, torch.Tensor) or clip_features.dim() != 2:
+        raise ValueError(f"{path}: clip_features must be a 2-d tensor [N, D]")
+    n = clip_features.shape[0]
+    if len(data["paths"]) != n:
+        raise ValueError(f"{path}: {n} CLIP feature rows but {len(data['paths'])} image paths")
+    data["clip_features"] = clip_features.float()
+    if "teacher_features" in data:
+        teacher = data["teacher_features"]
+        if not isinstance(teacher, torch.Tensor) or teacher.dim() != 2 or teacher.shape[0] != n:
+            raise ValueError(f"{path}: teacher_features has shape "
+                             f"{tuple(getattr(teacher, 'shape', ()))}, but the file holds {n} "
+                             f"images (expected [{n}, E])")
+        data["teacher_features"] = teacher.float()
+    elif require_teacher:
+        raise ValueError(f"{path} has no teacher_features yet; add them with "
+                         f"`python -m mpafer.expclip teacher --features {path}` "
+                         f"(needs `pip install transformers` and a GPU)")
+    return data

@@ -1,0 +1,118 @@
+"""Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD.
+
+The command is `python train.py --method expclip --features feats.pt` (one training script for
+both methods); it calls `train_head_from_file`.
+"""
+import datetime
+import math
+import os
+import time
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .features import load_features
+from .head import LOGIT_SCALE, ProjectionHead, head_metadata_path, save_head
+
+
+def info_nce(z: torch.Tensor, e: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """Symmetric InfoNCE of Exp-CLIP (the paper's training loss):
+
+        L = 1/2 CE(s * Z E^T, I) + 1/2 CE(s * E Z^T, I)
+
+    z `[N, E]`: projected CLIP image features `Z = norm(W f_I(x))`; e `[N, E]`: teacher
+    embeddings. Both must be L2-normalised already (this function does not normalise, so it
+    is the equation as written). Row i of z and of e come from the same image; the other rows
+    of the batch are the negatives. CE is averaged over the N rows; s = 100.
+    """
+    logits = scale * z @ e.t()  # [N, N]: image i vs teacher j
+    target = torch.arange(z.shape[0], device=z.device)
+    return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.t(), target)
+
+
+def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epochs: int = 5,
+               batch_size: int = 512, lr: float = 1e-3, momentum: float = 0.9,
+               weight_decay: float = 1e-4, seed: int = 1, device: Union[str, torch.device] = "cpu",
+               scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
+    """Train an Exp-CLIP head on cached features -> (head, history).
+
+    clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i; the head's
+    output width is E). SGD(lr, momentum, weight_decay), shuffled batches with `drop_last`
+    from a generator seeded with `seed` (the head's initialisation uses it too; the global RNG
+    is untouched), symmetric InfoNCE (`info_nce`, s = 100) on `Z = norm(W f)`,
+    `E = norm(teacher)`. history: per epoch `{"epoch", "loss", "accuracy"}`, the mean loss and
+    the mean in-batch retrieval accuracy (image -> its own teacher embedding among the batch).
+
+    N < batch_size is an error: with drop_last there would be nothing to train on, and a
+    smaller batch silently changes the contrastive task (fewer negatives).
+    """
+    if clip_features.dim() != 2 or teacher_features.dim() != 2:
+        raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
+                         f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}")
+    n = clip_features.shape[0]
+    if teacher_features.shape[0] != n:
+        raise ValueError(f"{n} CLIP feature rows but {teacher_features.shape[0]} teacher rows")
+    if n < batch_size:
+        raise ValueError(f"{n} training images but batch_size {batch_size}: with drop_last no "
+                         f"batch would be trained; use a smaller --batch-size (at most {n})")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init must not move the global RNG
+        head = ProjectionHead(clip_features.shape[1], teacher_features.shape[1])
+    bound = 1.0 / math.sqrt(head.in_dim)  # nn.Linear's default init, drawn from our generator
+    with torch.no_grad():
+        head.mlp.weight.uniform_(-bound, bound, generator=generator)
+    head = head.to(device).train()
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    steps = n // batch_size
+    history = []
+    for epoch in range(1, epochs + 1):
+        start = time.time()
+        order = torch.randperm(n, generator=generator)
+        total_loss = total_acc = 0.0
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            f = clip_features[idx].to(device).float()  # [B, D]
+            e = F.normalize(teacher_features[idx].to(device).float(), dim=-1)  # [B, E]
+            z = F.normalize(head(f), dim=-1)  # [B, E]
+            loss = info_nce(z, e, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                hits = (z @ e.t()).argmax(dim=1) == torch.arange(len(idx), device=device)
+            total_loss += loss.item()
+            total_acc += hits.float().mean().item()
+        history.append({"epoch": epoch, "loss": total_loss / steps, "accuracy": total_acc / steps})
+        if log is not None:
+            log(f"epoch {epoch}/{epochs}  loss {history[-1]['loss']:.4f}  in-batch retrieval "
+                f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({steps} steps, "
+                f"{time.time() - start:.1f}s)")
+    return head.eval(), history
+
+
+def train_head_from_file(features: str, out: str, device="cpu", log=print, **hparams) -> dict:
+    """Train a head on a feature file and save it (released format + metadata sidecar).
+
+    `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
+    What `train.py --method expclip` runs; returns the metadata written beside the head.
+    """
+    data = load_features(features)
+    log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
+        f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
+        f"features {tuple(data['teacher_features'].shape)}")
+    head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
+                               log=log, **hparams)
+    metadata = {
+        "format": "mpafer.expclip.head/1", "method": "expclip",
+        "clip_name": data.get("clip_name"), "clip_sha256": data.get("clip_sha256"),
+        "teacher_name": data.get("teacher_name"), "instruction": data.get("instruction"),
+        "preprocess": data.get("preprocess"), "features_file": os.path.abspath(features),
+        "num_images": int(data["clip_features"].shape[0]), "hparams": hparams, "history": history,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    save_head(head, out, metadata)
+    log(f"wrote {out} (mlp.weight {tuple(head.mlp.weight.shape)}) and {head_metadata_path(out)}")
+    return metadata

@@ -1,0 +1,128 @@
+"""The package's shape, read from the source with `ast`: the modules people copy stand alone,
+nothing imports in a circle, files and the training script's functions stay small.
+
+Every import counts, also those inside functions (a lazy import in a circle is still a circle).
+"""
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Copied on their own: they may use the vendored CLIP, nothing else of mpafer.
+STANDALONE = ("mpafer.losses", "mpafer.alignment", "mpafer.prompts", "mpafer.clip")
+# Leaves: import nothing from mpafer at all.
+LEAVES = ("mpafer.labels", "mpafer.utils", "mpafer.measure", "mpafer.metrics")
+MAX_MODULE_LINES = 420  # "files stay small": about 400 lines
+MAX_TRAIN_FUNCTION_LINES = 60
+
+
+def module_files():
+    """{module name: path} of every Python file in mpafer/."""
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(REPO, "mpafer")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                modules[".".join(parts)] = path
+    return modules
+
+
+MODULES = module_files()
+
+
+def is_package(name):
+    return MODULES[name].endswith("__init__.py")
+
+
+def imported_modules(name):
+    """The mpafer modules that module `name` imports (`from pkg import sub` -> pkg.sub)."""
+    found = set()
+    tree = ast.parse(open(MODULES[name], encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "mpafer")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = name.split(".") if is_package(name) else name.split(".")[:-1]
+                base = package[:len(package) - (node.level - 1)]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            if base.split(".")[0] != "mpafer":
+                continue
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    unknown = found - set(MODULES)
+    assert not unknown, f"{name} imports {sorted(unknown)}, which are not modules of mpafer"
+    return found
+
+
+GRAPH = {name: imported_modules(name) for name in MODULES}
+
+
+def within(name, roots):
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def test_the_graph_is_read_correctly():
+    # Relative and absolute spellings, packages and modules, lazy imports inside functions.
+    assert "mpafer.clip.model" in GRAPH["mpafer.clip.loading"]
+    assert "mpafer.data.base" in GRAPH["mpafer.data.rafdb"]
+    assert "mpafer.expclip.features" in GRAPH["mpafer.expclip.teacher"]
+    assert "mpafer.clip" in GRAPH["mpafer"] and "mpafer.model" in GRAPH["mpafer"]
+    assert "mpafer.losses" in GRAPH["mpafer.model"]  # `from . import losses`
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if within(m, STANDALONE)])
+def test_copyable_modules_need_only_the_vendored_clip(name):
+    outside = sorted(m for m in GRAPH[name] if not within(m, ("mpafer.clip",)))
+    assert not outside, f"{name} imports {outside}: it must need nothing of mpafer but mpafer.clip"
+
+
+@pytest.mark.parametrize("name", LEAVES)
+def test_leaf_modules_import_nothing_from_mpafer(name):
+    assert not GRAPH[name], f"{name} imports {sorted(GRAPH[name])}"
+
+
+def test_no_import_cycle():
+    state = {}  # name -> "open" while on the current path, "done" after
+
+    def visit(name, path):
+        state[name] = "open"
+        for target in sorted(GRAPH[name]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[name] = "done"
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_a_planted_cycle_is_found(monkeypatch):
+    # The cycle check itself works: make mpafer.labels import mpafer.data, which imports it.
+    monkeypatch.setitem(GRAPH, "mpafer.labels", {"mpafer.data"})
+    with pytest.raises(pytest.fail.Exception, match="import cycle: .*mpafer.labels"):
+        test_no_import_cycle()
+
+
+def test_modules_stay_small():
+    for name, path in MODULES.items():
+        with open(path, encoding="utf-8") as f:
+            lines = sum(1 for _ in f)
+        assert lines <= MAX_MODULE_LINES, f"{path} has {lines} lines; split it by concern"
+
+
+def test_train_script_reads_as_short_named_steps():
+    tree = ast.parse(open(os.path.join(REPO, "train.py"), encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            assert lines <= MAX_TRAIN_FUNCTION_LINES, f"train.py: {node.name} has {lines} lines"

@@ -1,0 +1,54 @@
+"""train.py's configuration: one flag per field with the field's own help, and the precedence
+defaults < dataset preset < --demo < flags given."""
+import argparse
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+
+from mpafer.model import MPAFERConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(REPO, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flags(train, cls):
+    parser = argparse.ArgumentParser()
+    train.add_fields(cls, parser)
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def test_every_field_is_a_flag_whose_help_is_the_fields_metadata(train):
+    for cls in (train.TrainConfig, MPAFERConfig):
+        actions = flags(train, cls)
+        assert set(actions) == {f.name for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            text = actions[f.name].help
+            assert f.metadata.get("help", "") in text, f.name
+            assert "default" in text, f.name  # the default is always stated
+    actions = flags(train, train.TrainConfig)
+    assert actions["log_interval"].help == ("steps between loss syncs (progress bar, NaN check) "
+                                            "(default 20)")
+    assert actions["amp"].choices == ("auto", "bf16", "fp16", "off")
+    assert isinstance(actions["demo"], argparse.BooleanOptionalAction)
+
+
+def test_precedence_defaults_preset_demo_flags(train):
+    cfg, _, _ = train.parse_config(["--dataset", "ferplus"])
+    assert (cfg.epochs, cfg.eval_split, cfg.lr, cfg.out) == (40, "val", 0.032, "runs/ferplus")
+    cfg, model_cfg, given = train.parse_config(["--demo", "--epochs", "3", "--top-k", "4"])
+    assert (cfg.dataset, cfg.epochs, cfg.amp, cfg.out) == ("synthetic", 3, "off", "runs/demo")
+    assert model_cfg.top_k == 4 and given == {"top_k": 4}
+    assert train.parse_config(["--demo"])[1].top_k == 8  # the demo's own model setting
+    cfg, _, _ = train.parse_config(["--method", "expclip", "--features", "f.pt", "--lr", "0.01"])
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.out) == (512, 5, 0.01, "runs/expclip")
+    with pytest.raises(SystemExit):
+        train.parse_config(["--dataset", "imagenet"])
