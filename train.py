@@ -46,6 +46,7 @@ from mpafer.data import (
 from mpafer.demo import demo_clip_path, demo_datasets
 from mpafer.engine import (
     AMP_CHOICES,
+    autocast,
     build_mpafer,
     configure_cuda,
     evaluate,
@@ -254,6 +255,8 @@ class Training:
     eval_set: torch.utils.data.Dataset
     classnames: List[str]
     descriptions: Optional[Dict]
+    grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the first step
+
 
     def eval_logits(self, images):
         return self.model(images).logits
@@ -473,6 +476,16 @@ def stop_on_nan(run: Run, totals: torch.Tensor, epoch: int, step: int):
     sys.exit(1)
 
 
+def first_step_gradient_norms(run: Run, t: Training, images, labels) -> Dict[str, float]:
+    """Each loss term's gradient norm on the prompts at the first step, logged so a reader sees
+    that every term moves the prompts and how the terms balance (one extra backward per term)."""
+    with autocast(run.device, run.amp):
+        norms = t.model.term_gradient_norms(images, labels, scale=t.scaler.get_scale())
+    run.log("gradient norms on the trainable parameters at the first step: "
+            + "  ".join(f"{k} {v:.4g}" for k, v in norms.items()))
+    return norms
+
+
 def train_one_epoch(run: Run, t: Training, epoch: int):
     """-> (mean loss parts over the epoch and all processes, seconds)."""
     cfg, device = run.cfg, run.device
@@ -486,6 +499,8 @@ def train_one_epoch(run: Run, t: Training, epoch: int):
     for step, (images, labels) in enumerate(bar, 1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if epoch == 0 and step == 1:
+            t.grad_norms = first_step_gradient_norms(run, t, images, labels)
         loss, parts = train_step(t.model, images, labels, t.optimizer, t.scaler, run.amp,
                                  cfg.grad_clip, forward=t.forward)
         t.scheduler.step()
@@ -530,6 +545,8 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
               "war": metrics.get("war") if evaluated else None,
               "uar": metrics.get("uar") if evaluated else None,
               "images_per_second": images_per_second, "seconds": seconds}
+    if epoch == 0 and t.grad_norms is not None:
+        record["grad_norms"] = t.grad_norms
     is_best = evaluated and metrics["war"] > best["war"]
     if is_best:
         best = {"war": metrics["war"], "uar": metrics["uar"], "epoch": epoch + 1}
@@ -569,6 +586,8 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
                 f"{format_report(metrics)}")
     if cfg.eval_split != "test" and best["epoch"] > 0 and not cfg.demo and not stopped:
         # Model selection used another split: report the best checkpoint on the test split too.
+        if run.world > 1:
+            dist.barrier()  # rank 0 writes best.pt; the other ranks read it only after that
         t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
         t.model.eval()
         test_set = build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
