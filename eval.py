@@ -6,7 +6,7 @@
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 \
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
-    python eval.py --checkpoint runs/rafdb/best.pt --image face1.jpg face2.jpg --attention-png grid.png
+    python eval.py --checkpoint runs/rafdb/best.pt --image a.jpg b.jpg --attention-png grid.png
     python eval.py --checkpoint runs/rafdb/best.pt --interpret-prompts --soft-hard
 
 Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.

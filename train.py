@@ -636,8 +636,9 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
         # Model selection used another split: report the best checkpoint on the test split too.
         t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
         t.model.eval()
-        test = evaluate(t.eval_logits, load_test_split(run, resolution), t.classnames, run.device,
-                        run.amp, batch_size=2 * cfg.batch_size, workers=cfg.workers)
+        test_set = load_test_split(run, resolution)
+        test = evaluate(t.eval_logits, test_set, t.classnames, run.device, run.amp,
+                        batch_size=2 * cfg.batch_size, workers=cfg.workers)
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
         if run.master:
             atomic_write_json({"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test},

@@ -123,7 +123,8 @@ def log_ticks(low: float, high: float) -> List[float]:
     ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in steps]
     below = [t for t in ticks if t <= low]
     above = [t for t in ticks if t >= high]
-    return [t for t in ticks if (below[-1] if below else ticks[0]) <= t <= (above[0] if above else ticks[-1])]
+    start, end = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
+    return [t for t in ticks if start <= t <= end]
 
 
 def tick_label(value: float, percent: bool) -> str:

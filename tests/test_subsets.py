@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mpafer import report
 from mpafer.data import RAFDB
 from mpafer.data.subsets import (
     HELD_OUT,
@@ -143,13 +144,13 @@ def test_train_records_shots_and_held_out_files_and_reports_test_once(rafdb_runs
         assert curves.size == (1600, 1100)
 
 
-def test_report_summarises_the_seeds_of_real_runs(rafdb_runs, tmp_path):
+def test_report_summarises_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
     _, outs = rafdb_runs
-    result = run("-m", "mpafer.report", *map(str, outs), "--json", str(tmp_path / "summary.json"))
+    report.main([*map(str, outs), "--json", str(tmp_path / "summary.json")])
     (group,) = json.load(open(tmp_path / "summary.json"))
     assert group["n"] == 2 and group["seeds"] == [1, 2]
     tests = [json.load(open(out / "test.json")) for out in outs]
     assert group["war"]["values"] == [t["war"] for t in tests]
     assert group["war"]["mean"] == pytest.approx(sum(t["war"] for t in tests) / 2)
     assert group["reported"] == [f"best.pt on test (chosen on {HELD_OUT})"]
-    assert "| dataset=rafdb method=mpafer | 2 | 1, 2 |" in result.stdout
+    assert "| dataset=rafdb method=mpafer | 2 | 1, 2 |" in capsys.readouterr().out

@@ -19,7 +19,8 @@ HELD_OUT = "heldout"  # the name of the carved validation part (train.py's eval_
 _FEW_SHOT_STREAM, _HELD_OUT_STREAM = 1, 2  # numpy seed-sequence tags: independent draws
 
 
-def _by_class(targets: Sequence[int], pool: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+def _by_class(targets: Sequence[int],
+              pool: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
     """{class: indices of that class (in pool, ascending)}, classes in ascending order."""
     pool = np.arange(len(targets)) if pool is None else np.sort(np.asarray(pool, dtype=np.int64))
     labels = np.asarray(targets, dtype=np.int64)[pool]
