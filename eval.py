@@ -6,9 +6,12 @@
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 \
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
-    python eval.py --checkpoint runs/rafdb/best.pt --image face.jpg --attention-png attention.png
+    python eval.py --checkpoint runs/rafdb/best.pt --image a.jpg b.jpg --attention-png grid.png
+    python eval.py --checkpoint runs/rafdb/best.pt --interpret-prompts --soft-hard
 
 Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
+`--image` takes cropped face images, like the datasets' aligned faces; `--interpret-prompts` and
+`--soft-hard` look inside a checkpoint's prompts and need no data.
 `--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
 through the same transform (`--expclip-transform`, default the released protocol).
 """
@@ -18,11 +21,11 @@ import sys
 from typing import Callable, List, NamedTuple
 
 import torch
-from PIL import Image, ImageDraw
 
 from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from mpafer.data import DATASET_NAMES, build_dataset, load_image
+from mpafer.data.photo import centre_square, face_input
 from mpafer.demo import demo_clip_path, demo_datasets
 from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_device
 from mpafer.expclip import (
@@ -32,6 +35,13 @@ from mpafer.expclip import (
     input_transform,
     is_prompt_file,
     load_head,
+)
+from mpafer.figures import attention_grid, confusion_figure, save_png
+from mpafer.interpret import (
+    format_prompt_tokens,
+    format_soft_hard,
+    prompt_tokens,
+    soft_hard_similarity,
 )
 from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report
@@ -67,12 +77,27 @@ def parse_args(argv=None):
     data.add_argument("--split", default="test")
     data.add_argument("--classes", nargs="+", help="class names for --image without a checkpoint")
     data.add_argument("--image", nargs="+", metavar="PATH",
-                      help="predict these images instead of a split")
+                      help="predict these images instead of a split. Each must be a cropped "
+                           "face (one face filling the picture, like the datasets' aligned "
+                           "faces); a picture far from square (aspect > 1.3) or larger than 4x "
+                           "the model's input is centre-cropped to a square, with a note")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the metrics as JSON")
-    out.add_argument("--confusion-png", metavar="FILE", help="draw the confusion matrix")
+    out.add_argument("--confusion-png", metavar="FILE",
+                     help="draw the confusion matrix (percent of each true class)")
+    out.add_argument("--confusion-counts", action="store_true",
+                     help="--confusion-png: write counts in the cells instead of percentages")
     out.add_argument("--attention-png", metavar="FILE",
-                     help="with --image: overlay the global-local attention")
+                     help="with --image: every image in one grid, the global-local attention "
+                          "of the predicted class over each face")
+    inside = p.add_argument_group("inside the prompts (with --checkpoint; no data needed)")
+    inside.add_argument("--interpret-prompts", action="store_true",
+                        help="nearest vocabulary tokens (cosine) of each text context vector")
+    inside.add_argument("--soft-hard", action="store_true",
+                        help="each class's cosine between its soft-prompt feature and its hard "
+                             "prompts' features (mean, max)")
+    inside.add_argument("--tokens", type=int, default=5,
+                        help="--interpret-prompts: tokens per context vector")
     run = p.add_argument_group("runtime")
     run.add_argument("--weights", default="weights", help="CLIP download folder")
     run.add_argument("--device", default="")
@@ -93,6 +118,10 @@ def parse_args(argv=None):
         args.workers = 0  # the demo faces are already in memory
     if args.attention_png and not (args.image and args.checkpoint):
         p.error("--attention-png needs --checkpoint and --image")
+    if (args.interpret_prompts or args.soft_hard) and not args.checkpoint:
+        p.error("--interpret-prompts and --soft-hard need --checkpoint")
+    if args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
     return args
 
 
@@ -103,38 +132,6 @@ def prompt_set(name, classnames):
         return name
     texts, labels = build_hard_prompts(classnames, load_descriptions(classnames), 3)
     return {c: [t for t, y in zip(texts, labels) if y == i] for i, c in enumerate(classnames)}
-
-
-def draw_confusion(metrics, path):
-    """Row-normalised confusion matrix as a PNG (counts in the cells)."""
-    names, counts = metrics["classnames"], metrics["confusion"]
-    cell, left, top = 56, 96, 96
-    size = len(names)
-    image = Image.new("RGB", (left + cell * size + 8, top + cell * size + 24), "white")
-    draw = ImageDraw.Draw(image)
-    title = f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  (rows: true)"
-    draw.text((left, 6), title, fill="black")
-    for i, name in enumerate(names):
-        draw.text((4, top + i * cell + cell // 2 - 5), name[:13], fill="black")
-        draw.text((left + i * cell + 2, top - 16 - 12 * (i % 2)), name[:9], fill="black")
-        total = max(sum(counts[i]), 1)
-        for j, value in enumerate(counts[i]):
-            shade = int(255 * (1 - value / total))
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
-                   top + (i + 1) * cell - 1]
-            draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            draw.text((box[0] + 6, box[1] + cell // 2 - 5), str(value),
-                      fill="black" if shade > 110 else "white")
-    image.save(path)
-
-
-def draw_attention(image, attention, grid, path):
-    """Blend the per-patch attention of the predicted class (red) over the face."""
-    heat = attention.reshape(grid, grid)
-    heat = (heat / heat.max().clamp(min=1e-8) * 255).to(torch.uint8).numpy()
-    overlay = Image.fromarray(heat, mode="L").resize(image.size, Image.NEAREST)
-    red = Image.new("RGB", image.size, (255, 0, 0))
-    Image.composite(red, image, overlay.point(lambda v: int(v * 0.6))).save(path)
 
 
 class Classifier(NamedTuple):
@@ -184,6 +181,8 @@ def main(argv=None):
     if checkpoint:
         model = model_from_checkpoint(checkpoint, clip_model).eval()
         classnames = checkpoint["classnames"]
+        if args.interpret_prompts or args.soft_hard:
+            return inspect_prompts(args, model, checkpoint)
         classifiers.append(Classifier("MPA-FER", lambda x: model(x).logits,
                                       *input_transform("clip", resolution), classnames))
     if args.image:
@@ -200,7 +199,7 @@ def main(argv=None):
         classifiers += zero_shot_classifiers(args, clip_model, classnames)
 
     if args.image:
-        return predict_images(args, classifiers, model, device, amp)
+        return predict_images(args, classifiers, model, device, amp, resolution)
     results = evaluate_all(args, classifiers, dataset, classnames, device, amp)
     main_label = list(results)[-1]
     if args.json:
@@ -211,7 +210,8 @@ def main(argv=None):
         atomic_write_json(payload, args.json)
         print(f"wrote {args.json}")
     if args.confusion_png:
-        draw_confusion(results[main_label], args.confusion_png)
+        save_png(confusion_figure(results[main_label], counts=args.confusion_counts),
+                 args.confusion_png)
         print(f"wrote {args.confusion_png}")
     return results
 
@@ -238,15 +238,36 @@ def evaluate_all(args, classifiers, dataset, classnames, device, amp):
     return results
 
 
+def inspect_prompts(args, model, checkpoint):
+    """--interpret-prompts, --soft-hard: print (and with --json write) what the prompts hold."""
+    report = {}
+    if args.interpret_prompts:
+        report["prompt_tokens"] = prompt_tokens(model, args.tokens)
+        print(format_prompt_tokens(report["prompt_tokens"]))
+    if args.soft_hard:
+        template = model.config.hard_prompt_template
+        descriptions = checkpoint.get("descriptions")
+        if template == 3 and not descriptions:
+            print("note: the checkpoint has no descriptions; using the shipped ones")
+            descriptions = load_descriptions(model.classnames)
+        report["soft_hard"] = soft_hard_similarity(model, descriptions, template)
+        print(format_soft_hard(report["soft_hard"]))
+    if args.json:
+        atomic_write_json(report, args.json, ensure_ascii=False)
+    return report
+
+
 @torch.no_grad()
-def predict_images(args, classifiers, model, device, amp):
-    """Class probabilities of each image under each classifier; optionally MPA-FER's attention
-    overlay."""
+def predict_images(args, classifiers, model, device, amp, resolution):
+    """Class probabilities of each image under each classifier; optionally one grid of MPA-FER's
+    attention over every face."""
     for c in classifiers:
         print(f"[{c.label}] input transform: {c.transform_name}")
-    outputs = {}
+    outputs, tiles = {}, []
     for path in args.image:
-        image = load_image(path)
+        image, note = face_input(load_image(path), resolution)
+        if note:
+            print(f"note: {path}: {note}")
         for c in classifiers:
             x = c.transform(image).unsqueeze(0).to(device)
             with autocast(device, amp):
@@ -256,27 +277,29 @@ def predict_images(args, classifiers, model, device, amp):
             print(f"{path} [{c.label}]: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in ranked))
             outputs.setdefault(path, {})[c.label] = dict(ranked)
         if args.attention_png and model is not None:
-            draw_attention_of(args, model, classifiers[0].transform, image, path, device, amp)
+            tiles.append(attention_tile(model, classifiers[0].transform, image, path, device, amp))
+    if tiles:
+        save_png(attention_grid(tiles), args.attention_png)
+        print(f"wrote {args.attention_png} (attention of each image's predicted class)")
     if args.json:
         atomic_write_json(outputs, args.json)
     return outputs
 
 
-def draw_attention_of(args, model, transform, image, path, device, amp):
-    """--attention-png: the global-local attention of the predicted class over the face."""
+def attention_tile(model, transform, image, path, device, amp):
+    """(the face as the model sees it, the predicted class's patch attention [g, g], caption)."""
     with autocast(device, amp):
         out = model(transform(image).unsqueeze(0).to(device))
     if out.attention is None:
         sys.exit("this checkpoint has no global-local alignment (global_local = False): no "
                  "attention to draw")
-    predicted = int(out.logits.argmax())
+    probs = out.logits.float().softmax(dim=-1)[0]
+    predicted = int(probs.argmax())
     grid = model.clip.visual.input_resolution // model.clip.visual.patch_size
-    stem = os.path.splitext(os.path.basename(path))[0]
-    target = (args.attention_png if len(args.image) == 1
-              else f"{os.path.splitext(args.attention_png)[0]}-{stem}.png")
-    draw_attention(image.resize((max(grid * 16, 224),) * 2),
-                   out.attention[0, predicted].float().cpu(), grid, target)
-    print(f"wrote {target} (attention of '{model.classnames[predicted]}')")
+    attention = out.attention[0, predicted].float().reshape(grid, grid).cpu().numpy()  # [g, g]
+    caption = [f"{model.classnames[predicted]} {100 * float(probs[predicted]):.1f}%",
+               os.path.basename(path)]
+    return centre_square(image), attention, caption  # CLIP's preprocessing crops the centre
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ from mpafer.data import (
     format_class_counts,
     train_transform,
 )
+from mpafer.data.subsets import (
+    HELD_OUT,
+    Subset,
+    few_shot_indices,
+    stratified_split,
+    subset_record,
+)
 from mpafer.demo import demo_clip_path, demo_datasets
 from mpafer.engine import (
     AMP_CHOICES,
@@ -60,6 +67,7 @@ from mpafer.metrics import format_report
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
+from mpafer.report import write_curves
 from mpafer.utils import atomic_save, atomic_write_json, run_cli
 
 # -- configuration -------------------------------------------------------------------------------
@@ -116,6 +124,13 @@ class TrainConfig:
         "help": "torch.compile the image tower (CUDA; first steps are slow)"})
     features: str = field(default="", metadata={
         "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
+    shots: int = field(default=0, metadata={
+        "help": "few-shot: train on K images per class (min(K, available)) drawn with --seed, "
+                "listed in <out>/shots.json; evaluation uses the full split (default 0 = all)"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this stratified, seeded fraction of the training set (listed in "
+                "<out>/heldout.json) to choose best.pt; best.pt is then evaluated once on the "
+                "test split (default 0 = off: evaluate on --eval-split)"})
 
 
 # Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
@@ -181,7 +196,24 @@ def parse_config(argv=None):
     values.update(train)
     cfg = TrainConfig(**values)
     cfg.out = cfg.out or os.path.join("runs", cfg.dataset)
+    check_protocol(parser, cfg, train)
     return cfg, MPAFERConfig(**model), model
+
+
+def check_protocol(parser, cfg: TrainConfig, given: Dict):
+    """--shots and --val-fraction in range; with --val-fraction the held-out part of the
+    training set is the split that chooses best.pt (eval_split "heldout")."""
+    if cfg.shots < 0:
+        parser.error(f"--shots must be >= 0 (0 = the full training set), got {cfg.shots}")
+    if not 0 <= cfg.val_fraction < 1:
+        parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
+    if cfg.val_fraction > 0:
+        if given.get("eval_split", HELD_OUT) != HELD_OUT:
+            parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
+                         f"--eval-split {given['eval_split']}")
+        cfg.eval_split = HELD_OUT
+    elif cfg.eval_split == HELD_OUT:
+        parser.error(f"--eval-split {HELD_OUT} needs --val-fraction")
 
 
 # -- seeds, learning-rate schedule, log -------------------------------------------------------
@@ -337,11 +369,40 @@ def build_data(run: Run, resolution: int):
         options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
         train_set = build_dataset(cfg.dataset, cfg.data_root, "train",
                                   train_transform(resolution), **options)
-        eval_set = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split,
-                                 eval_transform(resolution), **options)
+        eval_set = None if cfg.eval_split == HELD_OUT else build_dataset(
+            cfg.dataset, cfg.data_root, cfg.eval_split, eval_transform(resolution), **options)
+    train_set, eval_set = carve_subsets(run, train_set, eval_set, resolution)
     run.log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
     run.log(f"{cfg.eval_split}: {len(eval_set)} images")
     return train_set, eval_set
+
+
+def carve_subsets(run: Run, train_set, eval_set, resolution: int):
+    """--val-fraction: a stratified part of the training set becomes the evaluation set;
+    --shots: training uses K images per class of the rest. Both seeded, both listed in the run
+    folder."""
+    cfg = run.cfg
+    kept = None
+    if cfg.val_fraction > 0:
+        kept, held = stratified_split(train_set.targets, cfg.val_fraction, cfg.seed)
+        eval_set = Subset(train_set, held, eval_transform(resolution))
+        write_subset(run, "heldout.json", eval_set, protocol="held-out validation",
+                     fraction=cfg.val_fraction)
+    if cfg.shots > 0:
+        chosen = few_shot_indices(train_set.targets, cfg.shots, cfg.seed, pool=kept)
+        train_set = Subset(train_set, chosen, train_set.transform)
+        write_subset(run, "shots.json", train_set, protocol="few-shot", shots=cfg.shots)
+    elif kept is not None:
+        train_set = Subset(train_set, kept, train_set.transform)
+    return train_set, eval_set
+
+
+def write_subset(run: Run, name: str, subset: Subset, **info):
+    if run.master:
+        record = subset_record(subset, **info, seed=run.cfg.seed,
+                               dataset="synthetic-demo" if run.cfg.demo else run.cfg.dataset)
+        atomic_write_json(record, run.path(name))
+    run.log(f"{info['protocol']}: {len(subset)} images, listed in {run.path(name)}")
 
 
 # -- model and prototypes ------------------------------------------------------------------------
@@ -375,6 +436,8 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
            "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",
            "images": len(train_set), "transform": repr(proto_view.transform),
            "per_class": cfg.prototypes_per_class, "classes": list(train_set.classnames)}
+    if isinstance(train_set, Subset):  # --shots / --val-fraction: which images, not just how many
+        key["subset"] = train_set.fingerprint()
     prototypes = None
     if run.master:
         loader = DataLoader(proto_view, batch_size=128, num_workers=cfg.workers,
@@ -544,6 +607,7 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
     record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
               "war": metrics.get("war") if evaluated else None,
               "uar": metrics.get("uar") if evaluated else None,
+              "per_class_recall": metrics.get("per_class_recall") if evaluated else None,
               "images_per_second": images_per_second, "seconds": seconds}
     if epoch == 0 and t.grad_norms is not None:
         record["grad_norms"] = t.grad_norms
@@ -584,16 +648,20 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
     if metrics and not stopped:
         run.log(f"\nfinal {cfg.eval_split} evaluation (epoch {cfg.epochs}):\n"
                 f"{format_report(metrics)}")
-    if cfg.eval_split != "test" and best["epoch"] > 0 and not cfg.demo and not stopped:
+    if (cfg.eval_split != "test" and best["epoch"] > 0 and not stopped
+            and (not cfg.demo or cfg.eval_split == HELD_OUT)):
         # Model selection used another split: report the best checkpoint on the test split too.
         if run.world > 1:
             dist.barrier()  # rank 0 writes best.pt; the other ranks read it only after that
         t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
         t.model.eval()
-        test_set = build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
+        test_set = load_test_split(run, resolution)
         test = evaluate(t.eval_logits, test_set, t.classnames, run.device, run.amp,
                         batch_size=2 * cfg.batch_size, workers=cfg.workers)
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
+        if run.master:
+            atomic_write_json({"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test},
+                              run.path("test.json"))
     run.log(f"\ncheckpoints: {run.path('best.pt')} (best {cfg.eval_split} WAR "
             f"{100 * best['war']:.2f}% at epoch {best['epoch']}), {run.path('last.pt')}\n"
             f"logs: {run.path('log.txt')}, {run.path('metrics.jsonl')}, config: "
@@ -602,6 +670,21 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
         run.log(f"evaluate it again with: python eval.py --demo --checkpoint "
                 f"{run.path('best.pt')}\n(DEMO on synthetic data: see the README for training "
                 "on RAF-DB, AffectNet or FERPlus.)")
+
+
+def load_test_split(run: Run, resolution: int):
+    """The test split with CLIP's preprocessing (the demo's synthetic test faces with --demo)."""
+    cfg = run.cfg
+    if cfg.demo:
+        return demo_datasets(resolution, None, eval_transform(resolution), 1,  # 1: train unused
+                             cfg.demo_test_per_class)[1]
+    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
+
+
+def draw_curves(run: Run):
+    """curves.png in the run folder: loss parts, WAR/UAR, per-class recall, learning rate."""
+    if run.master and os.path.isfile(run.path("metrics.jsonl")):
+        run.log(f"curves: {write_curves(run.cfg.out)}")
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -638,6 +721,7 @@ def main(argv=None):
 
     best, metrics, stopped = train_epochs(run, t, start_epoch, best)
     report(run, t, best, metrics, stopped, resolution)
+    draw_curves(run)
     if run.world > 1:
         dist.destroy_process_group()
 

@@ -1,0 +1,112 @@
+"""Parts of a training set for the research protocols: K images per class (few-shot, the CoOp
+protocol) and a stratified validation part held out of the training set (for datasets without
+an official validation split, such as RAF-DB).
+
+Both draws are seeded and independent of each other (separate random streams), and both
+return indices into the full training set, so a run can record exactly which files it used.
+With both, the validation part is carved first and the K shots are drawn from the rest: the
+held-out images never train, and the validation part does not depend on K.
+"""
+import copy
+import hashlib
+import json
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from torch.utils.data import Dataset
+
+HELD_OUT = "heldout"  # the name of the carved validation part (train.py's eval_split)
+_FEW_SHOT_STREAM, _HELD_OUT_STREAM = 1, 2  # numpy seed-sequence tags: independent draws
+
+
+def _by_class(targets: Sequence[int],
+              pool: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+    """{class: indices of that class (in pool, ascending)}, classes in ascending order."""
+    pool = np.arange(len(targets)) if pool is None else np.sort(np.asarray(pool, dtype=np.int64))
+    labels = np.asarray(targets, dtype=np.int64)[pool]
+    return {int(c): pool[labels == c] for c in np.unique(labels)}
+
+
+def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
+                     pool: Optional[Sequence[int]] = None) -> List[int]:
+    """min(shots, available) indices per class, drawn without replacement with `seed` from
+    `pool` (default: every index) -> sorted indices into `targets`."""
+    if shots < 1:
+        raise ValueError(f"--shots must be >= 1 (0 = the full training set), got {shots}")
+    rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
+    chosen = [rng.permutation(members)[:shots] for members in _by_class(targets, pool).values()]
+    return sorted(int(i) for part in chosen for i in part)
+
+
+def held_out_count(class_size: int, fraction: float) -> int:
+    """Images of one class held out: round(fraction * size), at least 1 and leaving at least
+    1 to train on (a class of one image stays in training)."""
+    if class_size < 2:
+        return 0
+    return min(max(round(fraction * class_size), 1), class_size - 1)
+
+
+def stratified_split(targets: Sequence[int], fraction: float,
+                     seed: int) -> Tuple[List[int], List[int]]:
+    """Carve a seeded validation part of `fraction` of each class -> (kept, held out), both
+    sorted indices into `targets`, disjoint, together every index."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1) (0 = off), got {fraction}")
+    rng = np.random.default_rng([seed, _HELD_OUT_STREAM])
+    kept, held = [], []
+    for members in _by_class(targets).values():
+        order = rng.permutation(members)
+        count = held_out_count(len(members), fraction)
+        held.extend(order[:count].tolist())
+        kept.extend(order[count:].tolist())
+    return sorted(kept), sorted(held)
+
+
+class Subset(Dataset):
+    """Items `indices` of `dataset`, with a transform of their own.
+
+    It keeps the dataset interface train.py relies on (`classnames`, `targets`,
+    `class_counts()`, a settable `transform`), so a copy can take another transform (as the
+    prototype step does) without touching the training set's.
+    """
+
+    def __init__(self, dataset, indices: Sequence[int], transform=None):
+        self.base = copy.copy(dataset)  # the same images, untransformed
+        self.base.transform = None
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+        self.classnames = dataset.classnames
+        self.targets = [int(dataset.targets[i]) for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image, label = self.base[self.indices[index]]
+        return (self.transform(image) if self.transform is not None else image), label
+
+    def class_counts(self) -> List[int]:
+        return np.bincount(np.asarray(self.targets, dtype=np.int64),
+                           minlength=len(self.classnames)).tolist()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the chosen indices: tells apart two subsets of the same size."""
+        return hashlib.sha256(json.dumps(self.indices).encode()).hexdigest()
+
+    def describe(self) -> List[Dict]:
+        """One entry per item: its index in the full set, its label, its file if it has one."""
+        has_path = hasattr(self.base, "image_path")
+        items = []
+        for index, target in zip(self.indices, self.targets):
+            item = {"index": index, "label": self.classnames[target]}
+            if has_path:
+                item["path"] = self.base.image_path(index)
+            items.append(item)
+        return items
+
+
+def subset_record(subset: Subset, **info) -> Dict:
+    """What a run writes down about a subset: `info` (protocol, seed, ...), counts, items."""
+    return {**info, "num_images": len(subset),
+            "class_counts": dict(zip(subset.classnames, subset.class_counts())),
+            "items": subset.describe()}

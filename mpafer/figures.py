@@ -1,0 +1,343 @@
+"""Figures drawn with PIL alone (it ships with torchvision): training curves, the confusion
+matrix, attention overlays. Each figure function returns a PIL image; `save_png` writes it
+atomically.
+
+Text uses Pillow's built-in scalable font (`ImageFont.load_default(size=...)`, Pillow >= 10.1
+with FreeType). Older Pillow, or Pillow without FreeType, has only a small bitmap font: the
+figures are then laid out around that font's measured size, smaller but complete.
+"""
+import functools
+import io
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .utils import atomic_write
+
+# Matplotlib's "tab10": ten colours that stay apart for lines and legends.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+# A "turbo"-like rainbow for heat maps (dark blue = low, dark red = high), 11 anchors.
+HEAT_ANCHORS = ((48, 18, 59), (70, 100, 223), (40, 170, 250), (26, 228, 182), (100, 253, 106),
+                (164, 252, 60), (225, 221, 55), (253, 170, 51), (247, 107, 26), (204, 51, 5),
+                (122, 4, 3))
+# White to dark blue for the confusion matrix.
+BLUE_ANCHORS = ((247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107))
+GRID, AXIS, TEXT = (225, 225, 225), (60, 60, 60), (20, 20, 20)
+
+
+def save_png(image: Image.Image, path: str):
+    """Write `image` as PNG atomically (no half-written figure after a crash)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+# -- text -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def font(size: int):
+    """Pillow's scalable default font at `size` pixels; its bitmap font where that is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default()
+
+
+def text_size(text: str, size: int) -> Tuple[int, int]:
+    """(width, height) of `text`; the height is that of the font's tallest letters, so lines
+    of different text line up."""
+    box = font(size).getbbox(text)
+    tall = font(size).getbbox("Hg")
+    return box[2] - min(box[0], 0), tall[3] - min(tall[1], 0)
+
+
+def draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, align: str = "left",
+              valign: str = "top", fill=TEXT):
+    """Text placed by its box: align left/center/right of x, valign top/middle/bottom of y."""
+    face = font(size)
+    width = text_size(text, size)[0]
+    x = xy[0] - {"left": 0, "center": width / 2, "right": width}[align]
+    tall, capital = face.getbbox("Hg"), face.getbbox("H")
+    # Middle means the middle of the capitals, so labels sit centred on their tick marks.
+    offset = {"top": tall[1], "middle": (capital[1] + capital[3]) / 2, "bottom": tall[3]}[valign]
+    draw.text((round(x), round(xy[1] - offset)), text, font=face, fill=fill)
+
+
+def vertical_text(text: str, size: int, fill=TEXT) -> Image.Image:
+    """`text` rotated to read bottom to top, on a transparent background (axis titles)."""
+    width, height = text_size(text, size)
+    image = Image.new("RGBA", (width + 4, height + 6), (255, 255, 255, 0))
+    draw_text(ImageDraw.Draw(image), (2, 3), text, size, fill=fill)
+    return image.rotate(90, expand=True)
+
+
+def paste_vertical(canvas: Image.Image, center, text: str, size: int):
+    label = vertical_text(text, size)
+    canvas.paste(label, (round(center[0] - label.width / 2), round(center[1] - label.height / 2)),
+                 label)
+
+
+# -- colours ----------------------------------------------------------------------------------
+
+def colormap(values: np.ndarray, anchors=HEAT_ANCHORS) -> np.ndarray:
+    """Values in [0, 1] `[...]` -> uint8 RGB `[..., 3]`, linear between evenly spaced anchors."""
+    values = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0, 1)
+    stops = np.linspace(0, 1, len(anchors))
+    channels = [np.interp(values, stops, [a[k] for a in anchors]) for k in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)  # [..., 3]
+
+
+def colour_of(value: float, anchors) -> Tuple[int, int, int]:
+    return tuple(int(v) for v in colormap(np.array([value]), anchors)[0])
+
+
+def ink_on(background) -> Tuple[int, int, int]:
+    """Black or white, whichever reads better on `background`."""
+    luminance = 0.299 * background[0] + 0.587 * background[1] + 0.114 * background[2]
+    return TEXT if luminance > 140 else (255, 255, 255)
+
+
+# -- line charts ------------------------------------------------------------------------------
+
+def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
+    if not high > low:
+        low, high = low - max(abs(low), 1) * 0.5, high + max(abs(high), 1) * 0.5
+    raw = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(low / step + 1e-9) * step
+    ticks = [first]
+    while ticks[-1] < high - 1e-9 * step:
+        ticks.append(ticks[-1] + step)
+    return [round(t, 12) for t in ticks]
+
+
+def log_ticks(low: float, high: float) -> List[float]:
+    """Ticks at 1, 2 and 5 times powers of ten covering [low, high] (decades only when wide)."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    steps = (1,) if last - first > 3 else (1, 2, 5)
+    ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in steps]
+    below = [t for t in ticks if t <= low]
+    above = [t for t in ticks if t >= high]
+    start, end = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
+    return [t for t in ticks if start <= t <= end]
+
+
+def tick_label(value: float, percent: bool) -> str:
+    if percent:
+        return f"{value:g}%"
+    return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.0e}"
+
+
+def legend(draw, x0, y0, width, entries, size) -> int:
+    """Line-and-label entries, wrapped into rows of `width`; -> the height used."""
+    x, y, row = x0, y0, text_size("Hg", size)[1] + 8
+    for label, colour in entries:
+        w = 30 + text_size(label, size)[0] + 18
+        if x > x0 and x + w > x0 + width:
+            x, y = x0, y + row
+        draw.line([(x, y + row / 2 - 4), (x + 24, y + row / 2 - 4)], fill=colour, width=4)
+        draw_text(draw, (x + 30, y + row / 2 - 4), label, size, valign="middle")
+        x += w
+    return y + row - y0 if entries else 0
+
+
+def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: bool = False,
+               percent: bool = False, note: str = ""):
+    """One chart in `box` (x0, y0, x1, y1): series = [(label, xs, ys)], None values skipped."""
+    draw, size = ImageDraw.Draw(canvas), 20
+    x0, y0, x1, y1 = box
+    draw_text(draw, ((x0 + x1) / 2, y0 + 6), title, 24, align="center")
+    points = [[(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
+               and (y > 0 or not log)] for _, xs, ys in series]
+    series = [(s[0], p) for s, p in zip(series, points) if p]
+    if not series:
+        draw_text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), note or "nothing recorded", size,
+                  align="center", valign="middle")
+        return
+    entries = [(label, PALETTE[i % len(PALETTE)]) for i, (label, _) in enumerate(series)]
+    top = y0 + 44 + legend(draw, x0 + 90, y0 + 44, x1 - x0 - 100, entries, 18) + 10
+    xs = [x for _, p in series for x, _ in p]
+    ys = [y for _, p in series for _, y in p]
+    yticks = log_ticks(min(ys), max(ys)) if log else nice_ticks(min(ys), max(ys))
+    xticks = [t for t in nice_ticks(min(xs), max(xs), 6) if t == int(t)] or [min(xs)]
+    labels = [tick_label(t, percent) for t in yticks]
+    left = x0 + 40 + max(text_size(s, size)[0] for s in labels) + 12
+    plot = (left, top, x1 - 36, y1 - 70)
+    scale = math.log10 if log else (lambda v: v)
+    lo_y, hi_y = scale(yticks[0]), scale(yticks[-1])
+    lo_x, hi_x = min(xticks[0], min(xs)), max(xticks[-1], max(xs))
+    hi_x = hi_x if hi_x > lo_x else lo_x + 1
+
+    def to_pixel(x, y):
+        px = plot[0] + (x - lo_x) / (hi_x - lo_x) * (plot[2] - plot[0])
+        py = plot[3] - (scale(y) - lo_y) / ((hi_y - lo_y) or 1) * (plot[3] - plot[1])
+        return px, py
+
+    for t, label in zip(yticks, labels):
+        py = to_pixel(lo_x, t)[1]
+        draw.line([(plot[0], py), (plot[2], py)], fill=GRID, width=1)
+        draw_text(draw, (plot[0] - 8, py), label, size, align="right", valign="middle")
+    for t in xticks:
+        px = to_pixel(t, yticks[0])[0]
+        draw.line([(px, plot[3]), (px, plot[3] + 6)], fill=AXIS, width=2)
+        draw_text(draw, (px, plot[3] + 10), f"{t:g}", size, align="center")
+    draw.rectangle(plot, outline=AXIS, width=2)
+    for k, ((label, colour), (_, p)) in enumerate(zip(entries, series)):
+        pixels = [to_pixel(x, y) for x, y in p]
+        # Earlier series are drawn wider, so a line that a later one covers still shows.
+        width = round(5 - 3 * k / (len(series) - 1)) if len(series) > 1 else 3
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=width, joint="curve")
+        if len(pixels) <= 40:
+            r = width / 2 + 2
+            for px, py in pixels:
+                draw.ellipse([px - r, py - r, px + r, py + r], fill=colour)
+    draw_text(draw, ((plot[0] + plot[2]) / 2, y1 - 8), "epoch", size, align="center",
+              valign="bottom")
+    paste_vertical(canvas, (x0 + 16, (plot[1] + plot[3]) / 2), ylabel, size)
+
+
+LOSS_SERIES = (("loss", "total"), ("cls", "cls"), ("ta", "ta"), ("pa", "pa"), ("v", "v"))
+
+
+def training_curves(records: Sequence[Dict]) -> Image.Image:
+    """2 x 2 panels from metrics.jsonl records: loss parts (log scale), WAR/UAR, per-class
+    recall, learning rate, against the epoch."""
+    canvas = Image.new("RGB", (1600, 1100), "white")
+    epochs = [r["epoch"] for r in records]
+
+    def column(key, factor=1.0):
+        return [None if r.get(key) is None else factor * r[key] for r in records]
+
+    losses = [(label, epochs, column(key)) for key, label in LOSS_SERIES
+              if any(v for v in column(key))]  # switched-off terms are 0: nothing to draw
+    off = [label for key, label in LOSS_SERIES if not any(v for v in column(key))]
+    title = "training losses (log scale)" + (f"; off: {', '.join(off)}" if off else "")
+    line_panel(canvas, (0, 0, 800, 550), losses, title, "loss", log=True)
+    line_panel(canvas, (800, 0, 1600, 550),
+               [("WAR", epochs, column("war", 100)), ("UAR", epochs, column("uar", 100))],
+               "evaluation accuracy", "WAR / UAR (%)", percent=True)
+    names = list(next((r["per_class_recall"] for r in records if r.get("per_class_recall")), {}))
+    recall = [(name, epochs, [100 * r["per_class_recall"][name] if r.get("per_class_recall")
+                              and name in r["per_class_recall"] else None for r in records])
+              for name in names]
+    line_panel(canvas, (0, 550, 800, 1100), recall, "per-class recall", "recall (%)",
+               percent=True, note="no per-class recall recorded")
+    line_panel(canvas, (800, 550, 1600, 1100), [("lr", epochs, column("lr"))],
+               "learning rate (end of epoch)", "learning rate")
+    return canvas
+
+
+# -- confusion matrix -------------------------------------------------------------------------
+
+def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Image.Image:
+    """Row-normalised confusion matrix (percent of each true class; `counts` writes the counts
+    instead), full class names, axis titles and a colour scale."""
+    names, matrix = metrics["classnames"], np.asarray(metrics["confusion"], dtype=np.float64)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # [C, C] rows sum to 1
+    size, n = 20, len(names)
+    cell = max(84, max(text_size(c, size)[0] for c in names) + 16)
+    name_width = max(text_size(c, size)[0] for c in names)
+    left, top = 50 + name_width + 14, 150 if title else 120
+    width, height = left + n * cell + 150, top + n * cell + 90
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    heading = f"WAR {100 * metrics['war']:.2f}%   UAR {100 * metrics['uar']:.2f}%"
+    draw_text(draw, (left + n * cell / 2, 12), title or heading, 24, align="center")
+    if title:
+        draw_text(draw, (left + n * cell / 2, 46), heading, size, align="center")
+    for i in range(n):
+        for j in range(n):
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell, top + (i + 1) * cell)
+            colour = colour_of(rates[i, j], BLUE_ANCHORS)
+            draw.rectangle(box, fill=colour, outline=(255, 255, 255), width=1)
+            value = f"{int(matrix[i, j])}" if counts else f"{100 * rates[i, j]:.1f}"
+            draw_text(draw, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, size,
+                      align="center", valign="middle", fill=ink_on(colour))
+        draw_text(draw, (left - 10, top + (i + 0.5) * cell), names[i], size, align="right",
+                  valign="middle")
+        draw_text(draw, (left + (i + 0.5) * cell, top - 10), names[i], size, align="center",
+                  valign="bottom")
+    draw.rectangle((left, top, left + n * cell, top + n * cell), outline=AXIS, width=2)
+    draw_text(draw, (left + n * cell / 2, top - 44), "predicted", 22, align="center",
+              valign="bottom")
+    paste_vertical(canvas, (20, top + n * cell / 2), "true", 22)
+    unit = ("numbers: counts; colour: % of the true class (each row sums to 100%)" if counts
+            else "% of each true class (each row sums to 100%)")
+    draw_text(draw, (left + n * cell / 2, top + n * cell + 16), unit, 18, align="center")
+    colour_bar(canvas, (left + n * cell + 30, top, left + n * cell + 56, top + n * cell))
+    return canvas
+
+
+def colour_bar(canvas: Image.Image, box, anchors=BLUE_ANCHORS):
+    """A vertical scale from 0% (bottom) to 100% (top) with ticks every 25%."""
+    x0, y0, x1, y1 = box
+    ramp = colormap(np.linspace(1, 0, y1 - y0)[:, None].repeat(x1 - x0, axis=1), anchors)
+    canvas.paste(Image.fromarray(ramp, "RGB"), (x0, y0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle(box, outline=AXIS, width=1)
+    for value in (0, 25, 50, 75, 100):
+        y = y1 - value / 100 * (y1 - y0)
+        draw.line([(x1, y), (x1 + 6, y)], fill=AXIS, width=2)
+        draw_text(draw, (x1 + 10, y), f"{value}%", 18, valign="middle")
+
+
+# -- attention --------------------------------------------------------------------------------
+
+def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.Image:
+    """The face at `size` x `size` under a smooth heat map: the patch attention `[g, g]`,
+    scaled to [0, 1], upsampled bilinearly and blended more strongly where it is high."""
+    heat = np.asarray(attention, dtype=np.float32)
+    heat = heat / heat.max() if heat.max() > 0 else np.zeros_like(heat)
+    smooth = np.asarray(Image.fromarray(heat, mode="F").resize((size, size), Image.BILINEAR))
+    face = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), np.float32)
+    alpha = (0.2 + 0.45 * np.clip(smooth, 0, 1))[..., None]  # [size, size, 1]
+    blended = (1 - alpha) * face + alpha * colormap(smooth).astype(np.float32)
+    return Image.fromarray(blended.round().astype(np.uint8), "RGB")
+
+
+def attention_grid(tiles: Sequence[Tuple[Image.Image, np.ndarray, Sequence[str]]],
+                   columns: int = 4, size: int = 256) -> Image.Image:
+    """Several faces in one image, each with its heat map and caption lines under it
+    (e.g. the predicted class and probability, the file name); a heat scale at the bottom."""
+    if not tiles:
+        raise ValueError("attention_grid needs at least one image")
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    line = text_size("Hg", 20)[1] + 8
+    caption = line * max(len(t[2]) for t in tiles) + 8
+    pad = 16
+    width = columns * (size + pad) + pad
+    height = rows * (size + caption + pad) + pad + 60
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (image, attention, lines) in enumerate(tiles):
+        x = pad + (k % columns) * (size + pad)
+        y = pad + (k // columns) * (size + caption + pad)
+        canvas.paste(heat_overlay(image, attention, size), (x, y))
+        for i, text in enumerate(lines):
+            text = shorten(text, size, 20 if i else 22)
+            draw_text(draw, (x + size / 2, y + size + 6 + i * line), text, 20 if i else 22,
+                      align="center")
+    bar_y, bar_w = height - 44, min(300, width - 2 * pad - 160)
+    bar_x = (width - bar_w) / 2
+    ramp = colormap(np.linspace(0, 1, round(bar_w))[None, :].repeat(14, axis=0))
+    canvas.paste(Image.fromarray(ramp, "RGB"), (round(bar_x), bar_y))
+    draw_text(draw, (bar_x - 8, bar_y + 7), "attention: low", 18, align="right", valign="middle")
+    draw_text(draw, (bar_x + bar_w + 8, bar_y + 7), "high", 18, valign="middle")
+    return canvas
+
+
+def shorten(text: str, width: int, size: int) -> str:
+    """`text`, cut in the middle with an ellipsis until it fits `width` pixels."""
+    if text_size(text, size)[0] <= width:
+        return text
+    keep = len(text)
+    while keep > 4 and text_size(text[:keep // 2] + "…" + text[-(keep // 2):], size)[0] > width:
+        keep -= 1
+    return text[:keep // 2] + "…" + text[-(keep // 2):]

@@ -1,0 +1,193 @@
+"""Summaries over run folders: WAR/UAR mean ± std per configuration across seeds, and the
+training curves of each run.
+
+    python -m mpafer.report runs/rafdb/*                      # one Markdown table
+    python -m mpafer.report runs/fewshot/* --json summary.json --curves
+
+A run folder is what train.py writes: config.json, metrics.jsonl, best.pt, and test.json when
+best.pt was chosen on another split and then evaluated once on the test split. Runs are grouped
+by their recorded configuration, ignoring the seed and the fields that do not change the
+result (output folder, data and weight paths, workers, device, logging). Each run contributes:
+
+- its reported result: test.json if there is one (best.pt on the test split), else best.pt's
+  own evaluation (on the split that chose it, named in the table);
+- its last evaluated epoch (metrics.jsonl), the number that involves no model selection.
+
+The standard deviation is the sample standard deviation (n - 1) over the group's runs.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from .checkpoint import load_checkpoint
+from .figures import save_png, training_curves
+from .utils import atomic_write_json, run_cli
+
+# Recorded training fields that do not change what a run computes.
+IGNORED = {"seed", "out", "data_root", "weights", "resume", "workers", "device", "stop_after",
+           "log_interval", "features", "descriptions", "compile", "grad_checkpointing"}
+
+
+def read_jsonl(path: str) -> List[Dict]:
+    """Records of a JSON-lines file; a malformed line is an error naming `file:line`."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def read_json(path: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None) -> Dict:
+    """The fields that define what a run computes: flat {name: value}, ignored fields dropped;
+    a run's descriptions are identified by content (from best.pt), not by path."""
+    key = {k: v for k, v in config.get("train", {}).items() if k not in IGNORED}
+    key.update(config.get("model", {}))
+    if descriptions_sha256:
+        key["descriptions_sha256"] = descriptions_sha256
+    return key
+
+
+def read_run(folder: str) -> Optional[Dict]:
+    """One run's configuration, seed and results; None (with a note) when it has none."""
+    config_path, metrics_path = (os.path.join(folder, n) for n in ("config.json", "metrics.jsonl"))
+    if not os.path.isfile(config_path) or not os.path.isfile(metrics_path):
+        print(f"note: skipping {folder}: no config.json and metrics.jsonl", file=sys.stderr)
+        return None
+    config, records = read_json(config_path), read_jsonl(metrics_path)
+    evaluated = [r for r in records if r.get("war") is not None]
+    best_path, test_path = os.path.join(folder, "best.pt"), os.path.join(folder, "test.json")
+    best = load_checkpoint(best_path) if os.path.isfile(best_path) else None
+    split = config.get("train", {}).get("eval_split", "test")
+    if os.path.isfile(test_path):
+        reported, source = read_json(test_path), f"best.pt on test (chosen on {split})"
+    elif best is not None and best.get("metrics"):
+        reported, source = best["metrics"], f"best.pt on {split} (chosen on {split})"
+    else:
+        reported, source = None, "no best.pt"
+    if reported is None and not evaluated:
+        print(f"note: skipping {folder}: nothing evaluated yet", file=sys.stderr)
+        return None
+    return {"folder": folder, "seed": config.get("train", {}).get("seed"),
+            "key": configuration_key(config, best and best.get("descriptions_sha256")),
+            "reported": reported and {"war": reported["war"], "uar": reported["uar"]},
+            "source": source, "last": evaluated[-1] if evaluated else None,
+            "epochs": records[-1]["epoch"] if records else 0}
+
+
+def mean_std(values: Sequence[float]) -> Dict:
+    """Mean and sample standard deviation (n - 1; None for one value) of `values`."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+
+
+def summarise(runs: Sequence[Dict]) -> List[Dict]:
+    """Runs grouped by configuration key (first-seen order) -> one summary per group."""
+    groups: Dict[str, List[Dict]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run["key"], sort_keys=True), []).append(run)
+    summaries = []
+    for members in groups.values():
+        reported = [r["reported"] for r in members if r["reported"]]
+        last = [r["last"] for r in members if r["last"]]
+        summaries.append({
+            "config": members[0]["key"], "n": len(members),
+            "seeds": [r["seed"] for r in members], "runs": [r["folder"] for r in members],
+            "reported": sorted({r["source"] for r in members}),
+            "war": mean_std([r["war"] for r in reported]),
+            "uar": mean_std([r["uar"] for r in reported]),
+            "last_war": mean_std([r["war"] for r in last]),
+            "last_uar": mean_std([r["uar"] for r in last])})
+    label_groups(summaries)
+    return summaries
+
+
+def label_groups(summaries: List[Dict]):
+    """Name each group by the fields whose values differ between groups (its dataset and
+    method when there is only one group)."""
+    keys = sorted({k for s in summaries for k in s["config"]})
+    differing = [k for k in keys
+                 if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
+    for s in summaries:
+        shown = differing or [k for k in ("dataset", "method") if k in s["config"]]
+        s["label"] = " ".join(f"{k}={s['config'].get(k)}" for k in shown)
+
+
+def percent(stat: Dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    if stat["std"] is None:
+        return f"{100 * stat['mean']:.2f}"
+    return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+
+
+def markdown_table(summaries: Sequence[Dict]) -> str:
+    lines = ["| configuration | n | seeds | WAR (%) | UAR (%) | reported | last-epoch WAR (%) "
+             "| last-epoch UAR (%) |", "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        seeds = ", ".join(str(x) for x in s["seeds"])
+        lines.append(f"| {s['label']} | {s['n']} | {seeds} | {percent(s['war'])} | "
+                     f"{percent(s['uar'])} | {'; '.join(s['reported'])} | "
+                     f"{percent(s['last_war'])} | {percent(s['last_uar'])} |")
+    return "\n".join(lines)
+
+
+def write_curves(folder: str) -> str:
+    """Draw `<folder>/curves.png` from its metrics.jsonl -> the path written."""
+    path = os.path.join(folder, "curves.png")
+    save_png(training_curves(read_jsonl(os.path.join(folder, "metrics.jsonl"))), path)
+    return path
+
+
+def run_folders(patterns: Sequence[str]) -> List[str]:
+    """Folders named or matched by `patterns` (the shell usually expands them already)."""
+    found = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        found += [m for m in matches if os.path.isdir(m)]
+    if not found:
+        raise FileNotFoundError(f"no run folders in {' '.join(patterns)}")
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (train.py --out), e.g. runs/rafdb/*")
+    parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    parser.add_argument("--curves", action="store_true",
+                        help="(re)draw curves.png in every run folder")
+    args = parser.parse_args(argv)
+    runs = [r for r in (read_run(f) for f in run_folders(args.runs)) if r is not None]
+    if not runs:
+        raise ValueError("none of the folders is a run with results")
+    if args.curves:
+        for run in runs:
+            print(f"wrote {write_curves(run['folder'])}", file=sys.stderr)
+    summaries = summarise(runs)
+    print(markdown_table(summaries))
+    if args.json:
+        atomic_write_json(summaries, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return summaries
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,89 @@
+"""The run summariser on hand-made run folders: grouping by configuration, mean ± std by hand."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from mpafer import report
+
+
+def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k=16, **train):
+    """A run folder as train.py leaves it: config.json, metrics.jsonl (one epoch not evaluated),
+    and the reported result in test.json or in best.pt's metrics."""
+    folder.mkdir(parents=True)
+    config = {"train": {"dataset": "rafdb", "method": "mpafer", "seed": seed, "shots": shots,
+                        "out": str(folder), "data_root": "data/RAF-DB", "workers": 4,
+                        "eval_split": "heldout" if source == "test.json" else "test", **train},
+              "model": {"top_k": top_k, "n_ctx": 10}}
+    (folder / "config.json").write_text(json.dumps(config))
+    records = [{"epoch": e + 1, "loss": 2.0 - e, "cls": 1.0, "ta": 0.5, "pa": 0.4, "v": 0.1,
+                "lr": 0.01, "war": w, "uar": None if w is None else w - 0.05,
+                "per_class_recall": None if w is None else {"happiness": w, "fear": w / 2}}
+               for e, w in enumerate(wars)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if reported is not None and source == "test.json":
+        (folder / "test.json").write_text(json.dumps({"war": reported[0], "uar": reported[1]}))
+    elif reported is not None:
+        torch.save({"format": "mpafer-checkpoint/1", "descriptions_sha256": None,
+                    "metrics": {"war": reported[0], "uar": reported[1]}}, folder / "best.pt")
+    return str(folder)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    folders = [
+        make_run(tmp_path / "a1", 1, 4, [0.3, None, 0.4], (0.50, 0.40)),
+        make_run(tmp_path / "a2", 2, 4, [0.3, 0.5], (0.60, 0.45), data_root="/elsewhere"),
+        make_run(tmp_path / "a3", 3, 4, [0.6], (0.70, 0.50), workers=8),
+        make_run(tmp_path / "b1", 1, 8, [0.8], (0.80, 0.70), source="best.pt"),
+        make_run(tmp_path / "b2", 2, 8, [0.7], (0.90, 0.80), source="best.pt"),
+        make_run(tmp_path / "c1", 1, 8, [0.7], (0.75, 0.65), source="best.pt", top_k=8),
+    ]
+    (tmp_path / "not-a-run").mkdir()
+    return folders + [str(tmp_path / "not-a-run")]
+
+
+def test_groups_ignore_seed_and_paths_and_give_mean_and_sample_std(runs, tmp_path, capsys):
+    summaries = report.main([*runs, "--json", str(tmp_path / "summary.json")])
+    out, err = capsys.readouterr()
+    assert "skipping" in err and "not-a-run" in err
+    a, b, c = summaries
+    assert (a["n"], b["n"], c["n"]) == (3, 2, 1) and a["seeds"] == [1, 2, 3]
+    # By hand: WAR 0.5, 0.6, 0.7 -> mean 0.6, sample std sqrt((0.01 + 0 + 0.01) / 2) = 0.1.
+    assert a["war"]["mean"] == pytest.approx(0.6) and a["war"]["std"] == pytest.approx(0.1)
+    assert a["uar"]["mean"] == pytest.approx(0.45) and a["uar"]["std"] == pytest.approx(0.05)
+    # best.pt's metrics when there is no test.json: 0.8, 0.9 -> 0.85 ± sqrt(2 * 0.05^2) = 0.0707.
+    assert b["war"]["mean"] == pytest.approx(0.85)
+    assert b["war"]["std"] == pytest.approx(math.sqrt(0.005))
+    # The last evaluated epoch of each run: 0.4 (the None epoch is skipped), 0.5, 0.6.
+    assert a["last_war"]["values"] == pytest.approx([0.4, 0.5, 0.6])
+    assert c["war"]["std"] is None
+    assert a["reported"] == ["best.pt on test (chosen on heldout)"]
+    assert b["reported"] == ["best.pt on test (chosen on test)"]
+    # Each group is named by the fields that differ between groups.
+    assert [s["label"] for s in summaries] == ["eval_split=heldout shots=4 top_k=16",
+                                               "eval_split=test shots=8 top_k=16",
+                                               "eval_split=test shots=8 top_k=8"]
+    assert "| eval_split=heldout shots=4 top_k=16 | 3 | 1, 2, 3 | 60.00 ± 10.00 | 45.00 ± 5.00 |" in out
+    assert "| eval_split=test shots=8 top_k=16 | 2 | 1, 2 | 85.00 ± 7.07 | 75.00 ± 7.07 |" in out
+    assert "| eval_split=test shots=8 top_k=8 | 1 | 1 | 75.00 | 65.00 |" in out
+    assert json.load(open(tmp_path / "summary.json"))[0]["runs"] == runs[:3]
+
+
+def test_curves_are_redrawn_for_every_run(runs):
+    report.main([*runs[:2], "--curves"])
+    with Image.open(runs[0] + "/curves.png") as first, Image.open(runs[1] + "/curves.png") as second:
+        assert first.size == second.size == (1600, 1100)
+        assert first.tobytes() != second.tobytes()  # different histories, different pictures
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run folders"):
+        report.main([str(tmp_path / "nothing-*")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        report.main([str(tmp_path / "bad")])
