@@ -62,17 +62,19 @@ def user_mode():
 
 # -- run folders -------------------------------------------------------------------------------
 
-def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototypes(first_run,
-                                                                                     tmp_path):
+def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototypes(
+        train, first_run, tmp_path, capsys):
     out = first_run["out"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"best.pt", "last.pt", "config.json", "log.txt", "metrics.jsonl"}
     assert all(stat.S_IMODE(p.stat().st_mode) == user_mode() for p in out.iterdir())  # not 0600
 
-    result = run(*quick_demo(out, first_run["clip"], "--epochs", "1"), check=False)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert f"{out} already holds a run (last.pt, best.pt)" in result.stderr
-    assert all(f in result.stderr for f in ("--resume", "--overwrite", "--name"))
+    with pytest.raises(SystemExit) as error:
+        train.main(list(quick_demo(out, first_run["clip"], "--epochs", "1")[1:]))
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and len(message.strip().splitlines()) == 1
+    assert f"{out} already holds a run (last.pt, best.pt)" in message
+    assert all(f in message for f in ("--resume", "--overwrite", "--name"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
     # --overwrite, in a copy, in another process: the first run's prototype cache is found.
@@ -128,7 +130,7 @@ def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, 
     assert f"best checkpoint: {copy / 'best.pt'}" in printed
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
-    run("train.py", "--resume", str(copy / "last.pt"), "--epochs", "3")
+    train.main(["--resume", str(copy / "last.pt"), "--epochs", "3"])
     records = read_jsonl(copy / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[:2] == read_jsonl(first_run["out"] / "metrics.jsonl")
