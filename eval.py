@@ -100,8 +100,10 @@ def parse_args(argv=None):
     if args.method == "mpafer" and not (args.checkpoint or args.zero_shot):
         p.error("give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip "
                 "--head FILE")
-    if args.batch_size < 1 or args.workers < 0:
-        p.error("--batch-size must be >= 1 and --workers >= 0")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if args.attention_png and not (args.image and args.checkpoint):
         p.error("--attention-png needs --checkpoint and --image")
     return args
@@ -182,8 +184,8 @@ def fill_data_defaults(args, checkpoint):
     test split."""
     trained = (checkpoint or {}).get("train_config", {})
     args.demo = args.demo or (args.dataset is None and bool(trained.get("demo")))
-    args.demo_test_per_class = trained.get("demo_test_per_class", 60) if trained.get("demo") \
-        else 60
+    args.demo_test_per_class = (trained.get("demo_test_per_class", 60) if trained.get("demo")
+                                else 60)
     same = not args.demo and args.dataset in (None, trained.get("dataset"))
     trained = trained if same and trained.get("dataset") in DATASET_NAMES else {}
     args.dataset = args.dataset or trained.get("dataset", "rafdb")
@@ -198,6 +200,8 @@ def read_split(args, checkpoint):
     """The split to evaluate (no transform yet), checked before CLIP is loaded: its files, its
     classes against the checkpoint's, and that every image decodes."""
     options: Dict = {"skip_bad_images": True} if args.skip_bad_images else {}
+    if args.classnames and args.dataset != "folder":
+        raise ValueError(f"--classnames is for --dataset folder, not {args.dataset}")
     if args.classnames:
         options["classnames"] = [c.strip() for c in args.classnames.split(",")]
     dataset = build_dataset(args.dataset, args.data_root, args.split, **options)

@@ -167,6 +167,17 @@ def test_unknown_dataset_is_one_line(train, capsys):
     assert len(message.splitlines()) == 1 and "--dataset must be one of" in message
 
 
+@pytest.mark.parametrize("flags, named", [(["--batch-size", "0"], "--batch-size"),
+                                          (["--workers", "-2"], "--workers"),
+                                          (["--amp", "fp8"], "--amp"),
+                                          (["--dataset", "imagenet"], "--dataset")])
+def test_eval_bad_values_are_one_line_argument_errors(evaluate, capsys, flags, named):
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(["--checkpoint", "best.pt", *flags])
+    message = capsys.readouterr().err.strip()
+    assert error.value.code == 2 and len(message.splitlines()) == 1 and named in message
+
+
 def write_faces(root, folders):
     for split in ("train", "test"):
         for i, folder in enumerate(folders):
