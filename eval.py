@@ -1,16 +1,19 @@
 """Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head; or predict single images.
 
-    python eval.py --checkpoint runs/rafdb/best.pt --dataset rafdb --data-root data/RAF-DB
-    python eval.py --demo --checkpoint runs/demo/best.pt --json eval.json --confusion-png cm.png
+    python eval.py --checkpoint runs/rafdb/<run>/best.pt    # on the data the run was trained on
+    python eval.py --checkpoint runs/rafdb/<run>/best.pt --dataset rafdb --data-root data/RAF-DB
+    python eval.py --checkpoint runs/demo/<run>/best.pt --json eval.json --confusion-png cm.png
     python eval.py --zero-shot --prompts photo --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 \
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
-    python eval.py --checkpoint runs/rafdb/best.pt --image a.jpg b.jpg --attention-png grid.png
-    python eval.py --checkpoint runs/rafdb/best.pt --interpret-prompts --soft-hard
+    python eval.py --checkpoint runs/rafdb/<run>/best.pt --image a.jpg b.jpg --attention-png grid.png
+    python eval.py --checkpoint runs/rafdb/<run>/best.pt --interpret-prompts --soft-hard
 
-Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
-`--image` takes cropped face images, like the datasets' aligned faces; `--interpret-prompts` and
+A checkpoint is evaluated by default on the dataset, root and evaluation split of the run that
+trained it (its train_config); --dataset, --data-root and --split choose others. Reports WAR
+(accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix. `--image`
+takes cropped face images, like the datasets' aligned faces; `--interpret-prompts` and
 `--soft-hard` look inside a checkpoint's prompts and need no data.
 `--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
 through the same transform (`--expclip-transform`, default the released protocol).
@@ -18,15 +21,16 @@ through the same transform (`--expclip-transform`, default the released protocol
 import argparse
 import os
 import sys
-from typing import Callable, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple
 
 import torch
 
 from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
-from mpafer.data import DATASET_NAMES, build_dataset, load_image
+from mpafer.data import DATASET_NAMES, build_dataset, load_image, require_readable
 from mpafer.data.photo import centre_square, face_input
-from mpafer.demo import demo_clip_path, demo_datasets
+from mpafer.data.subsets import HELD_OUT
+from mpafer.demo import DEMO_CLIP_FILE, demo_clip_path, demo_datasets
 from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_device
 from mpafer.expclip import (
     INPUT_TRANSFORMS,
@@ -46,12 +50,11 @@ from mpafer.interpret import (
 from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report
 from mpafer.prompts import build_hard_prompts, load_descriptions
-from mpafer.utils import atomic_write_json, run_cli
+from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help="an MPA-FER checkpoint (best.pt / last.pt)")
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP with --prompts")
@@ -71,10 +74,17 @@ def parse_args(argv=None):
                       help="use a CLIP other than the one the checkpoint or head was trained on")
     data = p.add_argument_group("data")
     data.add_argument("--demo", action="store_true",
-                      help="the synthetic demo test split (and demo CLIP)")
-    data.add_argument("--dataset", choices=DATASET_NAMES, default="rafdb")
-    data.add_argument("--data-root", default="data/RAF-DB")
-    data.add_argument("--split", default="test")
+                      help="the synthetic demo test split (and demo CLIP); the default for a "
+                           "checkpoint trained with --demo")
+    data.add_argument("--dataset", choices=DATASET_NAMES,
+                      help="default: the checkpoint's, else rafdb")
+    data.add_argument("--data-root", help="default: the checkpoint's, else data/RAF-DB")
+    data.add_argument("--split", help="default: the checkpoint's evaluation split, else test")
+    data.add_argument("--classnames", metavar="A,B,C",
+                      help="--dataset folder: the class folder names in label order (default: "
+                           "the checkpoint's, else canonical names or their usual synonyms)")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave unreadable images out (default: they are an error)")
     data.add_argument("--classes", nargs="+", help="class names for --image without a checkpoint")
     data.add_argument("--image", nargs="+", metavar="PATH",
                       help="predict these images instead of a split. Each must be a cropped "
@@ -99,7 +109,9 @@ def parse_args(argv=None):
     inside.add_argument("--tokens", type=int, default=5,
                         help="--interpret-prompts: tokens per context vector")
     run = p.add_argument_group("runtime")
-    run.add_argument("--weights", default="weights", help="CLIP download folder")
+    run.add_argument("--cache-dir", "--weights", default=clip.default_weights_dir(),
+                     help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
+                          "weights/)")
     run.add_argument("--device", default="")
     run.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     run.add_argument("--batch-size", type=int, default=64)
@@ -114,8 +126,10 @@ def parse_args(argv=None):
     if args.method == "mpafer" and not (args.checkpoint or args.zero_shot):
         p.error("give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip "
                 "--head FILE")
-    if args.demo:
-        args.workers = 0  # the demo faces are already in memory
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
     if args.attention_png and not (args.image and args.checkpoint):
         p.error("--attention-png needs --checkpoint and --image")
     if (args.interpret_prompts or args.soft_hard) and not args.checkpoint:
@@ -162,16 +176,69 @@ def zero_shot_classifiers(args, clip_model, classnames) -> List[Classifier]:
             Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
 
 
+def fill_data_defaults(args, checkpoint):
+    """Data not given on the command line: that of the run that trained the checkpoint (its
+    dataset, root, evaluation split, folder class names; the demo's faces), else RAF-DB's
+    test split."""
+    trained = (checkpoint or {}).get("train_config", {})
+    args.demo = args.demo or (args.dataset is None and bool(trained.get("demo")))
+    args.demo_test_per_class = (trained.get("demo_test_per_class", 60) if trained.get("demo")
+                                else 60)
+    same = not args.demo and args.dataset in (None, trained.get("dataset"))
+    trained = trained if same and trained.get("dataset") in DATASET_NAMES else {}
+    args.dataset = args.dataset or trained.get("dataset", "rafdb")
+    args.data_root = args.data_root or trained.get("data_root", "data/RAF-DB")
+    # A run that chose best.pt on a part of its training set (--val-fraction) is tested on test.
+    recorded_split = trained.get("eval_split", "test")
+    args.split = args.split or (recorded_split if recorded_split != HELD_OUT else "test")
+    args.classnames = args.classnames or trained.get("classnames", "")
+    if args.demo:
+        args.workers = 0  # the demo faces are already in memory
+
+
+def read_split(args, checkpoint):
+    """The split to evaluate (no transform yet), checked before CLIP is loaded: its files, its
+    classes against the checkpoint's, and that every image decodes."""
+    options: Dict = {"skip_bad_images": True} if args.skip_bad_images else {}
+    if args.classnames and args.dataset != "folder":
+        raise ValueError(f"--classnames is for --dataset folder, not {args.dataset}")
+    if args.classnames:
+        options["classnames"] = [c.strip() for c in args.classnames.split(",")]
+    dataset = build_dataset(args.dataset, args.data_root, args.split, **options)
+    check_classes(args, checkpoint, dataset)
+    if not args.skip_bad_images:
+        require_readable(dataset, args.split, args.workers)
+    return dataset
+
+
+def check_classes(args, checkpoint, dataset):
+    """The checkpoint must know the data's classes (in any order: predictions match by name)."""
+    if checkpoint and set(dataset.classnames) != set(checkpoint["classnames"]):
+        check_compatible(checkpoint, args.checkpoint, classnames=dataset.classnames)
+
+
+def clip_to_load(args, checkpoint) -> str:
+    """--clip, else the checkpoint's CLIP, else ViT-B/16; the demo's tiny CLIP from the cache
+    folder when the demo asks for it or the recorded one has moved."""
+    name = args.clip or (checkpoint["clip"]["name"] if checkpoint else "")
+    if name and not os.path.isfile(name) and os.path.basename(name) == DEMO_CLIP_FILE:
+        name = ""
+    if not name and (args.demo or checkpoint):
+        return demo_clip_path(args.cache_dir)
+    return name or "ViT-B/16"
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     amp = resolve_amp(args.amp, device)
 
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None  # tensors only
-    clip_name = args.clip or (checkpoint["clip"]["name"] if checkpoint else None)
-    if args.demo and not args.clip:
-        clip_name = demo_clip_path(args.weights)
-    clip_model, _ = clip.load(clip_name or "ViT-B/16", device=device, download_root=args.weights)
+    fill_data_defaults(args, checkpoint)
+    needs_data = not (args.image or args.demo or args.interpret_prompts or args.soft_hard)
+    dataset = read_split(args, checkpoint) if needs_data else None
+    clip_name = clip_to_load(args, checkpoint)
+    clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir)
     resolution = clip_model.visual.input_resolution
     if checkpoint:
         check_compatible(checkpoint, args.checkpoint, clip_model,
@@ -188,12 +255,9 @@ def main(argv=None):
     if args.image:
         classnames = classnames or args.classes or list(BASIC_CLASSES)
     else:
-        if args.demo:
-            _, dataset = demo_datasets(resolution, None, None)
-        else:
-            dataset = build_dataset(args.dataset, args.data_root, args.split)
-        if checkpoint and set(dataset.classnames) != set(checkpoint["classnames"]):
-            check_compatible(checkpoint, args.checkpoint, classnames=dataset.classnames)
+        if args.demo:  # one face per class for the unused training split: it is not needed
+            dataset = demo_datasets(resolution, None, None, 1, args.demo_test_per_class)[1]
+            check_classes(args, checkpoint, dataset)
         classnames = list(dataset.classnames)
     if args.zero_shot or args.method == "expclip":
         classifiers += zero_shot_classifiers(args, clip_model, classnames)
@@ -263,9 +327,14 @@ def predict_images(args, classifiers, model, device, amp, resolution):
     attention over every face."""
     for c in classifiers:
         print(f"[{c.label}] input transform: {c.transform_name}")
-    outputs, tiles = {}, []
+    outputs, tiles, failed = {}, [], []
     for path in args.image:
-        image, note = face_input(load_image(path), resolution)
+        try:
+            image, note = face_input(load_image(path), resolution)
+        except OSError as error:  # report it and go on with the other images
+            print(f"error: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
         if note:
             print(f"note: {path}: {note}")
         for c in classifiers:
@@ -283,6 +352,9 @@ def predict_images(args, classifiers, model, device, amp, resolution):
         print(f"wrote {args.attention_png} (attention of each image's predicted class)")
     if args.json:
         atomic_write_json(outputs, args.json)
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(args.image)} image(s) could not be read: "
+                 f"{', '.join(failed)}")
     return outputs
 
 

@@ -3,17 +3,20 @@
     python train.py --demo                                   # synthetic faces, tiny CLIP, CPU
     python train.py --dataset rafdb --data-root data/RAF-DB  # the reported RAF-DB recipe
     python train.py --dataset ferplus --data-root data/FERPlus --clip ViT-L/14 --amp bf16
-    python train.py --resume runs/rafdb/last.pt              # continue exactly where it stopped
+    python train.py --resume runs/rafdb/<run>/last.pt        # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --dataset affectnet7 --data-root data/AffectNet
-    python train.py --method expclip --features feats.pt --out runs/expclip
+    python train.py --method expclip --features feats.pt
 
 Every field of TrainConfig and MPAFERConfig is a command-line flag (`--help` lists them).
-Precedence: defaults < dataset preset < --demo < flags you give. The resolved configuration is
-printed, saved as config.json in --out, and stored in every checkpoint.
+Precedence: defaults < dataset preset < --demo < flags you give. Each run gets its own folder,
+runs/<dataset>/<yyyymmdd-hhmmss> (--name NAME: runs/<dataset>/NAME; --out DIR: DIR); a folder
+that holds another run's checkpoints is refused unless --resume or --overwrite. The resolved
+configuration is printed, saved as config.json in that folder, and stored in every checkpoint.
+Ctrl-C stops at the end of the current step, saves a resumable last.pt and prints how to resume.
 
-The file reads top to bottom: configuration, the run's set-up, CLIP and data, model and
-prototypes, optimiser, the epoch loop (one training step is `mpafer.engine.train_step`),
-evaluation and saving, and the final report.
+The file reads top to bottom: configuration (every value checked), the run's set-up, data and
+CLIP (checked before anything is written), model and prototypes, optimiser, the epoch loop (one
+training step is `mpafer.engine.train_step`), evaluation and saving, and the final report.
 """
 import argparse
 import copy
@@ -25,7 +28,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, get_args, get_type_hints
+from typing import Dict, List, Optional, Tuple, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -38,9 +41,13 @@ from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, make_checkpoint
 from mpafer.data import (
     ClassBalancedSampler,
+    ResumableSampler,
+    SeededAugmentation,
     build_dataset,
+    dataset_fingerprint,
     eval_transform,
     format_class_counts,
+    require_readable,
     train_transform,
 )
 from mpafer.data.subsets import (
@@ -68,7 +75,26 @@ from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
 from mpafer.report import write_curves
-from mpafer.utils import atomic_save, atomic_write_json, run_cli
+from mpafer.runs import (
+    HONOURED_ON_RESUME,
+    StopRequest,
+    clear_run_files,
+    existing,
+    flag,
+    folder_conflict,
+    new_run_folder,
+    recorded_settings,
+    resume_changes,
+    resume_refusals,
+)
+from mpafer.utils import (
+    ArgumentParser,
+    atomic_save,
+    atomic_write,
+    atomic_write_json,
+    ignore_interrupts,
+    run_cli,
+)
 
 # -- configuration -------------------------------------------------------------------------------
 
@@ -79,13 +105,22 @@ class TrainConfig:
     dataset: str = field(default="rafdb", metadata={
         "help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"})
     data_root: str = field(default="data/RAF-DB")
+    classnames: str = field(default="", metadata={
+        "help": "--dataset folder: the class folder names, comma-separated, in label order "
+                "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
     clip: str = field(default="ViT-B/16", metadata={
-        "help": "CLIP name (downloaded to --weights) or path; --demo: \"\" = the tiny demo CLIP"})
-    weights: str = field(default="weights", metadata={
-        "help": "CLIP downloads and the prototype cache"})
+        "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
+                "CLIP"})
+    cache_dir: str = field(default="", metadata={
+        "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
+                "repository's weights/)", "aliases": ("--weights",)})
     descriptions: str = field(default="", metadata={
         "help": "class descriptions JSON (default: the shipped one)"})
-    out: str = field(default="", metadata={"help": "output folder (default runs/<dataset>)"})
+    out: str = field(default="", metadata={
+        "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)"})
+    name: str = field(default="", metadata={"help": "the run folder is runs/<dataset>/NAME"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in an existing run folder (default: refuse)"})
     epochs: int = field(default=120)
     batch_size: int = field(default=32)
     lr: float = field(default=0.032)
@@ -99,7 +134,10 @@ class TrainConfig:
     amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
     seed: int = field(default=1)
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
-    resume: str = field(default="", metadata={"help": "a last.pt to continue from"})
+    resume: str = field(default="", metadata={
+        "help": "a last.pt to continue from, as recorded; of the other flags only "
+                f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
+                "(--epochs only to extend, --clip only to the same file)"})
     demo: bool = field(default=False)
     demo_train_per_class: int = field(default=200, metadata={
         "help": "synthetic faces per class (--demo)"})
@@ -115,7 +153,9 @@ class TrainConfig:
     samples_per_epoch: int = field(default=0, metadata={
         "help": "with the balanced sampler; 0 = the training set's size"})
     prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
-    skip_bad_images: bool = field(default=False)
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "leave unreadable images out (default: an unreadable image is an error, "
+                "found before training)"})
     log_interval: int = field(default=20, metadata={
         "help": "steps between loss syncs (progress bar, NaN check)"})
     grad_checkpointing: bool = field(default=False, metadata={
@@ -132,6 +172,36 @@ class TrainConfig:
                 "<out>/heldout.json) to choose best.pt; best.pt is then evaluated once on the "
                 "test split (default 0 = off: evaluate on --eval-split)"})
 
+    def validate(self):
+        """Raise ValueError naming the flag of the first value out of range."""
+        finite = math.isfinite
+        names = [c.strip() for c in self.classnames.split(",")] if self.classnames else []
+        checks = [
+            ("method", self.method in ("mpafer", "expclip"), "mpafer or expclip"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
+            ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("workers", self.workers >= 0, ">= 0"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("stop_after", self.stop_after >= 0, ">= 0 (0 = never)"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("log_interval", self.log_interval >= 1, ">= 1"),
+            ("samples_per_epoch", self.samples_per_epoch >= 0, ">= 0"),
+            ("prototypes_per_class", self.prototypes_per_class >= 0, ">= 0 (0 = all)"),
+            ("demo_train_per_class", self.demo_train_per_class >= 1, ">= 1"),
+            ("demo_test_per_class", self.demo_test_per_class >= 1, ">= 1"),
+            ("classnames", not names or self.dataset == "folder", "used with --dataset folder"),
+            ("classnames", all(names) and len(set(names)) == len(names),
+             "distinct non-empty names, comma-separated"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{flag(name)} must be {expected}, got {getattr(self, name)!r}")
+
 
 # Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
 PRESETS = {
@@ -144,60 +214,124 @@ PRESETS = {
     "folder": dict(data_root="data/faces", epochs=50),
 }
 DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
-            amp="off", out="runs/demo")
+            amp="off")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
-EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1,
-               out="runs/expclip")
+EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 LOSS_PARTS = ("loss", "cls", "ta", "pa", "v")
+TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def add_fields(cls, group):
-    """One flag per dataclass field; its help is the field's `metadata["help"]`."""
+    """One flag per dataclass field; its help is the field's `metadata["help"]` (and
+    `metadata["aliases"]` are other spellings of the flag)."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         kind = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-        flag = "--" + f.name.replace("_", "-")
+        flags = (flag(f.name), *f.metadata.get("aliases", ()))
         text = f.metadata.get("help", "")
         text = text if "default" in text else f"{text} (default {f.default!r})".strip()
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
         else:
             choices = AMP_CHOICES if f.name == "amp" else None
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
+            group.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=choices,
                                metavar=kind.__name__.upper(), help=text)
 
 
 def parse_config(argv=None):
-    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line)."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line).
+
+    Every value is checked here, before anything is loaded or written: a value out of range,
+    a resume that would change the recorded run, or a run folder that holds another run is an
+    argument error naming the flag.
+    """
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(TrainConfig, parser.add_argument_group("training"))
     add_fields(MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
     given = vars(parser.parse_args(argv))
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = {k: v for k, v in given.items() if k in train_keys}
-    model = {k: v for k, v in given.items() if k not in train_keys}
-    values = {}
+    train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
+    model = {k: v for k, v in given.items() if k not in TRAIN_FIELDS}
     if train.get("resume"):
-        # Continue the run as it was configured; flags given now (e.g. --epochs) still win.
-        values.update(load_checkpoint(train["resume"]).get("train_config", {}))
-    elif train.get("method") == "expclip":
-        values.update(EXPCLIP)
+        values, model_values = resume_values(parser, train, model)
+    else:
+        values, model = new_run_values(parser, train, model)
+        model_values = model
+    try:
+        cfg = TrainConfig(**values)
+        cfg.validate()
+        model_cfg = MPAFERConfig(**model_values)
+    except ValueError as e:
+        parser.error(str(e))
+    check_protocol(parser, cfg, train)
+    cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or
+                                                       clip.default_weights_dir()))
+    if not cfg.resume:
+        cfg.out = new_run_out(parser, cfg, "out" in train)
+    return cfg, model_cfg, model
+
+
+def new_run_values(parser, train: Dict, model: Dict):
+    """Settings of a new run: defaults < dataset preset (or the demo's, or Exp-CLIP's) < flags."""
+    if train.get("method") == "expclip":
+        values = dict(EXPCLIP)
     elif train.get("demo"):
-        values.update(DEMO)
+        values = dict(DEMO)
         model = {**DEMO_MODEL, **model}
     else:
         dataset = train.get("dataset", TrainConfig.dataset)
         if dataset not in PRESETS:
             parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
-        values.update(PRESETS[dataset])
+        values = dict(PRESETS[dataset])
     values.update(train)
-    cfg = TrainConfig(**values)
-    cfg.out = cfg.out or os.path.join("runs", cfg.dataset)
-    check_protocol(parser, cfg, train)
-    return cfg, MPAFERConfig(**model), model
+    return values, model
+
+
+def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
+    """The new run's folder; one that holds another run's checkpoints is refused unless
+    --overwrite."""
+    if out_given and cfg.name:
+        parser.error("--out and --name both say where the run goes; give one of them")
+    base = "demo" if cfg.demo else "expclip" if cfg.method == "expclip" else cfg.dataset
+    out = cfg.out if out_given else new_run_folder(base, cfg.name)
+    conflict = folder_conflict(out)
+    if conflict and not cfg.overwrite:
+        parser.error(conflict)
+    return out
+
+
+def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
+    """Settings of a resumed run: the recorded ones, changed only by the flags a resume honours
+    (HONOURED_ON_RESUME); any other flag that differs from the record is refused."""
+    path = train["resume"]
+    try:
+        checkpoint = load_checkpoint(path)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        parser.error(f"--resume: {e}")
+    if "resume" not in checkpoint:
+        parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
+                     "resume from last.pt)")
+    recorded = {k: v for k, v in recorded_settings(checkpoint["train_config"]).items()
+                if k in TRAIN_FIELDS}
+    folder = os.path.dirname(path) or "."
+    if train.get("overwrite"):
+        parser.error("--overwrite starts a new run and --resume continues one; give one of them")
+    if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
+        parser.error(f"--out: a resumed run stays in its folder, {folder}")
+    refused = (resume_refusals(train, recorded, HONOURED_ON_RESUME)
+               + resume_refusals(model, checkpoint["config"]))
+    if refused:
+        parser.error(f"--resume continues the run as recorded in {path}; these flags would "
+                     f"change it: {'; '.join(refused)}. Start a new run to change them")
+    done = checkpoint["epoch"] + (1 if checkpoint["resume"].get("step") else 0)
+    epochs = train.get("epochs", recorded.get("epochs", TrainConfig.epochs))
+    if epochs < done:
+        parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
+                     "can only extend it")
+    values = {**recorded, **train, "out": folder, "overwrite": False}
+    return values, checkpoint["config"]
 
 
 def check_protocol(parser, cfg: TrainConfig, given: Dict):
@@ -243,16 +377,28 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int):
 
 
 class Logger:
-    """Prints on rank 0 and appends the same lines to <out>/log.txt."""
+    """Prints on rank 0 and appends the same lines to <out>/log.txt once the run folder is
+    opened (`open`); lines logged before that are kept and written then, so a run that fails
+    its checks writes nothing."""
 
-    def __init__(self, out: str, active: bool):
-        self.path, self.active = os.path.join(out, "log.txt"), active
+    def __init__(self, active: bool):
+        self.path, self.active, self.pending = None, active, []
+
+    def open(self, path: str):
+        self.path = path
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self.pending)
+        self.pending = []
 
     def __call__(self, message: str = ""):
-        if self.active:
-            tqdm.write(message)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(message + "\n")
+        if not self.active:
+            return
+        tqdm.write(message)
+        if self.path is None:
+            self.pending.append(message)
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
 
 
 @dataclass
@@ -265,6 +411,7 @@ class Run:
     amp: Optional[torch.dtype]
     log: Logger
     resume: Optional[dict]  # the checkpoint resumed from, if any
+    history: List[Dict]  # one entry per resume: where it continued, which flags it changed
 
     @property
     def master(self) -> bool:
@@ -287,6 +434,9 @@ class Training:
     eval_set: torch.utils.data.Dataset
     classnames: List[str]
     descriptions: Optional[Dict]
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C
+    first_step: int = 0  # a run resumed in the middle of an epoch: steps done in it,
+    first_sums: Optional[torch.Tensor] = None  # and their loss sums over all processes
     grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the first step
 
 
@@ -302,114 +452,183 @@ def run_expclip(cfg: TrainConfig):
     if not cfg.features:
         sys.exit("--method expclip needs --features FILE (make it with `python -m mpafer.expclip "
                  "cache` and `python -m mpafer.expclip teacher`)")
+    if not os.path.isfile(cfg.features):
+        raise FileNotFoundError(f"--features: {cfg.features} not found")
+    clear_run_files(cfg.out)  # a folder with another run's head was refused unless --overwrite
     os.makedirs(cfg.out, exist_ok=True)
-    log = Logger(cfg.out, True)
+    log = Logger(True)
+    log.open(os.path.join(cfg.out, "log.txt"))
     metadata = train_head_from_file(
         cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
         log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, seed=cfg.seed)
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in metadata["history"])
+    atomic_write_json({"train": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "config.json"))
+    lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
+    atomic_write(os.path.join(cfg.out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
 
 
 # -- MPA-FER: the run's set-up -------------------------------------------------------------------
 
-def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig, model_overrides: Dict):
-    """Processes, seeds, precision, the checkpoint resumed from, the log -> (Run, MPAFERConfig)."""
+def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig) -> Run:
+    """Processes, precision, the checkpoint resumed from, the log. Nothing is written yet: the
+    run folder is opened once the data and CLIP have passed their checks."""
     rank, world, device = setup_distributed(cfg.device)
-    seed_everything(cfg.seed)  # prompt initialisation; each epoch re-seeds from (seed, epoch)
+    if world > 1:  # every process writes to (and names) rank 0's run folder
+        box = [cfg.out]
+        dist.broadcast_object_list(box, src=0)
+        cfg.out = box[0]
     if device.type == "cuda":
         configure_cuda()
     amp = resolve_amp(cfg.amp, device)
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
+    history = []
     if resume is not None:
-        if "resume" not in resume:
-            sys.exit(f"{cfg.resume} has no training state (best.pt is for evaluation; resume "
-                     "from last.pt)")
-        if model_overrides:
-            print(f"note: --resume keeps the checkpoint's model configuration; ignoring "
-                  f"{sorted(model_overrides)}")
-        model_cfg = MPAFERConfig.from_dict(resume["config"])
-    os.makedirs(cfg.out, exist_ok=True)
-    run = Run(cfg, rank, world, device, amp, Logger(cfg.out, rank == 0), resume)
+        state = resume["resume"]
+        changed = resume_changes(resume["train_config"], dataclasses.asdict(cfg))
+        history = [*state.get("history", []), {
+            "from": cfg.resume, "epoch": resume["epoch"], "step": state.get("step", 0),
+            "changed": changed}]
+    run = Run(cfg, rank, world, device, amp, Logger(rank == 0), resume, history)
     if cfg.demo:
         run.log("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
                 "numbers say the\npipeline works end to end; they say nothing about real facial "
                 "expression data.\n" + "=" * 78)
-    config = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict()}
-    run.log(f"config: {json.dumps(config)}")
-    if run.master:
-        atomic_write_json(config, run.path("config.json"))
-    return run, model_cfg
+    run.log(f"config: {json.dumps(run_record(run, model_cfg))}")
+    return run
 
 
-# -- CLIP and data -----------------------------------------------------------------------------
+def run_record(run: Run, model_cfg: MPAFERConfig) -> Dict:
+    """config.json: the settings that ran, the precision and processes they ran with, and the
+    resumes (where each continued and which flags it changed)."""
+    return {"train": dataclasses.asdict(run.cfg), "model": model_cfg.to_dict(),
+            "precision": str(run.amp or torch.float32).replace("torch.", ""),
+            "processes": run.world, "resumed": run.history}
+
+
+def already_finished(run: Run) -> bool:
+    """A resumed run that has trained all its epochs: say so, and what it left, instead of
+    training (--epochs N extends it)."""
+    if (run.resume is None or run.resume["resume"].get("step")
+            or run.resume["epoch"] < run.cfg.epochs):
+        return False
+    run.log(f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
+            f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
+    run.log(files_summary(run, run.resume["resume"]["best"]))
+    return True
+
+
+def open_run_folder(run: Run, model_cfg: MPAFERConfig):
+    """The first write of the run: create its folder (a new run first removes what an earlier
+    attempt left there), write config.json, start log.txt with the lines logged so far."""
+    if not run.master:
+        return
+    if run.resume is None:
+        clear_run_files(run.cfg.out)
+    os.makedirs(run.cfg.out, exist_ok=True)
+    atomic_write_json(run_record(run, model_cfg), run.path("config.json"))
+    run.log.open(run.path("log.txt"))
+
+
+# -- data and CLIP -------------------------------------------------------------------------------
+
+def read_data(run: Run):
+    """The datasets, read and checked before anything expensive -> (train, eval) without
+    transforms (they need CLIP's resolution), or None for the demo (its synthetic faces are
+    drawn later). Checked: the root and label files, the class set of a resumed run, and that
+    every image of the evaluation split decodes."""
+    cfg = run.cfg
+    if cfg.demo:
+        return None
+    options = dataset_options(cfg)
+    train_set = build_dataset(cfg.dataset, cfg.data_root, "train", **options)
+    eval_set = (None if cfg.eval_split == HELD_OUT else  # carved out of train later
+                build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, **options))
+    if run.resume is not None:
+        check_compatible(run.resume, cfg.resume, classnames=train_set.classnames)
+    if eval_set is not None and not cfg.skip_bad_images:  # (with it, bad ones were dropped)
+        require_readable(eval_set, cfg.eval_split, cfg.workers)
+    return train_set, eval_set
+
+
+def dataset_options(cfg: TrainConfig) -> Dict:
+    options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
+    if cfg.classnames:
+        options["classnames"] = [c.strip() for c in cfg.classnames.split(",")]
+    return options
+
 
 def load_clip(run: Run):
-    """The frozen CLIP -> (model, name); the demo uses its pre-trained tiny CLIP unless --clip."""
+    """The frozen CLIP -> (model, name); the demo uses its pre-trained tiny CLIP unless --clip.
+    A resumed run must find the CLIP it was trained on."""
     name = run.cfg.clip
     if not name:
         if run.master:
-            demo_clip_path(run.cfg.weights, log=run.log)  # pre-trained once, then cached
+            demo_clip_path(run.cfg.cache_dir, log=run.log)  # pre-trained once, then cached
         if run.world > 1:
             dist.barrier()
-        name = demo_clip_path(run.cfg.weights, log=run.log)
-    clip_model, _ = clip.load(name, device=run.device, download_root=run.cfg.weights)
+        name = demo_clip_path(run.cfg.cache_dir, log=run.log)
+    clip_model, _ = clip.load(name, device=run.device, download_root=run.cfg.cache_dir)
+    if run.resume is not None:
+        check_compatible(run.resume, run.cfg.resume, clip_model)
     return clip_model, name
 
 
-def build_data(run: Run, resolution: int):
-    """-> (training set with augmentation, evaluation set with CLIP's preprocessing)."""
+def with_transforms(run: Run, data, resolution: int):
+    """-> (training set with augmentation, evaluation set with CLIP's preprocessing, the
+    records of the subsets that --shots / --val-fraction drew)."""
     cfg = run.cfg
-    if cfg.demo:
+    if data is None:
         train_set, eval_set = demo_datasets(resolution, train_transform(resolution),
                                             eval_transform(resolution),
                                             cfg.demo_train_per_class, cfg.demo_test_per_class)
     else:
-        options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
-        train_set = build_dataset(cfg.dataset, cfg.data_root, "train",
-                                  train_transform(resolution), **options)
-        eval_set = None if cfg.eval_split == HELD_OUT else build_dataset(
-            cfg.dataset, cfg.data_root, cfg.eval_split, eval_transform(resolution), **options)
-    train_set, eval_set = carve_subsets(run, train_set, eval_set, resolution)
+        train_set, eval_set = data
+        train_set.transform = train_transform(resolution)
+        if eval_set is not None:  # (None: --val-fraction carves it out of the training set)
+            eval_set.transform = eval_transform(resolution)
+    train_set, eval_set, records = carve_subsets(run, train_set, eval_set, resolution)
     run.log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
     run.log(f"{cfg.eval_split}: {len(eval_set)} images")
-    return train_set, eval_set
+    return train_set, eval_set, records
 
 
 def carve_subsets(run: Run, train_set, eval_set, resolution: int):
     """--val-fraction: a stratified part of the training set becomes the evaluation set;
     --shots: training uses K images per class of the rest. Both seeded, both listed in the run
-    folder."""
-    cfg = run.cfg
+    folder (written by `write_subsets` once the run folder is open)."""
+    cfg, records = run.cfg, []
     kept = None
     if cfg.val_fraction > 0:
         kept, held = stratified_split(train_set.targets, cfg.val_fraction, cfg.seed)
         eval_set = Subset(train_set, held, eval_transform(resolution))
-        write_subset(run, "heldout.json", eval_set, protocol="held-out validation",
-                     fraction=cfg.val_fraction)
+        records.append(("heldout.json", eval_set, dict(protocol="held-out validation",
+                                                       fraction=cfg.val_fraction)))
     if cfg.shots > 0:
         chosen = few_shot_indices(train_set.targets, cfg.shots, cfg.seed, pool=kept)
         train_set = Subset(train_set, chosen, train_set.transform)
-        write_subset(run, "shots.json", train_set, protocol="few-shot", shots=cfg.shots)
+        records.append(("shots.json", train_set, dict(protocol="few-shot", shots=cfg.shots)))
     elif kept is not None:
         train_set = Subset(train_set, kept, train_set.transform)
-    return train_set, eval_set
+    return train_set, eval_set, records
 
 
-def write_subset(run: Run, name: str, subset: Subset, **info):
-    if run.master:
-        record = subset_record(subset, **info, seed=run.cfg.seed,
-                               dataset="synthetic-demo" if run.cfg.demo else run.cfg.dataset)
-        atomic_write_json(record, run.path(name))
-    run.log(f"{info['protocol']}: {len(subset)} images, listed in {run.path(name)}")
+def write_subsets(run: Run, records):
+    for name, subset, info in records:
+        if run.master:
+            record = subset_record(subset, **info, seed=run.cfg.seed,
+                                   dataset="synthetic-demo" if run.cfg.demo else run.cfg.dataset)
+            atomic_write_json(record, run.path(name))
+        run.log(f"{info['protocol']}: {len(subset)} images, listed in {run.path(name)}")
 
 
 # -- model and prototypes ------------------------------------------------------------------------
 
 def build_model(run: Run, clip_model, clip_name: str, classnames: List[str],
                 model_cfg: MPAFERConfig):
-    """Frozen CLIP + prompts; hard prompts from the LLM descriptions -> (model, descriptions)."""
+    """Frozen CLIP + prompts; hard prompts from the LLM descriptions -> (model, descriptions).
+    The prompts' initialisation draws from --seed, whatever ran before (e.g. the demo CLIP's
+    first pre-training), so a first run and a later one start alike."""
+    seed_everything(run.cfg.seed)
     if run.resume is not None:
         descriptions = run.resume.get("descriptions")
     elif model_cfg.soft_hard_alignment and model_cfg.hard_prompt_template == 3:
@@ -427,15 +646,21 @@ def build_model(run: Run, clip_model, clip_name: str, classnames: List[str],
 
 def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
     """Class prototypes for L_v from the training images (eval transform), computed once on
-    rank 0, cached on disk under a key of everything they depend on, broadcast to all ranks."""
+    rank 0, cached on disk under a key of everything they depend on (stable values only, so
+    later runs find them), broadcast to all ranks."""
     cfg = run.cfg
     proto_view = copy.copy(train_set)  # same images, eval transform
     proto_view.transform = eval_transform(resolution)
-    key = {"clip_sha256": model.clip.checkpoint_sha256,
+    per_class = cfg.prototypes_per_class or None
+    base = train_set.base if isinstance(train_set, Subset) else train_set
+    key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
+           "transform": "eval_transform (CLIP preprocessing)",
            "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
            "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",
-           "images": len(train_set), "transform": repr(proto_view.transform),
-           "per_class": cfg.prototypes_per_class, "classes": list(train_set.classnames)}
+           "images": len(train_set), "items_sha256": dataset_fingerprint(base),
+           "classes": list(train_set.classnames), "per_class": cfg.prototypes_per_class,
+           "seed": cfg.seed if per_class else None,  # the seed draws the per-class subset
+           "amp": str(run.amp)}
     if isinstance(train_set, Subset):  # --shots / --val-fraction: which images, not just how many
         key["subset"] = train_set.fingerprint()
     prototypes = None
@@ -443,8 +668,9 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
         loader = DataLoader(proto_view, batch_size=128, num_workers=cfg.workers,
                             pin_memory=run.device.type == "cuda")
         prototypes = cached_prototypes(
-            os.path.join(cfg.weights, "prototypes"), key,
-            lambda: compute_prototypes(model, loader, per_class=cfg.prototypes_per_class or None),
+            os.path.join(cfg.cache_dir, "prototypes"), key,
+            lambda: compute_prototypes(model, loader, per_class=per_class, seed=cfg.seed,
+                                       amp_dtype=run.amp),
             log=run.log)
     if run.world > 1:
         box = [prototypes]
@@ -457,7 +683,8 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
 
 def make_train_loader(run: Run, train_set):
     """-> (loader, its generator). Balanced, distributed or plain random sampling; batches are
-    dropped at the end so every step has the same size."""
+    dropped at the end so every step has the same size. Each image's augmentation draws from
+    (seed, epoch, index), and the sampler can skip the part of an epoch done before a resume."""
     cfg = run.cfg
     if cfg.balanced_sampler:
         sampler = ClassBalancedSampler(train_set.targets, cfg.samples_per_epoch or None,
@@ -468,9 +695,10 @@ def make_train_loader(run: Run, train_set):
     else:
         sampler = RandomSampler(train_set, generator=torch.Generator())
     loader_rng = torch.Generator()
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
-                        drop_last=True, generator=loader_rng)
+    loader = DataLoader(SeededAugmentation(train_set, cfg.seed), batch_size=cfg.batch_size,
+                        sampler=ResumableSampler(sampler), num_workers=cfg.workers,
+                        pin_memory=run.device.type == "cuda", drop_last=True,
+                        generator=loader_rng, worker_init_fn=ignore_interrupts)
     if len(loader) == 0:
         sys.exit(f"the training set ({len(train_set)} images over {run.world} processes) is "
                  f"smaller than one batch of {cfg.batch_size}; lower --batch-size")
@@ -489,51 +717,58 @@ def make_optimizer(run: Run, model: MPAFER, steps_per_epoch: int):
 
 def restore(run: Run, t: Training):
     """Load the resumed run's state into the model and optimiser -> (start epoch, best so far).
-
-    A fresh run starts a new metrics.jsonl; a resumed one drops the lines of epochs it redoes.
-    """
-    metrics_path = run.path("metrics.jsonl")
+    A run stopped in the middle of an epoch continues at its step, with its loss sums. A
+    resumed run drops the metrics.jsonl lines of epochs it redoes."""
     if run.resume is None:
-        if run.master and os.path.isfile(metrics_path):
-            os.remove(metrics_path)
         return 0, {"war": -1.0, "epoch": 0}
-    check_compatible(run.resume, run.cfg.resume, t.model.clip, t.classnames)
     t.model.load_trainable_state_dict(run.resume["state_dict"])
     state = run.resume["resume"]
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     start_epoch, best = run.resume["epoch"], state["best"]
-    run.log(f"resumed from {run.cfg.resume} after epoch {start_epoch} "
-            f"(best WAR {100 * best['war']:.2f}%)")
+    t.first_step, t.first_sums = state.get("step", 0), state.get("sums")
+    if t.first_step and state.get("processes", 1) != run.world:
+        raise ValueError(f"{run.cfg.resume} stopped in the middle of an epoch with "
+                         f"{state.get('processes', 1)} process(es); resume it with as many "
+                         f"(this run has {run.world})")
+    where = (f"step {t.first_step} of epoch {start_epoch + 1}" if t.first_step
+             else f"epoch {start_epoch}")
+    run.log(f"resumed from {run.cfg.resume} after {where} (best WAR {100 * best['war']:.2f}%)")
+    metrics_path = run.path("metrics.jsonl")
     if run.master and os.path.isfile(metrics_path):
         with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+            kept = "".join(line for line in f if json.loads(line)["epoch"] <= start_epoch)
+        atomic_write(metrics_path, lambda f: f.write(kept.encode("utf-8")))
     return start_epoch, best
 
 
 # -- the epoch loop ------------------------------------------------------------------------------
 
-def seed_epoch(run: Run, t: Training, epoch: int):
-    """Everything random in an epoch derives from (seed, epoch): resuming repeats it exactly."""
+def seed_epoch(run: Run, t: Training, epoch: int, first_step: int = 0):
+    """Everything random in an epoch derives from (seed, epoch), each image's augmentation from
+    (seed, epoch, index): resuming repeats it exactly, also from the middle of the epoch, whose
+    first `first_step` batches the sampler then skips."""
     seed = run.cfg.seed * 1000 + epoch
     seed_everything(seed)
     t.loader_rng.manual_seed(seed)
-    sampler = t.loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    elif isinstance(sampler, RandomSampler):
-        sampler.generator.manual_seed(seed)
+    t.loader.dataset.set_epoch(epoch)
+    sampler = t.loader.sampler  # a ResumableSampler around the epoch's sampler
+    sampler.skip = first_step * run.cfg.batch_size
+    sampler.set_epoch(epoch)
+    if isinstance(sampler.sampler, RandomSampler):
+        sampler.sampler.generator.manual_seed(seed)
 
 
 def stop_on_nan(run: Run, totals: torch.Tensor, epoch: int, step: int):
     if torch.isfinite(totals).all():
         return
+    last = run.path("last.pt")
+    kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
+            else "no checkpoint was written")
     run.log(f"stopping: the loss became {totals[0].item()} in epoch {epoch + 1} (step {step}). "
-            f"Nothing was saved for this epoch; the last good checkpoint is "
-            f"{run.path('last.pt')}. Try a lower --lr, --amp bf16/off, or --grad-clip.")
+            f"Nothing was saved for this epoch; {kept}. Try a lower --lr, --amp bf16/off, or "
+            "--grad-clip.")
     if run.world > 1:
         dist.destroy_process_group()
     sys.exit(1)
@@ -549,17 +784,31 @@ def first_step_gradient_norms(run: Run, t: Training, images, labels) -> Dict[str
     return norms
 
 
-def train_one_epoch(run: Run, t: Training, epoch: int):
-    """-> (mean loss parts over the epoch and all processes, seconds)."""
+def sync_progress(run: Run, running: torch.Tensor, asked: bool):
+    """-> (loss sums over all processes, whether any process got Ctrl-C). One all-reduce at the
+    loop's sync points, so every process stops at the same step."""
+    synced = torch.cat([running, running.new_tensor([float(asked)])])
+    if run.world > 1:
+        dist.all_reduce(synced)
+    return synced[:-1], bool(synced[-1] > 0)
+
+
+def train_one_epoch(run: Run, t: Training, epoch: int, first_step: int = 0, sums=None):
+    """Steps first_step + 1 ... of an epoch -> (mean loss parts over the epoch and all
+    processes, seconds, whether Ctrl-C asked to stop). Ctrl-C in the middle of the epoch ends
+    it at the end of the current step: then the means are None, and the last element is
+    (steps done, their loss sums) for last.pt."""
     cfg, device = run.cfg, run.device
-    seed_epoch(run, t, epoch)
+    seed_epoch(run, t, epoch, first_step)
     t.forward.train()
-    steps = len(t.loader)
+    steps = first_step + len(t.loader)
     running = torch.zeros(len(LOSS_PARTS), device=device)  # summed over steps, on the device
+    if sums is not None:
+        running += sums.to(device) / run.world  # the part done before the resume
     start = time.time()
     bar = tqdm(t.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.master,
-               leave=False)
-    for step, (images, labels) in enumerate(bar, 1):
+               leave=False, initial=first_step, total=steps)
+    for step, (images, labels) in enumerate(bar, first_step + 1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if epoch == 0 and step == 1:
@@ -568,30 +817,49 @@ def train_one_epoch(run: Run, t: Training, epoch: int):
                                  cfg.grad_clip, forward=t.forward)
         t.scheduler.step()
         running += torch.stack([loss.float(), *[parts[k].float() for k in LOSS_PARTS[1:]]])
-        if step % cfg.log_interval == 0 or step == steps:  # the only host syncs of the step
-            synced = running.clone()
-            if run.world > 1:
-                dist.all_reduce(synced)
+        asked = t.stop.requested  # a host flag: checking it costs nothing
+        if step % cfg.log_interval == 0 or step == steps or (asked and run.world == 1):
+            synced, stop = sync_progress(run, running, asked)  # the only host syncs of the step
             stop_on_nan(run, synced, epoch, step)
             mean = (synced / (step * run.world)).tolist()
-            speed = step * cfg.batch_size * run.world / (time.time() - start)
+            speed = (step - first_step) * cfg.batch_size * run.world / (time.time() - start)
             bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(LOSS_PARTS, mean)},
                             img_s=f"{speed:.0f}")
-    return dict(zip(LOSS_PARTS, mean)), time.time() - start
+            if stop and step < steps:
+                return None, time.time() - start, (step, synced.cpu())
+    return dict(zip(LOSS_PARTS, mean)), time.time() - start, stop
 
 
 # -- evaluation and saving -----------------------------------------------------------------------
 
+def resume_state(run: Run, t: Training, best: Dict, step: int = 0, sums=None) -> Dict:
+    """What last.pt needs to continue: optimiser, schedule, scaler, best so far, and for a run
+    stopped in the middle of an epoch, the steps done in it and their loss sums."""
+    return {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(), "rng": rng_state(), "best": best, "step": step,
+            "sums": sums, "processes": run.world, "history": run.history}
+
+
 def save_epoch(run: Run, t: Training, epoch: int, summary: Dict, best: Dict, is_best: bool):
     """last.pt (resumable) every epoch, best.pt when the evaluation improved; both atomic."""
     train_cfg = dataclasses.asdict(run.cfg)
-    resume_state = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-                    "scaler": t.scaler.state_dict(), "rng": rng_state(), "best": best}
     atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg,
-                                resume_state), run.path("last.pt"))
+                                resume_state(run, t, best)), run.path("last.pt"))
     if is_best:
         atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg),
                     run.path("best.pt"))
+
+
+def save_interrupted(run: Run, t: Training, epoch: int, position, best: Dict):
+    """Ctrl-C in the middle of epoch `epoch`: last.pt records how far it got, so that a resume
+    continues exactly there (equal to a run that was never stopped)."""
+    step, sums = position
+    if run.master:
+        atomic_save(make_checkpoint(t.model, t.descriptions, epoch, {},
+                                    dataclasses.asdict(run.cfg),
+                                    resume_state(run, t, best, step, sums)), run.path("last.pt"))
+    run.log(f"stopped by Ctrl-C after step {step} of epoch {epoch + 1}; saved "
+            f"{run.path('last.pt')}")
 
 
 def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: float,
@@ -630,19 +898,59 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
 
 
 def train_epochs(run: Run, t: Training, start_epoch: int, best: Dict):
-    """The epoch loop -> (best, last evaluation, whether --stop-after ended it early)."""
+    """The epoch loop -> (best, last evaluation, why it ended early: None, "stop-after" or
+    "interrupted"). Ctrl-C stops at the end of the current step and saves a resumable last.pt."""
     cfg, metrics = run.cfg, {}
-    for epoch in range(start_epoch, cfg.epochs):
-        losses, seconds = train_one_epoch(run, t, epoch)
-        best, metrics = evaluate_and_save(run, t, epoch, losses, seconds, best, metrics)
-        if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
-            run.log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue with "
-                    f"--resume {run.path('last.pt')}")
-            return best, metrics, True
-    return best, metrics, False
+    first_step, sums = t.first_step, t.first_sums
+    with t.stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            losses, seconds, stop = train_one_epoch(run, t, epoch, first_step, sums)
+            first_step, sums = 0, None
+            if losses is None:
+                save_interrupted(run, t, epoch, stop, best)
+                return best, metrics, interrupted(run)
+            best, metrics = evaluate_and_save(run, t, epoch, losses, seconds, best, metrics)
+            if stop and epoch + 1 < cfg.epochs:
+                return best, metrics, interrupted(run)
+            if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
+                run.log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue "
+                        f"with: {resume_command(run)}")
+                return best, metrics, "stop-after"
+    return best, metrics, None
 
 
-def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, resolution: int):
+def resume_command(run: Run) -> str:
+    launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
+    return f"{launcher} train.py --resume {run.path('last.pt')}"
+
+
+def interrupted(run: Run) -> str:
+    run.log(f"interrupted (Ctrl-C); continue exactly where it stopped with: "
+            f"{resume_command(run)}")
+    return "interrupted"
+
+
+def files_summary(run: Run, best: Dict) -> str:
+    """What the run left (only files that exist) and how to evaluate it."""
+    cfg, lines = run.cfg, []
+    if os.path.isfile(run.path("best.pt")):
+        lines.append(f"best checkpoint: {run.path('best.pt')} (best {cfg.eval_split} WAR "
+                     f"{100 * best['war']:.2f}% at epoch {best['epoch']})")
+    if os.path.isfile(run.path("last.pt")):
+        lines.append(f"resumable checkpoint: {run.path('last.pt')}")
+    logs = existing(cfg.out, ("log.txt", "metrics.jsonl", "config.json"))
+    if logs:
+        lines.append(f"logs and settings: {', '.join(logs)}")
+    if os.path.isfile(run.path("best.pt")):
+        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}")
+    if cfg.demo:
+        lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
+                     "AffectNet or FERPlus.)")
+    return "\n".join(lines)
+
+
+def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: Optional[str],
+           resolution: int):
     """The final evaluation, best.pt on the test split if another split chose it, file list."""
     cfg = run.cfg
     if metrics and not stopped:
@@ -662,14 +970,7 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
         if run.master:
             atomic_write_json({"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test},
                               run.path("test.json"))
-    run.log(f"\ncheckpoints: {run.path('best.pt')} (best {cfg.eval_split} WAR "
-            f"{100 * best['war']:.2f}% at epoch {best['epoch']}), {run.path('last.pt')}\n"
-            f"logs: {run.path('log.txt')}, {run.path('metrics.jsonl')}, config: "
-            f"{run.path('config.json')}")
-    if cfg.demo:
-        run.log(f"evaluate it again with: python eval.py --demo --checkpoint "
-                f"{run.path('best.pt')}\n(DEMO on synthetic data: see the README for training "
-                "on RAF-DB, AffectNet or FERPlus.)")
+    run.log("\n" + files_summary(run, best))
 
 
 def load_test_split(run: Run, resolution: int):
@@ -678,7 +979,8 @@ def load_test_split(run: Run, resolution: int):
     if cfg.demo:
         return demo_datasets(resolution, None, eval_transform(resolution), 1,  # 1: train unused
                              cfg.demo_test_per_class)[1]
-    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
+    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution),
+                         **dataset_options(cfg))
 
 
 def draw_curves(run: Run):
@@ -690,16 +992,19 @@ def draw_curves(run: Run):
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, model_cfg, model_overrides = parse_config(argv)
+    cfg, model_cfg, _ = parse_config(argv)
     if cfg.method == "expclip":
         return run_expclip(cfg)
-    if cfg.method != "mpafer":
-        sys.exit(f"--method must be mpafer or expclip, got {cfg.method!r}")
 
-    run, model_cfg = start_run(cfg, model_cfg, model_overrides)
+    run = start_run(cfg, model_cfg)
+    if already_finished(run):
+        return
+    data = read_data(run)  # checked before CLIP is loaded and before anything is written
     clip_model, clip_name = load_clip(run)
     resolution = clip_model.visual.input_resolution
-    train_set, eval_set = build_data(run, resolution)
+    train_set, eval_set, subsets = with_transforms(run, data, resolution)
+    open_run_folder(run, model_cfg)
+    write_subsets(run, subsets)
     classnames = list(train_set.classnames)
     model, descriptions = build_model(run, clip_model, clip_name, classnames, model_cfg)
     if model_cfg.prototype_alignment:
@@ -712,7 +1017,7 @@ def main(argv=None):
     if run.world > 1:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         t.forward = DDP(model, device_ids=device_ids, broadcast_buffers=False)
-    if cfg.demo and start_epoch == 0:
+    if cfg.demo and run.resume is None:
         model.eval()
         before = evaluate(t.eval_logits, eval_set, classnames, run.device, run.amp,
                           batch_size=2 * cfg.batch_size, workers=cfg.workers)
@@ -724,6 +1029,8 @@ def main(argv=None):
     draw_curves(run)
     if run.world > 1:
         dist.destroy_process_group()
+    if stopped == "interrupted":
+        sys.exit(130)  # as an interrupted program exits; last.pt is saved
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .metrics import confusion_matrix, summarize
 from .model import MPAFER, MPAFERConfig
+from .utils import ignore_interrupts
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -144,7 +145,7 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     sampler = ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     preds, targets = [], []
     for images, labels in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):

@@ -1,17 +1,28 @@
-"""Small functions shared by the package and the scripts: atomic writes, the same-CLIP check,
-one-line errors for the scripts."""
+"""Small functions shared by the package and the scripts: atomic writes with the user's normal
+permissions, one-line errors for the scripts (arguments and failures), DataLoader workers that
+leave Ctrl-C to the main process."""
+import argparse
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
 
 import torch
 
 
+def user_file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the process's umask (e.g. 0o644)."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write):
     """Write `path` through `write(binary file)` into a temporary file in the same folder, then
-    rename it over `path`: readers never see a half-written file, and a crash leaves the old one."""
+    rename it over `path`: readers never see a half-written file, and a crash leaves the old one.
+    The file gets the user's normal permissions (mkstemp's temporary files are private, 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -20,6 +31,7 @@ def atomic_write(path: str, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, user_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,11 +50,31 @@ def atomic_write_json(obj, path: str, **json_options):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `prog: error: message`, with a pointer to --help
+    instead of the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def ignore_interrupts(worker_id: int = 0):
+    """DataLoader `worker_init_fn`: Ctrl-C goes to the whole process group; the workers ignore
+    it, so the main process alone decides how to stop (train.py saves a resumable last.pt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_cli(main):
     """Run a script's main(): expected failures (bad paths, arguments, files) print one clear
-    line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback."""
+    line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback. Ctrl-C outside
+    the places that handle it ends the script quietly (exit status 130, as shells expect)."""
     try:
         main()
+    except KeyboardInterrupt:
+        if os.environ.get("MPAFER_TRACEBACK"):
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError,
             NotImplementedError) as e:
         if os.environ.get("MPAFER_TRACEBACK"):

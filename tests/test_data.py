@@ -442,12 +442,52 @@ def test_folder_dataset(tmp_path):
     with pytest.raises(ValueError, match="neutral"):
         FolderDataset(root, "train", classnames=["fear", "happiness"])
 
-    save_image(os.path.join(root, "train", "happy", "x.jpg"), (1, 2, 3))
-    with pytest.raises(ValueError, match="happy'? is not a canonical class"):
+    save_image(os.path.join(root, "train", "joyful", "x.jpg"), (1, 2, 3))
+    with pytest.raises(ValueError, match="'joyful' is not a class name.*--classnames"):
         FolderDataset(root, "train")
     with pytest.raises(FileNotFoundError) as error:
         FolderDataset(root, "val")
     assert os.path.join(root, "val") in str(error.value) and "train" in str(error.value)
+
+
+def test_folder_names_may_be_synonyms_in_any_case(tmp_path):
+    # FER2013's folder names (adjectives, capitalised) map onto the canonical classes.
+    root = str(tmp_path)
+    layout = [("train", "Happy"), ("train", "sad"), ("train", "ANGRY"), ("train", "Surprised"),
+              ("train", "fearful"), ("train", "Disgusted"), ("train", "contemptuous"),
+              ("train", "Neutral"), ("test", "happiness"), ("test", "Sad")]
+    for i, (split, folder) in enumerate(layout):
+        save_image(os.path.join(root, split, folder, f"{i}.png"), (i, 2, 3))
+    train = FolderDataset(root, "train")
+    assert train.classnames == CANONICAL_CLASSES  # every class, in canonical order
+    by_class = {train.classnames[t]: os.path.basename(os.path.dirname(p))
+                for t, p in zip(train.targets, train.paths)}
+    assert by_class == {"neutral": "Neutral", "happiness": "Happy", "surprise": "Surprised",
+                        "sadness": "sad", "anger": "ANGRY", "disgust": "Disgusted",
+                        "fear": "fearful", "contempt": "contemptuous"}
+    with pytest.warns(UserWarning, match="no images for class"):
+        test = FolderDataset(root, "test")  # other spellings in another split: same indices
+    assert test.classnames == train.classnames
+    assert [test.classnames[t] for t in test.targets] == ["happiness", "sadness"]
+
+    save_image(os.path.join(root, "train", "happiness", "x.png"), (1, 2, 3))
+    with pytest.raises(ValueError, match="'Happy' and 'happiness' both mean 'happiness'"):
+        FolderDataset(root, "train")
+
+
+def test_numbered_folders_ask_for_names_and_other_names_for_classnames(tmp_path):
+    numbered = str(tmp_path / "numbered")
+    for label in range(3):
+        save_image(os.path.join(numbered, "train", str(label), "a.png"), (label, 2, 3))
+    with pytest.raises(ValueError, match=r"numbered \(0, 1, 2\).*rename them to class names"):
+        FolderDataset(numbered, "train")
+    named = str(tmp_path / "named")
+    for name in ("calm", "excited"):
+        save_image(os.path.join(named, "train", name, "a.png"), (1, 2, 3))
+    with pytest.raises(ValueError, match="'calm' is not a class name.*--classnames a,b,c"):
+        FolderDataset(named, "train")
+    explicit = FolderDataset(named, "train", classnames=["excited", "calm"])
+    assert explicit.classnames == ("excited", "calm") and explicit.targets == [0, 1]
 
 
 # ----------------------------------------------------------------------------- factory

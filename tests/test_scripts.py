@@ -2,6 +2,8 @@
 import json
 import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
 
@@ -9,23 +11,7 @@ import pytest
 import torch
 
 from mpafer.checkpoint import load_checkpoint
-from tests.helpers import tiny_state_dict
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, check=True, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +19,6 @@ def tiny_clip_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "tiny-clip.pt"
     torch.save(tiny_state_dict(seed=0), path)
     return str(path)
-
-
-def quick_demo(out, clip_file, *extra):
-    """The demo pipeline on a tiny random CLIP and a few synthetic faces (seconds, not minutes)."""
-    return ("train.py", "--demo", "--clip", clip_file, "--out", str(out), "--weights", str(out) + "-weights",
-            "--demo-train-per-class", "10", "--demo-test-per-class", "4", "--batch-size", "16", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +75,57 @@ def test_eval_predicts_single_images_with_attention(demo_run):
     assert "happiness" in result.stdout and (out / "attention.png").is_file()
 
 
+def interrupt_after_first_epoch(args):
+    """Start train.py, press Ctrl-C (SIGINT) as soon as epoch 1 is logged -> the run's output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1/"):
+            process.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, "".join(lines) + stdout, stderr
+
+
 def test_resume_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file):
-    run(*quick_demo(tmp_path / "straight", tiny_clip_file, "--epochs", "3"))
-    run(*quick_demo(tmp_path / "split", tiny_clip_file, "--epochs", "3", "--stop-after", "1"))
+    # 10 steps an epoch: Ctrl-C pressed after epoch 1 lands in the middle of epoch 2 or 3.
+    settings = ("--epochs", "3", "--log-interval", "1")
+    run(*quick_demo(tmp_path / "straight", tiny_clip_file, *settings, per_class=24))
+    run(*quick_demo(tmp_path / "split", tiny_clip_file, *settings, "--stop-after", "1",
+                    per_class=24))
     assert load_checkpoint(str(tmp_path / "split" / "last.pt"))["epoch"] == 1
     run("train.py", "--resume", str(tmp_path / "split" / "last.pt"))  # the run's own settings come back
-    a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
-    b = load_checkpoint(str(tmp_path / "split" / "last.pt"))
-    assert a["epoch"] == b["epoch"] == 3
-    for key in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
-    straight, split = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(tmp_path / "split" / "metrics.jsonl")
-    assert [r["epoch"] for r in split] == [1, 2, 3]
-    for r, s in zip(straight, split):
-        assert r["loss"] == pytest.approx(s["loss"], rel=1e-5) and r["war"] == s["war"]
+
+    code, stdout, stderr = interrupt_after_first_epoch(
+        quick_demo(tmp_path / "ctrl-c", tiny_clip_file, *settings, per_class=24))
+    assert code == 130 and "Traceback" not in stderr
+    stopped = load_checkpoint(str(tmp_path / "ctrl-c" / "last.pt"))
+    # Usually step 1 of epoch 2; a slow machine may deliver the signal later, even at the end
+    # of an epoch (then last.pt is that epoch's own).
+    assert stopped["epoch"] in (1, 2) and 0 <= stopped["resume"]["step"] < 10
+    resume = re.search(r"continue exactly where it stopped with: python (train.py --resume \S+)",
+                       stdout)
+    assert resume and resume.group(1) == f"train.py --resume {tmp_path / 'ctrl-c' / 'last.pt'}"
+    run(*resume.group(1).split())
+
+    straight = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    for other in ("split", "ctrl-c"):
+        resumed = load_checkpoint(str(tmp_path / other / "last.pt"))
+        assert resumed["epoch"] == 3 and resumed["resume"]["step"] == 0
+        for key in straight["state_dict"]:
+            torch.testing.assert_close(straight["state_dict"][key], resumed["state_dict"][key],
+                                       rtol=1e-6, atol=1e-7)
+        records = read_jsonl(tmp_path / other / "metrics.jsonl")
+        assert [r["epoch"] for r in records] == [1, 2, 3]
+        for r, s in zip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"), records):
+            # The loss sums of the interrupted epoch carried over: the same epoch means.
+            assert r["loss"] == pytest.approx(s["loss"], rel=1e-6) and r["war"] == s["war"]
+    history = json.load(open(tmp_path / "ctrl-c" / "config.json"))["resumed"]
+    assert [(h["epoch"], h["step"]) for h in history] == [(stopped["epoch"],
+                                                           stopped["resume"]["step"])]
 
 
 def test_ddp_with_two_gloo_processes(tmp_path, tiny_clip_file):
@@ -164,14 +181,20 @@ def test_nan_loss_stops_clearly_and_saves_nothing_bad(tmp_path, tiny_clip_file):
     assert result.returncode == 1
     assert "stopping: the loss became" in result.stdout
     assert not (tmp_path / "nan" / "last.pt").exists()
+    # The message names no checkpoint that was never written.
+    assert "no checkpoint was written" in result.stdout
+    assert "last.pt" not in result.stdout and "best.pt" not in result.stdout
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
+    # The data is checked before CLIP is looked at, and nothing is written.
     result = run("train.py", "--dataset", "rafdb", "--data-root", str(tmp_path / "nowhere"), "--clip", "ViT-H/99",
                  "--out", str(tmp_path / "x"), check=False)
-    assert result.returncode != 0 and "ViT-H/99" in result.stderr
+    assert result.returncode != 0 and "nowhere" in result.stderr and "ViT-H/99" not in result.stderr
+    assert not (tmp_path / "x").exists()
     result = run("train.py", "--dataset", "imagenet", check=False)
-    assert result.returncode != 0 and "--dataset must be one of" in result.stderr
+    assert result.returncode == 2 and "--dataset must be one of" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, not the whole usage
     result = run("eval.py", check=False)
     assert result.returncode != 0 and "--checkpoint" in result.stderr
 

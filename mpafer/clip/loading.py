@@ -49,6 +49,13 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def _user_file_mode() -> int:
+    """0o666 less the umask: the mode open() would give a new file."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def download(url: str, root: str, expected_sha256: str) -> str:
     """Fetch `url` into `root` unless a file with the right SHA-256 is already there.
 
@@ -74,6 +81,7 @@ def download(url: str, root: str, expected_sha256: str) -> str:
         if digest.hexdigest() != expected_sha256:
             raise RuntimeError(f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
                                f"{digest.hexdigest()}; the download was discarded")
+        os.chmod(tmp, _user_file_mode())  # mkstemp's files are private (0600)
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
@@ -161,17 +169,55 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def _is_torch_file(path: str) -> bool:
+    """Whether `path` looks like what torch.save writes: a zip archive with a data.pkl, or (the
+    format before PyTorch 1.6) a pickle, whose first byte is the PROTO opcode."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("data.pkl") for n in archive.namelist())
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _describe_start(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if not head:
+        return "the file is empty"
+    text = head.decode("utf-8", errors="replace")
+    if text.isprintable() or text.strip().isprintable():
+        return f"it starts with {text.strip()!r}"
+    return "it starts with binary data"
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The weights-only unpickler's own reason, without PyTorch's advice around it."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(error).__name__
+
+
 def safe_load(path: str, what: str = "file"):
     """`torch.load(weights_only=True)` on CPU: tensors and plain containers only. A file that
-    would need arbitrary unpickling (and could run code) is refused with a clear error."""
+    would need arbitrary unpickling (and could run code) is refused with a clear error; a file
+    that is not a PyTorch file at all (text, HTML, random bytes, truncated) is a ValueError
+    saying so."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} not found")
+    if not _is_torch_file(path):
+        raise ValueError(f"{path} is not a {what}: not a PyTorch file ({_describe_start(path)})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RuntimeError(f"refusing to load {what} {path}: it needs arbitrary unpickling, which "
-                           f"could run code from the file; mpafer reads only tensors and plain "
-                           f"containers ({str(e).splitlines()[0]})") from None
+        raise RuntimeError(f"refusing to load {what} {path}: it holds more than tensors and plain "
+                           f"containers, and reading it would need arbitrary unpickling, which "
+                           f"could run code from the file ({_unpickler_reason(e)})") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
+            ImportError, zipfile.BadZipFile) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a valid {what}: torch.load failed ({reason})") from None
 
 
 def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -221,6 +267,11 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     else:
         raise RuntimeError(f"CLIP model {name!r} not found; available models: "
                            f"{available_models()}, or give the path of a checkpoint file")
-    model = build_model(read_checkpoint(path)).to(device)
+    try:
+        model = build_model(read_checkpoint(path)).to(device)
+    except (ValueError, KeyError) as e:
+        if isinstance(e, ValueError) and "is not a CLIP checkpoint" in str(e):
+            raise
+        raise ValueError(f"{name} is not a CLIP checkpoint ({e})") from None
     model.checkpoint_name, model.checkpoint_sha256 = name, sha256
     return model, clip_preprocess(model.visual.input_resolution)

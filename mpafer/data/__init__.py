@@ -8,12 +8,25 @@ One module per concern: `base` (the `FERDataset` base class, image loading, clea
 from ..labels import BASIC_CLASSES, CANONICAL_CLASSES
 from ..synthetic import SyntheticFaces
 from .affectnet import AFFECTNET_CLASSES, AFFECTNET_LAYOUT, AffectNet
-from .base import IMAGE_EXTENSIONS, FERDataset, load_image
+from .base import (
+    IMAGE_EXTENSIONS,
+    FERDataset,
+    dataset_fingerprint,
+    load_image,
+    require_readable,
+    unreadable_images,
+)
 from .ferplus import FERPLUS_LAYOUT, FERPLUS_VOTE_COLUMNS, FERPlus, ferplus_vote
-from .folder import FOLDER_LAYOUT, FolderDataset
+from .folder import FOLDER_LAYOUT, FOLDER_SYNONYMS, FolderDataset, canonical_class
 from .rafdb import RAFDB, RAFDB_CLASSES, RAFDB_EXPECTED_COUNTS, RAFDB_LABEL_FILE, RAFDB_LAYOUT
-from .sampler import ClassBalancedSampler
-from .transforms import eval_transform, expclip_transform, to_rgb, train_transform
+from .sampler import ClassBalancedSampler, ResumableSampler
+from .transforms import (
+    SeededAugmentation,
+    eval_transform,
+    expclip_transform,
+    to_rgb,
+    train_transform,
+)
 
 DATASET_NAMES = ("rafdb", "affectnet7", "affectnet8", "ferplus", "folder", "synthetic")
 
@@ -21,8 +34,8 @@ DATASET_NAMES = ("rafdb", "affectnet7", "affectnet8", "ferplus", "folder", "synt
 def build_dataset(name, root, split, transform=None, **options):
     """Build a dataset by name: rafdb, affectnet7, affectnet8, ferplus, folder, synthetic.
 
-    `options` go to the dataset class (e.g. skip_bad_images=True, classnames=[...] for
-    folder, num_per_class/image_size/seed for synthetic, which ignores `root`).
+    `options` go to the dataset class (e.g. skip_bad_images=True, classnames=[...] (folder
+    names) for folder, num_per_class/image_size/seed for synthetic, which ignores `root`).
     """
     if name == "rafdb":
         return RAFDB(root, split, transform, **options)
@@ -48,9 +61,11 @@ def format_class_counts(dataset):
 
 __all__ = [
     "AFFECTNET_CLASSES", "AFFECTNET_LAYOUT", "BASIC_CLASSES", "CANONICAL_CLASSES", "DATASET_NAMES",
-    "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "IMAGE_EXTENSIONS", "RAFDB",
-    "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE", "RAFDB_LAYOUT", "AffectNet",
-    "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset", "SyntheticFaces",
-    "build_dataset", "eval_transform", "expclip_transform", "ferplus_vote", "format_class_counts",
-    "load_image", "to_rgb", "train_transform",
+    "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "FOLDER_SYNONYMS",
+    "IMAGE_EXTENSIONS", "RAFDB", "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE",
+    "RAFDB_LAYOUT", "AffectNet", "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset",
+    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "build_dataset", "canonical_class",
+    "dataset_fingerprint", "eval_transform", "expclip_transform", "ferplus_vote",
+    "format_class_counts", "load_image", "require_readable", "to_rgb", "train_transform",
+    "unreadable_images",
 ]

@@ -13,9 +13,12 @@ path. `skip_bad_images=True` checks every image at construction and drops (and r
 the unreadable ones instead.
 """
 import csv
+import hashlib
+import json
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -179,6 +182,47 @@ class FERDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+def dataset_fingerprint(dataset):
+    """SHA-256 of what identifies a dataset's items: their file (or image) names, labels and
+    crop boxes, in order. Stable across processes, so caches can be keyed by it."""
+    files = getattr(dataset, "_files", None)
+    names = [f.decode("utf-8") for f in files] if files is not None and len(files) else []
+    boxes = getattr(dataset, "_boxes", None)
+    items = {"names": names or list(getattr(dataset, "image_names", [])),
+             "targets": [int(t) for t in dataset.targets],
+             "boxes": None if boxes is None else np.asarray(boxes).tolist()}
+    return hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()
+
+
+def unreadable_images(dataset, workers=4):
+    """[(index, error message)] of the items whose image does not decode; every image is read
+    fully, by `workers` threads (decoding releases the GIL). Datasets without `load` pass."""
+    if not hasattr(dataset, "load"):
+        return []
+
+    def problem(index):
+        try:
+            dataset.load(index)
+        except OSError as error:
+            return index, str(error)
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        found = pool.map(problem, range(len(dataset)), chunksize=64)
+        return [p for p in tqdm(found, total=len(dataset), desc="checking images", leave=False,
+                                disable=len(dataset) < 2000) if p is not None]
+
+
+def require_readable(dataset, split, workers=4):
+    """Raise ValueError naming the first image of `split` that does not decode (checked up
+    front, so a corrupt test image stops a run before its first epoch, not after it)."""
+    bad = unreadable_images(dataset, workers)
+    if bad:
+        raise ValueError(f"{len(bad)} image(s) of the {split} split cannot be read, first: "
+                         f"{bad[0][1]}; replace them, or leave unreadable images out with "
+                         "--skip-bad-images (skip_bad_images=True in Python)")
 
 
 def _readable_images(paths, boxes=None):

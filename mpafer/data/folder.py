@@ -1,24 +1,40 @@
-"""Images in root/<split>/<class name>/, for any dataset without a dedicated reader."""
+"""Images in root/<split>/<class folder>/, for any dataset without a dedicated reader."""
 import os
 import warnings
 
 from ..labels import CANONICAL_CLASSES
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 
+# The usual folder names for the canonical classes (FER2013's folders, adjectives), any case.
+FOLDER_SYNONYMS = {"angry": "anger", "happy": "happiness", "sad": "sadness",
+                   "surprised": "surprise", "fearful": "fear", "disgusted": "disgust",
+                   "contemptuous": "contempt"}
+EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classnames a,b,c in the "
+                 "scripts (the folder names, in label order), classnames=[...] in Python")
+
 FOLDER_LAYOUT = """\
 <root>/
-  <split>/<class name>/*.jpg|jpeg|png|bmp|webp   e.g. train/happiness/0001.jpg
-  class names: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt
-  (or any names, given explicitly with classnames=...)
+  <split>/<class folder>/*.jpg|jpeg|png|bmp|webp   e.g. train/happiness/0001.jpg
+  class folders: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, any case,
+  or the usual synonyms (happy, sad, angry, surprised, fearful, disgusted, contemptuous);
+  any other names are given explicitly (--classnames a,b,c; classnames=[...] in Python)
 """
 
 
-class FolderDataset(FERDataset):
-    """Images in root/<split>/<class name>/, for any dataset without a dedicated reader.
+def canonical_class(folder_name):
+    """The canonical class a folder name stands for ('Happy' -> 'happiness'), or None."""
+    name = folder_name.strip().lower()
+    name = FOLDER_SYNONYMS.get(name, name)
+    return name if name in CANONICAL_CLASSES else None
 
-    Without `classnames`, folder names must be canonical class names; the classes are those
-    found under any of the train/val/test folders (so every split gets the same label
-    indices), in canonical order. With `classnames`, those folder names in that order.
+
+class FolderDataset(FERDataset):
+    """Images in root/<split>/<class folder>/, for any dataset without a dedicated reader.
+
+    Without `classnames`, every folder must name a canonical class, in any case or by a usual
+    synonym (`FOLDER_SYNONYMS`); the classes are those found under any of the train/val/test
+    folders (so every split gets the same label indices), in canonical order, under their
+    canonical names. With `classnames`, exactly those folder names, in that order.
     """
 
     def __init__(self, root, split, transform=None, classnames=None, skip_bad_images=False):
@@ -30,27 +46,31 @@ class FolderDataset(FERDataset):
             found = sorted(d for d in os.listdir(self.root)
                            if os.path.isdir(os.path.join(self.root, d)))
             raise missing_error(split_dir, f"split folder (found: {', '.join(found) or 'none'})",
-                           FOLDER_LAYOUT)
+                                FOLDER_LAYOUT)
         if classnames is None:
-            classnames = self._canonical_classes_under(
-                {split} | {s for s in ("train", "val", "test")
-                           if os.path.isdir(os.path.join(self.root, s))})
+            splits = {split} | {s for s in ("train", "val", "test")
+                                if os.path.isdir(os.path.join(self.root, s))}
+            found = set()
+            for name in sorted(splits):
+                found.update(self._class_folders(os.path.join(self.root, name)))
+            classnames = tuple(c for c in CANONICAL_CLASSES if c in found)
+            folders = self._class_folders(split_dir)
         else:
             classnames = tuple(classnames)
             unknown = sorted(set(_subfolders(split_dir)) - set(classnames))
             if unknown:
                 raise ValueError(f"{split_dir}: folder(s) {', '.join(unknown)} are not in "
                                  f"classnames {list(classnames)}")
+            folders = {c: c for c in classnames if os.path.isdir(os.path.join(split_dir, c))}
         self.classnames = classnames
 
         files, targets = [], []
         for label, name in enumerate(classnames):
-            class_dir = os.path.join(split_dir, name)
-            if not os.path.isdir(class_dir):
+            if name not in folders:
                 continue
-            for file in sorted(os.listdir(class_dir)):
+            for file in sorted(os.listdir(os.path.join(split_dir, folders[name]))):
                 if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(os.path.join(split, name, file))
+                    files.append(os.path.join(split, folders[name], file))
                     targets.append(label)
         if not files:
             raise ValueError(f"{split_dir}: no images found\nExpected layout:\n{FOLDER_LAYOUT}")
@@ -60,18 +80,27 @@ class FolderDataset(FERDataset):
         if empty:
             warnings.warn(f"{split_dir}: no images for class(es) {', '.join(empty)}", stacklevel=2)
 
-    def _canonical_classes_under(self, splits):
-        found = set()
-        for split in sorted(splits):
-            split_dir = os.path.join(self.root, split)
-            for name in _subfolders(split_dir):
-                if name not in CANONICAL_CLASSES:
-                    raise ValueError(
-                        f"{os.path.join(split_dir, name)}: {name!r} is not a canonical class "
-                        f"name ({', '.join(CANONICAL_CLASSES)}); rename the folder or pass "
-                        "classnames=[...] explicitly")
-                found.add(name)
-        return tuple(c for c in CANONICAL_CLASSES if c in found)
+    @staticmethod
+    def _class_folders(split_dir):
+        """{canonical class: folder name} of the class folders in `split_dir`."""
+        names = _subfolders(split_dir)
+        if names and all(n.isdigit() for n in names):
+            raise ValueError(f"{split_dir}: the class folders are numbered ({', '.join(names)}), "
+                             "not named; rename them to class names ("
+                             f"{', '.join(CANONICAL_CLASSES)} or the usual synonyms such as "
+                             "happy, sad, angry)")
+        folders = {}
+        for name in names:
+            canonical = canonical_class(name)
+            if canonical is None:
+                raise ValueError(f"{os.path.join(split_dir, name)}: {name!r} is not a class name "
+                                 f"({', '.join(CANONICAL_CLASSES)}, any case, or a usual synonym "
+                                 f"such as happy, sad, angry); {EXPLICIT_HINT}")
+            if canonical in folders:
+                raise ValueError(f"{split_dir}: folders {folders[canonical]!r} and {name!r} both "
+                                 f"mean {canonical!r}; merge them")
+            folders[canonical] = name
+        return folders
 
 
 def _subfolders(path):

@@ -1,4 +1,5 @@
 """A class-balanced sampler for imbalanced training sets (AffectNet), DDP-aware."""
+import itertools
 import math
 
 import torch
@@ -44,3 +45,22 @@ class ClassBalancedSampler(Sampler):
 
     def __len__(self):
         return self.num_samples
+
+
+class ResumableSampler(Sampler):
+    """Another sampler's order without its first `skip` indices: resuming in the middle of an
+    epoch continues that epoch's order where it stopped. `skip` holds until changed;
+    `set_epoch` is passed on to the wrapped sampler."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch):
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
