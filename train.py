@@ -38,6 +38,7 @@ from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, make_checkpoint
 from mpafer.data import (
     ClassBalancedSampler,
+    TrainBatchAugment,
     build_dataset,
     eval_transform,
     format_class_counts,
@@ -324,18 +325,18 @@ def load_clip(run: Run):
 
 
 def build_data(run: Run, resolution: int):
-    """-> (training set with augmentation, evaluation set with CLIP's preprocessing)."""
+    """-> (training set with augmentation, evaluation set with CLIP's preprocessing). Both give
+    uint8 pixels; normalisation (and erasing, in training) follows on the device, batched."""
     cfg = run.cfg
+    train_tf = train_transform(resolution, uint8=True)
+    eval_tf = eval_transform(resolution, uint8=True)
     if cfg.demo:
-        train_set, eval_set = demo_datasets(resolution, train_transform(resolution),
-                                            eval_transform(resolution),
+        train_set, eval_set = demo_datasets(resolution, train_tf, eval_tf,
                                             cfg.demo_train_per_class, cfg.demo_test_per_class)
     else:
         options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
-        train_set = build_dataset(cfg.dataset, cfg.data_root, "train",
-                                  train_transform(resolution), **options)
-        eval_set = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split,
-                                 eval_transform(resolution), **options)
+        train_set = build_dataset(cfg.dataset, cfg.data_root, "train", train_tf, **options)
+        eval_set = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, eval_tf, **options)
     run.log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
     run.log(f"{cfg.eval_split}: {len(eval_set)} images")
     return train_set, eval_set
@@ -366,7 +367,7 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
     rank 0, cached on disk under a key of everything they depend on, broadcast to all ranks."""
     cfg = run.cfg
     proto_view = copy.copy(train_set)  # same images, eval transform
-    proto_view.transform = eval_transform(resolution)
+    proto_view.transform = eval_transform(resolution, uint8=True)
     key = {"clip_sha256": model.clip.checkpoint_sha256,
            "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
            "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",
@@ -402,6 +403,9 @@ def make_train_loader(run: Run, train_set):
     else:
         sampler = RandomSampler(train_set, generator=torch.Generator())
     loader_rng = torch.Generator()
+    # Not persistent_workers: fresh workers each epoch are seeded from (seed, epoch) through
+    # loader_rng; persistent ones would carry their random state over from the previous epoch,
+    # and a resumed run would crop differently from an uninterrupted one.
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                         num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
                         drop_last=True, generator=loader_rng)
@@ -480,11 +484,12 @@ def train_one_epoch(run: Run, t: Training, epoch: int):
     t.forward.train()
     steps = len(t.loader)
     running = torch.zeros(len(LOSS_PARTS), device=device)  # summed over steps, on the device
+    augment = TrainBatchAugment(device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
     start = time.time()
     bar = tqdm(t.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.master,
                leave=False)
     for step, (images, labels) in enumerate(bar, 1):
-        images = images.to(device, non_blocking=True)
+        images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
         labels = labels.to(device, non_blocking=True)
         loss, parts = train_step(t.model, images, labels, t.optimizer, t.scaler, run.amp,
                                  cfg.grad_clip, forward=t.forward)
@@ -522,14 +527,17 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
     cfg = run.cfg
     images_per_second = len(t.loader) * cfg.batch_size * run.world / seconds
     evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+    eval_start = time.time()
     if evaluated:
         t.model.eval()
         metrics = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
                            batch_size=2 * cfg.batch_size, workers=cfg.workers)
+    eval_seconds = time.time() - eval_start  # what evaluating every --eval-every epochs costs
     record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
               "war": metrics.get("war") if evaluated else None,
               "uar": metrics.get("uar") if evaluated else None,
-              "images_per_second": images_per_second, "seconds": seconds}
+              "images_per_second": images_per_second, "seconds": seconds,
+              "eval_seconds": eval_seconds}
     is_best = evaluated and metrics["war"] > best["war"]
     if is_best:
         best = {"war": metrics["war"], "uar": metrics["uar"], "epoch": epoch + 1}
@@ -544,7 +552,8 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
     run.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls "
             f"{losses['cls']:.3f} ta {losses['ta']:.3f} pa {losses['pa']:.3f} v "
             f"{losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
-            f"{images_per_second:.0f} img/s  {seconds:.0f}s")
+            f"{images_per_second:.0f} img/s  {seconds:.0f}s"
+            + (f" + eval {eval_seconds:.1f}s" if evaluated else ""))
     return best, metrics
 
 
@@ -571,7 +580,8 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: bool, reso
         # Model selection used another split: report the best checkpoint on the test split too.
         t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
         t.model.eval()
-        test_set = build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution))
+        test_set = build_dataset(cfg.dataset, cfg.data_root, "test",
+                                 eval_transform(resolution, uint8=True))
         test = evaluate(t.eval_logits, test_set, t.classnames, run.device, run.amp,
                         batch_size=2 * cfg.batch_size, workers=cfg.workers)
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
