@@ -532,7 +532,7 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
         t.model.eval()
         metrics = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
                            batch_size=2 * cfg.batch_size, workers=cfg.workers)
-    eval_seconds = time.time() - eval_start  # what evaluating every --eval-every epochs costs
+    eval_seconds = time.time() - eval_start if evaluated else 0.0  # the cost of --eval-every
     record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
               "war": metrics.get("war") if evaluated else None,
               "uar": metrics.get("uar") if evaluated else None,

@@ -64,9 +64,11 @@ def per_sample_rates(jpegs: List[str], pngs: List[str], resolution: int = 224,
                      seconds: float = 1.0, rounds: int = 3) -> Dict[str, float]:
     """Images per second on one core, file to tensor, for each path of the input pipeline.
 
-    Each path runs for `seconds` in all, in `rounds` turns; the paths take turns in every round
-    (so a burst of load from other jobs hits them all alike), and a path's figure is the median
-    of its rounds. torch runs on one thread meanwhile, as it does in DataLoader workers.
+    Rates are per CPU-second of this process (`time.process_time`), so time the core spends on
+    other jobs does not count against them (shared caches and memory bandwidth still do). Each
+    path runs for `seconds` of CPU time in all, in `rounds` turns; the paths take turns in every
+    round, and a path's figure is the median of its rounds. torch runs on one thread meanwhile,
+    as it does in DataLoader workers.
     """
     train_u8, train_f = train_transform(resolution, uint8=True), train_transform(resolution)
     eval_u8, eval_f = eval_transform(resolution, uint8=True), eval_transform(resolution)
@@ -93,12 +95,13 @@ def per_sample_rates(jpegs: List[str], pngs: List[str], resolution: int = 224,
 
 
 def _rate(files: List[str], transform, seconds: float) -> float:
-    done, start = 0, time.perf_counter()
+    """Images per CPU-second of `transform(load_image(file))`, over about `seconds` of CPU."""
+    done, start = 0, time.process_time()
     while True:
         image = load_image(files[done % len(files)])
         if transform is not None:
             transform(image)
         done += 1
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         if elapsed >= seconds:
             return done / elapsed

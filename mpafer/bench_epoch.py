@@ -18,8 +18,10 @@ burst of load from other jobs hits every measurement alike (figures are medians 
   eval      `engine.predict` from files (uint8, normalised on the device), workers started
             afresh as in every evaluation                          eval_images_per_second
             and the same forward passes on a batch already on the device
-  prototypes  the one-off prototype pass from files                prototype_images_per_second
-  CPU path  images/s on one core per preprocessing path (`bench_data.per_sample_rates`)
+  prototypes  the one-off prototype pass from files, on a class-balanced subset about the size
+            of the measured evaluation                             prototype_images_per_second
+  CPU path  images per CPU-second on one core, per preprocessing path
+            (`bench_data.per_sample_rates`)
 
 epoch_ratio = epoch_images_per_second / step_images_per_second: 1.0 means the input pipeline
 costs nothing; 0.8 means an epoch runs at 80% of the speed of its steps.
@@ -267,8 +269,8 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
                              f"the {train_images} the benchmark reads; lower --epoch-steps, "
                              "--loader-batches or --train-batch")
         times = measure_rounds(args, device, model, train_set, eval_set)
-        # A class-balanced subset of about as many images as the training passes read.
-        per_class = -(-train_images // len(train_set.classnames))
+        # A class-balanced subset of about as many images as the measured evaluation.
+        per_class = -(-len(eval_set) // len(train_set.classnames))
         proto_images = len(prototype_subset(proto_set.targets, per_class))
         proto_loader = make_loader(proto_set, args, device, 128, shuffle=False, drop_last=False)
         proto_seconds, _ = timed(device, lambda: compute_prototypes(
@@ -317,6 +319,6 @@ def print_epoch(out: Dict[str, object]):
           f"{m['steps']:.0f}s, loader {m['loader']:.0f}s, evaluation {m['evaluation']:.0f}s, "
           f"prototypes {m['prototypes']:.0f}s -> outside_step_share "
           f"{out['outside_step_share']:.3f}")
-    print("  per image on one core, file -> tensor (224 px):")
+    print("  per image on one core (per CPU-second), file -> tensor (224 px):")
     for name, rate in out["cpu_path_images_per_second_per_core"].items():
         print(f"    {name:<34}{rate:>8.0f} img/s")
