@@ -123,7 +123,8 @@ def steady_rate(arrivals, batch: int, workers: int) -> float:
 
 
 def epoch_pass(model, loader, steps, augment, optimizer, scaler, amp, device):
-    """train.py's loop over `steps` batches -> (first-batch seconds, seconds, seconds waited)."""
+    """train.py's loop over `steps` batches -> (seconds until the first batch, workers starting
+    included; seconds in all; seconds spent waiting for the later batches)."""
     model.train()
     measure.synchronize(device)
     start, waited, first = time.perf_counter(), 0.0, None
@@ -132,8 +133,10 @@ def epoch_pass(model, loader, steps, augment, optimizer, scaler, amp, device):
     for step in range(1, steps + 1):
         before = time.perf_counter()
         images, labels = next(iterator)
-        waited += time.perf_counter() - before
-        first = first if first is not None else time.perf_counter() - start
+        if first is None:
+            first = time.perf_counter() - start
+        else:
+            waited += time.perf_counter() - before
         images = augment(images.to(device, non_blocking=True), 0, step)  # uint8 -> float
         labels = labels.to(device, non_blocking=True)
         loss, _ = train_step(model, images, labels, optimizer, scaler, amp, grad_clip=1.0)
@@ -232,7 +235,7 @@ def summarise(args, times, eval_images: int, proto_images: int, proto_seconds: f
            "epoch_images_per_second": steps * batch / median(totals),
            "epoch_ratio": measure.paired_ratio(times["step"], totals),  # same images: rates' ratio
            "epoch_first_batch_seconds": median(firsts),
-           "epoch_loader_wait_seconds_per_step": median(waits) / steps,
+           "epoch_loader_wait_seconds_per_step": median(waits) / max(1, steps - 1),
            "loader_images_per_second": median(steady_rate(a, batch, args.workers)
                                                for a in times["loader"]),
            "loader_first_batch_seconds": median(a[0] for a in times["loader"]),
@@ -302,8 +305,8 @@ def print_epoch(out: Dict[str, object]):
     rows = [("step only, inputs on the device", out["step_images_per_second"], ""),
             ("epoch from files (train.py's loop)", out["epoch_images_per_second"],
              f"epoch_ratio {out['epoch_ratio']:.3f}; first batch after "
-             f"{out['epoch_first_batch_seconds']:.2f}s, then "
-             f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms/step waiting for data"),
+             f"{out['epoch_first_batch_seconds']:.2f}s, then waited "
+             f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step for data"),
             ("DataLoader alone", out["loader_images_per_second"],
              f"{out['loader_images_per_second_per_worker']:.0f} per worker; first batch after "
              f"{out['loader_first_batch_seconds']:.2f}s"),
