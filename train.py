@@ -43,6 +43,7 @@ from mpafer.data import (
     ClassBalancedSampler,
     ResumableSampler,
     SeededAugmentation,
+    TrainBatchAugment,
     build_dataset,
     dataset_fingerprint,
     eval_transform,
@@ -577,15 +578,16 @@ def with_transforms(run: Run, data, resolution: int):
     """-> (training set with augmentation, evaluation set with CLIP's preprocessing, the
     records of the subsets that --shots / --val-fraction drew)."""
     cfg = run.cfg
+    train_tf = train_transform(resolution, uint8=True)
+    eval_tf = eval_transform(resolution, uint8=True)
     if data is None:
-        train_set, eval_set = demo_datasets(resolution, train_transform(resolution),
-                                            eval_transform(resolution),
+        train_set, eval_set = demo_datasets(resolution, train_tf, eval_tf,
                                             cfg.demo_train_per_class, cfg.demo_test_per_class)
     else:
         train_set, eval_set = data
-        train_set.transform = train_transform(resolution)
+        train_set.transform = train_tf
         if eval_set is not None:  # (None: --val-fraction carves it out of the training set)
-            eval_set.transform = eval_transform(resolution)
+            eval_set.transform = eval_tf
     train_set, eval_set, records = carve_subsets(run, train_set, eval_set, resolution)
     run.log(f"train: {len(train_set)} images\n{format_class_counts(train_set)}")
     run.log(f"{cfg.eval_split}: {len(eval_set)} images")
@@ -600,7 +602,7 @@ def carve_subsets(run: Run, train_set, eval_set, resolution: int):
     kept = None
     if cfg.val_fraction > 0:
         kept, held = stratified_split(train_set.targets, cfg.val_fraction, cfg.seed)
-        eval_set = Subset(train_set, held, eval_transform(resolution))
+        eval_set = Subset(train_set, held, eval_transform(resolution, uint8=True))
         records.append(("heldout.json", eval_set, dict(protocol="held-out validation",
                                                        fraction=cfg.val_fraction)))
     if cfg.shots > 0:
@@ -650,7 +652,7 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
     later runs find them), broadcast to all ranks."""
     cfg = run.cfg
     proto_view = copy.copy(train_set)  # same images, eval transform
-    proto_view.transform = eval_transform(resolution)
+    proto_view.transform = eval_transform(resolution, uint8=True)
     per_class = cfg.prototypes_per_class or None
     base = train_set.base if isinstance(train_set, Subset) else train_set
     key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
@@ -695,6 +697,8 @@ def make_train_loader(run: Run, train_set):
     else:
         sampler = RandomSampler(train_set, generator=torch.Generator())
     loader_rng = torch.Generator()
+    # Not persistent_workers: each epoch's workers start afresh from (seed, epoch); with
+    # SeededAugmentation every image's crop depends only on (seed, epoch, index).
     loader = DataLoader(SeededAugmentation(train_set, cfg.seed), batch_size=cfg.batch_size,
                         sampler=ResumableSampler(sampler), num_workers=cfg.workers,
                         pin_memory=run.device.type == "cuda", drop_last=True,
@@ -803,13 +807,14 @@ def train_one_epoch(run: Run, t: Training, epoch: int, first_step: int = 0, sums
     t.forward.train()
     steps = first_step + len(t.loader)
     running = torch.zeros(len(LOSS_PARTS), device=device)  # summed over steps, on the device
+    augment = TrainBatchAugment(device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
     if sums is not None:
         running += sums.to(device) / run.world  # the part done before the resume
     start = time.time()
     bar = tqdm(t.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.master,
                leave=False, initial=first_step, total=steps)
     for step, (images, labels) in enumerate(bar, first_step + 1):
-        images = images.to(device, non_blocking=True)
+        images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
         labels = labels.to(device, non_blocking=True)
         if epoch == 0 and step == 1:
             t.grad_norms = first_step_gradient_norms(run, t, images, labels)
@@ -868,15 +873,18 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
     cfg = run.cfg
     images_per_second = len(t.loader) * cfg.batch_size * run.world / seconds
     evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+    eval_start = time.time()
     if evaluated:
         t.model.eval()
         metrics = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
                            batch_size=2 * cfg.batch_size, workers=cfg.workers)
+    eval_seconds = time.time() - eval_start if evaluated else 0.0  # the cost of --eval-every
     record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
               "war": metrics.get("war") if evaluated else None,
               "uar": metrics.get("uar") if evaluated else None,
               "per_class_recall": metrics.get("per_class_recall") if evaluated else None,
-              "images_per_second": images_per_second, "seconds": seconds}
+              "images_per_second": images_per_second, "seconds": seconds,
+              "eval_seconds": eval_seconds}
     if epoch == 0 and t.grad_norms is not None:
         record["grad_norms"] = t.grad_norms
     is_best = evaluated and metrics["war"] > best["war"]
@@ -893,7 +901,8 @@ def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: 
     run.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls "
             f"{losses['cls']:.3f} ta {losses['ta']:.3f} pa {losses['pa']:.3f} v "
             f"{losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
-            f"{images_per_second:.0f} img/s  {seconds:.0f}s")
+            f"{images_per_second:.0f} img/s  {seconds:.0f}s"
+            + (f" + eval {eval_seconds:.1f}s" if evaluated else ""))
     return best, metrics
 
 
@@ -977,9 +986,9 @@ def load_test_split(run: Run, resolution: int):
     """The test split with CLIP's preprocessing (the demo's synthetic test faces with --demo)."""
     cfg = run.cfg
     if cfg.demo:
-        return demo_datasets(resolution, None, eval_transform(resolution), 1,  # 1: train unused
+        return demo_datasets(resolution, None, eval_transform(resolution, uint8=True), 1,
                              cfg.demo_test_per_class)[1]
-    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution),
+    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution, uint8=True),
                          **dataset_options(cfg))
 
 

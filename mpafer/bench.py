@@ -5,6 +5,7 @@
     python -m mpafer.bench train eval --repeats 3
     python -m mpafer.bench --shape tiny --train-batch 4 --eval-batch 4 --repeats 2   # a quick check
     python -m mpafer.bench --json bench.json    # also write the figures as JSON
+    python -m mpafer.bench epoch                # an epoch from image files vs its steps alone
 
 Sub-benchmarks (each ratio compares two timings taken interleaved in one run):
   clip    vendored image/text towers vs the `nn.MultiheadAttention` reference
@@ -16,6 +17,9 @@ Sub-benchmarks (each ratio compares two timings taken interleaved in one run):
           features                                                (eval_ratio <= 1.10)
   memory  peak memory of a training step (CUDA: max_memory_allocated; CPU: peak RSS of a fresh
           process), trainable parameter count, checkpoint size
+  epoch   (only when named) train.py's loop from image files vs the step alone (epoch_ratio),
+          the DataLoader alone, evaluation, the share of a run outside training steps, and the
+          per-image CPU cost of preprocessing; see `mpafer.bench_epoch`
 
 Timings are medians over repeats after warm-up; each ratio is the median over rounds of the
 ratio of two timings taken back to back (order alternating), which keeps it fair on a shared
@@ -40,7 +44,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from . import measure
+from . import bench_epoch, measure
 from .clip.model import CLIP
 from .clip.reference import build_reference_model
 from .clip.tokenizer import tokenize
@@ -301,7 +305,13 @@ def memory_in_subprocess(args) -> Dict[str, object]:
     return {k: results[k] for k in keys}
 
 
-BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "memory": bench_memory}
+def bench_epoch_from_files(args, device: torch.device) -> Dict[str, object]:
+    return bench_epoch.run_epoch_benchmark(args, device, build_model(args, device))
+
+
+BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "memory": bench_memory,
+              "epoch": bench_epoch_from_files}
+DEFAULT = ("clip", "train", "eval", "memory")  # `epoch` reads files and runs longer: when named
 
 
 def print_summary(results: Dict[str, object]):
@@ -335,7 +345,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", metavar="BENCHMARK",
-                        help=f"sub-benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
+                        help=f"sub-benchmarks to run, of {', '.join(BENCHMARKS)} (default: "
+                             f"{' '.join(DEFAULT)})")
     parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES),
                         help="CLIP shape (random weights)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the CLIP tower comparison")
@@ -361,8 +372,9 @@ def main(argv=None):
                         help="memory: measure in this process, not a fresh one (CPU peak RSS then "
                              "includes whatever ran before)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench_epoch.add_arguments(parser)
     args = parser.parse_args(argv)
-    args.which = args.which or list(BENCHMARKS)
+    args.which = args.which or list(DEFAULT)
     unknown = [name for name in args.which if name not in BENCHMARKS]
     if unknown:  # (checked here: argparse rejects an empty list when `choices` is given)
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from .data.device_augment import as_model_input
 from .metrics import confusion_matrix, summarize
 from .model import MPAFER, MPAFERConfig
 from .utils import ignore_interrupts
@@ -141,7 +142,10 @@ class ShardSampler(Sampler):
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device,
             amp: Optional[torch.dtype] = None, batch_size: int = 64, workers: int = 0,
             progress: bool = True, desc: str = "eval"):
-    """Predictions and targets over `dataset` (sharded over ranks and gathered under DDP)."""
+    """Predictions and targets over `dataset` (sharded over ranks and gathered under DDP).
+
+    The dataset may give uint8 pixels (`eval_transform(r, uint8=True)`): they are normalised on
+    the device, batched."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     sampler = ShardSampler(len(dataset), rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -149,7 +153,7 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     preds, targets = [], []
     for images, labels in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):
-            logits = logits_fn(images.to(device, non_blocking=True))
+            logits = logits_fn(as_model_input(images.to(device, non_blocking=True)))
         preds.append(logits.argmax(dim=-1))  # stays on the device: no sync per batch
         targets.append(labels)
     preds = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)

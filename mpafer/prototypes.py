@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from .clip.loading import safe_load
+from .data.device_augment import as_model_input
 from .utils import atomic_save
 
 
@@ -20,13 +21,13 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
                        amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Prototype p_c = mean of the L2-normalised *unprompted* CLIP image features of class c.
 
-    Streams `dataloader` (use the eval transform) through the frozen image tower, with no
-    gradients. `model` is an MPAFER or a bare CLIP. With `per_class`, each class contributes a
-    random subset of min(per_class, its size) images drawn with `seed` (`prototype_subset`;
-    the loader's dataset must have `targets`), and only those images are loaded. The subset
-    depends on `seed`: a cache of the prototypes must include it in its key, beside
-    `per_class`. `amp_dtype` (e.g. torch.bfloat16) runs the tower under autocast; None = fp32.
-    Returns `[C, D]`, re-normalised.
+    Streams `dataloader` (use the eval transform; uint8 pixel batches are normalised on the
+    device) through the frozen image tower, with no gradients. `model` is an MPAFER or a bare
+    CLIP. With `per_class`, each class contributes a random subset of min(per_class, its size)
+    images drawn with `seed` (`prototype_subset`; the loader's dataset must have `targets`), and
+    only those images are loaded. The subset depends on `seed`: a cache of the prototypes must
+    include it in its key, beside `per_class`. `amp_dtype` (e.g. torch.bfloat16) runs the tower
+    under autocast; None = fp32. Returns `[C, D]`, re-normalised.
     """
     clip_model = getattr(model, "clip", model)
     num_classes = num_classes or len(getattr(model, "classnames", []) or dataloader.dataset.classnames)
@@ -36,7 +37,8 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
     for images, labels in tqdm(dataloader, desc="prototypes", disable=not progress, leave=False):
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        images = as_model_input(images.to(device, non_blocking=True))
+        labels = labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             features = clip_model.encode_image(images)
         sums.index_add_(0, labels, F.normalize(features.float(), dim=-1).double())

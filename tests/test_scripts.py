@@ -34,8 +34,9 @@ def test_demo_trains_end_to_end_and_learns(demo_run):
     assert "DEMO" in log and "synthetic" in log and "pre-training a tiny CLIP" in log
     records = read_jsonl(out / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in records] == list(range(1, 11))
-    for key in ("loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds"):
+    for key in ("loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds", "eval_seconds"):
         assert all(isinstance(r[key], float) for r in records), key
+    assert all(r["eval_seconds"] > 0 for r in records) and "+ eval" in log  # evaluated every epoch
     best = max(r["war"] for r in records)
     assert best >= 0.40, f"the demo must learn well above chance (1/7): best WAR {best:.3f}"
     assert (out / "weights" / "demo-tiny-clip-v1.pt").is_file()  # cached for later runs

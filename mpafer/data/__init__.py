@@ -1,9 +1,10 @@
 """Datasets, label maps, transforms and a class-balanced sampler for facial expressions.
 
 One module per concern: `base` (the `FERDataset` base class, image loading, clear errors),
-`rafdb`, `affectnet`, `ferplus`, `folder` (one reader per on-disk layout), `transforms` and
-`sampler`. Every reader maps its dataset's labels onto the canonical class names of
-`mpafer.labels`; `build_dataset` picks a reader by name.
+`rafdb`, `affectnet`, `ferplus`, `folder` (one reader per on-disk layout), `transforms`,
+`device_augment` (the batched half of the augmentation, run on the device) and `sampler`.
+Every reader maps its dataset's labels onto the canonical class names of `mpafer.labels`;
+`build_dataset` picks a reader by name.
 """
 from ..labels import BASIC_CLASSES, CANONICAL_CLASSES
 from ..synthetic import SyntheticFaces
@@ -15,6 +16,12 @@ from .base import (
     load_image,
     require_readable,
     unreadable_images,
+)
+from .device_augment import (
+    TrainBatchAugment,
+    as_model_input,
+    normalize_on_device,
+    random_erasing_on_device,
 )
 from .ferplus import FERPLUS_LAYOUT, FERPLUS_VOTE_COLUMNS, FERPlus, ferplus_vote
 from .folder import FOLDER_LAYOUT, FOLDER_SYNONYMS, FolderDataset, canonical_class
@@ -64,8 +71,9 @@ __all__ = [
     "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "FOLDER_SYNONYMS",
     "IMAGE_EXTENSIONS", "RAFDB", "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE",
     "RAFDB_LAYOUT", "AffectNet", "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset",
-    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "build_dataset", "canonical_class",
-    "dataset_fingerprint", "eval_transform", "expclip_transform", "ferplus_vote",
-    "format_class_counts", "load_image", "require_readable", "to_rgb", "train_transform",
-    "unreadable_images",
+    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "TrainBatchAugment",
+    "as_model_input", "build_dataset", "canonical_class", "dataset_fingerprint",
+    "eval_transform", "expclip_transform", "ferplus_vote", "format_class_counts", "load_image",
+    "normalize_on_device", "random_erasing_on_device", "require_readable", "to_rgb",
+    "train_transform", "unreadable_images",
 ]

@@ -1,0 +1,108 @@
+"""The per-batch half of the training augmentation, run on the device.
+
+DataLoader workers do the per-image work that needs PIL (decode, random resized crop, flip) and
+hand over uint8 pixels `[B, 3, R, R]`: a quarter of the bytes of float32, both between processes
+and from host to device. Conversion to float, CLIP's mean/std normalisation and random erasing
+then run here, batched, on the device where the model is.
+
+`normalize_on_device` computes exactly what torchvision's ToTensor followed by
+Normalize(CLIP_MEAN, CLIP_STD) computes (the same float32 operations in the same order).
+`random_erasing_on_device` draws from the same distribution as torchvision's RandomErasing with
+its defaults, one independent draw per image, vectorised; its randomness comes from an explicit
+`torch.Generator`, which `TrainBatchAugment` seeds from (seed, epoch, step, rank), so a resumed
+run erases exactly what an uninterrupted one does.
+"""
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..clip.transform import CLIP_MEAN, CLIP_STD
+
+RANDOM_ERASING_P = 0.25  # the training recipe's erasing probability
+ERASE_SCALE = (0.02, 0.33)  # torchvision's RandomErasing defaults
+ERASE_RATIO = (0.3, 3.3)
+ERASE_ATTEMPTS = 10  # torchvision tries this many boxes before giving up on an image
+
+
+@lru_cache(maxsize=None)
+def _clip_stats(device: torch.device):
+    """CLIP's mean and std as [1, 3, 1, 1] float32 on `device`, made once per device (making them
+    per batch would copy from the host every step)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    return mean, std
+
+
+def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] -> float32 CLIP-normalised [B, 3, H, W], on their device."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"normalize_on_device expects uint8 images [B, 3, H, W], got "
+                         f"{images.dtype} {list(images.shape)}")
+    mean, std = _clip_stats(images.device)
+    # ToTensor: float32 / 255; Normalize: (x - mean) / std. The same ops, so the same bits.
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+def as_model_input(images: torch.Tensor) -> torch.Tensor:
+    """A batch as the model takes it: uint8 batches are pixels and get CLIP-normalised here (on
+    their device); float batches are already preprocessed and pass through unchanged."""
+    return normalize_on_device(images) if images.dtype == torch.uint8 else images
+
+
+def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
+                             generator: torch.Generator = None, value: float = 0.0) -> torch.Tensor:
+    """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on every image
+    of a batch [B, C, H, W] independently, in a few batched operations (no host sync).
+
+    Per image, as torchvision does: with probability p, try up to 10 boxes of area
+    uniform(scale) * H * W and log-uniform aspect ratio; take the first that fits inside the
+    image, at a uniform position, and set it to `value`; if none fits, leave the image as it is.
+    Returns a new tensor; `generator` (on the images' device) makes it reproducible.
+    """
+    batch, _, height, width = images.shape
+    device, attempts = images.device, ERASE_ATTEMPTS
+    u = torch.rand(batch, 3 + 2 * attempts, generator=generator, device=device)  # [B, 3 + 2A]
+    erase = u[:, 0] < p  # [B]
+    area = height * width * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0])
+                             * u[:, 3:3 + attempts])  # [B, A]
+    low, high = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    aspect = torch.exp(low + (high - low) * u[:, 3 + attempts:])  # [B, A]
+    h = torch.round(torch.sqrt(area * aspect))  # [B, A], half to even like Python's round()
+    w = torch.round(torch.sqrt(area / aspect))
+    fits = (h < height) & (w < width)  # [B, A]
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # [B, 1] first box that fits
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)  # [B]
+    erase &= fits.any(dim=1)
+    top = torch.floor(u[:, 1] * (height - h + 1))  # [B] uniform in 0 .. height - h
+    left = torch.floor(u[:, 2] * (width - w + 1))
+    rows = torch.arange(height, device=device, dtype=h.dtype)  # [H]
+    cols = torch.arange(width, device=device, dtype=w.dtype)  # [W]
+    in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # [B, H]
+    in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # [B, W]
+    box = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]  # [B, H, W]
+    return images.masked_fill(box[:, None], value)  # [B, C, H, W]
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """A 63-bit seed for one training batch, mixed from (seed, epoch, step, rank)."""
+    words = [seed % 2 ** 63, epoch, step, rank]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class TrainBatchAugment:
+    """uint8 training batch on the device -> normalised, randomly erased float batch.
+
+    Call it as `augment(images, epoch, step)`: the erasing draws from a generator on the device
+    seeded by (seed, epoch, step, rank), so any batch can be redone exactly, also after a resume.
+    """
+
+    def __init__(self, device: torch.device, seed: int, rank: int = 0,
+                 erase_p: float = RANDOM_ERASING_P):
+        self.generator = torch.Generator(device=device)
+        self.seed, self.rank, self.erase_p = seed, rank, erase_p
+
+    def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        self.generator.manual_seed(batch_seed(self.seed, epoch, step, self.rank))
+        return random_erasing_on_device(normalize_on_device(images), self.erase_p, self.generator)
