@@ -18,7 +18,6 @@ The file reads top to bottom: configuration (every value checked), the run's set
 CLIP (checked before anything is written), model and prototypes, optimiser, the epoch loop (one
 training step is `mpafer.engine.train_step`), evaluation and saving, and the final report.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -28,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, get_args, get_type_hints
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -60,7 +59,6 @@ from mpafer.data.subsets import (
 )
 from mpafer.demo import demo_clip_path, demo_datasets
 from mpafer.engine import (
-    AMP_CHOICES,
     autocast,
     build_mpafer,
     configure_cuda,
@@ -77,19 +75,13 @@ from mpafer.prompts import load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
-    HONOURED_ON_RESUME,
     StopRequest,
     clear_run_files,
     existing,
-    flag,
-    folder_conflict,
-    new_run_folder,
-    recorded_settings,
     resume_changes,
-    resume_refusals,
 )
+from mpafer.train_config import TrainConfig, parse_config
 from mpafer.utils import (
-    ArgumentParser,
     atomic_save,
     atomic_write,
     atomic_write_json,
@@ -97,258 +89,7 @@ from mpafer.utils import (
     run_cli,
 )
 
-# -- configuration -------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    method: str = field(default="mpafer", metadata={"help": "mpafer | expclip"})
-    dataset: str = field(default="rafdb", metadata={
-        "help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"})
-    data_root: str = field(default="data/RAF-DB")
-    classnames: str = field(default="", metadata={
-        "help": "--dataset folder: the class folder names, comma-separated, in label order "
-                "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
-    clip: str = field(default="ViT-B/16", metadata={
-        "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
-                "CLIP"})
-    cache_dir: str = field(default="", metadata={
-        "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
-                "repository's weights/)", "aliases": ("--weights",)})
-    descriptions: str = field(default="", metadata={
-        "help": "class descriptions JSON (default: the shipped one)"})
-    out: str = field(default="", metadata={
-        "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)"})
-    name: str = field(default="", metadata={"help": "the run folder is runs/<dataset>/NAME"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace the run in an existing run folder (default: refuse)"})
-    epochs: int = field(default=120)
-    batch_size: int = field(default=32)
-    lr: float = field(default=0.032)
-    momentum: float = field(default=0.9)
-    weight_decay: float = field(default=5e-4)
-    warmup_epochs: float = field(default=1.0, metadata={
-        "help": "linear warm-up, then cosine decay to 0 (per step)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
-        "help": "DataLoader workers per process"})
-    amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
-    seed: int = field(default=1)
-    device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
-    resume: str = field(default="", metadata={
-        "help": "a last.pt to continue from, as recorded; of the other flags only "
-                f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
-                "(--epochs only to extend, --clip only to the same file)"})
-    demo: bool = field(default=False)
-    demo_train_per_class: int = field(default=200, metadata={
-        "help": "synthetic faces per class (--demo)"})
-    demo_test_per_class: int = field(default=60)
-    stop_after: int = field(default=0, metadata={
-        "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
-                "resume later"})
-    eval_split: str = field(default="test", metadata={
-        "help": "split evaluated every epoch and used to pick best.pt"})
-    eval_every: int = field(default=1)
-    balanced_sampler: bool = field(default=False, metadata={
-        "help": "class-balanced sampling (AffectNet)"})
-    samples_per_epoch: int = field(default=0, metadata={
-        "help": "with the balanced sampler; 0 = the training set's size"})
-    prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
-    skip_bad_images: bool = field(default=False, metadata={
-        "help": "leave unreadable images out (default: an unreadable image is an error, "
-                "found before training)"})
-    log_interval: int = field(default=20, metadata={
-        "help": "steps between loss syncs (progress bar, NaN check)"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)"})
-    compile: bool = field(default=False, metadata={
-        "help": "torch.compile the image tower (CUDA; first steps are slow)"})
-    features: str = field(default="", metadata={
-        "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
-    shots: int = field(default=0, metadata={
-        "help": "few-shot: train on K images per class (min(K, available)) drawn with --seed, "
-                "listed in <out>/shots.json; evaluation uses the full split (default 0 = all)"})
-    val_fraction: float = field(default=0.0, metadata={
-        "help": "hold out this stratified, seeded fraction of the training set (listed in "
-                "<out>/heldout.json) to choose best.pt; best.pt is then evaluated once on the "
-                "test split (default 0 = off: evaluate on --eval-split)"})
-
-    def validate(self):
-        """Raise ValueError naming the flag of the first value out of range."""
-        finite = math.isfinite
-        names = [c.strip() for c in self.classnames.split(",")] if self.classnames else []
-        checks = [
-            ("method", self.method in ("mpafer", "expclip"), "mpafer or expclip"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
-            ("warmup_epochs", finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
-            ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, ">= 0 (0 = off)"),
-            ("workers", self.workers >= 0, ">= 0"),
-            ("seed", self.seed >= 0, ">= 0"),
-            ("stop_after", self.stop_after >= 0, ">= 0 (0 = never)"),
-            ("eval_every", self.eval_every >= 1, ">= 1"),
-            ("log_interval", self.log_interval >= 1, ">= 1"),
-            ("samples_per_epoch", self.samples_per_epoch >= 0, ">= 0"),
-            ("prototypes_per_class", self.prototypes_per_class >= 0, ">= 0 (0 = all)"),
-            ("demo_train_per_class", self.demo_train_per_class >= 1, ">= 1"),
-            ("demo_test_per_class", self.demo_test_per_class >= 1, ">= 1"),
-            ("classnames", not names or self.dataset == "folder", "used with --dataset folder"),
-            ("classnames", all(names) and len(set(names)) == len(names),
-             "distinct non-empty names, comma-separated"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{flag(name)} must be {expected}, got {getattr(self, name)!r}")
-
-
-# Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
-PRESETS = {
-    "rafdb": dict(data_root="data/RAF-DB", epochs=120, batch_size=32, lr=0.032),
-    "affectnet7": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
-                       samples_per_epoch=64000, prototypes_per_class=2000),
-    "affectnet8": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
-                       samples_per_epoch=64000, prototypes_per_class=2000),
-    "ferplus": dict(data_root="data/FERPlus", epochs=40, eval_split="val"),
-    "folder": dict(data_root="data/faces", epochs=50),
-}
-DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
-            amp="off")
-DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
-EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 LOSS_PARTS = ("loss", "cls", "ta", "pa", "v")
-TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
-def add_fields(cls, group):
-    """One flag per dataclass field; its help is the field's `metadata["help"]` (and
-    `metadata["aliases"]` are other spellings of the flag)."""
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        kind = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-        flags = (flag(f.name), *f.metadata.get("aliases", ()))
-        text = f.metadata.get("help", "")
-        text = text if "default" in text else f"{text} (default {f.default!r})".strip()
-        if kind is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
-        else:
-            choices = AMP_CHOICES if f.name == "amp" else None
-            group.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=choices,
-                               metavar=kind.__name__.upper(), help=text)
-
-
-def parse_config(argv=None):
-    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line).
-
-    Every value is checked here, before anything is loaded or written: a value out of range,
-    a resume that would change the recorded run, or a run folder that holds another run is an
-    argument error naming the flag.
-    """
-    parser = ArgumentParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_fields(TrainConfig, parser.add_argument_group("training"))
-    add_fields(MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
-    given = vars(parser.parse_args(argv))
-    train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
-    model = {k: v for k, v in given.items() if k not in TRAIN_FIELDS}
-    if train.get("resume"):
-        values, model_values = resume_values(parser, train, model)
-    else:
-        values, model = new_run_values(parser, train, model)
-        model_values = model
-    try:
-        cfg = TrainConfig(**values)
-        cfg.validate()
-        model_cfg = MPAFERConfig(**model_values)
-    except ValueError as e:
-        parser.error(str(e))
-    check_protocol(parser, cfg, train)
-    cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or
-                                                       clip.default_weights_dir()))
-    if not cfg.resume:
-        cfg.out = new_run_out(parser, cfg, "out" in train)
-    return cfg, model_cfg, model
-
-
-def new_run_values(parser, train: Dict, model: Dict):
-    """Settings of a new run: defaults < dataset preset (or the demo's, or Exp-CLIP's) < flags."""
-    if train.get("method") == "expclip":
-        values = dict(EXPCLIP)
-    elif train.get("demo"):
-        values = dict(DEMO)
-        model = {**DEMO_MODEL, **model}
-    else:
-        dataset = train.get("dataset", TrainConfig.dataset)
-        if dataset not in PRESETS:
-            parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
-        values = dict(PRESETS[dataset])
-    values.update(train)
-    return values, model
-
-
-def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
-    """The new run's folder; one that holds another run's checkpoints is refused unless
-    --overwrite."""
-    if out_given and cfg.name:
-        parser.error("--out and --name both say where the run goes; give one of them")
-    base = "demo" if cfg.demo else "expclip" if cfg.method == "expclip" else cfg.dataset
-    out = cfg.out if out_given else new_run_folder(base, cfg.name)
-    conflict = folder_conflict(out)
-    if conflict and not cfg.overwrite:
-        parser.error(conflict)
-    return out
-
-
-def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
-    """Settings of a resumed run: the recorded ones, changed only by the flags a resume honours
-    (HONOURED_ON_RESUME); any other flag that differs from the record is refused."""
-    path = train["resume"]
-    try:
-        checkpoint = load_checkpoint(path)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        parser.error(f"--resume: {e}")
-    if "resume" not in checkpoint:
-        parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
-                     "resume from last.pt)")
-    recorded = {k: v for k, v in recorded_settings(checkpoint["train_config"]).items()
-                if k in TRAIN_FIELDS}
-    folder = os.path.dirname(path) or "."
-    if train.get("overwrite"):
-        parser.error("--overwrite starts a new run and --resume continues one; give one of them")
-    if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
-        parser.error(f"--out: a resumed run stays in its folder, {folder}")
-    refused = (resume_refusals(train, recorded, HONOURED_ON_RESUME)
-               + resume_refusals(model, checkpoint["config"]))
-    if refused:
-        parser.error(f"--resume continues the run as recorded in {path}; these flags would "
-                     f"change it: {'; '.join(refused)}. Start a new run to change them")
-    done = checkpoint["epoch"] + (1 if checkpoint["resume"].get("step") else 0)
-    epochs = train.get("epochs", recorded.get("epochs", TrainConfig.epochs))
-    if epochs < done:
-        parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
-                     "can only extend it")
-    values = {**recorded, **train, "out": folder, "overwrite": False}
-    return values, checkpoint["config"]
-
-
-def check_protocol(parser, cfg: TrainConfig, given: Dict):
-    """--shots and --val-fraction in range; with --val-fraction the held-out part of the
-    training set is the split that chooses best.pt (eval_split "heldout")."""
-    if cfg.shots < 0:
-        parser.error(f"--shots must be >= 0 (0 = the full training set), got {cfg.shots}")
-    if not 0 <= cfg.val_fraction < 1:
-        parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
-    if cfg.val_fraction > 0:
-        if given.get("eval_split", HELD_OUT) != HELD_OUT:
-            parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
-                         f"--eval-split {given['eval_split']}")
-        cfg.eval_split = HELD_OUT
-    elif cfg.eval_split == HELD_OUT:
-        parser.error(f"--eval-split {HELD_OUT} needs --val-fraction")
 
 
 # -- seeds, learning-rate schedule, log -------------------------------------------------------
@@ -1001,7 +742,7 @@ def draw_curves(run: Run):
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg, model_cfg, _ = parse_config(argv)
+    cfg, model_cfg, _ = parse_config(argv, __doc__)
     if cfg.method == "expclip":
         return run_expclip(cfg)
 

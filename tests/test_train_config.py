@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from mpafer import train_config
 from mpafer.model import MPAFERConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def train():
 
 def flags(train, cls):
     parser = argparse.ArgumentParser()
-    train.add_fields(cls, parser)
+    train_config.add_fields(cls, parser)
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
