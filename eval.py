@@ -49,7 +49,7 @@ from mpafer.interpret import (
 )
 from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report
-from mpafer.prompts import build_hard_prompts, load_descriptions
+from mpafer.prompts import hard_prompts_by_class, load_descriptions
 from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
 
 
@@ -144,8 +144,7 @@ def prompt_set(name, classnames):
     shipped descriptions."""
     if name != "descriptions":
         return name
-    texts, labels = build_hard_prompts(classnames, load_descriptions(classnames), 3)
-    return {c: [t for t, y in zip(texts, labels) if y == i] for i, c in enumerate(classnames)}
+    return hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
 
 
 class Classifier(NamedTuple):

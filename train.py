@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,9 +69,10 @@ from mpafer.engine import (
     train_step,
     trainable_parameters,
 )
+from mpafer.expclip import ZeroShotClassifier
 from mpafer.metrics import format_report
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.prompts import load_descriptions
+from mpafer.prompts import hard_prompts_by_class, load_descriptions
 from mpafer.prototypes import cached_prototypes, compute_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
@@ -576,6 +577,26 @@ def train_one_epoch(run: Run, t: Training, epoch: int, first_step: int = 0, sums
     return dict(zip(LOSS_PARTS, mean)), time.time() - start, stop
 
 
+def demo_baselines(run: Run, t: Training, clip_model):
+    """The demo's reference points on its test faces, before any training: the model with its
+    random prompts, and zero-shot CLIP with MPA-FER's hard prompts (a class's logit is the mean
+    over its descriptions' prompts), the baseline prompt learning has to beat. baseline.json."""
+    cfg, kwargs = run.cfg, dict(batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
+    t.model.eval()
+    random_prompts = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
+                              **kwargs)
+    descriptions = t.descriptions or load_descriptions(t.classnames, cfg.descriptions or None)
+    prompts = hard_prompts_by_class(t.classnames, descriptions, 3)
+    zero_shot = evaluate(ZeroShotClassifier(clip_model, t.classnames, prompts).eval(), t.eval_set,
+                         t.classnames, run.device, run.amp, desc="zero-shot", **kwargs)
+    run.log(f"before training: random prompts WAR {100 * random_prompts['war']:.2f}%; zero-shot "
+            f"CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
+            f"{100 * zero_shot['uar']:.2f}%  (chance {100 / len(t.classnames):.1f}%)")
+    if run.master:
+        atomic_write_json({"random_prompts": random_prompts, "zero_shot_hard_prompts": zero_shot},
+                          run.path("baseline.json"))
+
+
 # -- evaluation and saving -----------------------------------------------------------------------
 
 def resume_state(run: Run, t: Training, best: Dict, step: int = 0, sums=None) -> Dict:
@@ -720,6 +741,12 @@ def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: Optional[s
         if run.master:
             atomic_write_json({"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test},
                               run.path("test.json"))
+    if cfg.demo and best["epoch"] > 0 and os.path.isfile(run.path("baseline.json")):
+        with open(run.path("baseline.json")) as f:
+            zero_shot = json.load(f)["zero_shot_hard_prompts"]["war"]
+        run.log(f"\nDEMO: zero-shot CLIP with the hard prompts {100 * zero_shot:.2f}% -> trained "
+                f"MPA-FER {100 * best['war']:.2f}% (best {cfg.eval_split} WAR, "
+                f"{100 * (best['war'] - zero_shot):+.2f} points)")
     run.log("\n" + files_summary(run, best))
 
 
@@ -739,12 +766,76 @@ def draw_curves(run: Run):
         run.log(f"curves: {write_curves(run.cfg.out)}")
 
 
+# -- the demo's ablation ladder -------------------------------------------------------------------
+
+# The paper's ablation rows: (folder, name, flags on top of the defaults); the last is the method.
+ABLATION_LADDER = (
+    ("coop", "CoOp (text prompts only)", ["--visual-prompt-depth", "0", "--no-prototype-alignment",
+                                  "--no-soft-hard-alignment", "--no-global-local"]),
+    ("visual-prompts", "+ visual prompts", ["--no-prototype-alignment", "--no-soft-hard-alignment",
+                          "--no-global-local"]),
+    ("prototype-alignment", "+ prototype alignment", ["--no-soft-hard-alignment",
+                                                      "--no-global-local"]),
+    ("soft-hard-alignment", "+ soft-hard alignment", ["--no-global-local"]),
+    ("full", "+ global-local alignment (MPA-FER)", []),
+)
+
+
+def without_flags(argv: List[str], names: Tuple[str, ...], with_value: Tuple[str, ...]):
+    """argv minus the flags `names` (and the value after those in `with_value`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in names:
+            skip = name in with_value and "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
+
+
+def run_demo_ablation(cfg: TrainConfig, argv: List[str]):
+    """--demo-ablation: one demo run per row of ABLATION_LADDER, same seed and settings, each in
+    a folder of its own under the run folder; then one table (ablation.md, ablation.json)."""
+    if not cfg.demo:
+        sys.exit("--demo-ablation runs the demo's ablation ladder: add --demo")
+    base = without_flags(argv, ("--demo-ablation", "--out", "--name"), ("--out", "--name"))
+    rows = []
+    for i, (folder, row, flags) in enumerate(ABLATION_LADDER, 1):
+        out = os.path.join(cfg.out, f"{i}-{folder}")
+        print(f"\n=== ablation row {i}/{len(ABLATION_LADDER)}: {row} -> {out}")
+        main([*base, "--out", out, *flags])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        best = max(records, key=lambda r: r["war"] if r["war"] is not None else -1)
+        with open(os.path.join(out, "baseline.json")) as f:
+            zero_shot = json.load(f)["zero_shot_hard_prompts"]
+        rows.append({"row": row, "flags": " ".join(flags), "best_war": best["war"],
+                     "best_uar": best["uar"], "best_epoch": best["epoch"], "folder": out})
+    lines = ["| row | best test WAR | UAR | epoch |", "|---|---|---|---|",
+             f"| zero-shot CLIP, hard prompts | {100 * zero_shot['war']:.2f} | "
+             f"{100 * zero_shot['uar']:.2f} | - |"]
+    lines += [f"| {r['row']} | {100 * r['best_war']:.2f} | {100 * r['best_uar']:.2f} | "
+              f"{r['best_epoch']} |" for r in rows]
+    table = "\n".join(lines)
+    atomic_write(os.path.join(cfg.out, "ablation.md"),
+                 lambda f: f.write((table + "\n").encode("utf-8")))
+    atomic_write_json({"zero_shot_hard_prompts": zero_shot, "rows": rows},
+                      os.path.join(cfg.out, "ablation.json"))
+    print(f"\nDEMO ablation (synthetic faces, seed {cfg.seed}):\n{table}\n"
+          f"written to {os.path.join(cfg.out, 'ablation.md')}")
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg, model_cfg, _ = parse_config(argv, __doc__)
     if cfg.method == "expclip":
         return run_expclip(cfg)
+    if cfg.demo_ablation:
+        return run_demo_ablation(cfg, sys.argv[1:] if argv is None else list(argv))
 
     run = start_run(cfg, model_cfg)
     if already_finished(run):
@@ -768,11 +859,7 @@ def main(argv=None):
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         t.forward = DDP(model, device_ids=device_ids, broadcast_buffers=False)
     if cfg.demo and run.resume is None:
-        model.eval()
-        before = evaluate(t.eval_logits, eval_set, classnames, run.device, run.amp,
-                          batch_size=2 * cfg.batch_size, workers=cfg.workers)
-        run.log(f"before training (random prompts): WAR {100 * before['war']:.2f}%  UAR "
-                f"{100 * before['uar']:.2f}%  (chance {100 / len(classnames):.1f}%)")
+        demo_baselines(run, t, clip_model)
 
     best, metrics, stopped = train_epochs(run, t, start_epoch, best)
     report(run, t, best, metrics, stopped, resolution)

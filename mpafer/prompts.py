@@ -86,6 +86,13 @@ def build_hard_prompts(classnames: Sequence[str], descriptions: Optional[Dict[st
     return texts, labels
 
 
+def hard_prompts_by_class(classnames: Sequence[str], descriptions: Optional[Dict[str, List[str]]],
+                          template: int = 3) -> Dict[str, List[str]]:
+    """The hard prompts grouped by class, `{class: [prompt, ...]}` (e.g. for zero-shot CLIP)."""
+    texts, labels = build_hard_prompts(classnames, descriptions, template)
+    return {c: [t for t, y in zip(texts, labels) if y == i] for i, c in enumerate(classnames)}
+
+
 def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.argmax(dim=-1)  # EOT has the largest id
 

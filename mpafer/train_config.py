@@ -66,10 +66,16 @@ class TrainConfig:
         "help": "a last.pt to continue from, as recorded; of the other flags only "
                 f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
                 "(--epochs only to extend, --clip only to the same file)"})
-    demo: bool = field(default=False)
+    demo: bool = field(default=False, metadata={
+        "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
+                "downloaded (about a minute on a CPU)"})
+    demo_ablation: bool = field(default=False, metadata={
+        "help": "with --demo: train each row of the ablation ladder (CoOp, + visual prompts, "
+                "+ prototype alignment, + soft-hard alignment, full) and print one table"})
     demo_train_per_class: int = field(default=200, metadata={
         "help": "synthetic faces per class (--demo)"})
-    demo_test_per_class: int = field(default=60)
+    demo_test_per_class: int = field(default=60, metadata={
+        "help": "synthetic test faces per class (--demo)"})
     stop_after: int = field(default=0, metadata={
         "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
                 "resume later"})
