@@ -1,9 +1,13 @@
 """Procedurally drawn demo faces, so the whole pipeline runs with nothing downloaded.
 
-Each image is a cartoon face on a cluttered background. The expression is carried by the
-brows, the eyes and the mouth, drawn large and dark so that a tiny model trained for a few
-minutes can pick them up; everything else (face position, size, tilt, skin tone, hair,
-background, sensor noise) varies at random and carries no label information.
+Each image is a cartoon face. The expression is carried by the brows, the eyes and the
+mouth, drawn large and dark so that a tiny model trained for a few minutes can pick them up;
+everything else (face position, size, tilt, skin tone, hair, background, sensor noise)
+varies at random and carries no label information. The same faces come in two drawing
+styles (STYLES): "portrait", aligned grey-scale face crops on a plain background like a FER
+dataset's (the default, and what the demo trains and tests MPA-FER on), and "web", colour
+faces anywhere in a cluttered scene (what the demo CLIP is pre-trained on, with the
+everyday-word captions of `face_captions`).
 
 Images are generated on the fly from (seed, split, index) with their own numpy Generator:
 no global random state is touched, the same index always gives the same image, and
@@ -15,8 +19,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .labels import BASIC_CLASSES
+
 # The 7 basic expressions in canonical order (mpafer.data.CANONICAL_CLASSES without contempt).
-SYNTHETIC_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear")
+SYNTHETIC_CLASSES = BASIC_CLASSES
 
 # Separate seed streams per split, so train and test never share an image.
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -39,22 +45,54 @@ _EXPRESSIONS = {
 }
 assert tuple(_EXPRESSIONS) == SYNTHETIC_CLASSES
 
+# How someone captioning these pictures might describe each expression: an everyday mood word
+# and a phrase each for the brows, the eyes and the mouth. The phrases name what is drawn in
+# plain words, some of which the LLM descriptions also use ("brows raised high and curved");
+# the class names never appear (a caption says "a happy face", never "happiness").
+CAPTION_WORDS = {
+    "neutral": ("calm", "level relaxed brows", "eyes open", "lips closed and level"),
+    "happiness": ("happy", "relaxed brows", "eyes narrowed and crinkled",
+                  "lip corners pulled up into a smile with teeth showing"),
+    "surprise": ("surprised", "brows raised high and curved", "wide round eyes", "jaw dropped into an open oval mouth"),
+    "sadness": ("sad", "inner brow ends drawn up", "upper lids drooping", "lip corners pulled down"),
+    "anger": ("angry", "brows lowered and pulled together", "a hard glaring stare",
+              "a squared mouth with the jaw clenched"),
+    "disgust": ("disgusted", "brows lowered", "eyes narrowed", "nose wrinkled and upper lip raised"),
+    "fear": ("scared", "brows raised and drawn together", "wide staring eyes",
+             "mouth open with the lips stretched sideways"),
+}
+assert tuple(CAPTION_WORDS) == SYNTHETIC_CLASSES
+CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.", "{mood}, {mouth}.",
+                     "a drawing of {eyes} and {mouth}.", "{a_mood} person with {brows}.")
+
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
+
+# Two drawing styles of the same faces (sizes in image units, tilt in degrees).
+#   "web":      a colour face anywhere in a cluttered scene, like pictures found on the web;
+#               the demo CLIP is pre-trained on these.
+#   "portrait": an aligned, tightly cropped grey-scale face on a plain background, like the
+#               face crops of FER datasets; the demo's expression dataset uses these.
+STYLES = {
+    "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False, noise=(2.0, 9.0)),
+    "portrait": dict(shift=0.02, radius=(0.38, 0.42), tilt=4, clutter=False, grey=True, noise=(1.0, 4.0)),
+}
 
 
 class SyntheticFaces(Dataset):
     """Cartoon faces of the 7 basic expressions, generated deterministically on the fly.
 
-    split: "train", "val" or "test" (disjoint seed streams). The dataset holds
-    `num_per_class` images of every class, labels interleaved (index % 7). Items are
-    (transform(image), label); without a transform the image is an RGB PIL image of
+    split: "train", "val" or "test" (disjoint seed streams); style: a key of STYLES. The
+    dataset holds `num_per_class` images of every class, labels interleaved (index % 7). Items
+    are (transform(image), label); without a transform the image is an RGB PIL image of
     `image_size` x `image_size` pixels.
     """
 
-    def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None):
+    def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None, style="portrait"):
         if split not in _SPLIT_CODES:
             raise ValueError(f"unknown split {split!r} for synthetic faces; "
                              f"valid splits: {', '.join(_SPLIT_CODES)}")
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r} for synthetic faces; valid styles: {', '.join(STYLES)}")
         if num_per_class < 1 or image_size < 16:
             raise ValueError(f"need num_per_class >= 1 and image_size >= 16, "
                              f"got {num_per_class} and {image_size}")
@@ -63,6 +101,7 @@ class SyntheticFaces(Dataset):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.transform = transform
+        self.style = style
         self.classnames = SYNTHETIC_CLASSES
         self.targets = [i % len(SYNTHETIC_CLASSES) for i in range(len(self))]
         self.skipped = []  # same attribute as the file-backed datasets; nothing is ever skipped
@@ -78,7 +117,7 @@ class SyntheticFaces(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} synthetic faces")
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
-        return draw_face(SYNTHETIC_CLASSES[self.targets[index]], self.image_size, rng)
+        return draw_face(SYNTHETIC_CLASSES[self.targets[index]], self.image_size, rng, self.style)
 
     def __getitem__(self, index):
         image = self.load(index)
@@ -87,23 +126,24 @@ class SyntheticFaces(Dataset):
         return image, self.targets[index]
 
 
-def draw_face(expression, image_size, rng):
+def draw_face(expression, image_size, rng, style="portrait"):
     """Draw one face showing `expression` (a SYNTHETIC_CLASSES name) as an RGB PIL image.
 
-    All randomness comes from `rng` (a numpy Generator).
+    `style` is a key of STYLES. All randomness comes from `rng` (a numpy Generator).
     """
-    shape = _EXPRESSIONS[expression]
+    shape, look = _EXPRESSIONS[expression], STYLES[style]
     size = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (size, size), _random_colour(rng))
     draw = ImageDraw.Draw(canvas)
-    _draw_background(draw, size, rng)
+    if look["clutter"]:
+        _draw_background(draw, size, rng)
 
     face = _FaceFrame(
-        cx=size * (0.5 + rng.uniform(-0.07, 0.07)),
-        cy=size * (0.52 + rng.uniform(-0.06, 0.06)),
-        rx=size * rng.uniform(0.29, 0.37),
+        cx=size * (0.5 + rng.uniform(-look["shift"], look["shift"])),
+        cy=size * (0.52 + rng.uniform(-look["shift"], look["shift"])),
+        rx=size * rng.uniform(*look["radius"]),
         aspect=rng.uniform(1.1, 1.25),
-        tilt=math.radians(rng.uniform(-10, 10)),
+        tilt=math.radians(rng.uniform(-look["tilt"], look["tilt"])),
     )
     skin = _skin_tone(rng)
     ink = tuple(int(c) for c in rng.integers(5, 55, size=3))  # dark features on any skin
@@ -116,9 +156,18 @@ def draw_face(expression, image_size, rng):
     _draw_mouth(draw, face, shape["mouth"], intensity, ink, rng)
 
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    if look["grey"]:
+        image = image.convert("L").convert("RGB")
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels + rng.normal(0.0, rng.uniform(2.0, 9.0), size=pixels.shape)
+    pixels = pixels + rng.normal(0.0, rng.uniform(*look["noise"]), size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def face_captions(expression):
+    """The captions of a face showing `expression`, one per CAPTION_TEMPLATES entry."""
+    mood, brows, eyes, mouth = CAPTION_WORDS[expression]
+    a_mood = ("an " if mood[0] in "aeiou" else "a ") + mood
+    return [t.format(mood=mood, a_mood=a_mood, brows=brows, eyes=eyes, mouth=mouth) for t in CAPTION_TEMPLATES]
 
 
 class _FaceFrame:
