@@ -87,9 +87,12 @@ def test_prototype_alignment_distances(inputs):
     z, protos, y = inputs["z"].tolist(), inputs["protos"].tolist(), LABELS.tolist()
     expected_cos = sum(1 - cos(z[i], protos[y[i]]) for i in range(B)) / B
     expected_l1 = sum(l1(z[i], protos[y[i]]) for i in range(B)) / B
-    loss = lambda *distance: losses.prototype_alignment_loss(
-        inputs["z"], inputs["protos"], LABELS, *distance
-    ).item()  # noqa: E731
+
+    def loss(*distance):
+        return losses.prototype_alignment_loss(
+            inputs["z"], inputs["protos"], LABELS, *distance
+        ).item()
+
     assert loss() == pytest.approx(expected_cos, rel=1e-5)
     assert loss("l1") == pytest.approx(expected_l1, rel=1e-5)
     assert loss("l1-mean") == pytest.approx(expected_l1 / D, rel=1e-5)
