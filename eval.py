@@ -18,7 +18,6 @@ takes cropped face images, like the datasets' aligned faces; `--interpret-prompt
 `--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
 through the same transform (`--expclip-transform`, default the released protocol).
 """
-
 import argparse
 import os
 import sys
@@ -61,103 +60,58 @@ def parse_args(argv=None):
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP with --prompts")
     what.add_argument("--method", choices=("mpafer", "expclip"), default="mpafer")
     what.add_argument("--head", help="Exp-CLIP projection head (.pth, released format)")
-    what.add_argument(
-        "--prompts",
-        default="photo",
-        metavar="SET",
-        help=f"zero-shot / Exp-CLIP prompt set: {', '.join(PROMPT_SETS)}; "
-        "'descriptions' = MPA-FER's hard prompts; or a prompt file (.json: "
-        "{class: [prompts]} or [templates with {c}], see the README)",
-    )
-    what.add_argument(
-        "--expclip-transform",
-        choices=INPUT_TRANSFORMS,
-        default="released",
-        help="--method expclip: the input transform of both classifiers; "
-        "released = Resize((R, R)) squash + ToTensor, no normalisation (the "
-        "released Exp-CLIP protocol); clip = CLIP's own preprocessing",
-    )
-    what.add_argument(
-        "--clip", help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)"
-    )
-    what.add_argument(
-        "--allow-other-clip",
-        action="store_true",
-        help="use a CLIP other than the one the checkpoint or head was trained on",
-    )
+    what.add_argument("--prompts", default="photo", metavar="SET",
+                      help=f"zero-shot / Exp-CLIP prompt set: {', '.join(PROMPT_SETS)}; "
+                           "'descriptions' = MPA-FER's hard prompts; or a prompt file (.json: "
+                           "{class: [prompts]} or [templates with {c}], see the README)")
+    what.add_argument("--expclip-transform", choices=INPUT_TRANSFORMS, default="released",
+                      help="--method expclip: the input transform of both classifiers; "
+                           "released = Resize((R, R)) squash + ToTensor, no normalisation (the "
+                           "released Exp-CLIP protocol); clip = CLIP's own preprocessing")
+    what.add_argument("--clip",
+                      help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
+    what.add_argument("--allow-other-clip", action="store_true",
+                      help="use a CLIP other than the one the checkpoint or head was trained on")
     data = p.add_argument_group("data")
-    data.add_argument(
-        "--demo",
-        action="store_true",
-        help="the synthetic demo test split (and demo CLIP); the default for a "
-        "checkpoint trained with --demo",
-    )
-    data.add_argument(
-        "--dataset", choices=DATASET_NAMES, help="default: the checkpoint's, else rafdb"
-    )
+    data.add_argument("--demo", action="store_true",
+                      help="the synthetic demo test split (and demo CLIP); the default for a "
+                           "checkpoint trained with --demo")
+    data.add_argument("--dataset", choices=DATASET_NAMES,
+                      help="default: the checkpoint's, else rafdb")
     data.add_argument("--data-root", help="default: the checkpoint's, else data/RAF-DB")
     data.add_argument("--split", help="default: the checkpoint's evaluation split, else test")
-    data.add_argument(
-        "--classnames",
-        metavar="A,B,C",
-        help="--dataset folder: the class folder names in label order (default: "
-        "the checkpoint's, else canonical names or their usual synonyms)",
-    )
-    data.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="leave unreadable images out (default: they are an error)",
-    )
+    data.add_argument("--classnames", metavar="A,B,C",
+                      help="--dataset folder: the class folder names in label order (default: "
+                           "the checkpoint's, else canonical names or their usual synonyms)")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave unreadable images out (default: they are an error)")
     data.add_argument("--classes", nargs="+", help="class names for --image without a checkpoint")
-    data.add_argument(
-        "--image",
-        nargs="+",
-        metavar="PATH",
-        help="predict these images instead of a split. Each must be a cropped "
-        "face (one face filling the picture, like the datasets' aligned "
-        "faces); a picture far from square (aspect > 1.3) or larger than 4x "
-        "the model's input is centre-cropped to a square, with a note",
-    )
+    data.add_argument("--image", nargs="+", metavar="PATH",
+                      help="predict these images instead of a split. Each must be a cropped "
+                           "face (one face filling the picture, like the datasets' aligned "
+                           "faces); a picture far from square (aspect > 1.3) or larger than 4x "
+                           "the model's input is centre-cropped to a square, with a note")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the metrics as JSON")
-    out.add_argument(
-        "--confusion-png",
-        metavar="FILE",
-        help="draw the confusion matrix (percent of each true class)",
-    )
-    out.add_argument(
-        "--confusion-counts",
-        action="store_true",
-        help="--confusion-png: write counts in the cells instead of percentages",
-    )
-    out.add_argument(
-        "--attention-png",
-        metavar="FILE",
-        help="with --image: every image in one grid, the global-local attention "
-        "of the predicted class over each face",
-    )
+    out.add_argument("--confusion-png", metavar="FILE",
+                     help="draw the confusion matrix (percent of each true class)")
+    out.add_argument("--confusion-counts", action="store_true",
+                     help="--confusion-png: write counts in the cells instead of percentages")
+    out.add_argument("--attention-png", metavar="FILE",
+                     help="with --image: every image in one grid, the global-local attention "
+                          "of the predicted class over each face")
     inside = p.add_argument_group("inside the prompts (with --checkpoint; no data needed)")
-    inside.add_argument(
-        "--interpret-prompts",
-        action="store_true",
-        help="nearest vocabulary tokens (cosine) of each text context vector",
-    )
-    inside.add_argument(
-        "--soft-hard",
-        action="store_true",
-        help="each class's cosine between its soft-prompt feature and its hard "
-        "prompts' features (mean, max)",
-    )
-    inside.add_argument(
-        "--tokens", type=int, default=5, help="--interpret-prompts: tokens per context vector"
-    )
+    inside.add_argument("--interpret-prompts", action="store_true",
+                        help="nearest vocabulary tokens (cosine) of each text context vector")
+    inside.add_argument("--soft-hard", action="store_true",
+                        help="each class's cosine between its soft-prompt feature and its hard "
+                             "prompts' features (mean, max)")
+    inside.add_argument("--tokens", type=int, default=5,
+                        help="--interpret-prompts: tokens per context vector")
     run = p.add_argument_group("runtime")
-    run.add_argument(
-        "--cache-dir",
-        "--weights",
-        default=clip.default_weights_dir(),
-        help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's weights/)",
-    )
+    run.add_argument("--cache-dir", "--weights", default=clip.default_weights_dir(),
+                     help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
+                          "weights/)")
     run.add_argument("--device", default="")
     run.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     run.add_argument("--batch-size", type=int, default=64)
@@ -167,14 +121,11 @@ def parse_args(argv=None):
         p.error("--method expclip needs --head")
     known = (*PROMPT_SETS, "descriptions")
     if args.prompts not in known and not is_prompt_file(args.prompts):
-        p.error(
-            f"--prompts must be one of {', '.join(known)} or a prompt file (.json), got "
-            f"{args.prompts!r}"
-        )
+        p.error(f"--prompts must be one of {', '.join(known)} or a prompt file (.json), got "
+                f"{args.prompts!r}")
     if args.method == "mpafer" and not (args.checkpoint or args.zero_shot):
-        p.error(
-            "give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip --head FILE"
-        )
+        p.error("give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip "
+                "--head FILE")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
@@ -199,7 +150,6 @@ def prompt_set(name, classnames):
 class Classifier(NamedTuple):
     """One thing to evaluate: a name, its logits function, its input transform (and that
     transform in words), its class order."""
-
     label: str
     logits: Callable
     transform: Callable
@@ -216,18 +166,13 @@ def zero_shot_classifiers(args, clip_model, classnames) -> List[Classifier]:
     name = os.path.basename(args.prompts)
     plain = ZeroShotClassifier(clip_model, classnames, prompts).eval()
     if args.method != "expclip":
-        return [
-            Classifier(
-                f"zero-shot CLIP ({name})", plain, *input_transform("clip", resolution), classnames
-            )
-        ]
+        return [Classifier(f"zero-shot CLIP ({name})", plain, *input_transform("clip", resolution),
+                           classnames)]
     transform, transform_name = input_transform(args.expclip_transform, resolution)
     head = load_head(args.head, clip_model, check_clip=not args.allow_other_clip)
     expclip = ZeroShotClassifier(clip_model, classnames, prompts, head=head).eval()
-    return [
-        Classifier(f"zero-shot CLIP ({name})", plain, transform, transform_name, classnames),
-        Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames),
-    ]
+    return [Classifier(f"zero-shot CLIP ({name})", plain, transform, transform_name, classnames),
+            Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
 
 
 def fill_data_defaults(args, checkpoint):
@@ -236,7 +181,8 @@ def fill_data_defaults(args, checkpoint):
     test split."""
     trained = (checkpoint or {}).get("train_config", {})
     args.demo = args.demo or (args.dataset is None and bool(trained.get("demo")))
-    args.demo_test_per_class = trained.get("demo_test_per_class", 60) if trained.get("demo") else 60
+    args.demo_test_per_class = (trained.get("demo_test_per_class", 60) if trained.get("demo")
+                                else 60)
     same = not args.demo and args.dataset in (None, trained.get("dataset"))
     trained = trained if same and trained.get("dataset") in DATASET_NAMES else {}
     args.dataset = args.dataset or trained.get("dataset", "rafdb")
@@ -294,9 +240,8 @@ def main(argv=None):
     clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir)
     resolution = clip_model.visual.input_resolution
     if checkpoint:
-        check_compatible(
-            checkpoint, args.checkpoint, clip_model, allow_other_clip=args.allow_other_clip
-        )
+        check_compatible(checkpoint, args.checkpoint, clip_model,
+                         allow_other_clip=args.allow_other_clip)
 
     classifiers, model, classnames = [], None, None
     if checkpoint:
@@ -304,14 +249,8 @@ def main(argv=None):
         classnames = checkpoint["classnames"]
         if args.interpret_prompts or args.soft_hard:
             return inspect_prompts(args, model, checkpoint)
-        classifiers.append(
-            Classifier(
-                "MPA-FER",
-                lambda x: model(x).logits,
-                *input_transform("clip", resolution),
-                classnames,
-            )
-        )
+        classifiers.append(Classifier("MPA-FER", lambda x: model(x).logits,
+                                      *input_transform("clip", resolution), classnames))
     if args.image:
         classnames = classnames or args.classes or list(BASIC_CLASSES)
     else:
@@ -327,21 +266,15 @@ def main(argv=None):
     results = evaluate_all(args, classifiers, dataset, classnames, device, amp)
     main_label = list(results)[-1]
     if args.json:
-        payload = {
-            "dataset": "synthetic-demo" if args.demo else args.dataset,
-            "split": args.split,
-            "checkpoint": args.checkpoint,
-            "clip": clip_name,
-            **results[main_label],
-        }
+        payload = {"dataset": "synthetic-demo" if args.demo else args.dataset, "split": args.split,
+                   "checkpoint": args.checkpoint, "clip": clip_name, **results[main_label]}
         if len(results) > 1:
             payload["all"] = results
         atomic_write_json(payload, args.json)
         print(f"wrote {args.json}")
     if args.confusion_png:
-        save_png(
-            confusion_figure(results[main_label], counts=args.confusion_counts), args.confusion_png
-        )
+        save_png(confusion_figure(results[main_label], counts=args.confusion_counts),
+                 args.confusion_png)
         print(f"wrote {args.confusion_png}")
     return results
 
@@ -353,30 +286,15 @@ def evaluate_all(args, classifiers, dataset, classnames, device, amp):
         # A checkpoint's class order may differ from the dataset's: predictions match by name.
         order = [c.classnames.index(name) for name in classnames]
         dataset.transform = c.transform
-        metrics = evaluate(
-            lambda x, c=c: c.logits(x)[:, order],
-            dataset,
-            classnames,
-            device,
-            amp,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            desc=c.label,
-        )
+        metrics = evaluate(lambda x, c=c: c.logits(x)[:, order], dataset, classnames, device,
+                           amp, batch_size=args.batch_size, workers=args.workers, desc=c.label)
         results[c.label] = {**metrics, "transform": c.transform_name}
-        print(
-            f"\n{c.label} on {'synthetic demo' if args.demo else args.dataset} {args.split} "
-            f"(transform: {c.transform_name}):"
-        )
+        print(f"\n{c.label} on {'synthetic demo' if args.demo else args.dataset} {args.split} "
+              f"(transform: {c.transform_name}):")
         print(format_report(metrics))
     if len(results) > 1:
-        print(
-            "\nside by side:  "
-            + "   ".join(
-                f"{k}: WAR {100 * v['war']:.2f}% UAR {100 * v['uar']:.2f}%"
-                for k, v in results.items()
-            )
-        )
+        print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR "
+                                            f"{100 * v['uar']:.2f}%" for k, v in results.items()))
         transforms = {v["transform"] for v in results.values()}
         if len(transforms) == 1:
             print(f"(all on the same input transform: {transforms.pop()})")
@@ -434,10 +352,8 @@ def predict_images(args, classifiers, model, device, amp, resolution):
     if args.json:
         atomic_write_json(outputs, args.json)
     if failed:
-        sys.exit(
-            f"error: {len(failed)} of {len(args.image)} image(s) could not be read: "
-            f"{', '.join(failed)}"
-        )
+        sys.exit(f"error: {len(failed)} of {len(args.image)} image(s) could not be read: "
+                 f"{', '.join(failed)}")
     return outputs
 
 
@@ -446,18 +362,14 @@ def attention_tile(model, transform, image, path, device, amp):
     with autocast(device, amp):
         out = model(transform(image).unsqueeze(0).to(device))
     if out.attention is None:
-        sys.exit(
-            "this checkpoint has no global-local alignment (global_local = False): no "
-            "attention to draw"
-        )
+        sys.exit("this checkpoint has no global-local alignment (global_local = False): no "
+                 "attention to draw")
     probs = out.logits.float().softmax(dim=-1)[0]
     predicted = int(probs.argmax())
     grid = model.clip.visual.input_resolution // model.clip.visual.patch_size
     attention = out.attention[0, predicted].float().reshape(grid, grid).cpu().numpy()  # [g, g]
-    caption = [
-        f"{model.classnames[predicted]} {100 * float(probs[predicted]):.1f}%",
-        os.path.basename(path),
-    ]
+    caption = [f"{model.classnames[predicted]} {100 * float(probs[predicted]):.1f}%",
+               os.path.basename(path)]
     return centre_square(image), attention, caption  # CLIP's preprocessing crops the centre
 
 

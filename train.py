@@ -18,7 +18,6 @@ The file reads top to bottom: configuration (every value checked), the run's set
 CLIP (checked before anything is written), model and prototypes, optimiser, the epoch loop (one
 training step is `mpafer.engine.train_step`), evaluation and saving, and the final report.
 """
-
 import copy
 import dataclasses
 import json
@@ -96,7 +95,6 @@ LOSS_PARTS = ("loss", "cls", "ta", "pa", "v")
 
 # -- seeds, learning-rate schedule, log -------------------------------------------------------
 
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -106,12 +104,10 @@ def seed_everything(seed: int):
 def rng_state():
     """RNG states for the record in last.pt (resume does not need them: every epoch re-seeds
     from (seed, epoch), which is what makes a resumed run repeat an uninterrupted one)."""
-    return {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    return {"python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int):
@@ -120,7 +116,6 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int):
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
     return factor
 
 
@@ -152,7 +147,6 @@ class Logger:
 @dataclass
 class Run:
     """Where and how this process trains: settings, process rank, device, precision, log."""
-
     cfg: TrainConfig
     rank: int
     world: int
@@ -173,7 +167,6 @@ class Run:
 @dataclass
 class Training:
     """What the epoch loop works on, made by the steps below."""
-
     model: MPAFER
     forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     loader: DataLoader
@@ -189,22 +182,19 @@ class Training:
     first_sums: Optional[torch.Tensor] = None  # and their loss sums over all processes
     grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the first step
 
+
     def eval_logits(self, images):
         return self.model(images).logits
 
 
 # -- Exp-CLIP ----------------------------------------------------------------------------------
 
-
 def run_expclip(cfg: TrainConfig):
     """Train an Exp-CLIP head on a feature file (CLIP and teacher features, cached)."""
     from mpafer.expclip import train_head_from_file
-
     if not cfg.features:
-        sys.exit(
-            "--method expclip needs --features FILE (make it with `python -m mpafer.expclip "
-            "cache` and `python -m mpafer.expclip teacher`)"
-        )
+        sys.exit("--method expclip needs --features FILE (make it with `python -m mpafer.expclip "
+                 "cache` and `python -m mpafer.expclip teacher`)")
     if not os.path.isfile(cfg.features):
         raise FileNotFoundError(f"--features: {cfg.features} not found")
     clear_run_files(cfg.out)  # a folder with another run's head was refused unless --overwrite
@@ -212,24 +202,15 @@ def run_expclip(cfg: TrainConfig):
     log = Logger(True)
     log.open(os.path.join(cfg.out, "log.txt"))
     metadata = train_head_from_file(
-        cfg.features,
-        os.path.join(cfg.out, "expclip_head.pth"),
-        device=cfg.device or "cpu",
-        log=log,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-    )
+        cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
+        log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, seed=cfg.seed)
     atomic_write_json({"train": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "config.json"))
     lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
     atomic_write(os.path.join(cfg.out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
 
 
 # -- MPA-FER: the run's set-up -------------------------------------------------------------------
-
 
 def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig) -> Run:
     """Processes, precision, the checkpoint resumed from, the log. Nothing is written yet: the
@@ -247,22 +228,14 @@ def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig) -> Run:
     if resume is not None:
         state = resume["resume"]
         changed = resume_changes(resume["train_config"], dataclasses.asdict(cfg))
-        history = [
-            *state.get("history", []),
-            {
-                "from": cfg.resume,
-                "epoch": resume["epoch"],
-                "step": state.get("step", 0),
-                "changed": changed,
-            },
-        ]
+        history = [*state.get("history", []), {
+            "from": cfg.resume, "epoch": resume["epoch"], "step": state.get("step", 0),
+            "changed": changed}]
     run = Run(cfg, rank, world, device, amp, Logger(rank == 0), resume, history)
     if cfg.demo:
-        run.log(
-            "=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
-            "numbers say the\npipeline works end to end; they say nothing about real facial "
-            "expression data.\n" + "=" * 78
-        )
+        run.log("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
+                "numbers say the\npipeline works end to end; they say nothing about real facial "
+                "expression data.\n" + "=" * 78)
     run.log(f"config: {json.dumps(run_record(run, model_cfg))}")
     return run
 
@@ -270,28 +243,19 @@ def start_run(cfg: TrainConfig, model_cfg: MPAFERConfig) -> Run:
 def run_record(run: Run, model_cfg: MPAFERConfig) -> Dict:
     """config.json: the settings that ran, the precision and processes they ran with, and the
     resumes (where each continued and which flags it changed)."""
-    return {
-        "train": dataclasses.asdict(run.cfg),
-        "model": model_cfg.to_dict(),
-        "precision": str(run.amp or torch.float32).replace("torch.", ""),
-        "processes": run.world,
-        "resumed": run.history,
-    }
+    return {"train": dataclasses.asdict(run.cfg), "model": model_cfg.to_dict(),
+            "precision": str(run.amp or torch.float32).replace("torch.", ""),
+            "processes": run.world, "resumed": run.history}
 
 
 def already_finished(run: Run) -> bool:
     """A resumed run that has trained all its epochs: say so, and what it left, instead of
     training (--epochs N extends it)."""
-    if (
-        run.resume is None
-        or run.resume["resume"].get("step")
-        or run.resume["epoch"] < run.cfg.epochs
-    ):
+    if (run.resume is None or run.resume["resume"].get("step")
+            or run.resume["epoch"] < run.cfg.epochs):
         return False
-    run.log(
-        f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
-        f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)"
-    )
+    run.log(f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
+            f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
     run.log(files_summary(run, run.resume["resume"]["best"]))
     return True
 
@@ -310,7 +274,6 @@ def open_run_folder(run: Run, model_cfg: MPAFERConfig):
 
 # -- data and CLIP -------------------------------------------------------------------------------
 
-
 def read_data(run: Run):
     """The datasets, read and checked before anything expensive -> (train, eval) without
     transforms (they need CLIP's resolution), or None for the demo (its synthetic faces are
@@ -321,12 +284,8 @@ def read_data(run: Run):
         return None
     options = dataset_options(cfg)
     train_set = build_dataset(cfg.dataset, cfg.data_root, "train", **options)
-    eval_set = (
-        None
-        if cfg.eval_split == HELD_OUT
-        # carved out of train later
-        else build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, **options)
-    )
+    eval_set = (None if cfg.eval_split == HELD_OUT else  # carved out of train later
+                build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, **options))
     if run.resume is not None:
         check_compatible(run.resume, cfg.resume, classnames=train_set.classnames)
     if eval_set is not None and not cfg.skip_bad_images:  # (with it, bad ones were dropped)
@@ -364,9 +323,8 @@ def with_transforms(run: Run, data, resolution: int):
     train_tf = train_transform(resolution, uint8=True)
     eval_tf = eval_transform(resolution, uint8=True)
     if data is None:
-        train_set, eval_set = demo_datasets(
-            resolution, train_tf, eval_tf, cfg.demo_train_per_class, cfg.demo_test_per_class
-        )
+        train_set, eval_set = demo_datasets(resolution, train_tf, eval_tf,
+                                            cfg.demo_train_per_class, cfg.demo_test_per_class)
     else:
         train_set, eval_set = data
         train_set.transform = train_tf
@@ -387,13 +345,8 @@ def carve_subsets(run: Run, train_set, eval_set, resolution: int):
     if cfg.val_fraction > 0:
         kept, held = stratified_split(train_set.targets, cfg.val_fraction, cfg.seed)
         eval_set = Subset(train_set, held, eval_transform(resolution, uint8=True))
-        records.append(
-            (
-                "heldout.json",
-                eval_set,
-                dict(protocol="held-out validation", fraction=cfg.val_fraction),
-            )
-        )
+        records.append(("heldout.json", eval_set, dict(protocol="held-out validation",
+                                                       fraction=cfg.val_fraction)))
     if cfg.shots > 0:
         chosen = few_shot_indices(train_set.targets, cfg.shots, cfg.seed, pool=kept)
         train_set = Subset(train_set, chosen, train_set.transform)
@@ -406,22 +359,16 @@ def carve_subsets(run: Run, train_set, eval_set, resolution: int):
 def write_subsets(run: Run, records):
     for name, subset, info in records:
         if run.master:
-            record = subset_record(
-                subset,
-                **info,
-                seed=run.cfg.seed,
-                dataset="synthetic-demo" if run.cfg.demo else run.cfg.dataset,
-            )
+            record = subset_record(subset, **info, seed=run.cfg.seed,
+                                   dataset="synthetic-demo" if run.cfg.demo else run.cfg.dataset)
             atomic_write_json(record, run.path(name))
         run.log(f"{info['protocol']}: {len(subset)} images, listed in {run.path(name)}")
 
 
 # -- model and prototypes ------------------------------------------------------------------------
 
-
-def build_model(
-    run: Run, clip_model, clip_name: str, classnames: List[str], model_cfg: MPAFERConfig
-):
+def build_model(run: Run, clip_model, clip_name: str, classnames: List[str],
+                model_cfg: MPAFERConfig):
     """Frozen CLIP + prompts; hard prompts from the LLM descriptions -> (model, descriptions).
     The prompts' initialisation draws from --seed, whatever ran before (e.g. the demo CLIP's
     first pre-training), so a first run and a later one start alike."""
@@ -432,15 +379,12 @@ def build_model(
         descriptions = load_descriptions(classnames, run.cfg.descriptions or None)
     else:
         descriptions = None
-    model = build_mpafer(
-        clip_model, classnames, descriptions, model_cfg, run.cfg.grad_checkpointing, run.cfg.compile
-    ).to(run.device)
+    model = build_mpafer(clip_model, classnames, descriptions, model_cfg,
+                         run.cfg.grad_checkpointing, run.cfg.compile).to(run.device)
     trainable = model.num_trainable_parameters()
     frozen = sum(p.numel() for p in clip_model.parameters())
-    run.log(
-        f"MPA-FER on CLIP {clip_name}: {trainable:,} trainable parameters "
-        f"({trainable / 1e6:.3f} M); CLIP frozen ({frozen:,})"
-    )
+    run.log(f"MPA-FER on CLIP {clip_name}: {trainable:,} trainable parameters "
+            f"({trainable / 1e6:.3f} M); CLIP frozen ({frozen:,})")
     return model, descriptions
 
 
@@ -453,38 +397,25 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
     proto_view.transform = eval_transform(resolution, uint8=True)
     per_class = cfg.prototypes_per_class or None
     base = train_set.base if isinstance(train_set, Subset) else train_set
-    key = {
-        "clip_sha256": model.clip.checkpoint_sha256,
-        "resolution": resolution,
-        "transform": "eval_transform (CLIP preprocessing)",
-        "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
-        "root": "" if cfg.demo else os.path.abspath(cfg.data_root),
-        "split": "train",
-        "images": len(train_set),
-        "items_sha256": dataset_fingerprint(base),
-        "classes": list(train_set.classnames),
-        "per_class": cfg.prototypes_per_class,
-        "seed": cfg.seed if per_class else None,  # the seed draws the per-class subset
-        "amp": str(run.amp),
-    }
+    key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
+           "transform": "eval_transform (CLIP preprocessing)",
+           "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
+           "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",
+           "images": len(train_set), "items_sha256": dataset_fingerprint(base),
+           "classes": list(train_set.classnames), "per_class": cfg.prototypes_per_class,
+           "seed": cfg.seed if per_class else None,  # the seed draws the per-class subset
+           "amp": str(run.amp)}
     if isinstance(train_set, Subset):  # --shots / --val-fraction: which images, not just how many
         key["subset"] = train_set.fingerprint()
     prototypes = None
     if run.master:
-        loader = DataLoader(
-            proto_view,
-            batch_size=128,
-            num_workers=cfg.workers,
-            pin_memory=run.device.type == "cuda",
-        )
+        loader = DataLoader(proto_view, batch_size=128, num_workers=cfg.workers,
+                            pin_memory=run.device.type == "cuda")
         prototypes = cached_prototypes(
-            os.path.join(cfg.cache_dir, "prototypes"),
-            key,
-            lambda: compute_prototypes(
-                model, loader, per_class=per_class, seed=cfg.seed, amp_dtype=run.amp
-            ),
-            log=run.log,
-        )
+            os.path.join(cfg.cache_dir, "prototypes"), key,
+            lambda: compute_prototypes(model, loader, per_class=per_class, seed=cfg.seed,
+                                       amp_dtype=run.amp),
+            log=run.log)
     if run.world > 1:
         box = [prototypes]
         dist.broadcast_object_list(box, src=0)
@@ -494,55 +425,39 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
 
 # -- optimiser -----------------------------------------------------------------------------------
 
-
 def make_train_loader(run: Run, train_set):
     """-> (loader, its generator). Balanced, distributed or plain random sampling; batches are
     dropped at the end so every step has the same size. Each image's augmentation draws from
     (seed, epoch, index), and the sampler can skip the part of an epoch done before a resume."""
     cfg = run.cfg
     if cfg.balanced_sampler:
-        sampler = ClassBalancedSampler(
-            train_set.targets, cfg.samples_per_epoch or None, cfg.seed, run.rank, run.world
-        )
+        sampler = ClassBalancedSampler(train_set.targets, cfg.samples_per_epoch or None,
+                                       cfg.seed, run.rank, run.world)
     elif run.world > 1:
-        sampler = DistributedSampler(
-            train_set, run.world, run.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
+        sampler = DistributedSampler(train_set, run.world, run.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
     else:
         sampler = RandomSampler(train_set, generator=torch.Generator())
     loader_rng = torch.Generator()
     # Not persistent_workers: each epoch's workers start afresh from (seed, epoch); with
     # SeededAugmentation every image's crop depends only on (seed, epoch, index).
-    loader = DataLoader(
-        SeededAugmentation(train_set, cfg.seed),
-        batch_size=cfg.batch_size,
-        sampler=ResumableSampler(sampler),
-        num_workers=cfg.workers,
-        pin_memory=run.device.type == "cuda",
-        drop_last=True,
-        generator=loader_rng,
-        worker_init_fn=ignore_interrupts,
-    )
+    loader = DataLoader(SeededAugmentation(train_set, cfg.seed), batch_size=cfg.batch_size,
+                        sampler=ResumableSampler(sampler), num_workers=cfg.workers,
+                        pin_memory=run.device.type == "cuda", drop_last=True,
+                        generator=loader_rng, worker_init_fn=ignore_interrupts)
     if len(loader) == 0:
-        sys.exit(
-            f"the training set ({len(train_set)} images over {run.world} processes) is "
-            f"smaller than one batch of {cfg.batch_size}; lower --batch-size"
-        )
+        sys.exit(f"the training set ({len(train_set)} images over {run.world} processes) is "
+                 f"smaller than one batch of {cfg.batch_size}; lower --batch-size")
     return loader, loader_rng
 
 
 def make_optimizer(run: Run, model: MPAFER, steps_per_epoch: int):
     """SGD with momentum; linear warm-up then cosine decay, per step; GradScaler for fp16 only."""
     cfg = run.cfg
-    optimizer = torch.optim.SGD(
-        trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        cosine_with_warmup(
-            round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
-        ),
-    )
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
     return optimizer, scheduler, grad_scaler(run.device, run.amp)
 
 
@@ -560,16 +475,11 @@ def restore(run: Run, t: Training):
     start_epoch, best = run.resume["epoch"], state["best"]
     t.first_step, t.first_sums = state.get("step", 0), state.get("sums")
     if t.first_step and state.get("processes", 1) != run.world:
-        raise ValueError(
-            f"{run.cfg.resume} stopped in the middle of an epoch with "
-            f"{state.get('processes', 1)} process(es); resume it with as many "
-            f"(this run has {run.world})"
-        )
-    where = (
-        f"step {t.first_step} of epoch {start_epoch + 1}"
-        if t.first_step
-        else f"epoch {start_epoch}"
-    )
+        raise ValueError(f"{run.cfg.resume} stopped in the middle of an epoch with "
+                         f"{state.get('processes', 1)} process(es); resume it with as many "
+                         f"(this run has {run.world})")
+    where = (f"step {t.first_step} of epoch {start_epoch + 1}" if t.first_step
+             else f"epoch {start_epoch}")
     run.log(f"resumed from {run.cfg.resume} after {where} (best WAR {100 * best['war']:.2f}%)")
     metrics_path = run.path("metrics.jsonl")
     if run.master and os.path.isfile(metrics_path):
@@ -580,7 +490,6 @@ def restore(run: Run, t: Training):
 
 
 # -- the epoch loop ------------------------------------------------------------------------------
-
 
 def seed_epoch(run: Run, t: Training, epoch: int, first_step: int = 0):
     """Everything random in an epoch derives from (seed, epoch), each image's augmentation from
@@ -601,16 +510,11 @@ def stop_on_nan(run: Run, totals: torch.Tensor, epoch: int, step: int):
     if torch.isfinite(totals).all():
         return
     last = run.path("last.pt")
-    kept = (
-        f"the last good checkpoint is {last}"
-        if os.path.isfile(last)
-        else "no checkpoint was written"
-    )
-    run.log(
-        f"stopping: the loss became {totals[0].item()} in epoch {epoch + 1} (step {step}). "
-        f"Nothing was saved for this epoch; {kept}. Try a lower --lr, --amp bf16/off, or "
-        "--grad-clip."
-    )
+    kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
+            else "no checkpoint was written")
+    run.log(f"stopping: the loss became {totals[0].item()} in epoch {epoch + 1} (step {step}). "
+            f"Nothing was saved for this epoch; {kept}. Try a lower --lr, --amp bf16/off, or "
+            "--grad-clip.")
     if run.world > 1:
         dist.destroy_process_group()
     sys.exit(1)
@@ -621,10 +525,8 @@ def first_step_gradient_norms(run: Run, t: Training, images, labels) -> Dict[str
     that every term moves the prompts and how the terms balance (one extra backward per term)."""
     with autocast(run.device, run.amp):
         norms = t.model.term_gradient_norms(images, labels, scale=t.scaler.get_scale())
-    run.log(
-        "gradient norms on the trainable parameters at the first step: "
-        + "  ".join(f"{k} {v:.4g}" for k, v in norms.items())
-    )
+    run.log("gradient norms on the trainable parameters at the first step: "
+            + "  ".join(f"{k} {v:.4g}" for k, v in norms.items()))
     return norms
 
 
@@ -651,29 +553,15 @@ def train_one_epoch(run: Run, t: Training, epoch: int, first_step: int = 0, sums
     if sums is not None:
         running += sums.to(device) / run.world  # the part done before the resume
     start = time.time()
-    bar = tqdm(
-        t.loader,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        disable=not run.master,
-        leave=False,
-        initial=first_step,
-        total=steps,
-    )
+    bar = tqdm(t.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.master,
+               leave=False, initial=first_step, total=steps)
     for step, (images, labels) in enumerate(bar, first_step + 1):
         images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
         labels = labels.to(device, non_blocking=True)
         if epoch == 0 and step == 1:
             t.grad_norms = first_step_gradient_norms(run, t, images, labels)
-        loss, parts = train_step(
-            t.model,
-            images,
-            labels,
-            t.optimizer,
-            t.scaler,
-            run.amp,
-            cfg.grad_clip,
-            forward=t.forward,
-        )
+        loss, parts = train_step(t.model, images, labels, t.optimizer, t.scaler, run.amp,
+                                 cfg.grad_clip, forward=t.forward)
         t.scheduler.step()
         running += torch.stack([loss.float(), *[parts[k].float() for k in LOSS_PARTS[1:]]])
         asked = t.stop.requested  # a host flag: checking it costs nothing
@@ -682,9 +570,8 @@ def train_one_epoch(run: Run, t: Training, epoch: int, first_step: int = 0, sums
             stop_on_nan(run, synced, epoch, step)
             mean = (synced / (step * run.world)).tolist()
             speed = (step - first_step) * cfg.batch_size * run.world / (time.time() - start)
-            bar.set_postfix(
-                **{k: f"{v:.3f}" for k, v in zip(LOSS_PARTS, mean)}, img_s=f"{speed:.0f}"
-            )
+            bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(LOSS_PARTS, mean)},
+                            img_s=f"{speed:.0f}")
             if stop and step < steps:
                 return None, time.time() - start, (step, synced.cpu())
     return dict(zip(LOSS_PARTS, mean)), time.time() - start, stop
@@ -696,65 +583,38 @@ def demo_baselines(run: Run, t: Training, clip_model):
     over its descriptions' prompts), the baseline prompt learning has to beat. baseline.json."""
     cfg, kwargs = run.cfg, dict(batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
     t.model.eval()
-    random_prompts = evaluate(
-        t.eval_logits, t.eval_set, t.classnames, run.device, run.amp, **kwargs
-    )
+    random_prompts = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
+                              **kwargs)
     descriptions = t.descriptions or load_descriptions(t.classnames, cfg.descriptions or None)
     prompts = hard_prompts_by_class(t.classnames, descriptions, 3)
-    zero_shot = evaluate(
-        ZeroShotClassifier(clip_model, t.classnames, prompts).eval(),
-        t.eval_set,
-        t.classnames,
-        run.device,
-        run.amp,
-        desc="zero-shot",
-        **kwargs,
-    )
-    run.log(
-        f"before training: random prompts WAR {100 * random_prompts['war']:.2f}%; zero-shot "
-        f"CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
-        f"{100 * zero_shot['uar']:.2f}%  (chance {100 / len(t.classnames):.1f}%)"
-    )
+    zero_shot = evaluate(ZeroShotClassifier(clip_model, t.classnames, prompts).eval(), t.eval_set,
+                         t.classnames, run.device, run.amp, desc="zero-shot", **kwargs)
+    run.log(f"before training: random prompts WAR {100 * random_prompts['war']:.2f}%; zero-shot "
+            f"CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
+            f"{100 * zero_shot['uar']:.2f}%  (chance {100 / len(t.classnames):.1f}%)")
     if run.master:
-        atomic_write_json(
-            {"random_prompts": random_prompts, "zero_shot_hard_prompts": zero_shot},
-            run.path("baseline.json"),
-        )
+        atomic_write_json({"random_prompts": random_prompts, "zero_shot_hard_prompts": zero_shot},
+                          run.path("baseline.json"))
 
 
 # -- evaluation and saving -----------------------------------------------------------------------
 
-
 def resume_state(run: Run, t: Training, best: Dict, step: int = 0, sums=None) -> Dict:
     """What last.pt needs to continue: optimiser, schedule, scaler, best so far, and for a run
     stopped in the middle of an epoch, the steps done in it and their loss sums."""
-    return {
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "rng": rng_state(),
-        "best": best,
-        "step": step,
-        "sums": sums,
-        "processes": run.world,
-        "history": run.history,
-    }
+    return {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(), "rng": rng_state(), "best": best, "step": step,
+            "sums": sums, "processes": run.world, "history": run.history}
 
 
 def save_epoch(run: Run, t: Training, epoch: int, summary: Dict, best: Dict, is_best: bool):
     """last.pt (resumable) every epoch, best.pt when the evaluation improved; both atomic."""
     train_cfg = dataclasses.asdict(run.cfg)
-    atomic_save(
-        make_checkpoint(
-            t.model, t.descriptions, epoch + 1, summary, train_cfg, resume_state(run, t, best)
-        ),
-        run.path("last.pt"),
-    )
+    atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg,
+                                resume_state(run, t, best)), run.path("last.pt"))
     if is_best:
-        atomic_save(
-            make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg),
-            run.path("best.pt"),
-        )
+        atomic_save(make_checkpoint(t.model, t.descriptions, epoch + 1, summary, train_cfg),
+                    run.path("best.pt"))
 
 
 def save_interrupted(run: Run, t: Training, epoch: int, position, best: Dict):
@@ -762,25 +622,15 @@ def save_interrupted(run: Run, t: Training, epoch: int, position, best: Dict):
     continues exactly there (equal to a run that was never stopped)."""
     step, sums = position
     if run.master:
-        atomic_save(
-            make_checkpoint(
-                t.model,
-                t.descriptions,
-                epoch,
-                {},
-                dataclasses.asdict(run.cfg),
-                resume_state(run, t, best, step, sums),
-            ),
-            run.path("last.pt"),
-        )
-    run.log(
-        f"stopped by Ctrl-C after step {step} of epoch {epoch + 1}; saved {run.path('last.pt')}"
-    )
+        atomic_save(make_checkpoint(t.model, t.descriptions, epoch, {},
+                                    dataclasses.asdict(run.cfg),
+                                    resume_state(run, t, best, step, sums)), run.path("last.pt"))
+    run.log(f"stopped by Ctrl-C after step {step} of epoch {epoch + 1}; saved "
+            f"{run.path('last.pt')}")
 
 
-def evaluate_and_save(
-    run: Run, t: Training, epoch: int, losses: Dict, seconds: float, best: Dict, metrics: Dict
-):
+def evaluate_and_save(run: Run, t: Training, epoch: int, losses: Dict, seconds: float,
+                      best: Dict, metrics: Dict):
     """Evaluate (every --eval-every epochs and at the end), save, log -> (best, last metrics)."""
     cfg = run.cfg
     images_per_second = len(t.loader) * cfg.batch_size * run.world / seconds
@@ -788,27 +638,15 @@ def evaluate_and_save(
     eval_start = time.time()
     if evaluated:
         t.model.eval()
-        metrics = evaluate(
-            t.eval_logits,
-            t.eval_set,
-            t.classnames,
-            run.device,
-            run.amp,
-            batch_size=2 * cfg.batch_size,
-            workers=cfg.workers,
-        )
+        metrics = evaluate(t.eval_logits, t.eval_set, t.classnames, run.device, run.amp,
+                           batch_size=2 * cfg.batch_size, workers=cfg.workers)
     eval_seconds = time.time() - eval_start if evaluated else 0.0  # the cost of --eval-every
-    record = {
-        "epoch": epoch + 1,
-        **losses,
-        "lr": t.scheduler.get_last_lr()[0],
-        "war": metrics.get("war") if evaluated else None,
-        "uar": metrics.get("uar") if evaluated else None,
-        "per_class_recall": metrics.get("per_class_recall") if evaluated else None,
-        "images_per_second": images_per_second,
-        "seconds": seconds,
-        "eval_seconds": eval_seconds,
-    }
+    record = {"epoch": epoch + 1, **losses, "lr": t.scheduler.get_last_lr()[0],
+              "war": metrics.get("war") if evaluated else None,
+              "uar": metrics.get("uar") if evaluated else None,
+              "per_class_recall": metrics.get("per_class_recall") if evaluated else None,
+              "images_per_second": images_per_second, "seconds": seconds,
+              "eval_seconds": eval_seconds}
     if epoch == 0 and t.grad_norms is not None:
         record["grad_norms"] = t.grad_norms
     is_best = evaluated and metrics["war"] > best["war"]
@@ -816,22 +654,17 @@ def evaluate_and_save(
         best = {"war": metrics["war"], "uar": metrics["uar"], "epoch": epoch + 1}
     if run.master:
         keys = ("war", "uar", "per_class_recall", "confusion")
-        save_epoch(run, t, epoch, {k: metrics[k] for k in keys} if evaluated else {}, best, is_best)
+        save_epoch(run, t, epoch, {k: metrics[k] for k in keys} if evaluated else {}, best,
+                   is_best)
         with open(run.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-    scores = (
-        f"{cfg.eval_split} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%"
-        f"  (best {100 * best['war']:.2f}% @ {best['epoch']})"
-        if evaluated
-        else ""
-    )
-    run.log(
-        f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls "
-        f"{losses['cls']:.3f} ta {losses['ta']:.3f} pa {losses['pa']:.3f} v "
-        f"{losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
-        f"{images_per_second:.0f} img/s  {seconds:.0f}s"
-        + (f" + eval {eval_seconds:.1f}s" if evaluated else "")
-    )
+    scores = (f"{cfg.eval_split} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%"
+              f"  (best {100 * best['war']:.2f}% @ {best['epoch']})" if evaluated else "")
+    run.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {losses['loss']:.4f} (cls "
+            f"{losses['cls']:.3f} ta {losses['ta']:.3f} pa {losses['pa']:.3f} v "
+            f"{losses['v']:.3f})  lr {record['lr']:.2e}  {scores}  "
+            f"{images_per_second:.0f} img/s  {seconds:.0f}s"
+            + (f" + eval {eval_seconds:.1f}s" if evaluated else ""))
     return best, metrics
 
 
@@ -851,10 +684,8 @@ def train_epochs(run: Run, t: Training, start_epoch: int, best: Dict):
             if stop and epoch + 1 < cfg.epochs:
                 return best, metrics, interrupted(run)
             if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
-                run.log(
-                    f"stopping after epoch {epoch + 1} as asked (--stop-after); continue "
-                    f"with: {resume_command(run)}"
-                )
+                run.log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue "
+                        f"with: {resume_command(run)}")
                 return best, metrics, "stop-after"
     return best, metrics, None
 
@@ -865,7 +696,8 @@ def resume_command(run: Run) -> str:
 
 
 def interrupted(run: Run) -> str:
-    run.log(f"interrupted (Ctrl-C); continue exactly where it stopped with: {resume_command(run)}")
+    run.log(f"interrupted (Ctrl-C); continue exactly where it stopped with: "
+            f"{resume_command(run)}")
     return "interrupted"
 
 
@@ -873,10 +705,8 @@ def files_summary(run: Run, best: Dict) -> str:
     """What the run left (only files that exist) and how to evaluate it."""
     cfg, lines = run.cfg, []
     if os.path.isfile(run.path("best.pt")):
-        lines.append(
-            f"best checkpoint: {run.path('best.pt')} (best {cfg.eval_split} WAR "
-            f"{100 * best['war']:.2f}% at epoch {best['epoch']})"
-        )
+        lines.append(f"best checkpoint: {run.path('best.pt')} (best {cfg.eval_split} WAR "
+                     f"{100 * best['war']:.2f}% at epoch {best['epoch']})")
     if os.path.isfile(run.path("last.pt")):
         lines.append(f"resumable checkpoint: {run.path('last.pt')}")
     logs = existing(cfg.out, ("log.txt", "metrics.jsonl", "config.json"))
@@ -885,55 +715,38 @@ def files_summary(run: Run, best: Dict) -> str:
     if os.path.isfile(run.path("best.pt")):
         lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}")
     if cfg.demo:
-        lines.append(
-            "(DEMO on synthetic data: see the README for training on RAF-DB, AffectNet or FERPlus.)"
-        )
+        lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
+                     "AffectNet or FERPlus.)")
     return "\n".join(lines)
 
 
-def report(
-    run: Run, t: Training, best: Dict, metrics: Dict, stopped: Optional[str], resolution: int
-):
+def report(run: Run, t: Training, best: Dict, metrics: Dict, stopped: Optional[str],
+           resolution: int):
     """The final evaluation, best.pt on the test split if another split chose it, file list."""
     cfg = run.cfg
     if metrics and not stopped:
-        run.log(
-            f"\nfinal {cfg.eval_split} evaluation (epoch {cfg.epochs}):\n{format_report(metrics)}"
-        )
-    if (
-        cfg.eval_split != "test"
-        and best["epoch"] > 0
-        and not stopped
-        and (not cfg.demo or cfg.eval_split == HELD_OUT)
-    ):
+        run.log(f"\nfinal {cfg.eval_split} evaluation (epoch {cfg.epochs}):\n"
+                f"{format_report(metrics)}")
+    if (cfg.eval_split != "test" and best["epoch"] > 0 and not stopped
+            and (not cfg.demo or cfg.eval_split == HELD_OUT)):
         # Model selection used another split: report the best checkpoint on the test split too.
         if run.world > 1:
             dist.barrier()  # rank 0 writes best.pt; the other ranks read it only after that
         t.model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
         t.model.eval()
         test_set = load_test_split(run, resolution)
-        test = evaluate(
-            t.eval_logits,
-            test_set,
-            t.classnames,
-            run.device,
-            run.amp,
-            batch_size=2 * cfg.batch_size,
-            workers=cfg.workers,
-        )
+        test = evaluate(t.eval_logits, test_set, t.classnames, run.device, run.amp,
+                        batch_size=2 * cfg.batch_size, workers=cfg.workers)
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
         if run.master:
-            atomic_write_json(
-                {"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test}, run.path("test.json")
-            )
+            atomic_write_json({"epoch": best["epoch"], "chosen_on": cfg.eval_split, **test},
+                              run.path("test.json"))
     if cfg.demo and best["epoch"] > 0 and os.path.isfile(run.path("baseline.json")):
         with open(run.path("baseline.json")) as f:
             zero_shot = json.load(f)["zero_shot_hard_prompts"]["war"]
-        run.log(
-            f"\nDEMO: zero-shot CLIP with the hard prompts {100 * zero_shot:.2f}% -> trained "
-            f"MPA-FER {100 * best['war']:.2f}% (best {cfg.eval_split} WAR, "
-            f"{100 * (best['war'] - zero_shot):+.2f} points)"
-        )
+        run.log(f"\nDEMO: zero-shot CLIP with the hard prompts {100 * zero_shot:.2f}% -> trained "
+                f"MPA-FER {100 * best['war']:.2f}% (best {cfg.eval_split} WAR, "
+                f"{100 * (best['war'] - zero_shot):+.2f} points)")
     run.log("\n" + files_summary(run, best))
 
 
@@ -941,16 +754,10 @@ def load_test_split(run: Run, resolution: int):
     """The test split with CLIP's preprocessing (the demo's synthetic test faces with --demo)."""
     cfg = run.cfg
     if cfg.demo:
-        return demo_datasets(
-            resolution, None, eval_transform(resolution, uint8=True), 1, cfg.demo_test_per_class
-        )[1]
-    return build_dataset(
-        cfg.dataset,
-        cfg.data_root,
-        "test",
-        eval_transform(resolution, uint8=True),
-        **dataset_options(cfg),
-    )
+        return demo_datasets(resolution, None, eval_transform(resolution, uint8=True), 1,
+                             cfg.demo_test_per_class)[1]
+    return build_dataset(cfg.dataset, cfg.data_root, "test", eval_transform(resolution, uint8=True),
+                         **dataset_options(cfg))
 
 
 def draw_curves(run: Run):
@@ -963,27 +770,12 @@ def draw_curves(run: Run):
 
 # The paper's ablation rows: (folder, name, flags on top of the defaults); the last is the method.
 ABLATION_LADDER = (
-    (
-        "coop",
-        "CoOp (text prompts only)",
-        [
-            "--visual-prompt-depth",
-            "0",
-            "--no-prototype-alignment",
-            "--no-soft-hard-alignment",
-            "--no-global-local",
-        ],
-    ),
-    (
-        "visual-prompts",
-        "+ visual prompts",
-        ["--no-prototype-alignment", "--no-soft-hard-alignment", "--no-global-local"],
-    ),
-    (
-        "prototype-alignment",
-        "+ prototype alignment",
-        ["--no-soft-hard-alignment", "--no-global-local"],
-    ),
+    ("coop", "CoOp (text prompts only)", ["--visual-prompt-depth", "0", "--no-prototype-alignment",
+                                  "--no-soft-hard-alignment", "--no-global-local"]),
+    ("visual-prompts", "+ visual prompts", ["--no-prototype-alignment", "--no-soft-hard-alignment",
+                          "--no-global-local"]),
+    ("prototype-alignment", "+ prototype alignment", ["--no-soft-hard-alignment",
+                                                      "--no-global-local"]),
     ("soft-hard-alignment", "+ soft-hard alignment", ["--no-global-local"]),
     ("full", "+ global-local alignment (MPA-FER)", []),
 )
@@ -1020,42 +812,23 @@ def run_demo_ablation(cfg: TrainConfig, argv: List[str]):
         best = max(records, key=lambda r: r["war"] if r["war"] is not None else -1)
         with open(os.path.join(out, "baseline.json")) as f:
             zero_shot = json.load(f)["zero_shot_hard_prompts"]
-        rows.append(
-            {
-                "row": row,
-                "flags": " ".join(flags),
-                "best_war": best["war"],
-                "best_uar": best["uar"],
-                "best_epoch": best["epoch"],
-                "folder": out,
-            }
-        )
-    lines = [
-        "| row | best test WAR | UAR | epoch |",
-        "|---|---|---|---|",
-        f"| zero-shot CLIP, hard prompts | {100 * zero_shot['war']:.2f} | "
-        f"{100 * zero_shot['uar']:.2f} | - |",
-    ]
-    lines += [
-        f"| {r['row']} | {100 * r['best_war']:.2f} | {100 * r['best_uar']:.2f} | "
-        f"{r['best_epoch']} |"
-        for r in rows
-    ]
+        rows.append({"row": row, "flags": " ".join(flags), "best_war": best["war"],
+                     "best_uar": best["uar"], "best_epoch": best["epoch"], "folder": out})
+    lines = ["| row | best test WAR | UAR | epoch |", "|---|---|---|---|",
+             f"| zero-shot CLIP, hard prompts | {100 * zero_shot['war']:.2f} | "
+             f"{100 * zero_shot['uar']:.2f} | - |"]
+    lines += [f"| {r['row']} | {100 * r['best_war']:.2f} | {100 * r['best_uar']:.2f} | "
+              f"{r['best_epoch']} |" for r in rows]
     table = "\n".join(lines)
-    atomic_write(
-        os.path.join(cfg.out, "ablation.md"), lambda f: f.write((table + "\n").encode("utf-8"))
-    )
-    atomic_write_json(
-        {"zero_shot_hard_prompts": zero_shot, "rows": rows}, os.path.join(cfg.out, "ablation.json")
-    )
-    print(
-        f"\nDEMO ablation (synthetic faces, seed {cfg.seed}):\n{table}\n"
-        f"written to {os.path.join(cfg.out, 'ablation.md')}"
-    )
+    atomic_write(os.path.join(cfg.out, "ablation.md"),
+                 lambda f: f.write((table + "\n").encode("utf-8")))
+    atomic_write_json({"zero_shot_hard_prompts": zero_shot, "rows": rows},
+                      os.path.join(cfg.out, "ablation.json"))
+    print(f"\nDEMO ablation (synthetic faces, seed {cfg.seed}):\n{table}\n"
+          f"written to {os.path.join(cfg.out, 'ablation.md')}")
 
 
 # -- main ----------------------------------------------------------------------------------------
-
 
 def main(argv=None):
     cfg, model_cfg, _ = parse_config(argv, __doc__)
@@ -1079,18 +852,8 @@ def main(argv=None):
         set_prototypes(run, model, train_set, resolution)
     loader, loader_rng = make_train_loader(run, train_set)
     optimizer, scheduler, scaler = make_optimizer(run, model, len(loader))
-    t = Training(
-        model,
-        model,
-        loader,
-        loader_rng,
-        optimizer,
-        scheduler,
-        scaler,
-        eval_set,
-        classnames,
-        descriptions,
-    )
+    t = Training(model, model, loader, loader_rng, optimizer, scheduler, scaler, eval_set,
+                 classnames, descriptions)
     start_epoch, best = restore(run, t)
     if run.world > 1:
         device_ids = [run.device.index] if run.device.type == "cuda" else None

@@ -1,5 +1,4 @@
 """Cross-modal global-local alignment: class text features attend to an image's patches."""
-
 from typing import Optional, Tuple
 
 import torch
@@ -9,8 +8,7 @@ from torch import nn
 LEARNABLE_NEEDS_TEMPERATURE = (
     "learnable_alignment=True (--learnable-alignment) needs softmax attention weights: set "
     "attention_temperature (--attention-temperature) to a positive value; with uniform top-k "
-    "weights (attention_temperature=None) the query and key projections get no gradient"
-)
+    "weights (attention_temperature=None) the query and key projections get no gradient")
 
 
 class GlobalLocalAlignment(nn.Module):
@@ -29,20 +27,13 @@ class GlobalLocalAlignment(nn.Module):
     quantised to steps of 1/256 and the top-k order turns into ties.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        top_k: int = 16,
-        temperature: Optional[float] = None,
-        learnable: bool = False,
-    ):
+    def __init__(self, embed_dim: int, top_k: int = 16, temperature: Optional[float] = None,
+                 learnable: bool = False):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if temperature is not None and temperature <= 0:
-            raise ValueError(
-                f"attention_temperature must be > 0 or None (uniform weights), got {temperature}"
-            )
+            raise ValueError(f"attention_temperature must be > 0 or None (uniform weights), got {temperature}")
         if learnable and temperature is None:
             raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
         self.top_k, self.temperature = top_k, temperature
@@ -51,9 +42,7 @@ class GlobalLocalAlignment(nn.Module):
         else:
             self.q_proj = self.k_proj = self.v_proj = None
 
-    def forward(
-        self, patches: torch.Tensor, text: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patches: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """patches `[B, N, D]`, text `[C, D]` (both L2-normalised) -> (S_l `[B, C]`, attention `[B, C, N]`)."""
         with torch.autocast(patches.device.type, enabled=False):
             patches, text = patches.float(), text.float()
@@ -72,9 +61,7 @@ class GlobalLocalAlignment(nn.Module):
             else:
                 weights = torch.softmax(top_sim / self.temperature, dim=-1)
             attention = torch.zeros_like(similarity).scatter(-1, top_idx, weights)  # [B, C, N]
-            value_cos = (
-                similarity if values is keys else torch.einsum("bnd,cd->bcn", values, text)
-            )  # [B, C, N]
+            value_cos = similarity if values is keys else torch.einsum("bnd,cd->bcn", values, text)  # [B, C, N]
             return (attention * value_cos).sum(-1), attention
 
 

@@ -10,7 +10,6 @@ RAF-DB-size JPEGs and FERPlus-size 48x48 grey PNGs into training crops, in the u
 workers produce for train.py and in the float form (ToTensor, Normalize, RandomErasing in the
 worker), plus evaluation preprocessing and bare decoding.
 """
-
 import math
 import os
 import time
@@ -61,9 +60,8 @@ def rafdb_like_jpegs(root: str) -> List[str]:
     return sorted(os.path.join(folder, name) for name in os.listdir(folder))
 
 
-def per_sample_rates(
-    jpegs: List[str], pngs: List[str], resolution: int = 224, seconds: float = 1.0, rounds: int = 3
-) -> Dict[str, float]:
+def per_sample_rates(jpegs: List[str], pngs: List[str], resolution: int = 224,
+                     seconds: float = 1.0, rounds: int = 3) -> Dict[str, float]:
     """Images per second on one core, file to tensor, for each path of the input pipeline.
 
     Rates are per CPU-second of this process (`time.process_time`), so time the core spends on
@@ -88,7 +86,7 @@ def per_sample_rates(
     rates = {name: [] for name in paths}
     try:
         for r in range(rounds):
-            for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
+            for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
                 files, transform = paths[name]
                 rates[name].append(_rate(files, transform, seconds / rounds))
     finally:

@@ -36,7 +36,6 @@ and outside_step_share = (loader + evaluation + prototypes) / (all four). The ru
 recipe by default (120 epochs, 12,271 train and 3,068 test images, evaluation every epoch);
 with --data-root, the dataset's own sizes. Checkpoint writes (kilobytes per epoch) are left out.
 """
-
 import os
 import statistics
 import tempfile
@@ -59,79 +58,41 @@ from .data import (
 from .engine import autocast, grad_scaler, predict, train_step, trainable_parameters
 from .prototypes import compute_prototypes, prototype_subset
 
-RAFDB_RUN = dict(
-    epochs=120, train=sum(RAFDB_EXPECTED_COUNTS["train"]), test=sum(RAFDB_EXPECTED_COUNTS["test"])
-)
+RAFDB_RUN = dict(epochs=120, train=sum(RAFDB_EXPECTED_COUNTS["train"]),
+                 test=sum(RAFDB_EXPECTED_COUNTS["test"]))
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("epoch benchmark")
-    group.add_argument(
-        "--data-root",
-        default="",
-        help="a real dataset (default: synthetic "
-        "100x100 JPEGs in RAF-DB's layout, written to a temporary folder)",
-    )
-    group.add_argument(
-        "--dataset",
-        default="rafdb",
-        help="with --data-root: rafdb | affectnet7 | affectnet8 | ferplus | folder",
-    )
+    group.add_argument("--data-root", default="", help="a real dataset (default: synthetic "
+                       "100x100 JPEGs in RAF-DB's layout, written to a temporary folder)")
+    group.add_argument("--dataset", default="rafdb", help="with --data-root: rafdb | affectnet7 | "
+                       "affectnet8 | ferplus | folder")
     group.add_argument("--eval-split", default="test")
-    group.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="DataLoader workers (train.py's default)",
-    )
-    group.add_argument(
-        "--epoch-steps",
-        type=int,
-        default=None,
-        help="training steps per measured epoch (default: 50 on CUDA, 4 on CPU)",
-    )
-    group.add_argument(
-        "--loader-batches",
-        type=int,
-        default=None,
-        help="batches of the loader-alone pass (default: max(epoch steps, 20))",
-    )
-    group.add_argument(
-        "--eval-images",
-        type=int,
-        default=None,
-        help="images of the measured evaluation (default: 10 eval batches)",
-    )
+    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="DataLoader workers (train.py's default)")
+    group.add_argument("--epoch-steps", type=int, default=None,
+                       help="training steps per measured epoch (default: 50 on CUDA, 4 on CPU)")
+    group.add_argument("--loader-batches", type=int, default=None,
+                       help="batches of the loader-alone pass (default: max(epoch steps, 20))")
+    group.add_argument("--eval-images", type=int, default=None,
+                       help="images of the measured evaluation (default: 10 eval batches)")
     group.add_argument("--prefetch-factor", type=int, default=2)
-    group.add_argument(
-        "--run-epochs",
-        type=int,
-        default=RAFDB_RUN["epochs"],
-        help="epochs of the full run modelled by outside_step_share",
-    )
+    group.add_argument("--run-epochs", type=int, default=RAFDB_RUN["epochs"],
+                       help="epochs of the full run modelled by outside_step_share")
     group.add_argument("--eval-every", type=int, default=1, help="of the modelled run")
-    group.add_argument(
-        "--path-seconds",
-        type=float,
-        default=1.0,
-        help="seconds per path of the per-sample CPU figures",
-    )
+    group.add_argument("--path-seconds", type=float, default=1.0,
+                       help="seconds per path of the per-sample CPU figures")
 
 
 def make_loader(dataset, args, device, batch_size, shuffle=True, drop_last=True):
     """A DataLoader with train.py's settings: workers, pinned memory on CUDA, fixed-size batches,
     a seeded generator; not persistent (train.py starts workers afresh every epoch)."""
     generator = torch.Generator().manual_seed(0)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=args.workers,
-        sampler=RandomSampler(dataset, generator=generator) if shuffle else None,
-        pin_memory=device.type == "cuda",
-        drop_last=drop_last,
-        generator=generator,
-        prefetch_factor=args.prefetch_factor if args.workers else None,
-    )
+    return DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
+                      sampler=RandomSampler(dataset, generator=generator) if shuffle else None,
+                      pin_memory=device.type == "cuda", drop_last=drop_last, generator=generator,
+                      prefetch_factor=args.prefetch_factor if args.workers else None)
 
 
 def timed(device, fn):
@@ -194,9 +155,8 @@ def eval_forward(model, images, batches: int, amp):
 def datasets(args, root, resolution):
     """-> (train set, uint8 crops; eval set, uint8; train set with the eval transform)."""
     train = build_dataset(args.dataset, root, "train", train_transform(resolution, uint8=True))
-    evaluation = build_dataset(
-        args.dataset, root, args.eval_split, eval_transform(resolution, uint8=True)
-    )
+    evaluation = build_dataset(args.dataset, root, args.eval_split,
+                               eval_transform(resolution, uint8=True))
     protos = build_dataset(args.dataset, root, "train", eval_transform(resolution, uint8=True))
     return train, evaluation, protos
 
@@ -204,16 +164,15 @@ def datasets(args, root, resolution):
 def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
     """Step-only, epoch, loader-alone and evaluation passes, taking turns over the rounds."""
     batch, steps, amp = args.train_batch, args.epoch_steps, args.amp_dtype
-    optimizer = torch.optim.SGD(
-        trainable_parameters(model), lr=0.032, momentum=0.9, weight_decay=5e-4
-    )
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.032, momentum=0.9,
+                                weight_decay=5e-4)
     scaler = grad_scaler(device, amp)
     augment = TrainBatchAugment(device, seed=0)
     res = model.clip.visual.input_resolution
     pixels = torch.randint(0, 256, (max(batch, args.eval_batch), 3, res, res), dtype=torch.uint8)
     pixels = pixels.to(device)
     images, labels = normalize_on_device(pixels[:batch]), (torch.arange(batch) % 7).to(device)
-    eval_images = normalize_on_device(pixels[: args.eval_batch])
+    eval_images = normalize_on_device(pixels[:args.eval_batch])
     eval_batches = -(-len(eval_set) // args.eval_batch)
     loader = make_loader(train_set, args, device, batch)
     logits = lambda x: model(x).logits  # noqa: E731
@@ -225,39 +184,28 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
 
     def evaluate():
         model.eval()
-        return predict(
-            logits,
-            eval_set,
-            device,
-            amp,
-            batch_size=args.eval_batch,
-            workers=args.workers,
-            progress=False,
-        )
+        return predict(logits, eval_set, device, amp, batch_size=args.eval_batch,
+                       workers=args.workers, progress=False)
 
     passes = {
         "step": lambda: timed(device, steps_only)[0],
         "epoch": lambda: epoch_pass(model, loader, steps, augment, optimizer, scaler, amp, device),
         "loader": lambda: loader_pass(loader, args.loader_batches),
         "eval": lambda: timed(device, evaluate)[0],
-        "eval_forward": lambda: timed(
-            device, lambda: eval_forward(model.eval(), eval_images, eval_batches, amp)
-        )[0],
+        "eval_forward": lambda: timed(device, lambda: eval_forward(
+            model.eval(), eval_images, eval_batches, amp))[0],
     }
     for _ in range(args.warmup):  # compilation, autotuning, allocator, page cache
         steps_only()
         evaluate()
     times = {name: [] for name in passes}
     for r in range(args.repeats):
-        for name in list(passes) if r % 2 == 0 else list(passes)[::-1]:
+        for name in (list(passes) if r % 2 == 0 else list(passes)[::-1]):
             times[name].append(passes[name]())
     if device.type == "cuda":
-        times["host_syncs"] = measure.count_host_syncs(
-            lambda: train_step(
-                model.train(), augment(pixels[:batch], 0, 1), labels, optimizer, scaler, amp, 1.0
-            ),
-            device,
-        )
+        times["host_syncs"] = measure.count_host_syncs(lambda: train_step(
+            model.train(), augment(pixels[:batch], 0, 1), labels, optimizer, scaler, amp, 1.0),
+            device)
     return times
 
 
@@ -267,23 +215,14 @@ def run_model(args, seconds: Dict[str, float], run_train: int, run_eval: int) ->
     epochs = args.run_epochs
     evaluations = sum(1 for e in range(1, epochs + 1) if e % args.eval_every == 0 or e == epochs)
     excess = max(0.0, seconds["epoch_after_first_per_step"] - seconds["step"])
-    parts = {
-        "steps": epochs * per_epoch * seconds["step"],
-        "loader": epochs * (seconds["epoch_first_batch"] + per_epoch * excess),
-        "evaluation": evaluations * run_eval / seconds["eval_rate"],
-        "prototypes": run_train / seconds["prototype_rate"],
-    }
+    parts = {"steps": epochs * per_epoch * seconds["step"],
+             "loader": epochs * (seconds["epoch_first_batch"] + per_epoch * excess),
+             "evaluation": evaluations * run_eval / seconds["eval_rate"],
+             "prototypes": run_train / seconds["prototype_rate"]}
     outside = parts["loader"] + parts["evaluation"] + parts["prototypes"]
-    return {
-        **parts,
-        "total": outside + parts["steps"],
-        "outside_step_share": outside / (outside + parts["steps"]),
-        "epochs": epochs,
-        "evaluations": evaluations,
-        "train_images": run_train,
-        "eval_images": run_eval,
-        "steps_per_epoch": per_epoch,
-    }
+    return {**parts, "total": outside + parts["steps"], "outside_step_share":
+            outside / (outside + parts["steps"]), "epochs": epochs, "evaluations": evaluations,
+            "train_images": run_train, "eval_images": run_eval, "steps_per_epoch": per_epoch}
 
 
 def summarise(args, times, eval_images: int, proto_images: int, proto_seconds: float):
@@ -292,30 +231,23 @@ def summarise(args, times, eval_images: int, proto_images: int, proto_seconds: f
     firsts, totals, waits = zip(*times["epoch"])
     step = median(times["step"]) / steps
     eval_forward_images = -(-eval_images // args.eval_batch) * args.eval_batch
-    out = {
-        "step_images_per_second": batch / step,
-        "epoch_images_per_second": steps * batch / median(totals),
-        "epoch_ratio": measure.paired_ratio(times["step"], totals),  # same images: rates' ratio
-        "epoch_first_batch_seconds": median(firsts),
-        "epoch_loader_wait_seconds_per_step": median(waits) / max(1, steps - 1),
-        "loader_images_per_second": median(
-            steady_rate(a, batch, args.workers) for a in times["loader"]
-        ),
-        "loader_first_batch_seconds": median(a[0] for a in times["loader"]),
-        "eval_images_per_second": eval_images / median(times["eval"]),
-        "eval_forward_images_per_second": eval_forward_images / median(times["eval_forward"]),
-        "prototype_images_per_second": proto_images / proto_seconds,
-    }
-    out["loader_images_per_second_per_worker"] = out["loader_images_per_second"] / max(
-        1, args.workers
-    )
-    seconds = {
-        "step": step,
-        "epoch_first_batch": out["epoch_first_batch_seconds"],
-        "epoch_after_first_per_step": median(t - f for f, t in zip(firsts, totals)) / steps,
-        "eval_rate": out["eval_images_per_second"],
-        "prototype_rate": out["prototype_images_per_second"],
-    }
+    out = {"step_images_per_second": batch / step,
+           "epoch_images_per_second": steps * batch / median(totals),
+           "epoch_ratio": measure.paired_ratio(times["step"], totals),  # same images: rates' ratio
+           "epoch_first_batch_seconds": median(firsts),
+           "epoch_loader_wait_seconds_per_step": median(waits) / max(1, steps - 1),
+           "loader_images_per_second": median(steady_rate(a, batch, args.workers)
+                                               for a in times["loader"]),
+           "loader_first_batch_seconds": median(a[0] for a in times["loader"]),
+           "eval_images_per_second": eval_images / median(times["eval"]),
+           "eval_forward_images_per_second": eval_forward_images / median(times["eval_forward"]),
+           "prototype_images_per_second": proto_images / proto_seconds}
+    out["loader_images_per_second_per_worker"] = (out["loader_images_per_second"]
+                                                  / max(1, args.workers))
+    seconds = {"step": step, "epoch_first_batch": out["epoch_first_batch_seconds"],
+               "epoch_after_first_per_step": median(t - f for f, t in zip(firsts, totals)) / steps,
+               "eval_rate": out["eval_images_per_second"],
+               "prototype_rate": out["prototype_images_per_second"]}
     return out, seconds
 
 
@@ -327,65 +259,39 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
     train_images = max(args.epoch_steps, args.loader_batches) * args.train_batch
     with tempfile.TemporaryDirectory(prefix="mpafer-epoch-") as tmp:
         samples = write_rafdb_like(os.path.join(tmp, "samples"), 64, 0, seed=1)
-        cpu_path = per_sample_rates(
-            rafdb_like_jpegs(samples),
-            write_grey_pngs(os.path.join(tmp, "png48"), 64),
-            seconds=args.path_seconds,
-        )
-        root = args.data_root or write_rafdb_like(
-            os.path.join(tmp, "rafdb"), train_images, args.eval_images or 10 * args.eval_batch
-        )
+        cpu_path = per_sample_rates(rafdb_like_jpegs(samples), write_grey_pngs(
+            os.path.join(tmp, "png48"), 64), seconds=args.path_seconds)
+        root = args.data_root or write_rafdb_like(os.path.join(tmp, "rafdb"), train_images,
+                                                  args.eval_images or 10 * args.eval_batch)
         train_set, eval_set, proto_set = datasets(args, root, resolution)
-        run_train, run_eval = (
-            (len(train_set), len(eval_set))
-            if args.data_root
-            else (RAFDB_RUN["train"], RAFDB_RUN["test"])
-        )
+        run_train, run_eval = ((len(train_set), len(eval_set)) if args.data_root
+                               else (RAFDB_RUN["train"], RAFDB_RUN["test"]))
         eval_set = Subset(eval_set, range(min(len(eval_set), args.eval_images or len(eval_set))))
         if len(train_set) < train_images:
-            raise ValueError(
-                f"--data-root {root}: {len(train_set)} training images, fewer than "
-                f"the {train_images} the benchmark reads; lower --epoch-steps, "
-                "--loader-batches or --train-batch"
-            )
+            raise ValueError(f"--data-root {root}: {len(train_set)} training images, fewer than "
+                             f"the {train_images} the benchmark reads; lower --epoch-steps, "
+                             "--loader-batches or --train-batch")
         times = measure_rounds(args, device, model, train_set, eval_set)
         # A class-balanced subset of about as many images as the measured evaluation.
         per_class = -(-len(eval_set) // len(train_set.classnames))
         proto_images = len(prototype_subset(proto_set.targets, per_class))
         proto_loader = make_loader(proto_set, args, device, 128, shuffle=False, drop_last=False)
-        proto_seconds, _ = timed(
-            device,
-            lambda: compute_prototypes(
-                model,
-                proto_loader,
-                len(train_set.classnames),
-                per_class,
-                progress=False,
-                amp_dtype=args.amp_dtype,
-            ),
-        )
+        proto_seconds, _ = timed(device, lambda: compute_prototypes(
+            model, proto_loader, len(train_set.classnames), per_class, progress=False,
+            amp_dtype=args.amp_dtype))
     out, seconds = summarise(args, times, len(eval_set), proto_images, proto_seconds)
     modelled = run_model(args, seconds, run_train, run_eval)
-    out.update(
-        outside_step_share=modelled["outside_step_share"],
-        full_run_model=modelled,
-        cpu_path_images_per_second_per_core=cpu_path,
-        epoch_settings={
-            "data": args.data_root or "synthetic 100x100 JPEGs, RAF-DB layout",
-            "dataset": args.dataset,
-            "workers": args.workers,
-            "batch": args.train_batch,
-            "eval_batch": args.eval_batch,
-            "epoch_steps": args.epoch_steps,
-            "loader_batches": args.loader_batches,
-            "eval_images": len(eval_set),
-            "prototype_images": proto_images,
-            "prefetch_factor": args.prefetch_factor,
-            "pin_memory": device.type == "cuda",
-            "rounds": args.repeats,
-        },
-        times={"epoch": {k: v for k, v in times.items() if k != "host_syncs"}},
-    )
+    out.update(outside_step_share=modelled["outside_step_share"], full_run_model=modelled,
+               cpu_path_images_per_second_per_core=cpu_path,
+               epoch_settings={"data": args.data_root or "synthetic 100x100 JPEGs, RAF-DB layout",
+                               "dataset": args.dataset, "workers": args.workers,
+                               "batch": args.train_batch, "eval_batch": args.eval_batch,
+                               "epoch_steps": args.epoch_steps,
+                               "loader_batches": args.loader_batches,
+                               "eval_images": len(eval_set), "prototype_images": proto_images,
+                               "prefetch_factor": args.prefetch_factor,
+                               "pin_memory": device.type == "cuda", "rounds": args.repeats},
+               times={"epoch": {k: v for k, v in times.items() if k != "host_syncs"}})
     if "host_syncs" in times:
         out["epoch_step_host_syncs"] = times["host_syncs"]
     print_epoch(out)
@@ -394,43 +300,28 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
 
 def print_epoch(out: Dict[str, object]):
     s, m = out["epoch_settings"], out["full_run_model"]
-    print(
-        f"epoch: {s['data']}, batch {s['batch']}, {s['workers']} workers, {s['epoch_steps']} "
-        f"steps per measured epoch, {s['rounds']} rounds"
-    )
-    rows = [
-        ("step only, inputs on the device", out["step_images_per_second"], ""),
-        (
-            "epoch from files (train.py's loop)",
-            out["epoch_images_per_second"],
-            f"epoch_ratio {out['epoch_ratio']:.3f}; first batch after "
-            f"{out['epoch_first_batch_seconds']:.2f}s, then waited "
-            f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step for data",
-        ),
-        (
-            "DataLoader alone",
-            out["loader_images_per_second"],
-            f"{out['loader_images_per_second_per_worker']:.0f} per worker; first batch after "
-            f"{out['loader_first_batch_seconds']:.2f}s",
-        ),
-        (
-            "evaluation from files",
-            out["eval_images_per_second"],
-            f"forward passes alone {out['eval_forward_images_per_second']:.1f} img/s",
-        ),
-        ("prototype pass from files", out["prototype_images_per_second"], ""),
-    ]
+    print(f"epoch: {s['data']}, batch {s['batch']}, {s['workers']} workers, {s['epoch_steps']} "
+          f"steps per measured epoch, {s['rounds']} rounds")
+    rows = [("step only, inputs on the device", out["step_images_per_second"], ""),
+            ("epoch from files (train.py's loop)", out["epoch_images_per_second"],
+             f"epoch_ratio {out['epoch_ratio']:.3f}; first batch after "
+             f"{out['epoch_first_batch_seconds']:.2f}s, then waited "
+             f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step for data"),
+            ("DataLoader alone", out["loader_images_per_second"],
+             f"{out['loader_images_per_second_per_worker']:.0f} per worker; first batch after "
+             f"{out['loader_first_batch_seconds']:.2f}s"),
+            ("evaluation from files", out["eval_images_per_second"],
+             f"forward passes alone {out['eval_forward_images_per_second']:.1f} img/s"),
+            ("prototype pass from files", out["prototype_images_per_second"], "")]
     for label, rate, note in rows:
         print(f"  {label:<38}{rate:>9.1f} img/s   {note}")
     if "epoch_step_host_syncs" in out:
         print(f"  host-device synchronisations in a step: {out['epoch_step_host_syncs']}")
-    print(
-        f"  full run modelled from these rates ({m['epochs']} epochs x {m['steps_per_epoch']} "
-        f"steps, {m['evaluations']} evaluations of {m['eval_images']} images): steps "
-        f"{m['steps']:.0f}s, loader {m['loader']:.0f}s, evaluation {m['evaluation']:.0f}s, "
-        f"prototypes {m['prototypes']:.0f}s -> outside_step_share "
-        f"{out['outside_step_share']:.3f}"
-    )
+    print(f"  full run modelled from these rates ({m['epochs']} epochs x {m['steps_per_epoch']} "
+          f"steps, {m['evaluations']} evaluations of {m['eval_images']} images): steps "
+          f"{m['steps']:.0f}s, loader {m['loader']:.0f}s, evaluation {m['evaluation']:.0f}s, "
+          f"prototypes {m['prototypes']:.0f}s -> outside_step_share "
+          f"{out['outside_step_share']:.3f}")
     print("  per image on one core (per CPU-second), file -> tensor (224 px):")
     for name, rate in out["cpu_path_images_per_second_per_core"].items():
         print(f"    {name:<34}{rate:>8.0f} img/s")

@@ -16,7 +16,6 @@ unpickling are refused before anything in them runs. Save one with `mpafer.utils
     epoch, metrics    epoch finished (1-based) and its evaluation
     resume            (last.pt only) optimizer, scheduler, scaler and RNG states, best metric
 """
-
 from typing import Dict, Optional, Sequence
 
 from .clip.loading import safe_load
@@ -27,14 +26,8 @@ from .prompts import descriptions_hash
 FORMAT = "mpafer-checkpoint/1"
 
 
-def make_checkpoint(
-    model: MPAFER,
-    descriptions: Optional[Dict],
-    epoch: int,
-    metrics: Dict,
-    train_config: Optional[Dict] = None,
-    resume: Optional[Dict] = None,
-) -> Dict:
+def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
+                    train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
     """The checkpoint dict of `model` (see the module docstring); save it with
     `mpafer.utils.atomic_save`."""
     clip_model = model.clip
@@ -44,7 +37,8 @@ def make_checkpoint(
         "config": model.config.to_dict(),
         "train_config": train_config or {},
         "classnames": list(model.classnames),
-        "clip": {"name": clip_model.checkpoint_name, "sha256": clip_model.checkpoint_sha256},
+        "clip": {"name": clip_model.checkpoint_name,
+                 "sha256": clip_model.checkpoint_sha256},
         "descriptions": descriptions,
         "descriptions_sha256": descriptions_hash(descriptions),
         "state_dict": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
@@ -60,35 +54,22 @@ def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
     checkpoint = safe_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = (
-            checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        )
-        raise ValueError(
-            f"{path} is not an mpafer checkpoint (format {found!r}, expected {FORMAT!r})"
-        )
+        found = (checkpoint.get("format") if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected "
+                         f"{FORMAT!r})")
     return checkpoint
 
 
-def check_compatible(
-    checkpoint: Dict,
-    path: str,
-    clip_model=None,
-    classnames: Optional[Sequence[str]] = None,
-    allow_other_clip: bool = False,
-):
+def check_compatible(checkpoint: Dict, path: str, clip_model=None,
+                     classnames: Optional[Sequence[str]] = None, allow_other_clip: bool = False):
     """Clear errors when the request does not match what the checkpoint was trained with."""
     if classnames is not None and list(classnames) != checkpoint["classnames"]:
-        raise ValueError(
-            f"{path} was trained on classes {checkpoint['classnames']}, but the "
-            f"requested data has classes {list(classnames)}"
-        )
+        raise ValueError(f"{path} was trained on classes {checkpoint['classnames']}, but the "
+                         f"requested data has classes {list(classnames)}")
     if clip_model is not None and not allow_other_clip:
-        check_same_clip(
-            checkpoint["clip"],
-            clip_model,
-            path,
-            "pass the matching --clip (or --allow-other-clip to force it)",
-        )
+        check_same_clip(checkpoint["clip"], clip_model, path,
+                        "pass the matching --clip (or --allow-other-clip to force it)")
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:

@@ -23,7 +23,6 @@ captions' own words 50.0% (86.7% on web-style faces); MPA-FER before training 14
 A randomly initialised CLIP cannot be taught to see through prompts alone (we measured
 chance-level accuracy), which is why the demo CLIP is pre-trained at all.
 """
-
 import os
 import time
 
@@ -39,23 +38,13 @@ from .synthetic import CAPTION_TEMPLATES, SYNTHETIC_CLASSES, SyntheticFaces, fac
 from .utils import atomic_save
 
 # Small enough to train in a minute on a CPU; the same code path as ViT-B/16.
-DEMO_CLIP_CONFIG = dict(
-    embed_dim=64,
-    image_resolution=32,
-    vision_layers=2,
-    vision_width=64,
-    vision_patch_size=8,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=64,
-    transformer_heads=1,
-    transformer_layers=2,
-)
+DEMO_CLIP_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
+                        vision_patch_size=8, context_length=77, vocab_size=49408,
+                        transformer_width=64, transformer_heads=1, transformer_layers=2)
 DEMO_CLIP_FILE = "demo-tiny-clip-v2.pt"  # v2: web-style faces, everyday-word captions
 PRETRAIN_SEED = 1000  # seed stream of the pre-training faces (MPA-FER's demo uses seed 0)
 PRETRAIN_PER_CLASS = 300
 FACE_SIZE = 64  # synthetic faces are drawn at 64 px, then resized to the CLIP resolution
-
 
 class Prerendered(Dataset):
     """Draws every face of a `SyntheticFaces` once and keeps the images in memory.
@@ -80,28 +69,17 @@ class Prerendered(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def demo_datasets(
-    resolution: int,
-    train_transform_,
-    eval_transform_,
-    num_train: int = 200,
-    num_test: int = 60,
-    seed: int = 0,
-):
+def demo_datasets(resolution: int, train_transform_, eval_transform_, num_train: int = 200,
+                  num_test: int = 60, seed: int = 0):
     """The demo's expression dataset: portrait-style train and test faces of the 7 basic
     expressions (num_train / num_test per class), pre-rendered."""
-    train = Prerendered(
-        SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"), train_transform_
-    )
-    test = Prerendered(
-        SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"), eval_transform_
-    )
+    train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"), train_transform_)
+    test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"), eval_transform_)
     return train, test
 
 
-def pretrain_demo_clip(
-    path: str, steps: int = 600, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print
-) -> str:
+def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,
+                       seed: int = 0, log=print) -> str:
     """Contrastively pre-train the tiny demo CLIP on web-style faces and their captions; save it.
 
     Each step scores a batch of web-style faces against the 7 expressions' text features and
@@ -119,22 +97,16 @@ def pretrain_demo_clip(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIP(**DEMO_CLIP_CONFIG)
-        log(
-            f"demo: pre-training a tiny CLIP on web-style synthetic faces and their captions ({steps} steps, "
-            f"under a minute; cached in {path} for later runs)"
-        )
-        _contrastive_pretraining(
-            model, steps, batch_size, lr, torch.Generator().manual_seed(seed), log
-        )
+        log(f"demo: pre-training a tiny CLIP on web-style synthetic faces and their captions ({steps} steps, "
+            f"under a minute; cached in {path} for later runs)")
+        _contrastive_pretraining(model, steps, batch_size, lr, torch.Generator().manual_seed(seed), log)
     atomic_save(model.state_dict(), path)
     return path
 
 
 def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float, generator, log):
-    faces = Prerendered(
-        SyntheticFaces("train", PRETRAIN_PER_CLASS, FACE_SIZE, PRETRAIN_SEED, style="web"),
-        train_transform(model.visual.input_resolution),
-    )
+    faces = Prerendered(SyntheticFaces("train", PRETRAIN_PER_CLASS, FACE_SIZE, PRETRAIN_SEED, style="web"),
+                        train_transform(model.visual.input_resolution))
     num_classes, num_captions = len(SYNTHETIC_CLASSES), len(CAPTION_TEMPLATES)
     captions = [c for name in SYNTHETIC_CLASSES for c in face_captions(name)]  # class-major
     tokens = crop_to_longest(tokenize(captions)).contiguous()  # [C*P, L]
@@ -143,16 +115,12 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
     # update of the whole 49,408-row table would dominate the step. (F.embedding, not
     # offsets[rows]: its backward is deterministic on multi-threaded CPUs, indexing's is not.)
     words = tokens.unique()  # [V]
-    offsets = torch.nn.Parameter(
-        torch.zeros(len(words), model.token_embedding.embedding_dim)
-    )  # [V, W]
+    offsets = torch.nn.Parameter(torch.zeros(len(words), model.token_embedding.embedding_dim))  # [V, W]
     rows = torch.searchsorted(words, tokens)  # [C*P, L]: each token's row of `offsets`
     model.token_embedding.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + [offsets]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     start = time.time()
     for step in range(1, steps + 1):
         idx = torch.randint(len(faces), (batch_size,), generator=generator)

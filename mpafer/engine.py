@@ -1,6 +1,5 @@
 """What train.py, eval.py and the benchmark share: devices, the mixed-precision policy, the
 model builder, the training step, distributed setup, evaluation."""
-
 import contextlib
 import os
 from typing import Callable, Dict, List, Optional, Sequence
@@ -28,7 +27,6 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
 # Weights always stay fp32; speed comes from autocast. On CUDA, bf16 where the GPU supports it,
 # else fp16 (then with a GradScaler, since fp16 gradients underflow); on CPU, fp32 unless bf16
 # is asked for. Code that autocasts picks its dtype with `resolve_amp` and enters `autocast`.
-
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for `--amp`: auto = bf16 on CUDA when supported, else fp16; off on CPU."""
@@ -64,15 +62,9 @@ def configure_cuda():
 
 # -- the model and its training step ----------------------------------------------------------
 
-
-def build_mpafer(
-    clip_model,
-    classnames: Sequence[str],
-    descriptions: Optional[Dict] = None,
-    config: Optional[MPAFERConfig] = None,
-    grad_checkpointing: bool = False,
-    compile: bool = False,
-) -> MPAFER:
+def build_mpafer(clip_model, classnames: Sequence[str], descriptions: Optional[Dict] = None,
+                 config: Optional[MPAFERConfig] = None, grad_checkpointing: bool = False,
+                 compile: bool = False) -> MPAFER:
     """MPA-FER on a frozen CLIP, with the CLIP's memory and speed options: activation
     checkpointing in both towers (less memory, one extra forward) and `torch.compile` of the
     image tower (meant for CUDA; the first steps are slow)."""
@@ -87,16 +79,9 @@ def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step(
-    model: MPAFER,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    amp: Optional[torch.dtype] = None,
-    grad_clip: float = 0.0,
-    forward=None,
-):
+def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None):
     """One MPA-FER training step -> (total loss, loss parts), detached, still on the device.
 
     Forward and all losses under autocast, backward (scaled under fp16), gradient clipping to
@@ -119,7 +104,6 @@ def train_step(
 
 
 # -- distributed -------------------------------------------------------------------------------
-
 
 def setup_distributed(device_name: Optional[str] = None):
     """-> (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
@@ -154,32 +138,18 @@ class ShardSampler(Sampler):
 
 # -- evaluation --------------------------------------------------------------------------------
 
-
 @torch.no_grad()
-def predict(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    dataset,
-    device: torch.device,
-    amp: Optional[torch.dtype] = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    progress: bool = True,
-    desc: str = "eval",
-):
+def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device,
+            amp: Optional[torch.dtype] = None, batch_size: int = 64, workers: int = 0,
+            progress: bool = True, desc: str = "eval"):
     """Predictions and targets over `dataset` (sharded over ranks and gathered under DDP).
 
     The dataset may give uint8 pixels (`eval_transform(r, uint8=True)`): they are normalised on
     the device, batched."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     sampler = ShardSampler(len(dataset), rank, world)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_interrupts,
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     preds, targets = [], []
     for images, labels in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):
@@ -197,14 +167,8 @@ def predict(
     return preds, targets
 
 
-def evaluate(
-    logits_fn,
-    dataset,
-    classnames: Sequence[str],
-    device: torch.device,
-    amp: Optional[torch.dtype] = None,
-    **kwargs,
-) -> Dict:
+def evaluate(logits_fn, dataset, classnames: Sequence[str], device: torch.device,
+             amp: Optional[torch.dtype] = None, **kwargs) -> Dict:
     """WAR, UAR, per-class recall and confusion matrix of `logits_fn` on `dataset`."""
     preds, targets = predict(logits_fn, dataset, device, amp, **kwargs)
     return summarize(confusion_matrix(preds, targets, len(classnames)), classnames)

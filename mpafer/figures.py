@@ -6,7 +6,6 @@ Text uses Pillow's built-in scalable font (`ImageFont.load_default(size=...)`, P
 with FreeType). Older Pillow, or Pillow without FreeType, has only a small bitmap font: the
 figures are then laid out around that font's measured size, smaller but complete.
 """
-
 import functools
 import io
 import math
@@ -18,32 +17,12 @@ from PIL import Image, ImageDraw, ImageFont
 from .utils import atomic_write
 
 # Matplotlib's "tab10": ten colours that stay apart for lines and legends.
-PALETTE = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-)
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 # A "turbo"-like rainbow for heat maps (dark blue = low, dark red = high), 11 anchors.
-HEAT_ANCHORS = (
-    (48, 18, 59),
-    (70, 100, 223),
-    (40, 170, 250),
-    (26, 228, 182),
-    (100, 253, 106),
-    (164, 252, 60),
-    (225, 221, 55),
-    (253, 170, 51),
-    (247, 107, 26),
-    (204, 51, 5),
-    (122, 4, 3),
-)
+HEAT_ANCHORS = ((48, 18, 59), (70, 100, 223), (40, 170, 250), (26, 228, 182), (100, 253, 106),
+                (164, 252, 60), (225, 221, 55), (253, 170, 51), (247, 107, 26), (204, 51, 5),
+                (122, 4, 3))
 # White to dark blue for the confusion matrix.
 BLUE_ANCHORS = ((247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107))
 GRID, AXIS, TEXT = (225, 225, 225), (60, 60, 60), (20, 20, 20)
@@ -57,7 +36,6 @@ def save_png(image: Image.Image, path: str):
 
 
 # -- text -------------------------------------------------------------------------------------
-
 
 @functools.lru_cache(maxsize=None)
 def font(size: int):
@@ -76,15 +54,8 @@ def text_size(text: str, size: int) -> Tuple[int, int]:
     return box[2] - min(box[0], 0), tall[3] - min(tall[1], 0)
 
 
-def draw_text(
-    draw: ImageDraw.ImageDraw,
-    xy,
-    text: str,
-    size: int,
-    align: str = "left",
-    valign: str = "top",
-    fill=TEXT,
-):
+def draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, align: str = "left",
+              valign: str = "top", fill=TEXT):
     """Text placed by its box: align left/center/right of x, valign top/middle/bottom of y."""
     face = font(size)
     width = text_size(text, size)[0]
@@ -105,13 +76,11 @@ def vertical_text(text: str, size: int, fill=TEXT) -> Image.Image:
 
 def paste_vertical(canvas: Image.Image, center, text: str, size: int):
     label = vertical_text(text, size)
-    canvas.paste(
-        label, (round(center[0] - label.width / 2), round(center[1] - label.height / 2)), label
-    )
+    canvas.paste(label, (round(center[0] - label.width / 2), round(center[1] - label.height / 2)),
+                 label)
 
 
 # -- colours ----------------------------------------------------------------------------------
-
 
 def colormap(values: np.ndarray, anchors=HEAT_ANCHORS) -> np.ndarray:
     """Values in [0, 1] `[...]` -> uint8 RGB `[..., 3]`, linear between evenly spaced anchors."""
@@ -133,7 +102,6 @@ def ink_on(background) -> Tuple[int, int, int]:
 
 # -- line charts ------------------------------------------------------------------------------
 
-
 def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
     """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
     if not high > low:
@@ -152,7 +120,7 @@ def log_ticks(low: float, high: float) -> List[float]:
     """Ticks at 1, 2 and 5 times powers of ten covering [low, high] (decades only when wide)."""
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
     steps = (1,) if last - first > 3 else (1, 2, 5)
-    ticks = [m * 10.0**e for e in range(first, last + 1) for m in steps]
+    ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in steps]
     below = [t for t in ticks if t <= low]
     above = [t for t in ticks if t >= high]
     start, end = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
@@ -178,38 +146,18 @@ def legend(draw, x0, y0, width, entries, size) -> int:
     return y + row - y0 if entries else 0
 
 
-def line_panel(
-    canvas: Image.Image,
-    box,
-    series,
-    title: str,
-    ylabel: str,
-    log: bool = False,
-    percent: bool = False,
-    note: str = "",
-):
+def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: bool = False,
+               percent: bool = False, note: str = ""):
     """One chart in `box` (x0, y0, x1, y1): series = [(label, xs, ys)], None values skipped."""
     draw, size = ImageDraw.Draw(canvas), 20
     x0, y0, x1, y1 = box
     draw_text(draw, ((x0 + x1) / 2, y0 + 6), title, 24, align="center")
-    points = [
-        [
-            (x, y)
-            for x, y in zip(xs, ys)
-            if y is not None and math.isfinite(y) and (y > 0 or not log)
-        ]
-        for _, xs, ys in series
-    ]
+    points = [[(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
+               and (y > 0 or not log)] for _, xs, ys in series]
     series = [(s[0], p) for s, p in zip(series, points) if p]
     if not series:
-        draw_text(
-            draw,
-            ((x0 + x1) / 2, (y0 + y1) / 2),
-            note or "nothing recorded",
-            size,
-            align="center",
-            valign="middle",
-        )
+        draw_text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), note or "nothing recorded", size,
+                  align="center", valign="middle")
         return
     entries = [(label, PALETTE[i % len(PALETTE)]) for i, (label, _) in enumerate(series)]
     top = y0 + 44 + legend(draw, x0 + 90, y0 + 44, x1 - x0 - 100, entries, 18) + 10
@@ -249,9 +197,8 @@ def line_panel(
             r = width / 2 + 2
             for px, py in pixels:
                 draw.ellipse([px - r, py - r, px + r, py + r], fill=colour)
-    draw_text(
-        draw, ((plot[0] + plot[2]) / 2, y1 - 8), "epoch", size, align="center", valign="bottom"
-    )
+    draw_text(draw, ((plot[0] + plot[2]) / 2, y1 - 8), "epoch", size, align="center",
+              valign="bottom")
     paste_vertical(canvas, (x0 + 16, (plot[1] + plot[3]) / 2), ylabel, size)
 
 
@@ -267,55 +214,26 @@ def training_curves(records: Sequence[Dict]) -> Image.Image:
     def column(key, factor=1.0):
         return [None if r.get(key) is None else factor * r[key] for r in records]
 
-    losses = [
-        (label, epochs, column(key)) for key, label in LOSS_SERIES if any(v for v in column(key))
-    ]  # switched-off terms are 0: nothing to draw
+    losses = [(label, epochs, column(key)) for key, label in LOSS_SERIES
+              if any(v for v in column(key))]  # switched-off terms are 0: nothing to draw
     off = [label for key, label in LOSS_SERIES if not any(v for v in column(key))]
     title = "training losses (log scale)" + (f"; off: {', '.join(off)}" if off else "")
     line_panel(canvas, (0, 0, 800, 550), losses, title, "loss", log=True)
-    line_panel(
-        canvas,
-        (800, 0, 1600, 550),
-        [("WAR", epochs, column("war", 100)), ("UAR", epochs, column("uar", 100))],
-        "evaluation accuracy",
-        "WAR / UAR (%)",
-        percent=True,
-    )
+    line_panel(canvas, (800, 0, 1600, 550),
+               [("WAR", epochs, column("war", 100)), ("UAR", epochs, column("uar", 100))],
+               "evaluation accuracy", "WAR / UAR (%)", percent=True)
     names = list(next((r["per_class_recall"] for r in records if r.get("per_class_recall")), {}))
-    recall = [
-        (
-            name,
-            epochs,
-            [
-                100 * r["per_class_recall"][name]
-                if r.get("per_class_recall") and name in r["per_class_recall"]
-                else None
-                for r in records
-            ],
-        )
-        for name in names
-    ]
-    line_panel(
-        canvas,
-        (0, 550, 800, 1100),
-        recall,
-        "per-class recall",
-        "recall (%)",
-        percent=True,
-        note="no per-class recall recorded",
-    )
-    line_panel(
-        canvas,
-        (800, 550, 1600, 1100),
-        [("lr", epochs, column("lr"))],
-        "learning rate (end of epoch)",
-        "learning rate",
-    )
+    recall = [(name, epochs, [100 * r["per_class_recall"][name] if r.get("per_class_recall")
+                              and name in r["per_class_recall"] else None for r in records])
+              for name in names]
+    line_panel(canvas, (0, 550, 800, 1100), recall, "per-class recall", "recall (%)",
+               percent=True, note="no per-class recall recorded")
+    line_panel(canvas, (800, 550, 1600, 1100), [("lr", epochs, column("lr"))],
+               "learning rate (end of epoch)", "learning rate")
     return canvas
 
 
 # -- confusion matrix -------------------------------------------------------------------------
-
 
 def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Image.Image:
     """Row-normalised confusion matrix (percent of each true class; `counts` writes the counts
@@ -339,41 +257,18 @@ def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Im
             colour = colour_of(rates[i, j], BLUE_ANCHORS)
             draw.rectangle(box, fill=colour, outline=(255, 255, 255), width=1)
             value = f"{int(matrix[i, j])}" if counts else f"{100 * rates[i, j]:.1f}"
-            draw_text(
-                draw,
-                ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),
-                value,
-                size,
-                align="center",
-                valign="middle",
-                fill=ink_on(colour),
-            )
-        draw_text(
-            draw,
-            (left - 10, top + (i + 0.5) * cell),
-            names[i],
-            size,
-            align="right",
-            valign="middle",
-        )
-        draw_text(
-            draw,
-            (left + (i + 0.5) * cell, top - 10),
-            names[i],
-            size,
-            align="center",
-            valign="bottom",
-        )
+            draw_text(draw, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), value, size,
+                      align="center", valign="middle", fill=ink_on(colour))
+        draw_text(draw, (left - 10, top + (i + 0.5) * cell), names[i], size, align="right",
+                  valign="middle")
+        draw_text(draw, (left + (i + 0.5) * cell, top - 10), names[i], size, align="center",
+                  valign="bottom")
     draw.rectangle((left, top, left + n * cell, top + n * cell), outline=AXIS, width=2)
-    draw_text(
-        draw, (left + n * cell / 2, top - 44), "predicted", 22, align="center", valign="bottom"
-    )
+    draw_text(draw, (left + n * cell / 2, top - 44), "predicted", 22, align="center",
+              valign="bottom")
     paste_vertical(canvas, (20, top + n * cell / 2), "true", 22)
-    unit = (
-        "numbers: counts; colour: % of the true class (each row sums to 100%)"
-        if counts
-        else "% of each true class (each row sums to 100%)"
-    )
+    unit = ("numbers: counts; colour: % of the true class (each row sums to 100%)" if counts
+            else "% of each true class (each row sums to 100%)")
     draw_text(draw, (left + n * cell / 2, top + n * cell + 16), unit, 18, align="center")
     colour_bar(canvas, (left + n * cell + 30, top, left + n * cell + 56, top + n * cell))
     return canvas
@@ -394,7 +289,6 @@ def colour_bar(canvas: Image.Image, box, anchors=BLUE_ANCHORS):
 
 # -- attention --------------------------------------------------------------------------------
 
-
 def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.Image:
     """The face at `size` x `size` under a smooth heat map: the patch attention `[g, g]`,
     scaled to [0, 1], upsampled bilinearly and blended more strongly where it is high."""
@@ -407,11 +301,8 @@ def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 
 
-def attention_grid(
-    tiles: Sequence[Tuple[Image.Image, np.ndarray, Sequence[str]]],
-    columns: int = 4,
-    size: int = 256,
-) -> Image.Image:
+def attention_grid(tiles: Sequence[Tuple[Image.Image, np.ndarray, Sequence[str]]],
+                   columns: int = 4, size: int = 256) -> Image.Image:
     """Several faces in one image, each with its heat map and caption lines under it
     (e.g. the predicted class and probability, the file name); a heat scale at the bottom."""
     if not tiles:
@@ -431,9 +322,8 @@ def attention_grid(
         canvas.paste(heat_overlay(image, attention, size), (x, y))
         for i, text in enumerate(lines):
             text = shorten(text, size, 20 if i else 22)
-            draw_text(
-                draw, (x + size / 2, y + size + 6 + i * line), text, 20 if i else 22, align="center"
-            )
+            draw_text(draw, (x + size / 2, y + size + 6 + i * line), text, 20 if i else 22,
+                      align="center")
     bar_y, bar_w = height - 44, min(300, width - 2 * pad - 160)
     bar_x = (width - bar_w) / 2
     ramp = colormap(np.linspace(0, 1, round(bar_w))[None, :].repeat(14, axis=0))
@@ -448,6 +338,6 @@ def shorten(text: str, width: int, size: int) -> str:
     if text_size(text, size)[0] <= width:
         return text
     keep = len(text)
-    while keep > 4 and text_size(text[: keep // 2] + "…" + text[-(keep // 2) :], size)[0] > width:
+    while keep > 4 and text_size(text[:keep // 2] + "…" + text[-(keep // 2):], size)[0] > width:
         keep -= 1
-    return text[: keep // 2] + "…" + text[-(keep // 2) :]
+    return text[:keep // 2] + "…" + text[-(keep // 2):]

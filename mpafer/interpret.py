@@ -7,7 +7,6 @@
   the text features of its hard prompts (mean and max over that class's hard prompts), and
   which class's hard prompts are closest on average: what the soft-hard alignment L_t did.
 """
-
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -28,22 +27,15 @@ def token_text(token_id: int) -> str:
 
 
 @torch.no_grad()
-def nearest_tokens(
-    context: torch.Tensor, token_embedding: torch.Tensor, k: int = 5
-) -> List[List[Dict]]:
+def nearest_tokens(context: torch.Tensor, token_embedding: torch.Tensor,
+                   k: int = 5) -> List[List[Dict]]:
     """Context vectors `[M, W]` and the embedding table `[V, W]` -> for each vector, its k
     nearest tokens by cosine: [{"token", "id", "similarity"}] best first."""
-    similarity = (
-        F.normalize(context.float(), dim=-1) @ F.normalize(token_embedding.float(), dim=-1).t()
-    )  # [M, V]
+    similarity = F.normalize(context.float(), dim=-1) @ F.normalize(
+        token_embedding.float(), dim=-1).t()  # [M, V]
     values, ids = similarity.topk(k, dim=-1)  # [M, k]
-    return [
-        [
-            {"token": token_text(i), "id": int(i), "similarity": float(v)}
-            for v, i in zip(row_values, row_ids)
-        ]
-        for row_values, row_ids in zip(values, ids)
-    ]
+    return [[{"token": token_text(i), "id": int(i), "similarity": float(v)}
+             for v, i in zip(row_values, row_ids)] for row_values, row_ids in zip(values, ids)]
 
 
 def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
@@ -62,16 +54,14 @@ def hard_prompt_features(model: MPAFER, texts: Sequence[str]) -> torch.Tensor:
     """Normalised text features `[H, D]` of hard prompts, with the model's frozen CLIP."""
     device = model.clip.token_embedding.weight.device
     tokens = crop_to_longest(tokenize(list(texts))).to(device)  # [H, L]
-    features = model.clip.encode_text_embeddings(
-        model.clip.token_embedding(tokens), eot_positions(tokens)
-    )
+    features = model.clip.encode_text_embeddings(model.clip.token_embedding(tokens),
+                                                 eot_positions(tokens))
     return F.normalize(features.float(), dim=-1)
 
 
 @torch.no_grad()
-def soft_hard_similarity(
-    model: MPAFER, descriptions: Optional[Dict[str, List[str]]], template: int
-) -> Dict[str, Dict]:
+def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[str]]],
+                         template: int) -> Dict[str, Dict]:
     """Per class: cosine of its soft-prompt feature with its hard prompts' features (mean, max,
     number of hard prompts) and the class whose hard prompts are closest on average."""
     texts, labels = build_hard_prompts(model.classnames, descriptions, template)
@@ -81,18 +71,14 @@ def soft_hard_similarity(
     model.train(was_training)
     cosine = soft @ hard.t()  # [C, H]
     labels = torch.tensor(labels, device=cosine.device)
-    per_class_mean = torch.stack(
-        [cosine[:, labels == c].mean(dim=1) for c in range(len(model.classnames))], dim=1
-    )  # [C, C]
+    per_class_mean = torch.stack([cosine[:, labels == c].mean(dim=1)
+                                  for c in range(len(model.classnames))], dim=1)  # [C, C]
     result = {}
     for c, name in enumerate(model.classnames):
         own = cosine[c, labels == c]
-        result[name] = {
-            "mean": float(own.mean()),
-            "max": float(own.max()),
-            "hard_prompts": int(own.numel()),
-            "closest_class": model.classnames[int(per_class_mean[c].argmax())],
-        }
+        result[name] = {"mean": float(own.mean()), "max": float(own.max()),
+                        "hard_prompts": int(own.numel()),
+                        "closest_class": model.classnames[int(per_class_mean[c].argmax())]}
     return result
 
 
@@ -100,26 +86,19 @@ def format_prompt_tokens(tokens: Dict[str, List[List[Dict]]]) -> str:
     """One line per context vector: its nearest tokens with their cosine similarities."""
     lines = []
     for owner, vectors in tokens.items():
-        lines.append(
-            f"text context ({owner}), nearest vocabulary tokens by cosine "
-            "(a trailing '-' marks a word piece that continues):"
-        )
+        lines.append(f"text context ({owner}), nearest vocabulary tokens by cosine "
+                     "(a trailing '-' marks a word piece that continues):")
         for m, nearest in enumerate(vectors, 1):
-            lines.append(
-                f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}" for t in nearest)
-            )
+            lines.append(f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}"
+                                                   for t in nearest))
     return "\n".join(lines)
 
 
 def format_soft_hard(similarity: Dict[str, Dict]) -> str:
     width = max(len(name) for name in similarity) + 2
-    lines = [
-        "cosine of each class's soft-prompt feature with its hard prompts' features:",
-        f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)",
-    ]
+    lines = ["cosine of each class's soft-prompt feature with its hard prompts' features:",
+             f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)"]
     for name, s in similarity.items():
-        lines.append(
-            f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
-            f"  {s['closest_class']}"
-        )
+        lines.append(f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
+                     f"  {s['closest_class']}")
     return "\n".join(lines)

@@ -3,7 +3,6 @@
 Notation: C classes, H hard prompts (several per class), B images, D joint width, W token width.
 Every loss computes in fp32 with autocast switched off, whatever precision the towers ran in.
 """
-
 from typing import Dict, Iterable
 
 import torch
@@ -24,12 +23,8 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         return F.cross_entropy(logits.float(), labels)
 
 
-def token_alignment_loss(
-    soft_pooled: torch.Tensor,
-    hard_pooled: torch.Tensor,
-    hard_labels: torch.Tensor,
-    tau: float = 0.07,
-) -> torch.Tensor:
+def token_alignment_loss(soft_pooled: torch.Tensor, hard_pooled: torch.Tensor,
+                         hard_labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """Token-level soft-hard alignment L_ta.
 
     P(d) = exp(sim(t_d, t*_d) / tau) / sum_c exp(sim(t_c, t*_d) / tau), L_ta = -log P(d)
@@ -42,13 +37,8 @@ def token_alignment_loss(
         return F.cross_entropy(hard @ soft.t() / tau, hard_labels)  # [H, C] logits
 
 
-def prompt_alignment_loss(
-    text_features: torch.Tensor,
-    hard_features: torch.Tensor,
-    hard_labels: torch.Tensor,
-    distance: str = "l1",
-    tau: float = 0.07,
-) -> torch.Tensor:
+def prompt_alignment_loss(text_features: torch.Tensor, hard_features: torch.Tensor,
+                          hard_labels: torch.Tensor, distance: str = "l1", tau: float = 0.07) -> torch.Tensor:
     """Prompt-level soft-hard alignment L_pa between theta(t_c) `[C, D]` and theta(t*) `[H, D]`.
 
     Both are L2-normalised; each hard prompt h is compared with its class's soft prompt and the
@@ -69,12 +59,8 @@ def prompt_alignment_loss(
         return _l1(soft[hard_labels], hard, distance)
 
 
-def prototype_alignment_loss(
-    global_features: torch.Tensor,
-    prototypes: torch.Tensor,
-    labels: torch.Tensor,
-    distance: str = "cosine",
-) -> torch.Tensor:
+def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Tensor,
+                             labels: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
     """Prototype-guided visual alignment L_v = mean_i M(z_g,i, p_{y_i}).
 
     z_g `[B, D]` prompted global image features, p `[C, D]` class prototypes (mean normalised
@@ -102,29 +88,19 @@ def _check(distance: str, allowed, name: str):
         raise ValueError(f"{name} must be one of {list(allowed)}, got {distance!r}")
 
 
-def weighted_terms(
-    parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0
-) -> Dict[str, torch.Tensor]:
+def weighted_terms(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> Dict[str, torch.Tensor]:
     """The terms of L as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
-    return {
-        "cls": parts["cls"],
-        "ta": beta * parts["ta"],
-        "pa": beta * parts["pa"],
-        "v": gamma * parts["v"],
-    }
+    return {"cls": parts["cls"], "ta": beta * parts["ta"], "pa": beta * parts["pa"], "v": gamma * parts["v"]}
 
 
-def total_loss(
-    parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0
-) -> torch.Tensor:
+def total_loss(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """L = L_cls + beta * L_t + gamma * L_v with L_t = L_ta + L_pa."""
     terms = weighted_terms(parts, beta, gamma)
     return terms["cls"] + terms["ta"] + terms["pa"] + terms["v"]
 
 
-def gradient_norms(
-    terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor], scale: float = 1.0
-) -> Dict[str, float]:
+def gradient_norms(terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor],
+                   scale: float = 1.0) -> Dict[str, float]:
     """L2 norm of each term's gradient w.r.t. `params` (all of them together), one backward each.
 
     `terms` are undetached scalars (e.g. `weighted_terms`); the graph is kept, so the caller can

@@ -5,7 +5,6 @@ other jobs hits both sides of a round; ratios are medians of back-to-back pairs.
 synchronised around every timed call. Memory is the CUDA allocator's peak or the process's peak
 resident set size.
 """
-
 import ctypes
 import os
 import platform
@@ -42,9 +41,8 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def compare(
-    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
-) -> Dict[str, List[float]]:
+def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
+            warmup: int = 2) -> Dict[str, List[float]]:
     """Wall times in seconds of each `fn()` over `repeats` rounds, every function once a round.
 
     Interleaving (in alternating order) makes ratios fair on a shared machine: a burst of load
@@ -55,7 +53,7 @@ def compare(
             fn()
     times = {name: [] for name in fns}
     for r in range(repeats):
-        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             synchronize(device)
             start = time.perf_counter()
             fns[name]()
@@ -113,4 +111,4 @@ def device_name(device: torch.device) -> str:
 
 
 def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2 ** 20:,.1f} MiB"

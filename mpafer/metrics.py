@@ -1,5 +1,4 @@
 """FER metrics: WAR (accuracy), UAR (mean per-class recall), confusion matrix."""
-
 from typing import Dict, Sequence
 
 import torch
@@ -25,9 +24,7 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
     return {
         "war": correct.sum().item() / max(support.sum().item(), 1),
         "uar": recall[present].mean().item() if present.any() else 0.0,
-        "per_class_recall": {
-            name: recall[i].item() for i, name in enumerate(classnames) if present[i]
-        },
+        "per_class_recall": {name: recall[i].item() for i, name in enumerate(classnames) if present[i]},
         "support": {name: int(support[i]) for i, name in enumerate(classnames)},
         "confusion": confusion.tolist(),
         "classnames": list(classnames),
@@ -39,17 +36,12 @@ def format_report(metrics: Dict) -> str:
     """Readable WAR/UAR, per-class recall and confusion matrix."""
     names = metrics["classnames"]
     width = max(len(n) for n in names) + 2
-    lines = [
-        f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
-        f"({metrics['num_samples']} images)",
-        "per-class recall:",
-    ]
+    lines = [f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
+             f"({metrics['num_samples']} images)", "per-class recall:"]
     for name in names:
         if name in metrics["per_class_recall"]:
-            lines.append(
-                f"  {name:<{width}}{100 * metrics['per_class_recall'][name]:6.2f}%  "
-                f"(n={metrics['support'][name]})"
-            )
+            lines.append(f"  {name:<{width}}{100 * metrics['per_class_recall'][name]:6.2f}%  "
+                         f"(n={metrics['support'][name]})")
     lines.append("confusion matrix (rows: true, columns: predicted):")
     lines.append(" " * width + "".join(f"{n[:6]:>8}" for n in names))
     for name, row in zip(names, metrics["confusion"]):

@@ -1,5 +1,4 @@
 """MPA-FER: a frozen CLIP with learnable prompts and global-local alignment."""
-
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,58 +32,38 @@ class MPAFERConfig:
     `validate()` (run at construction and again by MPAFER) checks the value ranges; errors name
     the field and its command-line flag.
     """
-
     # Text soft prompts (CoOp).
     n_ctx: int = _field(10, "M, learnable text context vectors (ignored with --ctx-init)")
-    ctx_init: str = _field(
-        "", "initialise the context from this phrase (M = its token count) instead of N(0, std^2)"
-    )
+    ctx_init: str = _field("", "initialise the context from this phrase (M = its token count) "
+                               "instead of N(0, std^2)")
     class_specific_ctx: bool = _field(False, "one context per class instead of one shared by all")
-    text_prompt_depth: int = _field(
-        1,
-        "(choice) text layers with prompts: 1 = input only, "
-        "L > 1 adds deep text prompts to layers 1..L-1",
-    )
+    text_prompt_depth: int = _field(1, "(choice) text layers with prompts: 1 = input only, "
+                                       "L > 1 adds deep text prompts to layers 1..L-1")
     # Visual deep prompts (VPT-deep).
     visual_prompt_tokens: int = _field(8, "N_p, visual prompt tokens per layer (0 = none)")
-    visual_prompt_depth: int = _field(
-        -1, "image layers with visual prompts: -1 = every layer, 0 = none"
-    )
+    visual_prompt_depth: int = _field(-1, "image layers with visual prompts: -1 = every layer, 0 = none")
     prompt_init_std: float = _field(0.02, "std of the N(0, std^2) prompt initialisation")
     # Hard prompts.
-    hard_prompt_template: int = _field(
-        3,
-        "1 'a photo of {c}', 2 'a photo of a person making a facial "
-        "expression of {c}', 3 the same followed by ', {description}' "
-        "(one hard prompt per LLM description)",
-    )
+    hard_prompt_template: int = _field(3, "1 'a photo of {c}', 2 'a photo of a person making a facial "
+                                          "expression of {c}', 3 the same followed by ', {description}' "
+                                          "(one hard prompt per LLM description)")
     # Cross-modal global-local alignment.
-    global_local: bool = _field(
-        True, "add the local score S_l (top-k cross-attention over patches)"
-    )
+    global_local: bool = _field(True, "add the local score S_l (top-k cross-attention over patches)")
     top_k: int = _field(16, "k, patches each class attends to")
     local_weight: float = _field(1.0, "lambda_l in S = S_g + lambda_l * S_l")
-    attention_temperature: Optional[float] = _field(
-        None, "(choice) softmax temperature over the top-k; unset = uniform 1/k weights"
-    )
-    learnable_alignment: bool = _field(
-        False, "(choice) identity-initialised q/k/v projections; needs --attention-temperature"
-    )
+    attention_temperature: Optional[float] = _field(None, "(choice) softmax temperature over the "
+                                                          "top-k; unset = uniform 1/k weights")
+    learnable_alignment: bool = _field(False, "(choice) identity-initialised q/k/v projections; needs "
+                                              "--attention-temperature")
     # Losses: L = L_cls + beta * (L_ta + L_pa) + gamma * L_v.
     soft_hard_alignment: bool = _field(True, "soft-hard prompt alignment L_t = L_ta + L_pa")
     prototype_alignment: bool = _field(True, "prototype-guided visual alignment L_v")
     tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa)")
-    pa_distance: str = _field(
-        "l1",
-        "L_pa distance: l1 (the L1 norm, summed over D, as the paper "
-        "writes it) | l1-mean (choice: per-dimension mean, 1/D of l1) "
-        "| contrastive (choice)",
-    )
-    v_distance: str = _field(
-        "cosine",
-        "L_v distance: cosine (1 - cos) | l1 (L1 norm, summed over D) "
-        "| l1-mean (choice: per-dimension mean)",
-    )
+    pa_distance: str = _field("l1", "L_pa distance: l1 (the L1 norm, summed over D, as the paper "
+                                    "writes it) | l1-mean (choice: per-dimension mean, 1/D of l1) "
+                                    "| contrastive (choice)")
+    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1 (L1 norm, summed over D) "
+                                       "| l1-mean (choice: per-dimension mean)")
     beta: float = _field(1.0, "weight beta of L_t")
     gamma: float = _field(1.0, "weight gamma of L_v")
 
@@ -102,31 +81,18 @@ class MPAFERConfig:
             ("hard_prompt_template", self.hard_prompt_template in (1, 2, 3), "1, 2 or 3"),
             ("top_k", self.top_k >= 1, ">= 1"),
             ("local_weight", self.local_weight >= 0, ">= 0"),
-            (
-                "attention_temperature",
-                self.attention_temperature is None or self.attention_temperature > 0,
-                "> 0 (or unset for uniform weights)",
-            ),
+            ("attention_temperature", self.attention_temperature is None or self.attention_temperature > 0,
+             "> 0 (or unset for uniform weights)"),
             ("tau", self.tau > 0, "> 0"),
-            (
-                "pa_distance",
-                self.pa_distance in losses.PA_DISTANCES,
-                f"one of {list(losses.PA_DISTANCES)}",
-            ),
-            (
-                "v_distance",
-                self.v_distance in losses.V_DISTANCES,
-                f"one of {list(losses.V_DISTANCES)}",
-            ),
+            ("pa_distance", self.pa_distance in losses.PA_DISTANCES, f"one of {list(losses.PA_DISTANCES)}"),
+            ("v_distance", self.v_distance in losses.V_DISTANCES, f"one of {list(losses.V_DISTANCES)}"),
             ("beta", self.beta >= 0, ">= 0"),
             ("gamma", self.gamma >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(
-                    f"MPAFERConfig.{name} ({flag}) must be {expected}, got {getattr(self, name)!r}"
-                )
+                raise ValueError(f"MPAFERConfig.{name} ({flag}) must be {expected}, got {getattr(self, name)!r}")
         if self.learnable_alignment and self.attention_temperature is None:
             raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
 
@@ -144,14 +110,12 @@ class MPAFERConfig:
 
 @dataclass
 class MPAFEROutput:
-    logits: torch.Tensor  # [B, C] = s * (S_g + lambda_l * S_l), fp32 even under autocast
-    global_features: torch.Tensor  # [B, D] z_g, L2-normalised
-    text_features: torch.Tensor  # [C, D] theta(t_c), L2-normalised
-    local_features: Optional[torch.Tensor] = None  # [B, N, D] z_l, L2-normalised
-    attention: Optional[torch.Tensor] = (
-        None  # [B, C, N] a_{c,n} (fp32): which patches drove class c
-    )
-    soft_pooled: Optional[torch.Tensor] = None  # [C, W] pooled soft-prompt word embeddings
+    logits: torch.Tensor                  # [B, C] = s * (S_g + lambda_l * S_l), fp32 even under autocast
+    global_features: torch.Tensor         # [B, D] z_g, L2-normalised
+    text_features: torch.Tensor           # [C, D] theta(t_c), L2-normalised
+    local_features: Optional[torch.Tensor] = None   # [B, N, D] z_l, L2-normalised
+    attention: Optional[torch.Tensor] = None        # [B, C, N] a_{c,n} (fp32): which patches drove class c
+    soft_pooled: Optional[torch.Tensor] = None      # [C, W] pooled soft-prompt word embeddings
 
 
 class MPAFER(nn.Module):
@@ -163,53 +127,27 @@ class MPAFER(nn.Module):
     trains again.
     """
 
-    def __init__(
-        self,
-        clip_model: CLIP,
-        classnames: Sequence[str],
-        descriptions: Optional[Dict[str, List[str]]] = None,
-        config: Optional[MPAFERConfig] = None,
-    ):
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str],
+                 descriptions: Optional[Dict[str, List[str]]] = None, config: Optional[MPAFERConfig] = None):
         super().__init__()
         self.config = config = config or MPAFERConfig()
         config.validate()  # again: fields may have been changed after construction
         self.classnames = list(classnames)
         self.clip = clip_model.requires_grad_(False).eval()
         self.text_prompts = TextPromptLearner(
-            clip_model,
-            classnames,
-            n_ctx=config.n_ctx,
-            ctx_init=config.ctx_init,
-            class_specific=config.class_specific_ctx,
-            depth=config.text_prompt_depth,
-            init_std=config.prompt_init_std,
-        )
+            clip_model, classnames, n_ctx=config.n_ctx, ctx_init=config.ctx_init,
+            class_specific=config.class_specific_ctx, depth=config.text_prompt_depth,
+            init_std=config.prompt_init_std)
         layers = clip_model.visual.transformer.layers
         depth = layers if config.visual_prompt_depth < 0 else config.visual_prompt_depth
         if depth > layers:
-            raise ValueError(
-                f"visual_prompt_depth {depth} exceeds the image tower's {layers} layers"
-            )
-        self.visual_prompts = (
-            VisualPromptLearner(
-                clip_model.visual.transformer.width,
-                num_tokens=config.visual_prompt_tokens,
-                depth=depth,
-                init_std=config.prompt_init_std,
-            )
-            if depth > 0 and config.visual_prompt_tokens > 0
-            else None
-        )
-        self.alignment = (
-            GlobalLocalAlignment(
-                clip_model.embed_dim,
-                top_k=config.top_k,
-                temperature=config.attention_temperature,
-                learnable=config.learnable_alignment,
-            )
-            if config.global_local
-            else None
-        )
+            raise ValueError(f"visual_prompt_depth {depth} exceeds the image tower's {layers} layers")
+        self.visual_prompts = (VisualPromptLearner(
+            clip_model.visual.transformer.width, num_tokens=config.visual_prompt_tokens, depth=depth,
+            init_std=config.prompt_init_std) if depth > 0 and config.visual_prompt_tokens > 0 else None)
+        self.alignment = (GlobalLocalAlignment(
+            clip_model.embed_dim, top_k=config.top_k, temperature=config.attention_temperature,
+            learnable=config.learnable_alignment) if config.global_local else None)
         self.register_buffer("prototypes", None, persistent=False)  # [C, D], see set_prototypes
         if config.soft_hard_alignment:
             self._init_hard_prompts(descriptions)
@@ -219,23 +157,16 @@ class MPAFER(nn.Module):
     @torch.no_grad()
     def _init_hard_prompts(self, descriptions):
         """Frozen hard-prompt features theta(t*) `[H, D]` and pooled word embeddings `[H, W]`."""
-        texts, labels = build_hard_prompts(
-            self.classnames, descriptions, self.config.hard_prompt_template
-        )
+        texts, labels = build_hard_prompts(self.classnames, descriptions, self.config.hard_prompt_template)
         device = self.clip.token_embedding.weight.device
         tokens = crop_to_longest(tokenize(texts)).to(device)  # [H, L]
         embeddings = self.clip.token_embedding(tokens)  # [H, L, W]
         eot = eot_positions(tokens)
         self.hard_texts = texts
         self.register_buffer("hard_labels", torch.tensor(labels, device=device), persistent=False)
-        self.register_buffer(
-            "hard_features",
-            F.normalize(self.clip.encode_text_embeddings(embeddings, eot), dim=-1),
-            persistent=False,
-        )
-        self.register_buffer(
-            "hard_pooled", pooled_word_embeddings(embeddings, eot), persistent=False
-        )
+        self.register_buffer("hard_features", F.normalize(
+            self.clip.encode_text_embeddings(embeddings, eot), dim=-1), persistent=False)
+        self.register_buffer("hard_pooled", pooled_word_embeddings(embeddings, eot), persistent=False)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -250,20 +181,12 @@ class MPAFER(nn.Module):
 
     def load_trainable_state_dict(self, state_dict: Dict[str, torch.Tensor]):
         params = {k: p for k, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = (
-            sorted(set(params) - set(state_dict)),
-            sorted(set(state_dict) - set(params)),
-        )
-        wrong = [
-            f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
-            for k, p in params.items()
-            if k in state_dict and state_dict[k].shape != p.shape
-        ]
+        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+        wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
+                 for k, p in params.items() if k in state_dict and state_dict[k].shape != p.shape]
         if missing or unexpected or wrong:
-            raise ValueError(
-                "trainable state does not match this MPA-FER configuration: "
-                f"missing {missing}, unexpected {unexpected}, shape mismatches {wrong}"
-            )
+            raise ValueError("trainable state does not match this MPA-FER configuration: "
+                             f"missing {missing}, unexpected {unexpected}, shape mismatches {wrong}")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state_dict[k])
@@ -276,9 +199,7 @@ class MPAFER(nn.Module):
         """Class prototypes `[C, D]` for L_v (see `mpafer.compute_prototypes`)."""
         expected = (len(self.classnames), self.clip.embed_dim)
         if tuple(prototypes.shape) != expected:
-            raise ValueError(
-                f"prototypes must have shape {expected}, got {tuple(prototypes.shape)}"
-            )
+            raise ValueError(f"prototypes must have shape {expected}, got {tuple(prototypes.shape)}")
         self.prototypes = F.normalize(prototypes.float(), dim=-1).to(self.clip.logit_scale.device)
 
     # -- forward ----------------------------------------------------------------------------
@@ -323,45 +244,28 @@ class MPAFER(nn.Module):
         """The unweighted, undetached parts of L: `cls, ta, pa, v` (a constant zero when off)."""
         cfg = self.config
         zero = output.logits.new_zeros((), dtype=torch.float32)
-        parts = {
-            "cls": losses.classification_loss(output.logits, labels),
-            "ta": zero,
-            "pa": zero,
-            "v": zero,
-        }
+        parts = {"cls": losses.classification_loss(output.logits, labels), "ta": zero, "pa": zero, "v": zero}
         if cfg.soft_hard_alignment:
-            pooled = (
-                output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
-            )
-            parts["ta"] = losses.token_alignment_loss(
-                pooled, self.hard_pooled, self.hard_labels, cfg.tau
-            )
-            parts["pa"] = losses.prompt_alignment_loss(
-                output.text_features, self.hard_features, self.hard_labels, cfg.pa_distance, cfg.tau
-            )
+            pooled = output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
+            parts["ta"] = losses.token_alignment_loss(pooled, self.hard_pooled, self.hard_labels, cfg.tau)
+            parts["pa"] = losses.prompt_alignment_loss(output.text_features, self.hard_features,
+                                                       self.hard_labels, cfg.pa_distance, cfg.tau)
         if cfg.prototype_alignment:
             if self.prototypes is None:
-                raise RuntimeError(
-                    "prototype alignment (L_v) needs class prototypes: call "
-                    "model.set_prototypes(mpafer.compute_prototypes(model, loader)) first, "
-                    "or set config.prototype_alignment = False"
-                )
-            parts["v"] = losses.prototype_alignment_loss(
-                output.global_features, self.prototypes, labels, cfg.v_distance
-            )
+                raise RuntimeError("prototype alignment (L_v) needs class prototypes: call "
+                                   "model.set_prototypes(mpafer.compute_prototypes(model, loader)) first, "
+                                   "or set config.prototype_alignment = False")
+            parts["v"] = losses.prototype_alignment_loss(output.global_features, self.prototypes,
+                                                         labels, cfg.v_distance)
         return parts
 
-    def loss(
-        self, output: MPAFEROutput, labels: torch.Tensor
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def loss(self, output: MPAFEROutput, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """-> (total, parts) with parts `cls, ta, pa, v` (zero when switched off), detached."""
         parts = self.loss_parts(output, labels)
         total = losses.total_loss(parts, self.config.beta, self.config.gamma)
         return total, {k: v.detach() for k, v in parts.items()}
 
-    def term_gradient_norms(
-        self, images: torch.Tensor, labels: torch.Tensor, scale: float = 1.0
-    ) -> Dict[str, float]:
+    def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> Dict[str, float]:
         """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
         total: cls, beta * L_ta, beta * L_pa, gamma * L_v.
 
@@ -370,9 +274,5 @@ class MPAFER(nn.Module):
         wrapper. Under fp16 pass the GradScaler's scale (see `losses.gradient_norms`). Leaves no
         `.grad` behind.
         """
-        terms = losses.weighted_terms(
-            self.loss_parts(self(images), labels), self.config.beta, self.config.gamma
-        )
-        return losses.gradient_norms(
-            terms, [p for p in self.parameters() if p.requires_grad], scale
-        )
+        terms = losses.weighted_terms(self.loss_parts(self(images), labels), self.config.beta, self.config.gamma)
+        return losses.gradient_norms(terms, [p for p in self.parameters() if p.requires_grad], scale)

@@ -1,5 +1,4 @@
 """Prompts: learnable text soft prompts, deep visual prompts, hard prompts from descriptions."""
-
 import hashlib
 import json
 import os
@@ -11,9 +10,8 @@ from torch import nn
 from .clip.model import CLIP
 from .clip.tokenizer import get_tokenizer, tokenize
 
-DESCRIPTIONS_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "descriptions", "fer_descriptions.json"
-)
+DESCRIPTIONS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "descriptions",
+                                 "fer_descriptions.json")
 
 # Hard-prompt templates, exactly the paper's wording. 3 is MPA-FER's (one prompt per LLM
 # description); 1 and 2 are the paper's ablation (one prompt per class).
@@ -24,9 +22,7 @@ HARD_TEMPLATES = {
 }
 
 
-def load_descriptions(
-    classnames: Sequence[str], path: Optional[str] = None
-) -> Dict[str, List[str]]:
+def load_descriptions(classnames: Sequence[str], path: Optional[str] = None) -> Dict[str, List[str]]:
     """LLM descriptions per class, all granularities in file order -> {class: [description]}.
 
     Validates that every requested class is covered and that each description's hard prompt
@@ -51,22 +47,14 @@ def load_descriptions(
     for name in classnames:
         entry = classes[name]
         levels = granularities or list(entry)
-        found = (
-            [d for level in levels for d in entry.get(level, [])]
-            if isinstance(entry, dict)
-            else entry
-        )
+        found = [d for level in levels for d in entry.get(level, [])] if isinstance(entry, dict) else entry
         if not found or not all(isinstance(d, str) and d.strip() for d in found):
-            raise ValueError(
-                f"{path}: class {name!r} needs a non-empty list of description strings"
-            )
+            raise ValueError(f"{path}: class {name!r} needs a non-empty list of description strings")
         for d in found:
             n = len(get_tokenizer().encode(HARD_TEMPLATES[3].format(c=name, d=d))) + 2
             if n > 77:
-                raise ValueError(
-                    f"{path}: the hard prompt for {name!r} with description {d!r} is "
-                    f"{n} tokens long, more than CLIP's 77; shorten the description"
-                )
+                raise ValueError(f"{path}: the hard prompt for {name!r} with description {d!r} is "
+                                 f"{n} tokens long, more than CLIP's 77; shorten the description")
         result[name] = found
     return result
 
@@ -79,14 +67,11 @@ def descriptions_hash(descriptions: Optional[Dict[str, List[str]]]) -> Optional[
     return hashlib.sha256(blob).hexdigest()
 
 
-def build_hard_prompts(
-    classnames: Sequence[str], descriptions: Optional[Dict[str, List[str]]], template: int = 3
-) -> Tuple[List[str], List[int]]:
+def build_hard_prompts(classnames: Sequence[str], descriptions: Optional[Dict[str, List[str]]],
+                       template: int = 3) -> Tuple[List[str], List[int]]:
     """Hard-prompt texts and the class index of each (several per class with template 3)."""
     if template not in HARD_TEMPLATES:
-        raise ValueError(
-            f"hard_prompt_template must be one of {sorted(HARD_TEMPLATES)}, got {template}"
-        )
+        raise ValueError(f"hard_prompt_template must be one of {sorted(HARD_TEMPLATES)}, got {template}")
     texts, labels = [], []
     for i, name in enumerate(classnames):
         if template == 3:
@@ -101,9 +86,8 @@ def build_hard_prompts(
     return texts, labels
 
 
-def hard_prompts_by_class(
-    classnames: Sequence[str], descriptions: Optional[Dict[str, List[str]]], template: int = 3
-) -> Dict[str, List[str]]:
+def hard_prompts_by_class(classnames: Sequence[str], descriptions: Optional[Dict[str, List[str]]],
+                          template: int = 3) -> Dict[str, List[str]]:
     """The hard prompts grouped by class, `{class: [prompt, ...]}` (e.g. for zero-shot CLIP)."""
     texts, labels = build_hard_prompts(classnames, descriptions, template)
     return {c: [t for t, y in zip(texts, labels) if y == i] for i, c in enumerate(classnames)}
@@ -135,41 +119,25 @@ class TextPromptLearner(nn.Module):
     replace the context positions' hidden states (our choice for "deep text prompts").
     """
 
-    def __init__(
-        self,
-        clip_model: CLIP,
-        classnames: Sequence[str],
-        n_ctx: int = 10,
-        ctx_init: str = "",
-        class_specific: bool = False,
-        depth: int = 1,
-        init_std: float = 0.02,
-    ):
+    def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 10,
+                 ctx_init: str = "", class_specific: bool = False, depth: int = 1, init_std: float = 0.02):
         super().__init__()
         width = clip_model.token_embedding.embedding_dim
         if not 1 <= depth <= clip_model.transformer.layers:
-            raise ValueError(
-                f"text_prompt_depth must be in 1..{clip_model.transformer.layers}, got {depth}"
-            )
+            raise ValueError(f"text_prompt_depth must be in 1..{clip_model.transformer.layers}, got {depth}")
         init_ids = get_tokenizer().encode(ctx_init) if ctx_init else []
         if not init_ids and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1 (or give ctx_init), got {n_ctx}")
         n_ctx = len(init_ids) or n_ctx
         names = [c.replace("_", " ") for c in classnames]
         # "X" placeholders hold the context positions; their embeddings are replaced below.
-        tokens = crop_to_longest(
-            tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names])
-        )
+        tokens = crop_to_longest(tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names]))
         tokens = tokens.to(clip_model.token_embedding.weight.device)
         with torch.no_grad():
             embedding = clip_model.token_embedding(tokens)  # [C, L, W]
         self.n_ctx, self.class_specific = n_ctx, class_specific
-        self.register_buffer(
-            "token_prefix", embedding[:, :1].clone(), persistent=False
-        )  # [C, 1, W] SOS
-        self.register_buffer(
-            "token_suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False
-        )  # [C, L-1-M, W]
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # [C, 1, W] SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # [C, L-1-M, W]
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # [C]
         shape = (len(names), n_ctx, width) if class_specific else (n_ctx, width)
         if init_ids:
@@ -179,15 +147,11 @@ class TextPromptLearner(nn.Module):
         else:
             ctx = torch.randn(shape, device=tokens.device) * init_std
         self.ctx = nn.Parameter(ctx)
-        self.deep = (
-            nn.Parameter(torch.randn(depth - 1, n_ctx, width) * init_std) if depth > 1 else None
-        )
+        self.deep = nn.Parameter(torch.randn(depth - 1, n_ctx, width) * init_std) if depth > 1 else None
 
     def embeddings(self) -> torch.Tensor:
         """The prompts' input token embeddings `[C, L, W]`."""
-        ctx = (
-            self.ctx if self.class_specific else self.ctx.expand(self.token_prefix.shape[0], -1, -1)
-        )
+        ctx = self.ctx if self.class_specific else self.ctx.expand(self.token_prefix.shape[0], -1, -1)
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [C, 1 + M + rest, W]
 
     def deep_prompts(self) -> Optional[List[Optional[torch.Tensor]]]:

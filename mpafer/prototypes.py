@@ -1,5 +1,4 @@
 """Class prototypes for L_v: mean normalised frozen CLIP image features, cached on disk."""
-
 import hashlib
 import json
 import os
@@ -17,16 +16,9 @@ from .utils import atomic_save
 
 
 @torch.no_grad()
-def compute_prototypes(
-    model,
-    dataloader,
-    num_classes: Optional[int] = None,
-    per_class: Optional[int] = None,
-    progress: bool = True,
-    *,
-    seed: int = 0,
-    amp_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
+                       per_class: Optional[int] = None, progress: bool = True, *, seed: int = 0,
+                       amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Prototype p_c = mean of the L2-normalised *unprompted* CLIP image features of class c.
 
     Streams `dataloader` (use the eval transform; uint8 pixel batches are normalised on the
@@ -38,31 +30,23 @@ def compute_prototypes(
     under autocast; None = fp32. Returns `[C, D]`, re-normalised.
     """
     clip_model = getattr(model, "clip", model)
-    num_classes = num_classes or len(
-        getattr(model, "classnames", []) or dataloader.dataset.classnames
-    )
+    num_classes = num_classes or len(getattr(model, "classnames", []) or dataloader.dataset.classnames)
     if per_class is not None:
-        dataloader = _subset_loader(
-            dataloader, prototype_subset(_targets(dataloader.dataset), per_class, seed)
-        )
+        dataloader = _subset_loader(dataloader, prototype_subset(_targets(dataloader.dataset), per_class, seed))
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
     for images, labels in tqdm(dataloader, desc="prototypes", disable=not progress, leave=False):
         images = as_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device)
-        with (
-            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        ):
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             features = clip_model.encode_image(images)
         sums.index_add_(0, labels, F.normalize(features.float(), dim=-1).double())
         counts += torch.bincount(labels, minlength=num_classes)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         names = getattr(model, "classnames", None) or list(range(num_classes))
-        raise ValueError(
-            f"no training images for classes {[names[i] for i in empty]}; cannot build prototypes"
-        )
+        raise ValueError(f"no training images for classes {[names[i] for i in empty]}; cannot build prototypes")
     return F.normalize((sums / counts[:, None]).float(), dim=-1)
 
 
@@ -84,21 +68,15 @@ def _targets(dataset) -> Sequence[int]:
         return dataset.targets
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[-1].tolist()
-    raise ValueError(
-        f"per_class prototypes need the dataset's labels without loading its images: "
-        f"{type(dataset).__name__} has no `targets`"
-    )
+    raise ValueError(f"per_class prototypes need the dataset's labels without loading its images: "
+                     f"{type(dataset).__name__} has no `targets`")
 
 
 def _subset_loader(loader: DataLoader, indices: List[int]) -> DataLoader:
     """The same loader settings over only `indices` of its dataset, in order."""
-    return DataLoader(
-        Subset(loader.dataset, indices),
-        batch_size=loader.batch_size or 1,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
+    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size or 1,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory)
 
 
 def prototype_cache_key(**fields) -> str:
@@ -107,12 +85,8 @@ def prototype_cache_key(**fields) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def cached_prototypes(
-    cache_dir: str,
-    key_fields: Dict,
-    compute: Callable[[], torch.Tensor],
-    log: Callable[[str], None] = print,
-) -> torch.Tensor:
+def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], torch.Tensor],
+                      log: Callable[[str], None] = print) -> torch.Tensor:
     """Load prototypes from `cache_dir` if computed before with the same `key_fields`, else
     compute and save them (atomically, with the key fields beside the tensor)."""
     path = os.path.join(cache_dir, f"prototypes-{prototype_cache_key(**key_fields)}.pt")
@@ -122,9 +96,6 @@ def cached_prototypes(
             log(f"prototypes: loaded from {path}")
             return cached["prototypes"]
     prototypes = compute()
-    atomic_save(
-        {"prototypes": prototypes.cpu(), "key": json.loads(json.dumps(key_fields, default=str))},
-        path,
-    )
+    atomic_save({"prototypes": prototypes.cpu(), "key": json.loads(json.dumps(key_fields, default=str))}, path)
     log(f"prototypes: computed and cached in {path}")
     return prototypes

@@ -15,7 +15,6 @@ result (output folder, data and weight paths, workers, device, logging). Each ru
 
 The standard deviation is the sample standard deviation (n - 1) over the group's runs.
 """
-
 import argparse
 import glob
 import json
@@ -29,21 +28,8 @@ from .figures import save_png, training_curves
 from .utils import atomic_write_json, run_cli
 
 # Recorded training fields that do not change what a run computes.
-IGNORED = {
-    "seed",
-    "out",
-    "data_root",
-    "weights",
-    "resume",
-    "workers",
-    "device",
-    "stop_after",
-    "log_interval",
-    "features",
-    "descriptions",
-    "compile",
-    "grad_checkpointing",
-}
+IGNORED = {"seed", "out", "data_root", "weights", "resume", "workers", "device", "stop_after",
+           "log_interval", "features", "descriptions", "compile", "grad_checkpointing"}
 
 
 def read_jsonl(path: str) -> List[Dict]:
@@ -97,15 +83,11 @@ def read_run(folder: str) -> Optional[Dict]:
     if reported is None and not evaluated:
         print(f"note: skipping {folder}: nothing evaluated yet", file=sys.stderr)
         return None
-    return {
-        "folder": folder,
-        "seed": config.get("train", {}).get("seed"),
-        "key": configuration_key(config, best and best.get("descriptions_sha256")),
-        "reported": reported and {"war": reported["war"], "uar": reported["uar"]},
-        "source": source,
-        "last": evaluated[-1] if evaluated else None,
-        "epochs": records[-1]["epoch"] if records else 0,
-    }
+    return {"folder": folder, "seed": config.get("train", {}).get("seed"),
+            "key": configuration_key(config, best and best.get("descriptions_sha256")),
+            "reported": reported and {"war": reported["war"], "uar": reported["uar"]},
+            "source": source, "last": evaluated[-1] if evaluated else None,
+            "epochs": records[-1]["epoch"] if records else 0}
 
 
 def mean_std(values: Sequence[float]) -> Dict:
@@ -125,19 +107,14 @@ def summarise(runs: Sequence[Dict]) -> List[Dict]:
     for members in groups.values():
         reported = [r["reported"] for r in members if r["reported"]]
         last = [r["last"] for r in members if r["last"]]
-        summaries.append(
-            {
-                "config": members[0]["key"],
-                "n": len(members),
-                "seeds": [r["seed"] for r in members],
-                "runs": [r["folder"] for r in members],
-                "reported": sorted({r["source"] for r in members}),
-                "war": mean_std([r["war"] for r in reported]),
-                "uar": mean_std([r["uar"] for r in reported]),
-                "last_war": mean_std([r["war"] for r in last]),
-                "last_uar": mean_std([r["uar"] for r in last]),
-            }
-        )
+        summaries.append({
+            "config": members[0]["key"], "n": len(members),
+            "seeds": [r["seed"] for r in members], "runs": [r["folder"] for r in members],
+            "reported": sorted({r["source"] for r in members}),
+            "war": mean_std([r["war"] for r in reported]),
+            "uar": mean_std([r["uar"] for r in reported]),
+            "last_war": mean_std([r["war"] for r in last]),
+            "last_uar": mean_std([r["uar"] for r in last])})
     label_groups(summaries)
     return summaries
 
@@ -146,7 +123,8 @@ def label_groups(summaries: List[Dict]):
     """Name each group by the fields whose values differ between groups (its dataset and
     method when there is only one group)."""
     keys = sorted({k for s in summaries for k in s["config"]})
-    differing = [k for k in keys if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
+    differing = [k for k in keys
+                 if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
     for s in summaries:
         shown = differing or [k for k in ("dataset", "method") if k in s["config"]]
         s["label"] = " ".join(f"{k}={s['config'].get(k)}" for k in shown)
@@ -161,18 +139,13 @@ def percent(stat: Dict) -> str:
 
 
 def markdown_table(summaries: Sequence[Dict]) -> str:
-    lines = [
-        "| configuration | n | seeds | WAR (%) | UAR (%) | reported | last-epoch WAR (%) "
-        "| last-epoch UAR (%) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| configuration | n | seeds | WAR (%) | UAR (%) | reported | last-epoch WAR (%) "
+             "| last-epoch UAR (%) |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         seeds = ", ".join(str(x) for x in s["seeds"])
-        lines.append(
-            f"| {s['label']} | {s['n']} | {seeds} | {percent(s['war'])} | "
-            f"{percent(s['uar'])} | {'; '.join(s['reported'])} | "
-            f"{percent(s['last_war'])} | {percent(s['last_uar'])} |"
-        )
+        lines.append(f"| {s['label']} | {s['n']} | {seeds} | {percent(s['war'])} | "
+                     f"{percent(s['uar'])} | {'; '.join(s['reported'])} | "
+                     f"{percent(s['last_war'])} | {percent(s['last_uar'])} |")
     return "\n".join(lines)
 
 
@@ -195,14 +168,12 @@ def run_folders(patterns: Sequence[str]) -> List[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --out), e.g. runs/rafdb/*")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
-    parser.add_argument(
-        "--curves", action="store_true", help="(re)draw curves.png in every run folder"
-    )
+    parser.add_argument("--curves", action="store_true",
+                        help="(re)draw curves.png in every run folder")
     args = parser.parse_args(argv)
     runs = [r for r in (read_run(f) for f in run_folders(args.runs)) if r is not None]
     if not runs:

@@ -3,7 +3,6 @@ request to stop and save, and the list of what a run left behind.
 
 train.py uses these; they know nothing of models or data.
 """
-
 import os
 import signal
 import threading
@@ -17,19 +16,8 @@ RUN_FILES = (*CHECKPOINTS, "expclip_head.pth.json", "config.json", "log.txt", "m
 # Flags a resumed run may change: they do not change what the run computes (or, --epochs,
 # only extend it; --clip must still be the same file, which its SHA-256 checks). Any other
 # flag that differs from the recorded run is refused.
-HONOURED_ON_RESUME = (
-    "resume",
-    "epochs",
-    "stop_after",
-    "workers",
-    "log_interval",
-    "eval_every",
-    "device",
-    "cache_dir",
-    "clip",
-    "grad_checkpointing",
-    "compile",
-)
+HONOURED_ON_RESUME = ("resume", "epochs", "stop_after", "workers", "log_interval", "eval_every",
+                      "device", "cache_dir", "clip", "grad_checkpointing", "compile")
 # Fields renamed since older checkpoints were written: old name -> new name.
 RENAMED_FIELDS = {"weights": "cache_dir"}
 
@@ -62,10 +50,8 @@ def folder_conflict(folder: str) -> Optional[str]:
     names = ", ".join(os.path.basename(p) for p in found)
     last = os.path.join(folder, "last.pt")
     resume = f"continue it with --resume {last}, " if os.path.isfile(last) else ""
-    return (
-        f"{folder} already holds a run ({names}): {resume}replace it with --overwrite, or "
-        "start a new one elsewhere with --name NAME or --out DIR"
-    )
+    return (f"{folder} already holds a run ({names}): {resume}replace it with --overwrite, or "
+            "start a new one elsewhere with --name NAME or --out DIR")
 
 
 def clear_run_files(folder: str):
@@ -83,21 +69,16 @@ def recorded_settings(train_config: Dict) -> Dict:
 def resume_refusals(given: Dict, recorded: Dict, honoured: Iterable[str] = ()) -> List[str]:
     """The flags in `given` that would change the recorded run: not honoured on resume, and
     different from the value `recorded` (a field missing there counts as differing)."""
-    return [
-        f"{flag(k)} {v!r} (the run has {recorded[k]!r})" if k in recorded else f"{flag(k)} {v!r}"
-        for k, v in given.items()
-        if k not in honoured and (k not in recorded or recorded[k] != v)
-    ]
+    return [f"{flag(k)} {v!r} (the run has {recorded[k]!r})" if k in recorded
+            else f"{flag(k)} {v!r}" for k, v in given.items()
+            if k not in honoured and (k not in recorded or recorded[k] != v)]
 
 
 def resume_changes(recorded: Dict, current: Dict) -> Dict[str, list]:
     """{field: [recorded value, value now]} of the honoured fields a resume changed."""
     recorded = recorded_settings(recorded)
-    return {
-        k: [recorded.get(k), current[k]]
-        for k in HONOURED_ON_RESUME
-        if k in current and recorded.get(k) != current[k] and k != "resume"
-    }
+    return {k: [recorded.get(k), current[k]] for k in HONOURED_ON_RESUME
+            if k in current and recorded.get(k) != current[k] and k != "resume"}
 
 
 class StopRequest:

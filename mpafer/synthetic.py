@@ -13,7 +13,6 @@ Images are generated on the fly from (seed, split, index) with their own numpy G
 no global random state is touched, the same index always gives the same image, and
 DataLoader workers need no special seeding.
 """
-
 import math
 
 import numpy as np
@@ -36,13 +35,13 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 #   mouth: a shape name drawn by _draw_mouth
 _NEUTRAL_BROW = (-0.40, -0.40, 0.03, 0.09)
 _EXPRESSIONS = {
-    "neutral": dict(brow=_NEUTRAL_BROW, eyes=("open", 0.75), mouth="line"),
-    "happiness": dict(brow=(-0.46, -0.44, 0.07, 0.09), eyes=("smile",), mouth="smile"),
-    "surprise": dict(brow=(-0.68, -0.62, 0.12, 0.09), eyes=("open", 1.30), mouth="tall_o"),
-    "sadness": dict(brow=(-0.60, -0.32, 0.00, 0.09), eyes=("open", 0.55), mouth="frown"),
-    "anger": dict(brow=(-0.22, -0.52, 0.00, 0.13), eyes=("open", 0.40), mouth="teeth"),
-    "disgust": dict(brow=(-0.28, -0.34, -0.02, 0.11), eyes=("open", 0.30), mouth="snarl"),
-    "fear": dict(brow=(-0.66, -0.52, 0.00, 0.09), eyes=("open", 1.30), mouth="wide_open"),
+    "neutral":   dict(brow=_NEUTRAL_BROW,              eyes=("open", 0.75), mouth="line"),
+    "happiness": dict(brow=(-0.46, -0.44, 0.07, 0.09), eyes=("smile",),     mouth="smile"),
+    "surprise":  dict(brow=(-0.68, -0.62, 0.12, 0.09), eyes=("open", 1.30), mouth="tall_o"),
+    "sadness":   dict(brow=(-0.60, -0.32, 0.00, 0.09), eyes=("open", 0.55), mouth="frown"),
+    "anger":     dict(brow=(-0.22, -0.52, 0.00, 0.13), eyes=("open", 0.40), mouth="teeth"),
+    "disgust":   dict(brow=(-0.28, -0.34, -0.02, 0.11), eyes=("open", 0.30), mouth="snarl"),
+    "fear":      dict(brow=(-0.66, -0.52, 0.00, 0.09), eyes=("open", 1.30), mouth="wide_open"),
 }
 assert tuple(_EXPRESSIONS) == SYNTHETIC_CLASSES
 
@@ -52,51 +51,19 @@ assert tuple(_EXPRESSIONS) == SYNTHETIC_CLASSES
 # the class names never appear (a caption says "a happy face", never "happiness").
 CAPTION_WORDS = {
     "neutral": ("calm", "level relaxed brows", "eyes open", "lips closed and level"),
-    "happiness": (
-        "happy",
-        "relaxed brows",
-        "eyes narrowed and crinkled",
-        "lip corners pulled up into a smile with teeth showing",
-    ),
-    "surprise": (
-        "surprised",
-        "brows raised high and curved",
-        "wide round eyes",
-        "jaw dropped into an open oval mouth",
-    ),
-    "sadness": (
-        "sad",
-        "inner brow ends drawn up",
-        "upper lids drooping",
-        "lip corners pulled down",
-    ),
-    "anger": (
-        "angry",
-        "brows lowered and pulled together",
-        "a hard glaring stare",
-        "a squared mouth with the jaw clenched",
-    ),
-    "disgust": (
-        "disgusted",
-        "brows lowered",
-        "eyes narrowed",
-        "nose wrinkled and upper lip raised",
-    ),
-    "fear": (
-        "scared",
-        "brows raised and drawn together",
-        "wide staring eyes",
-        "mouth open with the lips stretched sideways",
-    ),
+    "happiness": ("happy", "relaxed brows", "eyes narrowed and crinkled",
+                  "lip corners pulled up into a smile with teeth showing"),
+    "surprise": ("surprised", "brows raised high and curved", "wide round eyes", "jaw dropped into an open oval mouth"),
+    "sadness": ("sad", "inner brow ends drawn up", "upper lids drooping", "lip corners pulled down"),
+    "anger": ("angry", "brows lowered and pulled together", "a hard glaring stare",
+              "a squared mouth with the jaw clenched"),
+    "disgust": ("disgusted", "brows lowered", "eyes narrowed", "nose wrinkled and upper lip raised"),
+    "fear": ("scared", "brows raised and drawn together", "wide staring eyes",
+             "mouth open with the lips stretched sideways"),
 }
 assert tuple(CAPTION_WORDS) == SYNTHETIC_CLASSES
-CAPTION_TEMPLATES = (
-    "{a_mood} face.",
-    "a face with {brows}, {eyes} and {mouth}.",
-    "{mood}, {mouth}.",
-    "a drawing of {eyes} and {mouth}.",
-    "{a_mood} person with {brows}.",
-)
+CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.", "{mood}, {mouth}.",
+                     "a drawing of {eyes} and {mouth}.", "{a_mood} person with {brows}.")
 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 
@@ -106,12 +73,8 @@ _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 #   "portrait": an aligned, tightly cropped grey-scale face on a plain background, like the
 #               face crops of FER datasets; the demo's expression dataset uses these.
 STYLES = {
-    "web": dict(
-        shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False, noise=(2.0, 9.0)
-    ),
-    "portrait": dict(
-        shift=0.02, radius=(0.38, 0.42), tilt=4, clutter=False, grey=True, noise=(1.0, 4.0)
-    ),
+    "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False, noise=(2.0, 9.0)),
+    "portrait": dict(shift=0.02, radius=(0.38, 0.42), tilt=4, clutter=False, grey=True, noise=(1.0, 4.0)),
 }
 
 
@@ -124,23 +87,15 @@ class SyntheticFaces(Dataset):
     `image_size` x `image_size` pixels.
     """
 
-    def __init__(
-        self, split, num_per_class=200, image_size=64, seed=0, transform=None, style="portrait"
-    ):
+    def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None, style="portrait"):
         if split not in _SPLIT_CODES:
-            raise ValueError(
-                f"unknown split {split!r} for synthetic faces; "
-                f"valid splits: {', '.join(_SPLIT_CODES)}"
-            )
+            raise ValueError(f"unknown split {split!r} for synthetic faces; "
+                             f"valid splits: {', '.join(_SPLIT_CODES)}")
         if style not in STYLES:
-            raise ValueError(
-                f"unknown style {style!r} for synthetic faces; valid styles: {', '.join(STYLES)}"
-            )
+            raise ValueError(f"unknown style {style!r} for synthetic faces; valid styles: {', '.join(STYLES)}")
         if num_per_class < 1 or image_size < 16:
-            raise ValueError(
-                f"need num_per_class >= 1 and image_size >= 16, "
-                f"got {num_per_class} and {image_size}"
-            )
+            raise ValueError(f"need num_per_class >= 1 and image_size >= 16, "
+                             f"got {num_per_class} and {image_size}")
         self.split = split
         self.num_per_class = int(num_per_class)
         self.image_size = int(image_size)
@@ -212,10 +167,7 @@ def face_captions(expression):
     """The captions of a face showing `expression`, one per CAPTION_TEMPLATES entry."""
     mood, brows, eyes, mouth = CAPTION_WORDS[expression]
     a_mood = ("an " if mood[0] in "aeiou" else "a ") + mood
-    return [
-        t.format(mood=mood, a_mood=a_mood, brows=brows, eyes=eyes, mouth=mouth)
-        for t in CAPTION_TEMPLATES
-    ]
+    return [t.format(mood=mood, a_mood=a_mood, brows=brows, eyes=eyes, mouth=mouth) for t in CAPTION_TEMPLATES]
 
 
 class _FaceFrame:
@@ -268,9 +220,8 @@ def _draw_background(draw, size, rng):
 def _draw_head(draw, face, skin, rng):
     if rng.uniform() < 0.75:  # hair: a cap behind the top of the head
         hair = _random_colour(rng, 10, 140)
-        draw.polygon(
-            face.ellipse(0, -0.12, rng.uniform(1.04, 1.15), rng.uniform(0.92, 1.02)), fill=hair
-        )
+        draw.polygon(face.ellipse(0, -0.12, rng.uniform(1.04, 1.15), rng.uniform(0.92, 1.02)),
+                     fill=hair)
     for side in (-1, 1):  # ears
         draw.polygon(face.ellipse(side * 0.98, -0.02, 0.14, 0.22), fill=skin)
     draw.polygon(face.ellipse(0, 0, 1, 1, n=48), fill=skin)
@@ -296,36 +247,26 @@ def _draw_eyes(draw, face, eyes, intensity, ink, rng):
         u0 = side * 0.36
         if eyes[0] == "smile":  # closed eyes curved upwards, as in a broad smile
             t = np.linspace(-1, 1, 9)
-            draw.line(
-                face.points(u0 + a * t, v0 + 0.03 - 0.09 * (1 - t**2)),
-                fill=ink,
-                width=face.width(0.08),
-                joint="curve",
-            )
+            draw.line(face.points(u0 + a * t, v0 + 0.03 - 0.09 * (1 - t ** 2)),
+                      fill=ink, width=face.width(0.08), joint="curve")
             continue
         openness = 0.75 + intensity * (eyes[1] - 0.75)
         b = a * openness
         sclera = tuple(int(c) for c in rng.integers(225, 256, size=3))
-        draw.polygon(face.ellipse(u0, v0, a, b), fill=sclera, outline=ink, width=face.width(0.04))
+        draw.polygon(face.ellipse(u0, v0, a, b), fill=sclera, outline=ink,
+                     width=face.width(0.04))
         pupil = min(b, a) * 0.65
         draw.polygon(face.ellipse(u0, v0, pupil, pupil), fill=ink)
 
 
 def _draw_nose(draw, face, wrinkled, ink):
-    draw.line(
-        face.points([0.0, -0.07, 0.04], [-0.02, 0.22, 0.24]),
-        fill=ink,
-        width=face.width(0.05),
-        joint="curve",
-    )
+    draw.line(face.points([0.0, -0.07, 0.04], [-0.02, 0.22, 0.24]), fill=ink,
+              width=face.width(0.05), joint="curve")
     if wrinkled:  # disgust wrinkles the nose
         for side in (-1, 1):
             for dv in (0.0, 0.08):
-                draw.line(
-                    face.points([side * 0.10, side * 0.22], [0.02 + dv, -0.04 + dv]),
-                    fill=ink,
-                    width=face.width(0.05),
-                )
+                draw.line(face.points([side * 0.10, side * 0.22], [0.02 + dv, -0.04 + dv]),
+                          fill=ink, width=face.width(0.05))
 
 
 def _draw_mouth(draw, face, kind, intensity, ink, rng):
@@ -337,19 +278,16 @@ def _draw_mouth(draw, face, kind, intensity, ink, rng):
         draw.line(face.points(w * t, v0 + 0 * t), fill=ink, width=line)
     elif kind == "frown":
         w, depth = 0.34, 0.20 * intensity
-        draw.line(
-            face.points(w * t, v0 + 0.08 - depth * (1 - t**2)), fill=ink, width=line, joint="curve"
-        )
+        draw.line(face.points(w * t, v0 + 0.08 - depth * (1 - t ** 2)), fill=ink, width=line,
+                  joint="curve")
     elif kind == "smile":  # a wide open grin: dark crescent with a band of teeth
         w, depth = 0.46, 0.30 * intensity
-        upper = v0 - 0.06 + 0.05 * (1 - t**2)
-        lower = v0 - 0.06 + depth * (1 - t**2)
+        upper = v0 - 0.06 + 0.05 * (1 - t ** 2)
+        lower = v0 - 0.06 + depth * (1 - t ** 2)
         draw.polygon(face.points(w * t, upper) + face.points(w * t[::-1], lower[::-1]), fill=ink)
         teeth = upper + 0.35 * (lower - upper)
-        draw.polygon(
-            face.points(0.8 * w * t, upper + 0.02) + face.points(0.8 * w * t[::-1], teeth[::-1]),
-            fill=(245, 245, 240),
-        )
+        draw.polygon(face.points(0.8 * w * t, upper + 0.02) +
+                     face.points(0.8 * w * t[::-1], teeth[::-1]), fill=(245, 245, 240))
     elif kind == "tall_o":
         draw.polygon(face.ellipse(0, v0 + 0.06, 0.15, 0.17 + 0.08 * intensity), fill=ink)
     elif kind == "wide_open":

@@ -4,7 +4,6 @@ the dataset presets, and the command-line parsing that checks every value before
 Precedence: defaults < dataset preset < --demo < flags you give. A resumed run takes its
 recorded settings; only the flags a resume can honour may change them.
 """
-
 import argparse
 import dataclasses
 import math
@@ -31,145 +30,81 @@ from .utils import ArgumentParser
 @dataclass
 class TrainConfig:
     method: str = field(default="mpafer", metadata={"help": "mpafer | expclip"})
-    dataset: str = field(
-        default="rafdb", metadata={"help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"}
-    )
+    dataset: str = field(default="rafdb", metadata={
+        "help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"})
     data_root: str = field(default="data/RAF-DB")
-    classnames: str = field(
-        default="",
-        metadata={
-            "help": "--dataset folder: the class folder names, comma-separated, in label order "
-            "(default: canonical names or their usual synonyms, e.g. happy, sad)"
-        },
-    )
-    clip: str = field(
-        default="ViT-B/16",
-        metadata={
-            "help": 'CLIP name (downloaded to --cache-dir) or path; --demo: "" = the tiny demo CLIP'
-        },
-    )
-    cache_dir: str = field(
-        default="",
-        metadata={
-            "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
-            "repository's weights/)",
-            "aliases": ("--weights",),
-        },
-    )
-    descriptions: str = field(
-        default="", metadata={"help": "class descriptions JSON (default: the shipped one)"}
-    )
-    out: str = field(
-        default="",
-        metadata={
-            "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)"
-        },
-    )
+    classnames: str = field(default="", metadata={
+        "help": "--dataset folder: the class folder names, comma-separated, in label order "
+                "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
+    clip: str = field(default="ViT-B/16", metadata={
+        "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
+                "CLIP"})
+    cache_dir: str = field(default="", metadata={
+        "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
+                "repository's weights/)", "aliases": ("--weights",)})
+    descriptions: str = field(default="", metadata={
+        "help": "class descriptions JSON (default: the shipped one)"})
+    out: str = field(default="", metadata={
+        "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)"})
     name: str = field(default="", metadata={"help": "the run folder is runs/<dataset>/NAME"})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "replace the run in an existing run folder (default: refuse)"},
-    )
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in an existing run folder (default: refuse)"})
     epochs: int = field(default=120)
     batch_size: int = field(default=32)
     lr: float = field(default=0.032)
     momentum: float = field(default=0.9)
     weight_decay: float = field(default=5e-4)
-    warmup_epochs: float = field(
-        default=1.0, metadata={"help": "linear warm-up, then cosine decay to 0 (per step)"}
-    )
+    warmup_epochs: float = field(default=1.0, metadata={
+        "help": "linear warm-up, then cosine decay to 0 (per step)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    workers: int = field(
-        default=min(4, os.cpu_count() or 1), metadata={"help": "DataLoader workers per process"}
-    )
+    workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
+        "help": "DataLoader workers per process"})
     amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
     seed: int = field(default=1)
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
-    resume: str = field(
-        default="",
-        metadata={
-            "help": "a last.pt to continue from, as recorded; of the other flags only "
-            f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
-            "(--epochs only to extend, --clip only to the same file)"
-        },
-    )
-    demo: bool = field(
-        default=False,
-        metadata={
-            "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
-            "downloaded (about a minute on a CPU)"
-        },
-    )
-    demo_ablation: bool = field(
-        default=False,
-        metadata={
-            "help": "with --demo: train each row of the ablation ladder (CoOp, + visual prompts, "
-            "+ prototype alignment, + soft-hard alignment, full) and print one table"
-        },
-    )
-    demo_train_per_class: int = field(
-        default=200, metadata={"help": "synthetic faces per class (--demo)"}
-    )
-    demo_test_per_class: int = field(
-        default=60, metadata={"help": "synthetic test faces per class (--demo)"}
-    )
-    stop_after: int = field(
-        default=0,
-        metadata={
-            "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
-            "resume later"
-        },
-    )
-    eval_split: str = field(
-        default="test", metadata={"help": "split evaluated every epoch and used to pick best.pt"}
-    )
+    resume: str = field(default="", metadata={
+        "help": "a last.pt to continue from, as recorded; of the other flags only "
+                f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
+                "(--epochs only to extend, --clip only to the same file)"})
+    demo: bool = field(default=False, metadata={
+        "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
+                "downloaded (about a minute on a CPU)"})
+    demo_ablation: bool = field(default=False, metadata={
+        "help": "with --demo: train each row of the ablation ladder (CoOp, + visual prompts, "
+                "+ prototype alignment, + soft-hard alignment, full) and print one table"})
+    demo_train_per_class: int = field(default=200, metadata={
+        "help": "synthetic faces per class (--demo)"})
+    demo_test_per_class: int = field(default=60, metadata={
+        "help": "synthetic test faces per class (--demo)"})
+    stop_after: int = field(default=0, metadata={
+        "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
+                "resume later"})
+    eval_split: str = field(default="test", metadata={
+        "help": "split evaluated every epoch and used to pick best.pt"})
     eval_every: int = field(default=1)
-    balanced_sampler: bool = field(
-        default=False, metadata={"help": "class-balanced sampling (AffectNet)"}
-    )
-    samples_per_epoch: int = field(
-        default=0, metadata={"help": "with the balanced sampler; 0 = the training set's size"}
-    )
+    balanced_sampler: bool = field(default=False, metadata={
+        "help": "class-balanced sampling (AffectNet)"})
+    samples_per_epoch: int = field(default=0, metadata={
+        "help": "with the balanced sampler; 0 = the training set's size"})
     prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={
-            "help": "leave unreadable images out (default: an unreadable image is an error, "
-            "found before training)"
-        },
-    )
-    log_interval: int = field(
-        default=20, metadata={"help": "steps between loss syncs (progress bar, NaN check)"}
-    )
-    grad_checkpointing: bool = field(
-        default=False,
-        metadata={
-            "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)"
-        },
-    )
-    compile: bool = field(
-        default=False,
-        metadata={"help": "torch.compile the image tower (CUDA; first steps are slow)"},
-    )
-    features: str = field(
-        default="",
-        metadata={"help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"},
-    )
-    shots: int = field(
-        default=0,
-        metadata={
-            "help": "few-shot: train on K images per class (min(K, available)) drawn with --seed, "
-            "listed in <out>/shots.json; evaluation uses the full split (default 0 = all)"
-        },
-    )
-    val_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": "hold out this stratified, seeded fraction of the training set (listed in "
-            "<out>/heldout.json) to choose best.pt; best.pt is then evaluated once on the "
-            "test split (default 0 = off: evaluate on --eval-split)"
-        },
-    )
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "leave unreadable images out (default: an unreadable image is an error, "
+                "found before training)"})
+    log_interval: int = field(default=20, metadata={
+        "help": "steps between loss syncs (progress bar, NaN check)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the image tower (CUDA; first steps are slow)"})
+    features: str = field(default="", metadata={
+        "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
+    shots: int = field(default=0, metadata={
+        "help": "few-shot: train on K images per class (min(K, available)) drawn with --seed, "
+                "listed in <out>/shots.json; evaluation uses the full split (default 0 = all)"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "hold out this stratified, seeded fraction of the training set (listed in "
+                "<out>/heldout.json) to choose best.pt; best.pt is then evaluated once on the "
+                "test split (default 0 = off: evaluate on --eval-split)"})
 
     def validate(self):
         """Raise ValueError naming the flag of the first value out of range."""
@@ -194,11 +129,8 @@ class TrainConfig:
             ("demo_train_per_class", self.demo_train_per_class >= 1, ">= 1"),
             ("demo_test_per_class", self.demo_test_per_class >= 1, ">= 1"),
             ("classnames", not names or self.dataset == "folder", "used with --dataset folder"),
-            (
-                "classnames",
-                all(names) and len(set(names)) == len(names),
-                "distinct non-empty names, comma-separated",
-            ),
+            ("classnames", all(names) and len(set(names)) == len(names),
+             "distinct non-empty names, comma-separated"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -208,24 +140,15 @@ class TrainConfig:
 # Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
 PRESETS = {
     "rafdb": dict(data_root="data/RAF-DB", epochs=120, batch_size=32, lr=0.032),
-    "affectnet7": dict(
-        data_root="data/AffectNet",
-        epochs=20,
-        balanced_sampler=True,
-        samples_per_epoch=64000,
-        prototypes_per_class=2000,
-    ),
-    "affectnet8": dict(
-        data_root="data/AffectNet",
-        epochs=20,
-        balanced_sampler=True,
-        samples_per_epoch=64000,
-        prototypes_per_class=2000,
-    ),
+    "affectnet7": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                       samples_per_epoch=64000, prototypes_per_class=2000),
+    "affectnet8": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                       samples_per_epoch=64000, prototypes_per_class=2000),
     "ferplus": dict(data_root="data/FERPlus", epochs=40, eval_split="val"),
     "folder": dict(data_root="data/faces", epochs=50),
 }
-DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0, amp="off")
+DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
+            amp="off")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
 EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -242,19 +165,12 @@ def add_fields(cls, group):
         text = f.metadata.get("help", "")
         text = text if "default" in text else f"{text} (default {f.default!r})".strip()
         if kind is bool:
-            group.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
-            )
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
         else:
             choices = AMP_CHOICES if f.name == "amp" else None
-            group.add_argument(
-                *flags,
-                type=kind,
-                default=argparse.SUPPRESS,
-                choices=choices,
-                metavar=kind.__name__.upper(),
-                help=text,
-            )
+            group.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=choices,
+                               metavar=kind.__name__.upper(), help=text)
 
 
 def parse_config(argv=None, description: str = None):
@@ -264,9 +180,8 @@ def parse_config(argv=None, description: str = None):
     a resume that would change the recorded run, or a run folder that holds another run is an
     argument error naming the flag.
     """
-    parser = ArgumentParser(
-        description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=description or __doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(TrainConfig, parser.add_argument_group("training"))
     add_fields(MPAFERConfig, parser.add_argument_group("MPA-FER model (MPAFERConfig)"))
     given = vars(parser.parse_args(argv))
@@ -284,7 +199,8 @@ def parse_config(argv=None, description: str = None):
     except ValueError as e:
         parser.error(str(e))
     check_protocol(parser, cfg, train)
-    cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or clip.default_weights_dir()))
+    cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or
+                                                       clip.default_weights_dir()))
     if not cfg.resume:
         cfg.out = new_run_out(parser, cfg, "out" in train)
     return cfg, model_cfg, model
@@ -328,33 +244,25 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         parser.error(f"--resume: {e}")
     if "resume" not in checkpoint:
-        parser.error(
-            f"--resume: {path} has no training state (best.pt is for evaluation; "
-            "resume from last.pt)"
-        )
-    recorded = {
-        k: v for k, v in recorded_settings(checkpoint["train_config"]).items() if k in TRAIN_FIELDS
-    }
+        parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
+                     "resume from last.pt)")
+    recorded = {k: v for k, v in recorded_settings(checkpoint["train_config"]).items()
+                if k in TRAIN_FIELDS}
     folder = os.path.dirname(path) or "."
     if train.get("overwrite"):
         parser.error("--overwrite starts a new run and --resume continues one; give one of them")
     if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
         parser.error(f"--out: a resumed run stays in its folder, {folder}")
-    refused = resume_refusals(train, recorded, HONOURED_ON_RESUME) + resume_refusals(
-        model, checkpoint["config"]
-    )
+    refused = (resume_refusals(train, recorded, HONOURED_ON_RESUME)
+               + resume_refusals(model, checkpoint["config"]))
     if refused:
-        parser.error(
-            f"--resume continues the run as recorded in {path}; these flags would "
-            f"change it: {'; '.join(refused)}. Start a new run to change them"
-        )
+        parser.error(f"--resume continues the run as recorded in {path}; these flags would "
+                     f"change it: {'; '.join(refused)}. Start a new run to change them")
     done = checkpoint["epoch"] + (1 if checkpoint["resume"].get("step") else 0)
     epochs = train.get("epochs", recorded.get("epochs", TrainConfig.epochs))
     if epochs < done:
-        parser.error(
-            f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
-            "can only extend it"
-        )
+        parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
+                     "can only extend it")
     values = {**recorded, **train, "out": folder, "overwrite": False}
     return values, checkpoint["config"]
 
@@ -368,10 +276,10 @@ def check_protocol(parser, cfg: TrainConfig, given: Dict):
         parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
     if cfg.val_fraction > 0:
         if given.get("eval_split", HELD_OUT) != HELD_OUT:
-            parser.error(
-                "--val-fraction chooses best.pt on the part it holds out; drop "
-                f"--eval-split {given['eval_split']}"
-            )
+            parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
+                         f"--eval-split {given['eval_split']}")
         cfg.eval_split = HELD_OUT
     elif cfg.eval_split == HELD_OUT:
         parser.error(f"--eval-split {HELD_OUT} needs --val-fraction")
+
+

@@ -1,7 +1,6 @@
 """Small functions shared by the package and the scripts: atomic writes with the user's normal
 permissions, one-line errors for the scripts (arguments and failures), DataLoader workers that
 leave Ctrl-C to the main process."""
-
 import argparse
 import json
 import os
@@ -76,13 +75,8 @@ def run_cli(main):
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (
-        FileNotFoundError,
-        ValueError,
-        RuntimeError,
-        pickle.UnpicklingError,
-        NotImplementedError,
-    ) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError,
+            NotImplementedError) as e:
         if os.environ.get("MPAFER_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")

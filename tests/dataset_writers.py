@@ -1,7 +1,6 @@
 """Writers for tiny datasets in each official on-disk layout (real image files, real headers).
 
 Plain functions the tests call (not pytest fixtures); nothing here is part of mpafer."""
-
 import csv
 import io
 import os
@@ -11,35 +10,14 @@ from PIL import Image
 
 from mpafer.synthetic import SyntheticFaces
 
-AFFECTNET_HEADER = [
-    "subDirectory_filePath",
-    "face_x",
-    "face_y",
-    "face_width",
-    "face_height",
-    "facial_landmarks",
-    "expression",
-    "valence",
-    "arousal",
-]
+AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                    "facial_landmarks", "expression", "valence", "arousal"]
 # RAF-DB's labels 1..7, written out here (not read from mpafer) so the reader is checked against
 # the format itself.
 RAFDB_LABELS = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 FER2013_HEADER = ["emotion", "pixels", "Usage"]
-FER2013NEW_HEADER = [
-    "Usage",
-    "Image name",
-    "neutral",
-    "happiness",
-    "surprise",
-    "sadness",
-    "anger",
-    "disgust",
-    "fear",
-    "contempt",
-    "unknown",
-    "NF",
-]
+FER2013NEW_HEADER = ["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger",
+                     "disgust", "fear", "contempt", "unknown", "NF"]
 
 
 def save_image(path, colour, size=(40, 40), mode="RGB"):
@@ -171,8 +149,6 @@ def write_synthetic_rafdb(root, num_per_class_train, num_per_class_test, seed=0,
             image.save(os.path.join(root, "Image", "aligned", f"{stem}_aligned.jpg"), quality=95)
             raf_label = RAFDB_LABELS.index(faces.classnames[label]) + 1
             lines.append(f"{stem}.jpg {raf_label}\n")
-    with open(
-        os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w", encoding="utf-8"
-    ) as f:
+    with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w", encoding="utf-8") as f:
         f.writelines(lines)
     return root

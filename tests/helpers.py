@@ -1,6 +1,5 @@
 """Tiny CLIP models in OpenAI's checkpoint format, built in the tests (nothing downloaded), and
 the scripts run as a user runs them."""
-
 import json
 import os
 import subprocess
@@ -40,13 +39,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(*args, check=True, timeout=600):
     """`python *args` in the repository, as a user runs it -> CompletedProcess (text)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(
-            f"{args} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
     return result
 
 
@@ -58,20 +55,6 @@ def read_jsonl(path):
 def quick_demo(out, clip_file, *extra, per_class=10):
     """The demo pipeline on a tiny random CLIP and a few synthetic faces (seconds, not minutes);
     its CLIP downloads and prototypes are cached in `<out>-cache`."""
-    return (
-        "train.py",
-        "--demo",
-        "--clip",
-        clip_file,
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(out) + "-cache",
-        "--demo-train-per-class",
-        str(per_class),
-        "--demo-test-per-class",
-        "4",
-        "--batch-size",
-        "16",
-        *extra,
-    )
+    return ("train.py", "--demo", "--clip", clip_file, "--out", str(out), "--cache-dir",
+            str(out) + "-cache", "--demo-train-per-class", str(per_class),
+            "--demo-test-per-class", "4", "--batch-size", "16", *extra)

@@ -4,7 +4,6 @@ It imports only torch: `nn.MultiheadAttention`, sequence-first `[L, N, D]` activ
 explicit causal mask tensor, its own LayerNorm and QuickGELU, and its own reading of the
 architecture off a state dict. It loads OpenAI-format state dicts with `strict=True`.
 """
-
 from collections import OrderedDict
 
 import torch
@@ -30,15 +29,11 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("c_fc", nn.Linear(d_model, d_model * 4)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(d_model * 4, d_model)),
-                ]
-            )
-        )
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(d_model, d_model * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(d_model * 4, d_model)),
+        ]))
         self.ln_2 = LayerNorm(d_model)
         self.attn_mask = attn_mask
 
@@ -55,31 +50,20 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor = None):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)]
-        )
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [L, N, D]
         return self.resblocks(x)
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        input_resolution: int,
-        patch_size: int,
-        width: int,
-        layers: int,
-        heads: int,
-        output_dim: int,
-    ):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(width))
-        self.positional_embedding = nn.Parameter(
-            torch.zeros((input_resolution // patch_size) ** 2 + 1, width)
-        )
+        self.positional_embedding = nn.Parameter(torch.zeros((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
@@ -89,9 +73,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x)  # [N, width, grid, grid]
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, grid ** 2, width]
         zeros = torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
-        x = torch.cat(
-            [self.class_embedding.to(x.dtype) + zeros, x], dim=1
-        )  # [N, grid ** 2 + 1, width]
+        x = torch.cat([self.class_embedding.to(x.dtype) + zeros, x], dim=1)  # [N, grid ** 2 + 1, width]
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
@@ -99,32 +81,13 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(
-        self,
-        embed_dim,
-        image_resolution,
-        vision_layers,
-        vision_width,
-        vision_patch_size,
-        context_length,
-        vocab_size,
-        transformer_width,
-        transformer_heads,
-        transformer_layers,
-    ):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
-        self.visual = VisionTransformer(
-            image_resolution,
-            vision_patch_size,
-            vision_width,
-            vision_layers,
-            vision_width // 64,
-            embed_dim,
-        )
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                        vision_width // 64, embed_dim)
         mask = torch.empty(context_length, context_length).fill_(float("-inf")).triu_(1)
-        self.transformer = Transformer(
-            transformer_width, transformer_layers, transformer_heads, mask
-        )
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, mask)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -149,32 +112,22 @@ class CLIP(nn.Module):
 
 def build_model(state_dict: dict) -> CLIP:
     """Architecture read off the state dict as OpenAI's `build_model` does (ViT only)."""
-    state_dict = {
-        k: v
-        for k, v in state_dict.items()
-        if k not in ("input_resolution", "context_length", "vocab_size")
-    }
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in ("input_resolution", "context_length", "vocab_size")}
     vision_width = state_dict["visual.conv1.weight"].shape[0]
-    vision_layers = len(
-        [k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
-    )
+    vision_layers = len([k for k in state_dict
+                         if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
     vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
     grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = state_dict["ln_final.weight"].shape[0]
-    transformer_layers = len(
-        {k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks")}
-    )
+    transformer_layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks")})
     model = CLIP(
         embed_dim=state_dict["text_projection"].shape[1],
         image_resolution=vision_patch_size * grid_size,
-        vision_layers=vision_layers,
-        vision_width=vision_width,
-        vision_patch_size=vision_patch_size,
+        vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,
-        transformer_layers=transformer_layers,
-    )
+        transformer_width=transformer_width, transformer_heads=transformer_width // 64,
+        transformer_layers=transformer_layers)
     model.load_state_dict(state_dict, strict=True)
     return model.float().eval()

@@ -1,5 +1,4 @@
 """The benchmark runs in a tiny setting and writes well-formed figures (no timing asserted)."""
-
 import json
 import math
 
@@ -11,193 +10,83 @@ from mpafer.data import RAFDB
 from mpafer.synthetic import SyntheticFaces
 from tests.dataset_writers import write_synthetic_rafdb
 
-REQUIRED = (
-    "clip_ratio",
-    "train_step_ratio",
-    "eval_ratio",
-    "peak_memory_bytes",
-    "trainable_params",
-    "checkpoint_bytes",
-)
+REQUIRED = ("clip_ratio", "train_step_ratio", "eval_ratio", "peak_memory_bytes", "trainable_params",
+            "checkpoint_bytes")
 
 
 def test_bench_tiny_writes_json_with_the_required_figures(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    bench.main(
-        [
-            "--shape",
-            "tiny",
-            "--batch",
-            "2",
-            "--train-batch",
-            "4",
-            "--eval-batch",
-            "4",
-            "--repeats",
-            "2",
-            "--warmup",
-            "1",
-            "--device",
-            "cpu",
-            "--no-keep-freed-memory",
-            "--json",
-            str(path),
-        ]
-    )
+    bench.main(["--shape", "tiny", "--batch", "2", "--train-batch", "4", "--eval-batch", "4",
+                "--repeats", "2", "--warmup", "1", "--device", "cpu", "--no-keep-freed-memory",
+                "--json", str(path)])
     printed = capsys.readouterr().out
-    for label in (
-        "CLIP towers",
-        "training step",
-        "evaluation",
-        "peak memory",
-        "trainable parameters",
-    ):
+    for label in ("CLIP towers", "training step", "evaluation", "peak memory", "trainable parameters"):
         assert label in printed
     results = json.loads(path.read_text())
     for key in REQUIRED:
         value = results[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key
-    assert isinstance(results["trainable_params"], int) and isinstance(
-        results["checkpoint_bytes"], int
-    )
+    assert isinstance(results["trainable_params"], int) and isinstance(results["checkpoint_bytes"], int)
     settings = results["settings"]
-    assert (
-        settings["shape"] == "tiny" and settings["train_batch"] == 4 and settings["eval_batch"] == 4
-    )
+    assert settings["shape"] == "tiny" and settings["train_batch"] == 4 and settings["eval_batch"] == 4
     assert settings["which"] == ["clip", "train", "eval", "memory"]
     for key in ("device", "torch", "threads", "date"):
         assert results[key], key
-    assert (
-        results["malloc_keeps_freed_memory"] is False
-    )  # the test process's allocator is left alone
-    assert len(results["times"]["train"]["full"]) == 2 and all(
-        t > 0 for t in results["times"]["eval"]["mpafer"]
-    )
+    assert results["malloc_keeps_freed_memory"] is False  # the test process's allocator is left alone
+    assert len(results["times"]["train"]["full"]) == 2 and all(t > 0 for t in results["times"]["eval"]["mpafer"])
 
 
 def test_bench_with_grad_checkpointing_in_process():
-    results = bench.main(
-        [
-            "train",
-            "memory",
-            "--shape",
-            "tiny",
-            "--train-batch",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-            "--no-keep-freed-memory",
-            "--grad-checkpointing",
-            "--in-process",
-        ]
-    )
+    results = bench.main(["train", "memory", "--shape", "tiny", "--train-batch", "2", "--repeats", "1",
+                          "--warmup", "0", "--device", "cpu", "--no-keep-freed-memory", "--grad-checkpointing",
+                          "--in-process"])
     assert results["settings"]["grad_checkpointing"] is True
     assert results["train_step_ratio"] > 0 and results["peak_memory_bytes"] > 0
     assert "clip_ratio" not in results
 
 
-EPOCH_KEYS = (
-    "epoch_ratio",
-    "loader_images_per_second_per_worker",
-    "step_images_per_second",
-    "outside_step_share",
-    "epoch_images_per_second",
-    "loader_images_per_second",
-    "eval_images_per_second",
-    "eval_forward_images_per_second",
-    "prototype_images_per_second",
-)
-TINY_EPOCH = [
-    "epoch",
-    "--shape",
-    "tiny",
-    "--train-batch",
-    "4",
-    "--eval-batch",
-    "4",
-    "--epoch-steps",
-    "2",
-    "--loader-batches",
-    "4",
-    "--eval-images",
-    "6",
-    "--repeats",
-    "2",
-    "--warmup",
-    "1",
-    "--workers",
-    "1",
-    "--path-seconds",
-    "0.05",
-    "--device",
-    "cpu",
-    "--no-keep-freed-memory",
-]
+EPOCH_KEYS = ("epoch_ratio", "loader_images_per_second_per_worker", "step_images_per_second", "outside_step_share",
+              "epoch_images_per_second", "loader_images_per_second", "eval_images_per_second",
+              "eval_forward_images_per_second", "prototype_images_per_second")
+TINY_EPOCH = ["epoch", "--shape", "tiny", "--train-batch", "4", "--eval-batch", "4", "--epoch-steps", "2",
+              "--loader-batches", "4", "--eval-images", "6", "--repeats", "2", "--warmup", "1", "--workers", "1",
+              "--path-seconds", "0.05", "--device", "cpu", "--no-keep-freed-memory"]
 
 
 def test_epoch_benchmark_tiny_reports_rates_ratios_and_a_full_run(tmp_path, capsys):
     path = tmp_path / "epoch.json"
     bench.main([*TINY_EPOCH, "--json", str(path)])
     printed = capsys.readouterr().out
-    for label in (
-        "step only",
-        "epoch from files",
-        "DataLoader alone",
-        "evaluation from files",
-        "outside_step_share",
-        "jpeg100_train_crop_uint8",
-    ):
+    for label in ("step only", "epoch from files", "DataLoader alone", "evaluation from files", "outside_step_share",
+                  "jpeg100_train_crop_uint8"):
         assert label in printed
     results = json.loads(path.read_text())
     for key in EPOCH_KEYS:
-        assert (
-            isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0
-        ), key
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert 0 < results["outside_step_share"] < 1 and 0 < results["epoch_ratio"] < 10
     # With one worker, the per-worker rate is the loader's rate.
     assert results["loader_images_per_second_per_worker"] == results["loader_images_per_second"]
     run = results["full_run_model"]  # RAF-DB's recipe unless a dataset is given
-    assert (run["epochs"], run["train_images"], run["eval_images"], run["evaluations"]) == (
-        120,
-        12271,
-        3068,
-        120,
-    )
+    assert (run["epochs"], run["train_images"], run["eval_images"], run["evaluations"]) == (120, 12271, 3068, 120)
     assert run["steps_per_epoch"] == 12271 // 4
     parts = run["loader"] + run["evaluation"] + run["prototypes"]
     assert run["total"] == pytest.approx(parts + run["steps"])
     assert results["outside_step_share"] == pytest.approx(parts / run["total"])
     assert run["steps"] == pytest.approx(120 * (12271 // 4) * 4 / results["step_images_per_second"])
     paths = results["cpu_path_images_per_second_per_core"]
-    assert set(paths) >= {
-        "jpeg100_train_crop_uint8",
-        "png48_grey_train_crop_uint8",
-        "jpeg100_decode",
-    }
+    assert set(paths) >= {"jpeg100_train_crop_uint8", "png48_grey_train_crop_uint8", "jpeg100_decode"}
     assert all(rate > 0 for rate in paths.values())
     settings = results["epoch_settings"]
     assert (settings["epoch_steps"], settings["eval_images"], settings["workers"]) == (2, 6, 1)
-    assert (
-        len(results["times"]["epoch"]["epoch"]) == 2
-        and len(results["times"]["epoch"]["loader"][0]) == 4
-    )
+    assert len(results["times"]["epoch"]["epoch"]) == 2 and len(results["times"]["epoch"]["loader"][0]) == 4
 
 
 def test_epoch_benchmark_reads_a_dataset_root(tmp_path):
     root = write_synthetic_rafdb(tmp_path / "raf", 3, 1)  # 21 train, 7 test faces, 100 px
-    results = bench.main(
-        [*TINY_EPOCH, "--data-root", str(root), "--eval-every", "5", "--run-epochs", "10"]
-    )
+    results = bench.main([*TINY_EPOCH, "--data-root", str(root), "--eval-every", "5", "--run-epochs", "10"])
     run = results["full_run_model"]
     assert (run["train_images"], run["eval_images"], run["evaluations"]) == (21, 7, 2)
-    assert (
-        results["epoch_settings"]["data"] == str(root)
-        and results["epoch_settings"]["eval_images"] == 6
-    )
+    assert results["epoch_settings"]["data"] == str(root) and results["epoch_settings"]["eval_images"] == 6
     with pytest.raises(ValueError, match="fewer than"):
         bench.main([*TINY_EPOCH, "--data-root", str(root), "--loader-batches", "9"])
 
@@ -206,7 +95,5 @@ def test_rafdb_like_writer_is_read_with_the_faces_labels(tmp_path):
     root = write_rafdb_like(str(tmp_path), 10, 3)
     train, test = RAFDB(root, "train"), RAFDB(root, "test")
     faces = SyntheticFaces("train", 2, 100)
-    assert [train.classnames[t] for t in train.targets] == [
-        faces.classnames[t] for t in faces.targets[:10]
-    ]
+    assert [train.classnames[t] for t in train.targets] == [faces.classnames[t] for t in faces.targets[:10]]
     assert len(test) == 3 and train.load(0).size == (100, 100)

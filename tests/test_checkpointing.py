@@ -1,5 +1,4 @@
 """Activation checkpointing in the CLIP towers: same outputs, same prompt gradients."""
-
 import pytest
 import torch
 
@@ -39,9 +38,8 @@ def step(model, images, labels):
 def test_checkpointing_gives_identical_outputs_and_prompt_gradients(counted_checkpoint):
     # Deep text prompts (the "replaced" path) and deep visual prompts (the "appended" path).
     torch.manual_seed(0)
-    model = MPAFER(
-        tiny_clip(), CLASSES, load_descriptions(CLASSES), MPAFERConfig(text_prompt_depth=2)
-    ).train()
+    model = MPAFER(tiny_clip(), CLASSES, load_descriptions(CLASSES),
+                   MPAFERConfig(text_prompt_depth=2)).train()
     model.set_prototypes(torch.randn(len(CLASSES), model.clip.embed_dim))
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
 
@@ -68,14 +66,9 @@ def test_checkpointing_gives_identical_outputs_and_prompt_gradients(counted_chec
 
 def test_checkpointing_is_skipped_without_autograd(counted_checkpoint):
     clip_model = tiny_clip().set_grad_checkpointing(True)
-    assert (
-        clip_model.visual.transformer.grad_checkpointing
-        and clip_model.transformer.grad_checkpointing
-    )
+    assert clip_model.visual.transformer.grad_checkpointing and clip_model.transformer.grad_checkpointing
     images = torch.randn(2, 3, 32, 32)
-    prompts = [
-        torch.randn(3, clip_model.visual.transformer.width)
-    ] * clip_model.visual.transformer.layers
+    prompts = [torch.randn(3, clip_model.visual.transformer.width)] * clip_model.visual.transformer.layers
     with torch.no_grad():
         with_flag = clip_model.encode_image(images, prompts=prompts, return_tokens=True)
         clip_model.set_grad_checkpointing(False)

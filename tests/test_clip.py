@@ -1,5 +1,4 @@
 """Vendored CLIP: checkpoint format, loading paths, prompt hooks, tokenizer."""
-
 import hashlib
 import io
 import os
@@ -16,18 +15,9 @@ from mpafer.clip.model import CLIP, LayerNorm, build_model, model_config
 from tests import reference_clip
 from tests.helpers import MULTIHEAD, TINY, tiny_state_dict
 
-VIT_B16 = dict(
-    embed_dim=512,
-    image_resolution=224,
-    vision_layers=12,
-    vision_width=768,
-    vision_patch_size=16,
-    context_length=77,
-    vocab_size=49408,
-    transformer_width=512,
-    transformer_heads=8,
-    transformer_layers=12,
-)
+VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+               vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+               transformer_heads=8, transformer_layers=12)
 
 
 def openai_vit_b16_keys():
@@ -35,40 +25,24 @@ def openai_vit_b16_keys():
     W, Wt, D, L, Lt, ctx, vocab = 768, 512, 512, 12, 12, 77, 49408
     grid = 224 // 16
     keys = {
-        "positional_embedding": (ctx, Wt),
-        "text_projection": (Wt, D),
-        "logit_scale": (),
-        "visual.class_embedding": (W,),
-        "visual.positional_embedding": (grid * grid + 1, W),
-        "visual.proj": (W, D),
-        "visual.conv1.weight": (W, 3, 16, 16),
-        "visual.ln_pre.weight": (W,),
-        "visual.ln_pre.bias": (W,),
-        "visual.ln_post.weight": (W,),
-        "visual.ln_post.bias": (W,),
-        "token_embedding.weight": (vocab, Wt),
-        "ln_final.weight": (Wt,),
-        "ln_final.bias": (Wt,),
+        "positional_embedding": (ctx, Wt), "text_projection": (Wt, D), "logit_scale": (),
+        "visual.class_embedding": (W,), "visual.positional_embedding": (grid * grid + 1, W),
+        "visual.proj": (W, D), "visual.conv1.weight": (W, 3, 16, 16),
+        "visual.ln_pre.weight": (W,), "visual.ln_pre.bias": (W,),
+        "visual.ln_post.weight": (W,), "visual.ln_post.bias": (W,),
+        "token_embedding.weight": (vocab, Wt), "ln_final.weight": (Wt,), "ln_final.bias": (Wt,),
     }
     for prefix, width, layers in (("visual.transformer", W, L), ("transformer", Wt, Lt)):
         for i in range(layers):
             b = f"{prefix}.resblocks.{i}."
-            keys.update(
-                {
-                    b + "attn.in_proj_weight": (3 * width, width),
-                    b + "attn.in_proj_bias": (3 * width,),
-                    b + "attn.out_proj.weight": (width, width),
-                    b + "attn.out_proj.bias": (width,),
-                    b + "ln_1.weight": (width,),
-                    b + "ln_1.bias": (width,),
-                    b + "mlp.c_fc.weight": (4 * width, width),
-                    b + "mlp.c_fc.bias": (4 * width,),
-                    b + "mlp.c_proj.weight": (width, 4 * width),
-                    b + "mlp.c_proj.bias": (width,),
-                    b + "ln_2.weight": (width,),
-                    b + "ln_2.bias": (width,),
-                }
-            )
+            keys.update({
+                b + "attn.in_proj_weight": (3 * width, width), b + "attn.in_proj_bias": (3 * width,),
+                b + "attn.out_proj.weight": (width, width), b + "attn.out_proj.bias": (width,),
+                b + "ln_1.weight": (width,), b + "ln_1.bias": (width,),
+                b + "mlp.c_fc.weight": (4 * width, width), b + "mlp.c_fc.bias": (4 * width,),
+                b + "mlp.c_proj.weight": (width, 4 * width), b + "mlp.c_proj.bias": (width,),
+                b + "ln_2.weight": (width,), b + "ln_2.bias": (width,),
+            })
     return keys
 
 
@@ -143,10 +117,8 @@ def test_no_prompts_is_the_plain_path_bit_for_bit(model):
     t = clip.tokenize(TEXTS)
     emb = model.token_embedding(t)
     assert torch.equal(model.encode_text_embeddings(emb, t.argmax(-1)), model.encode_text(t))
-    assert torch.equal(
-        model.encode_text_embeddings(emb, t.argmax(-1), deep_prompts=[None, None]),
-        model.encode_text(t),
-    )
+    assert torch.equal(model.encode_text_embeddings(emb, t.argmax(-1), deep_prompts=[None, None]),
+                       model.encode_text(t))
 
 
 def test_patch_tokens_are_ln_post_and_proj_of_each_patch(model):
@@ -159,9 +131,7 @@ def test_patch_tokens_are_ln_post_and_proj_of_each_patch(model):
         model.visual.transformer._forward_hooks.clear()
     hidden = captured["out"]  # [B, 1 + N, W]
     v = model.visual
-    by_hand = (
-        F.layer_norm(hidden[:, 1:], (hidden.shape[-1],), v.ln_post.weight, v.ln_post.bias) @ v.proj
-    )
+    by_hand = F.layer_norm(hidden[:, 1:], (hidden.shape[-1],), v.ln_post.weight, v.ln_post.bias) @ v.proj
     torch.testing.assert_close(tokens, by_hand)
 
 
@@ -175,10 +145,8 @@ def test_visual_prompts_act_per_layer_and_are_dropped(model):
     # Prompts are shared across the batch: each image's output does not depend on the others.
     torch.testing.assert_close(model.encode_image(x[:1], prompts=[p, p]), both[:1])
     # Per-sample prompts [B, P, W] equal shared ones when they are the same.
-    torch.testing.assert_close(
-        model.encode_image(x, prompts=[p.expand(4, -1, -1), None]),
-        model.encode_image(x, prompts=[p, None]),
-    )
+    torch.testing.assert_close(model.encode_image(x, prompts=[p.expand(4, -1, -1), None]),
+                               model.encode_image(x, prompts=[p, None]))
     # Appended after the sequence and dropped after the layer: patch tokens keep their count.
     assert model.encode_image(x, prompts=[p, p], return_tokens=True)[1].shape[1] == 16
 
@@ -194,10 +162,8 @@ def test_deep_text_prompts_replace_context_tokens(model):
     # (Deep prompts are hidden states: they replace tokens after the positional embedding.)
     edited = emb.clone()
     edited[:, 1:5] = p - model.positional_embedding[1:5]
-    torch.testing.assert_close(
-        model.encode_text_embeddings(emb, eot, deep_prompts=[p]),
-        model.encode_text_embeddings(edited, eot),
-    )
+    torch.testing.assert_close(model.encode_text_embeddings(emb, eot, deep_prompts=[p]),
+                               model.encode_text_embeddings(edited, eot))
 
 
 def test_autocast_bf16_runs_with_fp32_weights(model):
@@ -214,21 +180,15 @@ def test_autocast_bf16_runs_with_fp32_weights(model):
 
 # --- loading ---------------------------------------------------------------------------------
 
-
 def test_plain_wrapped_and_prefixed_state_dicts_load_alike(tmp_path, sd, model):
     x = images()
-    variants = {
-        "plain.pt": sd,
-        "wrapped.pt": {"state_dict": sd},
-        "ddp.pt": {"module." + k: v for k, v in sd.items()},
-    }
+    variants = {"plain.pt": sd, "wrapped.pt": {"state_dict": sd},
+                "ddp.pt": {"module." + k: v for k, v in sd.items()}}
     for name, obj in variants.items():
         torch.save(obj, tmp_path / name)
         loaded, preprocess = clip.load(str(tmp_path / name))
         assert torch.equal(loaded.encode_image(x), model.encode_image(x)), name
-        assert (
-            loaded.checkpoint_sha256 == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
-        )
+        assert loaded.checkpoint_sha256 == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
         assert preprocess.transforms[1].size == (32, 32)
 
 
@@ -241,8 +201,7 @@ def write_torchscript_archive(sd, path):
     ref.register_buffer("vocab_size", torch.tensor(49408))
     with pytest.warns(FutureWarning):
         traced = torch.jit.trace_module(
-            ref, {"encode_image": images(1), "encode_text": clip.tokenize(TEXTS[:1])}
-        )
+            ref, {"encode_image": images(1), "encode_text": clip.tokenize(TEXTS[:1])})
     traced.to(torch.float16).save(str(path))
     return half
 
@@ -278,10 +237,7 @@ def test_archives_and_pickles_that_need_code_are_refused(tmp_path):
 
 
 def test_resnet_checkpoint_is_a_clear_error():
-    sd = {
-        "visual.layer1.0.conv1.weight": torch.zeros(1),
-        "visual.attnpool.c_proj.weight": torch.zeros(1),
-    }
+    sd = {"visual.layer1.0.conv1.weight": torch.zeros(1), "visual.attnpool.c_proj.weight": torch.zeros(1)}
     with pytest.raises(NotImplementedError, match="ResNet"):
         build_model(sd)
 
@@ -330,65 +286,12 @@ REFERENCE_IDS = {
     "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
     "a diagram": [49406, 320, 22697, 49407],
     "A Photo Of A  Dog.": [49406, 320, 1125, 539, 320, 1929, 269, 49407],
-    "it's &amp;lt;b&amp;gt; 12345 don't": [
-        49406,
-        585,
-        568,
-        283,
-        321,
-        285,
-        272,
-        273,
-        274,
-        275,
-        276,
-        847,
-        713,
-        49407,
-    ],
-    "café naïve résumé ☺ 😀 中文字符": [
-        49406,
-        15304,
-        1097,
-        35689,
-        563,
-        29106,
-        7054,
-        4166,
-        8703,
-        7334,
-        19759,
-        255,
-        29032,
-        229,
-        35751,
-        245,
-        163,
-        105,
-        355,
-        49407,
-    ],
+    "it's &amp;lt;b&amp;gt; 12345 don't": [49406, 585, 568, 283, 321, 285, 272, 273, 274, 275, 276, 847, 713, 49407],
+    "café naïve résumé ☺ 😀 中文字符": [49406, 15304, 1097, 35689, 563, 29106, 7054, 4166, 8703, 7334,
+                                      19759, 255, 29032, 229, 35751, 245, 163, 105, 355, 49407],
     "\tweird\n whitespace ": [49406, 5613, 4699, 2138, 49407],
-    "e-mail@example.com #hashtag $100.00": [
-        49406,
-        324,
-        268,
-        2614,
-        287,
-        6228,
-        269,
-        2464,
-        258,
-        9238,
-        259,
-        272,
-        271,
-        271,
-        269,
-        271,
-        271,
-        49407,
-    ],
+    "e-mail@example.com #hashtag $100.00": [49406, 324, 268, 2614, 287, 6228, 269, 2464, 258, 9238, 259,
+                                            272, 271, 271, 269, 271, 271, 49407],
 }
 
 
@@ -396,7 +299,7 @@ def test_tokenize_matches_openai_ids():
     tokens = clip.tokenize(list(REFERENCE_IDS))
     assert tokens.dtype == torch.long and tokens.shape == (len(REFERENCE_IDS), 77)
     for row, ids in zip(tokens, REFERENCE_IDS.values()):
-        assert row[: len(ids)].tolist() == ids and not row[len(ids) :].any()
+        assert row[: len(ids)].tolist() == ids and not row[len(ids):].any()
     tok = clip.get_tokenizer()
     assert (tok.sot_token, tok.eot_token, len(tok.encoder)) == (49406, 49407, 49408)
 
@@ -417,6 +320,5 @@ def test_too_long_text_errors_unless_truncated():
 
 def test_vocab_file_is_the_official_one():
     from mpafer.clip.tokenizer import VOCAB_PATH
-
     digest = hashlib.sha256(open(VOCAB_PATH, "rb").read()).hexdigest()
     assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"

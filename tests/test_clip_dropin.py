@@ -1,6 +1,5 @@
 """`mpafer.clip` as a drop-in for OpenAI's `clip` package: client code written for OpenAI's
 package (its README, its zero-shot notebook, CoOp/VPT/MaPLe-style encoders) runs unchanged."""
-
 import hashlib
 import inspect
 import os
@@ -36,19 +35,12 @@ def loaded(checkpoint):
 def pil_images(n, seed=0, size=(48, 40), mode="RGB"):
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4}[mode]
-    return [
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8), mode)
-        for _ in range(n)
-    ]
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8), mode)
+            for _ in range(n)]
 
 
 def test_signatures_and_attributes_match_openai(loaded):
-    assert list(inspect.signature(clip.load).parameters) == [
-        "name",
-        "device",
-        "jit",
-        "download_root",
-    ]
+    assert list(inspect.signature(clip.load).parameters) == ["name", "device", "jit", "download_root"]
     params = inspect.signature(clip.tokenize).parameters
     assert list(params) == ["texts", "context_length", "truncate"]
     assert (params["context_length"].default, params["truncate"].default) == (77, False)
@@ -68,9 +60,7 @@ def test_preprocess_is_bicubic_resize_centre_crop_rgb_and_clip_normalisation(loa
     image = pil_images(1, mode="RGBA", size=(48, 64))[0]  # alpha makes the step order matter
     # OpenAI's order: resize the short side to 32 (48x64 -> 32x42), centre crop, RGB, scale, normalise.
     by_hand = image.resize((32, 42), Image.BICUBIC).crop((0, 5, 32, 37)).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(by_hand, dtype=np.float32) / 255).permute(
-        2, 0, 1
-    )  # [3, H, W]
+    pixels = torch.from_numpy(np.asarray(by_hand, dtype=np.float32) / 255).permute(2, 0, 1)  # [3, H, W]
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
     torch.testing.assert_close(preprocess(image), (pixels - mean) / std)
@@ -124,11 +114,8 @@ def test_zero_shot_classifier_with_template_ensemble(loaded, checkpoint):
     with torch.no_grad():
         text = torch.nn.functional.normalize(ref.encode_text(prompts), dim=-1)
         text = text.view(len(CLASSNAMES), len(TEMPLATES), -1).mean(dim=1)  # [C, D]
-        direct = (
-            100.0
-            * torch.nn.functional.normalize(ref.encode_image(images), dim=-1)
-            @ torch.nn.functional.normalize(text, dim=-1).T
-        )  # [8, C]
+        direct = 100.0 * torch.nn.functional.normalize(ref.encode_image(images), dim=-1) \
+            @ torch.nn.functional.normalize(text, dim=-1).T  # [8, C]
     torch.testing.assert_close(logits, direct, rtol=1e-4, atol=1e-3)
     assert torch.equal(logits.argmax(dim=-1), direct.argmax(dim=-1))
     assert logits.argmax(dim=-1).unique().numel() > 1  # the images are not all one class
@@ -168,9 +155,7 @@ def test_coop_style_text_encoder_reproduces_encode_text(loaded):
 
     # The layout matters: the same [L, N, W] input read as batch-first mixes the texts.
     lnd = (embeddings + model.positional_embedding).permute(1, 0, 2)  # [77, 3, W]
-    assert not torch.allclose(
-        model.transformer(lnd, batch_first=True), model.transformer(lnd), atol=1e-3
-    )
+    assert not torch.allclose(model.transformer(lnd, batch_first=True), model.transformer(lnd), atol=1e-3)
 
 
 def visual_forward(visual, x):
@@ -178,9 +163,7 @@ def visual_forward(visual, x):
     x = visual.conv1(x)  # [N, width, grid, grid]
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, grid ** 2, width]
     zeros = torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
-    x = torch.cat(
-        [visual.class_embedding.to(x.dtype) + zeros, x], dim=1
-    )  # [N, grid ** 2 + 1, width]
+    x = torch.cat([visual.class_embedding.to(x.dtype) + zeros, x], dim=1)  # [N, grid ** 2 + 1, width]
     x = x + visual.positional_embedding.to(x.dtype)
     x = visual.ln_pre(x)
     x = x.permute(1, 0, 2)  # NLD -> LND
@@ -193,18 +176,13 @@ def visual_forward(visual, x):
 def test_vpt_style_visual_forward_reproduces_encode_image(loaded):
     model, preprocess = loaded
     images = torch.stack([preprocess(im) for im in pil_images(4, seed=2)])
-    assert torch.equal(
-        visual_forward(model.visual, images.type(model.dtype)), model.encode_image(images)
-    )
+    assert torch.equal(visual_forward(model.visual, images.type(model.dtype)), model.encode_image(images))
 
 
 def test_transformer_and_blocks_take_openai_layout_like_the_reference(loaded, checkpoint):
     model, _ = loaded
     ref = reference_clip.build_model(torch.load(checkpoint, weights_only=True))
-    for ours, theirs in (
-        (model.transformer, ref.transformer),
-        (model.visual.transformer, ref.visual.transformer),
-    ):
+    for ours, theirs in ((model.transformer, ref.transformer), (model.visual.transformer, ref.visual.transformer)):
         x = torch.randn(77 if ours is model.transformer else 17, 3, ours.width)  # [L, N, W]
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
         # Block by block, as code that reads intermediate layers does.
@@ -244,9 +222,6 @@ def test_download_root_none_is_the_weights_dir(tmp_path, checkpoint, monkeypatch
     # Unset (or empty): the repository's weights/ folder, wherever the current directory is.
     monkeypatch.chdir(tmp_path)
     repository = Path(__file__).resolve().parent.parent  # tests/ sits beside mpafer/
-    for unset in (
-        lambda: monkeypatch.delenv("MPAFER_WEIGHTS"),
-        lambda: monkeypatch.setenv("MPAFER_WEIGHTS", ""),
-    ):
+    for unset in (lambda: monkeypatch.delenv("MPAFER_WEIGHTS"), lambda: monkeypatch.setenv("MPAFER_WEIGHTS", "")):
         unset()
         assert os.path.samefile(clip.default_weights_dir(), repository / "weights")

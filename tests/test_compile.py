@@ -2,7 +2,6 @@
 
 Opt-in: compiling even the tiny CLIP takes about 45 s on 2 CPU cores, too long for the default
 suite. Run with MPAFER_COMPILE_TESTS=1."""
-
 import os
 
 import pytest
@@ -14,10 +13,8 @@ from mpafer.labels import BASIC_CLASSES
 from mpafer.prompts import load_descriptions
 from tests.helpers import tiny_clip
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("MPAFER_COMPILE_TESTS") != "1",
-    reason="slow on CPU (~45 s); set MPAFER_COMPILE_TESTS=1",
-)
+pytestmark = pytest.mark.skipif(os.environ.get("MPAFER_COMPILE_TESTS") != "1",
+                                reason="slow on CPU (~45 s); set MPAFER_COMPILE_TESTS=1")
 
 
 def train_two_steps(compile):
@@ -27,21 +24,11 @@ def train_two_steps(compile):
     model.set_prototypes(torch.nn.functional.normalize(torch.randn(7, 32), dim=-1))
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.032, momentum=0.9)
     augment = TrainBatchAugment(torch.device("cpu"), seed=0)
-    pixels = torch.randint(
-        0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     labels = torch.arange(8) % 7
-    losses = [
-        train_step(
-            model,
-            augment(pixels, 0, step),
-            labels,
-            optimizer,
-            grad_scaler(pixels.device, None),
-            grad_clip=1.0,
-        )[0]
-        for step in (1, 2)
-    ]
+    losses = [train_step(model, augment(pixels, 0, step), labels, optimizer, grad_scaler(
+        pixels.device, None), grad_clip=1.0)[0] for step in (1, 2)]
     model.eval()
     with torch.no_grad():
         logits = model(augment(pixels, 0, 3)).logits

@@ -1,6 +1,5 @@
 """mpafer.data: dataset readers on tiny fixtures in each official layout, transforms, sampler,
 synthetic faces."""
-
 import os
 import pickle
 import warnings
@@ -57,16 +56,9 @@ def mean_colour(image):
 
 # ----------------------------------------------------------------------------- RAF-DB
 
-RAF_ENTRIES = [
-    ("train_00001.jpg", 1),
-    ("train_00002.jpg", 4),
-    ("train_00003.jpg", 4),
-    ("train_00004.jpg", 7),
-    ("train_00005.jpg", 2),
-    ("test_0001.jpg", 5),
-    ("test_0002.jpg", 6),
-    ("test_0003.jpg", 3),
-]
+RAF_ENTRIES = [("train_00001.jpg", 1), ("train_00002.jpg", 4), ("train_00003.jpg", 4),
+               ("train_00004.jpg", 7), ("train_00005.jpg", 2), ("test_0001.jpg", 5),
+               ("test_0002.jpg", 6), ("test_0003.jpg", 3)]
 
 
 @pytest.fixture
@@ -79,25 +71,14 @@ def test_rafdb_paths_labels_splits(rafdb_root):
         warnings.simplefilter("error")  # small fixtures must not warn about official sizes
         train = RAFDB(rafdb_root, "train")
         test = RAFDB(rafdb_root, "test")
-    assert train.classnames == (
-        "surprise",
-        "fear",
-        "disgust",
-        "happiness",
-        "sadness",
-        "anger",
-        "neutral",
-    )
+    assert train.classnames == ("surprise", "fear", "disgust", "happiness", "sadness", "anger",
+                                "neutral")
     assert train.targets == [0, 3, 3, 6, 1] and test.targets == [4, 5, 2]
     assert train.class_counts() == [1, 1, 0, 2, 0, 0, 1]
-    assert train.paths[3] == os.path.join(rafdb_root, "Image", "aligned", "train_00004_aligned.jpg")
+    assert train.paths[3] == os.path.join(rafdb_root, "Image", "aligned",
+                                          "train_00004_aligned.jpg")
     assert [train.classnames[t] for t in train.targets] == [
-        "surprise",
-        "happiness",
-        "happiness",
-        "neutral",
-        "fear",
-    ]
+        "surprise", "happiness", "happiness", "neutral", "fear"]
     for i, (image, label) in enumerate(train):  # each item is its own file's picture
         assert image.mode == "RGB"
         assert np.abs(mean_colour(image) - rafdb_colour(i, label + 1)).max() < 3
@@ -179,7 +160,6 @@ def test_rafdb_errors(tmp_path, rafdb_root):
 
 # ----------------------------------------------------------------------------- bad images
 
-
 def test_corrupt_and_truncated_images_raise_or_are_skipped(rafdb_root):
     aligned = os.path.join(rafdb_root, "Image", "aligned")
     corrupt = write_corrupt_jpeg(os.path.join(aligned, "train_00002_aligned.jpg"))
@@ -215,10 +195,8 @@ AFFECTNET_TRAIN = [  # (path, (x, y, w, h), code, colour inside the box)
     ("103/e.jpg", (5, 5, 20, 20), 10, (250, 0, 250)),
     ("103/f.jpg", (30, 30, 40, 40), 6, (0, 250, 250)),
 ]
-AFFECTNET_VAL = [
-    ("201/g.jpg", (10, 10, 40, 40), 3, (250, 120, 0)),
-    ("201/h.jpg", (10, 10, 40, 40), 7, (120, 0, 250)),
-]
+AFFECTNET_VAL = [("201/g.jpg", (10, 10, 40, 40), 3, (250, 120, 0)),
+                 ("201/h.jpg", (10, 10, 40, 40), 7, (120, 0, 250))]
 
 
 @pytest.fixture
@@ -233,21 +211,13 @@ def affectnet_csv_root(tmp_path):
 def test_affectnet_csv_classes_and_face_box_crop(affectnet_csv_root):
     seven = AffectNet(affectnet_csv_root, "train", num_classes=7)
     eight = AffectNet(affectnet_csv_root, "train", num_classes=8)
-    assert seven.classnames == (
-        "neutral",
-        "happiness",
-        "sadness",
-        "surprise",
-        "fear",
-        "disgust",
-        "anger",
-    )
+    assert seven.classnames == ("neutral", "happiness", "sadness", "surprise", "fear", "disgust",
+                                "anger")
     assert eight.classnames == AFFECTNET_CLASSES and eight.classnames[7] == "contempt"
     assert seven.targets == [0, 1, 6]  # contempt (7) and codes 8, 10 dropped
     assert eight.targets == [0, 1, 7, 6]  # codes >= 8 dropped
-    assert eight.paths[2] == os.path.join(
-        affectnet_csv_root, "Manually_Annotated_Images", "102", "c.jpg"
-    )
+    assert eight.paths[2] == os.path.join(affectnet_csv_root, "Manually_Annotated_Images",
+                                          "102", "c.jpg")
     assert eight.class_counts() == [1, 1, 0, 0, 0, 0, 1, 1]
 
     rows = [r for r in AFFECTNET_TRAIN if r[2] < 8]
@@ -273,12 +243,8 @@ def test_affectnet_splits_and_val_alias(affectnet_csv_root):
 
 def test_affectnet_box_outside_image_is_clamped(tmp_path):
     root = str(tmp_path)
-    write_affectnet_csv(
-        root,
-        "training.csv",
-        [("1/a.jpg", (100, 80, 40, 40), 2, (0, 0, 250))],
-        image_size=(120, 100),
-    )
+    write_affectnet_csv(root, "training.csv", [("1/a.jpg", (100, 80, 40, 40), 2, (0, 0, 250))],
+                        image_size=(120, 100))
     image, label = AffectNet(root, "train")[0]
     assert label == 2 and image.size == (20, 20)  # the part of the box inside the picture
 
@@ -315,9 +281,8 @@ def test_affectnet_csv_errors(affectnet_csv_root, tmp_path):
 
 def test_affectnet_per_image_release(tmp_path):
     root = str(tmp_path)
-    write_affectnet_per_image(
-        root, "train_set", [("10", 3, True), ("11", 7, False), ("12", 9, True), ("13", 0, False)]
-    )
+    write_affectnet_per_image(root, "train_set", [("10", 3, True), ("11", 7, False),
+                                                  ("12", 9, True), ("13", 0, False)])
     write_affectnet_per_image(root, "val_set", [("20", 6, True), ("21", 7, True)])
     train7 = AffectNet(root, "train", num_classes=7)
     train8 = AffectNet(root, "train", num_classes=8)
@@ -325,9 +290,7 @@ def test_affectnet_per_image_release(tmp_path):
     assert train8.paths[1] == os.path.join(root, "train_set", "images", "11.jpg")
     assert AffectNet(root, "test", num_classes=8).targets == [6, 7]
     image, label = train8[1]
-    assert (
-        label == 7 and image.mode == "RGB" and np.allclose(mean_colour(image), (70, 50, 50), atol=3)
-    )
+    assert label == 7 and image.mode == "RGB" and np.allclose(mean_colour(image), (70, 50, 50), atol=3)
 
     os.remove(os.path.join(root, "val_set", "annotations", "21_exp.npy"))
     with pytest.raises(FileNotFoundError, match="21_exp.npy"):
@@ -340,24 +303,20 @@ def test_affectnet_per_image_release(tmp_path):
 
 # ----------------------------------------------------------------------------- FERPlus
 
-
-@pytest.mark.parametrize(
-    "row, expected",
-    [
-        (votes(neutral=10), 0),
-        (votes(surprise=6, fear=4), 2),  # 6 > 5
-        (votes(neutral=5, happiness=5), None),  # a tie is no majority
-        (votes(neutral=4, happiness=2, surprise=4), None),  # 4 is not more than half of 10
-        # The four 1-vote outliers are zeroed first: 5 of the remaining 5 wins.
-        (votes(neutral=5, happiness=1, surprise=1, sadness=1, unknown=1, NF=1), 0),
-        (votes(neutral=4, sadness=1, anger=3, disgust=2), None),  # 4 of 9 after zeroing
-        (votes(contempt=6, unknown=2, NF=2), 7),
-        (votes(NF=10), None),  # not a face
-        (votes(happiness=1, unknown=8, NF=1), None),  # unknown wins
-        ([1] * 10, None),  # every vote is an outlier
-        (NO_VOTES, None),
-    ],
-)
+@pytest.mark.parametrize("row, expected", [
+    (votes(neutral=10), 0),
+    (votes(surprise=6, fear=4), 2),                       # 6 > 5
+    (votes(neutral=5, happiness=5), None),                # a tie is no majority
+    (votes(neutral=4, happiness=2, surprise=4), None),    # 4 is not more than half of 10
+    # The four 1-vote outliers are zeroed first: 5 of the remaining 5 wins.
+    (votes(neutral=5, happiness=1, surprise=1, sadness=1, unknown=1, NF=1), 0),
+    (votes(neutral=4, sadness=1, anger=3, disgust=2), None),  # 4 of 9 after zeroing
+    (votes(contempt=6, unknown=2, NF=2), 7),
+    (votes(NF=10), None),                                 # not a face
+    (votes(happiness=1, unknown=8, NF=1), None),          # unknown wins
+    ([1] * 10, None),                                     # every vote is an outlier
+    (NO_VOTES, None),
+])
 def test_ferplus_vote(row, expected):
     assert ferplus_vote(row) == expected
 
@@ -368,16 +327,16 @@ def test_ferplus_vote_rejects_wrong_length():
 
 
 FERPLUS_ROWS = [  # (Usage, Image name, votes) -> expected label in canonical order
-    ("Training", "fer0000000.png", votes(happiness=10)),  # 1
-    ("Training", "fer0000001.png", votes(neutral=5, happiness=5)),  # tie: dropped
-    ("Training", "", votes(anger=10)),  # no image name: dropped
-    ("Training", "fer0000003.png", votes(fear=7, neutral=1, NF=2)),  # 6
-    ("Training", "fer0000004.png", votes(NF=9, neutral=1)),  # not a face: dropped
-    ("Training", "fer0000005.png", votes(unknown=6, sadness=4)),  # unknown: dropped
-    ("Training", "fer0000006.png", votes(contempt=6, disgust=4)),  # 7
-    ("PublicTest", "fer0000007.png", votes(sadness=9, anger=1)),  # 3
+    ("Training", "fer0000000.png", votes(happiness=10)),                # 1
+    ("Training", "fer0000001.png", votes(neutral=5, happiness=5)),      # tie: dropped
+    ("Training", "", votes(anger=10)),                                  # no image name: dropped
+    ("Training", "fer0000003.png", votes(fear=7, neutral=1, NF=2)),     # 6
+    ("Training", "fer0000004.png", votes(NF=9, neutral=1)),             # not a face: dropped
+    ("Training", "fer0000005.png", votes(unknown=6, sadness=4)),        # unknown: dropped
+    ("Training", "fer0000006.png", votes(contempt=6, disgust=4)),       # 7
+    ("PublicTest", "fer0000007.png", votes(sadness=9, anger=1)),        # 3
     ("PrivateTest", "fer0000008.png", votes(anger=6, disgust=3, fear=1)),  # 4
-    ("PrivateTest", "fer0000009.png", votes(surprise=10)),  # 2
+    ("PrivateTest", "fer0000009.png", votes(surprise=10)),              # 2
 ]
 
 
@@ -410,9 +369,7 @@ def test_ferplus_csv_errors(tmp_path):
     root = write_ferplus_csvs(str(tmp_path), FERPLUS_ROWS)
     fer, new = os.path.join(root, "fer2013.csv"), os.path.join(root, "fer2013new.csv")
 
-    _rewrite(
-        fer, lambda lines: lines[:5] + [lines[5].replace("Training", "PublicTest")] + lines[6:]
-    )
+    _rewrite(fer, lambda lines: lines[:5] + [lines[5].replace("Training", "PublicTest")] + lines[6:])
     with pytest.raises(ValueError, match=f"{fer}:6 has Usage"):
         FERPlus(root, "train")
     write_ferplus_csvs(root, FERPLUS_ROWS)
@@ -440,20 +397,14 @@ def test_ferplus_csv_errors(tmp_path):
 
 def test_ferplus_exported_folders(tmp_path):
     root = str(tmp_path)
-    rows = [
-        ("fer0000000.png", votes(happiness=10)),
-        ("fer0000001.png", votes(neutral=5, sadness=5)),
-        ("fer0000002.png", votes(disgust=8, NF=2)),
-        ("fer0000003.png", votes(NF=10)),
-    ]
+    rows = [("fer0000000.png", votes(happiness=10)), ("fer0000001.png", votes(neutral=5, sadness=5)),
+            ("fer0000002.png", votes(disgust=8, NF=2)), ("fer0000003.png", votes(NF=10))]
     write_ferplus_folder(root, "FER2013Train", rows)
     write_ferplus_folder(root, "FER2013Test", rows[:1], with_box=False)
     train = FERPlus(root, "train")
     assert train.targets == [1, 5]
-    assert train.paths == [
-        os.path.join(root, "FER2013Train", "fer0000000.png"),
-        os.path.join(root, "FER2013Train", "fer0000002.png"),
-    ]
+    assert train.paths == [os.path.join(root, "FER2013Train", "fer0000000.png"),
+                           os.path.join(root, "FER2013Train", "fer0000002.png")]
     image, _ = train[1]
     assert image.mode == "RGB" and (np.asarray(image) == 20).all()
     assert FERPlus(root, "test").targets == [1]
@@ -469,17 +420,11 @@ def test_ferplus_exported_folders(tmp_path):
 
 # ----------------------------------------------------------------------------- folders
 
-
 def test_folder_dataset(tmp_path):
     root = str(tmp_path)
-    for split, cls, name in [
-        ("train", "happiness", "a.jpg"),
-        ("train", "happiness", "b.PNG"),
-        ("train", "neutral", "c.jpg"),
-        ("train", "fear", "d.webp"),
-        ("test", "fear", "e.bmp"),
-        ("test", "neutral", "f.jpeg"),
-    ]:
+    for split, cls, name in [("train", "happiness", "a.jpg"), ("train", "happiness", "b.PNG"),
+                             ("train", "neutral", "c.jpg"), ("train", "fear", "d.webp"),
+                             ("test", "fear", "e.bmp"), ("test", "neutral", "f.jpeg")]:
         save_image(os.path.join(root, split, cls, name), (1, 2, 3))
     with open(os.path.join(root, "train", "neutral", "notes.txt"), "w") as f:
         f.write("not an image")
@@ -508,36 +453,18 @@ def test_folder_dataset(tmp_path):
 def test_folder_names_may_be_synonyms_in_any_case(tmp_path):
     # FER2013's folder names (adjectives, capitalised) map onto the canonical classes.
     root = str(tmp_path)
-    layout = [
-        ("train", "Happy"),
-        ("train", "sad"),
-        ("train", "ANGRY"),
-        ("train", "Surprised"),
-        ("train", "fearful"),
-        ("train", "Disgusted"),
-        ("train", "contemptuous"),
-        ("train", "Neutral"),
-        ("test", "happiness"),
-        ("test", "Sad"),
-    ]
+    layout = [("train", "Happy"), ("train", "sad"), ("train", "ANGRY"), ("train", "Surprised"),
+              ("train", "fearful"), ("train", "Disgusted"), ("train", "contemptuous"),
+              ("train", "Neutral"), ("test", "happiness"), ("test", "Sad")]
     for i, (split, folder) in enumerate(layout):
         save_image(os.path.join(root, split, folder, f"{i}.png"), (i, 2, 3))
     train = FolderDataset(root, "train")
     assert train.classnames == CANONICAL_CLASSES  # every class, in canonical order
-    by_class = {
-        train.classnames[t]: os.path.basename(os.path.dirname(p))
-        for t, p in zip(train.targets, train.paths)
-    }
-    assert by_class == {
-        "neutral": "Neutral",
-        "happiness": "Happy",
-        "surprise": "Surprised",
-        "sadness": "sad",
-        "anger": "ANGRY",
-        "disgust": "Disgusted",
-        "fear": "fearful",
-        "contempt": "contemptuous",
-    }
+    by_class = {train.classnames[t]: os.path.basename(os.path.dirname(p))
+                for t, p in zip(train.targets, train.paths)}
+    assert by_class == {"neutral": "Neutral", "happiness": "Happy", "surprise": "Surprised",
+                        "sadness": "sad", "anger": "ANGRY", "disgust": "Disgusted",
+                        "fear": "fearful", "contempt": "contemptuous"}
     with pytest.warns(UserWarning, match="no images for class"):
         test = FolderDataset(root, "test")  # other spellings in another split: same indices
     assert test.classnames == train.classnames
@@ -565,12 +492,9 @@ def test_numbered_folders_ask_for_names_and_other_names_for_classnames(tmp_path)
 
 # ----------------------------------------------------------------------------- factory
 
-
 def test_build_dataset(tmp_path, rafdb_root, affectnet_csv_root):
     assert isinstance(build_dataset("rafdb", rafdb_root, "train"), RAFDB)
-    assert (
-        build_dataset("affectnet7", affectnet_csv_root, "train").classnames == AFFECTNET_CLASSES[:7]
-    )
+    assert build_dataset("affectnet7", affectnet_csv_root, "train").classnames == AFFECTNET_CLASSES[:7]
     assert build_dataset("affectnet8", affectnet_csv_root, "train").classnames == AFFECTNET_CLASSES
     ferplus = write_ferplus_csvs(str(tmp_path), FERPLUS_ROWS)
     assert build_dataset("ferplus", ferplus, "val").targets == [3]
@@ -578,9 +502,7 @@ def test_build_dataset(tmp_path, rafdb_root, affectnet_csv_root):
     assert build_dataset("folder", str(tmp_path / "folder"), "train").classnames == ("anger",)
     synthetic = build_dataset("synthetic", None, "test", num_per_class=2, image_size=32)
     assert len(synthetic) == 14
-    with pytest.raises(
-        ValueError, match="rafdb, affectnet7, affectnet8, ferplus, folder, synthetic"
-    ):
+    with pytest.raises(ValueError, match="rafdb, affectnet7, affectnet8, ferplus, folder, synthetic"):
         build_dataset("raf-db", rafdb_root, "train")
     with pytest.raises(ValueError, match="train, test"):
         build_dataset("rafdb", rafdb_root, "validation")
@@ -595,7 +517,6 @@ def test_format_class_counts(rafdb_root):
 
 
 # ----------------------------------------------------------------------------- transforms
-
 
 @pytest.mark.parametrize("make", [train_transform, eval_transform, expclip_transform])
 def test_transforms_give_rgb_tensors_and_pickle(make):
@@ -614,7 +535,6 @@ def test_expclip_transform_normalisation_is_optional():
 
 
 # ----------------------------------------------------------------------------- sampler
-
 
 def test_class_balanced_sampler_balances_classes():
     targets = [0] * 900 + [1] * 90 + [2] * 10
@@ -637,10 +557,8 @@ def test_class_balanced_sampler_epochs_and_ranks():
 
     # world_size 4: 31 -> 8 per rank (32 in all); the ranks partition one common draw.
     full = list(ClassBalancedSampler(targets, num_samples=32, seed=3))
-    ranks = [
-        ClassBalancedSampler(targets, num_samples=31, seed=3, rank=r, world_size=4)
-        for r in range(4)
-    ]
+    ranks = [ClassBalancedSampler(targets, num_samples=31, seed=3, rank=r, world_size=4)
+             for r in range(4)]
     assert [len(r) for r in ranks] == [8] * 4
     for r, sampler in enumerate(ranks):
         assert list(sampler) == full[r::4]
@@ -653,7 +571,6 @@ def test_class_balanced_sampler_epochs_and_ranks():
 
 
 # ----------------------------------------------------------------------------- synthetic
-
 
 def test_synthetic_faces_are_deterministic():
     a = SyntheticFaces("train", num_per_class=3, image_size=48, seed=7)
@@ -694,26 +611,17 @@ def test_synthetic_faces_are_learnable():
     x_test, y_test = _as_tensors(SyntheticFaces("test", num_per_class=40, image_size=32))
 
     def block(cin, cout):
-        return [
-            torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            torch.nn.BatchNorm2d(cout),
-            torch.nn.ReLU(),
-        ]
+        return [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout),
+                torch.nn.ReLU()]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier than 2 threads on a shared 2-core machine
     try:
         torch.manual_seed(0)
-        net = torch.nn.Sequential(
-            *block(3, 16),
-            torch.nn.MaxPool2d(2),
-            *block(16, 32),
-            torch.nn.MaxPool2d(2),
-            *block(32, 64),
-            torch.nn.AdaptiveMaxPool2d(1),
-            torch.nn.Flatten(),
-            torch.nn.Linear(64, 7),
-        )
+        net = torch.nn.Sequential(*block(3, 16), torch.nn.MaxPool2d(2), *block(16, 32),
+                                  torch.nn.MaxPool2d(2), *block(32, 64),
+                                  torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(64, 7))
         optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(0)
         for _ in range(10):

@@ -42,10 +42,8 @@ KEY_AUS = {
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Any accidental use of the real HTTP function fails loudly."""
-
     def refuse(*args, **kwargs):
         raise AssertionError("tests must not call the real post_json")
-
     monkeypatch.setattr(gen, "post_json", refuse)
 
 
@@ -67,7 +65,6 @@ def _all_descriptions(doc):
 
 
 # --------------------------------------------------------------------- shipped file
-
 
 def test_file_structure(doc):
     assert doc["format"] == "mpafer-descriptions/1"
@@ -98,9 +95,8 @@ def test_provenance(doc):
 
 def test_prompt_text():
     text = PROMPT_FILE.read_text(encoding="utf-8")
-    assert (
-        "What are the most useful visual features to distinguish the facial expression of {class}?"
-    ) in text
+    assert ("What are the most useful visual features to distinguish the facial "
+            "expression of {class}?") in text
     assert "a photo of a person making a facial expression of {class}, ..." in text
     for gran in GRANS:
         assert f'"{gran}"' in text
@@ -134,7 +130,7 @@ def test_description_length_and_style(doc):
         assert len(text.split()) <= 35, where
         assert text == text.lower(), where
         assert text == " ".join(text.split()), where
-        assert name not in text, where  # the template already names the class
+        assert name not in text, where          # the template already names the class
         assert not text.endswith("."), where
         # generous character bound, so the full hard prompt stays far from 77 tokens
         assert len(TEMPLATE.format(name, text)) <= 260, where
@@ -155,18 +151,9 @@ GOOD = {
 
 
 def _reply(content, model="fake-model-2026-01"):
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": content},
-            }
-        ],
-    }
+    return {"id": "x", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}]}
 
 
 def _fenced(obj):
@@ -195,9 +182,8 @@ def api_env(monkeypatch):
 def test_generate_writes_file(tmp_path, api_env):
     out = tmp_path / "sub" / "desc.json"
     fake = FakePost()
-    rc = gen.main(
-        ["--classes", "surprise", "fear", "--out", str(out), "--model", "my-model"], post=fake
-    )
+    rc = gen.main(["--classes", "surprise", "fear", "--out", str(out),
+                   "--model", "my-model"], post=fake)
     assert rc == 0
     prompt = PROMPT_FILE.read_text(encoding="utf-8")
     assert len(fake.calls) == 2
@@ -206,23 +192,24 @@ def test_generate_writes_file(tmp_path, api_env):
         assert key == "sk-test"
         assert payload["model"] == "my-model"
         assert payload["temperature"] == 0
-        assert payload["messages"] == [{"role": "user", "content": prompt.replace("{class}", name)}]
+        assert payload["messages"] == [{"role": "user",
+                                        "content": prompt.replace("{class}", name)}]
     written = json.loads(out.read_text(encoding="utf-8"))
     assert written["format"] == "mpafer-descriptions/1"
     assert written["granularities"] == GRANS
     assert list(written["classes"]) == ["surprise", "fear"]
     assert written["classes"]["fear"] == {
-        "face": ["a wide-eyed face"],  # whitespace-normalised, lower-cased
+        "face": ["a wide-eyed face"],           # whitespace-normalised, lower-cased
         "regions": GOOD["regions"],
         "muscles": GOOD["muscles"],
     }
     prov = written["provenance"]
-    assert prov["model"] == "fake-model-2026-01"  # as reported by the endpoint
+    assert prov["model"] == "fake-model-2026-01"    # as reported by the endpoint
     assert prov["prompt"] == prompt
     assert prov["prompt_file"] == "prompt.txt"
     assert prov["date"] == datetime.date.today().isoformat()
     assert "my-model" in prov["notes"]
-    assert [p.name for p in out.parent.iterdir()] == ["desc.json"]  # no temp file left
+    assert [p.name for p in out.parent.iterdir()] == ["desc.json"]   # no temp file left
 
 
 def test_generated_file_has_shipped_shape(tmp_path, api_env, doc):
@@ -234,18 +221,15 @@ def test_generated_file_has_shipped_shape(tmp_path, api_env, doc):
     assert set(written["provenance"]) == set(doc["provenance"])
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "I cannot help with that.",
-        _fenced({"face": ["x"], "regions": ["y"]}),
-        _fenced({"face": ["x"], "regions": [], "muscles": ["z"]}),
-        _fenced({"face": "x", "regions": ["y"], "muscles": ["z"]}),
-        _fenced({"face": ["x"], "regions": ["y", 3], "muscles": ["z"]}),
-        _fenced(["x", "y"]),
-        "",
-    ],
-)
+@pytest.mark.parametrize("answer", [
+    "I cannot help with that.",
+    _fenced({"face": ["x"], "regions": ["y"]}),
+    _fenced({"face": ["x"], "regions": [], "muscles": ["z"]}),
+    _fenced({"face": "x", "regions": ["y"], "muscles": ["z"]}),
+    _fenced({"face": ["x"], "regions": ["y", 3], "muscles": ["z"]}),
+    _fenced(["x", "y"]),
+    "",
+])
 def test_malformed_answer_names_class(tmp_path, api_env, capsys, answer):
     out = tmp_path / "desc.json"
     fake = FakePost({"fear": answer})
@@ -255,21 +239,14 @@ def test_malformed_answer_names_class(tmp_path, api_env, capsys, answer):
     assert "error:" in err and "'fear'" in err
     assert not out.exists()
     with pytest.raises(gen.GenerationError, match="'fear'"):
-        gen.generate(
-            ["fear"], model="m", base_url="http://x", key="k", prompt=gen.load_prompt(), post=fake
-        )
+        gen.generate(["fear"], model="m", base_url="http://x", key="k",
+                     prompt=gen.load_prompt(), post=fake)
 
 
 def test_not_a_chat_completion_names_class(api_env):
     with pytest.raises(gen.GenerationError, match="'anger'"):
-        gen.generate(
-            ["anger"],
-            model="m",
-            base_url="http://x",
-            key="k",
-            prompt=gen.load_prompt(),
-            post=lambda u, p, k: {"error": "quota"},
-        )
+        gen.generate(["anger"], model="m", base_url="http://x", key="k",
+                     prompt=gen.load_prompt(), post=lambda u, p, k: {"error": "quota"})
 
 
 def test_missing_api_key(tmp_path, monkeypatch, capsys):
@@ -283,36 +260,26 @@ def test_missing_api_key(tmp_path, monkeypatch, capsys):
 
 
 def test_duplicate_classes_rejected(tmp_path, api_env, capsys):
-    rc = gen.main(["--classes", "fear", "fear", "--out", str(tmp_path / "d.json")], post=FakePost())
+    rc = gen.main(["--classes", "fear", "fear", "--out", str(tmp_path / "d.json")],
+                  post=FakePost())
     assert rc == 1 and "duplicate" in capsys.readouterr().err
 
 
 def test_plain_unfenced_answer(api_env):
-    classes, model = gen.generate(
-        ["happiness"],
-        model="m",
-        base_url="http://x",
-        key="k",
-        prompt=gen.load_prompt(),
-        post=lambda u, p, k: _reply(json.dumps(GOOD), model="r"),
-    )
+    classes, model = gen.generate(["happiness"], model="m", base_url="http://x", key="k",
+                                  prompt=gen.load_prompt(),
+                                  post=lambda u, p, k: _reply(json.dumps(GOOD), model="r"))
     assert classes["happiness"]["regions"] == GOOD["regions"] and model == "r"
 
 
 def test_module_help_runs():
-    res = subprocess.run(
-        [sys.executable, "-m", "mpafer.descriptions.generate", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = subprocess.run([sys.executable, "-m", "mpafer.descriptions.generate", "--help"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "--classes" in res.stdout and "OPENAI_API_KEY" in res.stdout
 
 
 # --------------------------------------------------------------------- real urllib path (loopback only)
-
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     requests = []
@@ -338,7 +305,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def loopback(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     _Handler.requests = []

@@ -1,7 +1,6 @@
 """uint8 pixels from the workers, normalisation and random erasing on the device: the same numbers
 as torchvision's float path, the same erasing distribution as torchvision's RandomErasing, and
 reproducible from an explicit generator. References are built here from torchvision directly."""
-
 import pickle
 
 import numpy as np
@@ -37,27 +36,14 @@ def photo(seed, size=(100, 100), mode="RGB"):
 
 def reference_train(resolution):
     """The float path with erasing off: crop, flip, ToTensor, Normalize."""
-    return T.Compose(
-        [
-            lambda im: im.convert("RGB"),
-            T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
-    )
+    return T.Compose([lambda im: im.convert("RGB"),
+                      T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def reference_eval(resolution):
-    return T.Compose(
-        [
-            T.Resize(resolution, interpolation=BICUBIC),
-            T.CenterCrop(resolution),
-            lambda im: im.convert("RGB"),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
-    )
+    return T.Compose([T.Resize(resolution, interpolation=BICUBIC), T.CenterCrop(resolution),
+                      lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 @pytest.mark.parametrize("size,mode", [((100, 100), "RGB"), ((48, 48), "L"), ((90, 120), "RGB")])
@@ -81,9 +67,8 @@ def test_uint8_eval_normalised_on_the_device_equals_clip_preprocessing():
     batch = torch.stack([eval_transform(24, uint8=True)(im) for im in images])  # [B, 3, 24, 24]
     expected = torch.stack([reference_eval(24)(im) for im in images])
     assert torch.equal(normalize_on_device(batch), expected)
-    assert torch.equal(
-        normalize_on_device(batch), torch.stack([eval_transform(24)(im) for im in images])
-    )
+    assert torch.equal(normalize_on_device(batch), torch.stack([eval_transform(24)(im)
+                                                                for im in images]))
 
 
 def test_uint8_transforms_pickle_and_as_model_input():
@@ -95,8 +80,7 @@ def test_uint8_transforms_pickle_and_as_model_input():
     assert as_model_input(floats) is floats  # already preprocessed: untouched
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert as_model_input(white)[0, :, 0, 0].tolist() == pytest.approx(
-        [(1 - m) / s for m, s in zip(MEAN, STD)], rel=1e-6
-    )
+        [(1 - m) / s for m, s in zip(MEAN, STD)], rel=1e-6)
     with pytest.raises(ValueError, match="uint8 images"):
         normalize_on_device(floats)
 
@@ -126,9 +110,8 @@ def test_device_erasing_follows_torchvision_random_erasing(height, width):
     torch.manual_seed(0)
     erase = T.RandomErasing(p=0.25)  # defaults: scale (0.02, 0.33), ratio (0.3, 3.3)
     theirs = torch.stack([erase(torch.ones(3, height, width)) for _ in range(n)])
-    ours = random_erasing_on_device(
-        torch.ones(n, 3, height, width), 0.25, torch.Generator().manual_seed(0)
-    )
+    ours = random_erasing_on_device(torch.ones(n, 3, height, width), 0.25,
+                                    torch.Generator().manual_seed(0))
     a, b = erased_boxes(theirs), erased_boxes(ours)
     rate_a, rate_b = a[0].float().mean().item(), b[0].float().mean().item()
     assert abs(rate_a - rate_b) < 4 * (2 * 0.25 * 0.75 / n) ** 0.5  # about 4 standard errors
@@ -165,12 +148,9 @@ def test_train_batch_augment_depends_only_on_seed_epoch_step_and_rank():
     augment(batch, epoch=0, step=1)  # whatever ran in between
     assert torch.equal(TrainBatchAugment(torch.device("cpu"), seed=1)(batch, 2, 5), first)
     assert torch.equal(augment(batch, 2, 5), first)
-    for other in (
-        augment(batch, 2, 6),
-        augment(batch, 3, 5),
-        TrainBatchAugment(torch.device("cpu"), seed=2)(batch, 2, 5),
-        TrainBatchAugment(torch.device("cpu"), seed=1, rank=1)(batch, 2, 5),
-    ):
+    for other in (augment(batch, 2, 6), augment(batch, 3, 5),
+                  TrainBatchAugment(torch.device("cpu"), seed=2)(batch, 2, 5),
+                  TrainBatchAugment(torch.device("cpu"), seed=1, rank=1)(batch, 2, 5)):
         assert not torch.equal(other, first)
     unerased = first == normalize_on_device(batch)
     assert unerased.float().mean() > 0.8 and (first[~unerased] == 0).all()

@@ -2,7 +2,6 @@
 the same transform, and prompt sets can come from a JSON file. The expected probabilities are
 computed here by hand (PIL resizing, the CLIP towers, the head's matrix), not with mpafer's
 transforms or classifier."""
-
 import importlib.util
 import json
 import os
@@ -18,12 +17,10 @@ from tests.helpers import tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["happiness", "sadness", "anger"]
-PROMPTS = {
-    "happiness": ["a photo of a {c} face.", "a smiling person."],
-    "sadness": "a sad {} face.",
-    "anger": ["an angry face.", "a photo of {c}.", "a furious person."],
-    "fear": ["not evaluated here."],
-}
+PROMPTS = {"happiness": ["a photo of a {c} face.", "a smiling person."],
+           "sadness": "a sad {} face.",
+           "anger": ["an angry face.", "a photo of {c}.", "a furious person."],
+           "fear": ["not evaluated here."]}
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
@@ -60,14 +57,8 @@ def setup(tmp_path_factory):
         folder = root / "faces" / "test" / name
         folder.mkdir(parents=True)
         Image.open(images[i]).save(folder / "0.png")
-    return dict(
-        root=root,
-        clip=clip_path,
-        head=head_path,
-        weight=weight,
-        prompts=prompts_path,
-        images=images,
-    )
+    return dict(root=root, clip=clip_path, head=head_path, weight=weight, prompts=prompts_path,
+                images=images)
 
 
 def to_tensor(image):
@@ -93,13 +84,9 @@ def clip_input(path, r):
 def hand_probabilities(setup, make_input, use_head):
     model = clip.load(setup["clip"])[0]
     W = setup["weight"] if use_head else torch.eye(32)
-    prompts = {
-        c: [
-            p.replace("{c}", c).replace("{}", c)
-            for p in ([PROMPTS[c]] if isinstance(PROMPTS[c], str) else PROMPTS[c])
-        ]
-        for c in CLASSES
-    }
+    prompts = {c: [p.replace("{c}", c).replace("{}", c) for p in
+                   ([PROMPTS[c]] if isinstance(PROMPTS[c], str) else PROMPTS[c])]
+               for c in CLASSES}
     out = {}
     with torch.no_grad():
         for path in setup["images"]:
@@ -115,25 +102,10 @@ def hand_probabilities(setup, make_input, use_head):
 
 def run_images(tmp_path, setup, *extra):
     report = tmp_path / "pred.json"
-    load_eval_script().main(
-        [
-            "--method",
-            "expclip",
-            "--head",
-            setup["head"],
-            "--clip",
-            setup["clip"],
-            "--prompts",
-            setup["prompts"],
-            "--classes",
-            *CLASSES,
-            "--image",
-            *setup["images"],
-            "--json",
-            str(report),
-            *extra,
-        ]
-    )
+    load_eval_script().main([
+        "--method", "expclip", "--head", setup["head"], "--clip", setup["clip"],
+        "--prompts", setup["prompts"], "--classes", *CLASSES, "--image", *setup["images"],
+        "--json", str(report), *extra])
     return json.loads(report.read_text())
 
 
@@ -149,14 +121,10 @@ def test_plain_clip_and_expclip_see_the_same_input(tmp_path, setup, transform, c
     got = run_images(tmp_path, setup, *extra)
     make_input = released_input if transform == "released" else clip_input
     label = f"({os.path.basename(setup['prompts'])})"
-    assert_close(
-        {p: got[p][f"zero-shot CLIP {label}"] for p in got},
-        hand_probabilities(setup, make_input, use_head=False),
-    )
-    assert_close(
-        {p: got[p][f"Exp-CLIP {label}"] for p in got},
-        hand_probabilities(setup, make_input, use_head=True),
-    )
+    assert_close({p: got[p][f"zero-shot CLIP {label}"] for p in got},
+                 hand_probabilities(setup, make_input, use_head=False))
+    assert_close({p: got[p][f"Exp-CLIP {label}"] for p in got},
+                 hand_probabilities(setup, make_input, use_head=True))
     printed = capsys.readouterr().out
     assert printed.count(f"input transform: {transform}: ") == 2
 
@@ -171,26 +139,10 @@ def test_the_two_transforms_give_different_answers(tmp_path, setup):
 
 def test_split_report_names_the_shared_transform(tmp_path, setup, capsys):
     report = tmp_path / "side.json"
-    load_eval_script().main(
-        [
-            "--method",
-            "expclip",
-            "--head",
-            setup["head"],
-            "--clip",
-            setup["clip"],
-            "--prompts",
-            "ensemble5",
-            "--dataset",
-            "folder",
-            "--data-root",
-            str(setup["root"] / "faces"),
-            "--workers",
-            "0",
-            "--json",
-            str(report),
-        ]
-    )
+    load_eval_script().main([
+        "--method", "expclip", "--head", setup["head"], "--clip", setup["clip"],
+        "--prompts", "ensemble5", "--dataset", "folder", "--data-root",
+        str(setup["root"] / "faces"), "--workers", "0", "--json", str(report)])
     results = json.loads(report.read_text())["all"]
     assert set(results) == {"zero-shot CLIP (ensemble5)", "Exp-CLIP (ensemble5)"}
     transforms = {r["transform"] for r in results.values()}
@@ -205,16 +157,6 @@ def test_bad_prompts_argument_is_a_clear_error(setup, capsys):
         load_eval_script().main(["--zero-shot", "--prompts", "no_such_set", "--demo"])
     assert "--prompts must be one of" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        load_eval_script().main(
-            [
-                "--zero-shot",
-                "--prompts",
-                str(setup["root"] / "missing.json"),
-                "--clip",
-                setup["clip"],
-                "--classes",
-                *CLASSES,
-                "--image",
-                setup["images"][0],
-            ]
-        )
+        load_eval_script().main(["--zero-shot", "--prompts", str(setup["root"] / "missing.json"),
+                                 "--clip", setup["clip"], "--classes", *CLASSES,
+                                 "--image", setup["images"][0]])

@@ -1,7 +1,6 @@
 """Exp-CLIP: projection head format, prompt sets and prompt files, zero-shot logits, InfoNCE,
 feature files, training on planted data, the BLIP-2 teacher logic (tiny random BLIP-2 when
 transformers is installed)."""
-
 import json
 import math
 import os
@@ -64,15 +63,12 @@ def images(n, seed=0, size=32):
 
 def write_png(path, seed, size):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(
-        0, 256, size=(size[1], size[0], 3), dtype=np.uint8
-    )
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
 
 
 # ------------------------------------------------------------------------------ head
-
 
 def test_head_is_one_bias_free_linear_in_the_official_format():
     head = ProjectionHead(512)
@@ -142,7 +138,6 @@ def test_bad_head_files(tmp_path):
 
 # ------------------------------------------------------------------------------ prompts
 
-
 def test_prompt_sets_have_the_stated_sizes_and_class_words():
     sizes = {"class": 1, "expression": 1, "photo": 1, "ensemble5": 5, "ensemble10": 10}
     assert set(PROMPT_SETS) == set(sizes)
@@ -173,76 +168,47 @@ def write_text(path, text):
 
 
 def test_prompt_file_per_class_lists_and_shared_templates(tmp_path):
-    per_class = write_text(
-        tmp_path / "official.json",
-        json.dumps(
-            {
-                "happiness": ["a photo of a {c} face.", "a clean photo of a person's {} look."],
-                "sadness": "a sad face.",
-                "contempt": ["ignored: not evaluated"],
-            }
-        ),
-    )
+    per_class = write_text(tmp_path / "official.json", json.dumps({
+        "happiness": ["a photo of a {c} face.", "a clean photo of a person's {} look."],
+        "sadness": "a sad face.",
+        "contempt": ["ignored: not evaluated"]}))
     assert load_prompt_file(per_class, ["sadness", "happiness"]) == {
         "sadness": ["a sad face."],
-        "happiness": [
-            "a photo of a happiness face.",
-            "a clean photo of a person's happiness look.",
-        ],
-    }
-    templates = write_text(
-        tmp_path / "templates.json", '["an expression of {c}.", "a {} face, {not a placeholder}."]'
-    )
+        "happiness": ["a photo of a happiness face.", "a clean photo of a person's happiness look."]}
+    templates = write_text(tmp_path / "templates.json",
+                           '["an expression of {c}.", "a {} face, {not a placeholder}."]')
     assert load_prompt_file(templates, ["fear", "anger"]) == {
         "fear": ["an expression of fear.", "a fear face, {not a placeholder}."],
-        "anger": ["an expression of anger.", "a anger face, {not a placeholder}."],
-    }
+        "anger": ["an expression of anger.", "a anger face, {not a placeholder}."]}
     # A prompt file is a prompt set like any other: by path, in build_prompts and the classifier.
-    assert build_prompts(templates, ["fear"]) == {
-        "fear": ["an expression of fear.", "a fear face, {not a placeholder}."]
-    }
+    assert build_prompts(templates, ["fear"]) == {"fear": ["an expression of fear.",
+                                                           "a fear face, {not a placeholder}."]}
 
 
 def test_prompt_file_logits_equal_hand_computation(tmp_path, model):
-    path = write_text(
-        tmp_path / "p.json",
-        json.dumps(
-            {
-                "happiness": ["a happy {c} face.", "joy."],
-                "sadness": "a sad face.",
-                "anger": ["an angry face.", "a furious person.", "{}."],
-            }
-        ),
-    )
-    expected_prompts = {
-        "happiness": ["a happy happiness face.", "joy."],
-        "sadness": ["a sad face."],
-        "anger": ["an angry face.", "a furious person.", "anger."],
-    }
+    path = write_text(tmp_path / "p.json", json.dumps({
+        "happiness": ["a happy {c} face.", "joy."], "sadness": "a sad face.",
+        "anger": ["an angry face.", "a furious person.", "{}."]}))
+    expected_prompts = {"happiness": ["a happy happiness face.", "joy."],
+                        "sadness": ["a sad face."],
+                        "anger": ["an angry face.", "a furious person.", "anger."]}
     head, classnames, x = random_head(), ["sadness", "anger", "happiness"], images(3, seed=2)
     with torch.no_grad():
         logits = ZeroShotClassifier(model, classnames, path, head=head)(x)
-    assert torch.allclose(
-        logits, hand_logits(model, head, classnames, expected_prompts, x), atol=1e-4
-    )
+    assert torch.allclose(logits, hand_logits(model, head, classnames, expected_prompts, x),
+                          atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ('{"happiness": ["a",\n "b",,]}', r"bad\.json:2: not valid JSON"),
-        ("42", r"bad\.json: expected a JSON object \{class: \[prompts\]\} or a list of templates"),
-        ('{"happiness": ["x."]}', r"bad\.json: no prompts for class\(es\) \['sadness'\]"),
-        ('{"happiness": ["x."], "sadness": []}', r"bad\.json: class 'sadness' must be a non-empty"),
-        (
-            '{"happiness": ["x."], "sadness": ["y.", 3]}',
-            r"bad\.json: class 'sadness', prompt 2 must",
-        ),
-        ('["a {c} face.", "a face."]', r"bad\.json: template 2 'a face\.' has no \{c\} or \{\}"),
-        ("[]", r"bad\.json: the template list must be a non-empty list"),
-        ('["' + "very " * 80 + '{c}."]', r"bad\.json: class 'happiness': text is \d+ tokens long"),
-    ],
-)
+@pytest.mark.parametrize("text, message", [
+    ('{"happiness": ["a",\n "b",,]}', r"bad\.json:2: not valid JSON"),
+    ('42', r"bad\.json: expected a JSON object \{class: \[prompts\]\} or a list of templates"),
+    ('{"happiness": ["x."]}', r"bad\.json: no prompts for class\(es\) \['sadness'\]"),
+    ('{"happiness": ["x."], "sadness": []}', r"bad\.json: class 'sadness' must be a non-empty"),
+    ('{"happiness": ["x."], "sadness": ["y.", 3]}', r"bad\.json: class 'sadness', prompt 2 must"),
+    ('["a {c} face.", "a face."]', r"bad\.json: template 2 'a face\.' has no \{c\} or \{\}"),
+    ('[]', r"bad\.json: the template list must be a non-empty list"),
+    ('["' + "very " * 80 + '{c}."]', r"bad\.json: class 'happiness': text is \d+ tokens long"),
+])
 def test_bad_prompt_files_name_the_file_and_the_problem(tmp_path, text, message):
     path = write_text(tmp_path / "bad.json", text)
     with pytest.raises(ValueError, match=message):
@@ -317,9 +283,7 @@ def test_video_averages_projected_frames_before_normalising(model):
     head = random_head()
     classnames = ["sadness", "anger", "happiness"]
     clf = ZeroShotClassifier(model, classnames, UNEQUAL, head=head)
-    video = torch.rand(
-        2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5)
-    )  # [B, T, 3, H, W]
+    video = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # [B, T, 3, H, W]
     with torch.no_grad():
         logits = clf(video)
         expected = torch.zeros(2, 3)
@@ -332,9 +296,7 @@ def test_video_averages_projected_frames_before_normalising(model):
                     expected[b, j] += 100 * (z @ t.t()).item() / len(UNEQUAL[c])
         # Normalising each frame before averaging would be a different (wrong) answer.
         frames = F.normalize(head(model.encode_image(video.flatten(0, 1))), dim=-1).view(2, 3, -1)
-        wrong = (
-            100 * F.normalize(frames.mean(1), dim=-1) @ clf.text_features.t() @ clf.prompt_weights
-        )
+        wrong = 100 * F.normalize(frames.mean(1), dim=-1) @ clf.text_features.t() @ clf.prompt_weights
     assert torch.allclose(logits, expected, atol=1e-4)
     assert not torch.allclose(logits, wrong, atol=1e-3)
 
@@ -352,7 +314,6 @@ def test_classifier_under_autocast(model):
 
 
 # ------------------------------------------------------------------------------ loss
-
 
 def test_info_nce_equals_hand_computation():
     g = torch.Generator().manual_seed(0)
@@ -379,7 +340,6 @@ def test_info_nce_equals_hand_computation():
 
 # ------------------------------------------------------------------------------ training
 
-
 def planted(n, seed, d=D, e=64):
     """Teacher = a fixed random linear map of the CLIP features plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -391,12 +351,7 @@ def planted(n, seed, d=D, e=64):
 def retrieval_accuracy(head, f, t):
     with torch.no_grad():
         z = F.normalize(head(f), dim=-1)
-        return (
-            ((z @ F.normalize(t, dim=-1).t()).argmax(1) == torch.arange(len(f)))
-            .float()
-            .mean()
-            .item()
-        )
+        return ((z @ F.normalize(t, dim=-1).t()).argmax(1) == torch.arange(len(f))).float().mean().item()
 
 
 def test_training_on_planted_data_learns_the_map():
@@ -428,7 +383,6 @@ def test_training_needs_a_full_batch():
 
 
 # ------------------------------------------------------------------------------ feature files
-
 
 @pytest.fixture
 def image_folder(tmp_path):
@@ -493,21 +447,8 @@ def test_command_line_cache_then_train_head_from_file(tmp_path, image_folder, ca
     clip_path = str(tmp_path / "tiny_clip.pt")
     torch.save(tiny_state_dict(seed=3), clip_path)
     feats = str(tmp_path / "feats.pt")
-    main(
-        [
-            "cache",
-            "--clip",
-            clip_path,
-            "--images",
-            image_folder,
-            "--out",
-            feats,
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-        ]
-    )
+    main(["cache", "--clip", clip_path, "--images", image_folder, "--out", feats,
+          "--workers", "0", "--device", "cpu"])
     add_teacher_features(feats, torch.randn(3, 16), "blip2-test", INSTRUCTION)
     # Training has one entry point, train.py --method expclip (which calls this function).
     with pytest.raises(SystemExit):
@@ -526,7 +467,6 @@ def test_command_line_cache_then_train_head_from_file(tmp_path, image_folder, ca
 
 # ------------------------------------------------------------------------------ teacher
 
-
 def test_teacher_without_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers") as err:
@@ -536,42 +476,17 @@ def test_teacher_without_transformers_says_how_to_install(monkeypatch):
 
 def tiny_blip2():
     transformers = pytest.importorskip(
-        "transformers",
-        reason="transformers is not installed (tests/requirements.txt); "
-        "the BLIP-2 teacher logic test needs it",
-    )
+        "transformers", reason="transformers is not installed (tests/requirements.txt); "
+                               "the BLIP-2 teacher logic test needs it")
     config = transformers.Blip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        qformer_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            encoder_hidden_size=32,
-            vocab_size=100,
-        ),
-        text_config=dict(
-            model_type="t5",
-            vocab_size=100,
-            d_model=48,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_decoder_layers=1,
-            num_heads=2,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        ),
-        num_query_tokens=4,
-    )
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, encoder_hidden_size=32, vocab_size=100),
+        text_config=dict(model_type="t5", vocab_size=100, d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                         num_decoder_layers=1, num_heads=2, decoder_start_token_id=0,
+                         pad_token_id=0, eos_token_id=1),
+        num_query_tokens=4)
     torch.manual_seed(0)
     return transformers.Blip2ForConditionalGeneration(config).eval()
 
@@ -585,9 +500,7 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
     seen = {}
     encoder = model.language_model.get_encoder()
     h1 = encoder.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(kwargs, hidden=out.last_hidden_state),
-        with_kwargs=True,
-    )
+        lambda m, args, kwargs, out: seen.update(kwargs, hidden=out.last_hidden_state), with_kwargs=True)
     h2 = model.language_projection.register_forward_hook(lambda m, i, out: seen.update(queries=out))
     try:
         with torch.no_grad():
@@ -601,9 +514,7 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
     inputs = seen["inputs_embeds"]
     assert inputs.shape == (3, Q + L, 48)
     assert torch.equal(inputs[:, :Q], seen["queries"])
-    assert torch.equal(
-        inputs[:, Q:], model.language_model.get_input_embeddings()(ids).expand(3, -1, -1)
-    )
+    assert torch.equal(inputs[:, Q:], model.language_model.get_input_embeddings()(ids).expand(3, -1, -1))
     # Output = L2-normalised mean of the encoder's last hidden state over all Q + L positions.
     hidden = seen["hidden"]
     manual = torch.stack([sum(hidden[b, p] for p in range(Q + L)) / (Q + L) for b in range(3)])
@@ -613,9 +524,7 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
     padded = torch.cat([ids, torch.zeros(3, dtype=torch.long)])[None].expand(3, -1)
     mask = torch.cat([torch.ones(L), torch.zeros(3)]).long()[None].expand(3, -1)
     with torch.no_grad():
-        assert torch.allclose(
-            teacher_features_from_model(model, pixels, padded, mask), features, atol=1e-5
-        )
+        assert torch.allclose(teacher_features_from_model(model, pixels, padded, mask), features, atol=1e-5)
 
     # The extractor end to end (images from files, given model and tokenizer: no hub access).
     paths = [write_png(str(tmp_path / f"{i}.png"), i, (40, 30)) for i in range(3)]
@@ -623,29 +532,16 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
     def tokenizer(text, return_tensors):
         return SimpleNamespace(input_ids=ids[None])
 
-    out = extract_teacher_features(
-        paths,
-        model=model,
-        tokenizer=tokenizer,
-        device="cpu",
-        batch_size=2,
-        num_workers=0,
-        progress=False,
-    )
+    out = extract_teacher_features(paths, model=model, tokenizer=tokenizer, device="cpu",
+                                   batch_size=2, num_workers=0, progress=False)
     transform = expclip_transform(32)
     x = torch.stack([transform(load_image(p)) for p in paths])
     with torch.no_grad():
         assert torch.allclose(out, teacher_features_from_model(model, x, ids), atol=1e-5)
     # The feature file records how the teacher ran, down to its T5 feed-forward activation.
-    _, preprocess = extract_teacher_features(
-        paths,
-        model=model,
-        tokenizer=tokenizer,
-        device="cpu",
-        num_workers=0,
-        progress=False,
-        return_preprocess=True,
-    )
+    _, preprocess = extract_teacher_features(paths, model=model, tokenizer=tokenizer, device="cpu",
+                                             num_workers=0, progress=False,
+                                             return_preprocess=True)
     activation = model.config.text_config.dense_act_fn
     assert f"eval mode, T5 feed-forward activation {activation}" in preprocess
     assert "no normalisation" in preprocess

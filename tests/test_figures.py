@@ -1,6 +1,5 @@
 """Figures: valid PNGs of the expected size, whose pixels follow their inputs; the heat map is
 smooth and hot where the attention is; the font falls back when Pillow cannot scale it."""
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
@@ -11,25 +10,12 @@ NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fea
 
 
 def records(epochs, slope, with_recall=True):
-    return [
-        {
-            "epoch": e,
-            "loss": 3 - slope * e,
-            "cls": 2 - slope * e,
-            "ta": 0.5,
-            "pa": 0.3,
-            "v": 0.0,
-            "lr": 0.03 / e,
-            "war": None if e == 2 else 0.3 + slope * e,
-            "uar": None if e == 2 else 0.25 + slope * e,
-            "per_class_recall": (
-                {n: 0.1 * i + slope * e for i, n in enumerate(NAMES)}
-                if with_recall and e != 2
-                else None
-            ),
-        }
-        for e in range(1, epochs + 1)
-    ]
+    return [{"epoch": e, "loss": 3 - slope * e, "cls": 2 - slope * e, "ta": 0.5, "pa": 0.3,
+             "v": 0.0, "lr": 0.03 / e, "war": None if e == 2 else 0.3 + slope * e,
+             "uar": None if e == 2 else 0.25 + slope * e,
+             "per_class_recall": ({n: 0.1 * i + slope * e for i, n in enumerate(NAMES)}
+                                  if with_recall and e != 2 else None)}
+            for e in range(1, epochs + 1)]
 
 
 def test_training_curves_are_a_fixed_size_png_that_follows_the_records(tmp_path):
@@ -53,12 +39,8 @@ def test_ticks_are_round_and_cover_the_data():
 
 def metrics(confusion):
     confusion = np.asarray(confusion)
-    return {
-        "classnames": NAMES[: len(confusion)],
-        "confusion": confusion.tolist(),
-        "war": np.trace(confusion) / confusion.sum(),
-        "uar": 0.5,
-    }
+    return {"classnames": NAMES[:len(confusion)], "confusion": confusion.tolist(),
+            "war": np.trace(confusion) / confusion.sum(), "uar": 0.5}
 
 
 def test_confusion_figure_follows_the_matrix_and_the_class_count():
@@ -74,10 +56,7 @@ def test_confusion_figure_follows_the_matrix_and_the_class_count():
 
 
 def test_row_normalised_colours_darken_with_the_rate():
-    light, dark = (
-        figures.colour_of(0.05, figures.BLUE_ANCHORS),
-        figures.colour_of(0.95, figures.BLUE_ANCHORS),
-    )
+    light, dark = figures.colour_of(0.05, figures.BLUE_ANCHORS), figures.colour_of(0.95, figures.BLUE_ANCHORS)
     assert sum(light) > sum(dark) and figures.ink_on(light) != figures.ink_on(dark)
 
 
@@ -98,16 +77,13 @@ def test_heat_overlay_is_smooth_and_hot_where_the_attention_is():
 
 
 def test_attention_grid_puts_every_image_in_one_picture():
-    tiles = [
-        (grey_face(), np.random.default_rng(i).random((4, 4)), [f"class {i} 50.0%", f"f{i}.jpg"])
-        for i in range(5)
-    ]
+    tiles = [(grey_face(), np.random.default_rng(i).random((4, 4)), [f"class {i} 50.0%", f"f{i}.jpg"])
+             for i in range(5)]
     grid = figures.attention_grid(tiles, columns=4, size=100)
     rows, line = 2, figures.text_size("Hg", 20)[1] + 8
     assert grid.size == (4 * (100 + 16) + 16, rows * (100 + 2 * line + 8 + 16) + 16 + 60)
-    other = figures.attention_grid(
-        tiles[:4] + [(grey_face(), np.eye(4), ["x 1%", "g.jpg"])], columns=4, size=100
-    )
+    other = figures.attention_grid(tiles[:4] + [(grey_face(), np.eye(4), ["x 1%", "g.jpg"])],
+                                   columns=4, size=100)
     assert other.size == grid.size and other.tobytes() != grid.tobytes()
     with pytest.raises(ValueError):
         figures.attention_grid([])

@@ -1,5 +1,4 @@
 """No MPA-FER component is inert: every term and every trainable tensor gets a gradient."""
-
 import itertools
 
 import pytest
@@ -24,31 +23,19 @@ def shared_tiny_clip():
     return tiny_clip()  # frozen by MPAFER; shared by the models below, which only add prompts
 
 
-ALIGNMENT = {
-    "off": dict(global_local=False),
-    "uniform": dict(),
-    "learnable": dict(learnable_alignment=True, attention_temperature=0.1),
-}
+ALIGNMENT = {"off": dict(global_local=False), "uniform": dict(),
+             "learnable": dict(learnable_alignment=True, attention_temperature=0.1)}
 # visual prompts, L_v, L_ta + L_pa, global-local variant, class-specific context, text depth.
-COMBINATIONS = list(
-    itertools.product([-1, 0], [True, False], [True, False], list(ALIGNMENT), [False, True], [1, 2])
-)
+COMBINATIONS = list(itertools.product([-1, 0], [True, False], [True, False], list(ALIGNMENT),
+                                      [False, True], [1, 2]))
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS, ids=str)
-def test_every_trainable_tensor_gets_a_gradient_in_every_combination(
-    descriptions, shared_tiny_clip, combination
-):
+def test_every_trainable_tensor_gets_a_gradient_in_every_combination(descriptions, shared_tiny_clip, combination):
     visual_depth, prototypes, soft_hard, alignment, class_specific, text_depth = combination
-    config = MPAFERConfig(
-        visual_prompt_depth=visual_depth,
-        prototype_alignment=prototypes,
-        soft_hard_alignment=soft_hard,
-        class_specific_ctx=class_specific,
-        text_prompt_depth=text_depth,
-        top_k=8,
-        **ALIGNMENT[alignment],
-    )
+    config = MPAFERConfig(visual_prompt_depth=visual_depth, prototype_alignment=prototypes,
+                          soft_hard_alignment=soft_hard, class_specific_ctx=class_specific,
+                          text_prompt_depth=text_depth, top_k=8, **ALIGNMENT[alignment])
     torch.manual_seed(0)
     model = MPAFER(shared_tiny_clip, CLASSES, descriptions if soft_hard else None, config).train()
     if prototypes:
@@ -63,9 +50,7 @@ def test_every_trainable_tensor_gets_a_gradient_in_every_combination(
         # Every slice along the first axis: each context token (or class context), each prompted
         # layer, each projection row.
         per_slice = p.grad.flatten(1).abs().sum(1) if p.dim() > 1 else p.grad.abs()
-        assert bool((per_slice > 0).all()), (
-            f"{name}: no gradient in slices {(per_slice == 0).nonzero().flatten().tolist()}"
-        )
+        assert bool((per_slice > 0).all()), f"{name}: no gradient in slices {(per_slice == 0).nonzero().flatten().tolist()}"
 
 
 def test_every_loss_term_moves_the_prompts_of_a_vit_b16_shaped_model(descriptions):
@@ -100,9 +85,7 @@ def test_term_norms_match_ablated_backward_passes(descriptions, shared_tiny_clip
     cls_only = build(soft_hard_alignment=False, prototype_alignment=False)
     assert norms["cls"] == pytest.approx(total_grad_norm(cls_only), rel=1e-5)
     v_only = build(soft_hard_alignment=False, gamma=2.0).term_gradient_norms(images, labels)
-    assert (
-        v_only["v"] == pytest.approx(norms["v"], rel=1e-5) and v_only["ta"] == v_only["pa"] == 0.0
-    )
+    assert v_only["v"] == pytest.approx(norms["v"], rel=1e-5) and v_only["ta"] == v_only["pa"] == 0.0
     # A per-dimension L_pa moves the prompts 1/D as much as the default L1 norm.
     mean = build(beta=0.5, gamma=2.0, pa_distance="l1-mean").term_gradient_norms(images, labels)
     assert mean["pa"] == pytest.approx(norms["pa"] / shared_tiny_clip.embed_dim, rel=1e-4)

@@ -1,6 +1,5 @@
 """Inside the prompts: nearest vocabulary tokens of the context vectors, soft vs hard prompt
 cosines (checked against an independent CLIP), and eval.py's flags for both; real photos."""
-
 import importlib.util
 import json
 import os
@@ -52,9 +51,7 @@ def test_nearest_tokens_are_real_vocabulary_entries_ranked_by_cosine():
     context = torch.randn(3, 16)
     found = nearest_tokens(context, table, k=5)
     # By hand: cosine of every vector with every row of the table.
-    cosine = (context / context.norm(dim=1, keepdim=True)) @ (
-        table / table.norm(dim=1, keepdim=True)
-    ).t()
+    cosine = (context / context.norm(dim=1, keepdim=True)) @ (table / table.norm(dim=1, keepdim=True)).t()
     tokenizer = get_tokenizer()
     for m, nearest in enumerate(found):
         assert [t["id"] for t in nearest] == cosine[m].argsort(descending=True)[:5].tolist()
@@ -78,12 +75,8 @@ def test_soft_hard_cosines_match_an_independent_clip(clip_file):
     descriptions = load_descriptions(CLASSES)
     result = soft_hard_similarity(model, descriptions, template=3)
     for c, name in enumerate(CLASSES):
-        hard = features(
-            [
-                f"a photo of a person making a facial expression of {name}, {d}"
-                for d in descriptions[name]
-            ]
-        )
+        hard = features([f"a photo of a person making a facial expression of {name}, {d}"
+                         for d in descriptions[name]])
         cosine = soft[c] @ hard.t()
         assert result[name]["mean"] == pytest.approx(cosine.mean().item(), abs=1e-4)
         assert result[name]["max"] == pytest.approx(cosine.max().item(), abs=1e-4)
@@ -91,11 +84,7 @@ def test_soft_hard_cosines_match_an_independent_clip(clip_file):
     one = soft_hard_similarity(model, None, template=1)
     hard = features([f"a photo of {c}" for c in CLASSES])
     for c, name in enumerate(CLASSES):
-        assert (
-            one[name]["mean"]
-            == one[name]["max"]
-            == pytest.approx((soft[c] @ hard[c]).item(), abs=1e-4)
-        )
+        assert one[name]["mean"] == one[name]["max"] == pytest.approx((soft[c] @ hard[c]).item(), abs=1e-4)
     closest = (soft @ hard.t()).argmax(dim=1)
     assert [one[n]["closest_class"] for n in CLASSES] == [CLASSES[i] for i in closest]
 
@@ -116,58 +105,28 @@ def checkpoint(clip_file, tmp_path_factory):
     return path
 
 
-def test_eval_interprets_the_prompts_without_data(
-    eval_script, clip_file, checkpoint, tmp_path, capsys
-):
+def test_eval_interprets_the_prompts_without_data(eval_script, clip_file, checkpoint, tmp_path, capsys):
     out = str(tmp_path / "inside.json")
-    report = eval_script.main(
-        [
-            "--checkpoint",
-            checkpoint,
-            "--clip",
-            clip_file,
-            "--interpret-prompts",
-            "--soft-hard",
-            "--tokens",
-            "3",
-            "--json",
-            out,
-        ]
-    )
+    report = eval_script.main(["--checkpoint", checkpoint, "--clip", clip_file, "--interpret-prompts",
+                               "--soft-hard", "--tokens", "3", "--json", out])
     printed = capsys.readouterr().out
     assert [t[0]["token"] for t in report["prompt_tokens"]["shared"]] == ["a", "photo", "of", "a"]
     assert all(len(t) == 3 for t in report["prompt_tokens"]["shared"])
     assert "'photo' 1.000" in printed and "closest class" in printed
     assert set(report["soft_hard"]) == set(CLASSES)
-    assert json.load(open(out))["soft_hard"]["fear"]["mean"] == pytest.approx(
-        report["soft_hard"]["fear"]["mean"]
-    )
+    assert json.load(open(out))["soft_hard"]["fear"]["mean"] == pytest.approx(report["soft_hard"]["fear"]["mean"])
 
 
-def test_eval_crops_odd_photos_and_draws_one_attention_grid(
-    eval_script, clip_file, checkpoint, tmp_path, capsys
-):
+def test_eval_crops_odd_photos_and_draws_one_attention_grid(eval_script, clip_file, checkpoint, tmp_path, capsys):
     from mpafer.synthetic import SyntheticFaces
-
     faces = SyntheticFaces("test", 1, image_size=64, seed=5)
     faces.load(1).save(tmp_path / "happy.png")
     wide = Image.new("RGB", (200, 100), (255, 255, 255))
     wide.paste(faces.load(3), (68, 18))
     wide.save(tmp_path / "wide.png")
     grid = tmp_path / "grid.png"
-    eval_script.main(
-        [
-            "--checkpoint",
-            checkpoint,
-            "--clip",
-            clip_file,
-            "--image",
-            str(tmp_path / "happy.png"),
-            str(tmp_path / "wide.png"),
-            "--attention-png",
-            str(grid),
-        ]
-    )
+    eval_script.main(["--checkpoint", checkpoint, "--clip", clip_file, "--image", str(tmp_path / "happy.png"),
+                      str(tmp_path / "wide.png"), "--attention-png", str(grid)])
     printed = capsys.readouterr().out
     assert printed.count("note:") == 1 and "wide.png: 200x100 picture" in printed
     assert "centre 100x100 square" in printed

@@ -3,7 +3,6 @@ nothing imports in a circle, files and the training script's functions stay smal
 
 Every import counts, also those inside functions (a lazy import in a circle is still a circle).
 """
-
 import ast
 import os
 
@@ -49,7 +48,7 @@ def imported_modules(name):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 package = name.split(".") if is_package(name) else name.split(".")[:-1]
-                base = package[: len(package) - (node.level - 1)]
+                base = package[:len(package) - (node.level - 1)]
                 base = ".".join(base + ([node.module] if node.module else []))
             else:
                 base = node.module
@@ -96,7 +95,7 @@ def test_no_import_cycle():
         state[name] = "open"
         for target in sorted(GRAPH[name]):
             if state.get(target) == "open":
-                cycle = path[path.index(target) :] + [target]
+                cycle = path[path.index(target):] + [target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, path + [target])

@@ -1,5 +1,4 @@
 """MPA-FER losses vs hand computation (plain Python loops), reductions, fp32 under autocast."""
-
 import math
 
 import pytest
@@ -32,54 +31,29 @@ def neg_log_softmax(logits, target):
 @pytest.fixture
 def inputs():
     g = torch.Generator().manual_seed(0)
-    return {
-        name: torch.randn(*shape, generator=g)
-        for name, shape in [
-            ("soft_pooled", (C, W)),
-            ("hard_pooled", (H, W)),
-            ("text", (C, D)),
-            ("hard", (H, D)),
-            ("z", (B, D)),
-            ("protos", (C, D)),
-            ("logits", (B, C)),
-        ]
-    }
+    return {name: torch.randn(*shape, generator=g) for name, shape in
+            [("soft_pooled", (C, W)), ("hard_pooled", (H, W)), ("text", (C, D)), ("hard", (H, D)),
+             ("z", (B, D)), ("protos", (C, D)), ("logits", (B, C))]}
 
 
 def test_token_alignment_is_contrastive_over_classes_per_hard_prompt(inputs):
     soft, hard = inputs["soft_pooled"].tolist(), inputs["hard_pooled"].tolist()
-    expected = (
-        sum(
-            neg_log_softmax([cos(soft[c], hard[h]) / TAU for c in range(C)], HARD_LABELS[h])
-            for h in range(H)
-        )
-        / H
-    )
-    got = losses.token_alignment_loss(
-        inputs["soft_pooled"], inputs["hard_pooled"], HARD_LABELS, TAU
-    )
+    expected = sum(neg_log_softmax([cos(soft[c], hard[h]) / TAU for c in range(C)], HARD_LABELS[h])
+                   for h in range(H)) / H
+    got = losses.token_alignment_loss(inputs["soft_pooled"], inputs["hard_pooled"], HARD_LABELS, TAU)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_prompt_alignment_l1_is_the_norm_summed_over_dimensions(inputs):
     text, hard = inputs["text"].tolist(), inputs["hard"].tolist()
-    norm = (
-        sum(l1(text[HARD_LABELS[h]], hard[h]) for h in range(H)) / H
-    )  # ||.||_1 averaged over hard prompts
+    norm = sum(l1(text[HARD_LABELS[h]], hard[h]) for h in range(H)) / H  # ||.||_1 averaged over hard prompts
     default = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS)
     assert default.item() == pytest.approx(norm, rel=1e-5)
     mean = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "l1-mean")
     assert mean.item() == pytest.approx(norm / D, rel=1e-5)
-    expected_con = (
-        sum(
-            neg_log_softmax([cos(text[c], hard[h]) / TAU for c in range(C)], HARD_LABELS[h])
-            for h in range(H)
-        )
-        / H
-    )
-    con = losses.prompt_alignment_loss(
-        inputs["text"], inputs["hard"], HARD_LABELS, "contrastive", TAU
-    )
+    expected_con = sum(neg_log_softmax([cos(text[c], hard[h]) / TAU for c in range(C)], HARD_LABELS[h])
+                       for h in range(H)) / H
+    con = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "contrastive", TAU)
     assert con.item() == pytest.approx(expected_con, rel=1e-5)
 
 
@@ -87,12 +61,7 @@ def test_prototype_alignment_distances(inputs):
     z, protos, y = inputs["z"].tolist(), inputs["protos"].tolist(), LABELS.tolist()
     expected_cos = sum(1 - cos(z[i], protos[y[i]]) for i in range(B)) / B
     expected_l1 = sum(l1(z[i], protos[y[i]]) for i in range(B)) / B
-
-    def loss(*distance):
-        return losses.prototype_alignment_loss(
-            inputs["z"], inputs["protos"], LABELS, *distance
-        ).item()
-
+    loss = lambda *distance: losses.prototype_alignment_loss(inputs["z"], inputs["protos"], LABELS, *distance).item()  # noqa: E731
     assert loss() == pytest.approx(expected_cos, rel=1e-5)
     assert loss("l1") == pytest.approx(expected_l1, rel=1e-5)
     assert loss("l1-mean") == pytest.approx(expected_l1 / D, rel=1e-5)
@@ -101,31 +70,15 @@ def test_prototype_alignment_distances(inputs):
 def test_classification_loss_and_total(inputs):
     logits = inputs["logits"].tolist()
     expected = sum(neg_log_softmax(logits[i], LABELS[i]) for i in range(B)) / B
-    assert losses.classification_loss(inputs["logits"], LABELS).item() == pytest.approx(
-        expected, rel=1e-5
-    )
-    parts = {
-        "cls": torch.tensor(1.0),
-        "ta": torch.tensor(2.0),
-        "pa": torch.tensor(3.0),
-        "v": torch.tensor(5.0),
-    }
-    assert losses.total_loss(parts, beta=0.5, gamma=0.1).item() == pytest.approx(
-        1 + 0.5 * (2 + 3) + 0.1 * 5
-    )
+    assert losses.classification_loss(inputs["logits"], LABELS).item() == pytest.approx(expected, rel=1e-5)
+    parts = {"cls": torch.tensor(1.0), "ta": torch.tensor(2.0), "pa": torch.tensor(3.0), "v": torch.tensor(5.0)}
+    assert losses.total_loss(parts, beta=0.5, gamma=0.1).item() == pytest.approx(1 + 0.5 * (2 + 3) + 0.1 * 5)
     terms = losses.weighted_terms(parts, beta=0.5, gamma=0.1)
-    assert {k: round(v.item(), 6) for k, v in terms.items()} == {
-        "cls": 1.0,
-        "ta": 1.0,
-        "pa": 1.5,
-        "v": 0.5,
-    }
+    assert {k: round(v.item(), 6) for k, v in terms.items()} == {"cls": 1.0, "ta": 1.0, "pa": 1.5, "v": 0.5}
 
 
 def test_unknown_distances_are_named(inputs):
-    with pytest.raises(
-        ValueError, match=r"pa_distance must be one of \['l1', 'l1-mean', 'contrastive'\], got 'l2'"
-    ):
+    with pytest.raises(ValueError, match=r"pa_distance must be one of \['l1', 'l1-mean', 'contrastive'\], got 'l2'"):
         losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "l2")
     with pytest.raises(ValueError, match=r"v_distance must be one of .*got 'mean'"):
         losses.prototype_alignment_loss(inputs["z"], inputs["protos"], LABELS, "mean")
@@ -134,13 +87,9 @@ def test_unknown_distances_are_named(inputs):
 def test_losses_are_fp32_under_bf16_autocast(inputs):
     bf16 = {k: v.bfloat16() for k, v in inputs.items()}
     calls = {
-        "ta": lambda t: losses.token_alignment_loss(
-            t["soft_pooled"], t["hard_pooled"], HARD_LABELS, TAU
-        ),
+        "ta": lambda t: losses.token_alignment_loss(t["soft_pooled"], t["hard_pooled"], HARD_LABELS, TAU),
         "pa": lambda t: losses.prompt_alignment_loss(t["text"], t["hard"], HARD_LABELS),
-        "pa-con": lambda t: losses.prompt_alignment_loss(
-            t["text"], t["hard"], HARD_LABELS, "contrastive"
-        ),
+        "pa-con": lambda t: losses.prompt_alignment_loss(t["text"], t["hard"], HARD_LABELS, "contrastive"),
         "v": lambda t: losses.prototype_alignment_loss(t["z"], t["protos"], LABELS),
         "cls": lambda t: losses.classification_loss(t["logits"], LABELS),
     }
@@ -155,24 +104,15 @@ def test_losses_are_fp32_under_bf16_autocast(inputs):
 
 def test_gradient_norms_per_term():
     g = torch.Generator().manual_seed(1)
-    a, b = (
-        torch.randn(3, generator=g, requires_grad=True),
-        torch.randn(2, generator=g, requires_grad=True),
-    )
+    a, b = torch.randn(3, generator=g, requires_grad=True), torch.randn(2, generator=g, requires_grad=True)
     x, y = torch.randn(3, generator=g), torch.randn(2, generator=g)
-    terms = {
-        "first": (a * x).sum(),
-        "both": 0.5 * ((a * a).sum() + (b * y).sum()),
-        "off": torch.zeros(()),
-    }
+    terms = {"first": (a * x).sum(), "both": 0.5 * ((a * a).sum() + (b * y).sum()), "off": torch.zeros(())}
     norms = losses.gradient_norms(terms, [a, b])
     assert norms["first"] == pytest.approx(x.norm().item(), rel=1e-6)  # d/da = x, d/db = 0
     both = torch.cat([a.detach(), 0.5 * y])  # d/da = a, d/db = y / 2
     assert norms["both"] == pytest.approx(both.norm().item(), rel=1e-6)
     assert norms["off"] == 0.0
-    assert losses.gradient_norms(terms, [a, b], scale=1024.0)["both"] == pytest.approx(
-        norms["both"], rel=1e-6
-    )
+    assert losses.gradient_norms(terms, [a, b], scale=1024.0)["both"] == pytest.approx(norms["both"], rel=1e-6)
     # The graph survives: the total still backpropagates, and no .grad was left behind before.
     assert a.grad is None and b.grad is None
     (terms["first"] + terms["both"]).backward()

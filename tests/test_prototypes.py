@@ -1,5 +1,4 @@
 """Class prototypes: mean normalised features, seeded per-class subsets, precision, disk cache."""
-
 from collections import Counter
 
 import pytest
@@ -35,16 +34,10 @@ def test_prototypes_are_the_mean_of_normalised_features(clip_model):
     images, labels = labelled_images(14)
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
     protos = compute_prototypes(clip_model, loader, NUM_CLASSES, progress=False)
-    torch.testing.assert_close(
-        protos, hand_prototypes(clip_model, images, labels, list(range(14))), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(protos, hand_prototypes(clip_model, images, labels, list(range(14))),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"no training images for classes \[2\]"):
-        compute_prototypes(
-            clip_model,
-            DataLoader(TensorDataset(images[:2], labels[:2])),
-            NUM_CLASSES,
-            progress=False,
-        )
+        compute_prototypes(clip_model, DataLoader(TensorDataset(images[:2], labels[:2])), NUM_CLASSES, progress=False)
 
 
 def test_subset_is_n_per_class_seeded_and_random():
@@ -80,36 +73,24 @@ def test_per_class_uses_exactly_the_seeded_subset(clip_model):
     images, labels = labelled_images(30)
     dataset = CountingDataset(images, labels)
     loader = DataLoader(dataset, batch_size=4)
-    protos = compute_prototypes(
-        clip_model, loader, NUM_CLASSES, per_class=3, progress=False, seed=7
-    )
+    protos = compute_prototypes(clip_model, loader, NUM_CLASSES, per_class=3, progress=False, seed=7)
     chosen = prototype_subset(dataset.targets, 3, seed=7)
     assert sorted(dataset.loaded) == chosen  # only those images were loaded
-    torch.testing.assert_close(
-        protos, hand_prototypes(clip_model, images, labels, chosen), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(protos, hand_prototypes(clip_model, images, labels, chosen), rtol=1e-5, atol=1e-6)
     other = compute_prototypes(clip_model, loader, NUM_CLASSES, per_class=3, progress=False, seed=8)
     assert not torch.allclose(protos, other)
     # A TensorDataset works too (its labels are the last tensor).
     tensors = DataLoader(TensorDataset(images, labels), batch_size=8)
-    torch.testing.assert_close(
-        compute_prototypes(clip_model, tensors, NUM_CLASSES, per_class=3, progress=False, seed=7),
-        protos,
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    torch.testing.assert_close(compute_prototypes(clip_model, tensors, NUM_CLASSES, per_class=3, progress=False, seed=7),
+                               protos, rtol=1e-5, atol=1e-6)
 
 
 def test_precision_is_fp32_unless_asked(clip_model):
     images, labels = labelled_images(6)
     loader = DataLoader(TensorDataset(images, labels), batch_size=6)
     fp32 = compute_prototypes(clip_model, loader, NUM_CLASSES, progress=False)
-    torch.testing.assert_close(
-        fp32, hand_prototypes(clip_model, images, labels, list(range(6))), rtol=1e-5, atol=1e-6
-    )
-    bf16 = compute_prototypes(
-        clip_model, loader, NUM_CLASSES, progress=False, amp_dtype=torch.bfloat16
-    )
+    torch.testing.assert_close(fp32, hand_prototypes(clip_model, images, labels, list(range(6))), rtol=1e-5, atol=1e-6)
+    bf16 = compute_prototypes(clip_model, loader, NUM_CLASSES, progress=False, amp_dtype=torch.bfloat16)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.05)
 
@@ -117,14 +98,8 @@ def test_precision_is_fp32_unless_asked(clip_model):
 def test_cache_is_keyed_by_its_fields(tmp_path):
     protos, calls = torch.randn(NUM_CLASSES, 32), []
     compute = lambda: calls.append(1) or protos  # noqa: E731
-    key = {
-        "clip_sha256": "abc",
-        "dataset": "rafdb",
-        "split": "train",
-        "transform": "Resize(32)",
-        "per_class": 3,
-        "seed": 0,
-    }
+    key = {"clip_sha256": "abc", "dataset": "rafdb", "split": "train", "transform": "Resize(32)",
+           "per_class": 3, "seed": 0}
     first = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
     again = cached_prototypes(str(tmp_path), key, compute, log=lambda m: None)
     assert torch.equal(first, again) and len(calls) == 1

@@ -1,5 +1,4 @@
 """The run summariser on hand-made run folders: grouping by configuration, mean ± std by hand."""
-
 import json
 import math
 
@@ -14,48 +13,21 @@ def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k
     """A run folder as train.py leaves it: config.json, metrics.jsonl (one epoch not evaluated),
     and the reported result in test.json or in best.pt's metrics."""
     folder.mkdir(parents=True)
-    config = {
-        "train": {
-            "dataset": "rafdb",
-            "method": "mpafer",
-            "seed": seed,
-            "shots": shots,
-            "out": str(folder),
-            "data_root": "data/RAF-DB",
-            "workers": 4,
-            "eval_split": "heldout" if source == "test.json" else "test",
-            **train,
-        },
-        "model": {"top_k": top_k, "n_ctx": 10},
-    }
+    config = {"train": {"dataset": "rafdb", "method": "mpafer", "seed": seed, "shots": shots,
+                        "out": str(folder), "data_root": "data/RAF-DB", "workers": 4,
+                        "eval_split": "heldout" if source == "test.json" else "test", **train},
+              "model": {"top_k": top_k, "n_ctx": 10}}
     (folder / "config.json").write_text(json.dumps(config))
-    records = [
-        {
-            "epoch": e + 1,
-            "loss": 2.0 - e,
-            "cls": 1.0,
-            "ta": 0.5,
-            "pa": 0.4,
-            "v": 0.1,
-            "lr": 0.01,
-            "war": w,
-            "uar": None if w is None else w - 0.05,
-            "per_class_recall": None if w is None else {"happiness": w, "fear": w / 2},
-        }
-        for e, w in enumerate(wars)
-    ]
+    records = [{"epoch": e + 1, "loss": 2.0 - e, "cls": 1.0, "ta": 0.5, "pa": 0.4, "v": 0.1,
+                "lr": 0.01, "war": w, "uar": None if w is None else w - 0.05,
+                "per_class_recall": None if w is None else {"happiness": w, "fear": w / 2}}
+               for e, w in enumerate(wars)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if reported is not None and source == "test.json":
         (folder / "test.json").write_text(json.dumps({"war": reported[0], "uar": reported[1]}))
     elif reported is not None:
-        torch.save(
-            {
-                "format": "mpafer-checkpoint/1",
-                "descriptions_sha256": None,
-                "metrics": {"war": reported[0], "uar": reported[1]},
-            },
-            folder / "best.pt",
-        )
+        torch.save({"format": "mpafer-checkpoint/1", "descriptions_sha256": None,
+                    "metrics": {"war": reported[0], "uar": reported[1]}}, folder / "best.pt")
     return str(folder)
 
 
@@ -91,15 +63,10 @@ def test_groups_ignore_seed_and_paths_and_give_mean_and_sample_std(runs, tmp_pat
     assert a["reported"] == ["best.pt on test (chosen on heldout)"]
     assert b["reported"] == ["best.pt on test (chosen on test)"]
     # Each group is named by the fields that differ between groups.
-    assert [s["label"] for s in summaries] == [
-        "eval_split=heldout shots=4 top_k=16",
-        "eval_split=test shots=8 top_k=16",
-        "eval_split=test shots=8 top_k=8",
-    ]
-    assert (
-        "| eval_split=heldout shots=4 top_k=16 | 3 | 1, 2, 3 | 60.00 ± 10.00 | 45.00 ± 5.00 |"
-        in out
-    )
+    assert [s["label"] for s in summaries] == ["eval_split=heldout shots=4 top_k=16",
+                                               "eval_split=test shots=8 top_k=16",
+                                               "eval_split=test shots=8 top_k=8"]
+    assert "| eval_split=heldout shots=4 top_k=16 | 3 | 1, 2, 3 | 60.00 ± 10.00 | 45.00 ± 5.00 |" in out
     assert "| eval_split=test shots=8 top_k=16 | 2 | 1, 2 | 85.00 ± 7.07 | 75.00 ± 7.07 |" in out
     assert "| eval_split=test shots=8 top_k=8 | 1 | 1 | 75.00 | 65.00 |" in out
     assert json.load(open(tmp_path / "summary.json"))[0]["runs"] == runs[:3]
@@ -107,10 +74,7 @@ def test_groups_ignore_seed_and_paths_and_give_mean_and_sample_std(runs, tmp_pat
 
 def test_curves_are_redrawn_for_every_run(runs):
     report.main([*runs[:2], "--curves"])
-    with (
-        Image.open(runs[0] + "/curves.png") as first,
-        Image.open(runs[1] + "/curves.png") as second,
-    ):
+    with Image.open(runs[0] + "/curves.png") as first, Image.open(runs[1] + "/curves.png") as second:
         assert first.size == second.size == (1600, 1100)
         assert first.tobytes() != second.tobytes()  # different histories, different pictures
 

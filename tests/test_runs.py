@@ -2,7 +2,6 @@
 continues the recorded run (or refuses), values and data are checked before anything is loaded
 or written, errors are one line, caches are found by later processes, files get the user's
 normal permissions. (Ctrl-C and an exact resume from the middle of an epoch: test_scripts.py.)"""
-
 import hashlib
 import importlib.util
 import json
@@ -50,14 +49,9 @@ def first_run(tmp_path_factory):
     clip_file = str(root / "tiny-clip.pt")
     torch.save(tiny_state_dict(seed=0), clip_file)
     result = run(*quick_demo(root / "run", clip_file, "--epochs", "2"))
-    return {
-        "clip": clip_file,
-        "out": root / "run",
-        "cache": str(root / "run") + "-cache",
-        "best": str(root / "run" / "best.pt"),
-        "last": str(root / "run" / "last.pt"),
-        "stdout": result.stdout,
-    }
+    return {"clip": clip_file, "out": root / "run", "cache": str(root / "run") + "-cache",
+            "best": str(root / "run" / "best.pt"), "last": str(root / "run" / "last.pt"),
+            "stdout": result.stdout}
 
 
 def user_mode():
@@ -68,20 +62,12 @@ def user_mode():
 
 # -- run folders -------------------------------------------------------------------------------
 
-
 def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototypes(
-    train, first_run, tmp_path, capsys
-):
+        train, first_run, tmp_path, capsys):
     out = first_run["out"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert set(before) == {
-        "best.pt",
-        "last.pt",
-        "config.json",
-        "log.txt",
-        "metrics.jsonl",
-        "curves.png",
-    }
+    assert set(before) == {"best.pt", "last.pt", "config.json", "log.txt", "metrics.jsonl",
+                           "curves.png"}
     assert all(stat.S_IMODE(p.stat().st_mode) == user_mode() for p in out.iterdir())  # not 0600
 
     with pytest.raises(SystemExit) as error:
@@ -95,17 +81,8 @@ def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototyp
     # --overwrite, in a copy, in another process: the first run's prototype cache is found.
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    result = run(
-        *quick_demo(
-            copy,
-            first_run["clip"],
-            "--epochs",
-            "1",
-            "--overwrite",
-            "--cache-dir",
-            first_run["cache"],
-        )
-    )
+    result = run(*quick_demo(copy, first_run["clip"], "--epochs", "1", "--overwrite",
+                             "--cache-dir", first_run["cache"]))
     assert "prototypes: computed and cached" in first_run["stdout"]
     assert f"prototypes: loaded from {first_run['cache']}" in result.stdout
     assert [r["epoch"] for r in read_jsonl(copy / "metrics.jsonl")] == [1]
@@ -116,67 +93,35 @@ def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototyp
 
 # -- resume ------------------------------------------------------------------------------------
 
-
 def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys):
     last = first_run["last"]
-    cfg, model_cfg, _ = train.parse_config(
-        [
-            "--resume",
-            last,
-            "--epochs",
-            "4",
-            "--workers",
-            "0",
-            "--log-interval",
-            "3",
-            "--stop-after",
-            "3",
-            "--eval-every",
-            "2",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "16",
-        ]
-    )
-    assert (
-        cfg.epochs,
-        cfg.workers,
-        cfg.log_interval,
-        cfg.stop_after,
-        cfg.eval_every,
-        cfg.device,
-    ) == (4, 0, 3, 3, 2, "cpu")
+    cfg, model_cfg, _ = train.parse_config([
+        "--resume", last, "--epochs", "4", "--workers", "0", "--log-interval", "3",
+        "--stop-after", "3", "--eval-every", "2", "--device", "cpu", "--batch-size", "16"])
+    assert (cfg.epochs, cfg.workers, cfg.log_interval, cfg.stop_after, cfg.eval_every,
+            cfg.device) == (4, 0, 3, 3, 2, "cpu")
     assert cfg.out == str(first_run["out"])  # the run's own folder
     assert (cfg.lr, cfg.batch_size, cfg.demo, model_cfg.top_k) == (0.032, 16, True, 8)  # recorded
 
-    for extra in (
-        ["--lr", "0.1"],
-        ["--dataset", "rafdb"],
-        ["--data-root", "elsewhere"],
-        ["--batch-size", "8"],
-        ["--seed", "2"],
-        ["--amp", "bf16"],
-        ["--top-k", "4"],
-    ):
+    for extra in (["--lr", "0.1"], ["--dataset", "rafdb"], ["--data-root", "elsewhere"],
+                  ["--batch-size", "8"], ["--seed", "2"], ["--amp", "bf16"], ["--top-k", "4"]):
         with pytest.raises(SystemExit) as error:
             train.parse_config(["--resume", last, *extra])
         message = capsys.readouterr().err
         assert error.value.code == 2 and "would change it" in message, extra
         assert f"{extra[0]} " in message and "Start a new run" in message, extra
-    refusals = [
-        (["--epochs", "1"], "already trained 2 epoch(s); --epochs can only extend it"),
-        (["--overwrite"], "give one of them"),
-        (["--out", "elsewhere"], "a resumed run stays in its folder"),
-        (["--resume", first_run["best"]], "has no training state"),
-    ]
+    refusals = [(["--epochs", "1"], "already trained 2 epoch(s); --epochs can only extend it"),
+                (["--overwrite"], "give one of them"),
+                (["--out", "elsewhere"], "a resumed run stays in its folder"),
+                (["--resume", first_run["best"]], "has no training state")]
     for extra, expected in refusals:
         with pytest.raises(SystemExit):
             train.parse_config(["--resume", last, *extra])
         assert expected in capsys.readouterr().err, extra
 
 
-def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, tmp_path, capsys):
+def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, tmp_path,
+                                                              capsys):
     copy = tmp_path / "run"
     shutil.copytree(first_run["out"], copy)
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
@@ -192,36 +137,22 @@ def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, 
     assert records[:2] == read_jsonl(first_run["out"] / "metrics.jsonl")
     config = json.load(open(copy / "config.json"))
     assert config["train"]["epochs"] == 3 and config["train"]["out"] == str(copy)
-    assert config["resumed"] == [
-        {"from": str(copy / "last.pt"), "epoch": 2, "step": 0, "changed": {"epochs": [2, 3]}}
-    ]
+    assert config["resumed"] == [{"from": str(copy / "last.pt"), "epoch": 2, "step": 0,
+                                  "changed": {"epochs": [2, 3]}}]
     assert load_checkpoint(str(copy / "last.pt"))["epoch"] == 3
 
 
 # -- checked before anything expensive -----------------------------------------------------------
 
-
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--epochs", "0"], "--epochs"),
-        (["--batch-size", "0"], "--batch-size"),
-        (["--lr", "nan"], "--lr"),
-        (["--lr", "-1"], "--lr"),
-        (["--workers", "-1"], "--workers"),
-        (["--momentum", "1"], "--momentum"),
-        (["--weight-decay", "-1e-4"], "--weight-decay"),
-        (["--grad-clip", "-1"], "--grad-clip"),
-        (["--eval-every", "0"], "--eval-every"),
-        (["--log-interval", "0"], "--log-interval"),
-        (["--top-k", "0"], "--top-k"),
-        (["--tau", "0"], "--tau"),
-        (["--amp", "fp8"], "--amp"),
-        (["--epochs", "ten"], "--epochs"),
-        (["--classnames", "a,b"], "--classnames"),
-        (["--name", "a", "--out", "b"], "--name"),
-    ],
-)
+@pytest.mark.parametrize("flags, named", [
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--workers", "-1"], "--workers"),
+    (["--momentum", "1"], "--momentum"), (["--weight-decay", "-1e-4"], "--weight-decay"),
+    (["--grad-clip", "-1"], "--grad-clip"), (["--eval-every", "0"], "--eval-every"),
+    (["--log-interval", "0"], "--log-interval"), (["--top-k", "0"], "--top-k"),
+    (["--tau", "0"], "--tau"), (["--amp", "fp8"], "--amp"), (["--epochs", "ten"], "--epochs"),
+    (["--classnames", "a,b"], "--classnames"), (["--name", "a", "--out", "b"], "--name"),
+])
 def test_bad_values_are_one_line_argument_errors(train, capsys, flags, named):
     with pytest.raises(SystemExit) as error:
         train.parse_config(["--demo", *flags])
@@ -237,15 +168,10 @@ def test_unknown_dataset_is_one_line(train, capsys):
     assert len(message.splitlines()) == 1 and "--dataset must be one of" in message
 
 
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--batch-size", "0"], "--batch-size"),
-        (["--workers", "-2"], "--workers"),
-        (["--amp", "fp8"], "--amp"),
-        (["--dataset", "imagenet"], "--dataset"),
-    ],
-)
+@pytest.mark.parametrize("flags, named", [(["--batch-size", "0"], "--batch-size"),
+                                          (["--workers", "-2"], "--workers"),
+                                          (["--amp", "fp8"], "--amp"),
+                                          (["--dataset", "imagenet"], "--dataset")])
 def test_eval_bad_values_are_one_line_argument_errors(evaluate, capsys, flags, named):
     with pytest.raises(SystemExit) as error:
         evaluate.main(["--checkpoint", "best.pt", *flags])
@@ -263,43 +189,20 @@ def write_faces(root, folders):
 
 
 def test_a_corrupt_test_image_is_reported_before_clip_is_loaded_or_a_file_written(
-    train, evaluate, tmp_path
-):
+        train, evaluate, tmp_path):
     root = tmp_path / "faces"
     write_faces(root, ["happy", "Sad"])  # synonyms of happiness and sadness
     bad = root / "test" / "Sad" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     out, no_clip = tmp_path / "out", str(tmp_path / "no-such-clip.pt")
-    args = [
-        "--dataset",
-        "folder",
-        "--data-root",
-        str(root),
-        "--clip",
-        no_clip,
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-    ]
-    with pytest.raises(
-        ValueError, match=f"test split cannot be read, first: .*{bad}.*--skip-bad-images"
-    ):
+    args = ["--dataset", "folder", "--data-root", str(root), "--clip", no_clip, "--out", str(out),
+            "--workers", "0"]
+    with pytest.raises(ValueError, match=f"test split cannot be read, first: .*{bad}.*"
+                                         "--skip-bad-images"):
         train.main(args)
     with pytest.raises(ValueError, match="--skip-bad-images"):
-        evaluate.main(
-            [
-                "--zero-shot",
-                "--dataset",
-                "folder",
-                "--data-root",
-                str(root),
-                "--clip",
-                no_clip,
-                "--workers",
-                "0",
-            ]
-        )
+        evaluate.main(["--zero-shot", "--dataset", "folder", "--data-root", str(root), "--clip",
+                       no_clip, "--workers", "0"])
     # With --skip-bad-images the data passes, and CLIP is next.
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         with pytest.raises(RuntimeError, match="no-such-clip.pt"):
@@ -319,33 +222,15 @@ def test_classnames_name_other_folders(train, tmp_path):
     assert train_set.classnames == test_set.classnames == ("excited", "calm")
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"<!DOCTYPE html><html><body>404</body></html>",
-        b"just some text\n",
-        bytes(range(256)) * 4,
-        b"",
-    ],
-)
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html><body>404</body></html>",
+                                     b"just some text\n", bytes(range(256)) * 4, b""])
 def test_a_clip_file_that_is_not_a_checkpoint_is_one_line(train, tmp_path, content):
     fake = tmp_path / "ViT-B-16.pt"
     fake.write_bytes(content)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as error:
-        run_cli(
-            lambda: train.main(
-                [
-                    "--demo",
-                    "--clip",
-                    str(fake),
-                    "--out",
-                    str(out),
-                    "--cache-dir",
-                    str(tmp_path / "cache"),
-                ]
-            )
-        )
+        run_cli(lambda: train.main(["--demo", "--clip", str(fake), "--out", str(out),
+                                    "--cache-dir", str(tmp_path / "cache")]))
     message = str(error.value.code)
     assert message.startswith(f"error: {fake} is not a CLIP checkpoint")
     assert "\n" not in message and "weights_only" not in message
@@ -354,16 +239,12 @@ def test_a_clip_file_that_is_not_a_checkpoint_is_one_line(train, tmp_path, conte
 
 # -- eval.py ------------------------------------------------------------------------------------
 
-
 def test_eval_defaults_to_the_data_the_checkpoint_was_trained_on(evaluate, first_run, tmp_path):
     report = tmp_path / "eval.json"
     evaluate.main(["--checkpoint", first_run["best"], "--json", str(report)])  # no --demo
     metrics = json.load(open(report))
     assert (metrics["dataset"], metrics["split"], metrics["num_samples"]) == (
-        "synthetic-demo",
-        "test",
-        7 * 4,
-    )
+        "synthetic-demo", "test", 7 * 4)
     assert metrics["war"] == pytest.approx(load_checkpoint(first_run["best"])["metrics"]["war"])
 
 
@@ -373,18 +254,8 @@ def test_eval_reports_unreadable_images_and_goes_on(evaluate, first_run, tmp_pat
     text.write_text("not an image")
     report = tmp_path / "pred.json"
     with pytest.raises(SystemExit) as error:
-        evaluate.main(
-            [
-                "--checkpoint",
-                first_run["best"],
-                "--image",
-                str(missing),
-                str(good),
-                str(text),
-                "--json",
-                str(report),
-            ]
-        )
+        evaluate.main(["--checkpoint", first_run["best"], "--image", str(missing), str(good),
+                       str(text), "--json", str(report)])
     assert str(error.value.code).startswith("error: 2 of 3 image(s) could not be read")
     printed = capsys.readouterr()
     assert f"{good} [MPA-FER]:" in printed.out
@@ -393,7 +264,6 @@ def test_eval_reports_unreadable_images_and_goes_on(evaluate, first_run, tmp_pat
 
 
 # -- what makes a resume exact and a demo reproducible ----------------------------------------
-
 
 class Noisy(Dataset):
     """A stand-in for random augmentation: every item draws from torch's global RNG."""
@@ -463,7 +333,6 @@ def test_prompt_initialisation_does_not_depend_on_what_ran_before(train):
 
 # -- permissions ---------------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_get_the_users_normal_permissions(tmp_path, umask):
     source = tmp_path / "source.pt"
@@ -471,11 +340,8 @@ def test_written_files_get_the_users_normal_permissions(tmp_path, umask):
     previous = os.umask(umask)
     try:
         atomic_write_json({"war": 0.5}, str(tmp_path / "eval.json"))
-        downloaded = download(
-            source.as_uri(),
-            str(tmp_path / "weights"),
-            hashlib.sha256(b"pretend weights").hexdigest(),
-        )
+        downloaded = download(source.as_uri(), str(tmp_path / "weights"),
+                              hashlib.sha256(b"pretend weights").hexdigest())
     finally:
         os.umask(previous)
     for path in (tmp_path / "eval.json", downloaded):

@@ -1,5 +1,4 @@
 """train.py and eval.py as a user runs them: subprocesses on CPU with tiny CLIPs and synthetic faces."""
-
 import json
 import os
 import pickle
@@ -35,19 +34,7 @@ def test_demo_trains_end_to_end_and_learns(demo_run):
     assert "DEMO" in log and "synthetic" in log and "pre-training a tiny CLIP" in log
     records = read_jsonl(out / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in records] == list(range(1, 11))
-    for key in (
-        "loss",
-        "cls",
-        "ta",
-        "pa",
-        "v",
-        "lr",
-        "war",
-        "uar",
-        "images_per_second",
-        "seconds",
-        "eval_seconds",
-    ):
+    for key in ("loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds", "eval_seconds"):
         assert all(isinstance(r[key], float) for r in records), key
     assert all(r["eval_seconds"] > 0 for r in records) and "+ eval" in log  # evaluated every epoch
     best = max(r["war"] for r in records)
@@ -66,18 +53,8 @@ def test_demo_trains_end_to_end_and_learns(demo_run):
 def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
     out, _ = demo_run
     report = out / "eval.json"
-    result = run(
-        "eval.py",
-        "--demo",
-        "--checkpoint",
-        str(out / "run" / "best.pt"),
-        "--weights",
-        str(out / "weights"),
-        "--json",
-        str(report),
-        "--confusion-png",
-        str(out / "cm.png"),
-    )
+    result = run("eval.py", "--demo", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+                 "--json", str(report), "--confusion-png", str(out / "cm.png"))
     metrics = json.load(open(report))
     confusion = torch.tensor(metrics["confusion"])
     assert confusion.sum() == metrics["num_samples"] == 7 * 60
@@ -86,33 +63,18 @@ def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
     assert metrics["uar"] == pytest.approx(recalls.mean().item())
     for i, name in enumerate(metrics["classnames"]):
         assert metrics["per_class_recall"][name] == pytest.approx(recalls[i].item())
-    assert metrics["war"] == pytest.approx(
-        load_checkpoint(str(out / "run" / "best.pt"))["metrics"]["war"]
-    )
+    assert metrics["war"] == pytest.approx(load_checkpoint(str(out / "run" / "best.pt"))["metrics"]["war"])
     assert "per-class recall" in result.stdout and (out / "cm.png").stat().st_size > 0
 
 
 def test_eval_predicts_single_images_with_attention(demo_run):
     from mpafer.synthetic import SyntheticFaces
-
     out, _ = demo_run
     face = SyntheticFaces("test", 1, image_size=100, seed=5).load(1)  # a happy face
     face.save(out / "face.jpg")
-    result = run(
-        "eval.py",
-        "--checkpoint",
-        str(out / "run" / "best.pt"),
-        "--weights",
-        str(out / "weights"),
-        "--clip",
-        str(out / "weights" / "demo-tiny-clip-v2.pt"),
-        "--image",
-        str(out / "face.jpg"),
-        "--attention-png",
-        str(out / "attention.png"),
-        "--json",
-        str(out / "pred.json"),
-    )
+    result = run("eval.py", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+                 "--clip", str(out / "weights" / "demo-tiny-clip-v2.pt"), "--image", str(out / "face.jpg"),
+                 "--attention-png", str(out / "attention.png"), "--json", str(out / "pred.json"))
     probabilities = json.load(open(out / "pred.json"))[str(out / "face.jpg")]["MPA-FER"]
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and len(probabilities) == 7
     assert "happiness" in result.stdout and (out / "attention.png").is_file()
@@ -121,14 +83,8 @@ def test_eval_predicts_single_images_with_attention(demo_run):
 def interrupt_after_first_epoch(args):
     """Start train.py, press Ctrl-C (SIGINT) as soon as epoch 1 is logged -> the run's output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -143,27 +99,20 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file):
     # 10 steps an epoch: Ctrl-C pressed after epoch 1 lands in the middle of epoch 2 or 3.
     settings = ("--epochs", "3", "--log-interval", "1")
     run(*quick_demo(tmp_path / "straight", tiny_clip_file, *settings, per_class=24))
-    run(
-        *quick_demo(
-            tmp_path / "split", tiny_clip_file, *settings, "--stop-after", "1", per_class=24
-        )
-    )
+    run(*quick_demo(tmp_path / "split", tiny_clip_file, *settings, "--stop-after", "1",
+                    per_class=24))
     assert load_checkpoint(str(tmp_path / "split" / "last.pt"))["epoch"] == 1
-    run(
-        "train.py", "--resume", str(tmp_path / "split" / "last.pt")
-    )  # the run's own settings come back
+    run("train.py", "--resume", str(tmp_path / "split" / "last.pt"))  # the run's own settings come back
 
     code, stdout, stderr = interrupt_after_first_epoch(
-        quick_demo(tmp_path / "ctrl-c", tiny_clip_file, *settings, per_class=24)
-    )
+        quick_demo(tmp_path / "ctrl-c", tiny_clip_file, *settings, per_class=24))
     assert code == 130 and "Traceback" not in stderr
     stopped = load_checkpoint(str(tmp_path / "ctrl-c" / "last.pt"))
     # Usually step 1 of epoch 2; a slow machine may deliver the signal later, even at the end
     # of an epoch (then last.pt is that epoch's own).
     assert stopped["epoch"] in (1, 2) and 0 <= stopped["resume"]["step"] < 10
-    resume = re.search(
-        r"continue exactly where it stopped with: python (train.py --resume \S+)", stdout
-    )
+    resume = re.search(r"continue exactly where it stopped with: python (train.py --resume \S+)",
+                       stdout)
     assert resume and resume.group(1) == f"train.py --resume {tmp_path / 'ctrl-c' / 'last.pt'}"
     run(*resume.group(1).split())
 
@@ -172,55 +121,29 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file):
         resumed = load_checkpoint(str(tmp_path / other / "last.pt"))
         assert resumed["epoch"] == 3 and resumed["resume"]["step"] == 0
         for key in straight["state_dict"]:
-            torch.testing.assert_close(
-                straight["state_dict"][key], resumed["state_dict"][key], rtol=1e-6, atol=1e-7
-            )
+            torch.testing.assert_close(straight["state_dict"][key], resumed["state_dict"][key],
+                                       rtol=1e-6, atol=1e-7)
         records = read_jsonl(tmp_path / other / "metrics.jsonl")
         assert [r["epoch"] for r in records] == [1, 2, 3]
         for r, s in zip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"), records):
             # The loss sums of the interrupted epoch carried over: the same epoch means.
             assert r["loss"] == pytest.approx(s["loss"], rel=1e-6) and r["war"] == s["war"]
     history = json.load(open(tmp_path / "ctrl-c" / "config.json"))["resumed"]
-    assert [(h["epoch"], h["step"]) for h in history] == [
-        (stopped["epoch"], stopped["resume"]["step"])
-    ]
+    assert [(h["epoch"], h["step"]) for h in history] == [(stopped["epoch"],
+                                                           stopped["resume"]["step"])]
 
 
 def test_ddp_with_two_gloo_processes(tmp_path, tiny_clip_file):
-    torchrun = [
-        os.path.join(os.path.dirname(sys.executable), "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-    ]
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"]
     args = quick_demo(tmp_path / "ddp", tiny_clip_file, "--epochs", "2")
-    result = subprocess.run(
-        [*torchrun, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = subprocess.run([*torchrun, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]  # one line per epoch: only rank 0 logs
-    assert set(records[0]) >= {
-        "loss",
-        "cls",
-        "ta",
-        "pa",
-        "v",
-        "lr",
-        "war",
-        "uar",
-        "images_per_second",
-        "seconds",
-    }
+    assert set(records[0]) >= {"loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds"}
     checkpoint = load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
-    assert checkpoint["epoch"] == 2 and set(checkpoint["state_dict"]) == {
-        "text_prompts.ctx",
-        "visual_prompts.prompts",
-    }
+    assert checkpoint["epoch"] == 2 and set(checkpoint["state_dict"]) == {"text_prompts.ctx", "visual_prompts.prompts"}
     # The evaluation gathered every test image across both ranks exactly once.
     assert sum(sum(row) for row in checkpoint["metrics"]["confusion"]) == 7 * 4
 
@@ -247,37 +170,19 @@ def test_checkpoint_with_other_classes_or_clip_is_refused(tmp_path, tiny_clip_fi
     checkpoint = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     checkpoint["classnames"] = [*checkpoint["classnames"][:-1], "contempt"]
     torch.save(checkpoint, tmp_path / "other-classes.pt")
-    result = run(
-        "eval.py",
-        "--demo",
-        "--checkpoint",
-        str(tmp_path / "other-classes.pt"),
-        "--clip",
-        tiny_clip_file,
-        check=False,
-    )
+    result = run("eval.py", "--demo", "--checkpoint", str(tmp_path / "other-classes.pt"), "--clip", tiny_clip_file,
+                 check=False)
     assert result.returncode != 0 and "was trained on classes" in result.stderr
     other_clip = tmp_path / "other-clip.pt"
     torch.save(tiny_state_dict(seed=1), other_clip)
-    result = run(
-        "eval.py",
-        "--demo",
-        "--checkpoint",
-        str(tmp_path / "run" / "last.pt"),
-        "--clip",
-        str(other_clip),
-        check=False,
-    )
+    result = run("eval.py", "--demo", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--clip", str(other_clip),
+                 check=False)
     assert result.returncode != 0 and "was trained on CLIP" in result.stderr
 
 
 def test_nan_loss_stops_clearly_and_saves_nothing_bad(tmp_path, tiny_clip_file):
-    result = run(
-        *quick_demo(
-            tmp_path / "nan", tiny_clip_file, "--epochs", "2", "--lr", "1e30", "--log-interval", "1"
-        ),
-        check=False,
-    )
+    result = run(*quick_demo(tmp_path / "nan", tiny_clip_file, "--epochs", "2", "--lr", "1e30",
+                             "--log-interval", "1"), check=False)
     assert result.returncode == 1
     assert "stopping: the loss became" in result.stdout
     assert not (tmp_path / "nan" / "last.pt").exists()
@@ -288,18 +193,8 @@ def test_nan_loss_stops_clearly_and_saves_nothing_bad(tmp_path, tiny_clip_file):
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     # The data is checked before CLIP is looked at, and nothing is written.
-    result = run(
-        "train.py",
-        "--dataset",
-        "rafdb",
-        "--data-root",
-        str(tmp_path / "nowhere"),
-        "--clip",
-        "ViT-H/99",
-        "--out",
-        str(tmp_path / "x"),
-        check=False,
-    )
+    result = run("train.py", "--dataset", "rafdb", "--data-root", str(tmp_path / "nowhere"), "--clip", "ViT-H/99",
+                 "--out", str(tmp_path / "x"), check=False)
     assert result.returncode != 0 and "nowhere" in result.stderr and "ViT-H/99" not in result.stderr
     assert not (tmp_path / "x").exists()
     result = run("train.py", "--dataset", "imagenet", check=False)
@@ -313,51 +208,23 @@ def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
     from mpafer import clip
     from mpafer.expclip import add_teacher_features, cache_image_features
     from mpafer.synthetic import SyntheticFaces
-
     faces = SyntheticFaces("train", 3, image_size=48, seed=9)
     (tmp_path / "faces").mkdir()
     for i in range(len(faces)):
         faces.load(i).save(tmp_path / "faces" / f"{i:03d}.png")
     clip_model, _ = clip.load(tiny_clip_file)
     features = str(tmp_path / "feats.pt")
-    data = cache_image_features(
-        clip_model, str(tmp_path / "faces"), features, num_workers=0, progress=False
-    )
-    teacher = torch.nn.functional.normalize(
-        data["clip_features"] @ torch.randn(32, 64), dim=-1
-    )  # a planted teacher
+    data = cache_image_features(clip_model, str(tmp_path / "faces"), features, num_workers=0, progress=False)
+    teacher = torch.nn.functional.normalize(data["clip_features"] @ torch.randn(32, 64), dim=-1)  # a planted teacher
     add_teacher_features(features, teacher, "planted", "none")
-    result = run(
-        "train.py",
-        "--method",
-        "expclip",
-        "--features",
-        features,
-        "--out",
-        str(tmp_path / "head"),
-        "--batch-size",
-        "7",
-        "--epochs",
-        "3",
-    )
+    result = run("train.py", "--method", "expclip", "--features", features, "--out", str(tmp_path / "head"),
+                 "--batch-size", "7", "--epochs", "3")
     history = read_jsonl(tmp_path / "head" / "metrics.jsonl")
     assert [h["epoch"] for h in history] == [1, 2, 3] and "wrote" in result.stdout
     head = str(tmp_path / "head" / "expclip_head.pth")
     assert set(torch.load(head, weights_only=True)) == {"mlp.weight"}
-    result = run(
-        "eval.py",
-        "--method",
-        "expclip",
-        "--head",
-        head,
-        "--prompts",
-        "ensemble5",
-        "--demo",
-        "--clip",
-        tiny_clip_file,
-        "--json",
-        str(tmp_path / "side.json"),
-    )
+    result = run("eval.py", "--method", "expclip", "--head", head, "--prompts", "ensemble5", "--demo",
+                 "--clip", tiny_clip_file, "--json", str(tmp_path / "side.json"))
     assert "side by side:" in result.stdout
     report = json.load(open(tmp_path / "side.json"))
     assert set(report["all"]) == {"zero-shot CLIP (ensemble5)", "Exp-CLIP (ensemble5)"}

@@ -1,6 +1,5 @@
 """The research protocols' subsets: K shots per class, a stratified held-out validation part, and
 train.py running both on the RAF-DB layout with the final test report of best.pt."""
-
 import collections
 import copy
 import importlib.util
@@ -26,9 +25,7 @@ from tests.test_scripts import REPO, read_jsonl, run
 
 # Class sizes 1, 2, 5, 9 and 20, shuffled so classes are interleaved.
 TARGETS = [c for c, n in enumerate((1, 2, 5, 9, 20)) for _ in range(n)]
-TARGETS = [
-    TARGETS[i] for i in torch.randperm(len(TARGETS), generator=torch.Generator().manual_seed(0))
-]
+TARGETS = [TARGETS[i] for i in torch.randperm(len(TARGETS), generator=torch.Generator().manual_seed(0))]
 
 
 def per_class(indices, targets=TARGETS):
@@ -83,10 +80,7 @@ def test_subset_has_its_own_transform_and_lists_its_files(tmp_path):
     assert data[0][0] == "train-view"  # the full set is untouched
     items = subset.describe()
     assert [i["index"] for i in items] == [4, 0, 9]
-    assert (
-        items[0]["path"] == data.image_path(4)
-        and items[0]["label"] == data.classnames[data.targets[4]]
-    )
+    assert items[0]["path"] == data.image_path(4) and items[0]["label"] == data.classnames[data.targets[4]]
     assert subset.fingerprint() != Subset(data, [4, 0, 8]).fingerprint()
 
 
@@ -102,12 +96,8 @@ def test_val_fraction_makes_the_held_out_part_choose_best(train_script):
     cfg, _, _ = train_script.parse_config(["--val-fraction", "0.1", "--shots", "4"])
     assert (cfg.eval_split, cfg.val_fraction, cfg.shots) == (HELD_OUT, 0.1, 4)
     assert train_script.parse_config([])[0].eval_split == "test"
-    for bad in (
-        ["--val-fraction", "0.1", "--eval-split", "test"],
-        ["--val-fraction", "1"],
-        ["--shots", "-1"],
-        ["--eval-split", HELD_OUT],
-    ):
+    for bad in (["--val-fraction", "0.1", "--eval-split", "test"], ["--val-fraction", "1"],
+                ["--shots", "-1"], ["--eval-split", HELD_OUT]):
         with pytest.raises(SystemExit):
             train_script.parse_config(bad)
 
@@ -122,33 +112,9 @@ def rafdb_runs(tmp_path_factory):
     outs = []
     for seed in (1, 2):
         out = tmp / "runs" / f"seed{seed}"
-        run(
-            "train.py",
-            "--dataset",
-            "rafdb",
-            "--data-root",
-            str(root),
-            "--clip",
-            str(clip_file),
-            "--weights",
-            str(tmp / "weights"),
-            "--out",
-            str(out),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "7",
-            "--workers",
-            "0",
-            "--amp",
-            "off",
-            "--shots",
-            "3",
-            "--val-fraction",
-            "0.25",
-            "--seed",
-            str(seed),
-        )
+        run("train.py", "--dataset", "rafdb", "--data-root", str(root), "--clip", str(clip_file),
+            "--weights", str(tmp / "weights"), "--out", str(out), "--epochs", "2", "--batch-size", "7",
+            "--workers", "0", "--amp", "off", "--shots", "3", "--val-fraction", "0.25", "--seed", str(seed))
         outs.append(out)
     return root, outs
 

@@ -1,6 +1,5 @@
 """train.py's configuration: one flag per field with the field's own help, and the precedence
 defaults < dataset preset < --demo < flags given."""
-
 import argparse
 import dataclasses
 import importlib.util
@@ -38,9 +37,8 @@ def test_every_field_is_a_flag_whose_help_is_the_fields_metadata(train):
             assert f.metadata.get("help", "") in text, f.name
             assert "default" in text, f.name  # the default is always stated
     actions = flags(train, train.TrainConfig)
-    assert actions["log_interval"].help == (
-        "steps between loss syncs (progress bar, NaN check) (default 20)"
-    )
+    assert actions["log_interval"].help == ("steps between loss syncs (progress bar, NaN check) "
+                                            "(default 20)")
     assert actions["amp"].choices == ("auto", "bf16", "fp16", "off")
     assert isinstance(actions["demo"], argparse.BooleanOptionalAction)
 

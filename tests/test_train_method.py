@@ -1,6 +1,5 @@
 """train.py's method-level duties: per-term gradient norms at the first step, and DDP with
 learnable alignment and a validation split (2 gloo processes)."""
-
 import json
 import os
 import subprocess
@@ -38,31 +37,10 @@ def test_every_loss_term_moves_the_prompts_at_the_first_step(tmp_path):
     torch.save(tiny_state_dict(seed=0), clip_file)
     out = tmp_path / "run"
     result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--demo",
-            "--clip",
-            str(clip_file),
-            "--out",
-            str(out),
-            "--weights",
-            str(tmp_path / "w"),
-            "--demo-train-per-class",
-            "6",
-            "--demo-test-per-class",
-            "2",
-            "--batch-size",
-            "14",
-            "--epochs",
-            "1",
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        [sys.executable, "train.py", "--demo", "--clip", str(clip_file), "--out", str(out),
+         "--weights", str(tmp_path / "w"), "--demo-train-per-class", "6",
+         "--demo-test-per-class", "2", "--batch-size", "14", "--epochs", "1"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     norms = read_jsonl(out / "metrics.jsonl")[0]["grad_norms"]
     assert set(norms) == {"cls", "ta", "pa", "v"}
@@ -77,46 +55,16 @@ def test_ddp_learnable_alignment_and_validation_split(tmp_path):
     out = tmp_path / "ddp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            "--dataset",
-            "folder",
-            "--data-root",
-            root,
-            "--clip",
-            str(clip_file),
-            "--out",
-            str(out),
-            "--weights",
-            str(tmp_path / "w"),
-            "--eval-split",
-            "val",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "7",
-            "--workers",
-            "0",
-            "--top-k",
-            "4",
-            "--learnable-alignment",
-            "--attention-temperature",
-            "0.1",
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        [torchrun, "--standalone", "--nproc_per_node=2", "train.py", "--dataset", "folder",
+         "--data-root", root, "--clip", str(clip_file), "--out", str(out),
+         "--weights", str(tmp_path / "w"), "--eval-split", "val", "--epochs", "2",
+         "--batch-size", "7", "--workers", "0", "--top-k", "4", "--learnable-alignment",
+         "--attention-temperature", "0.1"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoint = load_checkpoint(str(out / "last.pt"))
-    assert {"alignment.q_proj.weight", "alignment.k_proj.weight", "alignment.v_proj.weight"} <= set(
-        checkpoint["state_dict"]
-    )
+    assert {"alignment.q_proj.weight", "alignment.k_proj.weight",
+            "alignment.v_proj.weight"} <= set(checkpoint["state_dict"])
     eye = torch.eye(checkpoint["state_dict"]["alignment.q_proj.weight"].shape[0])
     for name in ("q_proj", "k_proj", "v_proj"):  # every projection trained (DDP would fail if not)
         assert not torch.equal(checkpoint["state_dict"][f"alignment.{name}.weight"], eye), name

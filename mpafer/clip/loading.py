@@ -4,7 +4,6 @@ No file is ever unpickled with arbitrary code: plain checkpoints go through
 `torch.load(weights_only=True)`, and OpenAI's TorchScript archives are read by a small
 unpickler that only rebuilds tensors (their TorchScript code is never loaded or run).
 """
-
 import hashlib
 import os
 import pickle
@@ -80,10 +79,8 @@ def download(url: str, root: str, expected_sha256: str) -> str:
                     digest.update(chunk)
                     bar.update(len(chunk))
         if digest.hexdigest() != expected_sha256:
-            raise RuntimeError(
-                f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
-                f"{digest.hexdigest()}; the download was discarded"
-            )
+            raise RuntimeError(f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
+                               f"{digest.hexdigest()}; the download was discarded")
         os.chmod(tmp, _user_file_mode())  # mkstemp's files are private (0600)
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
@@ -101,15 +98,9 @@ def download(url: str, root: str, expected_sha256: str) -> str:
 # Reading checkpoints
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
 
@@ -137,17 +128,13 @@ class _TorchScriptUnpickler(pickle.Unpickler):
             return dict
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(
-            f"refusing to load '{module}.{name}' from a TorchScript archive"
-        )
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}' from a TorchScript archive")
 
     def persistent_load(self, pid):
         _, dtype, key, _location, _numel = pid  # ('storage', dtype, key, location, numel)
         if key not in self.storages:
             data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            self.storages[key] = (
-                torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            )
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
 
@@ -224,21 +211,11 @@ def safe_load(path: str, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f"refusing to load {what} {path}: it holds more than tensors and plain "
-            f"containers, and reading it would need arbitrary unpickling, which "
-            f"could run code from the file ({_unpickler_reason(e)})"
-        ) from None
-    except (
-        EOFError,
-        RuntimeError,
-        KeyError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-        zipfile.BadZipFile,
-    ) as e:
+        raise RuntimeError(f"refusing to load {what} {path}: it holds more than tensors and plain "
+                           f"containers, and reading it would need arbitrary unpickling, which "
+                           f"could run code from the file ({_unpickler_reason(e)})") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
+            ImportError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path} is not a valid {what}: torch.load failed ({reason})") from None
 
@@ -251,7 +228,7 @@ def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torc
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
@@ -263,12 +240,8 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return load_plain_state_dict(path, "CLIP checkpoint")
 
 
-def load(
-    name: str,
-    device: Union[str, torch.device, None] = None,
-    jit: bool = False,
-    download_root: Optional[str] = None,
-) -> Tuple[CLIP, object]:
+def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = False,
+         download_root: Optional[str] = None) -> Tuple[CLIP, object]:
     """OpenAI CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
     name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked) or
@@ -281,10 +254,8 @@ def load(
     Its `checkpoint_name` and `checkpoint_sha256` say which file it is (see `same_clip`).
     """
     if jit:
-        raise ValueError(
-            "mpafer.clip.load(jit=True): TorchScript models are not provided; "
-            "jit=False gives the same weights as an ordinary nn.Module"
-        )
+        raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "
+                         "jit=False gives the same weights as an ordinary nn.Module")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name in _MODELS:
@@ -294,10 +265,8 @@ def load(
     elif os.path.isfile(name):
         path, sha256 = name, sha256_of(name)
     else:
-        raise RuntimeError(
-            f"CLIP model {name!r} not found; available models: "
-            f"{available_models()}, or give the path of a checkpoint file"
-        )
+        raise RuntimeError(f"CLIP model {name!r} not found; available models: "
+                           f"{available_models()}, or give the path of a checkpoint file")
     try:
         model = build_model(read_checkpoint(path)).to(device)
     except (ValueError, KeyError) as e:

@@ -13,7 +13,6 @@ state dict loads with `strict=True`; the architecture is read off the state dict
   `encode_text_embeddings`); with none given, the computation is the plain path;
 - a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`).
 """
-
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -53,12 +52,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
-        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(
-            2, 0, 3, 1, 4
-        )  # [3, B, H, L, W/H]
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], is_causal=causal
-        )  # [B, H, L, W/H]
+        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, L, W/H]
         out = out.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
         return self.out_proj(out)
 
@@ -68,13 +63,8 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                c_fc=nn.Linear(width, width * 4),
-                gelu=QuickGELU(),
-                c_proj=nn.Linear(width * 4, width),
-            )
-        )
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width)))
         self.ln_2 = LayerNorm(width)
         self.causal = causal  # the text tower's blocks mask future tokens, as OpenAI's attn_mask
 
@@ -91,22 +81,13 @@ class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
-        self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)]
-        )
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
         # Activation checkpointing: keep only each block's input and recompute the block in the
         # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
         self.grad_checkpointing = False
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        batch_first: bool = False,
-        appended: LayerPrompts = None,
-        replaced: LayerPrompts = None,
-        replace_start: int = 1,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
+                replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
         """Run the blocks on `x`, with optional per-layer prompt tokens.
 
         x: `[L, N, W]`, OpenAI's sequence-first convention, so client code written for OpenAI's
@@ -126,9 +107,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.resblocks):
             if replaced is not None and i < len(replaced) and replaced[i] is not None:
                 p = _batched(replaced[i], B, x.dtype)
-                x = torch.cat(
-                    [x[:, :replace_start], p, x[:, replace_start + p.shape[1] :]], dim=1
-                )  # [B, L, W]
+                x = torch.cat([x[:, :replace_start], p, x[:, replace_start + p.shape[1]:]], dim=1)  # [B, L, W]
             append = appended is not None and i < len(appended) and appended[i] is not None
             if append:
                 x = torch.cat([x, _batched(appended[i], B, x.dtype)], dim=1)  # [B, L + P, W]
@@ -147,23 +126,12 @@ def _batched(p: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        input_resolution: int,
-        patch_size: int,
-        width: int,
-        layers: int,
-        heads: int,
-        output_dim: int,
-    ):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
+                 heads: int, output_dim: int):
         super().__init__()
-        self.input_resolution, self.patch_size, self.output_dim = (
-            input_resolution,
-            patch_size,
-            output_dim,
-        )
+        self.input_resolution, self.patch_size, self.output_dim = input_resolution, patch_size, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width**-0.5
+        scale = width ** -0.5
         grid = input_resolution // patch_size
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
@@ -192,32 +160,15 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(
-        self,
-        embed_dim: int,
-        image_resolution: int,
-        vision_layers: int,
-        vision_width: int,
-        vision_patch_size: int,
-        context_length: int,
-        vocab_size: int,
-        transformer_width: int,
-        transformer_heads: int,
-        transformer_layers: int,
-    ):
+    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
+                 vision_patch_size: int, context_length: int, vocab_size: int,
+                 transformer_width: int, transformer_heads: int, transformer_layers: int):
         super().__init__()
         self.context_length = context_length
-        self.visual = VisionTransformer(
-            image_resolution,
-            vision_patch_size,
-            vision_width,
-            vision_layers,
-            vision_width // 64 or 1,
-            embed_dim,
-        )
-        self.transformer = Transformer(
-            transformer_width, transformer_layers, transformer_heads, causal=True
-        )
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, vision_width // 64 or 1, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       causal=True)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -235,16 +186,16 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         t = self.transformer
-        proj_std = (t.width**-0.5) * ((2 * t.layers) ** -0.5)
-        attn_std, fc_std = t.width**-0.5, (2 * t.width) ** -0.5
+        proj_std = (t.width ** -0.5) * ((2 * t.layers) ** -0.5)
+        attn_std, fc_std = t.width ** -0.5, (2 * t.width) ** -0.5
         for block in t.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         for block in self.visual.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=self.visual.transformer.width**-0.5)
-        nn.init.normal_(self.text_projection, std=t.width**-0.5)
+            nn.init.normal_(block.attn.in_proj_weight, std=self.visual.transformer.width ** -0.5)
+        nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     def set_grad_checkpointing(self, enabled: bool = True):
         """Activation checkpointing in both towers: each block's activations are recomputed
@@ -262,9 +213,8 @@ class CLIP(nn.Module):
     def embed_dim(self) -> int:
         return self.text_projection.shape[1]
 
-    def encode_image(
-        self, image: torch.Tensor, prompts: LayerPrompts = None, return_tokens: bool = False
-    ):
+    def encode_image(self, image: torch.Tensor, prompts: LayerPrompts = None,
+                     return_tokens: bool = False):
         return self.visual(image.to(self.dtype), prompts=prompts, return_tokens=return_tokens)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
@@ -273,13 +223,8 @@ class CLIP(nn.Module):
         # The EOT token has the largest id in the vocabulary, so argmax finds its position.
         return self.encode_text_embeddings(x, text.argmax(dim=-1))
 
-    def encode_text_embeddings(
-        self,
-        x: torch.Tensor,
-        eot_positions: torch.Tensor,
-        deep_prompts: LayerPrompts = None,
-        prompt_start: int = 1,
-    ):
+    def encode_text_embeddings(self, x: torch.Tensor, eot_positions: torch.Tensor,
+                               deep_prompts: LayerPrompts = None, prompt_start: int = 1):
         """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`.
 
         eot_positions `[B]`: where each sequence's EOT token sits (its feature is the output).
@@ -321,12 +266,10 @@ def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
     CLIP or force another.
     """
     if same_clip(trained.get("sha256"), clip_model) is False:
-        raise ValueError(
-            f"{source} was trained on CLIP {trained.get('name')} (SHA-256 "
-            f"{trained['sha256'][:12]}...), but the loaded CLIP "
-            f"{clip_model.checkpoint_name or '?'} has SHA-256 "
-            f"{clip_model.checkpoint_sha256[:12]}...; {hint}"
-        )
+        raise ValueError(f"{source} was trained on CLIP {trained.get('name')} (SHA-256 "
+                         f"{trained['sha256'][:12]}...), but the loaded CLIP "
+                         f"{clip_model.checkpoint_name or '?'} has SHA-256 "
+                         f"{clip_model.checkpoint_sha256[:12]}...; {hint}")
 
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
@@ -339,17 +282,12 @@ def model_config(state_dict: dict) -> dict:
         if any(k.startswith("visual.layer1.") for k in state_dict):
             raise NotImplementedError(
                 "this is an OpenAI ResNet CLIP checkpoint (RN50, RN101, RN50x4, ...); mpafer "
-                "supports the ViT models only (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)"
-            )
-        raise ValueError(
-            "not an OpenAI CLIP state dict: no 'visual.proj' key "
-            f"(first keys: {sorted(state_dict)[:5]})"
-        )
+                "supports the ViT models only (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
+        raise ValueError("not an OpenAI CLIP state dict: no 'visual.proj' key "
+                         f"(first keys: {sorted(state_dict)[:5]})")
 
     def count_layers(prefix: str) -> int:
-        return sum(
-            1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")
-        )
+        return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
 
     vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -372,11 +310,8 @@ def build_model(state_dict: dict) -> CLIP:
     """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly.
 
     Its `checkpoint_name` and `checkpoint_sha256` are None: only `load` knows the file."""
-    state_dict = {
-        k: v
-        for k, v in state_dict.items()
-        if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")
-    }
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     model = CLIP(**model_config(state_dict))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     model.requires_grad_(False)

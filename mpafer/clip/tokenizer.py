@@ -3,7 +3,6 @@
 The vocabulary file `bpe_simple_vocab_16e6.txt.gz` is data from OpenAI's CLIP release (MIT
 licence); it sits beside this module and is read on first use.
 """
-
 import functools
 import gzip
 import html
@@ -15,9 +14,7 @@ import ftfy
 import regex
 import torch
 
-VOCAB_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz"
-)
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # 48,894 merges -> a 49,408-token vocabulary
 
@@ -29,11 +26,8 @@ def bytes_to_unicode() -> dict:
     Printable latin-1 bytes map to themselves; the other 68 map to code points 256 and up.
     The order (printable bytes first) fixes the first 256 token ids of the vocabulary.
     """
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     others = [b for b in range(256) if b not in printable]
     table = {b: chr(b) for b in printable}
     table.update({b: chr(256 + i) for i, b in enumerate(others)})
@@ -50,14 +44,12 @@ class SimpleTokenizer:
     """Byte-level BPE over OpenAI's merges; `encode` and `decode` are inverses up to cleaning."""
 
     # Special tokens, English contractions, letter runs, single digits, punctuation runs.
-    SPLIT = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        regex.IGNORECASE,
-    )
+    SPLIT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                          regex.IGNORECASE)
 
     def __init__(self, vocab_path: str = VOCAB_PATH):
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
-            merges = f.read().split("\n")[1 : NUM_MERGES + 1]  # first line is a version header
+            merges = f.read().split("\n")[1: NUM_MERGES + 1]  # first line is a version header
         merges = [tuple(m.split()) for m in merges]
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -117,9 +109,8 @@ def get_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def tokenize(
-    texts: Union[str, Sequence[str]], context_length: int = 77, truncate: bool = False
-) -> torch.LongTensor:
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77,
+             truncate: bool = False) -> torch.LongTensor:
     """Texts -> `[n, context_length]` token ids: SOT, BPE ids, EOT, zero padding.
 
     Text longer than the context is an error naming it, unless `truncate=True` (then the
@@ -133,10 +124,8 @@ def tokenize(
         ids = [tok.sot_token] + tok.encode(text) + [tok.eot_token]
         if len(ids) > context_length:
             if not truncate:
-                raise RuntimeError(
-                    f"text is {len(ids)} tokens long (with SOT/EOT), more than the "
-                    f"context length {context_length}: {text!r}"
-                )
+                raise RuntimeError(f"text is {len(ids)} tokens long (with SOT/EOT), more than the "
+                                   f"context length {context_length}: {text!r}")
             ids = ids[:context_length]
             ids[-1] = tok.eot_token
         result[i, : len(ids)] = torch.tensor(ids)

@@ -1,5 +1,4 @@
 """CLIP's image preprocessing (the `preprocess` that `mpafer.clip.load` returns)."""
-
 from torchvision import transforms as T
 
 # Per-channel statistics of OpenAI's CLIP training images (RGB, on [0, 1] pixels).
@@ -13,12 +12,10 @@ def _to_rgb(image):
 
 def clip_preprocess(resolution: int) -> T.Compose:
     """Bicubic resize of the short side, centre crop, RGB, ToTensor, CLIP normalisation."""
-    return T.Compose(
-        [
-            T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(resolution),
-            _to_rgb,
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    return T.Compose([
+        T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(resolution),
+        _to_rgb,
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])

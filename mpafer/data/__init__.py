@@ -6,7 +6,6 @@ One module per concern: `base` (the `FERDataset` base class, image loading, clea
 Every reader maps its dataset's labels onto the canonical class names of `mpafer.labels`;
 `build_dataset` picks a reader by name.
 """
-
 from ..labels import BASIC_CLASSES, CANONICAL_CLASSES
 from ..synthetic import SyntheticFaces
 from .affectnet import AFFECTNET_CLASSES, AFFECTNET_LAYOUT, AffectNet
@@ -63,50 +62,18 @@ def format_class_counts(dataset):
     counts = dataset.class_counts()
     total = max(sum(counts), 1)
     width = max(len(c) for c in dataset.classnames)
-    return "\n".join(
-        f"  {name:<{width}} {count:>7d} {100 * count / total:5.1f}%"
-        for name, count in zip(dataset.classnames, counts)
-    )
+    return "\n".join(f"  {name:<{width}} {count:>7d} {100 * count / total:5.1f}%"
+                     for name, count in zip(dataset.classnames, counts))
 
 
 __all__ = [
-    "AFFECTNET_CLASSES",
-    "AFFECTNET_LAYOUT",
-    "BASIC_CLASSES",
-    "CANONICAL_CLASSES",
-    "DATASET_NAMES",
-    "FERPLUS_LAYOUT",
-    "FERPLUS_VOTE_COLUMNS",
-    "FOLDER_LAYOUT",
-    "FOLDER_SYNONYMS",
-    "IMAGE_EXTENSIONS",
-    "RAFDB",
-    "RAFDB_CLASSES",
-    "RAFDB_EXPECTED_COUNTS",
-    "RAFDB_LABEL_FILE",
-    "RAFDB_LAYOUT",
-    "AffectNet",
-    "ClassBalancedSampler",
-    "FERDataset",
-    "FERPlus",
-    "FolderDataset",
-    "ResumableSampler",
-    "SeededAugmentation",
-    "SyntheticFaces",
-    "TrainBatchAugment",
-    "as_model_input",
-    "build_dataset",
-    "canonical_class",
-    "dataset_fingerprint",
-    "eval_transform",
-    "expclip_transform",
-    "ferplus_vote",
-    "format_class_counts",
-    "load_image",
-    "normalize_on_device",
-    "random_erasing_on_device",
-    "require_readable",
-    "to_rgb",
-    "train_transform",
-    "unreadable_images",
+    "AFFECTNET_CLASSES", "AFFECTNET_LAYOUT", "BASIC_CLASSES", "CANONICAL_CLASSES", "DATASET_NAMES",
+    "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "FOLDER_SYNONYMS",
+    "IMAGE_EXTENSIONS", "RAFDB", "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE",
+    "RAFDB_LAYOUT", "AffectNet", "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset",
+    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "TrainBatchAugment",
+    "as_model_input", "build_dataset", "canonical_class", "dataset_fingerprint",
+    "eval_transform", "expclip_transform", "ferplus_vote", "format_class_counts", "load_image",
+    "normalize_on_device", "random_erasing_on_device", "require_readable", "to_rgb",
+    "train_transform", "unreadable_images",
 ]

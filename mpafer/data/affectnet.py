@@ -1,5 +1,4 @@
 """AffectNet, 7 or 8 classes, from the CSV release or the per-image release."""
-
 import os
 
 import numpy as np
@@ -27,29 +26,13 @@ or the per-image release:
   train_set/annotations/<id>_exp.npy val_set/annotations/<id>_exp.npy
 """
 # AffectNet expression codes 0..7; codes 8+ (none, uncertain, no face) are dropped.
-AFFECTNET_CLASSES = (
-    "neutral",
-    "happiness",
-    "sadness",
-    "surprise",
-    "fear",
-    "disgust",
-    "anger",
-    "contempt",
-)
-AFFECTNET_CSV_COLUMNS = (
-    "subDirectory_filePath",
-    "face_x",
-    "face_y",
-    "face_width",
-    "face_height",
-    "expression",
-)
-_AFFECTNET_SPLITS = {
-    "train": ("training.csv", "train_set"),
-    "test": ("validation.csv", "val_set"),
-    "val": ("validation.csv", "val_set"),
-}
+AFFECTNET_CLASSES = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger",
+                     "contempt")
+AFFECTNET_CSV_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width",
+                         "face_height", "expression")
+_AFFECTNET_SPLITS = {"train": ("training.csv", "train_set"),
+                     "test": ("validation.csv", "val_set"),
+                     "val": ("validation.csv", "val_set")}
 
 
 class AffectNet(FERDataset):
@@ -81,13 +64,11 @@ class AffectNet(FERDataset):
             files, targets = self._scan_per_image(folder)
             boxes, source = None, folder
         else:
-            raise missing_error(
-                f"{csv_path} or {folder}", f"AffectNet {split} split", AFFECTNET_LAYOUT
-            )
+            raise missing_error(f"{csv_path} or {folder}", f"AffectNet {split} split",
+                                AFFECTNET_LAYOUT)
         if not files:
-            raise ValueError(
-                f"{source}: no AffectNet images with expression codes 0..{num_classes - 1}"
-            )
+            raise ValueError(f"{source}: no AffectNet images with expression codes "
+                             f"0..{num_classes - 1}")
         self._set_items(files, targets, boxes, skip_bad_images, source, AFFECTNET_LAYOUT)
 
     def _parse_csv(self, path):
@@ -98,15 +79,12 @@ class AffectNet(FERDataset):
                 raise ValueError(f"{path}:{line}: negative expression code {code}")
             if code >= self.num_classes:
                 continue
-            x, y, w, h = (
-                parse_int(row[c], path, line, c)
-                for c in ("face_x", "face_y", "face_width", "face_height")
-            )
+            x, y, w, h = (parse_int(row[c], path, line, c)
+                          for c in ("face_x", "face_y", "face_width", "face_height"))
             if w <= 0 or h <= 0:
                 raise ValueError(f"{path}:{line}: empty face box {w}x{h}")
-            files.append(
-                os.path.join("Manually_Annotated_Images", row["subDirectory_filePath"].strip())
-            )
+            files.append(os.path.join("Manually_Annotated_Images",
+                                      row["subDirectory_filePath"].strip()))
             targets.append(code)
             boxes.append((x, y, x + w, y + h))
         return files, targets, boxes
@@ -136,9 +114,8 @@ def _read_expression_npy(path):
         value = np.load(path, allow_pickle=False)
         code = int(value.item())
     except (OSError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"{path}: expected an integer expression code, got error: {error}"
-        ) from error
+        raise ValueError(f"{path}: expected an integer expression code, got error: "
+                         f"{error}") from error
     if code < 0:
         raise ValueError(f"{path}: negative expression code {code}")
     return code

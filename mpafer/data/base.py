@@ -12,7 +12,6 @@ expected layout, a malformed label line names `file:line`, an unreadable image n
 path. `skip_bad_images=True` checks every image at construction and drops (and reports)
 the unreadable ones instead.
 """
-
 import csv
 import hashlib
 import json
@@ -33,7 +32,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # ----------------------------------------------------------------------------- errors
 
-
 def missing_error(path, what, layout):
     return FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout.rstrip()}")
 
@@ -50,9 +48,8 @@ def require_dir(path, what, layout):
 
 def check_split(split, valid, dataset_name):
     if split not in valid:
-        raise ValueError(
-            f"unknown split {split!r} for {dataset_name}; valid splits: {', '.join(valid)}"
-        )
+        raise ValueError(f"unknown split {split!r} for {dataset_name}; "
+                         f"valid splits: {', '.join(valid)}")
 
 
 def read_csv_rows(path, required_columns):
@@ -62,17 +59,14 @@ def read_csv_rows(path, required_columns):
         header = [name.strip() for name in next(reader, [])]
         missing = [c for c in required_columns if c not in header]
         if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)} "
-                f"(header is {','.join(header) or '<empty>'})"
-            )
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} "
+                             f"(header is {','.join(header) or '<empty>'})")
         for row in reader:
             if not row:  # blank line
                 continue
             if len(row) != len(header):
-                raise ValueError(
-                    f"{path}:{reader.line_num}: expected {len(header)} fields, got {len(row)}"
-                )
+                raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields, "
+                                 f"got {len(row)}")
             yield reader.line_num, dict(zip(header, row))
 
 
@@ -84,7 +78,6 @@ def parse_int(text, path, line, what):
 
 
 # ----------------------------------------------------------------------------- images
-
 
 def load_image(path, box=None):
     """Read an image fully and return it as RGB, optionally cropped to box (x0, y0, x1, y1).
@@ -128,7 +121,8 @@ class FERDataset(Dataset):
         self._files = np.array([], dtype=bytes)
         self._boxes = None
 
-    def _set_items(self, files, targets, boxes=None, skip_bad_images=False, source=None, layout=""):
+    def _set_items(self, files, targets, boxes=None, skip_bad_images=False, source=None,
+                   layout=""):
         """Store the parsed items; check that every image is there (and readable if asked).
 
         files: paths relative to self.root; boxes: optional [N, 4] crop boxes (x0, y0, x1, y1);
@@ -142,11 +136,8 @@ class FERDataset(Dataset):
             if bad:
                 for path in bad:
                     logger.warning("skipping unreadable image %s", path)
-                warnings.warn(
-                    f"skipped {len(bad)} unreadable image(s) of {len(paths)} listed in "
-                    f"{source}; first: {', '.join(bad[:5])}",
-                    stacklevel=3,
-                )
+                warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(paths)} listed in "
+                              f"{source}; first: {', '.join(bad[:5])}", stacklevel=3)
             keep = [i for i, ok in enumerate(good) if ok]
             files = [files[i] for i in keep]
             targets = [targets[i] for i in keep]
@@ -161,8 +152,7 @@ class FERDataset(Dataset):
                 raise FileNotFoundError(
                     f"{len(missing)} image(s) listed in {source} not found, first: "
                     f"{missing[0]}\nExpected layout:\n{layout.rstrip()}\n"
-                    "(pass skip_bad_images=True to drop missing or unreadable images)"
-                )
+                    "(pass skip_bad_images=True to drop missing or unreadable images)")
         self._files = np.array([f.encode("utf-8") for f in files], dtype=bytes)
         self.targets = [int(t) for t in targets]
         self._boxes = None if boxes is None else np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
@@ -179,9 +169,8 @@ class FERDataset(Dataset):
         return [self.image_path(i) for i in range(len(self))]
 
     def class_counts(self):
-        return np.bincount(
-            np.asarray(self.targets, dtype=np.int64), minlength=len(self.classnames)
-        ).tolist()
+        return np.bincount(np.asarray(self.targets, dtype=np.int64),
+                           minlength=len(self.classnames)).tolist()
 
     def load(self, index):
         """The untransformed RGB PIL image of item `index`."""
@@ -201,11 +190,9 @@ def dataset_fingerprint(dataset):
     files = getattr(dataset, "_files", None)
     names = [f.decode("utf-8") for f in files] if files is not None and len(files) else []
     boxes = getattr(dataset, "_boxes", None)
-    items = {
-        "names": names or list(getattr(dataset, "image_names", [])),
-        "targets": [int(t) for t in dataset.targets],
-        "boxes": None if boxes is None else np.asarray(boxes).tolist(),
-    }
+    items = {"names": names or list(getattr(dataset, "image_names", [])),
+             "targets": [int(t) for t in dataset.targets],
+             "boxes": None if boxes is None else np.asarray(boxes).tolist()}
     return hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()
 
 
@@ -224,17 +211,8 @@ def unreadable_images(dataset, workers=4):
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         found = pool.map(problem, range(len(dataset)), chunksize=64)
-        return [
-            p
-            for p in tqdm(
-                found,
-                total=len(dataset),
-                desc="checking images",
-                leave=False,
-                disable=len(dataset) < 2000,
-            )
-            if p is not None
-        ]
+        return [p for p in tqdm(found, total=len(dataset), desc="checking images", leave=False,
+                                disable=len(dataset) < 2000) if p is not None]
 
 
 def require_readable(dataset, split, workers=4):
@@ -242,19 +220,16 @@ def require_readable(dataset, split, workers=4):
     front, so a corrupt test image stops a run before its first epoch, not after it)."""
     bad = unreadable_images(dataset, workers)
     if bad:
-        raise ValueError(
-            f"{len(bad)} image(s) of the {split} split cannot be read, first: "
-            f"{bad[0][1]}; replace them, or leave unreadable images out with "
-            "--skip-bad-images (skip_bad_images=True in Python)"
-        )
+        raise ValueError(f"{len(bad)} image(s) of the {split} split cannot be read, first: "
+                         f"{bad[0][1]}; replace them, or leave unreadable images out with "
+                         "--skip-bad-images (skip_bad_images=True in Python)")
 
 
 def _readable_images(paths, boxes=None):
     """For each path, whether the image opens and decodes fully."""
     ok = []
-    for i, path in enumerate(
-        tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 2000)
-    ):
+    for i, path in enumerate(tqdm(paths, desc="checking images", leave=False,
+                                  disable=len(paths) < 2000)):
         try:
             load_image(path, None if boxes is None else boxes[i])
             ok.append(True)

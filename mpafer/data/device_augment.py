@@ -12,7 +12,6 @@ its defaults, one independent draw per image, vectorised; its randomness comes f
 `torch.Generator`, which `TrainBatchAugment` seeds from (seed, epoch, step, rank), so a resumed
 run erases exactly what an uninterrupted one does.
 """
-
 import math
 from functools import lru_cache
 
@@ -39,10 +38,8 @@ def _clip_stats(device: torch.device):
 def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [B, 3, H, W] -> float32 CLIP-normalised [B, 3, H, W], on their device."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"normalize_on_device expects uint8 images [B, 3, H, W], got "
-            f"{images.dtype} {list(images.shape)}"
-        )
+        raise ValueError(f"normalize_on_device expects uint8 images [B, 3, H, W], got "
+                         f"{images.dtype} {list(images.shape)}")
     mean, std = _clip_stats(images.device)
     # ToTensor: float32 / 255; Normalize: (x - mean) / std. The same ops, so the same bits.
     return images.float().div_(255).sub_(mean).div_(std)
@@ -54,12 +51,8 @@ def as_model_input(images: torch.Tensor) -> torch.Tensor:
     return normalize_on_device(images) if images.dtype == torch.uint8 else images
 
 
-def random_erasing_on_device(
-    images: torch.Tensor,
-    p: float = RANDOM_ERASING_P,
-    generator: torch.Generator = None,
-    value: float = 0.0,
-) -> torch.Tensor:
+def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
+                             generator: torch.Generator = None, value: float = 0.0) -> torch.Tensor:
     """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on every image
     of a batch [B, C, H, W] independently, in a few batched operations (no host sync).
 
@@ -72,13 +65,10 @@ def random_erasing_on_device(
     device, attempts = images.device, ERASE_ATTEMPTS
     u = torch.rand(batch, 3 + 2 * attempts, generator=generator, device=device)  # [B, 3 + 2A]
     erase = u[:, 0] < p  # [B]
-    area = (
-        height
-        * width
-        * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * u[:, 3 : 3 + attempts])
-    )  # [B, A]
+    area = height * width * (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0])
+                             * u[:, 3:3 + attempts])  # [B, A]
     low, high = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
-    aspect = torch.exp(low + (high - low) * u[:, 3 + attempts :])  # [B, A]
+    aspect = torch.exp(low + (high - low) * u[:, 3 + attempts:])  # [B, A]
     h = torch.round(torch.sqrt(area * aspect))  # [B, A], half to even like Python's round()
     w = torch.round(torch.sqrt(area / aspect))
     fits = (h < height) & (w < width)  # [B, A]
@@ -97,7 +87,7 @@ def random_erasing_on_device(
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
     """A 63-bit seed for one training batch, mixed from (seed, epoch, step, rank)."""
-    words = [seed % 2**63, epoch, step, rank]
+    words = [seed % 2 ** 63, epoch, step, rank]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -108,9 +98,8 @@ class TrainBatchAugment:
     seeded by (seed, epoch, step, rank), so any batch can be redone exactly, also after a resume.
     """
 
-    def __init__(
-        self, device: torch.device, seed: int, rank: int = 0, erase_p: float = RANDOM_ERASING_P
-    ):
+    def __init__(self, device: torch.device, seed: int, rank: int = 0,
+                 erase_p: float = RANDOM_ERASING_P):
         self.generator = torch.Generator(device=device)
         self.seed, self.rank, self.erase_p = seed, rank, erase_p
 

@@ -1,5 +1,4 @@
 """FERPlus (8 classes) by majority vote, from the CSV files or the exported folders."""
-
 import csv
 import os
 
@@ -30,11 +29,9 @@ or the folders written by FERPlus's generate_training_data.py:
   FER2013Test/label.csv,  FER2013Test/fer*.png
 """
 FERPLUS_VOTE_COLUMNS = CANONICAL_CLASSES + ("unknown", "NF")  # fer2013new.csv column order
-_FERPLUS_SPLITS = {
-    "train": ("Training", "FER2013Train"),
-    "val": ("PublicTest", "FER2013Valid"),
-    "test": ("PrivateTest", "FER2013Test"),
-}
+_FERPLUS_SPLITS = {"train": ("Training", "FER2013Train"),
+                   "val": ("PublicTest", "FER2013Valid"),
+                   "test": ("PrivateTest", "FER2013Test")}
 
 
 def ferplus_vote(votes):
@@ -83,16 +80,13 @@ class FERPlus(FERDataset):
             self._read_folder(folder, skip_bad_images)
         else:
             missing = [p for p in (fer_csv, new_csv) if not os.path.isfile(p)]
-            raise missing_error(
-                f"{' and '.join(missing)} (or the folder {folder})",
-                f"FERPlus {split} data",
-                FERPLUS_LAYOUT,
-            )
+            raise missing_error(f"{' and '.join(missing)} (or the folder {folder})",
+                           f"FERPlus {split} data", FERPLUS_LAYOUT)
 
     def _read_csvs(self, fer_csv, new_csv, usage):
         # fer2013.csv (~300 MB) is streamed; fer2013new.csv is small enough to hold.
         new_rows = list(read_csv_rows(new_csv, ("Usage", "Image name") + FERPLUS_VOTE_COLUMNS))
-        out_of_step = f"{fer_csv} and {new_csv} must list the same images in the same order"
+        out_of_step = (f"{fer_csv} and {new_csv} must list the same images in the same order")
         names, targets, images = [], [], []
         fer_rows = 0
         for line, row in read_csv_rows(fer_csv, ("pixels", "Usage")):
@@ -103,10 +97,8 @@ class FERPlus(FERDataset):
             # The files are matched by row order only: a different Usage means they are out
             # of step (edited or re-sorted), which would otherwise mislabel silently.
             if row["Usage"].strip() != new_row["Usage"].strip():
-                raise ValueError(
-                    f"{fer_csv}:{line} has Usage {row['Usage']!r} but "
-                    f"{new_csv}:{new_line} has {new_row['Usage']!r}; {out_of_step}"
-                )
+                raise ValueError(f"{fer_csv}:{line} has Usage {row['Usage']!r} but "
+                                 f"{new_csv}:{new_line} has {new_row['Usage']!r}; {out_of_step}")
             if row["Usage"].strip() != usage or not new_row["Image name"].strip():
                 continue
             votes = [parse_int(new_row[c], new_csv, new_line, c) for c in FERPLUS_VOTE_COLUMNS]
@@ -117,9 +109,8 @@ class FERPlus(FERDataset):
             targets.append(label)
             images.append(_parse_pixels(row["pixels"], fer_csv, line))
         if fer_rows != len(new_rows):
-            raise ValueError(
-                f"{fer_csv} has {fer_rows} rows but {new_csv} has {len(new_rows)}; {out_of_step}"
-            )
+            raise ValueError(f"{fer_csv} has {fer_rows} rows but {new_csv} has {len(new_rows)}; "
+                             f"{out_of_step}")
         if not targets:
             raise ValueError(f"{new_csv}: no labelled {usage} faces")
         self._pixels = np.stack(images)
@@ -138,12 +129,11 @@ class FERPlus(FERDataset):
                 # Rows are "<name>,<face box>,<10 votes>"; FERPlus's own script writes them
                 # without the face box (always the full 48x48 image, so we ignore it).
                 if len(row) not in (11, 12):
-                    raise ValueError(
-                        f"{label_file}:{reader.line_num}: expected "
-                        f"'<image name>,[\"(x, y, w, h)\",]<10 vote counts>', "
-                        f"got {len(row)} fields"
-                    )
-                votes = [parse_int(v, label_file, reader.line_num, "vote count") for v in row[-10:]]
+                    raise ValueError(f"{label_file}:{reader.line_num}: expected "
+                                     f"'<image name>,[\"(x, y, w, h)\",]<10 vote counts>', "
+                                     f"got {len(row)} fields")
+                votes = [parse_int(v, label_file, reader.line_num, "vote count")
+                         for v in row[-10:]]
                 label = ferplus_vote(votes)
                 if label is not None and row[0].strip():
                     files.append(os.path.join(os.path.basename(folder), row[0].strip()))
@@ -151,13 +141,8 @@ class FERPlus(FERDataset):
         if not files:
             raise ValueError(f"{label_file}: no labelled faces")
         self.image_names = [os.path.basename(f) for f in files]
-        self._set_items(
-            files,
-            targets,
-            skip_bad_images=skip_bad_images,
-            source=label_file,
-            layout=FERPLUS_LAYOUT,
-        )
+        self._set_items(files, targets, skip_bad_images=skip_bad_images, source=label_file,
+                        layout=FERPLUS_LAYOUT)
 
     def image_path(self, index):
         if self._pixels is not None:

@@ -1,5 +1,4 @@
 """Images in root/<split>/<class folder>/, for any dataset without a dedicated reader."""
-
 import os
 import warnings
 
@@ -7,19 +6,11 @@ from ..labels import CANONICAL_CLASSES
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 
 # The usual folder names for the canonical classes (FER2013's folders, adjectives), any case.
-FOLDER_SYNONYMS = {
-    "angry": "anger",
-    "happy": "happiness",
-    "sad": "sadness",
-    "surprised": "surprise",
-    "fearful": "fear",
-    "disgusted": "disgust",
-    "contemptuous": "contempt",
-}
-EXPLICIT_HINT = (
-    "rename the folder, or name the classes explicitly: --classnames a,b,c in the "
-    "scripts (the folder names, in label order), classnames=[...] in Python"
-)
+FOLDER_SYNONYMS = {"angry": "anger", "happy": "happiness", "sad": "sadness",
+                   "surprised": "surprise", "fearful": "fear", "disgusted": "disgust",
+                   "contemptuous": "contempt"}
+EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classnames a,b,c in the "
+                 "scripts (the folder names, in label order), classnames=[...] in Python")
 
 FOLDER_LAYOUT = """\
 <root>/
@@ -52,16 +43,13 @@ class FolderDataset(FERDataset):
         require_dir(self.root, "dataset root", FOLDER_LAYOUT)
         split_dir = os.path.join(self.root, split)
         if not os.path.isdir(split_dir):
-            found = sorted(
-                d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d))
-            )
-            raise missing_error(
-                split_dir, f"split folder (found: {', '.join(found) or 'none'})", FOLDER_LAYOUT
-            )
+            found = sorted(d for d in os.listdir(self.root)
+                           if os.path.isdir(os.path.join(self.root, d)))
+            raise missing_error(split_dir, f"split folder (found: {', '.join(found) or 'none'})",
+                                FOLDER_LAYOUT)
         if classnames is None:
-            splits = {split} | {
-                s for s in ("train", "val", "test") if os.path.isdir(os.path.join(self.root, s))
-            }
+            splits = {split} | {s for s in ("train", "val", "test")
+                                if os.path.isdir(os.path.join(self.root, s))}
             found = set()
             for name in sorted(splits):
                 found.update(self._class_folders(os.path.join(self.root, name)))
@@ -71,10 +59,8 @@ class FolderDataset(FERDataset):
             classnames = tuple(classnames)
             unknown = sorted(set(_subfolders(split_dir)) - set(classnames))
             if unknown:
-                raise ValueError(
-                    f"{split_dir}: folder(s) {', '.join(unknown)} are not in "
-                    f"classnames {list(classnames)}"
-                )
+                raise ValueError(f"{split_dir}: folder(s) {', '.join(unknown)} are not in "
+                                 f"classnames {list(classnames)}")
             folders = {c: c for c in classnames if os.path.isdir(os.path.join(split_dir, c))}
         self.classnames = classnames
 
@@ -88,9 +74,8 @@ class FolderDataset(FERDataset):
                     targets.append(label)
         if not files:
             raise ValueError(f"{split_dir}: no images found\nExpected layout:\n{FOLDER_LAYOUT}")
-        self._set_items(
-            files, targets, skip_bad_images=skip_bad_images, source=split_dir, layout=FOLDER_LAYOUT
-        )
+        self._set_items(files, targets, skip_bad_images=skip_bad_images, source=split_dir,
+                        layout=FOLDER_LAYOUT)
         empty = [c for c, n in zip(classnames, self.class_counts()) if n == 0]
         if empty:
             warnings.warn(f"{split_dir}: no images for class(es) {', '.join(empty)}", stacklevel=2)
@@ -100,26 +85,20 @@ class FolderDataset(FERDataset):
         """{canonical class: folder name} of the class folders in `split_dir`."""
         names = _subfolders(split_dir)
         if names and all(n.isdigit() for n in names):
-            raise ValueError(
-                f"{split_dir}: the class folders are numbered ({', '.join(names)}), "
-                "not named; rename them to class names ("
-                f"{', '.join(CANONICAL_CLASSES)} or the usual synonyms such as "
-                "happy, sad, angry)"
-            )
+            raise ValueError(f"{split_dir}: the class folders are numbered ({', '.join(names)}), "
+                             "not named; rename them to class names ("
+                             f"{', '.join(CANONICAL_CLASSES)} or the usual synonyms such as "
+                             "happy, sad, angry)")
         folders = {}
         for name in names:
             canonical = canonical_class(name)
             if canonical is None:
-                raise ValueError(
-                    f"{os.path.join(split_dir, name)}: {name!r} is not a class name "
-                    f"({', '.join(CANONICAL_CLASSES)}, any case, or a usual synonym "
-                    f"such as happy, sad, angry); {EXPLICIT_HINT}"
-                )
+                raise ValueError(f"{os.path.join(split_dir, name)}: {name!r} is not a class name "
+                                 f"({', '.join(CANONICAL_CLASSES)}, any case, or a usual synonym "
+                                 f"such as happy, sad, angry); {EXPLICIT_HINT}")
             if canonical in folders:
-                raise ValueError(
-                    f"{split_dir}: folders {folders[canonical]!r} and {name!r} both "
-                    f"mean {canonical!r}; merge them"
-                )
+                raise ValueError(f"{split_dir}: folders {folders[canonical]!r} and {name!r} both "
+                                 f"mean {canonical!r}; merge them")
             folders[canonical] = name
         return folders
 

@@ -3,7 +3,6 @@
 A picture far from square, or much larger than the model's input, is probably not a face crop.
 It is centre-cropped to a square (so no transform squashes it) and the caller prints a note.
 """
-
 from typing import Optional, Tuple
 
 from PIL import Image
@@ -33,8 +32,6 @@ def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Option
     if large:
         reasons.append(f"larger than {MAX_SIZE_FACTOR}x the model's {resolution}px input")
     side = min(width, height)
-    note = (
-        f"{width}x{height} picture ({'; '.join(reasons)}): expected a cropped face; using "
-        f"its centre {side}x{side} square. Crop the face first for a meaningful prediction."
-    )
+    note = (f"{width}x{height} picture ({'; '.join(reasons)}): expected a cropped face; using "
+            f"its centre {side}x{side} square. Crop the face first for a meaningful prediction.")
     return centre_square(image), note

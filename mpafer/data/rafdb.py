@@ -1,5 +1,4 @@
 """RAF-DB, basic expressions (7 classes)."""
-
 import os
 import warnings
 
@@ -19,7 +18,7 @@ RAFDB_LABEL_FILE = os.path.join("EmoLabel", "list_patition_label.txt")
 # Official basic-expression split sizes and per-label counts (labels 1..7).
 RAFDB_EXPECTED_COUNTS = {
     "train": [1290, 281, 717, 4772, 1982, 705, 2524],  # 12,271 images
-    "test": [329, 74, 160, 1185, 478, 162, 680],  # 3,068 images
+    "test": [329, 74, 160, 1185, 478, 162, 680],       # 3,068 images
 }
 
 
@@ -40,24 +39,21 @@ class RAFDB(FERDataset):
         require_dir(self.root, "RAF-DB root", RAFDB_LAYOUT)
         label_file = os.path.join(self.root, RAFDB_LABEL_FILE)
         require_file(label_file, "RAF-DB label file", RAFDB_LAYOUT)
-        require_dir(
-            os.path.join(self.root, "Image", "aligned"), "RAF-DB image folder", RAFDB_LAYOUT
-        )
+        require_dir(os.path.join(self.root, "Image", "aligned"), "RAF-DB image folder",
+                     RAFDB_LAYOUT)
 
         files, targets = [], []
         for name, label in _parse_rafdb_labels(label_file):
             if name.startswith(split + "_"):
-                stem = name[: -len(".jpg")]
+                stem = name[:-len(".jpg")]
                 files.append(os.path.join("Image", "aligned", f"{stem}_aligned.jpg"))
                 targets.append(label - 1)
         if not files:
-            raise ValueError(
-                f"{label_file}: no {split}_* images listed\nExpected layout:\n{RAFDB_LAYOUT}"
-            )
+            raise ValueError(f"{label_file}: no {split}_* images listed\n"
+                             f"Expected layout:\n{RAFDB_LAYOUT}")
         _warn_if_unofficial(split, np.bincount(targets, minlength=7).tolist(), label_file)
-        self._set_items(
-            files, targets, skip_bad_images=skip_bad_images, source=label_file, layout=RAFDB_LAYOUT
-        )
+        self._set_items(files, targets, skip_bad_images=skip_bad_images, source=label_file,
+                        layout=RAFDB_LAYOUT)
 
 
 def _parse_rafdb_labels(path):
@@ -67,18 +63,12 @@ def _parse_rafdb_labels(path):
             fields = line.split()
             if not fields:
                 continue
-            ok = (
-                len(fields) == 2
-                and fields[0].endswith(".jpg")
-                and fields[0].startswith(("train_", "test_"))
-                and fields[1].isdigit()
-                and 1 <= int(fields[1]) <= 7
-            )
+            ok = (len(fields) == 2 and fields[0].endswith(".jpg")
+                  and fields[0].startswith(("train_", "test_")) and fields[1].isdigit()
+                  and 1 <= int(fields[1]) <= 7)
             if not ok:
-                raise ValueError(
-                    f"{path}:{line_number}: expected '<train_|test_name>.jpg "
-                    f"<label 1-7>', got {line.rstrip()!r}"
-                )
+                raise ValueError(f"{path}:{line_number}: expected '<train_|test_name>.jpg "
+                                 f"<label 1-7>', got {line.rstrip()!r}")
             yield fields[0], int(fields[1])
 
 
@@ -87,9 +77,6 @@ def _warn_if_unofficial(split, counts, label_file):
     total, expected_total = sum(counts), sum(expected)
     # Only a split that looks like the full release is compared; small subsets are fine.
     if abs(total - expected_total) <= 0.1 * expected_total and counts != expected:
-        warnings.warn(
-            f"{label_file}: RAF-DB {split} split has {total} images, per label "
-            f"{counts}; the official split has {expected_total}, per label "
-            f"{expected}",
-            stacklevel=3,
-        )
+        warnings.warn(f"{label_file}: RAF-DB {split} split has {total} images, per label "
+                      f"{counts}; the official split has {expected_total}, per label "
+                      f"{expected}", stacklevel=3)

@@ -1,5 +1,4 @@
 """A class-balanced sampler for imbalanced training sets (AffectNet), DDP-aware."""
-
 import itertools
 import math
 
@@ -24,9 +23,8 @@ class ClassBalancedSampler(Sampler):
         if targets.min() < 0:
             raise ValueError("targets must be non-negative class indices")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-            )
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
         counts = torch.bincount(targets).double()
         self.weights = 1.0 / counts[targets]
         total = len(targets) if num_samples is None else int(num_samples)
@@ -41,10 +39,9 @@ class ClassBalancedSampler(Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        draw = torch.multinomial(
-            self.weights, self.num_samples * self.world_size, replacement=True, generator=generator
-        )
-        return iter(draw[self.rank :: self.world_size].tolist())
+        draw = torch.multinomial(self.weights, self.num_samples * self.world_size,
+                                 replacement=True, generator=generator)
+        return iter(draw[self.rank::self.world_size].tolist())
 
     def __len__(self):
         return self.num_samples

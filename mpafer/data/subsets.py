@@ -7,7 +7,6 @@ return indices into the full training set, so a run can record exactly which fil
 With both, the validation part is carved first and the K shots are drawn from the rest: the
 held-out images never train, and the validation part does not depend on K.
 """
-
 import copy
 import hashlib
 import json
@@ -20,18 +19,16 @@ HELD_OUT = "heldout"  # the name of the carved validation part (train.py's eval_
 _FEW_SHOT_STREAM, _HELD_OUT_STREAM = 1, 2  # numpy seed-sequence tags: independent draws
 
 
-def _by_class(
-    targets: Sequence[int], pool: Optional[Sequence[int]] = None
-) -> Dict[int, np.ndarray]:
+def _by_class(targets: Sequence[int],
+              pool: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
     """{class: indices of that class (in pool, ascending)}, classes in ascending order."""
     pool = np.arange(len(targets)) if pool is None else np.sort(np.asarray(pool, dtype=np.int64))
     labels = np.asarray(targets, dtype=np.int64)[pool]
     return {int(c): pool[labels == c] for c in np.unique(labels)}
 
 
-def few_shot_indices(
-    targets: Sequence[int], shots: int, seed: int, pool: Optional[Sequence[int]] = None
-) -> List[int]:
+def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
+                     pool: Optional[Sequence[int]] = None) -> List[int]:
     """min(shots, available) indices per class, drawn without replacement with `seed` from
     `pool` (default: every index) -> sorted indices into `targets`."""
     if shots < 1:
@@ -49,9 +46,8 @@ def held_out_count(class_size: int, fraction: float) -> int:
     return min(max(round(fraction * class_size), 1), class_size - 1)
 
 
-def stratified_split(
-    targets: Sequence[int], fraction: float, seed: int
-) -> Tuple[List[int], List[int]]:
+def stratified_split(targets: Sequence[int], fraction: float,
+                     seed: int) -> Tuple[List[int], List[int]]:
     """Carve a seeded validation part of `fraction` of each class -> (kept, held out), both
     sorted indices into `targets`, disjoint, together every index."""
     if not 0 < fraction < 1:
@@ -90,9 +86,8 @@ class Subset(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
     def class_counts(self) -> List[int]:
-        return np.bincount(
-            np.asarray(self.targets, dtype=np.int64), minlength=len(self.classnames)
-        ).tolist()
+        return np.bincount(np.asarray(self.targets, dtype=np.int64),
+                           minlength=len(self.classnames)).tolist()
 
     def fingerprint(self) -> str:
         """SHA-256 of the chosen indices: tells apart two subsets of the same size."""
@@ -112,9 +107,6 @@ class Subset(Dataset):
 
 def subset_record(subset: Subset, **info) -> Dict:
     """What a run writes down about a subset: `info` (protocol, seed, ...), counts, items."""
-    return {
-        **info,
-        "num_images": len(subset),
-        "class_counts": dict(zip(subset.classnames, subset.class_counts())),
-        "items": subset.describe(),
-    }
+    return {**info, "num_images": len(subset),
+            "class_counts": dict(zip(subset.classnames, subset.class_counts())),
+            "items": subset.describe()}

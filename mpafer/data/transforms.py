@@ -6,7 +6,6 @@ at the pixels (uint8 `[3, R, R]`), and the rest runs batched on the device
 (`mpafer.data.device_augment`): the same numbers, a quarter of the bytes to move, and less work
 per image in the DataLoader workers. train.py uses the uint8 forms.
 """
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -28,18 +27,14 @@ def train_transform(resolution, uint8=False):
     uint8=True: only the crop and flip, giving uint8 pixels; `TrainBatchAugment` then
     normalises and erases on the device.
     """
-    crop = [
-        to_rgb,
-        T.RandomResizedCrop(
-            resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC
-        ),
-        T.RandomHorizontalFlip(),
-    ]
+    crop = [to_rgb,
+            T.RandomResizedCrop(resolution, scale=(0.8, 1.0),
+                                interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip()]
     if uint8:
         return T.Compose([*crop, T.PILToTensor()])
-    return T.Compose(
-        [*crop, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD), T.RandomErasing(p=RANDOM_ERASING_P)]
-    )
+    return T.Compose([*crop, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD),
+                      T.RandomErasing(p=RANDOM_ERASING_P)])
 
 
 def eval_transform(resolution, uint8=False):
@@ -49,14 +44,8 @@ def eval_transform(resolution, uint8=False):
     batches on the device (`device_augment.as_model_input`).
     """
     if uint8:
-        return T.Compose(
-            [
-                T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(resolution),
-                to_rgb,
-                T.PILToTensor(),
-            ]
-        )
+        return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
+                          T.CenterCrop(resolution), to_rgb, T.PILToTensor()])
     return clip_preprocess(resolution)
 
 
@@ -71,9 +60,8 @@ def expclip_transform(resolution, normalize=False):
 
 def describe_expclip_transform(resolution, normalize=False):
     """`expclip_transform` in words, for feature files and reports."""
-    return f"Resize(({resolution}, {resolution})) squash (bilinear), ToTensor, " + (
-        "CLIP mean/std normalisation" if normalize else "no normalisation"
-    )
+    return (f"Resize(({resolution}, {resolution})) squash (bilinear), ToTensor, "
+            + ("CLIP mean/std normalisation" if normalize else "no normalisation"))
 
 
 class SeededAugmentation(Dataset):

@@ -53,7 +53,6 @@ class GenerationError(RuntimeError):
 
 # --------------------------------------------------------------------------- prompt
 
-
 def load_prompt(path: Optional[os.PathLike] = None) -> str:
     """Return the exact prompt text (with the ``{class}`` placeholder)."""
     path = Path(path) if path is not None else PROMPT_FILE
@@ -73,16 +72,12 @@ def render_prompt(prompt: str, class_name: str) -> str:
 
 # --------------------------------------------------------------------------- HTTP
 
-
 def post_json(url: str, payload: dict, key: str, timeout: float = 120.0) -> dict:
     """POST ``payload`` as JSON with a bearer key and return the decoded JSON reply."""
     data = json.dumps(payload).encode("utf-8")
     request = urllib.request.Request(
-        url,
-        data=data,
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-    )
+        url, data=data, method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
@@ -123,23 +118,18 @@ def parse_answer(text: str, class_name: str) -> Dict[str, List[str]]:
     except json.JSONDecodeError as exc:
         raise GenerationError(f"{where} is not valid JSON ({exc}): {text[:200]!r}") from exc
     if not isinstance(obj, dict):
-        raise GenerationError(
-            f"{where} must be a JSON object with keys "
-            f"{list(GRANULARITIES)}, got {type(obj).__name__}"
-        )
+        raise GenerationError(f"{where} must be a JSON object with keys "
+                              f"{list(GRANULARITIES)}, got {type(obj).__name__}")
     result: Dict[str, List[str]] = {}
     for gran in GRANULARITIES:
         if gran not in obj:
-            raise GenerationError(f"{where} lacks the {gran!r} granularity (keys: {sorted(obj)})")
+            raise GenerationError(f"{where} lacks the {gran!r} granularity "
+                                  f"(keys: {sorted(obj)})")
         items = obj[gran]
-        if (
-            not isinstance(items, list)
-            or not items
-            or not all(isinstance(s, str) and s.strip() for s in items)
-        ):
-            raise GenerationError(
-                f"{where}: {gran!r} must be a non-empty list of non-empty strings, got {items!r}"
-            )
+        if (not isinstance(items, list) or not items
+                or not all(isinstance(s, str) and s.strip() for s in items)):
+            raise GenerationError(f"{where}: {gran!r} must be a non-empty list of "
+                                  f"non-empty strings, got {items!r}")
         result[gran] = [" ".join(s.split()).lower() for s in items]
     return result
 
@@ -148,9 +138,8 @@ def _chat_content(reply: dict, class_name: str) -> str:
     try:
         content = reply["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
-        raise GenerationError(
-            f"reply for class {class_name!r} is not a chat completion: {str(reply)[:200]}"
-        ) from exc
+        raise GenerationError(f"reply for class {class_name!r} is not a chat completion: "
+                              f"{str(reply)[:200]}") from exc
     if not isinstance(content, str):
         raise GenerationError(f"reply for class {class_name!r} has no text content")
     return content
@@ -158,16 +147,9 @@ def _chat_content(reply: dict, class_name: str) -> str:
 
 # --------------------------------------------------------------------------- document
 
-
-def build_document(
-    classes: Dict[str, Dict[str, List[str]]],
-    *,
-    model: str,
-    prompt: str,
-    prompt_file: str = "prompt.txt",
-    date: Optional[str] = None,
-    notes: str = "",
-) -> dict:
+def build_document(classes: Dict[str, Dict[str, List[str]]], *, model: str, prompt: str,
+                   prompt_file: str = "prompt.txt", date: Optional[str] = None,
+                   notes: str = "") -> dict:
     """Assemble the descriptions file (format ``mpafer-descriptions/1``)."""
     return {
         "format": FORMAT,
@@ -183,16 +165,8 @@ def build_document(
     }
 
 
-def generate(
-    class_names: Sequence[str],
-    *,
-    model: str,
-    base_url: str,
-    key: str,
-    prompt: str,
-    post: Optional[PostFn] = None,
-    log=None,
-) -> tuple:
+def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
+             prompt: str, post: Optional[PostFn] = None, log=None) -> tuple:
     """Query the endpoint once per class; returns ``(classes_dict, reported_model)``."""
     post = post if post is not None else post_json
     url = base_url.rstrip("/") + "/chat/completions"
@@ -229,36 +203,23 @@ def _long_phrases(classes: Dict[str, Dict[str, List[str]]]) -> List[str]:
 
 # --------------------------------------------------------------------------- CLI
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mpafer.descriptions.generate",
         description="Regenerate multi-granularity class descriptions with an "
-        "OpenAI-compatible chat-completions endpoint "
-        "($OPENAI_BASE_URL, key in $OPENAI_API_KEY).",
-    )
-    p.add_argument(
-        "--classes",
-        nargs="+",
-        default=list(CANONICAL_CLASSES),
-        help="class names (default: the 8 canonical FER classes)",
-    )
+                    "OpenAI-compatible chat-completions endpoint "
+                    "($OPENAI_BASE_URL, key in $OPENAI_API_KEY).")
+    p.add_argument("--classes", nargs="+", default=list(CANONICAL_CLASSES),
+                   help="class names (default: the 8 canonical FER classes)")
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument(
-        "--model",
-        default=os.environ.get("OPENAI_MODEL", DEFAULT_MODEL),
-        help=f"model name sent to the endpoint (default: $OPENAI_MODEL or {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--base-url",
-        default=None,
-        help=f"endpoint base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL})",
-    )
-    p.add_argument(
-        "--prompt-file",
-        default=None,
-        help="prompt template with a {class} placeholder (default: the shipped prompt.txt)",
-    )
+    p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", DEFAULT_MODEL),
+                   help="model name sent to the endpoint (default: $OPENAI_MODEL or "
+                        f"{DEFAULT_MODEL})")
+    p.add_argument("--base-url", default=None,
+                   help=f"endpoint base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL})")
+    p.add_argument("--prompt-file", default=None,
+                   help="prompt template with a {class} placeholder (default: the shipped "
+                        "prompt.txt)")
     p.add_argument("--notes", default=None, help="free-text provenance note")
     return p
 
@@ -279,36 +240,21 @@ def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) ->
             raise GenerationError(
                 "OPENAI_API_KEY is not set: export the API key of your OpenAI-compatible "
                 "endpoint (and OPENAI_BASE_URL if it is not api.openai.com); local servers "
-                "that ignore keys accept any value"
-            )
+                "that ignore keys accept any value")
         base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         prompt = load_prompt(args.prompt_file)
-        prompt_file = PROMPT_FILE.name if args.prompt_file is None else str(args.prompt_file)
-        classes, reported = generate(
-            names,
-            model=args.model,
-            base_url=base_url,
-            key=key,
-            prompt=prompt,
-            post=post,
-            log=sys.stderr,
-        )
-        notes = (
-            args.notes
-            if args.notes is not None
-            else (
-                f"generated by python -m mpafer.descriptions.generate via {base_url} "
-                f"(requested model {args.model!r}, temperature 0)"
-            )
-        )
-        doc = build_document(
-            classes, model=reported, prompt=prompt, prompt_file=prompt_file, notes=notes
-        )
+        prompt_file = (PROMPT_FILE.name if args.prompt_file is None
+                       else str(args.prompt_file))
+        classes, reported = generate(names, model=args.model, base_url=base_url, key=key,
+                                     prompt=prompt, post=post, log=sys.stderr)
+        notes = args.notes if args.notes is not None else (
+            f"generated by python -m mpafer.descriptions.generate via {base_url} "
+            f"(requested model {args.model!r}, temperature 0)")
+        doc = build_document(classes, model=reported, prompt=prompt,
+                             prompt_file=prompt_file, notes=notes)
         for line in _long_phrases(classes):
-            print(
-                f"warning: longer than {MAX_WORDS} words (may not fit CLIP's 77 tokens): {line}",
-                file=sys.stderr,
-            )
+            print(f"warning: longer than {MAX_WORDS} words (may not fit CLIP's 77 tokens):"
+                  f" {line}", file=sys.stderr)
         atomic_write_json(doc, args.out, ensure_ascii=False)
         out = Path(args.out)
     except GenerationError as exc:

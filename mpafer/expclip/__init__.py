@@ -23,7 +23,6 @@ Inputs follow the released heads: `Resize((224, 224))` (a squash, no crop) + `To
     classifier = ZeroShotClassifier(clip_model, classnames, "ensemble10", head=head)
     logits = classifier(images)                                # [B, C]
 """
-
 from .features import (
     FEATURES_FORMAT,
     ImageFiles,
@@ -52,28 +51,9 @@ from .train import info_nce, train_head, train_head_from_file
 from .zeroshot import INPUT_TRANSFORMS, ZeroShotClassifier, input_transform
 
 __all__ = [
-    "FEATURES_FORMAT",
-    "INPUT_TRANSFORMS",
-    "LOGIT_SCALE",
-    "PROMPT_SETS",
-    "PROMPT_TEMPLATES",
-    "TEACHER_WIDTH",
-    "ImageFiles",
-    "ProjectionHead",
-    "ZeroShotClassifier",
-    "add_teacher_features",
-    "build_prompts",
-    "cache_image_features",
-    "check_head_fits",
-    "info_nce",
-    "input_transform",
-    "is_prompt_file",
-    "list_images",
-    "load_features",
-    "load_head",
-    "load_prompt_file",
-    "read_head_metadata",
-    "save_head",
-    "train_head",
-    "train_head_from_file",
+    "FEATURES_FORMAT", "INPUT_TRANSFORMS", "LOGIT_SCALE", "PROMPT_SETS", "PROMPT_TEMPLATES",
+    "TEACHER_WIDTH", "ImageFiles", "ProjectionHead", "ZeroShotClassifier",
+    "add_teacher_features", "build_prompts", "cache_image_features", "check_head_fits",
+    "info_nce", "input_transform", "is_prompt_file", "list_images", "load_features", "load_head",
+    "load_prompt_file", "read_head_metadata", "save_head", "train_head", "train_head_from_file",
 ]

@@ -5,7 +5,6 @@
 
 Training the head on the file is `python train.py --method expclip --features feats.pt`.
 """
-
 import argparse
 import os
 
@@ -19,18 +18,10 @@ from .teacher import DEFAULT_TEACHER, INSTRUCTION, extract_teacher_features
 
 def cache(args):
     model, _ = clip.load(args.clip, device=args.device, download_root=args.download_root)
-    data = cache_image_features(
-        model,
-        args.images,
-        args.out,
-        normalize=args.normalize,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-    )
-    print(
-        f"wrote {args.out}: {len(data['paths'])} images, clip_features "
-        f"{tuple(data['clip_features'].shape)} ({data['clip_name']}; {data['preprocess']})"
-    )
+    data = cache_image_features(model, args.images, args.out, normalize=args.normalize,
+                                batch_size=args.batch_size, num_workers=args.workers)
+    print(f"wrote {args.out}: {len(data['paths'])} images, clip_features "
+          f"{tuple(data['clip_features'].shape)} ({data['clip_name']}; {data['preprocess']})")
 
 
 def teacher(args):
@@ -39,63 +30,45 @@ def teacher(args):
     paths = [os.path.join(root, p) for p in data["paths"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} image(s) listed in {args.features} not found, "
-            f"first: {missing[0]} (pass the image folder with --images)"
-        )
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {args.features} not found, "
+                                f"first: {missing[0]} (pass the image folder with --images)")
     features, preprocess = extract_teacher_features(
-        paths,
-        model_name=args.model,
-        instruction=args.instruction,
-        batch_size=args.batch_size,
-        device=args.device,
-        normalize=args.normalize,
-        num_workers=args.workers,
-        return_preprocess=True,
-    )
+        paths, model_name=args.model, instruction=args.instruction,
+        batch_size=args.batch_size, device=args.device, normalize=args.normalize,
+        num_workers=args.workers, return_preprocess=True)
     add_teacher_features(args.features, features, args.model, args.instruction, preprocess)
     print(f"added teacher_features {tuple(features.shape)} to {args.features}")
 
 
 def main(argv=None):
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(
-        prog="python -m mpafer.expclip",
-        description=__doc__.split("\n")[0],
-        epilog="Train the head with: python train.py --method expclip --features FILE",
-    )
+    parser = argparse.ArgumentParser(prog="python -m mpafer.expclip",
+                                     description=__doc__.split("\n")[0],
+                                     epilog="Train the head with: python train.py --method "
+                                            "expclip --features FILE")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("cache", help="cache the CLIP image features of an image folder")
     p.add_argument("--clip", required=True, help="CLIP name (e.g. ViT-B/16) or checkpoint path")
     p.add_argument("--images", required=True, help="image folder (recursive; labels ignored)")
     p.add_argument("--out", required=True, help="feature file to write (.pt)")
-    p.add_argument(
-        "--normalize",
-        action="store_true",
-        help="CLIP mean/std normalisation (off by default, as for the released heads)",
-    )
+    p.add_argument("--normalize", action="store_true",
+                   help="CLIP mean/std normalisation (off by default, as for the released heads)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default=default_device)
     p.add_argument("--download-root", default="weights")
     p.set_defaults(run=cache)
 
-    p = sub.add_parser(
-        "teacher",
-        help="add BLIP-2 teacher features to a feature file (needs `pip install transformers`)",
-    )
+    p = sub.add_parser("teacher", help="add BLIP-2 teacher features to a feature file "
+                                       "(needs `pip install transformers`)")
     p.add_argument("--features", required=True, help="feature file made by `cache`")
     p.add_argument("--images", default=None, help="image folder (default: the one cached)")
-    p.add_argument(
-        "--model", default=DEFAULT_TEACHER, help="BLIP-2 model (Hugging Face name or path)"
-    )
+    p.add_argument("--model", default=DEFAULT_TEACHER,
+                   help="BLIP-2 model (Hugging Face name or path)")
     p.add_argument("--instruction", default=INSTRUCTION)
-    p.add_argument(
-        "--normalize",
-        action="store_true",
-        help="normalise the teacher's input (the official code fed it un-normalised)",
-    )
+    p.add_argument("--normalize", action="store_true",
+                   help="normalise the teacher's input (the official code fed it un-normalised)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default=default_device)

@@ -5,7 +5,6 @@ head runs on these files alone).
     python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
     python -m mpafer.expclip teacher --features feats.pt
 """
-
 import datetime
 import os
 from typing import Callable, List, Optional, Sequence, Union
@@ -27,12 +26,9 @@ def list_images(folder: str) -> List[str]:
     """Image files under `folder`, recursively (jpg/jpeg/png/bmp/webp), sorted, relative."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder} not found")
-    found = sorted(
-        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-        for root, _, files in os.walk(folder)
-        for name in files
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    found = sorted(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                   for root, _, files in os.walk(folder) for name in files
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     return found
@@ -66,17 +62,11 @@ def resolve_images(images: Union[str, Sequence[str]]):
 
 
 @torch.no_grad()
-def cache_image_features(
-    clip_model,
-    images: Union[str, Sequence[str]],
-    out_path: str,
-    transform: Optional[Callable] = None,
-    normalize: bool = False,
-    batch_size: int = 128,
-    num_workers: int = 4,
-    device: Optional[Union[str, torch.device]] = None,
-    progress: bool = True,
-) -> dict:
+def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path: str,
+                         transform: Optional[Callable] = None, normalize: bool = False,
+                         batch_size: int = 128, num_workers: int = 4,
+                         device: Optional[Union[str, torch.device]] = None,
+                         progress: bool = True) -> dict:
     """Run every image through the frozen CLIP image tower and write a feature file.
 
     images: a folder (searched recursively for jpg/jpeg/png/bmp/webp; labels and sub-folder
@@ -93,26 +83,17 @@ def cache_image_features(
     device = torch.device(device) if device is not None else clip_model.logit_scale.device
     clip_model = clip_model.to(device)
     resolution = clip_model.visual.input_resolution
-    preprocess = (
-        repr(transform)
-        if transform is not None
-        else describe_expclip_transform(resolution, normalize)
-    )
+    preprocess = (repr(transform) if transform is not None
+                  else describe_expclip_transform(resolution, normalize))
     transform = transform or expclip_transform(resolution, normalize=normalize)
     root, paths = resolve_images(images)
-    loader = DataLoader(
-        ImageFiles(paths, transform, root),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = DataLoader(ImageFiles(paths, transform, root), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
     features = []
     for batch in tqdm(loader, desc="CLIP image features", unit="batch", disable=not progress):
         with autocast(device, resolve_amp("auto", device)):
-            features.append(
-                clip_model.encode_image(batch.to(device, non_blocking=True)).float().cpu()
-            )
+            features.append(clip_model.encode_image(batch.to(device, non_blocking=True))
+                            .float().cpu())
     data = {
         "format": FEATURES_FORMAT,
         "clip_features": torch.cat(features),  # [N, D]
@@ -127,36 +108,24 @@ def cache_image_features(
     return data
 
 
-def add_teacher_features(
-    path: str,
-    teacher_features: torch.Tensor,
-    teacher_name: str,
-    instruction: str,
-    preprocess: str = "",
-    paths: Optional[Sequence[str]] = None,
-) -> dict:
+def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name: str,
+                         instruction: str, preprocess: str = "",
+                         paths: Optional[Sequence[str]] = None) -> dict:
     """Add `teacher_features [N, E]` (stored fp16: unit vectors computed in bf16, so nothing is
     lost, at half the size) with `teacher_name`, `instruction` and `teacher_preprocess` to the
     feature file `path`, rewriting it atomically. `paths`, if given, must be the file's."""
     data = load_features(path, require_teacher=False)
     n = data["clip_features"].shape[0]
     if teacher_features.dim() != 2 or teacher_features.shape[0] != n:
-        raise ValueError(
-            f"{path} holds {n} images but the teacher features have shape "
-            f"{tuple(teacher_features.shape)} (expected [{n}, E])"
-        )
+        raise ValueError(f"{path} holds {n} images but the teacher features have shape "
+                         f"{tuple(teacher_features.shape)} (expected [{n}, E])")
     if paths is not None and list(paths) != data["paths"]:
-        raise ValueError(
-            f"the teacher features' image paths are not those of {path} "
-            f"(same images in the same order are required)"
-        )
-    data.update(
-        teacher_features=teacher_features.detach().to(torch.float16).cpu(),
-        teacher_name=str(teacher_name),
-        instruction=str(instruction),
-        teacher_preprocess=str(preprocess),
-        teacher_created=datetime.datetime.now().isoformat(timespec="seconds"),
-    )
+        raise ValueError(f"the teacher features' image paths are not those of {path} "
+                         f"(same images in the same order are required)")
+    data.update(teacher_features=teacher_features.detach().to(torch.float16).cpu(),
+                teacher_name=str(teacher_name), instruction=str(instruction),
+                teacher_preprocess=str(preprocess),
+                teacher_created=datetime.datetime.now().isoformat(timespec="seconds"))
     atomic_save(data, path)
     return data
 
@@ -164,19 +133,16 @@ def add_teacher_features(
 def load_features(path: str, require_teacher: bool = True) -> dict:
     """Read and validate a feature file (see `cache_image_features`); tensors come back fp32."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"feature file {path} not found (make one with `python -m mpafer.expclip cache`)"
-        )
+        raise FileNotFoundError(f"feature file {path} not found (make one with "
+                                f"`python -m mpafer.expclip cache`)")
     data = safe_load(path, "feature file")
     if not isinstance(data, dict):
-        raise ValueError(
-            f"{path} is not an Exp-CLIP feature file (it holds a {type(data).__name__})"
-        )
+        raise ValueError(f"{path} is not an Exp-CLIP feature file (it holds a "
+                         f"{type(data).__name__})")
     missing = [k for k in ("clip_features", "paths") if k not in data]
     if missing:
-        raise ValueError(
-            f"{path} is not an Exp-CLIP feature file: missing {missing} (keys: {sorted(data)})"
-        )
+        raise ValueError(f"{path} is not an Exp-CLIP feature file: missing {missing} "
+                         f"(keys: {sorted(data)})")
     clip_features = data["clip_features"]
     if not isinstance(clip_features, torch.Tensor) or clip_features.dim() != 2:
         raise ValueError(f"{path}: clip_features must be a 2-d tensor [N, D]")
@@ -187,16 +153,12 @@ def load_features(path: str, require_teacher: bool = True) -> dict:
     if "teacher_features" in data:
         teacher = data["teacher_features"]
         if not isinstance(teacher, torch.Tensor) or teacher.dim() != 2 or teacher.shape[0] != n:
-            raise ValueError(
-                f"{path}: teacher_features has shape "
-                f"{tuple(getattr(teacher, 'shape', ()))}, but the file holds {n} "
-                f"images (expected [{n}, E])"
-            )
+            raise ValueError(f"{path}: teacher_features has shape "
+                             f"{tuple(getattr(teacher, 'shape', ()))}, but the file holds {n} "
+                             f"images (expected [{n}, E])")
         data["teacher_features"] = teacher.float()
     elif require_teacher:
-        raise ValueError(
-            f"{path} has no teacher_features yet; add them with "
-            f"`python -m mpafer.expclip teacher --features {path}` "
-            f"(needs `pip install transformers` and a GPU)"
-        )
+        raise ValueError(f"{path} has no teacher_features yet; add them with "
+                         f"`python -m mpafer.expclip teacher --features {path}` "
+                         f"(needs `pip install transformers` and a GPU)")
     return data

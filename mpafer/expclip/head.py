@@ -1,6 +1,5 @@
 """The Exp-CLIP projection head: one bias-free linear map from CLIP's embedding space to the
 teacher's, stored in the released heads' format, with the metadata sidecar our heads carry."""
-
 import json
 import os
 from typing import Optional
@@ -15,7 +14,7 @@ from ..utils import atomic_save, atomic_write_json
 # CLIP widths, only to make error messages helpful (widths are always read off the models).
 CLIP_MODELS_BY_WIDTH = {512: ("ViT-B/32", "ViT-B/16"), 768: ("ViT-L/14", "ViT-L/14@336px")}
 TEACHER_WIDTH = 4096  # Flan-T5-XXL's d_model: the released heads' output width
-LOGIT_SCALE = 100.0  # the `s` of the paper (CLIP's exp(logit_scale) for the released weights)
+LOGIT_SCALE = 100.0   # the `s` of the paper (CLIP's exp(logit_scale) for the released weights)
 
 
 def clip_models_with_width(width: int) -> str:
@@ -58,8 +57,7 @@ def check_head_fits(head: ProjectionHead, clip_model, source: str = "the Exp-CLI
             f"{source} takes {head.in_dim}-d CLIP features (mlp.weight [{head.out_dim}, "
             f"{head.in_dim}]; it fits {clip_models_with_width(head.in_dim)}), but the CLIP model "
             f"{clip_name(clip_model)} has embed_dim {clip_model.embed_dim} "
-            f"({clip_models_with_width(clip_model.embed_dim)})"
-        )
+            f"({clip_models_with_width(clip_model.embed_dim)})")
 
 
 def head_metadata_path(path: str) -> str:
@@ -89,16 +87,12 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
     state = load_plain_state_dict(path, "Exp-CLIP head")
     keys = [k for k in state if k == "mlp.weight" or k.endswith(".mlp.weight")]
     if len(keys) != 1:
-        raise ValueError(
-            f"{path} is not an Exp-CLIP head: expected one 'mlp.weight' tensor "
-            f"[out_dim, D], found keys {sorted(state)[:8]}"
-        )
+        raise ValueError(f"{path} is not an Exp-CLIP head: expected one 'mlp.weight' tensor "
+                         f"[out_dim, D], found keys {sorted(state)[:8]}")
     weight = state[keys[0]]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"{path}: '{keys[0]}' must be a 2-d tensor [out_dim, D], "
-            f"got {getattr(weight, 'shape', type(weight).__name__)}"
-        )
+        raise ValueError(f"{path}: '{keys[0]}' must be a 2-d tensor [out_dim, D], "
+                         f"got {getattr(weight, 'shape', type(weight).__name__)}")
     head = ProjectionHead(weight.shape[1], weight.shape[0])
     head.load_state_dict({"mlp.weight": weight.float()}, strict=True)
     if clip_model is not None:
@@ -106,12 +100,9 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
         if check_clip:
             metadata = read_head_metadata(path)
             trained = {"name": metadata.get("clip_name"), "sha256": metadata.get("clip_sha256")}
-            check_same_clip(
-                trained,
-                clip_model,
-                f"the Exp-CLIP head {path}",
-                "load the matching CLIP or pass check_clip=False (eval.py: --allow-other-clip)",
-            )
+            check_same_clip(trained, clip_model, f"the Exp-CLIP head {path}",
+                            "load the matching CLIP or pass check_clip=False "
+                            "(eval.py: --allow-other-clip)")
         head = head.to(clip_model.logit_scale.device)
     return head.eval()
 

@@ -18,7 +18,6 @@ Prompt file format (UTF-8 JSON), one of:
     ["an expression of {c}.", "a photo of a face with an expression of {}."]
         templates used for every class; each must hold the placeholder "{c}" or "{}".
 """
-
 import json
 import os
 from typing import Dict, List, Mapping, Sequence, Union
@@ -65,23 +64,18 @@ def fill(template: str, classname: str) -> str:
 
 def is_prompt_file(prompt_set: PromptSet) -> bool:
     return isinstance(prompt_set, (str, os.PathLike)) and (
-        str(prompt_set).endswith(".json") or os.path.isfile(prompt_set)
-    )
+        str(prompt_set).endswith(".json") or os.path.isfile(prompt_set))
 
 
 def _string_list(value, path: str, where: str) -> List[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise ValueError(
-            f"{path}: {where} must be a non-empty list of prompts (or one prompt "
-            f"string), got {json.dumps(value)[:80]}"
-        )
+        raise ValueError(f"{path}: {where} must be a non-empty list of prompts (or one prompt "
+                         f"string), got {json.dumps(value)[:80]}")
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
-            raise ValueError(
-                f"{path}: {where}, prompt {i + 1} must be a non-empty string, "
-                f"got {json.dumps(item)[:80]}"
-            )
+            raise ValueError(f"{path}: {where}, prompt {i + 1} must be a non-empty string, "
+                             f"got {json.dumps(item)[:80]}")
     return items
 
 
@@ -101,26 +95,19 @@ def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str
         templates = _string_list(data, path, "the template list")
         for i, t in enumerate(templates):
             if not any(p in t for p in PLACEHOLDERS):
-                raise ValueError(
-                    f"{path}: template {i + 1} {t!r} has no {{c}} or {{}} "
-                    "placeholder, so every class would get the same prompt"
-                )
+                raise ValueError(f"{path}: template {i + 1} {t!r} has no {{c}} or {{}} "
+                                 "placeholder, so every class would get the same prompt")
         prompts = {c: [fill(t, c) for t in templates] for c in classnames}
     elif isinstance(data, dict):
         missing = [c for c in classnames if c not in data]
         if missing:
-            raise ValueError(
-                f"{path}: no prompts for class(es) {missing} (the file has "
-                f"{sorted(data)}; keys must be the class names exactly)"
-            )
-        prompts = {
-            c: [fill(t, c) for t in _string_list(data[c], path, f"class {c!r}")] for c in classnames
-        }
+            raise ValueError(f"{path}: no prompts for class(es) {missing} (the file has "
+                             f"{sorted(data)}; keys must be the class names exactly)")
+        prompts = {c: [fill(t, c) for t in _string_list(data[c], path, f"class {c!r}")]
+                   for c in classnames}
     else:
-        raise ValueError(
-            f"{path}: expected a JSON object {{class: [prompts]}} or a list of "
-            f"templates, got a JSON {type(data).__name__}"
-        )
+        raise ValueError(f"{path}: expected a JSON object {{class: [prompts]}} or a list of "
+                         f"templates, got a JSON {type(data).__name__}")
     for c, texts in prompts.items():
         try:
             tokenize(texts)
@@ -143,14 +130,10 @@ def build_prompts(prompt_set: PromptSet, classnames: Sequence[str]) -> Dict[str,
             return {c: [t.format(c=c) for t in PROMPT_TEMPLATES[prompt_set]] for c in classnames}
         if is_prompt_file(prompt_set):
             return load_prompt_file(prompt_set, classnames)
-        raise ValueError(
-            f"unknown Exp-CLIP prompt set {prompt_set!r}; available: "
-            f"{', '.join(PROMPT_TEMPLATES)}, or a prompt file (.json)"
-        )
+        raise ValueError(f"unknown Exp-CLIP prompt set {prompt_set!r}; available: "
+                         f"{', '.join(PROMPT_TEMPLATES)}, or a prompt file (.json)")
     missing = [c for c in classnames if not prompt_set.get(c)]
     if missing:
-        raise ValueError(
-            f"the prompt set has no prompts for class(es) {missing} "
-            f"(it covers {sorted(prompt_set)})"
-        )
+        raise ValueError(f"the prompt set has no prompts for class(es) {missing} "
+                         f"(it covers {sorted(prompt_set)})")
     return {c: [str(p) for p in prompt_set[c]] for c in classnames}

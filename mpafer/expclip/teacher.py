@@ -31,7 +31,6 @@ training loop (the paper does not say; these are choices, not yet measured on re
   un-normalised (BLIP-2 itself was trained on CLIP-normalised images; `normalize=True` does
   that instead).
 """
-
 from typing import Optional, Sequence, Union
 
 import torch
@@ -42,10 +41,8 @@ from tqdm import tqdm
 from ..data.transforms import describe_expclip_transform, expclip_transform
 from .features import ImageFiles
 
-INSTRUCTION = (
-    "Please play the role of a facial action describer. Objectively describe the "
-    "detailed facial actions of the person in the image."
-)
+INSTRUCTION = ("Please play the role of a facial action describer. Objectively describe the "
+               "detailed facial actions of the person in the image.")
 DEFAULT_TEACHER = "Salesforce/blip2-flan-t5-xxl"
 
 
@@ -58,17 +55,12 @@ def require_transformers():
             "the Exp-CLIP teacher (BLIP-2) needs Hugging Face transformers: pip install "
             "transformers. It is only needed to extract teacher features, not a run-time "
             "requirement of mpafer (training a head on cached features and zero-shot "
-            "evaluation do not use it)."
-        ) from e
+            "evaluation do not use it).") from e
     return transformers
 
 
-def teacher_features_from_model(
-    model,
-    pixel_values: torch.Tensor,
-    instruction_ids: torch.Tensor,
-    instruction_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def teacher_features_from_model(model, pixel_values: torch.Tensor, instruction_ids: torch.Tensor,
+                                instruction_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """BLIP-2 teacher embeddings for a batch of images -> `[B, H]` (fp32, unit norm).
 
     model: a `Blip2ForConditionalGeneration` with an encoder-decoder (T5) language model.
@@ -84,32 +76,25 @@ def teacher_features_from_model(
         instruction_mask = torch.ones_like(instruction_ids)
     instruction_mask = instruction_mask.expand(B, -1).to(pixel_values.device)  # [B, L]
 
-    image_embeds = model.vision_model(
-        pixel_values=pixel_values, return_dict=True
-    ).last_hidden_state  # [B, N, Wv]
-    image_mask = torch.ones(
-        image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-    )  # [B, N]
+    image_embeds = model.vision_model(pixel_values=pixel_values,
+                                      return_dict=True).last_hidden_state  # [B, N, Wv]
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                            device=image_embeds.device)  # [B, N]
     queries = model.query_tokens.expand(B, -1, -1)  # [B, Q, Wq]
-    query_output = model.qformer(
-        query_embeds=queries,
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
-        return_dict=True,
-    ).last_hidden_state  # [B, Q, Wq]
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=image_mask,
+                                 return_dict=True).last_hidden_state  # [B, Q, Wq]
     projection = model.language_projection
     query_embeds = projection(query_output.to(projection.weight.dtype))  # [B, Q, H]
 
     language_model = model.language_model
     text_embeds = language_model.get_input_embeddings()(instruction_ids)  # [B, L, H]
     inputs = torch.cat([query_embeds.to(text_embeds.dtype), text_embeds], dim=1)  # [B, Q + L, H]
-    query_mask = torch.ones(
-        query_embeds.shape[:2], dtype=instruction_mask.dtype, device=inputs.device
-    )  # [B, Q]
+    query_mask = torch.ones(query_embeds.shape[:2], dtype=instruction_mask.dtype,
+                            device=inputs.device)  # [B, Q]
     mask = torch.cat([query_mask, instruction_mask], dim=1)  # [B, Q + L]
-    hidden = language_model.get_encoder()(
-        inputs_embeds=inputs, attention_mask=mask, return_dict=True
-    ).last_hidden_state  # [B, Q + L, H]
+    hidden = language_model.get_encoder()(inputs_embeds=inputs, attention_mask=mask,
+                                          return_dict=True).last_hidden_state  # [B, Q + L, H]
     weights = mask.to(torch.float32).unsqueeze(-1)  # [B, Q + L, 1]
     pooled = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)  # [B, H]
     return F.normalize(pooled, dim=-1)
@@ -130,20 +115,12 @@ def t5_activation(model) -> str:
 
 
 @torch.no_grad()
-def extract_teacher_features(
-    image_paths: Sequence[str],
-    model_name: str = DEFAULT_TEACHER,
-    instruction: str = INSTRUCTION,
-    batch_size: int = 32,
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    normalize: bool = False,
-    num_workers: int = 4,
-    model=None,
-    tokenizer=None,
-    progress: bool = True,
-    return_preprocess: bool = False,
-):
+def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAULT_TEACHER,
+                             instruction: str = INSTRUCTION, batch_size: int = 32,
+                             device: Optional[Union[str, torch.device]] = None,
+                             dtype: Optional[torch.dtype] = None, normalize: bool = False,
+                             num_workers: int = 4, model=None, tokenizer=None,
+                             progress: bool = True, return_preprocess: bool = False):
     """Teacher embeddings `[N, 4096]` (fp32, CPU, unit norm) of the images, in order.
 
     Loads `model_name` with `Blip2ForConditionalGeneration.from_pretrained` (or uses `model` and
@@ -158,21 +135,16 @@ def extract_teacher_features(
         major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
         dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
         model = transformers.Blip2ForConditionalGeneration.from_pretrained(
-            model_name, **{dtype_kw: dtype}
-        )
+            model_name, **{dtype_kw: dtype})
     if tokenizer is None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
     model = model.to(device).eval()
     ids = tokenizer(instruction, return_tensors="pt").input_ids[0]  # [L], ends with </s>
 
     resolution = model.config.vision_config.image_size
-    loader = DataLoader(
-        ImageFiles(image_paths, teacher_transform(resolution, normalize)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = DataLoader(ImageFiles(image_paths, teacher_transform(resolution, normalize)),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     features = []
     for batch in tqdm(loader, desc="BLIP-2 teacher features", unit="batch", disable=not progress):
         pixels = batch.to(device, dtype=dtype, non_blocking=True)
@@ -180,9 +152,7 @@ def extract_teacher_features(
     features = torch.cat(features)  # [N, H]
     if not return_preprocess:
         return features
-    preprocess = (
-        f"{describe_expclip_transform(resolution, normalize)}; {model_name} in "
-        f"{str(dtype).replace('torch.', '')}, eval mode, T5 feed-forward activation "
-        f"{t5_activation(model)}"
-    )
+    preprocess = (f"{describe_expclip_transform(resolution, normalize)}; {model_name} in "
+                  f"{str(dtype).replace('torch.', '')}, eval mode, T5 feed-forward activation "
+                  f"{t5_activation(model)}")
     return features, preprocess

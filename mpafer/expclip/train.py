@@ -3,7 +3,6 @@
 The command is `python train.py --method expclip --features feats.pt` (one training script for
 both methods); it calls `train_head_from_file`.
 """
-
 import datetime
 import math
 import os
@@ -32,19 +31,10 @@ def info_nce(z: torch.Tensor, e: torch.Tensor, scale: float = LOGIT_SCALE) -> to
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.t(), target)
 
 
-def train_head(
-    clip_features: torch.Tensor,
-    teacher_features: torch.Tensor,
-    epochs: int = 5,
-    batch_size: int = 512,
-    lr: float = 1e-3,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    seed: int = 1,
-    device: Union[str, torch.device] = "cpu",
-    scale: float = LOGIT_SCALE,
-    log: Optional[Callable[[str], None]] = print,
-):
+def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epochs: int = 5,
+               batch_size: int = 512, lr: float = 1e-3, momentum: float = 0.9,
+               weight_decay: float = 1e-4, seed: int = 1, device: Union[str, torch.device] = "cpu",
+               scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
     """Train an Exp-CLIP head on cached features -> (head, history).
 
     clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i; the head's
@@ -58,18 +48,14 @@ def train_head(
     smaller batch silently changes the contrastive task (fewer negatives).
     """
     if clip_features.dim() != 2 or teacher_features.dim() != 2:
-        raise ValueError(
-            f"expected clip_features [N, D] and teacher_features [N, E], got "
-            f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}"
-        )
+        raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
+                         f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}")
     n = clip_features.shape[0]
     if teacher_features.shape[0] != n:
         raise ValueError(f"{n} CLIP feature rows but {teacher_features.shape[0]} teacher rows")
     if n < batch_size:
-        raise ValueError(
-            f"{n} training images but batch_size {batch_size}: with drop_last no "
-            f"batch would be trained; use a smaller --batch-size (at most {n})"
-        )
+        raise ValueError(f"{n} training images but batch_size {batch_size}: with drop_last no "
+                         f"batch would be trained; use a smaller --batch-size (at most {n})")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # nn.Linear's own init must not move the global RNG
@@ -78,9 +64,8 @@ def train_head(
     with torch.no_grad():
         head.mlp.weight.uniform_(-bound, bound, generator=generator)
     head = head.to(device).train()
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
     steps = n // batch_size
     history = []
     for epoch in range(1, epochs + 1):
@@ -88,7 +73,7 @@ def train_head(
         order = torch.randperm(n, generator=generator)
         total_loss = total_acc = 0.0
         for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
+            idx = order[step * batch_size:(step + 1) * batch_size]
             f = clip_features[idx].to(device).float()  # [B, D]
             e = F.normalize(teacher_features[idx].to(device).float(), dim=-1)  # [B, E]
             z = F.normalize(head(f), dim=-1)  # [B, E]
@@ -102,11 +87,9 @@ def train_head(
             total_acc += hits.float().mean().item()
         history.append({"epoch": epoch, "loss": total_loss / steps, "accuracy": total_acc / steps})
         if log is not None:
-            log(
-                f"epoch {epoch}/{epochs}  loss {history[-1]['loss']:.4f}  in-batch retrieval "
+            log(f"epoch {epoch}/{epochs}  loss {history[-1]['loss']:.4f}  in-batch retrieval "
                 f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({steps} steps, "
-                f"{time.time() - start:.1f}s)"
-            )
+                f"{time.time() - start:.1f}s)")
     return head.eval(), history
 
 
@@ -117,26 +100,17 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     What `train.py --method expclip` runs; returns the metadata written beside the head.
     """
     data = load_features(features)
-    log(
-        f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
+    log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
-        f"features {tuple(data['teacher_features'].shape)}"
-    )
-    head, history = train_head(
-        data["clip_features"], data["teacher_features"], device=device, log=log, **hparams
-    )
+        f"features {tuple(data['teacher_features'].shape)}")
+    head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
+                               log=log, **hparams)
     metadata = {
-        "format": "mpafer.expclip.head/1",
-        "method": "expclip",
-        "clip_name": data.get("clip_name"),
-        "clip_sha256": data.get("clip_sha256"),
-        "teacher_name": data.get("teacher_name"),
-        "instruction": data.get("instruction"),
-        "preprocess": data.get("preprocess"),
-        "features_file": os.path.abspath(features),
-        "num_images": int(data["clip_features"].shape[0]),
-        "hparams": hparams,
-        "history": history,
+        "format": "mpafer.expclip.head/1", "method": "expclip",
+        "clip_name": data.get("clip_name"), "clip_sha256": data.get("clip_sha256"),
+        "teacher_name": data.get("teacher_name"), "instruction": data.get("instruction"),
+        "preprocess": data.get("preprocess"), "features_file": os.path.abspath(features),
+        "num_images": int(data["clip_features"].shape[0]), "hparams": hparams, "history": history,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     save_head(head, out, metadata)

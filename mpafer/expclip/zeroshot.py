@@ -6,7 +6,6 @@ the two protocols: "released" (how the released Exp-CLIP heads were trained and 
 `Resize((r, r))`, a squash without crop, + `ToTensor`, no mean/std normalisation) and "clip"
 (CLIP's own preprocessing: bicubic short-side resize, centre crop, CLIP mean/std).
 """
-
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,16 +23,14 @@ INPUT_TRANSFORMS = ("released", "clip")
 def input_transform(name: str, resolution: int):
     """-> (transform, description) of a zero-shot input protocol ("released" or "clip")."""
     if name == "released":
-        return expclip_transform(resolution), "released: " + describe_expclip_transform(resolution)
+        return expclip_transform(resolution), "released: " + describe_expclip_transform(
+            resolution)
     if name == "clip":
-        return eval_transform(resolution), (
-            f"clip: CLIP's preprocessing (bicubic resize of the "
-            f"short side to {resolution}, centre crop, CLIP "
-            "mean/std normalisation)"
-        )
-    raise ValueError(
-        f"unknown zero-shot input transform {name!r}; choose from {', '.join(INPUT_TRANSFORMS)}"
-    )
+        return eval_transform(resolution), (f"clip: CLIP's preprocessing (bicubic resize of the "
+                                            f"short side to {resolution}, centre crop, CLIP "
+                                            "mean/std normalisation)")
+    raise ValueError(f"unknown zero-shot input transform {name!r}; choose from "
+                     f"{', '.join(INPUT_TRANSFORMS)}")
 
 
 class ZeroShotClassifier(nn.Module):
@@ -51,14 +48,8 @@ class ZeroShotClassifier(nn.Module):
     the head. The head is moved to the CLIP model's device.
     """
 
-    def __init__(
-        self,
-        clip_model,
-        classnames: Sequence[str],
-        prompt_set: PromptSet,
-        head: Optional[ProjectionHead] = None,
-        scale: float = LOGIT_SCALE,
-    ):
+    def __init__(self, clip_model, classnames: Sequence[str], prompt_set: PromptSet,
+                 head: Optional[ProjectionHead] = None, scale: float = LOGIT_SCALE):
         super().__init__()
         device = clip_model.logit_scale.device
         if head is not None:
@@ -78,10 +69,8 @@ class ZeroShotClassifier(nn.Module):
     @torch.no_grad()
     def _encode_texts(self, texts: List[str], device, batch_size: int = 256) -> torch.Tensor:
         tokens = tokenize(texts, context_length=self.clip_model.context_length)  # [P, L]
-        chunks = [
-            self.clip_model.encode_text(tokens[i : i + batch_size].to(device)).float()
-            for i in range(0, len(texts), batch_size)
-        ]
+        chunks = [self.clip_model.encode_text(tokens[i:i + batch_size].to(device)).float()
+                  for i in range(0, len(texts), batch_size)]
         return self._project(torch.cat(chunks))  # [P, E]
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
@@ -103,10 +92,8 @@ class ZeroShotClassifier(nn.Module):
                 feats = feats.view(B, T, -1).mean(dim=1)  # [B, E]: average projected frames
             return F.normalize(feats, dim=-1)
         if images.dim() != 4:
-            raise ValueError(
-                f"expected images [B, 3, H, W] or video [B, T, 3, H, W], "
-                f"got shape {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected images [B, 3, H, W] or video [B, T, 3, H, W], "
+                             f"got shape {tuple(images.shape)}")
         return self._project(self.clip_model.encode_image(images).float())  # [B, E]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
