@@ -67,7 +67,7 @@ def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototyp
     out = first_run["out"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"best.pt", "last.pt", "config.json", "log.txt", "metrics.jsonl",
-                           "curves.png"}
+                           "curves.png", "baseline.json"}
     assert all(stat.S_IMODE(p.stat().st_mode) == user_mode() for p in out.iterdir())  # not 0600
 
     with pytest.raises(SystemExit) as error:
