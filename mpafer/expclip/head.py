@@ -109,8 +109,8 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
 
 def save_head(head: ProjectionHead, path: str, metadata: Optional[dict] = None):
     """Write `head` in the official format, atomically: a bare state dict
-    `{"mlp.weight": [out_dim, D]}`, so `head.load_state_dict(torch.load(path,
-    weights_only=True))` works as it does for the released heads. `metadata` (plain JSON values:
+    `{"mlp.weight": [out_dim, D]}`, which loads with
+    `torch.load(path, weights_only=True)` as the released heads do. `metadata` (plain JSON values:
     CLIP name and SHA-256, teacher, hyper-parameters, history, ...) goes to the sidecar
     `<path>.json`, also written atomically.
     """
