@@ -58,3 +58,17 @@ def quick_demo(out, clip_file, *extra, per_class=10):
     return ("train.py", "--demo", "--clip", clip_file, "--out", str(out), "--cache-dir",
             str(out) + "-cache", "--demo-train-per-class", str(per_class),
             "--demo-test-per-class", "4", "--batch-size", "16", *extra)
+
+
+def load_script(name: str):
+    """Import one of the repository's scripts (train.py, eval.py) as a module, for in-process
+    calls of its functions and main()."""
+    import importlib.util
+    import os
+
+    name = name if name.endswith(".py") else name + ".py"
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "_script"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 the same transform, and prompt sets can come from a JSON file. The expected probabilities are
 computed here by hand (PIL resizing, the CLIP towers, the head's matrix), not with mpafer's
 transforms or classifier."""
-import importlib.util
 import json
 import os
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import clip
-from tests.helpers import tiny_state_dict
+from tests.helpers import load_script, tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["happiness", "sadness", "anger"]
@@ -26,10 +25,7 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
 
 def load_eval_script():
-    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(REPO, "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Inside the prompts: nearest vocabulary tokens of the context vectors, soft vs hard prompt
 cosines (checked against an independent CLIP), and eval.py's flags for both; real photos."""
-import importlib.util
 import json
 import os
 
@@ -16,7 +15,7 @@ from mpafer.data.photo import face_input
 from mpafer.interpret import nearest_tokens, prompt_tokens, soft_hard_similarity, token_text
 from mpafer.utils import atomic_save
 from tests import reference_clip
-from tests.helpers import tiny_state_dict
+from tests.helpers import load_script, tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
@@ -91,10 +90,7 @@ def test_soft_hard_cosines_match_an_independent_clip(clip_file):
 
 @pytest.fixture(scope="module")
 def eval_script():
-    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(REPO, "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ continues the recorded run (or refuses), values and data are checked before anyt
 or written, errors are one line, caches are found by later processes, files get the user's
 normal permissions. (Ctrl-C and an exact resume from the middle of an epoch: test_scripts.py.)"""
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,15 +20,7 @@ from mpafer.data import ResumableSampler, SeededAugmentation
 from mpafer.labels import BASIC_CLASSES
 from mpafer.runs import StopRequest
 from mpafer.utils import atomic_write_json, run_cli
-from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
-
-
-def load_script(name):
-    path = os.path.join(REPO, f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script, quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
 
 
 @pytest.fixture(scope="module")

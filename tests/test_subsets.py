@@ -2,7 +2,6 @@
 train.py running both on the RAF-DB layout with the final test report of best.pt."""
 import collections
 import copy
-import importlib.util
 import json
 import os
 
@@ -20,8 +19,8 @@ from mpafer.data.subsets import (
     stratified_split,
 )
 from tests.dataset_writers import write_synthetic_rafdb
-from tests.helpers import tiny_state_dict
-from tests.test_scripts import REPO, read_jsonl, run
+from tests.helpers import load_script, tiny_state_dict
+from tests.test_scripts import read_jsonl, run
 
 # Class sizes 1, 2, 5, 9 and 20, shuffled so classes are interleaved.
 TARGETS = [c for c, n in enumerate((1, 2, 5, 9, 20)) for _ in range(n)]
@@ -86,10 +85,7 @@ def test_subset_has_its_own_transform_and_lists_its_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(REPO, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py")
 
 
 def test_val_fraction_makes_the_held_out_part_choose_best(train_script):

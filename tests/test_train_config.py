@@ -2,7 +2,6 @@
 defaults < dataset preset < --demo < flags given."""
 import argparse
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -10,16 +9,14 @@ import pytest
 
 from mpafer import train_config
 from mpafer.model import MPAFERConfig
+from tests.helpers import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(REPO, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py")
 
 
 def flags(train, cls):
