@@ -7,8 +7,7 @@ import sys
 
 import torch
 
-from mpafer.bench import SHAPES
-from mpafer.clip.model import CLIP, build_model
+from mpafer.clip.model import CLIP, SHAPES, build_model
 
 # A few layers, width 64: the same code path as ViT-B/16, at a size the CPU runs in milliseconds.
 TINY = SHAPES["tiny"]

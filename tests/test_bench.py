@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mpafer import bench
-from mpafer.bench_data import write_rafdb_like
+from mpafer.bench.files import write_rafdb_like
 from mpafer.data import RAFDB
 from mpafer.synthetic import SyntheticFaces
 from tests.dataset_writers import write_synthetic_rafdb

@@ -4,8 +4,7 @@ import itertools
 import pytest
 import torch
 
-from mpafer.bench import SHAPES
-from mpafer.clip.model import CLIP
+from mpafer.clip.model import CLIP, SHAPES
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from tests.helpers import tiny_clip

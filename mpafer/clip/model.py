@@ -244,6 +244,21 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+# Named architectures, as `CLIP(**SHAPES[name])` keyword arguments: OpenAI's released ViT-B/16
+# and ViT-L/14, and a tiny one for tests and quick checks (weights random until loaded).
+SHAPES = {
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, context_length=77, vocab_size=49408,
+                     transformer_width=768, transformer_heads=12, transformer_layers=12),
+    "tiny": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                 transformer_heads=1, transformer_layers=2),
+}
+
+
 def same_clip(a, b) -> Optional[bool]:
     """Whether two CLIPs are the same checkpoint, compared by SHA-256.
 

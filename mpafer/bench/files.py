@@ -17,8 +17,8 @@ from typing import Dict, List
 
 import torch
 
-from .data import RAFDB_CLASSES, RAFDB_LABEL_FILE, eval_transform, load_image, train_transform
-from .synthetic import SyntheticFaces
+from ..data import RAFDB_CLASSES, RAFDB_LABEL_FILE, eval_transform, load_image, train_transform
+from ..synthetic import SyntheticFaces
 
 FACE_SIZE = 100  # RAF-DB's aligned faces
 FERPLUS_SIZE = 48  # FERPlus faces are 48x48 grey

@@ -21,7 +21,7 @@ burst of load from other jobs hits every measurement alike (figures are medians 
   prototypes  the one-off prototype pass from files, on a class-balanced subset about the size
             of the measured evaluation                             prototype_images_per_second
   CPU path  images per CPU-second on one core, per preprocessing path
-            (`bench_data.per_sample_rates`)
+            (`files.per_sample_rates`)
 
 epoch_ratio = epoch_images_per_second / step_images_per_second: 1.0 means the input pipeline
 costs nothing; 0.8 means an epoch runs at 80% of the speed of its steps.
@@ -45,9 +45,7 @@ from typing import Dict
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from . import measure
-from .bench_data import per_sample_rates, rafdb_like_jpegs, write_grey_pngs, write_rafdb_like
-from .data import (
+from ..data import (
     RAFDB_EXPECTED_COUNTS,
     TrainBatchAugment,
     build_dataset,
@@ -55,8 +53,10 @@ from .data import (
     normalize_on_device,
     train_transform,
 )
-from .engine import autocast, grad_scaler, predict, train_step, trainable_parameters
-from .prototypes import compute_prototypes, prototype_subset
+from ..engine import autocast, grad_scaler, predict, train_step, trainable_parameters
+from ..prototypes import compute_prototypes, prototype_subset
+from . import measure
+from .files import per_sample_rates, rafdb_like_jpegs, write_grey_pngs, write_rafdb_like
 
 RAFDB_RUN = dict(epochs=120, train=sum(RAFDB_EXPECTED_COUNTS["train"]),
                  test=sum(RAFDB_EXPECTED_COUNTS["test"]))

@@ -1,0 +1,4 @@
+"""`python -m mpafer.bench`: see `mpafer.bench`."""
+from . import main
+
+main()
