@@ -29,7 +29,6 @@ from mpafer import clip
 from mpafer.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from mpafer.data import DATASET_NAMES, build_dataset, load_image, require_readable
 from mpafer.data.photo import centre_square, face_input
-from mpafer.data.subsets import HELD_OUT
 from mpafer.demo import DEMO_CLIP_FILE, demo_clip_path, demo_datasets
 from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_device
 from mpafer.expclip import (
@@ -50,6 +49,7 @@ from mpafer.interpret import (
 from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report
 from mpafer.prompts import hard_prompts_by_class, load_descriptions
+from mpafer.runs import recorded_settings
 from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
 
 
@@ -188,8 +188,10 @@ def fill_data_defaults(args, checkpoint):
     args.dataset = args.dataset or trained.get("dataset", "rafdb")
     args.data_root = args.data_root or trained.get("data_root", "data/RAF-DB")
     # A run that chose best.pt on a part of its training set (--val-fraction) is tested on test.
-    recorded_split = trained.get("eval_split", "test")
-    args.split = args.split or (recorded_split if recorded_split != HELD_OUT else "test")
+    recorded = recorded_settings(trained)
+    recorded_split = "test" if recorded.get("val_fraction", 0) > 0 else recorded.get("eval_split",
+                                                                                      "test")
+    args.split = args.split or recorded_split
     args.classnames = args.classnames or trained.get("classnames", "")
     if args.demo:
         args.workers = 0  # the demo faces are already in memory
@@ -264,10 +266,11 @@ def main(argv=None):
     if args.image:
         return predict_images(args, classifiers, model, device, amp, resolution)
     results = evaluate_all(args, classifiers, dataset, classnames, device, amp)
-    main_label = list(results)[-1]
+    main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
     if args.json:
         payload = {"dataset": "synthetic-demo" if args.demo else args.dataset, "split": args.split,
-                   "checkpoint": args.checkpoint, "clip": clip_name, **results[main_label]}
+                   "checkpoint": args.checkpoint, "clip": clip_name, "classifier": main_label,
+                   **results[main_label]}
         if len(results) > 1:
             payload["all"] = results
         atomic_write_json(payload, args.json)

@@ -14,7 +14,9 @@ unpickling are refused before anything in them runs. Save one with `mpafer.utils
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
     state_dict        trainable tensors only
     epoch, metrics    epoch finished (1-based) and its evaluation
-    resume            (last.pt only) optimizer, scheduler, scaler and RNG states, best metric
+    resume            (last.pt only) optimizer, scheduler and scaler states, the best metric,
+                      where the run stands (see `mpafer.runs.resume_state`); no RNG states:
+                      every epoch re-seeds from (seed, epoch)
 """
 from typing import Dict, Optional, Sequence
 

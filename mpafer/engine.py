@@ -1,8 +1,12 @@
 """What train.py, eval.py and the benchmark share: devices, the mixed-precision policy, the
-model builder, the training step, distributed setup, evaluation."""
+model builder, the optimiser and its schedule, the training step and epoch, distributed
+setup, evaluation."""
 import contextlib
+import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,8 +15,8 @@ from tqdm import tqdm
 
 from .data.device_augment import as_model_input
 from .metrics import confusion_matrix, summarize
-from .model import MPAFER, MPAFERConfig
-from .utils import ignore_interrupts
+from .model import MPAFER, MPAFERConfig, loss_names
+from .utils import ignore_interrupts, seed_everything
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -64,19 +68,61 @@ def configure_cuda():
 
 def build_mpafer(clip_model, classnames: Sequence[str], descriptions: Optional[Dict] = None,
                  config: Optional[MPAFERConfig] = None, grad_checkpointing: bool = False,
-                 compile: bool = False) -> MPAFER:
+                 compile: bool = False, seed: Optional[int] = None) -> MPAFER:
     """MPA-FER on a frozen CLIP, with the CLIP's memory and speed options: activation
     checkpointing in both towers (less memory, one extra forward) and `torch.compile` of the
-    image tower (meant for CUDA; the first steps are slow)."""
+    image tower (meant for CUDA; the first steps are slow). With `seed`, the prompts'
+    initialisation draws from it alone, whatever ran before (e.g. the demo CLIP's first
+    pre-training), so a first run and a later one start alike."""
     if grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     if compile:
         clip_model.visual.compile()
+    if seed is not None:
+        seed_everything(seed)
     return MPAFER(clip_model, classnames, descriptions, config)
 
 
 def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up to 1, then cosine decay to 0."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+class Optimization(NamedTuple):
+    """What a training step updates besides the model: the optimiser, its per-step schedule and
+    the GradScaler (a no-op unless fp16). Their states together make a run resumable."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> Dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: Dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def make_optimizer(params, lr: float, momentum: float, weight_decay: float, warmup_steps: int,
+                   total_steps: int, device: torch.device,
+                   amp: Optional[torch.dtype] = None) -> Optimization:
+    """SGD with momentum and weight decay; linear warm-up then cosine decay, stepped per batch;
+    a GradScaler for fp16 only."""
+    optimizer = torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  cosine_with_warmup(warmup_steps, total_steps))
+    return Optimization(optimizer, scheduler, grad_scaler(device, amp))
 
 
 def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
@@ -136,6 +182,86 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# -- a training epoch ----------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite. Every process sees the same synced sums, so under DDP
+    all of them raise it at the same step."""
+
+
+@dataclass
+class EpochResult:
+    """What `train_epoch` did. `losses` holds the mean of each logged loss (`loss_names()`) over
+    the epoch's steps and processes; it is None when the epoch stopped early, and then
+    `steps_done` and `sums` (the loss sums of those steps over all processes) let last.pt
+    record where to continue."""
+    losses: Optional[Dict[str, float]]
+    seconds: float
+    stop_requested: bool  # some process was asked to stop (see `mpafer.runs.StopRequest`)
+    steps_done: int
+    sums: Optional[torch.Tensor] = None
+    grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the epoch's first step
+
+
+def _sync_progress(running: torch.Tensor, asked: bool, world: int) -> Tuple[torch.Tensor, bool]:
+    """-> (loss sums over all processes, whether any process was asked to stop): one all-reduce,
+    so every process stops at the same step."""
+    synced = torch.cat([running, running.new_tensor([float(asked)])])
+    if world > 1:
+        dist.all_reduce(synced)
+    return synced[:-1], bool(synced[-1] > 0)
+
+
+def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, epoch: int,
+                amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None,
+                first_step: int = 0, sums: Optional[torch.Tensor] = None,
+                log_interval: int = 20, stop=None, grad_norms: bool = False, world: int = 1,
+                progress: bool = True, desc: str = "") -> EpochResult:
+    """Steps `first_step + 1 ...` of one epoch over `loader` (uint8 batches; `augment`
+    normalises and erases them on the device) -> EpochResult.
+
+    Each step is `train_step` followed by a schedule step. The loss parts are summed on the
+    device; they are synced (one all-reduce under DDP, the only host sync) every
+    `log_interval` steps and at the end, where a NaN or inf raises `NonFiniteLoss`. When
+    `stop.requested` (Ctrl-C) is set on any process, every process ends the epoch at the same
+    sync point, after the current step. `grad_norms`: each loss term's gradient norm on the
+    prompts at the epoch's first step (one extra backward per term). A run resumed in the
+    middle of an epoch passes the steps done (`first_step`, which the loader has skipped) and
+    their loss `sums`.
+    """
+    device = model.clip.logit_scale.device
+    names = loss_names()
+    steps = first_step + len(loader)
+    running = torch.zeros(len(names), device=device)  # summed over steps, on the device
+    if sums is not None:
+        running += sums.to(device) / world  # the part done before the resume
+    norms, mean, stop_asked, start = None, None, False, time.time()
+    bar = tqdm(loader, desc=desc or f"epoch {epoch + 1}", disable=not progress, leave=False,
+               initial=first_step, total=steps)
+    for step, (images, labels) in enumerate(bar, first_step + 1):
+        images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
+        labels = labels.to(device, non_blocking=True)
+        if grad_norms and step == 1:
+            with autocast(device, amp):
+                norms = model.term_gradient_norms(images, labels, scale=optimization.scaler.get_scale())
+        loss, parts = train_step(model, images, labels, optimization.optimizer, optimization.scaler,
+                                 amp, grad_clip, forward=forward)
+        optimization.scheduler.step()
+        running += torch.stack([loss.float(), *(parts[k].float() for k in names[1:])])
+        asked = stop is not None and stop.requested  # a host flag: checking it costs nothing
+        if step % log_interval == 0 or step == steps or (asked and world == 1):
+            synced, stop_asked = _sync_progress(running, asked, world)
+            if not torch.isfinite(synced).all():
+                raise NonFiniteLoss(f"the loss became {synced[0].item()} in epoch {epoch + 1} "
+                                    f"(step {step})")
+            mean = (synced / (step * world)).tolist()
+            speed = (step - first_step) * len(images) * world / (time.time() - start)
+            bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(names, mean)}, img_s=f"{speed:.0f}")
+            if stop_asked and step < steps:
+                return EpochResult(None, time.time() - start, True, step, synced.cpu(), norms)
+    return EpochResult(dict(zip(names, mean)), time.time() - start, stop_asked, steps, None, norms)
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -143,6 +269,7 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
             amp: Optional[torch.dtype] = None, batch_size: int = 64, workers: int = 0,
             progress: bool = True, desc: str = "eval"):
     """Predictions and targets over `dataset` (sharded over ranks and gathered under DDP).
+    `logits_fn` maps images to logits `[B, C]`, or is a model whose output has `.logits`.
 
     The dataset may give uint8 pixels (`eval_transform(r, uint8=True)`): they are normalised on
     the device, batched."""
@@ -153,7 +280,8 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     preds, targets = [], []
     for images, labels in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):
-            logits = logits_fn(as_model_input(images.to(device, non_blocking=True)))
+            output = logits_fn(as_model_input(images.to(device, non_blocking=True)))
+        logits = getattr(output, "logits", output)  # an MPAFER's output, or logits
         preds.append(logits.argmax(dim=-1))  # stays on the device: no sync per batch
         targets.append(labels)
     preds = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)

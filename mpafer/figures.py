@@ -202,21 +202,20 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
     paste_vertical(canvas, (x0 + 16, (plot[1] + plot[3]) / 2), ylabel, size)
 
 
-LOSS_SERIES = (("loss", "total"), ("cls", "cls"), ("ta", "ta"), ("pa", "pa"), ("v", "v"))
-
-
-def training_curves(records: Sequence[Dict]) -> Image.Image:
-    """2 x 2 panels from metrics.jsonl records: loss parts (log scale), WAR/UAR, per-class
-    recall, learning rate, against the epoch."""
+def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls", "ta", "pa", "v")
+                    ) -> Image.Image:
+    """2 x 2 panels from metrics.jsonl records: the total loss and each of `loss_terms` (log
+    scale), WAR/UAR, per-class recall, learning rate, against the epoch."""
+    series = [("loss", "total"), *((name, name) for name in loss_terms)]
     canvas = Image.new("RGB", (1600, 1100), "white")
     epochs = [r["epoch"] for r in records]
 
     def column(key, factor=1.0):
         return [None if r.get(key) is None else factor * r[key] for r in records]
 
-    losses = [(label, epochs, column(key)) for key, label in LOSS_SERIES
+    losses = [(label, epochs, column(key)) for key, label in series
               if any(v for v in column(key))]  # switched-off terms are 0: nothing to draw
-    off = [label for key, label in LOSS_SERIES if not any(v for v in column(key))]
+    off = [label for key, label in series if not any(v for v in column(key))]
     title = "training losses (log scale)" + (f"; off: {', '.join(off)}" if off else "")
     line_panel(canvas, (0, 0, 800, 550), losses, title, "loss", log=True)
     line_panel(canvas, (800, 0, 1600, 550),

@@ -88,22 +88,11 @@ def _check(distance: str, allowed, name: str):
         raise ValueError(f"{name} must be one of {list(allowed)}, got {distance!r}")
 
 
-def weighted_terms(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> Dict[str, torch.Tensor]:
-    """The terms of L as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
-    return {"cls": parts["cls"], "ta": beta * parts["ta"], "pa": beta * parts["pa"], "v": gamma * parts["v"]}
-
-
-def total_loss(parts: Dict[str, torch.Tensor], beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
-    """L = L_cls + beta * L_t + gamma * L_v with L_t = L_ta + L_pa."""
-    terms = weighted_terms(parts, beta, gamma)
-    return terms["cls"] + terms["ta"] + terms["pa"] + terms["v"]
-
-
 def gradient_norms(terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor],
                    scale: float = 1.0) -> Dict[str, float]:
     """L2 norm of each term's gradient w.r.t. `params` (all of them together), one backward each.
 
-    `terms` are undetached scalars (e.g. `weighted_terms`); the graph is kept, so the caller can
+    `terms` are undetached scalars (e.g. `MPAFER.weighted_parts`); the graph is kept, so the caller can
     still backpropagate the total afterwards. A term that does not depend on `params` (switched
     off) has norm 0. Under fp16 autocast pass the GradScaler's scale, so that small gradients do
     not underflow in the backward; the norms are divided by it again.

@@ -1,6 +1,6 @@
 """MPA-FER: a frozen CLIP with learnable prompts and global-local alignment."""
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -241,38 +241,80 @@ class MPAFER(nn.Module):
         return MPAFEROutput(logits, z_g, text, z_l, attention, pooled if self.training else None)
 
     def loss_parts(self, output: MPAFEROutput, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The unweighted, undetached parts of L: `cls, ta, pa, v` (a constant zero when off)."""
-        cfg = self.config
+        """The unweighted, undetached terms of L, one per entry of `LOSS_TERMS` (cls, ta, pa, v);
+        a term switched off in the config is a constant zero."""
         zero = output.logits.new_zeros((), dtype=torch.float32)
-        parts = {"cls": losses.classification_loss(output.logits, labels), "ta": zero, "pa": zero, "v": zero}
-        if cfg.soft_hard_alignment:
-            pooled = output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
-            parts["ta"] = losses.token_alignment_loss(pooled, self.hard_pooled, self.hard_labels, cfg.tau)
-            parts["pa"] = losses.prompt_alignment_loss(output.text_features, self.hard_features,
-                                                       self.hard_labels, cfg.pa_distance, cfg.tau)
-        if cfg.prototype_alignment:
-            if self.prototypes is None:
-                raise RuntimeError("prototype alignment (L_v) needs class prototypes: call "
-                                   "model.set_prototypes(mpafer.compute_prototypes(model, loader)) first, "
-                                   "or set config.prototype_alignment = False")
-            parts["v"] = losses.prototype_alignment_loss(output.global_features, self.prototypes,
-                                                         labels, cfg.v_distance)
-        return parts
+        return {term.name: term.compute(self, output, labels) if term.enabled(self.config) else zero
+                for term in LOSS_TERMS}
+
+    def weighted_parts(self, parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The terms as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
+        return {term.name: term.weight(self.config) * parts[term.name] for term in LOSS_TERMS}
 
     def loss(self, output: MPAFEROutput, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """-> (total, parts) with parts `cls, ta, pa, v` (zero when switched off), detached."""
+        """-> (total, parts): L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, and the unweighted
+        parts (zero when switched off), detached, for logging."""
         parts = self.loss_parts(output, labels)
-        total = losses.total_loss(parts, self.config.beta, self.config.gamma)
+        total = sum(self.weighted_parts(parts).values())
         return total, {k: v.detach() for k, v in parts.items()}
 
     def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> Dict[str, float]:
         """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
         total: cls, beta * L_ta, beta * L_pa, gamma * L_v.
 
-        One forward and one backward per term: meant for the first step, to show that no term is
-        numerically inert. Runs in the caller's autocast; call it on the bare model, not a DDP
-        wrapper. Under fp16 pass the GradScaler's scale (see `losses.gradient_norms`). Leaves no
-        `.grad` behind.
+        One forward and one backward per term: meant for the first step of an epoch, to show how
+        the terms balance and that none is numerically inert. Runs in the caller's autocast; call
+        it on the bare model, not a DDP wrapper. Under fp16 pass the GradScaler's scale (see
+        `losses.gradient_norms`). Leaves no `.grad` behind.
         """
-        terms = losses.weighted_terms(self.loss_parts(self(images), labels), self.config.beta, self.config.gamma)
+        terms = self.weighted_parts(self.loss_parts(self(images), labels))
         return losses.gradient_norms(terms, [p for p in self.parameters() if p.requires_grad], scale)
+
+    # -- the alignment terms, as LOSS_TERMS computes them ------------------------------------
+
+    def token_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
+        pooled = output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
+        return losses.token_alignment_loss(pooled, self.hard_pooled, self.hard_labels, self.config.tau)
+
+    def prompt_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
+        return losses.prompt_alignment_loss(output.text_features, self.hard_features, self.hard_labels,
+                                            self.config.pa_distance, self.config.tau)
+
+    def prototype_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
+        if self.prototypes is None:
+            raise RuntimeError("prototype alignment (L_v) needs class prototypes: call "
+                               "model.set_prototypes(mpafer.compute_prototypes(model, loader)) first, "
+                               "or set config.prototype_alignment = False")
+        return losses.prototype_alignment_loss(output.global_features, self.prototypes, labels,
+                                               self.config.v_distance)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the training loss. The total, the per-term gradient norms, the log line,
+    metrics.jsonl and the training curves all loop over `LOSS_TERMS`: a new term is a function
+    and one entry there."""
+    name: str  # its key in the loss parts, the logs, metrics.jsonl and the curves
+    compute: Callable[[MPAFER, MPAFEROutput, torch.Tensor], torch.Tensor]  # (model, output, labels)
+    weight_field: Optional[str] = None  # the MPAFERConfig field weighting it (None: weight 1)
+    switch_field: Optional[str] = None  # the MPAFERConfig field switching it on (None: always on)
+
+    def weight(self, config: MPAFERConfig) -> float:
+        return 1.0 if self.weight_field is None else getattr(config, self.weight_field)
+
+    def enabled(self, config: MPAFERConfig) -> bool:
+        return self.switch_field is None or bool(getattr(config, self.switch_field))
+
+
+# L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, in this order.
+LOSS_TERMS: List[LossTerm] = [
+    LossTerm("cls", lambda model, output, labels: losses.classification_loss(output.logits, labels)),
+    LossTerm("ta", MPAFER.token_alignment, "beta", "soft_hard_alignment"),
+    LossTerm("pa", MPAFER.prompt_alignment, "beta", "soft_hard_alignment"),
+    LossTerm("v", MPAFER.prototype_alignment, "gamma", "prototype_alignment"),
+]
+
+
+def loss_names() -> Tuple[str, ...]:
+    """The logged loss values: the total ("loss"), then each term of `LOSS_TERMS`."""
+    return ("loss", *(term.name for term in LOSS_TERMS))

@@ -1,4 +1,5 @@
 """Class prototypes for L_v: mean normalised frozen CLIP image features, cached on disk."""
+import copy
 import hashlib
 import json
 import os
@@ -11,7 +12,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from .clip.loading import safe_load
+from .data.base import dataset_fingerprint
 from .data.device_augment import as_model_input
+from .data.subsets import Subset as DataSubset
+from .data.transforms import eval_transform
 from .utils import atomic_save
 
 
@@ -99,3 +103,37 @@ def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], to
     atomic_save({"prototypes": prototypes.cpu(), "key": json.loads(json.dumps(key_fields, default=str))}, path)
     log(f"prototypes: computed and cached in {path}")
     return prototypes
+
+
+def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_fields: Dict,
+                        per_class: Optional[int] = None, seed: int = 0, workers: int = 0,
+                        amp_dtype: Optional[torch.dtype] = None,
+                        log: Callable[[str], None] = print) -> torch.Tensor:
+    """The prototypes of a training set, from the cache in `cache_dir` if they were computed
+    before under the same `key_fields` (see `prototype_key_fields`), else computed now from
+    the training images with CLIP's evaluation preprocessing and cached."""
+    view = copy.copy(train_set)  # the same images with the eval transform; train_set untouched
+    view.transform = eval_transform(resolution, uint8=True)
+    device = model.clip.logit_scale.device
+    loader = DataLoader(view, batch_size=128, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    return cached_prototypes(os.path.join(cache_dir, "prototypes"), key_fields, lambda: (
+        compute_prototypes(model, loader, per_class=per_class, seed=seed, amp_dtype=amp_dtype)),
+        log=log)
+
+
+def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: str,
+                         per_class: Optional[int], seed: int,
+                         amp_dtype: Optional[torch.dtype]) -> Dict:
+    """Everything the prototypes of a training set depend on, as stable values (hashes, sizes,
+    parameter values; never object reprs), so that a later run, in another process, finds them."""
+    base = train_set.base if isinstance(train_set, DataSubset) else train_set
+    key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
+           "transform": "eval_transform (CLIP preprocessing)", "dataset": dataset, "root": root,
+           "split": "train", "images": len(train_set), "items_sha256": dataset_fingerprint(base),
+           "classes": list(train_set.classnames), "per_class": per_class or 0,
+           "seed": seed if per_class else None,  # the seed draws the per-class subset
+           "amp": str(amp_dtype)}
+    if isinstance(train_set, DataSubset):  # --shots / --val-fraction: which images, not how many
+        key["subset"] = train_set.fingerprint()
+    return key

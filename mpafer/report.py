@@ -25,11 +25,14 @@ from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import load_checkpoint
 from .figures import save_png, training_curves
+from .model import loss_names
+from .runs import RENAMED_FIELDS
+from .train_config import RESULT_NEUTRAL
 from .utils import atomic_write_json, run_cli
 
-# Recorded training fields that do not change what a run computes.
-IGNORED = {"seed", "out", "data_root", "weights", "resume", "workers", "device", "stop_after",
-           "log_interval", "features", "descriptions", "compile", "grad_checkpointing"}
+# Recorded training fields that do not tell runs apart: those that do not change what a run
+# computes, and the seed, over which a group's mean and spread are taken.
+IGNORED = RESULT_NEUTRAL | {"seed"}
 
 
 def read_jsonl(path: str) -> List[Dict]:
@@ -56,7 +59,8 @@ def read_json(path: str) -> Dict:
 def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None) -> Dict:
     """The fields that define what a run computes: flat {name: value}, ignored fields dropped;
     a run's descriptions are identified by content (from best.pt), not by path."""
-    key = {k: v for k, v in config.get("train", {}).items() if k not in IGNORED}
+    key = {RENAMED_FIELDS.get(k, k): v for k, v in config.get("train", {}).items()}
+    key = {k: v for k, v in key.items() if k not in IGNORED}
     key.update(config.get("model", {}))
     if descriptions_sha256:
         key["descriptions_sha256"] = descriptions_sha256
@@ -75,7 +79,8 @@ def read_run(folder: str) -> Optional[Dict]:
     best = load_checkpoint(best_path) if os.path.isfile(best_path) else None
     split = config.get("train", {}).get("eval_split", "test")
     if os.path.isfile(test_path):
-        reported, source = read_json(test_path), f"best.pt on test (chosen on {split})"
+        reported = read_json(test_path)
+        source = f"best.pt on test (chosen on {reported.get('chosen_on', split)})"
     elif best is not None and best.get("metrics"):
         reported, source = best["metrics"], f"best.pt on {split} (chosen on {split})"
     else:
@@ -98,7 +103,7 @@ def mean_std(values: Sequence[float]) -> Dict:
     return {"mean": mean, "std": std, "n": n, "values": list(values)}
 
 
-def summarise(runs: Sequence[Dict]) -> List[Dict]:
+def summarize_groups(runs: Sequence[Dict]) -> List[Dict]:
     """Runs grouped by configuration key (first-seen order) -> one summary per group."""
     groups: Dict[str, List[Dict]] = {}
     for run in runs:
@@ -152,7 +157,8 @@ def markdown_table(summaries: Sequence[Dict]) -> str:
 def write_curves(folder: str) -> str:
     """Draw `<folder>/curves.png` from its metrics.jsonl -> the path written."""
     path = os.path.join(folder, "curves.png")
-    save_png(training_curves(read_jsonl(os.path.join(folder, "metrics.jsonl"))), path)
+    records = read_jsonl(os.path.join(folder, "metrics.jsonl"))
+    save_png(training_curves(records, loss_names()[1:]), path)
     return path
 
 
@@ -181,7 +187,7 @@ def main(argv=None):
     if args.curves:
         for run in runs:
             print(f"wrote {write_curves(run['folder'])}", file=sys.stderr)
-    summaries = summarise(runs)
+    summaries = summarize_groups(runs)
     print(markdown_table(summaries))
     if args.json:
         atomic_write_json(summaries, args.json)

@@ -1,23 +1,30 @@
-"""Runs are never lost: where a run writes, which flags a resume may change, Ctrl-C as a
-request to stop and save, and the list of what a run left behind.
+"""Runs are never lost: the run folder, the resume record and its checks, stopping in the middle
+of an epoch (Ctrl-C), the checkpoints a run writes, and the list of what it left.
 
-train.py uses these; they know nothing of models or data.
+train.py drives these. They work on plain objects: the settings (a TrainConfig), the model, its
+`engine.Optimization` (optimiser, schedule, scaler) and checkpoint dicts.
 """
+import dataclasses
+import json
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, make_checkpoint
+from .engine import Optimization, configure_cuda, resolve_amp, setup_distributed
+from .utils import atomic_save, atomic_write, atomic_write_json
 
 # What a run writes into its folder; the first three are the results a rerun must not lose.
 CHECKPOINTS = ("last.pt", "best.pt", "expclip_head.pth")
 RUN_FILES = (*CHECKPOINTS, "expclip_head.pth.json", "config.json", "log.txt", "metrics.jsonl")
-
-# Flags a resumed run may change: they do not change what the run computes (or, --epochs,
-# only extend it; --clip must still be the same file, which its SHA-256 checks). Any other
-# flag that differs from the recorded run is refused.
-HONOURED_ON_RESUME = ("resume", "epochs", "stop_after", "workers", "log_interval", "eval_every",
-                      "device", "cache_dir", "clip", "grad_checkpointing", "compile")
 # Fields renamed since older checkpoints were written: old name -> new name.
 RENAMED_FIELDS = {"weights": "cache_dir"}
 
@@ -25,6 +32,8 @@ RENAMED_FIELDS = {"weights": "cache_dir"}
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
+
+# -- the run folder ------------------------------------------------------------------------------
 
 def new_run_folder(base: str, name: str = "", root: str = "runs") -> str:
     """root/base/name, or root/base/<yyyymmdd-hhmmss> (with -2, -3, ... if that is taken)."""
@@ -61,25 +70,33 @@ def clear_run_files(folder: str):
         os.remove(path)
 
 
+# -- what a resume may change --------------------------------------------------------------------
+
 def recorded_settings(train_config: Dict) -> Dict:
-    """A checkpoint's `train_config` under today's field names."""
-    return {RENAMED_FIELDS.get(k, k): v for k, v in train_config.items()}
+    """A checkpoint's `train_config` under today's field names and values."""
+    settings = {RENAMED_FIELDS.get(k, k): v for k, v in train_config.items()}
+    if settings.get("eval_split") == "heldout":  # older runs named their --val-fraction part so
+        settings["eval_split"] = "test"
+    return settings
 
 
-def resume_refusals(given: Dict, recorded: Dict, honoured: Iterable[str] = ()) -> List[str]:
-    """The flags in `given` that would change the recorded run: not honoured on resume, and
+def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ()) -> List[str]:
+    """The flags in `given` that would change the recorded run: not in `may_change`, and
     different from the value `recorded` (a field missing there counts as differing)."""
+    may_change = set(may_change)
     return [f"{flag(k)} {v!r} (the run has {recorded[k]!r})" if k in recorded
             else f"{flag(k)} {v!r}" for k, v in given.items()
-            if k not in honoured and (k not in recorded or recorded[k] != v)]
+            if k not in may_change and (k not in recorded or recorded[k] != v)]
 
 
-def resume_changes(recorded: Dict, current: Dict) -> Dict[str, list]:
-    """{field: [recorded value, value now]} of the honoured fields a resume changed."""
+def resume_changes(recorded: Dict, current: Dict, may_change: Iterable[str]) -> Dict[str, list]:
+    """{field: [recorded value, value now]} of the fields a resume changed."""
     recorded = recorded_settings(recorded)
-    return {k: [recorded.get(k), current[k]] for k in HONOURED_ON_RESUME
+    return {k: [recorded.get(k), current[k]] for k in sorted(may_change)
             if k in current and recorded.get(k) != current[k] and k != "resume"}
 
+
+# -- stopping in the middle of an epoch ----------------------------------------------------------
 
 class StopRequest:
     """Ctrl-C (SIGINT) as a request to stop: while active (`with StopRequest() as stop:`),
@@ -110,3 +127,249 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
         return False
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+class Logger:
+    """Prints on rank 0 and appends the same lines to <out>/log.txt once the run folder is
+    opened (`open`); lines logged before that are kept and written then, so a run that fails
+    its checks writes nothing."""
+
+    def __init__(self, active: bool):
+        self.path, self.active, self.pending = None, active, []
+
+    def open(self, path: str):
+        self.path = path
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self.pending)
+        self.pending = []
+
+    def __call__(self, message: str = ""):
+        if not self.active:
+            return
+        tqdm.write(message)
+        if self.path is None:
+            self.pending.append(message)
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+
+@dataclass
+class Run:
+    """Where and how this process trains: the settings, its rank among `world` processes, the
+    device and autocast dtype, the log, the checkpoint resumed from (if any) and the resumes so
+    far (where each continued and which flags it changed)."""
+    cfg: Any  # the TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    amp: Optional[torch.dtype]
+    log: Logger
+    resume: Optional[Dict] = None
+    history: List[Dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out, name)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def from_master(self, value):
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def write_json(self, name: str, payload):
+        """<out>/name, written atomically by rank 0."""
+        if self.master:
+            atomic_write_json(payload, self.path(name))
+
+
+def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
+    """Processes, device, precision, the checkpoint resumed from (and which of the `may_change`
+    flags the resume changed). Nothing is written yet: `open_folder` writes the first file once
+    the data and CLIP have passed their checks."""
+    rank, world, device = setup_distributed(cfg.device)
+    if device.type == "cuda":
+        configure_cuda()
+    run = Run(cfg, rank, world, device, resolve_amp(cfg.amp, device), Logger(rank == 0))
+    cfg.out = run.from_master(cfg.out)  # every process writes to (and names) rank 0's folder
+    if cfg.resume:
+        run.resume = load_checkpoint(cfg.resume)
+        state = run.resume["resume"]
+        changed = resume_changes(run.resume["train_config"], dataclasses.asdict(cfg), may_change)
+        run.history = [*state.get("history", []), {
+            "from": cfg.resume, "epoch": run.resume["epoch"], "step": state.get("step", 0),
+            "changed": changed}]
+    return run
+
+
+def run_record(run: Run, model_cfg) -> Dict:
+    """config.json: the settings that ran, the precision and processes they ran with, and the
+    resumes (where each continued and which flags it changed)."""
+    return {"train": dataclasses.asdict(run.cfg), "model": model_cfg.to_dict(),
+            "precision": str(run.amp or torch.float32).replace("torch.", ""),
+            "processes": run.world, "resumed": run.history}
+
+
+def already_finished(run: Run) -> bool:
+    """A resumed run that has trained all its epochs: say so, and what it left, instead of
+    training (--epochs N extends it)."""
+    if (run.resume is None or run.resume["resume"].get("step")
+            or run.resume["epoch"] < run.cfg.epochs):
+        return False
+    run.log(f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
+            f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
+    run.log(files_summary(run, run.resume["resume"]["best"]))
+    return True
+
+
+def open_folder(run: Run, model_cfg):
+    """The first write of the run: create its folder (a new run first removes what an earlier
+    attempt left there), write config.json, start log.txt with the lines logged so far."""
+    if not run.master:
+        return
+    if run.resume is None:
+        clear_run_files(run.cfg.out)
+    os.makedirs(run.cfg.out, exist_ok=True)
+    atomic_write_json(run_record(run, model_cfg), run.path("config.json"))
+    run.log.open(run.path("log.txt"))
+
+
+# -- checkpoints and metrics -----------------------------------------------------------------------
+
+NO_BEST = {"war": -1.0, "epoch": 0}  # the best evaluation before any
+
+
+def restore(run: Run, model, optimization: Optimization) -> Tuple[int, Dict, int, Optional[torch.Tensor]]:
+    """Load the resumed run's state into `model` and `optimiser` -> (epochs done, best so far,
+    steps done in the next epoch, their loss sums). A resumed run drops the metrics.jsonl lines
+    of epochs it redoes."""
+    if run.resume is None:
+        return 0, dict(NO_BEST), 0, None
+    model.load_trainable_state_dict(run.resume["state_dict"])
+    state = run.resume["resume"]
+    optimization.load_state_dict(state)
+    epoch, best, step = run.resume["epoch"], state["best"], state.get("step", 0)
+    if step and state.get("processes", 1) != run.world:
+        raise ValueError(f"{run.cfg.resume} stopped in the middle of an epoch with "
+                         f"{state.get('processes', 1)} process(es); resume it with as many "
+                         f"(this run has {run.world})")
+    where = f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
+    run.log(f"resumed from {run.cfg.resume} after {where} (best WAR {100 * best['war']:.2f}%)")
+    metrics_path = run.path("metrics.jsonl")
+    if run.master and os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            kept = "".join(line for line in f if json.loads(line)["epoch"] <= epoch)
+        atomic_write(metrics_path, lambda f: f.write(kept.encode("utf-8")))
+    return epoch, best, step, state.get("sums")
+
+
+def resume_state(run: Run, optimization: Optimization, best: Dict, step: int = 0, sums=None) -> Dict:
+    """What last.pt needs to continue: optimiser, schedule and scaler, the best evaluation so
+    far, and for a run stopped in the middle of an epoch the steps done in it and their loss
+    sums. Nothing else is needed: every epoch re-seeds from (seed, epoch)."""
+    return {**optimization.state_dict(), "best": best, "step": step, "sums": sums,
+            "processes": run.world, "history": run.history}
+
+
+def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, epochs_done: int,
+                     metrics: Dict, best: Dict, step: int = 0, sums=None):
+    """last.pt (resumable) and, when this epoch is the best so far, best.pt; both atomic, by
+    rank 0. `metrics`: the epoch's evaluation ({} if none). `step` > 0: the run stopped after
+    that step of epoch `epochs_done + 1` (Ctrl-C)."""
+    if not run.master:
+        return
+    train_cfg = dataclasses.asdict(run.cfg)
+    metrics = {k: metrics[k] for k in ("war", "uar", "per_class_recall", "confusion")
+               if k in metrics}
+    is_best = not step and best["epoch"] == epochs_done
+    atomic_save(make_checkpoint(model, descriptions, epochs_done, metrics, train_cfg,
+                                resume_state(run, optimization, best, step, sums)),
+                run.path("last.pt"))
+    if is_best:
+        atomic_save(make_checkpoint(model, descriptions, epochs_done, metrics, train_cfg),
+                    run.path("best.pt"))
+
+
+def log_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
+              images_per_second: float, lr: float, metrics: Dict, eval_seconds: float, best: Dict,
+              grad_norms: Optional[Dict[str, float]] = None):
+    """One line of <out>/metrics.jsonl (every logged loss, the learning rate, the evaluation if
+    there was one, speed, each term's gradient norm when measured) and one line of the log."""
+    record = {"epoch": epoch + 1, **losses, "lr": lr,
+              **{k: metrics.get(k) for k in ("war", "uar", "per_class_recall")},
+              "images_per_second": images_per_second, "seconds": seconds,
+              "eval_seconds": eval_seconds}
+    if grad_norms is not None:
+        record["grad_norms"] = grad_norms
+    if run.master:
+        with open(run.path("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    name = selection_split_name(run.cfg)
+    scores = (f"{name} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
+              f"(best {100 * best['war']:.2f}% @ {best['epoch']})" if metrics else "")
+    parts = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+    run.log(f"epoch {epoch + 1:>3}/{run.cfg.epochs}  loss {losses['loss']:.4f} ({parts})  "
+            f"lr {lr:.2e}  {scores}  {images_per_second:.0f} img/s  {seconds:.0f}s"
+            + (f" + eval {eval_seconds:.1f}s" if metrics else ""))
+
+
+# -- what the run left ---------------------------------------------------------------------------
+
+def resume_command(run: Run) -> str:
+    launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
+    return f"{launcher} train.py --resume {run.path('last.pt')}"
+
+
+def files_summary(run: Run, best: Dict) -> str:
+    """What the run left (only files that exist) and how to evaluate it."""
+    cfg, lines = run.cfg, []
+    if os.path.isfile(run.path("best.pt")):
+        lines.append(f"best checkpoint: {run.path('best.pt')} (best {selection_split_name(cfg)} WAR "
+                     f"{100 * best['war']:.2f}% at epoch {best['epoch']})")
+    if os.path.isfile(run.path("last.pt")):
+        lines.append(f"resumable checkpoint: {run.path('last.pt')}")
+    logs = existing(cfg.out, ("log.txt", "metrics.jsonl", "config.json"))
+    if logs:
+        lines.append(f"logs and settings: {', '.join(logs)}")
+    if os.path.isfile(run.path("best.pt")):
+        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}")
+    if cfg.demo:
+        lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
+                     "AffectNet or FERPlus.)")
+    return "\n".join(lines)
+
+
+def selection_split_name(cfg) -> str:
+    """The name of the set that chooses best.pt (see `mpafer.protocol`): the evaluation split,
+    or "heldout", the part of the training split that --val-fraction holds out (heldout.json)."""
+    return "heldout" if cfg.val_fraction > 0 else cfg.eval_split
+
+
+def interrupted(run: Run, where: str) -> str:
+    run.log(f"interrupted ({where}); continue exactly where it stopped with: "
+            f"{resume_command(run)}")
+    return "interrupted"
+
+
+def stop_on_non_finite(run: Run, error: Exception):
+    """A NaN or inf loss: say where, what is kept and what to try, and exit with status 1."""
+    last = run.path("last.pt")
+    kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
+            else "no checkpoint was written")
+    run.log(f"stopping: {error}. Nothing was saved for this epoch; {kept}. Try a lower --lr, "
+            "--amp bf16/off, or --grad-clip.")
+    if run.world > 1:
+        dist.destroy_process_group()
+    sys.exit(1)

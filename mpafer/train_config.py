@@ -13,11 +13,10 @@ from typing import Dict, Tuple, get_args, get_type_hints
 
 from . import clip
 from .checkpoint import load_checkpoint
-from .data.subsets import HELD_OUT
+from .data import DATASETS, TRAINING_DATASETS
 from .engine import AMP_CHOICES
 from .model import MPAFERConfig
 from .runs import (
-    HONOURED_ON_RESUME,
     flag,
     folder_conflict,
     new_run_folder,
@@ -29,10 +28,14 @@ from .utils import ArgumentParser
 
 @dataclass
 class TrainConfig:
+    """Every training setting; each field is a command-line flag whose help is its
+    `metadata["help"]`. `metadata["result"] = False` marks a setting that does not change what
+    a run computes (where it writes, how fast, how it is watched; a data path or a descriptions
+    file, whose content is identified otherwise): `mpafer.report` ignores those when grouping
+    runs, and a resume may change them (`RESUME_MAY_CHANGE`)."""
     method: str = field(default="mpafer", metadata={"help": "mpafer | expclip"})
-    dataset: str = field(default="rafdb", metadata={
-        "help": "rafdb | affectnet7 | affectnet8 | ferplus | folder"})
-    data_root: str = field(default="data/RAF-DB")
+    dataset: str = field(default="rafdb", metadata={"help": " | ".join(TRAINING_DATASETS)})
+    data_root: str = field(default="data/RAF-DB", metadata={"result": False})
     classnames: str = field(default="", metadata={
         "help": "--dataset folder: the class folder names, comma-separated, in label order "
                 "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
@@ -41,14 +44,16 @@ class TrainConfig:
                 "CLIP"})
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
-                "repository's weights/)", "aliases": ("--weights",)})
+                "repository's weights/)", "aliases": ("--weights",), "result": False})
     descriptions: str = field(default="", metadata={
-        "help": "class descriptions JSON (default: the shipped one)"})
+        "help": "class descriptions JSON (default: the shipped one)", "result": False})
     out: str = field(default="", metadata={
-        "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)"})
-    name: str = field(default="", metadata={"help": "the run folder is runs/<dataset>/NAME"})
+        "help": "the run folder (default runs/<dataset>/<yyyymmdd-hhmmss>, or see --name)",
+        "result": False})
+    name: str = field(default="", metadata={"help": "the run folder is runs/<dataset>/NAME",
+                                            "result": False})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace the run in an existing run folder (default: refuse)"})
+        "help": "replace the run in an existing run folder (default: refuse)", "result": False})
     epochs: int = field(default=120)
     batch_size: int = field(default=32)
     lr: float = field(default=0.032)
@@ -58,14 +63,16 @@ class TrainConfig:
         "help": "linear warm-up, then cosine decay to 0 (per step)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
-        "help": "DataLoader workers per process"})
+        "help": "DataLoader workers per process", "result": False})
     amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
     seed: int = field(default=1)
-    device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
+    device: str = field(default="", metadata={"help": "default: cuda if available, else cpu",
+                                              "result": False})
     resume: str = field(default="", metadata={
         "help": "a last.pt to continue from, as recorded; of the other flags only "
-                f"{', '.join(flag(k) for k in HONOURED_ON_RESUME if k != 'resume')} may change "
-                "(--epochs only to extend, --clip only to the same file)"})
+                "--epochs (to extend the run), --stop-after, --eval-every, --workers, "
+                "--log-interval, --device, --cache-dir, --clip (the same file), "
+                "--grad-checkpointing and --compile may change", "result": False})
     demo: bool = field(default=False, metadata={
         "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
                 "downloaded (about a minute on a CPU)"})
@@ -78,7 +85,7 @@ class TrainConfig:
         "help": "synthetic test faces per class (--demo)"})
     stop_after: int = field(default=0, metadata={
         "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
-                "resume later"})
+                "resume later", "result": False})
     eval_split: str = field(default="test", metadata={
         "help": "split evaluated every epoch and used to pick best.pt"})
     eval_every: int = field(default=1)
@@ -91,11 +98,12 @@ class TrainConfig:
         "help": "leave unreadable images out (default: an unreadable image is an error, "
                 "found before training)"})
     log_interval: int = field(default=20, metadata={
-        "help": "steps between loss syncs (progress bar, NaN check)"})
+        "help": "steps between loss syncs (progress bar, NaN check)", "result": False})
     grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)"})
+        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)",
+        "result": False})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the image tower (CUDA; first steps are slow)"})
+        "help": "torch.compile the image tower (CUDA; first steps are slow)", "result": False})
     features: str = field(default="", metadata={
         "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
     shots: int = field(default=0, metadata={
@@ -123,6 +131,7 @@ class TrainConfig:
             ("seed", self.seed >= 0, ">= 0"),
             ("stop_after", self.stop_after >= 0, ">= 0 (0 = never)"),
             ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("eval_split", self.eval_split in ("val", "test"), "val or test"),
             ("log_interval", self.log_interval >= 1, ">= 1"),
             ("samples_per_epoch", self.samples_per_epoch >= 0, ">= 0"),
             ("prototypes_per_class", self.prototypes_per_class >= 0, ">= 0 (0 = all)"),
@@ -137,21 +146,20 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)} must be {expected}, got {getattr(self, name)!r}")
 
 
-# Dataset presets. RAF-DB is the paper's reported recipe; the others are our choices.
-PRESETS = {
-    "rafdb": dict(data_root="data/RAF-DB", epochs=120, batch_size=32, lr=0.032),
-    "affectnet7": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
-                       samples_per_epoch=64000, prototypes_per_class=2000),
-    "affectnet8": dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
-                       samples_per_epoch=64000, prototypes_per_class=2000),
-    "ferplus": dict(data_root="data/FERPlus", epochs=40, eval_split="val"),
-    "folder": dict(data_root="data/faces", epochs=50),
-}
+# Each dataset's preset is in `mpafer.data.DATASETS`; the demo and Exp-CLIP have their own.
 DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
             amp="off")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
 EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# Settings that do not change what a run computes (see TrainConfig).
+RESULT_NEUTRAL = frozenset(f.name for f in dataclasses.fields(TrainConfig)
+                           if not f.metadata.get("result", True))
+# What a resume may change: the result-neutral settings but where the run lives and what it
+# reads (its folder, data and descriptions are checked on their own), plus --epochs (only to
+# extend the run), --eval-every and --clip (only the same file, checked by its SHA-256).
+RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "data_root", "descriptions"}
+                     | {"epochs", "eval_every", "clip"})
 
 
 def add_fields(cls, group):
@@ -215,9 +223,10 @@ def new_run_values(parser, train: Dict, model: Dict):
         model = {**DEMO_MODEL, **model}
     else:
         dataset = train.get("dataset", TrainConfig.dataset)
-        if dataset not in PRESETS:
-            parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
-        values = dict(PRESETS[dataset])
+        if dataset not in TRAINING_DATASETS:
+            parser.error(f"--dataset must be one of {', '.join(TRAINING_DATASETS)}, got "
+                         f"{dataset!r}")
+        values = dict(DATASETS[dataset].preset)
     values.update(train)
     return values, model
 
@@ -253,7 +262,7 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
         parser.error("--overwrite starts a new run and --resume continues one; give one of them")
     if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
         parser.error(f"--out: a resumed run stays in its folder, {folder}")
-    refused = (resume_refusals(train, recorded, HONOURED_ON_RESUME)
+    refused = (resume_refusals(train, recorded, RESUME_MAY_CHANGE)
                + resume_refusals(model, checkpoint["config"]))
     if refused:
         parser.error(f"--resume continues the run as recorded in {path}; these flags would "
@@ -268,18 +277,12 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
 
 
 def check_protocol(parser, cfg: TrainConfig, given: Dict):
-    """--shots and --val-fraction in range; with --val-fraction the held-out part of the
-    training set is the split that chooses best.pt (eval_split "heldout")."""
+    """--shots and --val-fraction in range; --val-fraction chooses best.pt on the part of the
+    training set it holds out, so it cannot be combined with --eval-split."""
     if cfg.shots < 0:
         parser.error(f"--shots must be >= 0 (0 = the full training set), got {cfg.shots}")
     if not 0 <= cfg.val_fraction < 1:
         parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
-    if cfg.val_fraction > 0:
-        if given.get("eval_split", HELD_OUT) != HELD_OUT:
-            parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
-                         f"--eval-split {given['eval_split']}")
-        cfg.eval_split = HELD_OUT
-    elif cfg.eval_split == HELD_OUT:
-        parser.error(f"--eval-split {HELD_OUT} needs --val-fraction")
-
-
+    if cfg.val_fraction > 0 and "eval_split" in given:
+        parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
+                     f"--eval-split {given['eval_split']}")

@@ -1,15 +1,24 @@
 """Small functions shared by the package and the scripts: atomic writes with the user's normal
 permissions, one-line errors for the scripts (arguments and failures), DataLoader workers that
-leave Ctrl-C to the main process."""
+leave Ctrl-C to the main process, seeding."""
 import argparse
 import json
 import os
 import pickle
+import random
 import signal
 import sys
 import tempfile
 
+import numpy as np
 import torch
+
+
+def seed_everything(seed: int):
+    """Seed Python's, NumPy's and torch's global random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def user_file_mode() -> int:

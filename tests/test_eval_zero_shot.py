@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import clip
+from mpafer.checkpoint import make_checkpoint
+from mpafer.model import MPAFER, MPAFERConfig
+from mpafer.utils import atomic_save
 from tests.helpers import load_script, tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,3 +159,26 @@ def test_bad_prompts_argument_is_a_clear_error(setup, capsys):
         load_eval_script().main(["--zero-shot", "--prompts", str(setup["root"] / "missing.json"),
                                  "--clip", setup["clip"], "--classes", *CLASSES,
                                  "--image", setup["images"][0]])
+
+
+def test_a_checkpoint_is_the_main_result_beside_zero_shot(tmp_path, setup):
+    """`--checkpoint X --zero-shot`: the JSON's top level and the confusion figure are the
+    checkpoint's, zero-shot CLIP's numbers sit beside them under "all"."""
+    clip_model, _ = clip.load(setup["clip"], device="cpu")
+    config = MPAFERConfig(soft_hard_alignment=False, prototype_alignment=False, top_k=4)
+    torch.manual_seed(0)
+    model = MPAFER(clip_model, CLASSES, None, config)
+    checkpoint = str(tmp_path / "best.pt")
+    atomic_save(make_checkpoint(model, None, 1, {}), checkpoint)
+    script, drawn = load_eval_script(), []
+    script.confusion_figure = lambda metrics, **kw: drawn.append(metrics) or Image.new("RGB", (8, 8))
+    out = tmp_path / "eval.json"
+    script.main(["--checkpoint", checkpoint, "--zero-shot", "--dataset", "folder", "--data-root",
+                 str(setup["root"] / "faces"), "--workers", "0", "--json", str(out),
+                 "--confusion-png", str(tmp_path / "cm.png")])
+    payload = json.loads(out.read_text())
+    assert payload["classifier"] == "MPA-FER" and payload["checkpoint"] == checkpoint
+    mine, zero_shot = payload["all"]["MPA-FER"], payload["all"]["zero-shot CLIP (photo)"]
+    for key in ("war", "uar", "confusion", "per_class_recall"):
+        assert payload[key] == mine[key], key
+    assert drawn[0]["confusion"] == mine["confusion"] and zero_shot["num_samples"] == 3

@@ -1,4 +1,5 @@
-"""The run summariser on hand-made run folders: grouping by configuration, mean ± std by hand."""
+"""The run summarizer on hand-made run folders: grouping by configuration, mean ± std by hand."""
+import dataclasses
 import json
 import math
 
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from mpafer import report
+from mpafer.train_config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
 
 
 def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k=16, **train):
@@ -87,3 +89,24 @@ def test_no_runs_is_a_clear_error(tmp_path):
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         report.main([str(tmp_path / "bad")])
+
+
+def test_seeds_named_by_name_and_cache_folder_form_one_group(tmp_path):
+    """Seeds run as `--name s1` / `--name s2`, with another cache folder or --overwrite, are the
+    same configuration: one group, with a mean and a spread."""
+    folders = [make_run(tmp_path / f"s{seed}", seed, 4, [0.5], (0.5 + seed / 10, 0.4),
+                        name=f"s{seed}", cache_dir=f"/cache/{seed}", overwrite=seed == 2)
+               for seed in (1, 2)]
+    (group,) = report.main(folders)
+    assert group["n"] == 2 and group["war"]["mean"] == pytest.approx(0.65)
+    assert group["war"]["std"] == pytest.approx(math.sqrt(0.005))
+
+
+def test_settings_that_do_not_change_a_result_are_one_list():
+    """The fields report.py ignores are the TrainConfig fields marked as not changing a result,
+    and the seed: the same marks decide what a resume may change."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert report.IGNORED == RESULT_NEUTRAL | {"seed"} and report.IGNORED <= names | {"seed"}
+    assert {"name", "cache_dir", "overwrite", "out", "workers", "device"} <= report.IGNORED
+    assert {"workers", "device", "cache_dir", "log_interval"} <= RESUME_MAY_CHANGE
+    assert not {"lr", "batch_size", "seed", "dataset", "data_root"} & RESUME_MAY_CHANGE

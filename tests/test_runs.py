@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from mpafer.checkpoint import load_checkpoint
 from mpafer.clip.loading import download
 from mpafer.data import ResumableSampler, SeededAugmentation
+from mpafer.engine import build_mpafer
 from mpafer.labels import BASIC_CLASSES
+from mpafer.prompts import load_descriptions
+from mpafer.protocol import read_splits
 from mpafer.runs import StopRequest
 from mpafer.utils import atomic_write_json, run_cli
 from tests.helpers import load_script, quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
@@ -83,6 +86,16 @@ def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototyp
 
 
 # -- resume ------------------------------------------------------------------------------------
+
+def test_last_pt_holds_what_resume_reads_and_nothing_else(first_run):
+    """last.pt's resume record is exactly what a resume needs: optimiser, schedule and scaler
+    states, the best evaluation, where the run stands, the resumes so far. No RNG states: every
+    epoch re-seeds from (seed, epoch)."""
+    state = load_checkpoint(first_run["last"])["resume"]
+    assert set(state) == {"optimizer", "scheduler", "scaler", "best", "step", "sums",
+                          "processes", "history"}
+    assert state["step"] == 0 and state["sums"] is None and state["best"]["epoch"] >= 1
+
 
 def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys):
     last = first_run["last"]
@@ -208,9 +221,8 @@ def test_classnames_name_other_folders(train, tmp_path):
     with pytest.raises(ValueError, match="'calm' is not a class name.*--classnames a,b,c"):
         train.main(args)
     cfg, _, _ = train.parse_config([*args, "--classnames", "excited, calm", "--name", "x"])
-    run_ = train.Run(cfg, 0, 1, torch.device("cpu"), None, train.Logger(False), None, [])
-    train_set, test_set = train.read_data(run_)
-    assert train_set.classnames == test_set.classnames == ("excited", "calm")
+    splits = read_splits(cfg)
+    assert splits.train.classnames == splits.selection.classnames == ("excited", "calm")
 
 
 @pytest.mark.parametrize("content", [b"<!DOCTYPE html><html><body>404</body></html>",
@@ -312,11 +324,11 @@ def test_ctrl_c_is_a_request_to_stop_and_a_later_second_one_quits():
 
 def test_prompt_initialisation_does_not_depend_on_what_ran_before(train):
     cfg, model_cfg, _ = train.parse_config(["--demo", "--name", "x"])
-    run_ = train.Run(cfg, 0, 1, torch.device("cpu"), None, train.Logger(False), None, [])
     states = []
     for seed in (0, 123):
         torch.manual_seed(seed)  # e.g. the demo CLIP's first pre-training drew from it
-        model, _ = train.build_model(run_, tiny_clip(), "tiny", list(BASIC_CLASSES), model_cfg)
+        model = build_mpafer(tiny_clip(), list(BASIC_CLASSES), load_descriptions(list(BASIC_CLASSES)),
+                             model_cfg, seed=cfg.seed)
         states.append(model.trainable_state_dict())
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key

@@ -12,15 +12,17 @@ from PIL import Image
 from mpafer import report
 from mpafer.data import RAFDB
 from mpafer.data.subsets import (
-    HELD_OUT,
     Subset,
     few_shot_indices,
     held_out_count,
     stratified_split,
 )
+from mpafer.runs import selection_split_name
 from tests.dataset_writers import write_synthetic_rafdb
 from tests.helpers import load_script, tiny_state_dict
 from tests.test_scripts import read_jsonl, run
+
+HELD_OUT = "heldout"  # the name of the set --val-fraction holds out (heldout.json)
 
 # Class sizes 1, 2, 5, 9 and 20, shuffled so classes are interleaved.
 TARGETS = [c for c, n in enumerate((1, 2, 5, 9, 20)) for _ in range(n)]
@@ -90,8 +92,8 @@ def train_script():
 
 def test_val_fraction_makes_the_held_out_part_choose_best(train_script):
     cfg, _, _ = train_script.parse_config(["--val-fraction", "0.1", "--shots", "4"])
-    assert (cfg.eval_split, cfg.val_fraction, cfg.shots) == (HELD_OUT, 0.1, 4)
-    assert train_script.parse_config([])[0].eval_split == "test"
+    assert (selection_split_name(cfg), cfg.val_fraction, cfg.shots) == (HELD_OUT, 0.1, 4)
+    assert selection_split_name(train_script.parse_config([])[0]) == "test"
     for bad in (["--val-fraction", "0.1", "--eval-split", "test"], ["--val-fraction", "1"],
                 ["--shots", "-1"], ["--eval-split", HELD_OUT]):
         with pytest.raises(SystemExit):
@@ -140,7 +142,7 @@ def test_train_records_shots_and_held_out_files_and_reports_test_once(rafdb_runs
         assert curves.size == (1600, 1100)
 
 
-def test_report_summarises_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
+def test_report_summarizes_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
     _, outs = rafdb_runs
     report.main([*map(str, outs), "--json", str(tmp_path / "summary.json")])
     (group,) = json.load(open(tmp_path / "summary.json"))

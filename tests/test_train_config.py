@@ -9,6 +9,7 @@ import pytest
 
 from mpafer import train_config
 from mpafer.model import MPAFERConfig
+from mpafer.train_config import TrainConfig
 from tests.helpers import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,14 +27,14 @@ def flags(train, cls):
 
 
 def test_every_field_is_a_flag_whose_help_is_the_fields_metadata(train):
-    for cls in (train.TrainConfig, MPAFERConfig):
+    for cls in (TrainConfig, MPAFERConfig):
         actions = flags(train, cls)
         assert set(actions) == {f.name for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(cls):
             text = actions[f.name].help
             assert f.metadata.get("help", "") in text, f.name
             assert "default" in text, f.name  # the default is always stated
-    actions = flags(train, train.TrainConfig)
+    actions = flags(train, TrainConfig)
     assert actions["log_interval"].help == ("steps between loss syncs (progress bar, NaN check) "
                                             "(default 20)")
     assert actions["amp"].choices == ("auto", "bf16", "fp16", "off")

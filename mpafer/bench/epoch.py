@@ -43,18 +43,27 @@ import time
 from typing import Dict
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from ..data import (
     RAFDB_EXPECTED_COUNTS,
     TrainBatchAugment,
+    TrainLoader,
     build_dataset,
     eval_transform,
     normalize_on_device,
     train_transform,
 )
-from ..engine import autocast, grad_scaler, predict, train_step, trainable_parameters
+from ..engine import (
+    autocast,
+    make_optimizer,
+    predict,
+    train_epoch,
+    train_step,
+    trainable_parameters,
+)
 from ..prototypes import compute_prototypes, prototype_subset
+from ..train_config import TrainConfig
 from . import measure
 from .files import per_sample_rates, rafdb_like_jpegs, write_grey_pngs, write_rafdb_like
 
@@ -85,16 +94,6 @@ def add_arguments(parser):
                        help="seconds per path of the per-sample CPU figures")
 
 
-def make_loader(dataset, args, device, batch_size, shuffle=True, drop_last=True):
-    """A DataLoader with train.py's settings: workers, pinned memory on CUDA, fixed-size batches,
-    a seeded generator; not persistent (train.py starts workers afresh every epoch)."""
-    generator = torch.Generator().manual_seed(0)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=args.workers,
-                      sampler=RandomSampler(dataset, generator=generator) if shuffle else None,
-                      pin_memory=device.type == "cuda", drop_last=drop_last, generator=generator,
-                      prefetch_factor=args.prefetch_factor if args.workers else None)
-
-
 def timed(device, fn):
     measure.synchronize(device)
     start = time.perf_counter()
@@ -122,27 +121,39 @@ def steady_rate(arrivals, batch: int, workers: int) -> float:
     return (len(arrivals) - k) * batch / (arrivals[-1] - arrivals[k - 1])
 
 
-def epoch_pass(model, loader, steps, augment, optimizer, scaler, amp, device):
-    """train.py's loop over `steps` batches -> (seconds until the first batch, workers starting
-    included; seconds in all; seconds spent waiting for the later batches)."""
+class Arrivals:
+    """The first `steps` batches of `loader`, noting when each arrived (perf_counter seconds)
+    and how long the loop waited for it."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps, self.arrivals, self.waits = loader, steps, [], []
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        for _ in range(self.steps):
+            before = time.perf_counter()
+            batch = next(iterator)
+            self.arrivals.append(time.perf_counter())
+            self.waits.append(self.arrivals[-1] - before)
+            yield batch
+
+
+def epoch_pass(model, batches, steps, augment, optimization, amp, device, grad_clip):
+    """train.py's epoch (`engine.train_epoch`) over the first `steps` of `batches` -> (seconds
+    until the first batch, workers starting included; seconds in all; seconds spent waiting
+    for the later batches)."""
     model.train()
     measure.synchronize(device)
-    start, waited, first = time.perf_counter(), 0.0, None
-    running = torch.zeros((), device=device)
-    iterator = iter(loader)
-    for step in range(1, steps + 1):
-        before = time.perf_counter()
-        images, labels = next(iterator)
-        if first is None:
-            first = time.perf_counter() - start
-        else:
-            waited += time.perf_counter() - before
-        images = augment(images.to(device, non_blocking=True), 0, step)  # uint8 -> float
-        labels = labels.to(device, non_blocking=True)
-        loss, _ = train_step(model, images, labels, optimizer, scaler, amp, grad_clip=1.0)
-        running += loss
+    start = time.perf_counter()
+    timed_batches = Arrivals(batches, steps)
+    train_epoch(model, timed_batches, optimization, augment, epoch=0, amp=amp,
+                grad_clip=grad_clip, log_interval=steps, progress=False)
     measure.synchronize(device)
-    return first, time.perf_counter() - start, waited
+    return (timed_batches.arrivals[0] - start, time.perf_counter() - start,
+            sum(timed_batches.waits[1:]))
 
 
 def eval_forward(model, images, batches: int, amp):
@@ -162,41 +173,41 @@ def datasets(args, root, resolution):
 
 
 def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
-    """Step-only, epoch, loader-alone and evaluation passes, taking turns over the rounds."""
-    batch, steps, amp = args.train_batch, args.epoch_steps, args.amp_dtype
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.032, momentum=0.9,
-                                weight_decay=5e-4)
-    scaler = grad_scaler(device, amp)
+    """Step-only, epoch, loader-alone and evaluation passes, taking turns over the rounds.
+    Training uses train.py's recipe: its loader, optimiser, schedule, clipping and epoch loop;
+    the step-only pass runs the same loop on batches already on the device."""
+    batch, steps, amp, recipe = args.train_batch, args.epoch_steps, args.amp_dtype, TrainConfig()
+    loader = TrainLoader(train_set, batch, seed=0, workers=args.workers,
+                         pin_memory=device.type == "cuda", prefetch_factor=args.prefetch_factor)
+    optimization = make_optimizer(trainable_parameters(model), recipe.lr, recipe.momentum,
+                                  recipe.weight_decay, round(recipe.warmup_epochs * len(loader)),
+                                  recipe.epochs * len(loader), device, amp)
     augment = TrainBatchAugment(device, seed=0)
     res = model.clip.visual.input_resolution
     pixels = torch.randint(0, 256, (max(batch, args.eval_batch), 3, res, res), dtype=torch.uint8)
     pixels = pixels.to(device)
-    images, labels = normalize_on_device(pixels[:batch]), (torch.arange(batch) % 7).to(device)
+    in_memory = [(pixels[:batch], (torch.arange(batch) % 7).to(device))] * steps
     eval_images = normalize_on_device(pixels[:args.eval_batch])
     eval_batches = -(-len(eval_set) // args.eval_batch)
-    loader = make_loader(train_set, args, device, batch)
-    logits = lambda x: model(x).logits  # noqa: E731
-
-    def steps_only():
-        model.train()
-        for _ in range(steps):
-            train_step(model, images, labels, optimizer, scaler, amp, grad_clip=1.0)
 
     def evaluate():
-        model.eval()
-        return predict(logits, eval_set, device, amp, batch_size=args.eval_batch,
+        return predict(model.eval(), eval_set, device, amp, batch_size=args.eval_batch,
                        workers=args.workers, progress=False)
 
+    def train_pass(batches):
+        return epoch_pass(model, batches, steps, augment, optimization, amp, device,
+                          recipe.grad_clip)
+
     passes = {
-        "step": lambda: timed(device, steps_only)[0],
-        "epoch": lambda: epoch_pass(model, loader, steps, augment, optimizer, scaler, amp, device),
-        "loader": lambda: loader_pass(loader, args.loader_batches),
+        "step": lambda: train_pass(in_memory)[1],
+        "epoch": lambda: train_pass(loader.start_epoch(0)),
+        "loader": lambda: loader_pass(loader.start_epoch(0), args.loader_batches),
         "eval": lambda: timed(device, evaluate)[0],
         "eval_forward": lambda: timed(device, lambda: eval_forward(
             model.eval(), eval_images, eval_batches, amp))[0],
     }
     for _ in range(args.warmup):  # compilation, autotuning, allocator, page cache
-        steps_only()
+        train_pass(in_memory)
         evaluate()
     times = {name: [] for name in passes}
     for r in range(args.repeats):
@@ -204,8 +215,8 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
             times[name].append(passes[name]())
     if device.type == "cuda":
         times["host_syncs"] = measure.count_host_syncs(lambda: train_step(
-            model.train(), augment(pixels[:batch], 0, 1), labels, optimizer, scaler, amp, 1.0),
-            device)
+            model.train(), augment(pixels[:batch], 0, 1), in_memory[0][1],
+            optimization.optimizer, optimization.scaler, amp, recipe.grad_clip), device)
     return times
 
 
@@ -225,7 +236,7 @@ def run_model(args, seconds: Dict[str, float], run_train: int, run_eval: int) ->
             "train_images": run_train, "eval_images": run_eval, "steps_per_epoch": per_epoch}
 
 
-def summarise(args, times, eval_images: int, proto_images: int, proto_seconds: float):
+def summarize_rounds(args, times, eval_images: int, proto_images: int, proto_seconds: float):
     """Medians over rounds -> the benchmark's figures (images per second, ratios)."""
     batch, steps, median = args.train_batch, args.epoch_steps, statistics.median
     firsts, totals, waits = zip(*times["epoch"])
@@ -275,11 +286,12 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
         # A class-balanced subset of about as many images as the measured evaluation.
         per_class = -(-len(eval_set) // len(train_set.classnames))
         proto_images = len(prototype_subset(proto_set.targets, per_class))
-        proto_loader = make_loader(proto_set, args, device, 128, shuffle=False, drop_last=False)
+        proto_loader = DataLoader(proto_set, batch_size=128, num_workers=args.workers,
+                                  pin_memory=device.type == "cuda")  # as train.py's prototypes
         proto_seconds, _ = timed(device, lambda: compute_prototypes(
             model, proto_loader, len(train_set.classnames), per_class, progress=False,
             amp_dtype=args.amp_dtype))
-    out, seconds = summarise(args, times, len(eval_set), proto_images, proto_seconds)
+    out, seconds = summarize_rounds(args, times, len(eval_set), proto_images, proto_seconds)
     modelled = run_model(args, seconds, run_train, run_eval)
     out.update(outside_step_share=modelled["outside_step_share"], full_run_model=modelled,
                cpu_path_images_per_second_per_core=cpu_path,

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ..clip.model import CLIP, SHAPES
 from ..clip.tokenizer import tokenize
-from ..engine import autocast, build_mpafer, grad_scaler, train_step, trainable_parameters
+from ..engine import autocast, build_mpafer, make_optimizer, train_step, trainable_parameters
 from ..labels import BASIC_CLASSES
 from ..model import MPAFER
 from ..prompts import load_descriptions
+from ..train_config import TrainConfig
 from . import measure
 from .reference import build_reference_model
 
@@ -60,13 +61,20 @@ def random_batch(model: MPAFER, batch: int, device: torch.device):
 
 
 def make_train_step(model: MPAFER, images, labels, amp) -> Callable[[], torch.Tensor]:
-    """One full MPA-FER training step, train.py's own (`engine.train_step`): forward, all losses,
-    backward, gradient clipping 1.0, SGD with momentum with the RAF-DB recipe's settings."""
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.032, momentum=0.9,
-                                weight_decay=5e-4)
-    scaler = grad_scaler(images.device, amp)
+    """One full MPA-FER training step, train.py's own: `engine.train_step` (forward, all
+    losses, backward, gradient clipping) with the recipe's optimiser, then its schedule step."""
+    recipe = TrainConfig()
+    optimization = make_optimizer(trainable_parameters(model), recipe.lr, recipe.momentum,
+                                  recipe.weight_decay, 0, recipe.epochs, images.device, amp)
     model.train()
-    return lambda: train_step(model, images, labels, optimizer, scaler, amp, grad_clip=1.0)[0]
+
+    def step():
+        loss, _ = train_step(model, images, labels, optimization.optimizer, optimization.scaler,
+                             amp, grad_clip=recipe.grad_clip)
+        optimization.scheduler.step()
+        return loss
+
+    return step
 
 
 def make_unavoidable_step(model: MPAFER, images, amp) -> Callable[[], torch.Tensor]:

@@ -4,8 +4,12 @@ One module per concern: `base` (the `FERDataset` base class, image loading, clea
 `rafdb`, `affectnet`, `ferplus`, `folder` (one reader per on-disk layout), `transforms`,
 `device_augment` (the batched half of the augmentation, run on the device) and `sampler`.
 Every reader maps its dataset's labels onto the canonical class names of `mpafer.labels`;
-`build_dataset` picks a reader by name.
+`DATASETS` names every reader with its training preset; `build_dataset` builds one by name.
 """
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, Optional
+
 from ..labels import BASIC_CLASSES, CANONICAL_CLASSES
 from ..synthetic import SyntheticFaces
 from .affectnet import AFFECTNET_CLASSES, AFFECTNET_LAYOUT, AffectNet
@@ -25,6 +29,7 @@ from .device_augment import (
 )
 from .ferplus import FERPLUS_LAYOUT, FERPLUS_VOTE_COLUMNS, FERPlus, ferplus_vote
 from .folder import FOLDER_LAYOUT, FOLDER_SYNONYMS, FolderDataset, canonical_class
+from .loader import TrainLoader
 from .rafdb import RAFDB, RAFDB_CLASSES, RAFDB_EXPECTED_COUNTS, RAFDB_LABEL_FILE, RAFDB_LAYOUT
 from .sampler import ClassBalancedSampler, ResumableSampler
 from .transforms import (
@@ -35,26 +40,45 @@ from .transforms import (
     train_transform,
 )
 
-DATASET_NAMES = ("rafdb", "affectnet7", "affectnet8", "ferplus", "folder", "synthetic")
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset `--dataset NAME` reads: its reader, called as `reader(root, split,
+    transform=..., **options)`, and the training settings train.py starts from (`preset`; None:
+    not a training preset)."""
+    reader: Callable
+    preset: Optional[Dict] = None
+
+
+# Every dataset by name. RAF-DB's preset is the paper's reported recipe; the others are ours.
+DATASETS: Dict[str, DatasetSpec] = {
+    "rafdb": DatasetSpec(RAFDB, dict(data_root="data/RAF-DB", epochs=120, batch_size=32,
+                                     lr=0.032)),
+    "affectnet7": DatasetSpec(partial(AffectNet, num_classes=7), dict(
+        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
+        prototypes_per_class=2000)),
+    "affectnet8": DatasetSpec(partial(AffectNet, num_classes=8), dict(
+        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
+        prototypes_per_class=2000)),
+    "ferplus": DatasetSpec(FERPlus, dict(data_root="data/FERPlus", epochs=40, eval_split="val")),
+    "folder": DatasetSpec(FolderDataset, dict(data_root="data/faces", epochs=50)),
+    # Procedurally drawn faces (`mpafer.synthetic`; the root is ignored). train.py's --demo
+    # draws its own portrait-style faces (`mpafer.demo`).
+    "synthetic": DatasetSpec(lambda root, split, **options: SyntheticFaces(split, **options)),
+}
+DATASET_NAMES = tuple(DATASETS)
+TRAINING_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.preset is not None)
 
 
 def build_dataset(name, root, split, transform=None, **options):
-    """Build a dataset by name: rafdb, affectnet7, affectnet8, ferplus, folder, synthetic.
+    """Build a dataset by name (a key of `DATASETS`).
 
     `options` go to the dataset class (e.g. skip_bad_images=True, classnames=[...] (folder
     names) for folder, num_per_class/image_size/seed for synthetic, which ignores `root`).
     """
-    if name == "rafdb":
-        return RAFDB(root, split, transform, **options)
-    if name in ("affectnet7", "affectnet8"):
-        return AffectNet(root, split, num_classes=int(name[-1]), transform=transform, **options)
-    if name == "ferplus":
-        return FERPlus(root, split, transform, **options)
-    if name == "folder":
-        return FolderDataset(root, split, transform, **options)
-    if name == "synthetic":
-        return SyntheticFaces(split, transform=transform, **options)
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return DATASETS[name].reader(root, split, transform=transform, **options)
 
 
 def format_class_counts(dataset):
@@ -67,11 +91,12 @@ def format_class_counts(dataset):
 
 
 __all__ = [
-    "AFFECTNET_CLASSES", "AFFECTNET_LAYOUT", "BASIC_CLASSES", "CANONICAL_CLASSES", "DATASET_NAMES",
+    "AFFECTNET_CLASSES", "AFFECTNET_LAYOUT", "BASIC_CLASSES", "CANONICAL_CLASSES", "DATASETS",
+    "DATASET_NAMES", "TRAINING_DATASETS", "DatasetSpec",
     "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "FOLDER_SYNONYMS",
     "IMAGE_EXTENSIONS", "RAFDB", "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE",
     "RAFDB_LAYOUT", "AffectNet", "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset",
-    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "TrainBatchAugment",
+    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "TrainBatchAugment", "TrainLoader",
     "as_model_input", "build_dataset", "canonical_class", "dataset_fingerprint",
     "eval_transform", "expclip_transform", "ferplus_vote", "format_class_counts", "load_image",
     "normalize_on_device", "random_erasing_on_device", "require_readable", "to_rgb",

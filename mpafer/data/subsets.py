@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset
 
-HELD_OUT = "heldout"  # the name of the carved validation part (train.py's eval_split)
 _FEW_SHOT_STREAM, _HELD_OUT_STREAM = 1, 2  # numpy seed-sequence tags: independent draws
 
 

@@ -47,7 +47,7 @@ from .prompt_sets import (
     is_prompt_file,
     load_prompt_file,
 )
-from .train import info_nce, train_head, train_head_from_file
+from .train import info_nce, train_head, train_head_from_file, train_run
 from .zeroshot import INPUT_TRANSFORMS, ZeroShotClassifier, input_transform
 
 __all__ = [
@@ -56,4 +56,5 @@ __all__ = [
     "add_teacher_features", "build_prompts", "cache_image_features", "check_head_fits",
     "info_nce", "input_transform", "is_prompt_file", "list_images", "load_features", "load_head",
     "load_prompt_file", "read_head_metadata", "save_head", "train_head", "train_head_from_file",
+    "train_run",
 ]
