@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from mpafer import clip
-from mpafer.checkpoint import check_compatible, load_checkpoint, make_checkpoint
+from mpafer.checkpoint import check_compatible, clip_activation, load_checkpoint, make_checkpoint
 from mpafer.data import (
     ClassBalancedSampler,
     ResumableSampler,
@@ -302,7 +302,7 @@ def dataset_options(cfg: TrainConfig) -> Dict:
 
 def load_clip(run: Run):
     """The frozen CLIP -> (model, name); the demo uses its pre-trained tiny CLIP unless --clip.
-    A resumed run must find the CLIP it was trained on."""
+    A resumed run must find the CLIP it was trained on, and runs it with its activation."""
     name = run.cfg.clip
     if not name:
         if run.master:
@@ -310,7 +310,9 @@ def load_clip(run: Run):
         if run.world > 1:
             dist.barrier()
         name = demo_clip_path(run.cfg.cache_dir, log=run.log)
-    clip_model, _ = clip.load(name, device=run.device, download_root=run.cfg.cache_dir)
+    activation = clip_activation(run.cfg.clip_activation, run.resume, demo_clip=not run.cfg.clip)
+    clip_model, _ = clip.load(name, device=run.device, download_root=run.cfg.cache_dir,
+                              activation=activation)
     if run.resume is not None:
         check_compatible(run.resume, run.cfg.resume, clip_model)
     return clip_model, name
@@ -397,7 +399,8 @@ def set_prototypes(run: Run, model: MPAFER, train_set, resolution: int):
     proto_view.transform = eval_transform(resolution, uint8=True)
     per_class = cfg.prototypes_per_class or None
     base = train_set.base if isinstance(train_set, Subset) else train_set
-    key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
+    key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
+           "resolution": resolution,
            "transform": "eval_transform (CLIP preprocessing)",
            "dataset": "synthetic-demo" if cfg.demo else cfg.dataset,
            "root": "" if cfg.demo else os.path.abspath(cfg.data_root), "split": "train",

@@ -39,6 +39,10 @@ class TrainConfig:
     clip: str = field(default="ViT-B/16", metadata={
         "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
                 "CLIP"})
+    clip_activation: str = field(default="", metadata={
+        "help": "quick_gelu | gelu: the CLIP's MLP activation, which its file does not show; "
+                "open_clip models without -quickgelu in their name use gelu (default: QuickGELU, "
+                "with a note for a file; a resumed run keeps its own)"})
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
                 "repository's weights/)", "aliases": ("--weights",)})
@@ -112,6 +116,8 @@ class TrainConfig:
         names = [c.strip() for c in self.classnames.split(",")] if self.classnames else []
         checks = [
             ("method", self.method in ("mpafer", "expclip"), "mpafer or expclip"),
+            ("clip_activation", self.clip_activation in ("", *clip.ACTIVATIONS),
+             " or ".join(clip.ACTIVATIONS)),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
