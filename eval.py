@@ -26,7 +26,12 @@ from typing import Callable, Dict, List, NamedTuple
 import torch
 
 from mpafer import clip
-from mpafer.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+from mpafer.checkpoint import (
+    check_compatible,
+    clip_activation,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from mpafer.data import DATASET_NAMES, build_dataset, load_image, require_readable
 from mpafer.data.photo import centre_square, face_input
 from mpafer.demo import DEMO_CLIP_FILE, demo_clip_path, demo_datasets
@@ -70,6 +75,10 @@ def parse_args(argv=None):
                            "released Exp-CLIP protocol); clip = CLIP's own preprocessing")
     what.add_argument("--clip",
                       help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
+    what.add_argument("--clip-activation", choices=tuple(clip.ACTIVATIONS),
+                      help="the CLIP's MLP activation (default: the checkpoint's; else QuickGELU, "
+                           "with a note for a file); open_clip models without -quickgelu in "
+                           "their name use gelu")
     what.add_argument("--allow-other-clip", action="store_true",
                       help="use a CLIP other than the one the checkpoint or head was trained on")
     data = p.add_argument_group("data")
@@ -239,7 +248,10 @@ def main(argv=None):
     needs_data = not (args.image or args.demo or args.interpret_prompts or args.soft_hard)
     dataset = read_split(args, checkpoint) if needs_data else None
     clip_name = clip_to_load(args, checkpoint)
-    clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir)
+    activation = clip_activation(args.clip_activation, checkpoint,
+                                 demo_clip=os.path.basename(clip_name) == DEMO_CLIP_FILE)
+    clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir,
+                              activation=activation)
     resolution = clip_model.visual.input_resolution
     if checkpoint:
         check_compatible(checkpoint, args.checkpoint, clip_model,
@@ -270,7 +282,7 @@ def main(argv=None):
     if args.json:
         payload = {"dataset": "synthetic-demo" if args.demo else args.dataset, "split": args.split,
                    "checkpoint": args.checkpoint, "clip": clip_name, "classifier": main_label,
-                   **results[main_label]}
+                   "clip_activation": clip_model.activation, **results[main_label]}
         if len(results) > 1:
             payload["all"] = results
         atomic_write_json(payload, args.json)

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mpafer import clip
 from mpafer.ablation import run_ablation
-from mpafer.checkpoint import check_compatible, load_checkpoint
+from mpafer.checkpoint import check_compatible, clip_activation, load_checkpoint
 from mpafer.data import TrainBatchAugment, TrainLoader
 from mpafer.demo import demo_clip_path
 from mpafer.engine import (
@@ -90,7 +90,8 @@ def main(argv=None):
         demo_clip_path(cfg.cache_dir, log=run.log)  # the demo's tiny CLIP, pre-trained once
     run.barrier()
     clip_model, _ = clip.load(cfg.clip or demo_clip_path(cfg.cache_dir), device=run.device,
-                              download_root=cfg.cache_dir)
+                              download_root=cfg.cache_dir, activation=clip_activation(
+                                  cfg.clip_activation, run.resume, demo_clip=not cfg.clip))
     if run.resume is not None:
         check_compatible(run.resume, cfg.resume, clip_model)
     resolution = clip_model.visual.input_resolution

@@ -10,7 +10,8 @@ unpickling are refused before anything in them runs. Save one with `mpafer.utils
     config            MPAFERConfig as a dict
     train_config      the resolved training settings (for the record)
     classnames        class names in the model's order
-    clip              {"name": ..., "sha256": ...}
+    clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
+                      (no "activation" in older checkpoints: QuickGELU)
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
     state_dict        trainable tensors only
     epoch, metrics    epoch finished (1-based) and its evaluation
@@ -40,7 +41,8 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
         "train_config": train_config or {},
         "classnames": list(model.classnames),
         "clip": {"name": clip_model.checkpoint_name,
-                 "sha256": clip_model.checkpoint_sha256},
+                 "sha256": clip_model.checkpoint_sha256,
+                 "activation": clip_model.activation},
         "descriptions": descriptions,
         "descriptions_sha256": descriptions_hash(descriptions),
         "state_dict": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
@@ -71,7 +73,21 @@ def check_compatible(checkpoint: Dict, path: str, clip_model=None,
                          f"requested data has classes {list(classnames)}")
     if clip_model is not None and not allow_other_clip:
         check_same_clip(checkpoint["clip"], clip_model, path,
-                        "pass the matching --clip (or --allow-other-clip to force it)")
+                        "pass the matching --clip and --clip-activation (or --allow-other-clip "
+                        "to force it)")
+
+
+def clip_activation(given: str, checkpoint: Optional[Dict] = None,
+                    demo_clip: bool = False) -> Optional[str]:
+    """The activation to load the CLIP with (`clip.load(activation=...)`): `given` (the
+    --clip-activation flag) if any, else the one `checkpoint` recorded (QuickGELU in checkpoints
+    older than the record), else QuickGELU for the demo CLIP, else None (`clip.load` decides:
+    QuickGELU, with a note for a file that does not say)."""
+    if given:
+        return given
+    if checkpoint is not None:
+        return checkpoint["clip"].get("activation") or "quick_gelu"
+    return "quick_gelu" if demo_clip else None
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:

@@ -128,7 +128,8 @@ def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: 
     """Everything the prototypes of a training set depend on, as stable values (hashes, sizes,
     parameter values; never object reprs), so that a later run, in another process, finds them."""
     base = train_set.base if isinstance(train_set, DataSubset) else train_set
-    key = {"clip_sha256": model.clip.checkpoint_sha256, "resolution": resolution,
+    key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
+           "resolution": resolution,
            "transform": "eval_transform (CLIP preprocessing)", "dataset": dataset, "root": root,
            "split": "train", "images": len(train_set), "items_sha256": dataset_fingerprint(base),
            "classes": list(train_set.classnames), "per_class": per_class or 0,

@@ -42,6 +42,10 @@ class TrainConfig:
     clip: str = field(default="ViT-B/16", metadata={
         "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
                 "CLIP"})
+    clip_activation: str = field(default="", metadata={
+        "help": "quick_gelu | gelu: the CLIP's MLP activation, which its file does not show; "
+                "open_clip models without -quickgelu in their name use gelu (default: QuickGELU, "
+                "with a note for a file; a resumed run keeps its own)"})
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
                 "repository's weights/)", "aliases": ("--weights",), "result": False})
@@ -120,6 +124,8 @@ class TrainConfig:
         names = [c.strip() for c in self.classnames.split(",")] if self.classnames else []
         checks = [
             ("method", self.method in ("mpafer", "expclip"), "mpafer or expclip"),
+            ("clip_activation", self.clip_activation in ("", *clip.ACTIVATIONS),
+             " or ".join(clip.ACTIVATIONS)),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
@@ -245,8 +251,8 @@ def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
 
 
 def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
-    """Settings of a resumed run: the recorded ones, changed only by the flags a resume honours
-    (HONOURED_ON_RESUME); any other flag that differs from the record is refused."""
+    """Settings of a resumed run: the recorded ones, changed only by the flags a resume may
+    change (RESUME_MAY_CHANGE); any other flag that differs from the record is refused."""
     path = train["resume"]
     try:
         checkpoint = load_checkpoint(path)
@@ -262,6 +268,8 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
         parser.error("--overwrite starts a new run and --resume continues one; give one of them")
     if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
         parser.error(f"--out: a resumed run stays in its folder, {folder}")
+    if train.get("clip_activation") == checkpoint["clip"].get("activation", "quick_gelu"):
+        train.pop("clip_activation")  # the activation the run has: nothing changes
     refused = (resume_refusals(train, recorded, RESUME_MAY_CHANGE)
                + resume_refusals(model, checkpoint["config"]))
     if refused:

@@ -2,6 +2,7 @@
 the scripts run as a user runs them."""
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -30,6 +31,26 @@ def tiny_state_dict(seed: int = 0, **overrides) -> dict:
 
 def tiny_clip(seed: int = 0, **overrides) -> CLIP:
     return build_model(tiny_state_dict(seed, **overrides))
+
+
+def write_safetensors(tensors: dict, path, metadata=None):
+    """A `.safetensors` file written by hand from the format's definition (8-byte little-endian
+    header length, JSON header, raw little-endian bytes), independent of any reader."""
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    header, chunks, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+    return str(path)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -206,10 +206,13 @@ def write_torchscript_archive(sd, path):
     return half
 
 
-def test_torchscript_archive_loads_without_running_its_code(tmp_path, sd):
+def test_torchscript_archive_loads_without_running_its_code(tmp_path, sd, capsys):
     half = write_torchscript_archive(sd, tmp_path / "ViT-tiny.pt")
     assert load_module.is_torchscript_archive(str(tmp_path / "ViT-tiny.pt"))
+    capsys.readouterr()
     from_archive, _ = clip.load(str(tmp_path / "ViT-tiny.pt"))
+    # OpenAI's own format: QuickGELU, known without a note.
+    assert from_archive.activation == "quick_gelu" and capsys.readouterr().out == ""
     torch.save(half, tmp_path / "plain.pt")
     from_plain, _ = clip.load(str(tmp_path / "plain.pt"))
     x, t = images(), clip.tokenize(TEXTS)

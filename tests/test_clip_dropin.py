@@ -40,7 +40,10 @@ def pil_images(n, seed=0, size=(48, 40), mode="RGB"):
 
 
 def test_signatures_and_attributes_match_openai(loaded):
-    assert list(inspect.signature(clip.load).parameters) == ["name", "device", "jit", "download_root"]
+    params = inspect.signature(clip.load).parameters
+    # OpenAI's four parameters in OpenAI's order, then one more with a default (a drop-in).
+    assert list(params)[:4] == ["name", "device", "jit", "download_root"]
+    assert list(params)[4:] == ["activation"] and params["activation"].default is None
     params = inspect.signature(clip.tokenize).parameters
     assert list(params) == ["texts", "context_length", "truncate"]
     assert (params["context_length"].default, params["truncate"].default) == (77, False)

@@ -156,6 +156,7 @@ def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, 
     (["--log-interval", "0"], "--log-interval"), (["--top-k", "0"], "--top-k"),
     (["--tau", "0"], "--tau"), (["--amp", "fp8"], "--amp"), (["--epochs", "ten"], "--epochs"),
     (["--classnames", "a,b"], "--classnames"), (["--name", "a", "--out", "b"], "--name"),
+    (["--clip-activation", "relu"], "--clip-activation"),
 ])
 def test_bad_values_are_one_line_argument_errors(train, capsys, flags, named):
     with pytest.raises(SystemExit) as error:
@@ -175,7 +176,8 @@ def test_unknown_dataset_is_one_line(train, capsys):
 @pytest.mark.parametrize("flags, named", [(["--batch-size", "0"], "--batch-size"),
                                           (["--workers", "-2"], "--workers"),
                                           (["--amp", "fp8"], "--amp"),
-                                          (["--dataset", "imagenet"], "--dataset")])
+                                          (["--dataset", "imagenet"], "--dataset"),
+                                          (["--clip-activation", "relu"], "--clip-activation")])
 def test_eval_bad_values_are_one_line_argument_errors(evaluate, capsys, flags, named):
     with pytest.raises(SystemExit) as error:
         evaluate.main(["--checkpoint", "best.pt", *flags])
@@ -249,6 +251,20 @@ def test_eval_defaults_to_the_data_the_checkpoint_was_trained_on(evaluate, first
     assert (metrics["dataset"], metrics["split"], metrics["num_samples"]) == (
         "synthetic-demo", "test", 7 * 4)
     assert metrics["war"] == pytest.approx(load_checkpoint(first_run["best"])["metrics"]["war"])
+
+
+def test_a_checkpoint_without_a_recorded_activation_is_quick_gelu(evaluate, first_run, tmp_path,
+                                                                  capsys):
+    checkpoint = load_checkpoint(first_run["best"])
+    assert checkpoint["clip"]["activation"] == "quick_gelu"  # the file's, with the note
+    del checkpoint["clip"]["activation"]  # as checkpoints written before it was recorded
+    torch.save(checkpoint, tmp_path / "old.pt")
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--json", str(tmp_path / "old.json")])
+    assert "does not say which activation" not in capsys.readouterr().out  # it is recorded
+    assert json.load(open(tmp_path / "old.json"))["clip_activation"] == "quick_gelu"
+    with pytest.raises(ValueError, match=r"QuickGELU\), but the loaded CLIP is .*GELU\)"):
+        evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--clip-activation", "gelu"])
 
 
 def test_eval_reports_unreadable_images_and_goes_on(evaluate, first_run, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpafer.checkpoint import load_checkpoint
-from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_state_dict
+from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_state_dict, write_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,41 @@ def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
     report = json.load(open(tmp_path / "side.json"))
     assert set(report["all"]) == {"zero-shot CLIP (ensemble5)", "Exp-CLIP (ensemble5)"}
     assert all(0 <= r["war"] <= 1 and 0 <= r["uar"] <= 1 for r in report["all"].values())
+
+
+def test_a_gelu_safetensors_clip_trains_resumes_and_evaluates_with_its_activation(tmp_path):
+    from mpafer.synthetic import SyntheticFaces
+    clip_file = write_safetensors(tiny_state_dict(seed=2), tmp_path / "gelu-clip.safetensors")
+    out, note = tmp_path / "run", "does not say which activation"
+    result = run(*quick_demo(out, clip_file, "--epochs", "2", "--stop-after", "1",
+                             "--clip-activation", "gelu"))
+    assert note not in result.stdout
+    assert load_checkpoint(str(out / "last.pt"))["clip"]["activation"] == "gelu"
+    # A resumed run keeps its activation; asking for another would change the run.
+    result = run("train.py", "--resume", str(out / "last.pt"), "--clip-activation", "quick_gelu",
+                 check=False)
+    assert result.returncode == 2 and "--clip-activation 'quick_gelu'" in result.stderr
+    result = run("train.py", "--resume", str(out / "last.pt"))
+    checkpoint = load_checkpoint(str(out / "last.pt"))
+    assert note not in result.stdout and checkpoint["epoch"] == 2
+    assert checkpoint["clip"] == {"name": clip_file, "sha256": checkpoint["clip"]["sha256"],
+                                  "activation": "gelu"}
+
+    # eval.py reuses the recorded activation: the same probabilities as with the flag.
+    SyntheticFaces("test", 1, image_size=100, seed=5).load(1).save(tmp_path / "face.png")
+    base = ("eval.py", "--checkpoint", str(out / "last.pt"), "--image", str(tmp_path / "face.png"),
+            "--weights", str(out) + "-cache")
+
+    def probabilities(name, *extra):
+        result = run(*base, "--json", str(tmp_path / f"{name}.json"), *extra)
+        assert note not in result.stdout
+        return json.load(open(tmp_path / f"{name}.json"))[str(tmp_path / "face.png")]["MPA-FER"]
+
+    recorded = probabilities("recorded")
+    assert recorded == probabilities("flag", "--clip-activation", "gelu")
+    # QuickGELU on the same file is another CLIP: refused, or (forced) other probabilities.
+    result = run(*base, "--clip-activation", "quick_gelu", check=False)
+    assert result.returncode == 1 and "was trained on CLIP" in result.stderr
+    assert "GELU), but the loaded CLIP is" in result.stderr and "QuickGELU" in result.stderr
+    forced = probabilities("forced", "--clip-activation", "quick_gelu", "--allow-other-clip")
+    assert max(abs(forced[c] - recorded[c]) for c in recorded) > 1e-6

@@ -1,6 +1,6 @@
 """A reference CLIP on `nn.MultiheadAttention`, laid out as OpenAI's original `model.py`.
 
-Sequence-first activations `[L, B, W]`, an explicit causal mask tensor, no prompt hooks.
+Sequence-first activations `[L, B, W]`, an explicit causal mask tensor, QuickGELU, no prompt hooks.
 It loads the same state dicts as `mpafer.clip.CLIP` and is the baseline of
 `python -m mpafer.bench clip` (same weights, speed compared). The tests check outputs against
 their own reference, which shares no code with the package.
@@ -61,10 +61,11 @@ class ReferenceVision(nn.Module):
 
 class ReferenceCLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
+                 vision_heads=None):
         super().__init__()
         self.visual = ReferenceVision(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                      max(vision_width // 64, 1), embed_dim)
+                                      vision_heads or max(vision_width // 64, 1), embed_dim)
         causal = torch.full((context_length, context_length), float("-inf")).triu_(1)
         self.transformer = ReferenceTransformer(transformer_width, transformer_layers,
                                                 transformer_heads, causal)

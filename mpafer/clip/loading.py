@@ -1,8 +1,9 @@
 """Loading CLIP: named downloads with SHA-256 checks, and safe checkpoint reading.
 
-No file is ever unpickled with arbitrary code: plain checkpoints go through
-`torch.load(weights_only=True)`, and OpenAI's TorchScript archives are read by a small
-unpickler that only rebuilds tensors (their TorchScript code is never loaded or run).
+No file is ever unpickled with arbitrary code: plain checkpoints (OpenAI's format, open_clip's
+`open_clip_pytorch_model.bin`) go through `torch.load(weights_only=True)`, OpenAI's TorchScript
+archives are read by a small unpickler that only rebuilds tensors (their TorchScript code is
+never loaded or run), and `.safetensors` files by `safetensors_reader` (no dependency).
 """
 import hashlib
 import os
@@ -16,7 +17,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from .model import CLIP, build_model
+from .model import ACTIVATION_NAMES, CLIP, build_model, check_activation
+from .safetensors_reader import looks_like_safetensors, read_safetensors
 from .transform import clip_preprocess
 
 _MODELS = {
@@ -232,33 +234,56 @@ def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torc
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """A CLIP state dict from a TorchScript archive or a plain (possibly wrapped) state dict."""
+    """A CLIP state dict from a TorchScript archive, a `.safetensors` file or a plain (possibly
+    wrapped) state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint {path} not found")
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
+    if looks_like_safetensors(path):
+        return {k[len("module."):] if k.startswith("module.") else k: v
+                for k, v in read_safetensors(path).items()}
     return load_plain_state_dict(path, "CLIP checkpoint")
 
 
+def unknown_activation_note(path: str) -> str:
+    return (f"note: {path} does not say which activation its CLIP was trained with; using "
+            f"{ACTIVATION_NAMES['quick_gelu']} (OpenAI's). For an open_clip model trained with "
+            "GELU, pass --clip-activation gelu (clip.load(..., activation=\"gelu\"))")
+
+
 def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = False,
-         download_root: Optional[str] = None) -> Tuple[CLIP, object]:
-    """OpenAI CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
+         download_root: Optional[str] = None, activation: Optional[str] = None
+         ) -> Tuple[CLIP, object]:
+    """CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
     name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked) or
-        the path of a checkpoint file (TorchScript archive or plain state dict).
+        the path of a checkpoint file: OpenAI's TorchScript archive, a plain state dict (also
+        open_clip's `.bin`/`.pt`) or a `.safetensors` file, of a CLIP ViT of OpenAI's
+        architecture (others are refused, see `architecture.py`).
     device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
     jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
     download_root: None means `default_weights_dir()`.
+    activation: the MLP activation, "quick_gelu" or "gelu", which a state dict does not show.
+        OpenAI's models (named, or a TorchScript archive) are QuickGELU. For other files None
+        means QuickGELU, with a one-line note that the file did not say; open_clip models
+        without `-quickgelu` in their name were trained with "gelu".
 
     Unlike OpenAI's, the model is fp32 (also on GPU), in eval mode, with every parameter frozen.
-    Its `checkpoint_name` and `checkpoint_sha256` say which file it is (see `same_clip`).
+    Its `checkpoint_name`, `checkpoint_sha256` and `activation` say which CLIP it is (see
+    `same_clip`).
     """
     if jit:
         raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "
                          "jit=False gives the same weights as an ordinary nn.Module")
+    if activation is not None:
+        check_activation(activation)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name in _MODELS:
+        if activation not in (None, "quick_gelu"):
+            raise ValueError(f"OpenAI's {name} is a QuickGELU model; activation={activation!r} "
+                             "would compute another function")
         url = _MODELS[name]
         sha256 = url.split("/")[-2]
         path = download(url, download_root or default_weights_dir(), sha256)
@@ -267,11 +292,17 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     else:
         raise RuntimeError(f"CLIP model {name!r} not found; available models: "
                            f"{available_models()}, or give the path of a checkpoint file")
+    openai_format = name in _MODELS or is_torchscript_archive(path)  # OpenAI's: QuickGELU
+    known = activation or ("quick_gelu" if openai_format else None)
     try:
-        model = build_model(read_checkpoint(path)).to(device)
+        model = build_model(read_checkpoint(path), known or "quick_gelu").to(device)
+    except NotImplementedError as e:  # another architecture
+        raise NotImplementedError(f"{name}: {e}") from None
     except (ValueError, KeyError) as e:
-        if isinstance(e, ValueError) and "is not a CLIP checkpoint" in str(e):
+        if isinstance(e, ValueError) and str(e).startswith(f"{path} "):  # the reader's own
             raise
         raise ValueError(f"{name} is not a CLIP checkpoint ({e})") from None
+    if known is None:
+        print(unknown_activation_note(name))
     model.checkpoint_name, model.checkpoint_sha256 = name, sha256
     return model, clip_preprocess(model.visual.input_resolution)

@@ -11,15 +11,19 @@ state dict loads with `strict=True`; the architecture is read off the state dict
 - weights stay fp32: mixed precision comes from `torch.autocast`, and LayerNorm runs in fp32;
 - prompt hooks are explicit optional arguments (`prompts`, `deep_prompts`, `return_tokens`,
   `encode_text_embeddings`); with none given, the computation is the plain path;
-- a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`).
+- a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`);
+- the MLP activation is an argument (`activation`): OpenAI's QuickGELU, or the exact GELU that
+  many open_clip models were trained with. The state dict cannot tell them apart.
 """
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .architecture import check_keys_match, check_shapes, check_vit_family
 
 # Per-layer prompt tokens: entry l is added before layer l (None: nothing for that layer).
 LayerPrompts = Optional[Sequence[Optional[torch.Tensor]]]
@@ -36,6 +40,17 @@ class LayerNorm(nn.LayerNorm):
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activations, by the names `load(activation=...)` and the checkpoints use.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+ACTIVATION_NAMES = {"quick_gelu": "QuickGELU", "gelu": "GELU"}
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return activation
 
 
 class Attention(nn.Module):
@@ -59,12 +74,14 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, heads: int, causal: bool = False,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
+        act = ACTIVATIONS[check_activation(activation)]()  # no parameters: the keys stay OpenAI's
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width)))
+            c_fc=nn.Linear(width, width * 4), gelu=act, c_proj=nn.Linear(width * 4, width)))
         self.ln_2 = LayerNorm(width)
         self.causal = causal  # the text tower's blocks mask future tokens, as OpenAI's attn_mask
 
@@ -78,10 +95,12 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
+                                         for _ in range(layers)])
         # Activation checkpointing: keep only each block's input and recompute the block in the
         # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
         self.grad_checkpointing = False
@@ -127,7 +146,7 @@ def _batched(p: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
 
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
-                 heads: int, output_dim: int):
+                 heads: int, output_dim: int, activation: str = "quick_gelu"):
         super().__init__()
         self.input_resolution, self.patch_size, self.output_dim = input_resolution, patch_size, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -136,7 +155,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation=activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -160,25 +179,34 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
+    """OpenAI's CLIP (ViT). Beyond OpenAI's arguments: `vision_heads` (None: OpenAI's
+    `vision_width // 64`) and `activation`, the MLP activation of both towers: "quick_gelu"
+    (OpenAI's) or "gelu" (`nn.GELU`, exact, as open_clip's models without `-quickgelu`)."""
+
     def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
                  vision_patch_size: int, context_length: int, vocab_size: int,
-                 transformer_width: int, transformer_heads: int, transformer_layers: int):
+                 transformer_width: int, transformer_heads: int, transformer_layers: int,
+                 vision_heads: Optional[int] = None, activation: str = "quick_gelu"):
         super().__init__()
         self.context_length = context_length
+        check_activation(activation)
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, vision_width // 64 or 1, embed_dim)
+                                        vision_layers, vision_heads or vision_width // 64 or 1,
+                                        embed_dim, activation)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       causal=True)
+                                       causal=True, activation=activation)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
-        # Which checkpoint this is, set by `load` (None for a model built from a state dict):
-        # trained prompts and heads record it, to refuse a different backbone (`same_clip`).
+        # Which checkpoint this is, set by `load` (None for a model built from a state dict),
+        # and the activation it runs: trained prompts and heads record them, to refuse a
+        # different backbone (`same_clip`).
         self.checkpoint_name: Optional[str] = None
         self.checkpoint_sha256: Optional[str] = None
+        self.activation = activation
         self.initialize_parameters()
 
     def initialize_parameters(self):
@@ -259,47 +287,68 @@ SHAPES = {
 }
 
 
-def same_clip(a, b) -> Optional[bool]:
-    """Whether two CLIPs are the same checkpoint, compared by SHA-256.
+def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
+    """(SHA-256, activation) of a CLIP model, of a record `{"sha256", "activation"}` as
+    checkpoints keep it (no "activation": QuickGELU, the only one before it was recorded), or of a
+    SHA-256 string (activation None: not stated)."""
+    if isinstance(x, CLIP):
+        return x.checkpoint_sha256, x.activation
+    if isinstance(x, dict):
+        return x.get("sha256"), x.get("activation") or "quick_gelu"
+    return x, None
 
-    a, b: SHA-256 hex strings (e.g. recorded in a trained checkpoint) or CLIP models (their
-    `checkpoint_sha256`). True or False, or None when either identity is unknown (a model built
-    from a state dict, or a record that has none). Code that refuses a different backbone tests
-    `same_clip(trained, used) is False`, so an unknown identity is let through.
+
+def same_clip(a, b) -> Optional[bool]:
+    """Whether two CLIPs are the same: the same checkpoint (SHA-256) run with the same activation.
+
+    a, b: SHA-256 hex strings, records `{"sha256", "activation"}` (e.g. in a trained checkpoint)
+    or CLIP models. True or False, or None when either SHA-256 is unknown (a model built from a
+    state dict, or a record that has none). Code that refuses a different backbone tests
+    `same_clip(trained, used) is False`, so an unknown identity is let through. One file run
+    with QuickGELU and with GELU is two different CLIPs.
     """
-    a, b = (x.checkpoint_sha256 if isinstance(x, CLIP) else x for x in (a, b))
-    if not a or not b:
+    (sha_a, act_a), (sha_b, act_b) = clip_identity(a), clip_identity(b)
+    if not sha_a or not sha_b:
         return None
-    return a.lower() == b.lower()
+    if sha_a.lower() != sha_b.lower():
+        return False
+    return act_a is None or act_b is None or act_a == act_b
+
+
+def describe_clip(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
+    act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
+    return f"{name or '?'} (SHA-256 {sha256[:12]}...{act})"
 
 
 def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
     """A clear error when `clip_model` is not the CLIP that `source` was trained on.
 
-    trained: `{"name": ..., "sha256": ...}` as recorded at training time. Nothing is checked when
-    either identity is unknown (see `same_clip`). `hint` ends the message: how to load the right
-    CLIP or force another.
+    trained: `{"name", "sha256", "activation"}` as recorded at training time. Nothing is
+    checked when either identity is unknown (see `same_clip`). `hint` ends the message: how to
+    load the right CLIP or force another.
     """
-    if same_clip(trained.get("sha256"), clip_model) is False:
-        raise ValueError(f"{source} was trained on CLIP {trained.get('name')} (SHA-256 "
-                         f"{trained['sha256'][:12]}...), but the loaded CLIP "
-                         f"{clip_model.checkpoint_name or '?'} has SHA-256 "
-                         f"{clip_model.checkpoint_sha256[:12]}...; {hint}")
+    if same_clip(trained, clip_model) is False:
+        was = describe_clip(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
+        loaded = describe_clip(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
+                               clip_model.activation)
+        raise ValueError(f"{source} was trained on CLIP {was}, but the loaded CLIP is {loaded}; "
+                         f"{hint}")
 
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Image towers whose heads are not OpenAI's 64 wide, by width: open_clip's ViT-H (H/14, H/16,
+# H/14-378) has 16 heads of 80. The state dict does not show the heads; these widths occur only
+# in those models (wider ones, g and bigG, are refused for their MLP width).
+VISION_HEADS = {1280: 16}
 
 
 def model_config(state_dict: dict) -> dict:
-    """Read CLIP's architecture off an OpenAI-format state dict (any size)."""
-    if "visual.proj" not in state_dict:
-        if any(k.startswith("visual.layer1.") for k in state_dict):
-            raise NotImplementedError(
-                "this is an OpenAI ResNet CLIP checkpoint (RN50, RN101, RN50x4, ...); mpafer "
-                "supports the ViT models only (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
-        raise ValueError("not an OpenAI CLIP state dict: no 'visual.proj' key "
-                         f"(first keys: {sorted(state_dict)[:5]})")
+    """Read CLIP's architecture off an OpenAI-format state dict (any size); a CLIP of another
+    architecture is refused with a one-line reason (`architecture.check_vit_family`).
+
+    The ten arguments of OpenAI's CLIP, and `vision_heads` for the widths in VISION_HEADS."""
+    check_vit_family(state_dict)
 
     def count_layers(prefix: str) -> int:
         return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
@@ -307,7 +356,8 @@ def model_config(state_dict: dict) -> dict:
     vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = state_dict["ln_final.weight"].shape[0]
-    return dict(
+    check_shapes(state_dict, vision_width, transformer_width)
+    config = dict(
         embed_dim=state_dict["text_projection"].shape[1],
         image_resolution=patch * grid,
         vision_layers=count_layers("visual.transformer.resblocks."),
@@ -319,15 +369,23 @@ def model_config(state_dict: dict) -> dict:
         transformer_heads=max(transformer_width // 64, 1),
         transformer_layers=count_layers("transformer.resblocks."),
     )
+    if vision_width in VISION_HEADS:
+        config["vision_heads"] = VISION_HEADS[vision_width]
+    return config
 
 
-def build_model(state_dict: dict) -> CLIP:
+def build_model(state_dict: dict, activation: str = "quick_gelu") -> CLIP:
     """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly.
 
-    Its `checkpoint_name` and `checkpoint_sha256` are None: only `load` knows the file."""
+    activation: "quick_gelu" (OpenAI's models) or "gelu" (open_clip models trained with GELU);
+    the state dict does not say which. Its `checkpoint_name` and `checkpoint_sha256` are None:
+    only `load` knows the file."""
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
-    model = CLIP(**model_config(state_dict))
+    if "logit_scale" in state_dict and state_dict["logit_scale"].numel() == 1:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(())  # some store it [1]
+    model = CLIP(**model_config(state_dict), activation=activation)
+    check_keys_match(model.state_dict(), state_dict)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     model.requires_grad_(False)
     return model.eval()

@@ -17,7 +17,8 @@ from .teacher import DEFAULT_TEACHER, INSTRUCTION, extract_teacher_features
 
 
 def cache(args):
-    model, _ = clip.load(args.clip, device=args.device, download_root=args.download_root)
+    model, _ = clip.load(args.clip, device=args.device, download_root=args.download_root,
+                         activation=args.clip_activation)
     data = cache_image_features(model, args.images, args.out, normalize=args.normalize,
                                 batch_size=args.batch_size, num_workers=args.workers)
     print(f"wrote {args.out}: {len(data['paths'])} images, clip_features "
@@ -50,6 +51,9 @@ def main(argv=None):
 
     p = sub.add_parser("cache", help="cache the CLIP image features of an image folder")
     p.add_argument("--clip", required=True, help="CLIP name (e.g. ViT-B/16) or checkpoint path")
+    p.add_argument("--clip-activation", choices=tuple(clip.ACTIVATIONS),
+                   help="the CLIP's MLP activation (default QuickGELU; gelu for open_clip models "
+                        "without -quickgelu in their name)")
     p.add_argument("--images", required=True, help="image folder (recursive; labels ignored)")
     p.add_argument("--out", required=True, help="feature file to write (.pt)")
     p.add_argument("--normalize", action="store_true",

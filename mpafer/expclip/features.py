@@ -77,8 +77,8 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
 
     The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:
     `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder, else as given),
-    `root`, `clip_name`, `clip_sha256`, `preprocess`, `created`, `format`. Teacher features
-    are added to the same file later (`add_teacher_features`). Returns the dict.
+    `root`, `clip_name`, `clip_sha256`, `clip_activation`, `preprocess`, `created`, `format`.
+    Teacher features are added to the same file later (`add_teacher_features`). Returns the dict.
     """
     device = torch.device(device) if device is not None else clip_model.logit_scale.device
     clip_model = clip_model.to(device)
@@ -101,6 +101,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
         "root": root,
         "clip_name": clip_model.checkpoint_name or "",
         "clip_sha256": clip_model.checkpoint_sha256 or "",
+        "clip_activation": clip_model.activation,
         "preprocess": preprocess,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }

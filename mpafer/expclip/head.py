@@ -99,7 +99,8 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
         check_head_fits(head, clip_model, source=f"the Exp-CLIP head {path}")
         if check_clip:
             metadata = read_head_metadata(path)
-            trained = {"name": metadata.get("clip_name"), "sha256": metadata.get("clip_sha256")}
+            trained = {"name": metadata.get("clip_name"), "sha256": metadata.get("clip_sha256"),
+                       "activation": metadata.get("clip_activation")}
             check_same_clip(trained, clip_model, f"the Exp-CLIP head {path}",
                             "load the matching CLIP or pass check_clip=False "
                             "(eval.py: --allow-other-clip)")

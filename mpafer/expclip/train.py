@@ -112,6 +112,7 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     metadata = {
         "format": "mpafer.expclip.head/1", "method": "expclip",
         "clip_name": data.get("clip_name"), "clip_sha256": data.get("clip_sha256"),
+        "clip_activation": data.get("clip_activation") or "quick_gelu",
         "teacher_name": data.get("teacher_name"), "instruction": data.get("instruction"),
         "preprocess": data.get("preprocess"), "features_file": os.path.abspath(features),
         "num_images": int(data["clip_features"].shape[0]), "hparams": hparams, "history": history,
