@@ -145,15 +145,30 @@ def test_prompt_sets_have_the_stated_sizes_and_class_words():
         assert list(PROMPT_SETS[name]) == list(CANONICAL_CLASSES)
         for c, prompts in PROMPT_SETS[name].items():
             assert len(prompts) == size and len(set(prompts)) == size
-            assert all(c in p for p in prompts)
+            assert sum(c in p for p in prompts) >= size - 1  # the released tenth: "angry", ...
             clip.tokenize(prompts)  # every prompt fits the context
     assert PROMPT_SETS["class"]["fear"] == ["fear."]
     assert PROMPT_SETS["expression"]["anger"] == ["an expression of anger."]
     assert PROMPT_SETS["photo"]["neutral"] == ["a photo of a face with an expression of neutral."]
 
 
+def test_ensembles_are_the_released_lists_with_their_exceptions():
+    """The released code's per-class wording, not one template for all: sadness, happiness and
+    neutral are worded apart, the tenth prompt of anger uses the adjective."""
+    five, ten = PROMPT_SETS["ensemble5"], PROMPT_SETS["ensemble10"]
+    assert five["fear"][2] == "a photo radiating fear in a person."
+    assert five["sadness"][1:3] == ["a cropped photo emphasizing a face expressing sadness.",
+                                    "a photo exuding sadness in a person."]
+    assert ten["happiness"][5] == "a photo of a face exuding happiness."
+    assert ten["neutral"][7] == "a good photo capturing someone's neutral state."
+    assert ten["anger"][9] == "a clean photo showcasing a person's angry expression."
+    assert ten["sadness"][8] == "a photo of a face with an expression of sadness."
+    assert all(ten[c][:5] == five[c] for c in CANONICAL_CLASSES)  # the ten extend the five
+
+
 def test_build_prompts():
     assert build_prompts("ensemble5", ["calm"])["calm"][0] == "an expression of calm."
+    assert build_prompts("ensemble10", ["calm"])["calm"][9] == "a clean photo showcasing a person's calm."
     custom = {"happiness": ["a", "b"], "fear": ["c"]}
     assert build_prompts(custom, ["fear", "happiness"]) == {"fear": ["c"], "happiness": ["a", "b"]}
     with pytest.raises(ValueError, match="unknown Exp-CLIP prompt set"):

@@ -1,12 +1,11 @@
 """Prompt sets for zero-shot FER: the paper's five prompt types, or your own from a JSON file.
 
 A prompt set gives every class a list of prompts; a class's logit is the mean of its prompts'
-logits. The paper's first three types are its exact templates. The two ensembles are *our
-choice* of wording, since the paper gives only their sizes: 5 and 10 FER templates, each with
-the class word once, the first two of each being the paper's "expression" and "photo"
-templates. The released Exp-CLIP code ships its own hand-varied ensembles, so ensemble results
-can differ slightly from the paper's; whoever holds that wording can run it through a prompt
-file (`load_prompt_file`, `eval.py --prompts FILE.json`).
+logits. The paper's first three types are its exact templates. The two ensembles (5 and 10
+prompts per class; the paper gives only their sizes) are the released code's own lists, per
+class, verbatim (`released_ensembles`); a class name they do not cover gets their common
+pattern. Any other wording runs through a prompt file (`load_prompt_file`,
+`eval.py --prompts FILE.json`).
 
 Prompt file format (UTF-8 JSON), one of:
 
@@ -24,31 +23,29 @@ from typing import Dict, List, Mapping, Sequence, Union
 
 from ..clip.tokenizer import tokenize
 from ..labels import CANONICAL_CLASSES
+from .released_ensembles import GENERIC_ENSEMBLES, RELEASED_ENSEMBLES
 
+# Prompt-type name -> templates; for the ensembles, the pattern for classes the release lacks.
 PROMPT_TEMPLATES: Dict[str, tuple] = {
     "class": ("{c}.",),
     "expression": ("an expression of {c}.",),
     "photo": ("a photo of a face with an expression of {c}.",),
-    "ensemble5": (
-        "an expression of {c}.",
-        "a photo of a face with an expression of {c}.",
-        "a photo of a person showing {c}.",
-        "a close-up photo of a face expressing {c}.",
-        "a cropped photo of a face displaying {c}.",
-    ),
+    **GENERIC_ENSEMBLES,
 }
-PROMPT_TEMPLATES["ensemble10"] = PROMPT_TEMPLATES["ensemble5"] + (
-    "a facial expression of {c}.",
-    "a photo of someone whose face shows {c}.",
-    "a portrait of a person with a look of {c}.",
-    "a good photo of a face conveying {c}.",
-    "a low-resolution photo of a face showing {c}.",
-)
+
+
+def named_prompts(name: str, classname: str) -> List[str]:
+    """The prompts of prompt type `name` for one class: the released list where there is one,
+    else the type's templates filled with the class name."""
+    released = RELEASED_ENSEMBLES.get(name, {})
+    if classname in released:
+        return list(released[classname])
+    return [t.format(c=classname) for t in PROMPT_TEMPLATES[name]]
+
 
 # Prompt-type name -> {canonical class name: [prompts]}.
 PROMPT_SETS: Dict[str, Dict[str, List[str]]] = {
-    name: {c: [t.format(c=c) for t in templates] for c in CANONICAL_CLASSES}
-    for name, templates in PROMPT_TEMPLATES.items()
+    name: {c: named_prompts(name, c) for c in CANONICAL_CLASSES} for name in PROMPT_TEMPLATES
 }
 
 # A prompt-type name, a prompt file (.json), or {class: [prompts]}.
@@ -119,15 +116,15 @@ def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str
 def build_prompts(prompt_set: PromptSet, classnames: Sequence[str]) -> Dict[str, List[str]]:
     """{class: [prompts]} for `classnames`, in their order.
 
-    prompt_set: a name from `PROMPT_SETS` (its templates are filled with each class word, so
-    non-canonical class names work too), a prompt file (`.json`, see `load_prompt_file`), or a
+    prompt_set: a name from `PROMPT_SETS` (non-canonical class names get its templates filled
+    with the class word), a prompt file (`.json`, see `load_prompt_file`), or a
     mapping {class: [prompts]} (any number of prompts per class) that covers every class.
     """
     if not classnames:
         raise ValueError("build_prompts needs at least one class name")
     if isinstance(prompt_set, (str, os.PathLike)):
         if prompt_set in PROMPT_TEMPLATES:
-            return {c: [t.format(c=c) for t in PROMPT_TEMPLATES[prompt_set]] for c in classnames}
+            return {c: named_prompts(prompt_set, c) for c in classnames}
         if is_prompt_file(prompt_set):
             return load_prompt_file(prompt_set, classnames)
         raise ValueError(f"unknown Exp-CLIP prompt set {prompt_set!r}; available: "
