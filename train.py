@@ -44,7 +44,7 @@ from mpafer.engine import (
 from mpafer.expclip import train_run
 from mpafer.metrics import format_report
 from mpafer.prompts import load_descriptions
-from mpafer.protocol import baselines, read_splits
+from mpafer.protocol import baselines, fit_batch_size, read_splits
 from mpafer.prototypes import prototype_key_fields, training_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
@@ -73,7 +73,7 @@ def main(argv=None):
     cfg, model_cfg, _ = parse_config(argv, __doc__)
     if cfg.method == "expclip":
         return train_run(cfg)
-    if cfg.demo_ablation:
+    if cfg.ablation:
         return run_ablation(cfg, sys.argv[1:] if argv is None else list(argv), main)
     run = start_run(cfg, RESUME_MAY_CHANGE)
     if cfg.demo:
@@ -86,6 +86,10 @@ def main(argv=None):
     splits = read_splits(cfg)
     if run.resume is not None:
         check_compatible(run.resume, cfg.resume, classnames=splits.classnames)
+    cfg.batch_size, note = fit_batch_size(cfg.batch_size, len(splits.train), run.world,
+                                          cfg.balanced_sampler, cfg.samples_per_epoch)
+    if note:
+        run.log(note)
     if run.master and not cfg.clip:
         demo_clip_path(cfg.cache_dir, log=run.log)  # the demo's tiny CLIP, pre-trained once
     run.barrier()
@@ -115,23 +119,18 @@ def main(argv=None):
             f"({sum(p.numel() for p in clip_model.parameters()):,})")
     if model_cfg.prototype_alignment:  # computed once, on rank 0, or read from the cache
         per_class = cfg.prototypes_per_class or None
-        key = prototype_key_fields(model, splits.train, resolution,
-                                   "synthetic-demo" if cfg.demo else cfg.dataset,
-                                   "" if cfg.demo else os.path.abspath(cfg.data_root),
-                                   per_class, cfg.seed, run.amp)
         prototypes = run.from_master(training_prototypes(
-            model, splits.train, resolution, cfg.cache_dir, key, per_class, cfg.seed,
-            cfg.workers, run.amp, run.log) if run.master else None)
+            model, splits.train, resolution, cfg.cache_dir, prototype_key_fields(
+                model, splits.train, resolution, "synthetic-demo" if cfg.demo else cfg.dataset,
+                "" if cfg.demo else os.path.abspath(cfg.data_root), per_class, cfg.seed,
+                run.amp), per_class, cfg.seed, cfg.workers, run.amp, run.log)
+            if run.master else None)
         model.set_prototypes(prototypes.to(run.device))
 
     # Batches, optimiser and schedule, and where a resumed run stands.
     loader = TrainLoader(splits.train, cfg.batch_size, cfg.seed, cfg.workers, run.rank,
                          run.world, cfg.balanced_sampler, cfg.samples_per_epoch,
                          pin_memory=run.device.type == "cuda")
-    if len(loader) == 0:
-        raise ValueError(f"the training set ({len(splits.train)} images over {run.world} "
-                         f"processes) is smaller than one batch of {cfg.batch_size}; lower "
-                         "--batch-size")
     optimization = make_optimizer(
         trainable_parameters(model), cfg.lr, cfg.momentum, cfg.weight_decay,
         round(cfg.warmup_epochs * len(loader)), cfg.epochs * len(loader), run.device, run.amp)
@@ -139,14 +138,17 @@ def main(argv=None):
     forward = model if run.world == 1 else DDP(
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
         broadcast_buffers=False)
-    if cfg.demo and run.resume is None:
-        measured = baselines(model, splits.selection, descriptions, run.amp,
+    if run.resume is None:  # the reference points, on the set the run reports
+        measured = baselines(model, splits.reported, descriptions, run.amp,
                              batch_size=2 * cfg.batch_size, workers=cfg.workers)
         zero_shot = measured["zero_shot_hard_prompts"]
-        run.log(f"before training: random prompts WAR {100 * measured['random_prompts']['war']:.2f}%"
-                f"; zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
-                f"{100 * zero_shot['uar']:.2f}%  (chance {100 / len(splits.classnames):.1f}%)")
-        run.write_json("baseline.json", measured)
+        run.log(f"before training, on {splits.reported_name}: random prompts WAR "
+                f"{100 * measured['random_prompts']['war']:.2f}%; " + (
+                    f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  "
+                    f"UAR {100 * zero_shot['uar']:.2f}%" if zero_shot else
+                    "no zero-shot baseline (the descriptions do not cover these classes)")
+                + f"  (chance {100 / len(splits.classnames):.1f}%)")
+        run.write_json("baseline.json", {"split": splits.reported_name, **measured})
 
     try:
         best, metrics, stopped = train(run, model, forward, loader, optimization, splits,
@@ -166,12 +168,15 @@ def main(argv=None):
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
         run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
                                      **test})
-    if cfg.demo and best["epoch"] > 0 and os.path.isfile(run.path("baseline.json")):
+    if best["epoch"] > 0 and not stopped and os.path.isfile(run.path("baseline.json")):
         with open(run.path("baseline.json")) as f:
-            zero_shot = json.load(f)["zero_shot_hard_prompts"]["war"]
-        run.log(f"\nDEMO: zero-shot CLIP with the hard prompts {100 * zero_shot:.2f}% -> trained "
-                f"MPA-FER {100 * best['war']:.2f}% (best {splits.selection_name} WAR, "
-                f"{100 * (best['war'] - zero_shot):+.2f} points)")
+            zero_shot = json.load(f)["zero_shot_hard_prompts"]
+        trained = test["war"] if splits.test is not None else best["war"]
+        if zero_shot:
+            run.log(f"\n{'DEMO: ' if cfg.demo else ''}zero-shot CLIP with the hard prompts "
+                    f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% "
+                    f"(WAR on {splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} "
+                    "points)")
     run.log("\n" + files_summary(run, best))
     if run.master and os.path.isfile(run.path("metrics.jsonl")):
         run.log(f"curves: {write_curves(cfg.out)}")
@@ -188,17 +193,20 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
     is evaluated; last.pt is saved every epoch, best.pt when the selection WAR improved."""
     cfg, metrics = run.cfg, {}
     augment = TrainBatchAugment(run.device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
+    clip_groups = (list(model.parameter_groups().values())
+                   if cfg.grad_clip_mode == "per-group" else None)
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             forward.train()
             result = train_epoch(
                 model, loader.start_epoch(epoch, first_step), optimization, augment, epoch=epoch,
                 amp=run.amp, grad_clip=cfg.grad_clip, forward=forward, first_step=first_step,
-                sums=sums, log_interval=cfg.log_interval, stop=stop, grad_norms=epoch == 0,
-                world=run.world, progress=run.master, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                sums=sums, log_interval=cfg.log_interval, stop=stop, grad_norms=True,
+                world=run.world, progress=run.master, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                clip_groups=clip_groups)
             first_step, sums = 0, None
             if result.grad_norms is not None:
-                run.log("gradient norms on the trainable parameters at the first step: "
+                run.log(f"gradient norms on the prompts at the first step of epoch {epoch + 1}: "
                         + "  ".join(f"{k} {v:.4g}" for k, v in result.grad_norms.items()))
             if result.losses is None:  # stopped in the middle of the epoch: save where
                 save_checkpoints(run, model, descriptions, optimization, epoch, {}, best,

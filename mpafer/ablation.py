@@ -1,16 +1,21 @@
-"""The paper's ablation ladder: one training run per row, then one table.
+"""The paper's ablation ladder over seeds: one training run per (row, seed), then one table.
 
-    python train.py --demo --demo-ablation
+    python train.py --demo --ablation --seeds 1,2,3
+    python train.py --dataset rafdb --data-root data/RAF-DB --ablation --seeds 1,2,3 --out runs/ablation
 
 Each row of `ABLATION_LADDER` adds one component of MPA-FER to the row before it (CoOp ->
-+ visual prompts -> + prototype alignment -> + soft-hard alignment -> full). Every row trains
-with the same seed and settings, in a folder of its own under the run folder; the table
-(ablation.md, ablation.json) puts zero-shot CLIP with the hard prompts first.
++ visual prompts -> + prototype alignment -> + soft-hard alignment -> full). Every (row, seed)
+trains in a run folder of its own, `<out>/<i>-<row>/seed-<s>`, with the row's switches and
+every other flag given; a flag given that contradicts a row's switch wins (a note says so).
+Then `mpafer.report` summarises each row over the seeds, and the table (zero-shot CLIP with the
+hard prompts first; mean ± sample std; the change from the row before) is printed and written
+as ablation.md and ablation.json in the parent folder.
 """
 import json
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
+from . import report
 from .utils import atomic_write, atomic_write_json
 
 # The paper's ablation rows: (folder, name, flags on top of the defaults); the last is the method.
@@ -24,51 +29,93 @@ ABLATION_LADDER = (
     ("soft-hard-alignment", "+ soft-hard alignment", ["--no-global-local"]),
     ("full", "+ global-local alignment (MPA-FER)", []),
 )
+# The flags of the ladder runner itself, which the rows do not get (with a value: True).
+OWN_FLAGS = {"--ablation": False, "--demo-ablation": False, "--seeds": True, "--seed": True,
+             "--out": True, "--name": True}
 
 
-def without_flags(argv: List[str], names: Tuple[str, ...], with_value: Tuple[str, ...]):
-    """argv minus the flags `names` (and the value after those in `with_value`)."""
+def without_flags(argv: List[str], flags: Dict[str, bool]) -> List[str]:
+    """argv minus `flags` (and the value after those that take one)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in names:
-            skip = name in with_value and "=" not in arg
+        if name in flags:
+            skip = flags[name] and "=" not in arg
             continue
         kept.append(arg)
     return kept
 
 
-def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]):
-    """--demo-ablation: `train(argv)` (train.py's main) once per row of ABLATION_LADDER, same
-    seed and settings, each in a folder of its own under the run folder; then one table
-    (ablation.md, ablation.json)."""
-    if not cfg.demo:
-        raise ValueError("--demo-ablation runs the demo's ablation ladder: add --demo")
-    base = without_flags(argv, ("--demo-ablation", "--out", "--name"), ("--out", "--name"))
+def flag_names(flags: List[str]) -> Dict[str, str]:
+    """{switch name, without --no-: the flag as given} of the flags in a list."""
+    return {arg.split("=", 1)[0].replace("--no-", "--"): arg for arg in flags
+            if arg.startswith("--")}
+
+
+def overridden(given: List[str], row_flags: List[str]) -> List[Tuple[str, str]]:
+    """(given flag, row flag) pairs where a flag given sets a switch the row sets too."""
+    row = flag_names(row_flags)
+    return [(arg, row[name]) for name, arg in flag_names(given).items() if name in row]
+
+
+def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Dict:
+    """--ablation: `train(argv)` (train.py's main) for every row of ABLATION_LADDER and every
+    seed of --seeds, then the table (see the module doc) -> its JSON record."""
+    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    given = without_flags(argv, OWN_FLAGS)
+    if cfg.demo and "--demo" not in given:
+        given.append("--demo")
     rows = []
-    for i, (folder, row, flags) in enumerate(ABLATION_LADDER, 1):
-        out = os.path.join(cfg.out, f"{i}-{folder}")
-        print(f"\n=== ablation row {i}/{len(ABLATION_LADDER)}: {row} -> {out}")
-        train([*base, "--out", out, *flags])
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-        best = max(records, key=lambda r: r["war"] if r["war"] is not None else -1)
-        with open(os.path.join(out, "baseline.json")) as f:
-            zero_shot = json.load(f)["zero_shot_hard_prompts"]
-        rows.append({"row": row, "flags": " ".join(flags), "best_war": best["war"],
-                     "best_uar": best["uar"], "best_epoch": best["epoch"], "folder": out})
-    lines = ["| row | best test WAR | UAR | epoch |", "|---|---|---|---|",
-             f"| zero-shot CLIP, hard prompts | {100 * zero_shot['war']:.2f} | "
-             f"{100 * zero_shot['uar']:.2f} | - |"]
-    lines += [f"| {r['row']} | {100 * r['best_war']:.2f} | {100 * r['best_uar']:.2f} | "
-              f"{r['best_epoch']} |" for r in rows]
-    table = "\n".join(lines)
+    for i, (folder, name, flags) in enumerate(ABLATION_LADDER, 1):
+        for flag, row_flag in overridden(given, flags):
+            print(f"note: {flag} (given) replaces the row's {row_flag} in row {name!r}")
+        folders = []
+        for seed in seeds:
+            out = os.path.join(cfg.out, f"{i}-{folder}", f"seed-{seed}")
+            print(f"\n=== ablation row {i}/{len(ABLATION_LADDER)}, seed {seed}: {name} -> {out}")
+            train([*flags, *given, "--seed", str(seed), "--out", out])
+            folders.append(out)
+        rows.append(row_summary(name, flags, folders))
+    table = ladder_record(rows, seeds, cfg.out)
+    text = report.ladder_table(table)
     atomic_write(os.path.join(cfg.out, "ablation.md"),
-                 lambda f: f.write((table + "\n").encode("utf-8")))
-    atomic_write_json({"zero_shot_hard_prompts": zero_shot, "rows": rows},
-                      os.path.join(cfg.out, "ablation.json"))
-    print(f"\nDEMO ablation (synthetic faces, seed {cfg.seed}):\n{table}\n"
-          f"written to {os.path.join(cfg.out, 'ablation.md')}")
+                 lambda f: f.write((text + "\n").encode("utf-8")))
+    atomic_write_json(table, os.path.join(cfg.out, "ablation.json"))
+    print(f"\nablation ladder ({'synthetic demo faces' if cfg.demo else cfg.dataset}, seeds "
+          f"{', '.join(map(str, seeds))}):\n{text}\nwritten to "
+          f"{os.path.join(cfg.out, 'ablation.md')} and ablation.json")
+    return table
+
+
+def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:
+    """One row: its runs summarised over the seeds by `mpafer.report`, with its zero-shot
+    baseline (each run measured it before training, on the split it reports)."""
+    runs = [report.read_run(folder) for folder in folders]
+    (summary,) = report.summarize_groups([r for r in runs if r is not None])
+    baselines = []
+    for folder in folders:
+        with open(os.path.join(folder, "baseline.json")) as f:
+            baselines.append(json.load(f).get("zero_shot_hard_prompts"))
+    return {"row": name, "flags": " ".join(flags), **summary,
+            "zero_shot": [b for b in baselines if b is not None]}
+
+
+def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
+    """ablation.json: the zero-shot baseline, then every row with its change from the row
+    before (difference of the mean WAR and UAR)."""
+    zero_shot = rows[0]["zero_shot"]
+    record = {"seeds": seeds, "folder": out, "zero_shot_hard_prompts": {
+        "war": report.mean_std([z["war"] for z in zero_shot]),
+        "uar": report.mean_std([z["uar"] for z in zero_shot])}, "rows": []}
+    previous = None
+    for row in rows:
+        entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
+                                     "uar", "last_war", "last_uar")}
+        entry["change"] = None if previous is None else {
+            k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
+        record["rows"].append(entry)
+        previous = row
+    return record

@@ -127,13 +127,16 @@ def make_optimizer(params, lr: float, momentum: float, weight_decay: float, warm
 
 def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None):
+               amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None,
+               clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None):
     """One MPA-FER training step -> (total loss, loss parts), detached, still on the device.
 
     Forward and all losses under autocast, backward (scaled under fp16), gradient clipping to
-    `grad_clip` (0 = off) over the optimiser's parameters, optimiser step. `forward` runs the
-    model (default `model`; train.py passes its DistributedDataParallel wrapper). The step
-    never waits for the device: read the losses when you need them (that is a sync).
+    `grad_clip` (0 = off), optimiser step. Clipping bounds the norm of all the optimiser's
+    parameters together, or of each of `clip_groups` on its own (see
+    `MPAFER.parameter_groups`). `forward` runs the model (default `model`; train.py passes its
+    DistributedDataParallel wrapper). The step never waits for the device: read the losses
+    when you need them (that is a sync).
     """
     with autocast(images.device, amp):
         output = (forward or model)(images)
@@ -142,8 +145,8 @@ def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
     scaler.scale(loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        for group in clip_groups or [[p for g in optimizer.param_groups for p in g["params"]]]:
+            torch.nn.utils.clip_grad_norm_(group, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), parts
@@ -216,11 +219,13 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
                 amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None,
                 first_step: int = 0, sums: Optional[torch.Tensor] = None,
                 log_interval: int = 20, stop=None, grad_norms: bool = False, world: int = 1,
-                progress: bool = True, desc: str = "") -> EpochResult:
+                progress: bool = True, desc: str = "",
+                clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None) -> EpochResult:
     """Steps `first_step + 1 ...` of one epoch over `loader` (uint8 batches; `augment`
     normalises and erases them on the device) -> EpochResult.
 
-    Each step is `train_step` followed by a schedule step. The loss parts are summed on the
+    Each step is `train_step` (clipping each of `clip_groups` on its own, if given) followed by
+    a schedule step. The loss parts are summed on the
     device; they are synced (one all-reduce under DDP, the only host sync) every
     `log_interval` steps and at the end, where a NaN or inf raises `NonFiniteLoss`. When
     `stop.requested` (Ctrl-C) is set on any process, every process ends the epoch at the same
@@ -245,7 +250,7 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
             with autocast(device, amp):
                 norms = model.term_gradient_norms(images, labels, scale=optimization.scaler.get_scale())
         loss, parts = train_step(model, images, labels, optimization.optimizer, optimization.scaler,
-                                 amp, grad_clip, forward=forward)
+                                 amp, grad_clip, forward=forward, clip_groups=clip_groups)
         optimization.scheduler.step()
         running += torch.stack([loss.float(), *(parts[k].float() for k in names[1:])])
         asked = stop is not None and stop.requested  # a host flag: checking it costs nothing

@@ -147,19 +147,22 @@ def legend(draw, x0, y0, width, entries, size) -> int:
 
 
 def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: bool = False,
-               percent: bool = False, note: str = ""):
-    """One chart in `box` (x0, y0, x1, y1): series = [(label, xs, ys)], None values skipped."""
+               percent: bool = False, note: str = "", first_colour: int = 0):
+    """One chart in `box` (x0, y0, x1, y1): series = [(label, xs, ys)], None values skipped;
+    series i is drawn in colour `first_colour + i` of the palette."""
     draw, size = ImageDraw.Draw(canvas), 20
     x0, y0, x1, y1 = box
     draw_text(draw, ((x0 + x1) / 2, y0 + 6), title, 24, align="center")
     points = [[(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
                and (y > 0 or not log)] for _, xs, ys in series]
+    # A series keeps its colour when another has nothing to draw.
+    colours = [PALETTE[(first_colour + i) % len(PALETTE)] for i in range(len(series))]
+    entries = [(s[0], c) for s, c, p in zip(series, colours, points) if p]
     series = [(s[0], p) for s, p in zip(series, points) if p]
     if not series:
         draw_text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), note or "nothing recorded", size,
                   align="center", valign="middle")
         return
-    entries = [(label, PALETTE[i % len(PALETTE)]) for i, (label, _) in enumerate(series)]
     top = y0 + 44 + legend(draw, x0 + 90, y0 + 44, x1 - x0 - 100, entries, 18) + 10
     xs = [x for _, p in series for x, _ in p]
     ys = [y for _, p in series for _, y in p]
@@ -204,31 +207,39 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
 
 def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls", "ta", "pa", "v")
                     ) -> Image.Image:
-    """2 x 2 panels from metrics.jsonl records: the total loss and each of `loss_terms` (log
-    scale), WAR/UAR, per-class recall, learning rate, against the epoch."""
-    series = [("loss", "total"), *((name, name) for name in loss_terms)]
-    canvas = Image.new("RGB", (1600, 1100), "white")
+    """Five panels from metrics.jsonl records, against the epoch: the total loss and each of
+    `loss_terms` (log scale); each term's gradient norm on the prompts at the first step of the
+    epoch (log scale: a term that dominates the others shows at once); the learning rate;
+    WAR/UAR; per-class recall."""
+    canvas = Image.new("RGB", (2400, 1100), "white")
     epochs = [r["epoch"] for r in records]
+    series = [("loss", "total"), *((name, name) for name in loss_terms)]
 
     def column(key, factor=1.0):
         return [None if r.get(key) is None else factor * r[key] for r in records]
 
-    losses = [(label, epochs, column(key)) for key, label in series
-              if any(v for v in column(key))]  # switched-off terms are 0: nothing to draw
+    # Switched-off terms are 0: nothing to draw (None keeps the others' colours).
+    losses = [(label, epochs, column(key) if any(v for v in column(key)) else [None])
+              for key, label in series]
     off = [label for key, label in series if not any(v for v in column(key))]
     title = "training losses (log scale)" + (f"; off: {', '.join(off)}" if off else "")
     line_panel(canvas, (0, 0, 800, 550), losses, title, "loss", log=True)
-    line_panel(canvas, (800, 0, 1600, 550),
+    norms = [(name, epochs, [(r.get("grad_norms") or {}).get(name) for r in records])
+             for name in loss_terms]
+    line_panel(canvas, (800, 0, 1600, 550), norms, "gradient norm per term, first step (log)",
+               "gradient norm", log=True, note="no gradient norms recorded",
+               first_colour=1)  # each term in its colour of the loss panel
+    line_panel(canvas, (1600, 0, 2400, 550), [("lr", epochs, column("lr"))],
+               "learning rate (end of epoch)", "learning rate")
+    line_panel(canvas, (0, 550, 1200, 1100),
                [("WAR", epochs, column("war", 100)), ("UAR", epochs, column("uar", 100))],
                "evaluation accuracy", "WAR / UAR (%)", percent=True)
     names = list(next((r["per_class_recall"] for r in records if r.get("per_class_recall")), {}))
     recall = [(name, epochs, [100 * r["per_class_recall"][name] if r.get("per_class_recall")
                               and name in r["per_class_recall"] else None for r in records])
               for name in names]
-    line_panel(canvas, (0, 550, 800, 1100), recall, "per-class recall", "recall (%)",
+    line_panel(canvas, (1200, 550, 2400, 1100), recall, "per-class recall", "recall (%)",
                percent=True, note="no per-class recall recorded")
-    line_panel(canvas, (800, 550, 1600, 1100), [("lr", epochs, column("lr"))],
-               "learning rate (end of epoch)", "learning rate")
     return canvas
 
 

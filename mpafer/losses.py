@@ -8,8 +8,8 @@ from typing import Dict, Iterable
 import torch
 import torch.nn.functional as F
 
-PA_DISTANCES = ("l1", "l1-mean", "contrastive")
-V_DISTANCES = ("cosine", "l1", "l1-mean")
+PA_DISTANCES = ("l1-mean", "l1-sum", "contrastive")
+V_DISTANCES = ("cosine", "l1-mean", "l1-sum")
 
 
 def fp32(tensor: torch.Tensor):
@@ -38,16 +38,18 @@ def token_alignment_loss(soft_pooled: torch.Tensor, hard_pooled: torch.Tensor,
 
 
 def prompt_alignment_loss(text_features: torch.Tensor, hard_features: torch.Tensor,
-                          hard_labels: torch.Tensor, distance: str = "l1", tau: float = 0.07) -> torch.Tensor:
+                          hard_labels: torch.Tensor, distance: str = "l1-mean", tau: float = 0.07) -> torch.Tensor:
     """Prompt-level soft-hard alignment L_pa between theta(t_c) `[C, D]` and theta(t*) `[H, D]`.
 
     Both are L2-normalised; each hard prompt h is compared with its class's soft prompt and the
     result is averaged over the hard prompts.
-    - "l1" (default): the paper's L_pa = ||theta(t_c) - theta(t*_c)||_1, the L1 norm, a sum
-      over the D dimensions.
-    - "l1-mean": the per-dimension mean of the same differences (PromptSRC-style). It is the
-      "l1" value divided by D (1/512 for ViT-B/16), so it needs a weight about D times larger
-      to move the prompts as much.
+    - "l1-mean" (default): the paper's "L1" distance as an L1 loss, the mean over the D
+      dimensions of |theta(t_c) - theta(t*_c)|, as `F.l1_loss` computes it and as PromptSRC (the
+      code MPA-FER builds on) uses it, with weight beta = 1.
+    - "l1-sum": the L1 norm ||theta(t_c) - theta(t*_c)||_1, the literal notation: a sum over D,
+      D times "l1-mean" (512x for ViT-B/16). Its sign gradient does not shrink as the distance
+      falls, so at beta = 1 it outweighs L_cls many times and pulls the classifier onto the
+      hard prompts (see the README's measurements).
     - "contrastive": -log softmax over classes of cos(theta(t_c), theta(t*_h)) / tau.
     """
     _check(distance, PA_DISTANCES, "pa_distance")
@@ -64,8 +66,8 @@ def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Te
     """Prototype-guided visual alignment L_v = mean_i M(z_g,i, p_{y_i}).
 
     z_g `[B, D]` prompted global image features, p `[C, D]` class prototypes (mean normalised
-    frozen CLIP features), both L2-normalised. M is "cosine" (default, 1 - cos), "l1" (the L1
-    norm ||z - p||_1, a sum over D) or "l1-mean" (the per-dimension mean, "l1" / D).
+    frozen CLIP features), both L2-normalised. M is "cosine" (default, 1 - cos), "l1-mean" (the
+    mean over D of |z - p|, an L1 loss) or "l1-sum" (the L1 norm ||z - p||_1, D x "l1-mean").
     """
     _check(distance, V_DISTANCES, "v_distance")
     with fp32(global_features):
@@ -77,9 +79,9 @@ def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Te
 
 
 def _l1(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
-    """Row-wise L1 distance of `[R, D]` pairs, averaged over rows: summed over D ("l1") or
-    averaged over D ("l1-mean")."""
-    per_row = (a - b).abs().sum(-1) if distance == "l1" else (a - b).abs().mean(-1)  # [R]
+    """Row-wise L1 distance of `[R, D]` pairs, averaged over rows: averaged over D ("l1-mean")
+    or summed over D ("l1-sum")."""
+    per_row = (a - b).abs().sum(-1) if distance == "l1-sum" else (a - b).abs().mean(-1)  # [R]
     return per_row.mean()
 
 

@@ -59,11 +59,12 @@ class MPAFERConfig:
     soft_hard_alignment: bool = _field(True, "soft-hard prompt alignment L_t = L_ta + L_pa")
     prototype_alignment: bool = _field(True, "prototype-guided visual alignment L_v")
     tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa)")
-    pa_distance: str = _field("l1", "L_pa distance: l1 (the L1 norm, summed over D, as the paper "
-                                    "writes it) | l1-mean (choice: per-dimension mean, 1/D of l1) "
-                                    "| contrastive (choice)")
-    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1 (L1 norm, summed over D) "
-                                       "| l1-mean (choice: per-dimension mean)")
+    pa_distance: str = _field("l1-mean", "L_pa distance: l1-mean (choice: the mean over D of |soft - hard|, "
+                                         "an L1 loss as in PromptSRC; measured to regularise) | l1-sum "
+                                         "(the L1 norm summed over D, the literal notation; D times "
+                                         "stronger) | contrastive (choice)")
+    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1-mean (mean over D) | l1-sum "
+                                       "(L1 norm, summed over D)")
     beta: float = _field(1.0, "weight beta of L_t")
     gamma: float = _field(1.0, "weight gamma of L_v")
 
@@ -98,6 +99,7 @@ class MPAFERConfig:
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MPAFERConfig":
+        values = upgrade_config(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -106,6 +108,17 @@ class MPAFERConfig:
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+# Values renamed since older checkpoints and configs were written: field -> {old: new}. The
+# distance "l1" was the L1 norm summed over D; it keeps that meaning under its new name.
+RENAMED_VALUES = {"pa_distance": {"l1": "l1-sum"}, "v_distance": {"l1": "l1-sum"}}
+
+
+def upgrade_config(values: Dict) -> Dict:
+    """A recorded MPAFERConfig dict under today's values (a run keeps its meaning)."""
+    return {k: RENAMED_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v
+            for k, v in values.items()}
 
 
 @dataclass
@@ -191,6 +204,15 @@ class MPAFER(nn.Module):
             for k, p in params.items():
                 p.copy_(state_dict[k])
         self._text_cache = None
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """The trainable parameters by component: text prompts, visual prompts, alignment
+        projections (those present). Gradient clipping can bound each group on its own."""
+        groups: Dict[str, List[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(name.split(".")[0], []).append(p)
+        return groups
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -44,6 +44,16 @@ class Splits:
     def classnames(self) -> List[str]:
         return list(self.train.classnames)
 
+    @property
+    def reported_name(self) -> str:
+        return "test" if self.test is not None else self.selection_name
+
+    @property
+    def reported(self):
+        """The set whose numbers a run reports: the test set, or the selection set when it is
+        the test split itself."""
+        return self.test if self.test is not None else self.selection
+
     def set_transforms(self, resolution: int):
         """Training augmentation for the training set, CLIP's preprocessing for the others;
         both hand over uint8 pixels (normalised and erased on the device)."""
@@ -119,16 +129,38 @@ def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[
     return train_set, held_out, records
 
 
+def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: bool = False,
+                   samples_per_epoch: int = 0) -> Tuple[int, Optional[str]]:
+    """-> (a batch size that gives every process at least one full batch per epoch, a note when
+    it had to be lowered). Few-shot training sets (K images per class, e.g. 7 with one shot) are
+    often smaller than the usual batch."""
+    per_process = (-(-(samples_per_epoch or train_size) // world) if balanced
+                   else train_size // world)
+    if per_process < 1:
+        raise ValueError(f"the training set ({train_size} images) is smaller than the {world} "
+                         "processes that would share it")
+    if batch_size <= per_process:
+        return batch_size, None
+    return per_process, (f"note: the training set gives each process {per_process} images, "
+                         f"fewer than --batch-size {batch_size}; training with batches of "
+                         f"{per_process}")
+
+
 def baselines(model, dataset, descriptions=None, amp=None, **evaluate_options) -> Dict:
     """The reference points of a run, measured on `dataset` before any training: the model with
     its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3; a class's
     logit is the mean over its descriptions' prompts), the baseline prompt learning has to
-    beat. -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics}."""
+    beat (None when the descriptions do not cover the classes).
+    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None}."""
     classnames, device = model.classnames, model.clip.logit_scale.device
-    descriptions = descriptions or load_descriptions(classnames)
+    measured = {"random_prompts": evaluate(model.eval(), dataset, classnames, device, amp,
+                                           **evaluate_options), "zero_shot_hard_prompts": None}
+    try:
+        descriptions = descriptions or load_descriptions(classnames)
+    except ValueError:  # classes the shipped descriptions do not cover (--dataset folder)
+        return measured
     zero_shot = ZeroShotClassifier(model.clip, classnames,
                                    hard_prompts_by_class(classnames, descriptions, 3)).eval()
-    return {"random_prompts": evaluate(model.eval(), dataset, classnames, device, amp,
-                                       **evaluate_options),
-            "zero_shot_hard_prompts": evaluate(zero_shot, dataset, classnames, device, amp,
-                                               desc="zero-shot", **evaluate_options)}
+    measured["zero_shot_hard_prompts"] = evaluate(zero_shot, dataset, classnames, device, amp,
+                                                  desc="zero-shot", **evaluate_options)
+    return measured

@@ -12,10 +12,12 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from .clip.loading import safe_load
-from .data.base import dataset_fingerprint
+from .clip.transform import CLIP_MEAN, CLIP_STD
+from .data.base import dataset_fingerprint, files_stat_fingerprint
 from .data.device_augment import as_model_input
 from .data.subsets import Subset as DataSubset
-from .data.transforms import eval_transform
+from .data.transforms import describe_transform, eval_transform
+from .synthetic import RENDERER_VERSION
 from .utils import atomic_save
 
 
@@ -126,15 +128,22 @@ def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: 
                          per_class: Optional[int], seed: int,
                          amp_dtype: Optional[torch.dtype]) -> Dict:
     """Everything the prototypes of a training set depend on, as stable values (hashes, sizes,
-    parameter values; never object reprs), so that a later run, in another process, finds them."""
+    parameter values; never object reprs), so that a later run, in another process, finds them:
+    the CLIP and its activation, the preprocessing's parameters, the images (names and labels;
+    the size and modification time of their files, or the version of the demo's face
+    renderer), the subset drawn, the precision."""
     base = train_set.base if isinstance(train_set, DataSubset) else train_set
     key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
            "resolution": resolution,
-           "transform": "eval_transform (CLIP preprocessing)", "dataset": dataset, "root": root,
-           "split": "train", "images": len(train_set), "items_sha256": dataset_fingerprint(base),
+           "transform": describe_transform(eval_transform(resolution, uint8=True)),
+           "normalize": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},  # on the device
+           "dataset": dataset, "root": root, "split": "train", "images": len(train_set),
+           "items_sha256": dataset_fingerprint(base), "files_sha256": files_stat_fingerprint(base),
            "classes": list(train_set.classnames), "per_class": per_class or 0,
            "seed": seed if per_class else None,  # the seed draws the per-class subset
            "amp": str(amp_dtype)}
+    if dataset == "synthetic-demo":
+        key["renderer"] = RENDERER_VERSION
     if isinstance(train_set, DataSubset):  # --shots / --val-fraction: which images, not how many
         key["subset"] = train_set.fingerprint()
     return key

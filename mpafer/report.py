@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import load_checkpoint
 from .figures import save_png, training_curves
-from .model import loss_names
+from .model import loss_names, upgrade_config
 from .runs import RENAMED_FIELDS
 from .train_config import RESULT_NEUTRAL
 from .utils import atomic_write_json, run_cli
@@ -61,7 +61,7 @@ def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None) -
     a run's descriptions are identified by content (from best.pt), not by path."""
     key = {RENAMED_FIELDS.get(k, k): v for k, v in config.get("train", {}).items()}
     key = {k: v for k, v in key.items() if k not in IGNORED}
-    key.update(config.get("model", {}))
+    key.update(upgrade_config(config.get("model", {})))
     if descriptions_sha256:
         key["descriptions_sha256"] = descriptions_sha256
     return key
@@ -152,6 +152,29 @@ def markdown_table(summaries: Sequence[Dict]) -> str:
                      f"{percent(s['uar'])} | {'; '.join(s['reported'])} | "
                      f"{percent(s['last_war'])} | {percent(s['last_uar'])} |")
     return "\n".join(lines)
+
+
+def ladder_table(record: Dict) -> str:
+    """The ablation ladder (`mpafer.ablation`'s record) as one Markdown table: zero-shot CLIP
+    with the hard prompts, then each row's mean ± std over the seeds, its change from the row
+    before, each seed's value and the last evaluated epoch's WAR."""
+    def seeds(stat):
+        return ", ".join(f"{100 * v:.1f}" for v in stat["values"])
+
+    zero_shot = record["zero_shot_hard_prompts"]
+    lines = ["| row | n | WAR (%) | UAR (%) | change WAR | change UAR | WAR per seed | "
+             "last-epoch WAR (%) |", "|---|---|---|---|---|---|---|---|",
+             f"| zero-shot CLIP, hard prompts | {zero_shot['war']['n']} | "
+             f"{percent(zero_shot['war'])} | {percent(zero_shot['uar'])} | | | "
+             f"{seeds(zero_shot['war'])} | |"]
+    for row in record["rows"]:
+        change = row["change"] or {}
+        lines.append(f"| {row['row']} | {row['n']} | {percent(row['war'])} | "
+                     f"{percent(row['uar'])} | " + " | ".join(
+                         f"{100 * change[k]:+.2f}" if k in change else "" for k in ("war", "uar"))
+                     + f" | {seeds(row['war'])} | {percent(row['last_war'])} |")
+    sources = sorted({source for row in record["rows"] for source in row["reported"]})
+    return "\n".join(lines) + f"\n\nreported: {'; '.join(sources)}"
 
 
 def write_curves(folder: str) -> str:

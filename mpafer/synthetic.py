@@ -23,6 +23,9 @@ from .labels import BASIC_CLASSES
 
 # The 7 basic expressions in canonical order (mpafer.data.CANONICAL_CLASSES without contempt).
 SYNTHETIC_CLASSES = BASIC_CLASSES
+# The version of the face drawing below: bump it whenever a change alters the pixels, since
+# caches of what was computed from the faces (prototypes) are keyed by it.
+RENDERER_VERSION = 2
 
 # Separate seed streams per split, so train and test never share an image.
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}

@@ -15,7 +15,7 @@ from . import clip
 from .checkpoint import load_checkpoint
 from .data import DATASETS, TRAINING_DATASETS
 from .engine import AMP_CHOICES
-from .model import MPAFERConfig
+from .model import MPAFERConfig, upgrade_config
 from .runs import (
     flag,
     folder_conflict,
@@ -66,6 +66,9 @@ class TrainConfig:
     warmup_epochs: float = field(default=1.0, metadata={
         "help": "linear warm-up, then cosine decay to 0 (per step)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    grad_clip_mode: str = field(default="global", metadata={
+        "help": "global: one norm over all trainable parameters | per-group: the text prompts, "
+                "the visual prompts and the alignment projections each clipped on their own"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers per process", "result": False})
     amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
@@ -80,9 +83,14 @@ class TrainConfig:
     demo: bool = field(default=False, metadata={
         "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
                 "downloaded (about a minute on a CPU)"})
+    ablation: bool = field(default=False, metadata={
+        "help": "train each row of the paper's ablation ladder (CoOp, + visual prompts, "
+                "+ prototype alignment, + soft-hard alignment, full) for each of --seeds, each "
+                "run in a folder under --out, then write one table (ablation.md, .json)"})
+    seeds: str = field(default="", metadata={
+        "help": "with --ablation: the seeds, comma-separated (default: --seed alone)"})
     demo_ablation: bool = field(default=False, metadata={
-        "help": "with --demo: train each row of the ablation ladder (CoOp, + visual prompts, "
-                "+ prototype alignment, + soft-hard alignment, full) and print one table"})
+        "help": "the same as --demo --ablation"})
     demo_train_per_class: int = field(default=200, metadata={
         "help": "synthetic faces per class (--demo)"})
     demo_test_per_class: int = field(default=60, metadata={
@@ -133,6 +141,11 @@ class TrainConfig:
             ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
             ("warmup_epochs", finite(self.warmup_epochs) and self.warmup_epochs >= 0, ">= 0"),
             ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("grad_clip_mode", self.grad_clip_mode in ("global", "per-group"),
+             "global or per-group"),
+            ("seeds", all(part.strip().isdigit() for part in self.seeds.split(","))
+             if self.seeds else True, "seeds >= 0, comma-separated (e.g. 1,2,3)"),
+            ("seeds", not self.seeds or self.ablation, "used with --ablation"),
             ("workers", self.workers >= 0, ">= 0"),
             ("seed", self.seed >= 0, ">= 0"),
             ("stop_after", self.stop_after >= 0, ">= 0 (0 = never)"),
@@ -201,6 +214,10 @@ def parse_config(argv=None, description: str = None):
     given = vars(parser.parse_args(argv))
     train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
     model = {k: v for k, v in given.items() if k not in TRAIN_FIELDS}
+    if train.get("demo_ablation"):  # the shorthand of --demo --ablation
+        train.update(demo=True, ablation=True)
+    if train.get("ablation") and train.get("resume"):
+        parser.error("--ablation starts new runs; resume one row's run with --resume alone")
     if train.get("resume"):
         values, model_values = resume_values(parser, train, model)
     else:
@@ -271,7 +288,7 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
     if train.get("clip_activation") == checkpoint["clip"].get("activation", "quick_gelu"):
         train.pop("clip_activation")  # the activation the run has: nothing changes
     refused = (resume_refusals(train, recorded, RESUME_MAY_CHANGE)
-               + resume_refusals(model, checkpoint["config"]))
+               + resume_refusals(model, upgrade_config(checkpoint["config"])))
     if refused:
         parser.error(f"--resume continues the run as recorded in {path}; these flags would "
                      f"change it: {'; '.join(refused)}. Start a new run to change them")
@@ -281,7 +298,7 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
         parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
                      "can only extend it")
     values = {**recorded, **train, "out": folder, "overwrite": False}
-    return values, checkpoint["config"]
+    return values, upgrade_config(checkpoint["config"])
 
 
 def check_protocol(parser, cfg: TrainConfig, given: Dict):

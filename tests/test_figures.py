@@ -21,13 +21,13 @@ def records(epochs, slope, with_recall=True):
 def test_training_curves_are_a_fixed_size_png_that_follows_the_records(tmp_path):
     first = figures.training_curves(records(6, 0.1))
     second = figures.training_curves(records(6, 0.2))
-    assert first.size == second.size == (1600, 1100) and first.mode == "RGB"
+    assert first.size == second.size == (2400, 1100) and first.mode == "RGB"
     assert first.tobytes() != second.tobytes()
     figures.save_png(first, str(tmp_path / "curves.png"))
     with Image.open(tmp_path / "curves.png") as saved:
         assert saved.format == "PNG" and saved.tobytes() == first.tobytes()
     # Old logs without per-class recall, a single epoch: still drawn.
-    assert figures.training_curves(records(1, 0.1, with_recall=False)).size == (1600, 1100)
+    assert figures.training_curves(records(1, 0.1, with_recall=False)).size == (2400, 1100)
 
 
 def test_ticks_are_round_and_cover_the_data():

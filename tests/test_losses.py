@@ -44,13 +44,18 @@ def test_token_alignment_is_contrastive_over_classes_per_hard_prompt(inputs):
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_prompt_alignment_l1_is_the_norm_summed_over_dimensions(inputs):
+def test_prompt_alignment_default_is_the_mean_reduced_l1_and_the_sum_is_an_option(inputs):
     text, hard = inputs["text"].tolist(), inputs["hard"].tolist()
     norm = sum(l1(text[HARD_LABELS[h]], hard[h]) for h in range(H)) / H  # ||.||_1 averaged over hard prompts
     default = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS)
-    assert default.item() == pytest.approx(norm, rel=1e-5)
-    mean = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "l1-mean")
-    assert mean.item() == pytest.approx(norm / D, rel=1e-5)
+    # The mean over hard prompts and over the D dimensions, by hand and as F.l1_loss has it.
+    assert default.item() == pytest.approx(norm / D, rel=1e-5)
+    normalize = torch.nn.functional.normalize
+    l1_loss = torch.nn.functional.l1_loss(normalize(inputs["text"], dim=-1)[HARD_LABELS],
+                                          normalize(inputs["hard"], dim=-1))
+    assert default.item() == pytest.approx(l1_loss.item(), rel=1e-6)
+    summed = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "l1-sum")
+    assert summed.item() == pytest.approx(norm, rel=1e-5)
     expected_con = sum(neg_log_softmax([cos(text[c], hard[h]) / TAU for c in range(C)], HARD_LABELS[h])
                        for h in range(H)) / H
     con = losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "contrastive", TAU)
@@ -63,7 +68,7 @@ def test_prototype_alignment_distances(inputs):
     expected_l1 = sum(l1(z[i], protos[y[i]]) for i in range(B)) / B
     loss = lambda *distance: losses.prototype_alignment_loss(inputs["z"], inputs["protos"], LABELS, *distance).item()  # noqa: E731
     assert loss() == pytest.approx(expected_cos, rel=1e-5)
-    assert loss("l1") == pytest.approx(expected_l1, rel=1e-5)
+    assert loss("l1-sum") == pytest.approx(expected_l1, rel=1e-5)
     assert loss("l1-mean") == pytest.approx(expected_l1 / D, rel=1e-5)
 
 
@@ -74,7 +79,7 @@ def test_classification_loss(inputs):
 
 
 def test_unknown_distances_are_named(inputs):
-    with pytest.raises(ValueError, match=r"pa_distance must be one of \['l1', 'l1-mean', 'contrastive'\], got 'l2'"):
+    with pytest.raises(ValueError, match=r"pa_distance must be one of \['l1-mean', 'l1-sum', 'contrastive'\], got 'l2'"):
         losses.prompt_alignment_loss(inputs["text"], inputs["hard"], HARD_LABELS, "l2")
     with pytest.raises(ValueError, match=r"v_distance must be one of .*got 'mean'"):
         losses.prototype_alignment_loss(inputs["z"], inputs["protos"], LABELS, "mean")

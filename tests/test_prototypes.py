@@ -106,3 +106,39 @@ def test_cache_is_keyed_by_its_fields(tmp_path):
     cached_prototypes(str(tmp_path), {**key, "seed": 1}, compute, log=lambda m: None)
     cached_prototypes(str(tmp_path), {**key, "split": "test"}, compute, log=lambda m: None)
     assert len(calls) == 3
+
+
+def test_the_cache_key_follows_what_changes_the_features(tmp_path, clip_model):
+    """The key covers the preprocessing's parameters, the files' sizes and modification times
+    (re-aligned images under the same names), and the demo's face renderer."""
+    from mpafer.data import RAFDB
+    from mpafer.demo import demo_datasets
+    from mpafer.model import MPAFER, MPAFERConfig
+    from mpafer.prototypes import prototype_key_fields
+    from mpafer.synthetic import RENDERER_VERSION
+    from tests.dataset_writers import write_synthetic_rafdb
+
+    model = MPAFER(clip_model, ["surprise", "fear", "disgust", "happiness", "sadness", "anger",
+                                "neutral"], config=MPAFERConfig(soft_hard_alignment=False))
+    root = write_synthetic_rafdb(tmp_path / "raf", 2, 1)
+
+    def key(resolution=32, dataset=None):
+        return prototype_key_fields(model, dataset or RAFDB(str(root), "train"), resolution,
+                                    "rafdb", str(root), None, 1, None)
+
+    before = key()
+    assert before == key()  # stable
+    assert {"step": "Resize", "size": 32, "interpolation": "bicubic", "antialias": True,
+            "max_size": None} in before["transform"]
+    assert key(resolution=48)["transform"] != before["transform"]
+    image = RAFDB(str(root), "train").image_path(0)
+    with open(image, "rb") as f:
+        data = f.read()
+    with open(image, "wb") as f:  # the same name, the same labels, a re-saved file
+        f.write(data + b"\0")
+    changed = key()
+    assert changed["items_sha256"] == before["items_sha256"]
+    assert changed["files_sha256"] != before["files_sha256"]
+    demo = prototype_key_fields(model, demo_datasets(None, None, None, 2, 1)[0], 32,
+                                "synthetic-demo", "", None, 1, None)
+    assert demo["renderer"] == RENDERER_VERSION and demo["files_sha256"] is None

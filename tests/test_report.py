@@ -77,7 +77,7 @@ def test_groups_ignore_seed_and_paths_and_give_mean_and_sample_std(runs, tmp_pat
 def test_curves_are_redrawn_for_every_run(runs):
     report.main([*runs[:2], "--curves"])
     with Image.open(runs[0] + "/curves.png") as first, Image.open(runs[1] + "/curves.png") as second:
-        assert first.size == second.size == (1600, 1100)
+        assert first.size == second.size == (2400, 1100)
         assert first.tobytes() != second.tobytes()  # different histories, different pictures
 
 

@@ -97,6 +97,18 @@ def test_last_pt_holds_what_resume_reads_and_nothing_else(first_run):
     assert state["step"] == 0 and state["sums"] is None and state["best"]["epoch"] >= 1
 
 
+def test_a_run_recorded_with_the_old_summed_l1_resumes_with_it(train, first_run, tmp_path):
+    """"l1" named the summed L1 norm before the mean became the default: such a run resumes
+    with the summed form, and a flag naming the form it has is no change."""
+    checkpoint = load_checkpoint(first_run["last"])
+    checkpoint["config"]["pa_distance"] = "l1"
+    (tmp_path / "run").mkdir()
+    last = str(tmp_path / "run" / "last.pt")
+    torch.save(checkpoint, last)
+    _, model_cfg, _ = train.parse_config(["--resume", last, "--pa-distance", "l1-sum"])
+    assert model_cfg.pa_distance == "l1-sum"
+
+
 def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys):
     last = first_run["last"]
     cfg, model_cfg, _ = train.parse_config([

@@ -139,7 +139,7 @@ def test_train_records_shots_and_held_out_files_and_reports_test_once(rafdb_runs
     assert test["epoch"] == max(records, key=lambda r: r["war"])["epoch"]
     assert "on the test split" in open(out / "log.txt").read()
     with Image.open(out / "curves.png") as curves:
-        assert curves.size == (1600, 1100)
+        assert curves.size == (2400, 1100)
 
 
 def test_report_summarizes_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
@@ -152,3 +152,18 @@ def test_report_summarizes_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
     assert group["war"]["mean"] == pytest.approx(sum(t["war"] for t in tests) / 2)
     assert group["reported"] == [f"best.pt on test (chosen on {HELD_OUT})"]
     assert "| dataset=rafdb method=mpafer | 2 | 1, 2 |" in capsys.readouterr().out
+
+
+def test_few_shot_smaller_than_a_batch_trains_with_a_batch_that_fits(train_script, tmp_path,
+                                                                     capsys):
+    """`--demo --shots 1`: 7 images, fewer than the batch of 32: one batch of 7, said once."""
+    clip_file = tmp_path / "clip.pt"
+    torch.save(tiny_state_dict(seed=0), clip_file)
+    out = tmp_path / "one-shot"
+    train_script.main(["--demo", "--clip", str(clip_file), "--out", str(out), "--cache-dir",
+                       str(tmp_path / "cache"), "--shots", "1", "--epochs", "2",
+                       "--demo-test-per-class", "2"])
+    printed = capsys.readouterr().out
+    assert "fewer than --batch-size 32; training with batches of 7" in printed
+    assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == 7
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]

@@ -163,6 +163,10 @@ class FERDataset(Dataset):
     def image_path(self, index):
         return os.path.join(self.root, self._files[index].decode("utf-8"))
 
+    def source_files(self):
+        """The files the images are read from (see `files_stat_fingerprint`)."""
+        return sorted(set(self.paths))
+
     @property
     def paths(self):
         """All image paths, in item order (a fresh list: meant for inspection, not the hot loop)."""
@@ -194,6 +198,20 @@ def dataset_fingerprint(dataset):
              "targets": [int(t) for t in dataset.targets],
              "boxes": None if boxes is None else np.asarray(boxes).tolist()}
     return hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()
+
+
+def files_stat_fingerprint(dataset):
+    """SHA-256 of the size and modification time of every file a dataset's images come from
+    (`dataset.source_files()`): images re-aligned or re-saved under the same names change it,
+    where the names and labels of `dataset_fingerprint` stay the same. None for a dataset
+    without files (drawn in memory)."""
+    if not hasattr(dataset, "source_files"):
+        return None
+    stats = []
+    for path in dataset.source_files():
+        info = os.stat(path)
+        stats.append([path, info.st_size, info.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stats).encode("utf-8")).hexdigest()
 
 
 def unreadable_images(dataset, workers=4):

@@ -144,6 +144,11 @@ class FERPlus(FERDataset):
         self._set_items(files, targets, skip_bad_images=skip_bad_images, source=label_file,
                         layout=FERPLUS_LAYOUT)
 
+    def source_files(self):
+        if self._pixels is not None:  # CSV mode: every image comes from the two CSV files
+            return [os.path.join(self.root, n) for n in ("fer2013.csv", "fer2013new.csv")]
+        return super().source_files()
+
     def image_path(self, index):
         if self._pixels is not None:
             return None  # CSV mode: images live in fer2013.csv, not in files

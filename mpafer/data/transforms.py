@@ -49,6 +49,25 @@ def eval_transform(resolution, uint8=False):
     return clip_preprocess(resolution)
 
 
+def describe_transform(transform) -> list:
+    """A transform's steps and parameters as plain values (names, numbers, strings), never object
+    reprs: what a cache of its outputs is keyed by. `T.Compose` gives one entry per step."""
+    steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    described = []
+    for step in steps:
+        params = {}
+        for key, value in sorted(vars(step).items()):
+            if key.startswith("_") or key == "training":  # nn.Module's own state
+                continue
+            value = getattr(value, "value", value)  # enums such as InterpolationMode
+            if isinstance(value, (int, float, str, bool, type(None))) or (
+                    isinstance(value, (tuple, list))
+                    and all(isinstance(v, (int, float, str, bool)) for v in value)):
+                params[key] = list(value) if isinstance(value, tuple) else value
+        described.append({"step": getattr(step, "__name__", type(step).__name__), **params})
+    return described
+
+
 def expclip_transform(resolution, normalize=False):
     """Exp-CLIP's input: squash to (resolution, resolution) and ToTensor, with no mean/std
     normalisation by default (the released Exp-CLIP heads were trained that way)."""
