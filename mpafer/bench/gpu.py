@@ -153,7 +153,7 @@ def run_mfu(args, report: Report) -> str:
     report.update(matmul_bf16_flops_per_second=peak, matmul_size=args.matmul_size)
     print(f"mfu: bf16 matmul {args.matmul_size}^3: {peak / 1e12:.1f} TFLOP/s")
     classes = list(BASIC_CLASSES)  # the benchmark's model: 7 classes, shipped descriptions
-    for shape, figures in report.data.get("shapes", {}).items():
+    for shape, figures in list(report.data.get("shapes", {}).items()):
         if "train_step_seconds" not in figures:
             continue
         batch = figures["train_batch"]

@@ -74,10 +74,16 @@ def run_tier(device: torch.device, keyword: Optional[str], budget: float,
         if device.type != "cuda":
             env["MPAFER_CUDA_TESTS_DEVICE"] = str(device)
 
+        shown = set()
+
         def take(line: str):
             print(line, end="", flush=True)
             if log.read(line):
-                report(**log.figures(), figures=read_figures(figures))
+                measured = read_figures(figures)
+                for name in sorted(measured.keys() - shown):  # pytest holds the tests' prints
+                    print(f"    figure {name}: {measured[name]}", flush=True)
+                shown.update(measured)
+                report(**log.figures(), figures=measured)
 
         process = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
