@@ -110,6 +110,13 @@ def pooled_word_embeddings(embeddings: torch.Tensor, eot: torch.Tensor) -> torch
     return (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [P, W]
 
 
+def soft_prompt_tokens(classnames: Sequence[str], n_ctx: int) -> torch.Tensor:
+    """The soft prompts' token ids `[C, L]`, cropped to the longest: "X" placeholders hold the
+    n_ctx context positions (their embeddings are replaced by the learned context)."""
+    names = [c.replace("_", " ") for c in classnames]
+    return crop_to_longest(tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names]))
+
+
 class TextPromptLearner(nn.Module):
     """CoOp soft prompts `[SOS] v_1 .. v_M <class name> . [EOS]` with optional deep text prompts.
 
@@ -129,17 +136,14 @@ class TextPromptLearner(nn.Module):
         if not init_ids and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1 (or give ctx_init), got {n_ctx}")
         n_ctx = len(init_ids) or n_ctx
-        names = [c.replace("_", " ") for c in classnames]
-        # "X" placeholders hold the context positions; their embeddings are replaced below.
-        tokens = crop_to_longest(tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names]))
-        tokens = tokens.to(clip_model.token_embedding.weight.device)
+        tokens = soft_prompt_tokens(classnames, n_ctx).to(clip_model.token_embedding.weight.device)
         with torch.no_grad():
             embedding = clip_model.token_embedding(tokens)  # [C, L, W]
         self.n_ctx, self.class_specific = n_ctx, class_specific
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # [C, 1, W] SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # [C, L-1-M, W]
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # [C]
-        shape = (len(names), n_ctx, width) if class_specific else (n_ctx, width)
+        shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
         if init_ids:
             with torch.no_grad():
                 init = clip_model.token_embedding(tokens.new_tensor(init_ids))  # [M, W]
