@@ -12,13 +12,17 @@ Precedence: defaults < dataset preset < --demo < flags you give. Each run gets i
 runs/<dataset>/<yyyymmdd-hhmmss> (--name NAME: runs/<dataset>/NAME; --out DIR: DIR); a folder
 that holds another run's checkpoints is refused unless --resume or --overwrite. The resolved
 configuration is printed, saved as config.json in that folder, and stored in every checkpoint.
-Ctrl-C stops at the end of the current step, saves a resumable last.pt and prints how to resume.
+Ctrl-C or SIGTERM (a scheduler's) stops at the end of the current step, saves a resumable
+last.pt, prints how to resume and exits with 130 or 143. A write that fails (disk full, quota,
+read-only, permission) is one line naming the file; nothing saved before is lost. A dataset
+that moved resumes with --resume RUN/last.pt --data-root NEW, if it is the run's data.
 
 The recipe, top to bottom: settings (every value checked) -> data and CLIP (checked before
 anything is written) -> model and prototypes -> optimiser -> for each epoch: train, evaluate on
 the selection set, save -> best.pt on the test set -> report. The run's bookkeeping (folders,
-resume, checkpoints) is `mpafer.runs`; which images train, select and test is
-`mpafer.protocol`; one epoch of steps is `mpafer.engine.train_epoch`.
+resume, checkpoints) is `mpafer.runs`; what may stop a run and how it goes on, `mpafer.faults`;
+which images train, select and test, `mpafer.protocol`; one epoch of steps,
+`mpafer.engine.train_epoch`.
 """
 import json
 import os
@@ -42,18 +46,17 @@ from mpafer.engine import (
     trainable_parameters,
 )
 from mpafer.expclip import train_run
+from mpafer.faults import StopRequest, check_data, check_room, interrupted, write_failed
 from mpafer.metrics import format_report
 from mpafer.prompts import load_descriptions
 from mpafer.protocol import baselines, fit_batch_size, read_splits
 from mpafer.prototypes import prototype_key_fields, training_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
-    StopRequest,
     already_finished,
     files_summary,
-    interrupted,
-    log_epoch,
     open_folder,
+    record_epoch,
     restore,
     resume_command,
     run_record,
@@ -62,7 +65,7 @@ from mpafer.runs import (
     stop_on_non_finite,
 )
 from mpafer.train_config import RESUME_MAY_CHANGE, parse_config
-from mpafer.utils import run_cli
+from mpafer.utils import EXIT_STATUS, WriteError, run_cli
 
 DEMO_BANNER = ("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
                "numbers say the\npipeline works end to end; they say nothing about real facial "
@@ -82,8 +85,9 @@ def main(argv=None):
     if already_finished(run):
         return
 
-    # Data and CLIP, checked before anything is written.
+    # Data and CLIP, checked before anything is written (a resumed run's data is the run's own).
     splits = read_splits(cfg)
+    check_data(run, cfg.dataset, splits.read)
     if run.resume is not None:
         check_compatible(run.resume, cfg.resume, classnames=splits.classnames)
     cfg.batch_size, note = fit_batch_size(cfg.batch_size, len(splits.train), run.world,
@@ -113,11 +117,14 @@ def main(argv=None):
                     else None)
     model = build_mpafer(clip_model, splits.classnames, descriptions, model_cfg,
                          cfg.grad_checkpointing, cfg.compile, seed=cfg.seed).to(run.device)
+    check_room(run, model, descriptions)  # a full disk fails now, not after an epoch
     trainable = model.num_trainable_parameters()
     run.log(f"MPA-FER on CLIP {clip_model.checkpoint_name}: {trainable:,} trainable parameters "
             f"({trainable / 1e6:.3f} M); CLIP frozen "
             f"({sum(p.numel() for p in clip_model.parameters()):,})")
     if model_cfg.prototype_alignment:  # computed once, on rank 0, or read from the cache
+        # (keyed by the data root too: file names and labels cannot tell the same images from
+        # others, so a dataset that moved computes its prototypes once more)
         per_class = cfg.prototypes_per_class or None
         prototypes = run.from_master(training_prototypes(
             model, splits.train, resolution, cfg.cache_dir, prototype_key_fields(
@@ -155,6 +162,8 @@ def main(argv=None):
                                        descriptions, start_epoch, best, first_step, sums)
     except NonFiniteLoss as error:
         stop_on_non_finite(run, error)
+    except WriteError as error:  # one line (`run_cli`), with what is kept and how to go on
+        raise write_failed(run, error)
     if metrics and not stopped:
         run.log(f"\nfinal {splits.selection_name} evaluation (epoch {cfg.epochs}):\n"
                 f"{format_report(metrics)}")
@@ -182,15 +191,18 @@ def main(argv=None):
         run.log(f"curves: {write_curves(cfg.out)}")
     if run.world > 1:
         torch.distributed.destroy_process_group()
-    if stopped == "interrupted":
-        sys.exit(130)  # as an interrupted program exits; last.pt is saved
+    if stopped in EXIT_STATUS:
+        sys.exit(EXIT_STATUS[stopped])  # 130 or 143, as that signal's; last.pt is saved
 
 
 def train(run, model, forward, loader, optimization, splits, descriptions, start_epoch, best,
           first_step, sums):
     """The epoch loop -> (best evaluation, last evaluation, why it ended early: None,
-    "stop-after" or "interrupted"). Every --eval-every epochs and at the end, the selection set
-    is evaluated; last.pt is saved every epoch, best.pt when the selection WAR improved."""
+    "stop-after", "Ctrl-C" or "SIGTERM"). Every --eval-every epochs and at the end, the selection
+    set is evaluated; last.pt is saved every epoch, best.pt when the selection WAR improved.
+    Ctrl-C or SIGTERM during an epoch stops it at the end of the current step (saved there);
+    during its evaluation or saving, once the epoch is saved; after the last epoch's steps, the
+    run finishes."""
     cfg, metrics = run.cfg, {}
     augment = TrainBatchAugment(run.device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
     clip_groups = (list(model.parameter_groups().values())
@@ -209,11 +221,12 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
                 run.log(f"gradient norms on the prompts at the first step of epoch {epoch + 1}: "
                         + "  ".join(f"{k} {v:.4g}" for k, v in result.grad_norms.items()))
             if result.losses is None:  # stopped in the middle of the epoch: save where
+                stop.agree(run)  # (asked on another process: say which signal)
                 save_checkpoints(run, model, descriptions, optimization, epoch, {}, best,
                                  result.steps_done, result.sums)
-                run.log(f"stopped by Ctrl-C after step {result.steps_done} of epoch "
+                run.log(f"stopped by {stop.name} after step {result.steps_done} of epoch "
                         f"{epoch + 1}; saved {run.path('last.pt')}")
-                return best, metrics, interrupted(run, "Ctrl-C")
+                return best, metrics, interrupted(run, stop)
 
             evaluated, eval_seconds = {}, 0.0
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -224,14 +237,16 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
                 eval_seconds = time.time() - started
                 if evaluated["war"] > best["war"]:
                     best = {"war": evaluated["war"], "uar": evaluated["uar"], "epoch": epoch + 1}
+            line = record_epoch(run, epoch, result.losses, result.seconds,
+                                len(loader) * cfg.batch_size * run.world / result.seconds,
+                                optimization.scheduler.get_last_lr()[0], evaluated, eval_seconds,
+                                best, result.grad_norms)
             save_checkpoints(run, model, descriptions, optimization, epoch + 1, evaluated, best)
-            log_epoch(run, epoch, result.losses, result.seconds,
-                      len(loader) * cfg.batch_size * run.world / result.seconds,
-                      optimization.scheduler.get_last_lr()[0], evaluated, eval_seconds, best,
-                      result.grad_norms)
+            run.log(line)
 
-            if result.stop_requested and epoch + 1 < cfg.epochs:
-                return best, metrics, interrupted(run, "Ctrl-C")
+            # Asked during the epoch's last step, its evaluation or saving: every process agrees.
+            if stop.agree(run) and epoch + 1 < cfg.epochs:
+                return best, metrics, interrupted(run, stop)
             if cfg.stop_after and epoch + 1 == cfg.stop_after and epoch + 1 < cfg.epochs:
                 run.log(f"stopping after epoch {epoch + 1} as asked (--stop-after); continue "
                         f"with: {resume_command(run)}")

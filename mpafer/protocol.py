@@ -33,12 +33,15 @@ from .runs import selection_split_name
 @dataclass
 class Splits:
     """The sets of one run (see the module doc). `records` are the files that list a drawn
-    subset (shots.json, heldout.json): (file name, its content)."""
+    subset (shots.json, heldout.json): (file name, its content). `read`: the splits as read from
+    the data root, before any subset was drawn, by split name ({} for the demo), which identify
+    the data (`mpafer.runs.check_data`)."""
     train: object
     selection: object
     test: Optional[object]  # None: the selection set is the test split
     selection_name: str
     records: List[Tuple[str, Dict]] = field(default_factory=list)
+    read: Dict[str, object] = field(default_factory=dict)
 
     @property
     def classnames(self) -> List[str]:
@@ -85,7 +88,7 @@ def read_splits(cfg) -> Splits:
     if cfg.demo:  # drawn in memory: nothing to check
         train, test = demo_datasets(None, None, None, cfg.demo_train_per_class,
                                     cfg.demo_test_per_class)
-        evaluated = {"test": test}
+        evaluated, read = {"test": test}, {}
         if cfg.val_fraction == 0 and cfg.eval_split != "test":
             raise ValueError(f"--eval-split {cfg.eval_split}: the demo has train and test faces "
                              "only (--val-fraction holds out a validation part)")
@@ -98,12 +101,14 @@ def read_splits(cfg) -> Splits:
         if not cfg.skip_bad_images:  # (with it, unreadable images were dropped)
             for name, dataset in evaluated.items():
                 require_readable(dataset, name, cfg.workers)
+        read = {"train": train, **evaluated}
     train, held_out, records = carve_subsets(cfg, train)
     if held_out is not None:
-        return Splits(train, held_out, evaluated["test"], selection_split_name(cfg), records)
+        return Splits(train, held_out, evaluated["test"], selection_split_name(cfg), records,
+                      read)
     selection = evaluated[cfg.eval_split]
     test = None if cfg.eval_split == "test" else evaluated["test"]
-    return Splits(train, selection, test, cfg.eval_split, records)
+    return Splits(train, selection, test, cfg.eval_split, records, read)
 
 
 def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[str, Dict]]]:

@@ -1,5 +1,6 @@
-"""Runs are never lost: the run folder, the resume record and its checks, stopping in the middle
-of an epoch (Ctrl-C), the checkpoints a run writes, and the list of what it left.
+"""Runs are never lost: the run folder, the resume record and its checks, the checkpoints a run
+writes, and the list of what it left. What may stop a run and how it goes on from there (Ctrl-C,
+SIGTERM, a full disk, moved data, a damaged checkpoint) is `mpafer.faults`.
 
 train.py drives these. They work on plain objects: the settings (a TrainConfig), the model, its
 `engine.Optimization` (optimiser, schedule, scaler) and checkpoint dicts.
@@ -7,9 +8,8 @@ train.py drives these. They work on plain objects: the settings (a TrainConfig),
 import dataclasses
 import json
 import os
-import signal
+import re
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -20,11 +20,21 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, make_checkpoint
 from .engine import Optimization, configure_cuda, resolve_amp, setup_distributed
-from .utils import atomic_save, atomic_write, atomic_write_json
+from .utils import (
+    WriteError,
+    append_bytes,
+    atomic_save,
+    atomic_write,
+    atomic_write_json,
+)
 
 # What a run writes into its folder; the first three are the results a rerun must not lose.
 CHECKPOINTS = ("last.pt", "best.pt", "expclip_head.pth")
 RUN_FILES = (*CHECKPOINTS, "expclip_head.pth.json", "config.json", "log.txt", "metrics.jsonl")
+# Everything a run writes, for finding what a killed write left: `utils.atomic_write` writes
+# <name>.<8 random characters>.tmp beside <name> and renames it.
+WRITTEN = (*RUN_FILES, "baseline.json", "test.json", "curves.png", "shots.json", "heldout.json")
+TEMPORARY = re.compile(r"^(?:%s)\.[A-Za-z0-9_]{8}\.tmp$" % "|".join(map(re.escape, WRITTEN)))
 # Fields renamed since older checkpoints were written: old name -> new name.
 RENAMED_FIELDS = {"weights": "cache_dir"}
 
@@ -67,7 +77,23 @@ def clear_run_files(folder: str):
     """Remove what an earlier run wrote into `folder` (only its own files), so that a new run
     there never reports a file it did not write."""
     for path in existing(folder, RUN_FILES):
+        remove_run_file(path)
+
+
+def remove_temporaries(folder: str):
+    """Remove the temporary files of writes that a kill (SIGKILL, a power loss) interrupted
+    before their rename; the files they were replacing are whole."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if TEMPORARY.match(name):
+                remove_run_file(os.path.join(folder, name))
+
+
+def remove_run_file(path: str):
+    try:
         os.remove(path)
+    except OSError as error:
+        raise WriteError(path, error, "remove") from error
 
 
 # -- what a resume may change --------------------------------------------------------------------
@@ -96,39 +122,6 @@ def resume_changes(recorded: Dict, current: Dict, may_change: Iterable[str]) -> 
             if k in current and recorded.get(k) != current[k] and k != "resume"}
 
 
-# -- stopping in the middle of an epoch ----------------------------------------------------------
-
-class StopRequest:
-    """Ctrl-C (SIGINT) as a request to stop: while active (`with StopRequest() as stop:`),
-    the first one only sets `requested`, and the training loop stops at the end of its step
-    and saves; another one a second or more later interrupts at once (KeyboardInterrupt).
-    (torchrun passes the terminal's Ctrl-C on to its workers, which then see it twice at
-    once: that is still one request.) Nothing is printed from the handler, which may interrupt
-    a print; the loop says what it does."""
-
-    def __init__(self):
-        self.requested = False
-        self._first = 0.0
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        if not self.requested:
-            self.requested, self._first = True, time.monotonic()
-        elif time.monotonic() - self._first >= 1.0:
-            raise KeyboardInterrupt
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        return False
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 class Logger:
@@ -141,8 +134,7 @@ class Logger:
 
     def open(self, path: str):
         self.path = path
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in self.pending)
+        append_bytes(self.path, "".join(line + "\n" for line in self.pending).encode("utf-8"))
         self.pending = []
 
     def __call__(self, message: str = ""):
@@ -152,15 +144,15 @@ class Logger:
         if self.path is None:
             self.pending.append(message)
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        append_bytes(self.path, (message + "\n").encode("utf-8"))  # no half line if it fails
 
 
 @dataclass
 class Run:
     """Where and how this process trains: the settings, its rank among `world` processes, the
-    device and autocast dtype, the log, the checkpoint resumed from (if any) and the resumes so
-    far (where each continued and which flags it changed)."""
+    device and autocast dtype, the log, the checkpoint resumed from (if any), the resumes so
+    far (where each continued and which flags it changed) and the record of the data it trains
+    on (`data.fingerprint.data_record`; None for the demo)."""
     cfg: Any  # the TrainConfig
     rank: int
     world: int
@@ -169,6 +161,7 @@ class Run:
     log: Logger
     resume: Optional[Dict] = None
     history: List[Dict] = dataclasses.field(default_factory=list)
+    data: Optional[Dict] = None
 
     @property
     def master(self) -> bool:
@@ -180,6 +173,14 @@ class Run:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest `value` of all processes: one all-reduce, the same answer everywhere."""
+        if self.world == 1:
+            return value
+        synced = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(synced, op=dist.ReduceOp.MAX)
+        return int(synced.item())
 
     def from_master(self, value):
         """Rank 0's `value`, on every rank."""
@@ -236,12 +237,14 @@ def already_finished(run: Run) -> bool:
 
 def open_folder(run: Run, model_cfg):
     """The first write of the run: create its folder (a new run first removes what an earlier
-    attempt left there), write config.json, start log.txt with the lines logged so far."""
+    attempt left there; every run removes the temporary files of writes a kill interrupted),
+    write config.json, start log.txt with the lines logged so far. A folder that cannot be
+    written fails here, in one line (`utils.WriteError`)."""
     if not run.master:
         return
     if run.resume is None:
         clear_run_files(run.cfg.out)
-    os.makedirs(run.cfg.out, exist_ok=True)
+    remove_temporaries(run.cfg.out)
     atomic_write_json(run_record(run, model_cfg), run.path("config.json"))
     run.log.open(run.path("log.txt"))
 
@@ -278,9 +281,10 @@ def restore(run: Run, model, optimization: Optimization) -> Tuple[int, Dict, int
 def resume_state(run: Run, optimization: Optimization, best: Dict, step: int = 0, sums=None) -> Dict:
     """What last.pt needs to continue: optimiser, schedule and scaler, the best evaluation so
     far, and for a run stopped in the middle of an epoch the steps done in it and their loss
-    sums. Nothing else is needed: every epoch re-seeds from (seed, epoch)."""
+    sums. Nothing else is needed: every epoch re-seeds from (seed, epoch). `data` records the
+    data it trains on, for a resume to check (`check_data`)."""
     return {**optimization.state_dict(), "best": best, "step": step, "sums": sums,
-            "processes": run.world, "history": run.history}
+            "processes": run.world, "history": run.history, "data": run.data}
 
 
 def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, epochs_done: int,
@@ -302,11 +306,14 @@ def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, 
                     run.path("best.pt"))
 
 
-def log_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
-              images_per_second: float, lr: float, metrics: Dict, eval_seconds: float, best: Dict,
-              grad_norms: Optional[Dict[str, float]] = None):
-    """One line of <out>/metrics.jsonl (every logged loss, the learning rate, the evaluation if
-    there was one, speed, each term's gradient norm when measured) and one line of the log."""
+def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
+                 images_per_second: float, lr: float, metrics: Dict, eval_seconds: float,
+                 best: Dict, grad_norms: Optional[Dict[str, float]] = None) -> str:
+    """Append the epoch's line to <out>/metrics.jsonl (every logged loss, the learning rate, the
+    evaluation if there was one, speed, each term's gradient norm when measured) -> its line
+    for the log. train.py writes it before the epoch's last.pt and logs the line after: a kill
+    in between leaves a line that the resume redoes (it drops the lines past its epoch), never
+    a saved epoch without its line."""
     record = {"epoch": epoch + 1, **losses, "lr": lr,
               **{k: metrics.get(k) for k in ("war", "uar", "per_class_recall")},
               "images_per_second": images_per_second, "seconds": seconds,
@@ -314,13 +321,13 @@ def log_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
     if grad_norms is not None:
         record["grad_norms"] = grad_norms
     if run.master:
-        with open(run.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_bytes(run.path("metrics.jsonl"), (json.dumps(record) + "\n").encode("utf-8"),
+                     sync=True)
     name = selection_split_name(run.cfg)
     scores = (f"{name} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
               f"(best {100 * best['war']:.2f}% @ {best['epoch']})" if metrics else "")
     parts = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-    run.log(f"epoch {epoch + 1:>3}/{run.cfg.epochs}  loss {losses['loss']:.4f} ({parts})  "
+    return (f"epoch {epoch + 1:>3}/{run.cfg.epochs}  loss {losses['loss']:.4f} ({parts})  "
             f"lr {lr:.2e}  {scores}  {images_per_second:.0f} img/s  {seconds:.0f}s"
             + (f" + eval {eval_seconds:.1f}s" if metrics else ""))
 
@@ -355,12 +362,6 @@ def selection_split_name(cfg) -> str:
     """The name of the set that chooses best.pt (see `mpafer.protocol`): the evaluation split,
     or "heldout", the part of the training split that --val-fraction holds out (heldout.json)."""
     return "heldout" if cfg.val_fraction > 0 else cfg.eval_split
-
-
-def interrupted(run: Run, where: str) -> str:
-    run.log(f"interrupted ({where}); continue exactly where it stopped with: "
-            f"{resume_command(run)}")
-    return "interrupted"
 
 
 def stop_on_non_finite(run: Run, error: Exception):

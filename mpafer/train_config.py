@@ -15,6 +15,7 @@ from . import clip
 from .checkpoint import load_checkpoint
 from .data import DATASETS, TRAINING_DATASETS
 from .engine import AMP_CHOICES
+from .faults import other_checkpoints
 from .model import MPAFERConfig, upgrade_config
 from .runs import (
     flag,
@@ -79,7 +80,8 @@ class TrainConfig:
         "help": "a last.pt to continue from, as recorded; of the other flags only "
                 "--epochs (to extend the run), --stop-after, --eval-every, --workers, "
                 "--log-interval, --device, --cache-dir, --clip (the same file), "
-                "--grad-checkpointing and --compile may change", "result": False})
+                "--data-root (the same data, moved), --grad-checkpointing and --compile may "
+                "change", "result": False})
     demo: bool = field(default=False, metadata={
         "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
                 "downloaded (about a minute on a CPU)"})
@@ -174,10 +176,12 @@ TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # Settings that do not change what a run computes (see TrainConfig).
 RESULT_NEUTRAL = frozenset(f.name for f in dataclasses.fields(TrainConfig)
                            if not f.metadata.get("result", True))
-# What a resume may change: the result-neutral settings but where the run lives and what it
-# reads (its folder, data and descriptions are checked on their own), plus --epochs (only to
+# What a resume may change: the result-neutral settings but where the run lives and its
+# descriptions (its folder and descriptions are checked on their own), plus --epochs (only to
 # extend the run), --eval-every and --clip (only the same file, checked by its SHA-256).
-RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "data_root", "descriptions"}
+# --data-root may change for data that moved: the data found there must be the run's
+# (`runs.check_data`; the demo reads none).
+RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "descriptions"}
                      | {"epochs", "eval_every", "clip"})
 
 
@@ -273,8 +277,10 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
     path = train["resume"]
     try:
         checkpoint = load_checkpoint(path)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except FileNotFoundError as e:
         parser.error(f"--resume: {e}")
+    except (ValueError, RuntimeError, OSError) as e:  # damaged: say what else there is
+        parser.error(f"--resume: {e}{other_checkpoints(path)}")
     if "resume" not in checkpoint:
         parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
                      "resume from last.pt)")
@@ -287,7 +293,8 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
         parser.error(f"--out: a resumed run stays in its folder, {folder}")
     if train.get("clip_activation") == checkpoint["clip"].get("activation", "quick_gelu"):
         train.pop("clip_activation")  # the activation the run has: nothing changes
-    refused = (resume_refusals(train, recorded, RESUME_MAY_CHANGE)
+    may_change = RESUME_MAY_CHANGE - ({"data_root"} if recorded.get("demo") else set())
+    refused = (resume_refusals(train, recorded, may_change)
                + resume_refusals(model, upgrade_config(checkpoint["config"])))
     if refused:
         parser.error(f"--resume continues the run as recorded in {path}; these flags would "

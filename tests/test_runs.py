@@ -18,10 +18,10 @@ from mpafer.checkpoint import load_checkpoint
 from mpafer.clip.loading import download
 from mpafer.data import ResumableSampler, SeededAugmentation
 from mpafer.engine import build_mpafer
+from mpafer.faults import StopRequest
 from mpafer.labels import BASIC_CLASSES
 from mpafer.prompts import load_descriptions
 from mpafer.protocol import read_splits
-from mpafer.runs import StopRequest
 from mpafer.utils import atomic_write_json, run_cli
 from tests.helpers import load_script, quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
 
@@ -89,11 +89,13 @@ def test_a_rerun_is_refused_and_overwrite_starts_afresh_with_the_cached_prototyp
 
 def test_last_pt_holds_what_resume_reads_and_nothing_else(first_run):
     """last.pt's resume record is exactly what a resume needs: optimiser, schedule and scaler
-    states, the best evaluation, where the run stands, the resumes so far. No RNG states: every
-    epoch re-seeds from (seed, epoch)."""
+    states, the best evaluation, where the run stands, the resumes so far, the data it trained
+    on (None for the demo, which reads none). No RNG states: every epoch re-seeds from (seed,
+    epoch)."""
     state = load_checkpoint(first_run["last"])["resume"]
     assert set(state) == {"optimizer", "scheduler", "scaler", "best", "step", "sums",
-                          "processes", "history"}
+                          "processes", "history", "data"}
+    assert state["data"] is None
     assert state["step"] == 0 and state["sums"] is None and state["best"]["epoch"] >= 1
 
 
@@ -337,17 +339,37 @@ def test_resumable_sampler_skips_the_part_already_done():
     assert list(sampler) == full[4:] and len(sampler) == 6
 
 
-def test_ctrl_c_is_a_request_to_stop_and_a_later_second_one_quits():
-    before = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("signum, name, status", [(signal.SIGINT, "Ctrl-C", 130),
+                                                   (signal.SIGTERM, "SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_are_a_request_to_stop_and_a_later_second_one_quits(signum, name,
+                                                                               status):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with StopRequest() as stop:
         assert not stop.requested
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
         assert stop.requested  # no KeyboardInterrupt: the loop decides when to stop
-        os.kill(os.getpid(), signal.SIGINT)  # at once again (torchrun passing it on): the same
+        assert (stop.name, stop.status) == (name, status)
+        os.kill(os.getpid(), signum)  # at once again (torchrun passing it on): the same
+        os.kill(os.getpid(), signal.SIGINT if signum == signal.SIGTERM else signal.SIGTERM)
+        assert (stop.name, stop.status) == (name, status)  # the first signal says how it ends
         stop._first -= 1.5  # as if the first came 1.5 s ago
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt) as quit_now:
+            os.kill(os.getpid(), signum)
+        assert (quit_now.value.name, quit_now.value.status) == (name, status)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_outside_the_epoch_loop_quits_at_once_with_143(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop main()")
+
+    with pytest.raises(SystemExit) as error:
+        run_cli(main)
+    assert error.value.code == 143 and capsys.readouterr().err == "interrupted (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_prompt_initialisation_does_not_depend_on_what_ran_before(train):

@@ -80,8 +80,9 @@ def test_eval_predicts_single_images_with_attention(demo_run):
     assert "happiness" in result.stdout and (out / "attention.png").is_file()
 
 
-def interrupt_after_first_epoch(args):
-    """Start train.py, press Ctrl-C (SIGINT) as soon as epoch 1 is logged -> the run's output."""
+def signal_after_first_epoch(args, signum):
+    """Start train.py, send `signum` (Ctrl-C: SIGINT; a scheduler's SIGTERM) as soon as epoch 1
+    is logged -> the run's exit status, output and error output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -89,46 +90,68 @@ def interrupt_after_first_epoch(args):
     for line in process.stdout:
         lines.append(line)
         if line.startswith("epoch   1/"):
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             break
     stdout, stderr = process.communicate(timeout=600)
     return process.returncode, "".join(lines) + stdout, stderr
 
 
-def test_resume_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file):
-    # 10 steps an epoch: Ctrl-C pressed after epoch 1 lands in the middle of epoch 2 or 3.
-    settings = ("--epochs", "3", "--log-interval", "1")
-    run(*quick_demo(tmp_path / "straight", tiny_clip_file, *settings, per_class=24))
-    run(*quick_demo(tmp_path / "split", tiny_clip_file, *settings, "--stop-after", "1",
+# 10 steps an epoch: a signal sent once epoch 1 is logged lands in the middle of epoch 2 or 3.
+SETTINGS = ("--epochs", "3", "--log-interval", "1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_clip_file):
+    """A quick demo run of 3 epochs, never stopped: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run(*quick_demo(out, tiny_clip_file, *SETTINGS, per_class=24))
+    return out
+
+
+def assert_same_run(straight, resumed):
+    """The resumed run's last.pt and metrics equal the uninterrupted run's."""
+    expected, found = load_checkpoint(str(straight / "last.pt")), load_checkpoint(str(resumed / "last.pt"))
+    assert found["epoch"] == 3 and found["resume"]["step"] == 0
+    for key in expected["state_dict"]:
+        torch.testing.assert_close(expected["state_dict"][key], found["state_dict"][key],
+                                   rtol=1e-6, atol=1e-7)
+    records = read_jsonl(resumed / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r, s in zip(read_jsonl(straight / "metrics.jsonl"), records):
+        # The loss sums of the interrupted epoch carried over: the same epoch means.
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-6) and r["war"] == s["war"]
+
+
+def test_resume_after_stop_after_repeats_an_uninterrupted_run(tmp_path, tiny_clip_file,
+                                                              uninterrupted):
+    run(*quick_demo(tmp_path / "split", tiny_clip_file, *SETTINGS, "--stop-after", "1",
                     per_class=24))
     assert load_checkpoint(str(tmp_path / "split" / "last.pt"))["epoch"] == 1
     run("train.py", "--resume", str(tmp_path / "split" / "last.pt"))  # the run's own settings come back
+    assert_same_run(uninterrupted, tmp_path / "split")
 
-    code, stdout, stderr = interrupt_after_first_epoch(
-        quick_demo(tmp_path / "ctrl-c", tiny_clip_file, *settings, per_class=24))
-    assert code == 130 and "Traceback" not in stderr
-    stopped = load_checkpoint(str(tmp_path / "ctrl-c" / "last.pt"))
+
+@pytest.mark.parametrize("signum, name, status", [(signal.SIGINT, "Ctrl-C", 130),
+                                                   (signal.SIGTERM, "SIGTERM", 143)])
+def test_resume_after_ctrl_c_or_sigterm_repeats_an_uninterrupted_run(
+        tmp_path, tiny_clip_file, uninterrupted, signum, name, status):
+    code, stdout, stderr = signal_after_first_epoch(
+        quick_demo(tmp_path / "stopped", tiny_clip_file, *SETTINGS, per_class=24), signum)
+    assert code == status and "Traceback" not in stderr
+    stopped = load_checkpoint(str(tmp_path / "stopped" / "last.pt"))
     # Usually step 1 of epoch 2; a slow machine may deliver the signal later, even at the end
     # of an epoch (then last.pt is that epoch's own).
     assert stopped["epoch"] in (1, 2) and 0 <= stopped["resume"]["step"] < 10
-    resume = re.search(r"continue exactly where it stopped with: python (train.py --resume \S+)",
-                       stdout)
-    assert resume and resume.group(1) == f"train.py --resume {tmp_path / 'ctrl-c' / 'last.pt'}"
+    if stopped["resume"]["step"]:
+        assert (f"stopped by {name} after step {stopped['resume']['step']} of epoch "
+                f"{stopped['epoch'] + 1}") in stdout
+    resume = re.search(rf"interrupted \({name}\); continue exactly where it stopped with: "
+                       r"python (train.py --resume \S+)", stdout)
+    assert resume and resume.group(1) == f"train.py --resume {tmp_path / 'stopped' / 'last.pt'}"
     run(*resume.group(1).split())
 
-    straight = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
-    for other in ("split", "ctrl-c"):
-        resumed = load_checkpoint(str(tmp_path / other / "last.pt"))
-        assert resumed["epoch"] == 3 and resumed["resume"]["step"] == 0
-        for key in straight["state_dict"]:
-            torch.testing.assert_close(straight["state_dict"][key], resumed["state_dict"][key],
-                                       rtol=1e-6, atol=1e-7)
-        records = read_jsonl(tmp_path / other / "metrics.jsonl")
-        assert [r["epoch"] for r in records] == [1, 2, 3]
-        for r, s in zip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"), records):
-            # The loss sums of the interrupted epoch carried over: the same epoch means.
-            assert r["loss"] == pytest.approx(s["loss"], rel=1e-6) and r["war"] == s["war"]
-    history = json.load(open(tmp_path / "ctrl-c" / "config.json"))["resumed"]
+    assert_same_run(uninterrupted, tmp_path / "stopped")
+    history = json.load(open(tmp_path / "stopped" / "config.json"))["resumed"]
     assert [(h["epoch"], h["step"]) for h in history] == [(stopped["epoch"],
                                                            stopped["resume"]["step"])]
 

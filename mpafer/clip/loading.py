@@ -171,6 +171,22 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def _zip_damage(path: str) -> Optional[str]:
+    """Why a file that starts as a zip archive (what torch.save writes) cannot be read as one,
+    e.g. cut short by a full disk or a copy that stopped; None if it reads (or is no zip)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        reason = str(e) or type(e).__name__
+        return ("it is not a complete zip archive, as torch.save writes" if
+                "not a zip file" in reason else f"its zip archive is unreadable ({reason})")
+    return None
+
+
 def _is_torch_file(path: str) -> bool:
     """Whether `path` looks like what torch.save writes: a zip archive with a data.pkl, or (the
     format before PyTorch 1.6) a pickle, whose first byte is the PROTO opcode."""
@@ -208,6 +224,9 @@ def safe_load(path: str, what: str = "file"):
     saying so."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} not found")
+    damage = _zip_damage(path)
+    if damage:
+        raise ValueError(f"{what} {path} is damaged (truncated or corrupt): {damage}")
     if not _is_torch_file(path):
         raise ValueError(f"{path} is not a {what}: not a PyTorch file ({_describe_start(path)})")
     try:

@@ -1,0 +1,90 @@
+"""What identifies the data a run trains on, wherever it lies: its splits' files (relative to the
+data root), labels and crops, and its classes. A run records this (`data_record`, kept in
+last.pt); a resume compares the data it finds with it (`data_differences`), so a dataset that
+moved is recognised as the same, and one that changed is refused with what differs.
+
+A record per split: its number of images, per-class counts, the SHA-256 of its items in order
+(`base.dataset_fingerprint`, which decides), and one 32-bit digest per item (4 bytes an image),
+which only serve to say which files differ.
+"""
+import hashlib
+from collections import Counter
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .base import dataset_fingerprint
+
+SHOWN = 3  # files named in a message, at most
+
+
+def items(dataset) -> List[str]:
+    """One line per item, in order: its file (relative to the root) or image name, its label
+    and its crop box, if any."""
+    files = getattr(dataset, "_files", None)
+    names = ([f.decode("utf-8") for f in files] if files is not None and len(files)
+             else list(getattr(dataset, "image_names", [])))
+    names = names or [f"#{i}" for i in range(len(dataset.targets))]  # drawn, not read
+    boxes = getattr(dataset, "_boxes", None)
+    boxes = [None] * len(names) if boxes is None else np.asarray(boxes).tolist()
+    return [f"{name}\t{int(label)}\t{box}" for name, label, box in
+            zip(names, dataset.targets, boxes)]
+
+
+def item_digests(lines: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=4)
+                                        .digest(), "little", signed=True) for line in lines],
+                        dtype=torch.int32)
+
+
+def data_record(dataset: str, splits: Dict[str, object]) -> Dict:
+    """The record of `splits` ({split name: dataset as read}) of dataset `dataset`."""
+    first = next(iter(splits.values()))
+    return {"dataset": dataset, "classes": list(first.classnames),
+            "splits": {name: {"images": len(d.targets), "class_counts": list(d.class_counts()),
+                              "sha256": dataset_fingerprint(d), "items": item_digests(items(d))}
+                       for name, d in sorted(splits.items())}}
+
+
+def data_differences(recorded: Dict, found: Dict, splits: Dict[str, object]) -> List[str]:
+    """How the data `found` (the `data_record` of `splits`, {split name: dataset as read})
+    differs from the `recorded` one, in short phrases (none: it is the same data)."""
+    differences = []
+    if found["classes"] != recorded["classes"]:
+        differences.append(f"classes {found['classes']} (the run's: {recorded['classes']})")
+    for name in sorted(set(found["splits"]) | set(recorded["splits"])):
+        if name not in found["splits"]:
+            differences.append(f"no {name} split (the run had one)")
+        elif name not in recorded["splits"]:
+            differences.append(f"a {name} split, which the run did not read")
+        elif found["splits"][name]["sha256"] != recorded["splits"][name]["sha256"]:
+            differences.append(split_difference(name, recorded["splits"][name],
+                                                found["splits"][name], items(splits[name])))
+    return differences
+
+
+def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -> str:
+    """How split `name` differs: its size, its class counts, which of its files (with their
+    labels and crops) are not the recorded ones, or else that the same items come in another
+    order."""
+    parts = []
+    if found["images"] != recorded["images"]:
+        parts.append(f"{found['images']} images (the run's: {recorded['images']})")
+    if found["class_counts"] != recorded["class_counts"]:
+        parts.append(f"{found['class_counts']} per class (the run's: "
+                     f"{recorded['class_counts']})")
+    left = Counter(recorded["items"].tolist())
+    new = []
+    for line, digest in zip(lines, found["items"].tolist()):
+        if left[digest] > 0:
+            left[digest] -= 1
+        else:
+            new.append(line.split("\t")[0])
+    if new:
+        shown = ", ".join(new[:SHOWN]) + (", ..." if len(new) > SHOWN else "")
+        parts.append(f"{len(new)} of its {found['images']} images are not the run's (another "
+                     f"file, label or crop): {shown}")
+    if not parts:
+        parts.append("the same images in another order")
+    return f"{name}: " + ", ".join(parts)
