@@ -34,6 +34,7 @@ from mpafer.checkpoint import (
 )
 from mpafer.data import DATASET_NAMES, build_dataset, load_image, require_readable
 from mpafer.data.photo import centre_square, face_input
+from mpafer.data.subsets import class_subset
 from mpafer.demo import DEMO_CLIP_FILE, demo_clip_path, demo_datasets
 from mpafer.engine import AMP_CHOICES, autocast, evaluate, resolve_amp, resolve_device
 from mpafer.expclip import (
@@ -52,7 +53,7 @@ from mpafer.interpret import (
     soft_hard_similarity,
 )
 from mpafer.labels import BASIC_CLASSES
-from mpafer.metrics import format_report
+from mpafer.metrics import format_report, over_classes
 from mpafer.prompts import hard_prompts_by_class, load_descriptions
 from mpafer.runs import recorded_settings
 from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
@@ -92,6 +93,11 @@ def parse_args(argv=None):
     data.add_argument("--classnames", metavar="A,B,C",
                       help="--dataset folder: the class folder names in label order (default: "
                            "the checkpoint's, else canonical names or their usual synonyms)")
+    data.add_argument("--class-set", choices=("shared", "open"),
+                      help="a checkpoint on data whose classes differ from its own: shared = "
+                           "only the images of the classes both have, scored among those; open "
+                           "= the data's classes, those the checkpoint was not trained on "
+                           "scored through its learned context (recall marked seen/unseen)")
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave unreadable images out (default: they are an error)")
     data.add_argument("--classes", nargs="+", help="class names for --image without a checkpoint")
@@ -143,6 +149,8 @@ def parse_args(argv=None):
         p.error("--attention-png needs --checkpoint and --image")
     if (args.interpret_prompts or args.soft_hard) and not args.checkpoint:
         p.error("--interpret-prompts and --soft-hard need --checkpoint")
+    if args.class_set and not args.checkpoint:
+        p.error("--class-set compares a checkpoint's classes with the data's: give --checkpoint")
     if args.tokens < 1:
         p.error(f"--tokens must be >= 1, got {args.tokens}")
     return args
@@ -192,6 +200,7 @@ def fill_data_defaults(args, checkpoint):
     args.demo = args.demo or (args.dataset is None and bool(trained.get("demo")))
     args.demo_test_per_class = (trained.get("demo_test_per_class", 60) if trained.get("demo")
                                 else 60)
+    args.demo_class_words = trained.get("demo_class_words", "labels")
     same = not args.demo and args.dataset in (None, trained.get("dataset"))
     trained = trained if same and trained.get("dataset") in DATASET_NAMES else {}
     args.dataset = args.dataset or trained.get("dataset", "rafdb")
@@ -214,17 +223,40 @@ def read_split(args, checkpoint):
         raise ValueError(f"--classnames is for --dataset folder, not {args.dataset}")
     if args.classnames:
         options["classnames"] = [c.strip() for c in args.classnames.split(",")]
-    dataset = build_dataset(args.dataset, args.data_root, args.split, **options)
-    check_classes(args, checkpoint, dataset)
+    dataset = check_classes(args, checkpoint,
+                            build_dataset(args.dataset, args.data_root, args.split, **options))
     if not args.skip_bad_images:
         require_readable(dataset, args.split, args.workers)
     return dataset
 
 
 def check_classes(args, checkpoint, dataset):
-    """The checkpoint must know the data's classes (in any order: predictions match by name)."""
-    if checkpoint and set(dataset.classnames) != set(checkpoint["classnames"]):
-        check_compatible(checkpoint, args.checkpoint, classnames=dataset.classnames)
+    """The data to evaluate, as far as the checkpoint's classes allow: all of it when the
+    checkpoint knows every class (in any order: predictions match by name); with --class-set
+    shared, the images of the classes both have; with --class-set open, all of it."""
+    if not checkpoint:
+        return dataset
+    trained, data = checkpoint["classnames"], list(dataset.classnames)
+    if set(data) == set(trained):
+        if args.class_set:
+            print(f"note: --class-set {args.class_set}: the data has the checkpoint's classes; "
+                  "nothing to leave out or add")
+        return dataset
+    if not args.class_set:
+        raise ValueError(f"{args.checkpoint} was trained on classes {trained}, but the requested "
+                         f"data has classes {data}: --class-set shared evaluates the classes both "
+                         "have, --class-set open scores the data's classes (the unseen ones "
+                         "through the learned context)")
+    if args.class_set == "open":
+        return dataset
+    shared = [c for c in data if c in trained]
+    if not shared:
+        raise ValueError(f"{args.checkpoint} and the data have no class in common")
+    kept = class_subset(dataset, shared)
+    left = [c for c in data if c not in trained]
+    print(f"--class-set shared: the {len(shared)} classes both have ({', '.join(shared)}); "
+          f"left out: {len(dataset) - len(kept)} images of {', '.join(left) or 'no class'}")
+    return kept
 
 
 def clip_to_load(args, checkpoint) -> str:
@@ -244,6 +276,7 @@ def main(argv=None):
     amp = resolve_amp(args.amp, device)
 
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None  # tensors only
+    args.trained_classes = checkpoint["classnames"] if checkpoint else []
     fill_data_defaults(args, checkpoint)
     needs_data = not (args.image or args.demo or args.interpret_prompts or args.soft_hard)
     dataset = read_split(args, checkpoint) if needs_data else None
@@ -269,9 +302,14 @@ def main(argv=None):
         classnames = classnames or args.classes or list(BASIC_CLASSES)
     else:
         if args.demo:  # one face per class for the unused training split: it is not needed
-            dataset = demo_datasets(resolution, None, None, 1, args.demo_test_per_class)[1]
-            check_classes(args, checkpoint, dataset)
+            dataset = check_classes(args, checkpoint, demo_datasets(
+                resolution, None, None, 1, args.demo_test_per_class,
+                words=args.demo_class_words)[1])
         classnames = list(dataset.classnames)
+        if checkpoint and args.class_set == "open":  # unseen classes through the learned context
+            model = model.with_classes(classnames)
+            classifiers[0] = classifiers[0]._replace(logits=lambda x: model(x).logits,
+                                                     classnames=classnames)
     if args.zero_shot or args.method == "expclip":
         classifiers += zero_shot_classifiers(args, clip_model, classnames)
 
@@ -307,6 +345,9 @@ def evaluate_all(args, classifiers, dataset, classnames, device, amp):
         print(f"\n{c.label} on {'synthetic demo' if args.demo else args.dataset} {args.split} "
               f"(transform: {c.transform_name}):")
         print(format_report(metrics))
+        if args.class_set == "open" and args.checkpoint:
+            results[c.label].update(seen_and_unseen(metrics, args.trained_classes))
+            print(format_seen_and_unseen(results[c.label]))
     if len(results) > 1:
         print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR "
                                             f"{100 * v['uar']:.2f}%" for k, v in results.items()))
@@ -314,6 +355,25 @@ def evaluate_all(args, classifiers, dataset, classnames, device, amp):
         if len(transforms) == 1:
             print(f"(all on the same input transform: {transforms.pop()})")
     return results
+
+
+def seen_and_unseen(metrics: Dict, seen_classes: List[str]) -> Dict:
+    """--class-set open: WAR and UAR over the images of the classes the checkpoint was trained
+    on ("seen") and of the others ("unseen"), from the predictions over all of them."""
+    seen = [c for c in metrics["classnames"] if c in seen_classes]
+    unseen = [c for c in metrics["classnames"] if c not in seen_classes]
+    return {"seen": over_classes(metrics, seen), "unseen": over_classes(metrics, unseen)}
+
+
+def format_seen_and_unseen(metrics: Dict) -> str:
+    lines = []
+    for part in ("seen", "unseen"):
+        m = metrics[part]
+        recall = ", ".join(f"{c} {100 * metrics['per_class_recall'][c]:.1f}%"
+                           for c in m["classes"] if c in metrics["per_class_recall"])
+        lines.append(f"{part} classes ({m['num_samples']} images): WAR {100 * m['war']:.2f}%  "
+                     f"UAR {100 * m['uar']:.2f}%  recall: {recall}")
+    return "\n".join(lines)
 
 
 def inspect_prompts(args, model, checkpoint):

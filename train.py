@@ -40,7 +40,6 @@ from mpafer.demo import demo_clip_path
 from mpafer.engine import (
     NonFiniteLoss,
     build_mpafer,
-    evaluate,
     make_optimizer,
     train_epoch,
     trainable_parameters,
@@ -49,7 +48,14 @@ from mpafer.expclip import train_run
 from mpafer.faults import StopRequest, check_data, check_room, interrupted, write_failed
 from mpafer.metrics import format_report
 from mpafer.prompts import load_descriptions
-from mpafer.protocol import baselines, fit_batch_size, read_splits
+from mpafer.protocol import (
+    baselines,
+    evaluate_reported,
+    evaluate_selection,
+    fit_batch_size,
+    format_base_to_novel,
+    read_splits,
+)
 from mpafer.prototypes import prototype_key_fields, training_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
@@ -112,7 +118,8 @@ def main(argv=None):
 
     # The model: frozen CLIP, prompts, hard prompts from the descriptions, prototypes.
     descriptions = (run.resume["descriptions"] if run.resume is not None
-                    else load_descriptions(splits.classnames, cfg.descriptions or None)
+                    else load_descriptions(splits.classnames, cfg.descriptions or None,
+                                           splits.description_aliases)
                     if model_cfg.soft_hard_alignment and model_cfg.hard_prompt_template == 3
                     else None)
     model = build_mpafer(clip_model, splits.classnames, descriptions, model_cfg,
@@ -146,7 +153,7 @@ def main(argv=None):
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
         broadcast_buffers=False)
     if run.resume is None:  # the reference points, on the set the run reports
-        measured = baselines(model, splits.reported, descriptions, run.amp,
+        measured = baselines(model, splits, descriptions, run.amp,
                              batch_size=2 * cfg.batch_size, workers=cfg.workers)
         zero_shot = measured["zero_shot_hard_prompts"]
         run.log(f"before training, on {splits.reported_name}: random prompts WAR "
@@ -154,7 +161,7 @@ def main(argv=None):
                     f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  "
                     f"UAR {100 * zero_shot['uar']:.2f}%" if zero_shot else
                     "no zero-shot baseline (the descriptions do not cover these classes)")
-                + f"  (chance {100 / len(splits.classnames):.1f}%)")
+                + f"  (chance {100 / len(splits.all_classnames):.1f}%)")
         run.write_json("baseline.json", {"split": splits.reported_name, **measured})
 
     try:
@@ -168,15 +175,23 @@ def main(argv=None):
         run.log(f"\nfinal {splits.selection_name} evaluation (epoch {cfg.epochs}):\n"
                 f"{format_report(metrics)}")
 
-    # best.pt on the test set, once, when another set chose it.
+    # best.pt on the test set, once, when another set chose it (in base-to-novel, always).
     if splits.test is not None and best["epoch"] > 0 and not stopped:
         run.barrier()  # rank 0 wrote best.pt; the others read it only after that
         model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
-        test = evaluate(model.eval(), splits.test, splits.classnames, run.device, run.amp,
-                        batch_size=2 * cfg.batch_size, workers=cfg.workers)
+        test = evaluate_reported(model.eval().with_classes, splits, run.device, run.amp,
+                                 batch_size=2 * cfg.batch_size, workers=cfg.workers)
         run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
         run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
                                      **test})
+        if splits.base and os.path.isfile(run.path("baseline.json")):
+            with open(run.path("baseline.json")) as f:
+                before = json.load(f)
+            run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, "
+                    f"best.pt chosen on {splits.selection_name} base images):\n"
+                    + format_base_to_novel({**({"zero-shot CLIP, hard prompts": before[
+                        "zero_shot_hard_prompts"]} if before["zero_shot_hard_prompts"] else {}),
+                        "MPA-FER, trained on base": test}))
     if best["epoch"] > 0 and not stopped and os.path.isfile(run.path("baseline.json")):
         with open(run.path("baseline.json")) as f:
             zero_shot = json.load(f)["zero_shot_hard_prompts"]
@@ -231,9 +246,9 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
             evaluated, eval_seconds = {}, 0.0
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 started = time.time()
-                evaluated = metrics = evaluate(
-                    model.eval(), splits.selection, splits.classnames, run.device, run.amp,
-                    batch_size=2 * cfg.batch_size, workers=cfg.workers)
+                evaluated = metrics = evaluate_selection(
+                    model.eval(), splits, run.device, run.amp, batch_size=2 * cfg.batch_size,
+                    workers=cfg.workers)
                 eval_seconds = time.time() - started
                 if evaluated["war"] > best["war"]:
                     best = {"war": evaluated["war"], "uar": evaluated["uar"], "epoch": epoch + 1}

@@ -106,14 +106,14 @@ def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:
 def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
     """ablation.json: the zero-shot baseline, then every row with its change from the row
     before (difference of the mean WAR and UAR)."""
-    zero_shot = rows[0]["zero_shot"]
+    zero_shot = [report.reported_numbers(z) for z in rows[0]["zero_shot"]]
     record = {"seeds": seeds, "folder": out, "zero_shot_hard_prompts": {
-        "war": report.mean_std([z["war"] for z in zero_shot]),
-        "uar": report.mean_std([z["uar"] for z in zero_shot])}, "rows": []}
+        k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
+        if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
     previous = None
     for row in rows:
         entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
-                                     "uar", "last_war", "last_uar")}
+                                     "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
         entry["change"] = None if previous is None else {
             k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
         record["rows"].append(entry)

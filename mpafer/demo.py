@@ -25,6 +25,7 @@ chance-level accuracy), which is why the demo CLIP is pre-trained at all.
 """
 import os
 import time
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,13 @@ from .clip.model import CLIP
 from .clip.tokenizer import tokenize
 from .data import train_transform
 from .prompts import crop_to_longest
-from .synthetic import CAPTION_TEMPLATES, SYNTHETIC_CLASSES, SyntheticFaces, face_captions
+from .synthetic import (
+    CAPTION_TEMPLATES,
+    CAPTION_WORDS,
+    SYNTHETIC_CLASSES,
+    SyntheticFaces,
+    face_captions,
+)
 from .utils import atomic_save
 
 # Small enough to train in a minute on a CPU; the same code path as ViT-B/16.
@@ -53,9 +60,9 @@ class Prerendered(Dataset):
     DataLoader workers (which on two cores only compete with training).
     """
 
-    def __init__(self, faces: SyntheticFaces, transform=None):
+    def __init__(self, faces: SyntheticFaces, transform=None, classnames=None):
         self.images = [faces.load(i) for i in range(len(faces))]
-        self.targets, self.classnames = list(faces.targets), faces.classnames
+        self.targets, self.classnames = list(faces.targets), tuple(classnames or faces.classnames)
         self.transform = transform
 
     def __len__(self):
@@ -69,13 +76,30 @@ class Prerendered(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+# The words the demo's classes can go by: the FER label names, which the demo CLIP never saw
+# ("labels", the default), or the everyday mood words of its pre-training captions ("moods":
+# "a happy face."), which it has seen, so that it can tell apart classes it was never prompted
+# on (base-to-novel on the demo).
+DEMO_CLASS_WORDS = {"labels": tuple(SYNTHETIC_CLASSES),
+                    "moods": tuple(CAPTION_WORDS[c][0] for c in SYNTHETIC_CLASSES)}
+
+
 def demo_datasets(resolution: int, train_transform_, eval_transform_, num_train: int = 200,
-                  num_test: int = 60, seed: int = 0):
+                  num_test: int = 60, seed: int = 0, words: str = "labels"):
     """The demo's expression dataset: portrait-style train and test faces of the 7 basic
-    expressions (num_train / num_test per class), pre-rendered."""
-    train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"), train_transform_)
-    test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"), eval_transform_)
+    expressions (num_train / num_test per class), pre-rendered, its classes named by `words`
+    (see DEMO_CLASS_WORDS)."""
+    names = DEMO_CLASS_WORDS[words]
+    train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"),
+                        train_transform_, names)
+    test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"),
+                       eval_transform_, names)
     return train, test
+
+
+def description_aliases(words: str) -> Dict[str, str]:
+    """{demo class word: the FER label whose LLM descriptions it takes} for `words`."""
+    return dict(zip(DEMO_CLASS_WORDS[words], SYNTHETIC_CLASSES))
 
 
 def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .data.device_augment import as_model_input
-from .metrics import confusion_matrix, summarize
+from .metrics import confusion_matrix, harmonic_mean, summarize
 from .model import MPAFER, MPAFERConfig, loss_names
 from .utils import ignore_interrupts, seed_everything
 
@@ -305,3 +305,37 @@ def evaluate(logits_fn, dataset, classnames: Sequence[str], device: torch.device
     """WAR, UAR, per-class recall and confusion matrix of `logits_fn` on `dataset`."""
     preds, targets = predict(logits_fn, dataset, device, amp, **kwargs)
     return summarize(confusion_matrix(preds, targets, len(classnames)), classnames)
+
+
+def evaluate_base_novel(logits_fn, dataset, base: Sequence[str], device: torch.device,
+                        amp: Optional[torch.dtype] = None, **kwargs) -> Dict:
+    """The base-to-novel protocol of CoCoOp and MaPLe on `dataset`, whose classes `logits_fn`
+    scores all (an MPAFER for them, e.g. `model.with_classes(dataset.classnames)`, or a
+    zero-shot classifier), in one pass:
+
+    - "base": the images of the `base` classes, each classified among the base classes only;
+    - "novel": the images of the other classes, classified among those only;
+    - "all": every image among every class;
+    - "hm": the harmonic mean of base and novel WAR, 2BN / (B + N).
+    """
+    classnames = list(dataset.classnames)
+    novel = [c for c in classnames if c not in base]
+    is_base = torch.tensor([c in base for c in classnames])
+
+    def three_ways(images):  # [B, 3, C]: scored among all, among base only, among novel only
+        output = logits_fn(images)
+        logits = getattr(output, "logits", output).float()
+        mask = is_base.to(logits.device)
+        return torch.stack([logits, logits.masked_fill(~mask, float("-inf")),
+                            logits.masked_fill(mask, float("-inf"))], dim=1)
+
+    preds, targets = predict(three_ways, dataset, device, amp, **kwargs)  # [N, 3], [N]
+    result = {"all": summarize(confusion_matrix(preds[:, 0], targets, len(classnames)),
+                               classnames)}
+    for name, column, classes in (("base", 1, list(base)), ("novel", 2, novel)):
+        index = torch.tensor([classes.index(c) if c in classes else -1 for c in classnames])
+        kept = index[targets] >= 0
+        result[name] = summarize(confusion_matrix(index[preds[kept, column]], index[targets[kept]],
+                                                  len(classes)), classes)
+    result["hm"] = harmonic_mean(result["base"]["war"], result["novel"]["war"])
+    return result

@@ -32,6 +32,23 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
     }
 
 
+def over_classes(metrics: Dict, classes: Sequence[str]) -> Dict:
+    """WAR and UAR of the images of `classes` only, from the predictions over every class (a
+    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall."""
+    rows = [metrics["classnames"].index(c) for c in classes]
+    confusion = metrics["confusion"]
+    support = [sum(confusion[r]) for r in rows]
+    recalls = [confusion[r][r] / n for r, n in zip(rows, support) if n]
+    return {"war": sum(confusion[r][r] for r in rows) / max(sum(support), 1),
+            "uar": sum(recalls) / len(recalls) if recalls else 0.0,
+            "num_samples": sum(support), "classes": list(classes)}
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2 B N / (B + N), the summary of base-to-novel accuracy (CoCoOp, MaPLe)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
 def format_report(metrics: Dict) -> str:
     """Readable WAR/UAR, per-class recall and confusion matrix."""
     names = metrics["classnames"]

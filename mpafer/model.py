@@ -1,5 +1,5 @@
 """MPA-FER: a frozen CLIP with learnable prompts and global-local alignment."""
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -213,6 +213,27 @@ class MPAFER(nn.Module):
             if p.requires_grad:
                 groups.setdefault(name.split(".")[0], []).append(p)
         return groups
+
+    def with_classes(self, classnames: Sequence[str]) -> "MPAFER":
+        """This model for other classes (e.g. the novel classes of a base-to-novel protocol):
+        the same learned context before each new class name, the same visual prompts and
+        alignment block, shared (not copied). For evaluation: no hard prompts, no prototypes.
+        A class-specific context has nothing to give a class it was not trained on. The model
+        itself for its own classes."""
+        if list(classnames) == self.classnames:
+            return self
+        if self.config.class_specific_ctx:
+            raise ValueError("a class-specific context (--class-specific-ctx) has no context "
+                             "for classes it was not trained on; use the shared context")
+        config = replace(self.config, soft_hard_alignment=False, prototype_alignment=False)
+        device = self.text_prompts.ctx.device
+        # Building draws random initial prompts: keep the caller's random streams as they were.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            view = MPAFER(self.clip, classnames, None, config)
+        view.text_prompts.ctx = self.text_prompts.ctx
+        view.text_prompts.deep = self.text_prompts.deep
+        view.visual_prompts, view.alignment = self.visual_prompts, self.alignment
+        return view.train(self.training)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

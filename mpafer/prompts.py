@@ -22,12 +22,16 @@ HARD_TEMPLATES = {
 }
 
 
-def load_descriptions(classnames: Sequence[str], path: Optional[str] = None) -> Dict[str, List[str]]:
+def load_descriptions(classnames: Sequence[str], path: Optional[str] = None,
+                      aliases: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
     """LLM descriptions per class, all granularities in file order -> {class: [description]}.
 
-    Validates that every requested class is covered and that each description's hard prompt
-    (template 3) fits CLIP's 77-token context; errors name the file, class and description.
+    `aliases` maps a class name to the file's name for it where they differ (e.g. "happy" ->
+    "happiness"). Validates that every requested class is covered and that each description's
+    hard prompt (template 3) fits CLIP's 77-token context; errors name the file, class and
+    description.
     """
+    aliases = aliases or {}
     path = path or DESCRIPTIONS_PATH
     try:
         with open(path, encoding="utf-8") as f:
@@ -39,13 +43,13 @@ def load_descriptions(classnames: Sequence[str], path: Optional[str] = None) -> 
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, dict):
         raise ValueError(f"{path}: expected a JSON object with a 'classes' mapping")
-    missing = [c for c in classnames if c not in classes]
+    missing = [c for c in classnames if aliases.get(c, c) not in classes]
     if missing:
         raise ValueError(f"{path} has no descriptions for {missing}; it covers {sorted(classes)}")
     granularities = data.get("granularities") or []
     result = {}
     for name in classnames:
-        entry = classes[name]
+        entry = classes[aliases.get(name, name)]
         levels = granularities or list(entry)
         found = [d for level in levels for d in entry.get(level, [])] if isinstance(entry, dict) else entry
         if not found or not all(isinstance(d, str) and d.strip() for d in found):

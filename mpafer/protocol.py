@@ -13,7 +13,7 @@ every image of the evaluation sets decodes); `Splits.set_transforms` gives them 
 resolution once it is known.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .data import (
     build_dataset,
@@ -22,9 +22,15 @@ from .data import (
     require_readable,
     train_transform,
 )
-from .data.subsets import Subset, few_shot_indices, stratified_split, subset_record
-from .demo import demo_datasets
-from .engine import evaluate
+from .data.subsets import (
+    Subset,
+    class_subset,
+    few_shot_indices,
+    stratified_split,
+    subset_record,
+)
+from .demo import demo_datasets, description_aliases
+from .engine import evaluate, evaluate_base_novel
 from .expclip.zeroshot import ZeroShotClassifier
 from .prompts import hard_prompts_by_class, load_descriptions
 from .runs import selection_split_name
@@ -42,10 +48,18 @@ class Splits:
     selection_name: str
     records: List[Tuple[str, Dict]] = field(default_factory=list)
     read: Dict[str, object] = field(default_factory=dict)
+    base: Optional[List[str]] = None  # base-to-novel: the classes trained on (see read_splits)
+    description_aliases: Dict[str, str] = field(default_factory=dict)  # class -> descriptions' name
 
     @property
     def classnames(self) -> List[str]:
+        """The classes the model trains on (the base classes in base-to-novel)."""
         return list(self.train.classnames)
+
+    @property
+    def all_classnames(self) -> List[str]:
+        """The classes of the reported set: the dataset's, novel ones included."""
+        return list(self.reported.classnames)
 
     @property
     def reported_name(self) -> str:
@@ -66,9 +80,15 @@ class Splits:
                 evaluated.transform = eval_transform(resolution, uint8=True)
 
     def describe(self) -> str:
-        lines = [f"train: {len(self.train)} images\n{format_class_counts(self.train)}",
-                 f"{self.selection_name}: {len(self.selection)} images (evaluated every epoch, "
-                 "chooses the best checkpoint)"]
+        lines = [f"train: {len(self.train)} images\n{format_class_counts(self.train)}"]
+        if self.base:
+            novel = [c for c in self.all_classnames if c not in self.base]
+            lines.append(f"base-to-novel: training and choosing best.pt on the base classes "
+                         f"{', '.join(self.base)}; the novel classes {', '.join(novel)} are seen "
+                         "only in the test split")
+        lines += [
+                  f"{self.selection_name}: {len(self.selection)} images (evaluated every "
+                  "epoch, chooses the best checkpoint)"]
         if self.test is not None:
             lines.append(f"test: {len(self.test)} images (the best checkpoint, once at the end)")
         return "\n".join(lines)
@@ -84,11 +104,17 @@ def dataset_options(cfg) -> Dict:
 
 def read_splits(cfg) -> Splits:
     """The run's sets, read and checked, without transforms (see the module doc): the demo's
-    synthetic faces with --demo, else --dataset at --data-root."""
+    synthetic faces with --demo, else --dataset at --data-root.
+
+    With --base-classes (the base-to-novel protocol of CoCoOp), the training and selection sets
+    hold the base classes' images only, labelled among the base classes; the test split keeps
+    every class, and best.pt is evaluated on it once, on base, novel and all classes."""
+    aliases = {}
     if cfg.demo:  # drawn in memory: nothing to check
         train, test = demo_datasets(None, None, None, cfg.demo_train_per_class,
-                                    cfg.demo_test_per_class)
+                                    cfg.demo_test_per_class, words=cfg.demo_class_words)
         evaluated, read = {"test": test}, {}
+        aliases = description_aliases(cfg.demo_class_words)
         if cfg.val_fraction == 0 and cfg.eval_split != "test":
             raise ValueError(f"--eval-split {cfg.eval_split}: the demo has train and test faces "
                              "only (--val-fraction holds out a validation part)")
@@ -102,13 +128,33 @@ def read_splits(cfg) -> Splits:
             for name, dataset in evaluated.items():
                 require_readable(dataset, name, cfg.workers)
         read = {"train": train, **evaluated}
+    base = base_classes(cfg.base_classes, train.classnames)
+    if base:
+        train = class_subset(train, base)
     train, held_out, records = carve_subsets(cfg, train)
     if held_out is not None:
-        return Splits(train, held_out, evaluated["test"], selection_split_name(cfg), records,
-                      read)
-    selection = evaluated[cfg.eval_split]
-    test = None if cfg.eval_split == "test" else evaluated["test"]
-    return Splits(train, selection, test, cfg.eval_split, records, read)
+        selection = held_out
+    else:
+        selection = evaluated[cfg.eval_split]
+        selection = class_subset(selection, base) if base else selection
+    test = None if cfg.eval_split == "test" and held_out is None and not base else evaluated["test"]
+    return Splits(train, selection, test, selection_split_name(cfg), records, read, base, aliases)
+
+
+def base_classes(flag: str, classnames) -> Optional[List[str]]:
+    """The base classes --base-classes names (None: not base-to-novel); every one must be a
+    class of the data, and at least one class must be left novel."""
+    if not flag:
+        return None
+    base = [c.strip() for c in flag.split(",")]
+    unknown = [c for c in base if c not in classnames]
+    if unknown:
+        raise ValueError(f"--base-classes: {', '.join(unknown)} not a class of the data (its "
+                         f"classes: {', '.join(classnames)})")
+    if len(set(base)) == len(classnames):
+        raise ValueError("--base-classes names every class of the data: leave at least one "
+                         "class out as novel")
+    return base
 
 
 def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[str, Dict]]]:
@@ -151,21 +197,75 @@ def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: b
                          f"{per_process}")
 
 
-def baselines(model, dataset, descriptions=None, amp=None, **evaluate_options) -> Dict:
-    """The reference points of a run, measured on `dataset` before any training: the model with
-    its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3; a class's
-    logit is the mean over its descriptions' prompts), the baseline prompt learning has to
-    beat (None when the descriptions do not cover the classes).
+def evaluate_reported(classifier_for: Callable, splits: Splits, device, amp=None,
+                      **evaluate_options) -> Dict:
+    """The numbers a run reports, on `splits.reported`, of `classifier_for(classnames)` (a model
+    or logits function for those classes): WAR, UAR, per-class recall, confusion. In base-to-
+    novel the reported set holds every class: then also "base", "novel" (each classified among
+    its own classes, see `engine.evaluate_base_novel`) and their harmonic mean "hm", with the
+    top-level numbers those of all classes."""
+    if not splits.base:
+        return evaluate(classifier_for(splits.classnames), splits.reported, splits.classnames,
+                        device, amp, **evaluate_options)
+    result = evaluate_base_novel(classifier_for(splits.all_classnames), splits.reported,
+                                 splits.base, device, amp, **evaluate_options)
+    keep = ("war", "uar", "per_class_recall", "num_samples")
+    return {**result["all"], **{part: {k: result[part][k] for k in keep}
+                                for part in ("base", "novel", "all")}, "hm": result["hm"]}
+
+
+def evaluate_selection(model, splits: Splits, device, amp=None, **evaluate_options) -> Dict:
+    """An epoch's evaluation: the selection set, which chooses best.pt. In base-to-novel it holds
+    the base classes only (novel accuracy never chooses a checkpoint); the test split's base,
+    novel and all-class numbers are measured beside it, for the record ("base_to_novel")."""
+    metrics = evaluate(model, splits.selection, splits.classnames, device, amp,
+                       **evaluate_options)
+    if splits.base:
+        reported = evaluate_reported(model.with_classes, splits, device, amp, **evaluate_options)
+        metrics["base_to_novel"] = summary_of(reported)
+    return metrics
+
+
+def summary_of(reported: Dict) -> Dict:
+    """{base, novel, all: {war, uar}, hm} of an `evaluate_reported` result in base-to-novel."""
+    return {**{part: {k: reported[part][k] for k in ("war", "uar")}
+               for part in ("base", "novel", "all")}, "hm": reported["hm"]}
+
+
+def format_base_to_novel(rows: Dict[str, Dict]) -> str:
+    """{label: `evaluate_reported` result} as a small table of WAR: base, novel, all, HM."""
+    width = max(len(label) for label in rows) + 2
+    lines = [" " * width + f"{'base':>8}{'novel':>8}{'all':>8}{'HM':>8}   (WAR %)"]
+    for label, r in rows.items():
+        lines.append(f"{label:<{width}}" + "".join(
+            f"{100 * v:>8.2f}" for v in (r["base"]["war"], r["novel"]["war"], r["all"]["war"],
+                                         r["hm"])))
+    return "\n".join(lines)
+
+
+def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_options) -> Dict:
+    """The reference points of a run, measured on the set it reports before any training: the
+    model with its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3;
+    a class's logit is the mean over its descriptions' prompts), the baseline prompt learning
+    has to beat (None when the descriptions do not cover the classes). In base-to-novel both
+    are measured on base, novel and all classes.
     -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None}."""
-    classnames, device = model.classnames, model.clip.logit_scale.device
-    measured = {"random_prompts": evaluate(model.eval(), dataset, classnames, device, amp,
-                                           **evaluate_options), "zero_shot_hard_prompts": None}
+    device = model.clip.logit_scale.device
+    measured = {"random_prompts": evaluate_reported(model.eval().with_classes, splits, device,
+                                                    amp, **evaluate_options),
+                "zero_shot_hard_prompts": None}
+    names = splits.all_classnames if splits.base else splits.classnames
     try:
-        descriptions = descriptions or load_descriptions(classnames)
+        descriptions = {**(descriptions or {}), **load_descriptions(
+            [c for c in names if c not in (descriptions or {})],
+            aliases=splits.description_aliases)}
     except ValueError:  # classes the shipped descriptions do not cover (--dataset folder)
         return measured
-    zero_shot = ZeroShotClassifier(model.clip, classnames,
-                                   hard_prompts_by_class(classnames, descriptions, 3)).eval()
-    measured["zero_shot_hard_prompts"] = evaluate(zero_shot, dataset, classnames, device, amp,
-                                                  desc="zero-shot", **evaluate_options)
+
+    def zero_shot(classnames):
+        return ZeroShotClassifier(model.clip, classnames,
+                                  hard_prompts_by_class(classnames, descriptions, 3)).eval()
+
+    measured["zero_shot_hard_prompts"] = evaluate_reported(zero_shot, splits, device, amp,
+                                                           desc="zero-shot", **evaluate_options)
     return measured

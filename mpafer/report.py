@@ -90,9 +90,22 @@ def read_run(folder: str) -> Optional[Dict]:
         return None
     return {"folder": folder, "seed": config.get("train", {}).get("seed"),
             "key": configuration_key(config, best and best.get("descriptions_sha256")),
-            "reported": reported and {"war": reported["war"], "uar": reported["uar"]},
+            "reported": reported and reported_numbers(reported),
             "source": source, "last": evaluated[-1] if evaluated else None,
             "epochs": records[-1]["epoch"] if records else 0}
+
+
+# Base-to-novel runs (test.json with "base", "novel", "hm") report these beside WAR and UAR.
+BASE_TO_NOVEL = ("base_war", "novel_war", "hm")
+
+
+def reported_numbers(reported: Dict) -> Dict:
+    """WAR and UAR of a run's reported result; for base-to-novel also base and novel WAR, HM."""
+    numbers = {"war": reported["war"], "uar": reported["uar"]}
+    if "hm" in reported:
+        numbers.update(base_war=reported["base"]["war"], novel_war=reported["novel"]["war"],
+                       hm=reported["hm"])
+    return numbers
 
 
 def mean_std(values: Sequence[float]) -> Dict:
@@ -119,7 +132,8 @@ def summarize_groups(runs: Sequence[Dict]) -> List[Dict]:
             "war": mean_std([r["war"] for r in reported]),
             "uar": mean_std([r["uar"] for r in reported]),
             "last_war": mean_std([r["war"] for r in last]),
-            "last_uar": mean_std([r["uar"] for r in last])})
+            "last_uar": mean_std([r["uar"] for r in last]),
+            **{k: mean_std([r[k] for r in reported if k in r]) for k in BASE_TO_NOVEL}})
     label_groups(summaries)
     return summaries
 
@@ -144,12 +158,17 @@ def percent(stat: Dict) -> str:
 
 
 def markdown_table(summaries: Sequence[Dict]) -> str:
-    lines = ["| configuration | n | seeds | WAR (%) | UAR (%) | reported | last-epoch WAR (%) "
-             "| last-epoch UAR (%) |", "|---|---|---|---|---|---|---|---|"]
+    """One row per configuration; base, novel and HM columns when runs have them."""
+    b2n = any(s["hm"]["n"] for s in summaries)
+    extra = " base WAR (%) | novel WAR (%) | HM (%) |" if b2n else ""
+    lines = ["| configuration | n | seeds | WAR (%) | UAR (%) |" + extra + " reported | "
+             "last-epoch WAR (%) | last-epoch UAR (%) |",
+             "|---|---|---|---|---|" + "---|" * (3 if b2n else 0) + "---|---|---|"]
     for s in summaries:
         seeds = ", ".join(str(x) for x in s["seeds"])
+        columns = "".join(f" {percent(s[k])} |" for k in BASE_TO_NOVEL) if b2n else ""
         lines.append(f"| {s['label']} | {s['n']} | {seeds} | {percent(s['war'])} | "
-                     f"{percent(s['uar'])} | {'; '.join(s['reported'])} | "
+                     f"{percent(s['uar'])} |{columns} {'; '.join(s['reported'])} | "
                      f"{percent(s['last_war'])} | {percent(s['last_uar'])} |")
     return "\n".join(lines)
 
@@ -157,20 +176,27 @@ def markdown_table(summaries: Sequence[Dict]) -> str:
 def ladder_table(record: Dict) -> str:
     """The ablation ladder (`mpafer.ablation`'s record) as one Markdown table: zero-shot CLIP
     with the hard prompts, then each row's mean ± std over the seeds, its change from the row
-    before, each seed's value and the last evaluated epoch's WAR."""
+    before, each seed's value and the last evaluated epoch's WAR; with base, novel and HM
+    columns for a base-to-novel ladder."""
     def seeds(stat):
         return ", ".join(f"{100 * v:.1f}" for v in stat["values"])
 
     zero_shot = record["zero_shot_hard_prompts"]
-    lines = ["| row | n | WAR (%) | UAR (%) | change WAR | change UAR | WAR per seed | "
-             "last-epoch WAR (%) |", "|---|---|---|---|---|---|---|---|",
-             f"| zero-shot CLIP, hard prompts | {zero_shot['war']['n']} | "
-             f"{percent(zero_shot['war'])} | {percent(zero_shot['uar'])} | | | "
-             f"{seeds(zero_shot['war'])} | |"]
+    b2n = record["rows"][0]["hm"]["n"] > 0
+    extra = " base WAR | novel WAR | HM |" if b2n else ""
+    lines = ["| row | n | WAR (%) | UAR (%) |" + extra + " change WAR | change UAR | "
+             "WAR per seed | last-epoch WAR (%) |",
+             "|---|---|---|---|" + "---|" * (3 if b2n else 0) + "---|---|---|---|"]
+    if zero_shot:
+        columns = "".join(f" {percent(zero_shot[k])} |" for k in BASE_TO_NOVEL) if b2n else ""
+        lines.append(f"| zero-shot CLIP, hard prompts | {zero_shot['war']['n']} | "
+                     f"{percent(zero_shot['war'])} | {percent(zero_shot['uar'])} |{columns} | | "
+                     f"{seeds(zero_shot['war'])} | |")
     for row in record["rows"]:
         change = row["change"] or {}
+        columns = "".join(f" {percent(row[k])} |" for k in BASE_TO_NOVEL) if b2n else ""
         lines.append(f"| {row['row']} | {row['n']} | {percent(row['war'])} | "
-                     f"{percent(row['uar'])} | " + " | ".join(
+                     f"{percent(row['uar'])} |{columns} " + " | ".join(
                          f"{100 * change[k]:+.2f}" if k in change else "" for k in ("war", "uar"))
                      + f" | {seeds(row['war'])} | {percent(row['last_war'])} |")
     sources = sorted({source for row in record["rows"] for source in row["reported"]})

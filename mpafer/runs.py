@@ -320,12 +320,18 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
               "eval_seconds": eval_seconds}
     if grad_norms is not None:
         record["grad_norms"] = grad_norms
+    if "base_to_novel" in metrics:  # the test split's base, novel, all and HM (not choosing)
+        record["base_to_novel"] = metrics["base_to_novel"]
     if run.master:
         append_bytes(run.path("metrics.jsonl"), (json.dumps(record) + "\n").encode("utf-8"),
                      sync=True)
     name = selection_split_name(run.cfg)
     scores = (f"{name} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
               f"(best {100 * best['war']:.2f}% @ {best['epoch']})" if metrics else "")
+    if "base_to_novel" in metrics:
+        b2n = metrics["base_to_novel"]
+        scores += (f"  test: base {100 * b2n['base']['war']:.1f} novel "
+                   f"{100 * b2n['novel']['war']:.1f} HM {100 * b2n['hm']:.1f}")
     parts = " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
     return (f"epoch {epoch + 1:>3}/{run.cfg.epochs}  loss {losses['loss']:.4f} ({parts})  "
             f"lr {lr:.2e}  {scores}  {images_per_second:.0f} img/s  {seconds:.0f}s"
@@ -360,8 +366,10 @@ def files_summary(run: Run, best: Dict) -> str:
 
 def selection_split_name(cfg) -> str:
     """The name of the set that chooses best.pt (see `mpafer.protocol`): the evaluation split,
-    or "heldout", the part of the training split that --val-fraction holds out (heldout.json)."""
-    return "heldout" if cfg.val_fraction > 0 else cfg.eval_split
+    or "heldout", the part of the training split that --val-fraction holds out (heldout.json);
+    in base-to-novel, its base-class images ("test base")."""
+    name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
+    return f"{name} base" if getattr(cfg, "base_classes", "") else name
 
 
 def stop_on_non_finite(run: Run, error: Exception):

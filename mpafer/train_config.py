@@ -120,6 +120,13 @@ class TrainConfig:
         "help": "torch.compile the image tower (CUDA; first steps are slow)", "result": False})
     features: str = field(default="", metadata={
         "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
+    base_classes: str = field(default="", metadata={
+        "help": "base-to-novel: train (and choose best.pt) on these classes only, comma-"
+                "separated; the test split's other classes are novel: best.pt is evaluated on "
+                "base, novel and all classes, with their harmonic mean (default: all classes)"})
+    demo_class_words: str = field(default="labels", metadata={
+        "help": "--demo: labels (the FER label names, which the demo CLIP never saw) | moods (the "
+                "everyday mood words of its captions, e.g. happy, scared), for base-to-novel"})
     shots: int = field(default=0, metadata={
         "help": "few-shot: train on K images per class (min(K, available)) drawn with --seed, "
                 "listed in <out>/shots.json; evaluation uses the full split (default 0 = all)"})
@@ -148,6 +155,11 @@ class TrainConfig:
             ("seeds", all(part.strip().isdigit() for part in self.seeds.split(","))
              if self.seeds else True, "seeds >= 0, comma-separated (e.g. 1,2,3)"),
             ("seeds", not self.seeds or self.ablation, "used with --ablation"),
+            ("demo_class_words", self.demo_class_words in ("labels", "moods"), "labels or moods"),
+            ("base_classes", all(c.strip() for c in self.base_classes.split(","))
+             and len({c.strip() for c in self.base_classes.split(",")})
+             == len(self.base_classes.split(",")) if self.base_classes else True,
+             "distinct non-empty class names, comma-separated"),
             ("workers", self.workers >= 0, ">= 0"),
             ("seed", self.seed >= 0, ">= 0"),
             ("stop_after", self.stop_after >= 0, ">= 0 (0 = never)"),
@@ -234,6 +246,9 @@ def parse_config(argv=None, description: str = None):
     except ValueError as e:
         parser.error(str(e))
     check_protocol(parser, cfg, train)
+    if cfg.base_classes and model_cfg.class_specific_ctx:
+        parser.error("--base-classes needs the shared context: a class-specific context "
+                     "(--class-specific-ctx) has none for the novel classes")
     cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or
                                                        clip.default_weights_dir()))
     if not cfg.resume:

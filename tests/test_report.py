@@ -111,3 +111,21 @@ def test_settings_that_do_not_change_a_result_are_one_list():
     assert {"workers", "device", "cache_dir", "log_interval"} <= RESUME_MAY_CHANGE
     assert not {"lr", "batch_size", "seed", "dataset"} & RESUME_MAY_CHANGE
     assert "data_root" in RESUME_MAY_CHANGE  # for data that moved: checked by its record
+
+
+def test_base_to_novel_runs_get_base_novel_and_hm_columns(tmp_path, capsys):
+    folders = []
+    for seed, (base, novel) in ((1, (0.8, 0.4)), (2, (0.6, 0.6))):
+        folder = make_run(tmp_path / f"b{seed}", seed, 0, [0.7], (0.5, 0.45))
+        hm = 2 * base * novel / (base + novel)
+        (tmp_path / f"b{seed}" / "test.json").write_text(json.dumps({
+            "war": 0.5, "uar": 0.45, "base": {"war": base, "uar": base},
+            "novel": {"war": novel, "uar": novel}, "hm": hm}))
+        folders.append(folder)
+    (group,) = report.main(folders)
+    assert group["base_war"]["mean"] == pytest.approx(0.7)
+    assert group["novel_war"]["mean"] == pytest.approx(0.5)
+    assert group["hm"]["values"] == pytest.approx([2 * 0.8 * 0.4 / 1.2, 0.6])
+    out = capsys.readouterr().out
+    assert "| base WAR (%) | novel WAR (%) | HM (%) |" in out
+    assert "| 70.00 ± 14.14 | 50.00 ± 14.14 |" in out

@@ -62,35 +62,48 @@ def stratified_split(targets: Sequence[int], fraction: float,
 
 
 class Subset(Dataset):
-    """Items `indices` of `dataset`, with a transform of their own.
+    """Items `indices` of `dataset`, with a transform of their own and, optionally, a class list
+    of their own (`classnames`: a subset of the dataset's, in any order; labels follow it).
 
     It keeps the dataset interface train.py relies on (`classnames`, `targets`,
     `class_counts()`, a settable `transform`), so a copy can take another transform (as the
-    prototype step does) without touching the training set's.
+    prototype step does) without touching the training set's. A subset of a subset is a subset
+    of the original dataset (`base`), so its files and fingerprints stay those of the original.
     """
 
-    def __init__(self, dataset, indices: Sequence[int], transform=None):
+    def __init__(self, dataset, indices: Sequence[int], transform=None,
+                 classnames: Optional[Sequence[str]] = None):
+        self.classnames = tuple(classnames if classnames is not None else dataset.classnames)
+        if isinstance(dataset, Subset):  # compose: indices into the original dataset
+            indices, dataset = [dataset.indices[int(i)] for i in indices], dataset.base
         self.base = copy.copy(dataset)  # the same images, untransformed
         self.base.transform = None
         self.indices = [int(i) for i in indices]
         self.transform = transform
-        self.classnames = dataset.classnames
-        self.targets = [int(dataset.targets[i]) for i in self.indices]
+        # The original label of each class -> its label here (-1: not a class of the subset).
+        self.label_map = [self.classnames.index(c) if c in self.classnames else -1
+                          for c in dataset.classnames]
+        self.targets = [self.label_map[int(dataset.targets[i])] for i in self.indices]
+        if any(t < 0 for t in self.targets):
+            raise ValueError("a subset with classes of its own must hold images of those only")
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, index):
         image, label = self.base[self.indices[index]]
-        return (self.transform(image) if self.transform is not None else image), label
+        image = self.transform(image) if self.transform is not None else image
+        return image, self.label_map[label]
 
     def class_counts(self) -> List[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64),
                            minlength=len(self.classnames)).tolist()
 
     def fingerprint(self) -> str:
-        """SHA-256 of the chosen indices: tells apart two subsets of the same size."""
-        return hashlib.sha256(json.dumps(self.indices).encode()).hexdigest()
+        """SHA-256 of the chosen indices (and classes): tells apart two subsets of one size."""
+        classes = [] if self.classnames == tuple(self.base.classnames) else list(self.classnames)
+        return hashlib.sha256(json.dumps(self.indices if not classes else [self.indices, classes])
+                              .encode()).hexdigest()
 
     def describe(self) -> List[Dict]:
         """One entry per item: its index in the full set, its label, its file if it has one."""
@@ -109,3 +122,15 @@ def subset_record(subset: Subset, **info) -> Dict:
     return {**info, "num_images": len(subset),
             "class_counts": dict(zip(subset.classnames, subset.class_counts())),
             "items": subset.describe()}
+
+
+def class_subset(dataset, classnames: Sequence[str]) -> Subset:
+    """The images of `classnames` only, labelled in that order (e.g. the base classes of a
+    base-to-novel protocol). Every name must be one of the dataset's classes."""
+    unknown = [c for c in classnames if c not in dataset.classnames]
+    if unknown:
+        raise ValueError(f"{unknown} are not classes of the data (its classes: "
+                         f"{', '.join(dataset.classnames)})")
+    wanted = {dataset.classnames.index(c) for c in classnames}
+    return Subset(dataset, [i for i, t in enumerate(dataset.targets) if t in wanted],
+                  getattr(dataset, "transform", None), classnames)
