@@ -70,7 +70,7 @@ from mpafer.runs import (
     start_run,
     stop_on_non_finite,
 )
-from mpafer.train_config import RESUME_MAY_CHANGE, parse_config
+from mpafer.train_config import RESUME_MAY_CHANGE, format_settings, parse_config
 from mpafer.utils import EXIT_STATUS, WriteError, run_cli
 
 DEMO_BANNER = ("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
@@ -87,7 +87,8 @@ def main(argv=None):
     run = start_run(cfg, RESUME_MAY_CHANGE)
     if cfg.demo:
         run.log(DEMO_BANNER)
-    run.log(f"config: {json.dumps(run_record(run, model_cfg))}")
+    run.log(f"settings (all in {run.path('config.json')}):\n"
+            f"{format_settings(run_record(run, model_cfg))}")
     if already_finished(run):
         return
 

@@ -27,7 +27,9 @@ def _field(default, text: str):
 
 @dataclass
 class MPAFERConfig:
-    """Every MPA-FER setting. Help texts marked (choice) are ours where the paper is silent.
+    """Every MPA-FER setting; each field is a command-line flag whose help is its
+    `metadata["help"]`. "(choice)" marks a value of ours where the paper is silent, with the
+    reason; the README's table of choices gives the evidence for the measured ones.
 
     `validate()` (run at construction and again by MPAFER) checks the value ranges; errors name
     the field and its command-line flag.
@@ -36,35 +38,45 @@ class MPAFERConfig:
     n_ctx: int = _field(10, "M, learnable text context vectors (ignored with --ctx-init)")
     ctx_init: str = _field("", "initialise the context from this phrase (M = its token count) "
                                "instead of N(0, std^2)")
-    class_specific_ctx: bool = _field(False, "one context per class instead of one shared by all")
-    text_prompt_depth: int = _field(1, "(choice) text layers with prompts: 1 = input only, "
-                                       "L > 1 adds deep text prompts to layers 1..L-1")
+    class_specific_ctx: bool = _field(False, "one context per class instead of one shared by "
+                                             "all (no base-to-novel: novel classes get none)")
+    text_prompt_depth: int = _field(1, "(choice) text layers with prompts: 1 = input only, as the "
+                                       "paper describes; L > 1 adds deep text prompts that replace "
+                                       "the context's hidden states in layers 1..L-1")
     # Visual deep prompts (VPT-deep).
     visual_prompt_tokens: int = _field(8, "N_p, visual prompt tokens per layer (0 = none)")
-    visual_prompt_depth: int = _field(-1, "image layers with visual prompts: -1 = every layer, 0 = none")
+    visual_prompt_depth: int = _field(-1, "image layers with visual prompts: -1 = every layer, "
+                                          "0 = none")
     prompt_init_std: float = _field(0.02, "std of the N(0, std^2) prompt initialisation")
     # Hard prompts.
-    hard_prompt_template: int = _field(3, "1 'a photo of {c}', 2 'a photo of a person making a facial "
-                                          "expression of {c}', 3 the same followed by ', {description}' "
-                                          "(one hard prompt per LLM description)")
+    hard_prompt_template: int = _field(3, "1 'a photo of {c}', 2 'a photo of a person making a "
+                                          "facial expression of {c}', 3 the same followed by ', "
+                                          "{description}' (one hard prompt per LLM description); "
+                                          "the paper's wording, no trailing period")
     # Cross-modal global-local alignment.
-    global_local: bool = _field(True, "add the local score S_l (top-k cross-attention over patches)")
+    global_local: bool = _field(True, "add the local score S_l (top-k cross-attention over "
+                                      "patches)")
     top_k: int = _field(16, "k, patches each class attends to")
     local_weight: float = _field(1.0, "lambda_l in S = S_g + lambda_l * S_l")
     attention_temperature: Optional[float] = _field(None, "(choice) softmax temperature over the "
-                                                          "top-k; unset = uniform 1/k weights")
-    learnable_alignment: bool = _field(False, "(choice) identity-initialised q/k/v projections; needs "
-                                              "--attention-temperature")
+                                                          "top-k; unset = uniform 1/k weights, "
+                                                          "the mean of the top-k cosines")
+    learnable_alignment: bool = _field(False, "(choice) identity-initialised q/k/v projections, "
+                                              "off so the trainable size stays the prompts'; needs "
+                                              "--attention-temperature (with uniform weights the q "
+                                              "and k projections get no gradient)")
     # Losses: L = L_cls + beta * (L_ta + L_pa) + gamma * L_v.
     soft_hard_alignment: bool = _field(True, "soft-hard prompt alignment L_t = L_ta + L_pa")
     prototype_alignment: bool = _field(True, "prototype-guided visual alignment L_v")
-    tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa)")
-    pa_distance: str = _field("l1-mean", "L_pa distance: l1-mean (choice: the mean over D of |soft - hard|, "
-                                         "an L1 loss as in PromptSRC; measured to regularise) | l1-sum "
-                                         "(the L1 norm summed over D, the literal notation; D times "
-                                         "stronger) | contrastive (choice)")
-    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1-mean (mean over D) | l1-sum "
-                                       "(L1 norm, summed over D)")
+    tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa), "
+                              "CLIP's own initial temperature")
+    pa_distance: str = _field("l1-mean", "L_pa distance: l1-mean (choice: the mean over D of "
+                                         "|soft - hard|, an L1 loss as in PromptSRC; measured to "
+                                         "regularise) | l1-sum (the L1 norm summed over D, the "
+                                         "literal notation: D times stronger, it outweighs L_cls "
+                                         "and costs accuracy on the demo) | contrastive (choice)")
+    v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1-mean (mean over D) | "
+                                       "l1-sum (L1 norm, summed over D)")
     beta: float = _field(1.0, "weight beta of L_t")
     gamma: float = _field(1.0, "weight gamma of L_v")
 
@@ -82,18 +94,22 @@ class MPAFERConfig:
             ("hard_prompt_template", self.hard_prompt_template in (1, 2, 3), "1, 2 or 3"),
             ("top_k", self.top_k >= 1, ">= 1"),
             ("local_weight", self.local_weight >= 0, ">= 0"),
-            ("attention_temperature", self.attention_temperature is None or self.attention_temperature > 0,
+            ("attention_temperature",
+             self.attention_temperature is None or self.attention_temperature > 0,
              "> 0 (or unset for uniform weights)"),
             ("tau", self.tau > 0, "> 0"),
-            ("pa_distance", self.pa_distance in losses.PA_DISTANCES, f"one of {list(losses.PA_DISTANCES)}"),
-            ("v_distance", self.v_distance in losses.V_DISTANCES, f"one of {list(losses.V_DISTANCES)}"),
+            ("pa_distance", self.pa_distance in losses.PA_DISTANCES,
+             f"one of {list(losses.PA_DISTANCES)}"),
+            ("v_distance", self.v_distance in losses.V_DISTANCES,
+             f"one of {list(losses.V_DISTANCES)}"),
             ("beta", self.beta >= 0, ">= 0"),
             ("gamma", self.gamma >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"MPAFERConfig.{name} ({flag}) must be {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"MPAFERConfig.{name} ({flag}) must be {expected}, got "
+                                 f"{getattr(self, name)!r}")
         if self.learnable_alignment and self.attention_temperature is None:
             raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
 
@@ -123,11 +139,11 @@ def upgrade_config(values: Dict) -> Dict:
 
 @dataclass
 class MPAFEROutput:
-    logits: torch.Tensor                  # [B, C] = s * (S_g + lambda_l * S_l), fp32 even under autocast
+    logits: torch.Tensor                  # [B, C] = s * (S_g + lambda_l * S_l), fp32 (autocast too)
     global_features: torch.Tensor         # [B, D] z_g, L2-normalised
     text_features: torch.Tensor           # [C, D] theta(t_c), L2-normalised
     local_features: Optional[torch.Tensor] = None   # [B, N, D] z_l, L2-normalised
-    attention: Optional[torch.Tensor] = None        # [B, C, N] a_{c,n} (fp32): which patches drove class c
+    attention: Optional[torch.Tensor] = None        # [B, C, N] a_{c,n} (fp32): patches behind c
     soft_pooled: Optional[torch.Tensor] = None      # [C, W] pooled soft-prompt word embeddings
 
 
@@ -141,7 +157,8 @@ class MPAFER(nn.Module):
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str],
-                 descriptions: Optional[Dict[str, List[str]]] = None, config: Optional[MPAFERConfig] = None):
+                 descriptions: Optional[Dict[str, List[str]]] = None,
+                 config: Optional[MPAFERConfig] = None):
         super().__init__()
         self.config = config = config or MPAFERConfig()
         config.validate()  # again: fields may have been changed after construction
@@ -154,10 +171,12 @@ class MPAFER(nn.Module):
         layers = clip_model.visual.transformer.layers
         depth = layers if config.visual_prompt_depth < 0 else config.visual_prompt_depth
         if depth > layers:
-            raise ValueError(f"visual_prompt_depth {depth} exceeds the image tower's {layers} layers")
+            raise ValueError(f"visual_prompt_depth {depth} exceeds the image tower's {layers} "
+                             "layers")
         self.visual_prompts = (VisualPromptLearner(
-            clip_model.visual.transformer.width, num_tokens=config.visual_prompt_tokens, depth=depth,
-            init_std=config.prompt_init_std) if depth > 0 and config.visual_prompt_tokens > 0 else None)
+            clip_model.visual.transformer.width, num_tokens=config.visual_prompt_tokens,
+            depth=depth, init_std=config.prompt_init_std)
+            if depth > 0 and config.visual_prompt_tokens > 0 else None)
         self.alignment = (GlobalLocalAlignment(
             clip_model.embed_dim, top_k=config.top_k, temperature=config.attention_temperature,
             learnable=config.learnable_alignment) if config.global_local else None)
@@ -170,7 +189,8 @@ class MPAFER(nn.Module):
     @torch.no_grad()
     def _init_hard_prompts(self, descriptions):
         """Frozen hard-prompt features theta(t*) `[H, D]` and pooled word embeddings `[H, W]`."""
-        texts, labels = build_hard_prompts(self.classnames, descriptions, self.config.hard_prompt_template)
+        texts, labels = build_hard_prompts(self.classnames, descriptions,
+                                           self.config.hard_prompt_template)
         device = self.clip.token_embedding.weight.device
         tokens = crop_to_longest(tokenize(texts)).to(device)  # [H, L]
         embeddings = self.clip.token_embedding(tokens)  # [H, L, W]
@@ -179,7 +199,8 @@ class MPAFER(nn.Module):
         self.register_buffer("hard_labels", torch.tensor(labels, device=device), persistent=False)
         self.register_buffer("hard_features", F.normalize(
             self.clip.encode_text_embeddings(embeddings, eot), dim=-1), persistent=False)
-        self.register_buffer("hard_pooled", pooled_word_embeddings(embeddings, eot), persistent=False)
+        self.register_buffer("hard_pooled", pooled_word_embeddings(embeddings, eot),
+                             persistent=False)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -194,12 +215,14 @@ class MPAFER(nn.Module):
 
     def load_trainable_state_dict(self, state_dict: Dict[str, torch.Tensor]):
         params = {k: p for k, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
         wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
                  for k, p in params.items() if k in state_dict and state_dict[k].shape != p.shape]
         if missing or unexpected or wrong:
             raise ValueError("trainable state does not match this MPA-FER configuration: "
-                             f"missing {missing}, unexpected {unexpected}, shape mismatches {wrong}")
+                             f"missing {missing}, unexpected {unexpected}, shape mismatches "
+                             f"{wrong}")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state_dict[k])
@@ -242,13 +265,14 @@ class MPAFER(nn.Module):
         """Class prototypes `[C, D]` for L_v (see `mpafer.compute_prototypes`)."""
         expected = (len(self.classnames), self.clip.embed_dim)
         if tuple(prototypes.shape) != expected:
-            raise ValueError(f"prototypes must have shape {expected}, got {tuple(prototypes.shape)}")
+            raise ValueError(f"prototypes must have shape {expected}, got "
+                             f"{tuple(prototypes.shape)}")
         self.prototypes = F.normalize(prototypes.float(), dim=-1).to(self.clip.logit_scale.device)
 
     # -- forward ----------------------------------------------------------------------------
 
     def text_features(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Soft-prompt text features `[C, D]` (normalised, fp32) and pooled word embeddings `[C, W]`.
+        """Soft-prompt text features `[C, D]` (normalised, fp32), pooled word embeddings `[C, W]`.
 
         In eval mode without autograd they are computed once and cached.
         """
@@ -294,14 +318,16 @@ class MPAFER(nn.Module):
         """The terms as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
         return {term.name: term.weight(self.config) * parts[term.name] for term in LOSS_TERMS}
 
-    def loss(self, output: MPAFEROutput, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def loss(self, output: MPAFEROutput,
+             labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """-> (total, parts): L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, and the unweighted
         parts (zero when switched off), detached, for logging."""
         parts = self.loss_parts(output, labels)
         total = sum(self.weighted_parts(parts).values())
         return total, {k: v.detach() for k, v in parts.items()}
 
-    def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> Dict[str, float]:
+    def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor,
+                            scale: float = 1.0) -> Dict[str, float]:
         """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
         total: cls, beta * L_ta, beta * L_pa, gamma * L_v.
 
@@ -311,23 +337,26 @@ class MPAFER(nn.Module):
         `losses.gradient_norms`). Leaves no `.grad` behind.
         """
         terms = self.weighted_parts(self.loss_parts(self(images), labels))
-        return losses.gradient_norms(terms, [p for p in self.parameters() if p.requires_grad], scale)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return losses.gradient_norms(terms, trainable, scale)
 
     # -- the alignment terms, as LOSS_TERMS computes them ------------------------------------
 
     def token_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
         pooled = output.soft_pooled if output.soft_pooled is not None else self.text_features()[1]
-        return losses.token_alignment_loss(pooled, self.hard_pooled, self.hard_labels, self.config.tau)
+        return losses.token_alignment_loss(pooled, self.hard_pooled, self.hard_labels,
+                                           self.config.tau)
 
     def prompt_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
-        return losses.prompt_alignment_loss(output.text_features, self.hard_features, self.hard_labels,
-                                            self.config.pa_distance, self.config.tau)
+        return losses.prompt_alignment_loss(output.text_features, self.hard_features,
+                                            self.hard_labels, self.config.pa_distance,
+                                            self.config.tau)
 
     def prototype_alignment(self, output: MPAFEROutput, labels: torch.Tensor) -> torch.Tensor:
         if self.prototypes is None:
             raise RuntimeError("prototype alignment (L_v) needs class prototypes: call "
-                               "model.set_prototypes(mpafer.compute_prototypes(model, loader)) first, "
-                               "or set config.prototype_alignment = False")
+                               "model.set_prototypes(mpafer.compute_prototypes(model, loader)) "
+                               "first, or set config.prototype_alignment = False")
         return losses.prototype_alignment_loss(output.global_features, self.prototypes, labels,
                                                self.config.v_distance)
 
@@ -351,7 +380,8 @@ class LossTerm:
 
 # L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, in this order.
 LOSS_TERMS: List[LossTerm] = [
-    LossTerm("cls", lambda model, output, labels: losses.classification_loss(output.logits, labels)),
+    LossTerm("cls", lambda model, output, labels: losses.classification_loss(output.logits,
+                                                                             labels)),
     LossTerm("ta", MPAFER.token_alignment, "beta", "soft_hard_alignment"),
     LossTerm("pa", MPAFER.prompt_alignment, "beta", "soft_hard_alignment"),
     LossTerm("v", MPAFER.prototype_alignment, "gamma", "prototype_alignment"),

@@ -35,6 +35,25 @@ rates measured here. A run of E epochs of S = train images // batch steps costs
 and outside_step_share = (loader + evaluation + prototypes) / (all four). The run is RAF-DB's
 recipe by default (120 epochs, 12,271 train and 3,068 test images, evaluation every epoch);
 with --data-root, the dataset's own sizes. Checkpoint writes (kilobytes per epoch) are left out.
+The default data are synthetic 100x100 JPEGs in RAF-DB's layout; cartoon faces compress better
+than photographs, so they may decode a little faster than real faces.
+
+What train.py's input pipeline does, following these measurements (on 2 CPU cores, ViT-B/16
+shape: the step waited milliseconds for data out of a ~60-s CPU step; evaluation was the main
+cost outside the steps, about 9% of a run evaluated every epoch, 2% with --eval-every 5):
+- the workers decode, crop and flip, and hand over uint8 pixels: a quarter of the bytes between
+  processes and to the device, 1.25-1.55x the per-image CPU rate of the float path; CLIP's
+  normalisation and random erasing run batched on the device (`data.device_augment`, the same
+  bits as ToTensor + Normalize, the same distribution as RandomErasing(p=0.25)), seeded by
+  (seed, epoch, step, rank) so that a resumed run repeats an uninterrupted one;
+- pinned memory, non-blocking copies, fixed batch shapes (the last partial batch is dropped);
+- workers are not persistent: each epoch starts them afresh from (seed, epoch), since
+  persistent workers would carry their random state into the next epoch (a resumed run would
+  crop differently); their start is the first-batch wait measured here;
+- no decode-once cache: decoding a 100-px JPEG was 18-20% of a training crop's cost (the
+  bicubic resize to 224 px about 70%), so a cache could save at most that share.
+None of this is measured on a GPU yet, where the step is fast and leaves the CPU cores to the
+workers: `python -m mpafer.bench gpu` measures it there.
 """
 import os
 import statistics

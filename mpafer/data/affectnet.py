@@ -1,4 +1,20 @@
-"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release."""
+"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release:
+`--dataset affectnet7 | affectnet8`.
+
+Access is granted by the AffectNet authors on request. Either layout (`AFFECTNET_LAYOUT`):
+
+    <root>/training.csv, validation.csv     subDirectory_filePath, face_x, face_y, face_width,
+                                            face_height, facial_landmarks, expression, ...
+    <root>/Manually_Annotated_Images/<subDirectory_filePath>   (cropped to the face box)
+or
+    <root>/train_set|val_set/images/<id>.jpg with annotations/<id>_exp.npy
+
+Expression codes 0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear, 5 disgust, 6 anger, 7 contempt;
+codes 8 and above (none, uncertain, no face) are dropped, and the 7-class set drops contempt
+too. The official validation set is the test set (500 images per class). The training set is
+heavily imbalanced (happiness alone is about half of it), so the presets train with the
+class-balanced sampler (`mpafer.data.ClassBalancedSampler`) and 64,000 samples per epoch.
+"""
 import os
 
 import numpy as np

@@ -1,4 +1,16 @@
-"""FERPlus (8 classes) by majority vote, from the CSV files or the exported folders."""
+"""FERPlus (8 classes) by majority vote, from the CSV files or the exported folders:
+`--dataset ferplus`.
+
+Either `fer2013.csv` (48x48 grey pixels, Usage) with Microsoft's `fer2013new.csv` (ten votes per
+face, the same row order), or the `FER2013Train|Valid|Test/label.csv` folders written by
+FERPlus's own script (`FERPLUS_LAYOUT`). Labels come from the majority vote over all ten vote
+columns (`ferplus_vote`): every column with at most one vote is zeroed; if the largest remaining
+count is more than half of the remaining total, its column is the label, otherwise the face is
+unknown. Faces labelled unknown or not-a-face (NF), and rows without an image name, are dropped.
+Splits: train = Training, val = PublicTest, test = PrivateTest. On the real release this gives
+25,045 / 3,191 / 3,137 faces, the sizes FER papers report; the test split's disgust (16) and
+contempt (15) are tiny, so UAR there moves a lot with a few faces.
+"""
 import csv
 import os
 

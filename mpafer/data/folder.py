@@ -1,4 +1,14 @@
-"""Images in root/<split>/<class folder>/, for any dataset without a dedicated reader."""
+"""Images in root/<split>/<class folder>/, for any dataset without a dedicated reader:
+`--dataset folder`.
+
+Class folders are the canonical names in any case, or their usual synonyms (`FOLDER_SYNONYMS`:
+the widely shared FER2013 image folders use angry, disgust, fear, happy, neutral, sad,
+surprise); they are reported under the canonical names, in the canonical order. Numbered
+folders (0/, 1/, ...) and other names are an error asking for the names: `--classnames a,b,c`
+(the folder names, in label order; `classnames=[...]` in Python) names any classes, including
+ones the shipped LLM descriptions do not cover (then train without template-3 hard prompts,
+e.g. `--hard-prompt-template 2`, or give `--descriptions FILE`).
+"""
 import os
 import warnings
 

@@ -1,4 +1,17 @@
-"""RAF-DB, basic expressions (7 classes)."""
+"""RAF-DB, basic expressions (7 classes): `--dataset rafdb`.
+
+Access is granted by the RAF-DB authors on request. Layout (`RAFDB_LAYOUT`):
+
+    <root>/EmoLabel/list_patition_label.txt   "<name>.jpg <label>" per line ("patition" sic)
+    <root>/Image/aligned/<stem>_aligned.jpg   100x100 aligned faces
+
+Labels 1..7 are surprise, fear, disgust, happiness, sadness, anger, neutral (`RAFDB_CLASSES`,
+reported under the canonical names). The split is the file-name prefix, `train_` or `test_`:
+12,271 training and 3,068 test images (`RAFDB_EXPECTED_COUNTS` per label; a different count
+is reported as a warning, since it usually means a partial download). There is no official
+validation split: the paper chooses its epoch on the test split, which flatters the result;
+`--val-fraction` holds a stratified part of the training set out instead.
+"""
 import os
 import warnings
 
