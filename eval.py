@@ -7,7 +7,8 @@
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts ensemble10 \
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
-    python eval.py --checkpoint runs/rafdb/<run>/best.pt --image a.jpg b.jpg --attention-png grid.png
+    python eval.py --checkpoint runs/rafdb/<run>/best.pt --image a.jpg b.jpg \
+                   --attention-png grid.png
     python eval.py --checkpoint runs/rafdb/<run>/best.pt --interpret-prompts --soft-hard
 
 A checkpoint is evaluated by default on the dataset, root and evaluation split of the run that

@@ -14,4 +14,5 @@ from .prompts import load_descriptions
 from .prototypes import compute_prototypes
 
 __version__ = "0.1.0"
-__all__ = ["clip", "MPAFER", "MPAFERConfig", "MPAFEROutput", "load_descriptions", "compute_prototypes"]
+__all__ = ["clip", "MPAFER", "MPAFERConfig", "MPAFEROutput", "load_descriptions",
+           "compute_prototypes"]

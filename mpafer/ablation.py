@@ -1,7 +1,8 @@
 """The paper's ablation ladder over seeds: one training run per (row, seed), then one table.
 
     python train.py --demo --ablation --seeds 1,2,3
-    python train.py --dataset rafdb --data-root data/RAF-DB --ablation --seeds 1,2,3 --out runs/ablation
+    python train.py --dataset rafdb --data-root data/RAF-DB --ablation --seeds 1,2,3 \
+                    --out runs/ablation
 
 Each row of `ABLATION_LADDER` adds one component of MPA-FER to the row before it (CoOp ->
 + visual prompts -> + prototype alignment -> + soft-hard alignment -> full). Every (row, seed)

@@ -33,7 +33,8 @@ class GlobalLocalAlignment(nn.Module):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if temperature is not None and temperature <= 0:
-            raise ValueError(f"attention_temperature must be > 0 or None (uniform weights), got {temperature}")
+            raise ValueError("attention_temperature must be > 0 or None (uniform weights), "
+                             f"got {temperature}")
         if learnable and temperature is None:
             raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
         self.top_k, self.temperature = top_k, temperature
@@ -42,8 +43,10 @@ class GlobalLocalAlignment(nn.Module):
         else:
             self.q_proj = self.k_proj = self.v_proj = None
 
-    def forward(self, patches: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """patches `[B, N, D]`, text `[C, D]` (both L2-normalised) -> (S_l `[B, C]`, attention `[B, C, N]`)."""
+    def forward(self, patches: torch.Tensor,
+                text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """patches `[B, N, D]`, text `[C, D]` (both L2-normalised) -> (S_l `[B, C]`,
+        attention `[B, C, N]`)."""
         with torch.autocast(patches.device.type, enabled=False):
             patches, text = patches.float(), text.float()
             k = min(self.top_k, patches.shape[1])
@@ -61,7 +64,8 @@ class GlobalLocalAlignment(nn.Module):
             else:
                 weights = torch.softmax(top_sim / self.temperature, dim=-1)
             attention = torch.zeros_like(similarity).scatter(-1, top_idx, weights)  # [B, C, N]
-            value_cos = similarity if values is keys else torch.einsum("bnd,cd->bcn", values, text)  # [B, C, N]
+            value_cos = (similarity if values is keys
+                         else torch.einsum("bnd,cd->bcn", values, text))  # [B, C, N]
             return (attention * value_cos).sum(-1), attention
 
 

@@ -121,15 +121,17 @@ def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: fl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIP(**DEMO_CLIP_CONFIG)
-        log(f"demo: pre-training a tiny CLIP on web-style synthetic faces and their captions ({steps} steps, "
-            f"under a minute; cached in {path} for later runs)")
-        _contrastive_pretraining(model, steps, batch_size, lr, torch.Generator().manual_seed(seed), log)
+        log(f"demo: pre-training a tiny CLIP on web-style synthetic faces and their captions "
+            f"({steps} steps, under a minute; cached in {path} for later runs)")
+        _contrastive_pretraining(model, steps, batch_size, lr,
+                                 torch.Generator().manual_seed(seed), log)
     atomic_save(model.state_dict(), path)
     return path
 
 
 def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float, generator, log):
-    faces = Prerendered(SyntheticFaces("train", PRETRAIN_PER_CLASS, FACE_SIZE, PRETRAIN_SEED, style="web"),
+    faces = Prerendered(SyntheticFaces("train", PRETRAIN_PER_CLASS, FACE_SIZE, PRETRAIN_SEED,
+                                       style="web"),
                         train_transform(model.visual.input_resolution))
     num_classes, num_captions = len(SYNTHETIC_CLASSES), len(CAPTION_TEMPLATES)
     captions = [c for name in SYNTHETIC_CLASSES for c in face_captions(name)]  # class-major
@@ -139,12 +141,14 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
     # update of the whole 49,408-row table would dominate the step. (F.embedding, not
     # offsets[rows]: its backward is deterministic on multi-threaded CPUs, indexing's is not.)
     words = tokens.unique()  # [V]
-    offsets = torch.nn.Parameter(torch.zeros(len(words), model.token_embedding.embedding_dim))  # [V, W]
+    offsets = torch.nn.Parameter(torch.zeros(len(words),
+                                             model.token_embedding.embedding_dim))  # [V, W]
     rows = torch.searchsorted(words, tokens)  # [C*P, L]: each token's row of `offsets`
     model.token_embedding.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + [offsets]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                   pct_start=0.1)
     start = time.time()
     for step in range(1, steps + 1):
         idx = torch.randint(len(faces), (batch_size,), generator=generator)

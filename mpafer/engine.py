@@ -248,7 +248,8 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
         labels = labels.to(device, non_blocking=True)
         if grad_norms and step == 1:
             with autocast(device, amp):
-                norms = model.term_gradient_norms(images, labels, scale=optimization.scaler.get_scale())
+                norms = model.term_gradient_norms(images, labels,
+                                                  scale=optimization.scaler.get_scale())
         loss, parts = train_step(model, images, labels, optimization.optimizer, optimization.scaler,
                                  amp, grad_clip, forward=forward, clip_groups=clip_groups)
         optimization.scheduler.step()

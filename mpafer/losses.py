@@ -38,7 +38,8 @@ def token_alignment_loss(soft_pooled: torch.Tensor, hard_pooled: torch.Tensor,
 
 
 def prompt_alignment_loss(text_features: torch.Tensor, hard_features: torch.Tensor,
-                          hard_labels: torch.Tensor, distance: str = "l1-mean", tau: float = 0.07) -> torch.Tensor:
+                          hard_labels: torch.Tensor, distance: str = "l1-mean",
+                          tau: float = 0.07) -> torch.Tensor:
     """Prompt-level soft-hard alignment L_pa between theta(t_c) `[C, D]` and theta(t*) `[H, D]`.
 
     Both are L2-normalised; each hard prompt h is compared with its class's soft prompt and the
@@ -94,8 +95,8 @@ def gradient_norms(terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor
                    scale: float = 1.0) -> Dict[str, float]:
     """L2 norm of each term's gradient w.r.t. `params` (all of them together), one backward each.
 
-    `terms` are undetached scalars (e.g. `MPAFER.weighted_parts`); the graph is kept, so the caller can
-    still backpropagate the total afterwards. A term that does not depend on `params` (switched
+    `terms` are undetached scalars (e.g. `MPAFER.weighted_parts`); the graph is kept, so the caller
+    can still backpropagate the total afterwards. A term that does not depend on `params` (switched
     off) has norm 0. Under fp16 autocast pass the GradScaler's scale, so that small gradients do
     not underflow in the backward; the norms are divided by it again.
     """

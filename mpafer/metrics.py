@@ -24,7 +24,8 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
     return {
         "war": correct.sum().item() / max(support.sum().item(), 1),
         "uar": recall[present].mean().item() if present.any() else 0.0,
-        "per_class_recall": {name: recall[i].item() for i, name in enumerate(classnames) if present[i]},
+        "per_class_recall": {name: recall[i].item()
+                             for i, name in enumerate(classnames) if present[i]},
         "support": {name: int(support[i]) for i, name in enumerate(classnames)},
         "confusion": confusion.tolist(),
         "classnames": list(classnames),

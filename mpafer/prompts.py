@@ -51,9 +51,11 @@ def load_descriptions(classnames: Sequence[str], path: Optional[str] = None,
     for name in classnames:
         entry = classes[aliases.get(name, name)]
         levels = granularities or list(entry)
-        found = [d for level in levels for d in entry.get(level, [])] if isinstance(entry, dict) else entry
+        found = ([d for level in levels for d in entry.get(level, [])]
+                 if isinstance(entry, dict) else entry)
         if not found or not all(isinstance(d, str) and d.strip() for d in found):
-            raise ValueError(f"{path}: class {name!r} needs a non-empty list of description strings")
+            raise ValueError(f"{path}: class {name!r} needs a non-empty list of "
+                             "description strings")
         for d in found:
             n = len(get_tokenizer().encode(HARD_TEMPLATES[3].format(c=name, d=d))) + 2
             if n > 77:
@@ -75,7 +77,8 @@ def build_hard_prompts(classnames: Sequence[str], descriptions: Optional[Dict[st
                        template: int = 3) -> Tuple[List[str], List[int]]:
     """Hard-prompt texts and the class index of each (several per class with template 3)."""
     if template not in HARD_TEMPLATES:
-        raise ValueError(f"hard_prompt_template must be one of {sorted(HARD_TEMPLATES)}, got {template}")
+        raise ValueError(f"hard_prompt_template must be one of {sorted(HARD_TEMPLATES)}, "
+                         f"got {template}")
     texts, labels = [], []
     for i, name in enumerate(classnames):
         if template == 3:
@@ -108,7 +111,8 @@ def crop_to_longest(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_word_embeddings(embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """Mean of each prompt's word-token embeddings, SOT/EOT/padding excluded: `[P, L, W]` -> `[P, W]`."""
+    """Mean of each prompt's word-token embeddings, SOT/EOT/padding excluded:
+    `[P, L, W]` -> `[P, W]`."""
     positions = torch.arange(embeddings.shape[1], device=embeddings.device)
     mask = ((positions >= 1) & (positions < eot[:, None])).to(embeddings.dtype)  # [P, L]
     return (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [P, W]
@@ -131,11 +135,13 @@ class TextPromptLearner(nn.Module):
     """
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 10,
-                 ctx_init: str = "", class_specific: bool = False, depth: int = 1, init_std: float = 0.02):
+                 ctx_init: str = "", class_specific: bool = False, depth: int = 1,
+                 init_std: float = 0.02):
         super().__init__()
         width = clip_model.token_embedding.embedding_dim
         if not 1 <= depth <= clip_model.transformer.layers:
-            raise ValueError(f"text_prompt_depth must be in 1..{clip_model.transformer.layers}, got {depth}")
+            raise ValueError(f"text_prompt_depth must be in 1..{clip_model.transformer.layers}, "
+                             f"got {depth}")
         init_ids = get_tokenizer().encode(ctx_init) if ctx_init else []
         if not init_ids and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1 (or give ctx_init), got {n_ctx}")
@@ -144,8 +150,10 @@ class TextPromptLearner(nn.Module):
         with torch.no_grad():
             embedding = clip_model.token_embedding(tokens)  # [C, L, W]
         self.n_ctx, self.class_specific = n_ctx, class_specific
-        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # [C, 1, W] SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # [C, L-1-M, W]
+        self.register_buffer("token_prefix", embedding[:, :1].clone(),  # [C, 1, W] SOS
+                             persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(),  # [C, L-1-M, W]
+                             persistent=False)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)  # [C]
         shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
         if init_ids:
@@ -155,11 +163,13 @@ class TextPromptLearner(nn.Module):
         else:
             ctx = torch.randn(shape, device=tokens.device) * init_std
         self.ctx = nn.Parameter(ctx)
-        self.deep = nn.Parameter(torch.randn(depth - 1, n_ctx, width) * init_std) if depth > 1 else None
+        self.deep = (nn.Parameter(torch.randn(depth - 1, n_ctx, width) * init_std)
+                     if depth > 1 else None)
 
     def embeddings(self) -> torch.Tensor:
         """The prompts' input token embeddings `[C, L, W]`."""
-        ctx = self.ctx if self.class_specific else self.ctx.expand(self.token_prefix.shape[0], -1, -1)
+        ctx = (self.ctx if self.class_specific
+               else self.ctx.expand(self.token_prefix.shape[0], -1, -1))
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [C, 1 + M + rest, W]
 
     def deep_prompts(self) -> Optional[List[Optional[torch.Tensor]]]:

@@ -36,23 +36,27 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
     under autocast; None = fp32. Returns `[C, D]`, re-normalised.
     """
     clip_model = getattr(model, "clip", model)
-    num_classes = num_classes or len(getattr(model, "classnames", []) or dataloader.dataset.classnames)
+    num_classes = num_classes or len(getattr(model, "classnames", [])
+                                     or dataloader.dataset.classnames)
     if per_class is not None:
-        dataloader = _subset_loader(dataloader, prototype_subset(_targets(dataloader.dataset), per_class, seed))
+        dataloader = _subset_loader(dataloader, prototype_subset(_targets(dataloader.dataset),
+                                                                 per_class, seed))
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
     for images, labels in tqdm(dataloader, desc="prototypes", disable=not progress, leave=False):
         images = as_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+        with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+              else nullcontext()):
             features = clip_model.encode_image(images)
         sums.index_add_(0, labels, F.normalize(features.float(), dim=-1).double())
         counts += torch.bincount(labels, minlength=num_classes)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         names = getattr(model, "classnames", None) or list(range(num_classes))
-        raise ValueError(f"no training images for classes {[names[i] for i in empty]}; cannot build prototypes")
+        raise ValueError(f"no training images for classes {[names[i] for i in empty]}; "
+                         "cannot build prototypes")
     return F.normalize((sums / counts[:, None]).float(), dim=-1)
 
 
@@ -86,7 +90,8 @@ def _subset_loader(loader: DataLoader, indices: List[int]) -> DataLoader:
 
 
 def prototype_cache_key(**fields) -> str:
-    """A stable hash of what determines the prototypes (CLIP hash, dataset, split, transform, ...)."""
+    """A stable hash of what determines the prototypes (CLIP hash, dataset, split,
+    transform, ...)."""
     blob = json.dumps(fields, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -102,7 +107,8 @@ def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], to
             log(f"prototypes: loaded from {path}")
             return cached["prototypes"]
     prototypes = compute()
-    atomic_save({"prototypes": prototypes.cpu(), "key": json.loads(json.dumps(key_fields, default=str))}, path)
+    atomic_save({"prototypes": prototypes.cpu(),
+                 "key": json.loads(json.dumps(key_fields, default=str))}, path)
     log(f"prototypes: computed and cached in {path}")
     return prototypes
 

@@ -254,7 +254,8 @@ def open_folder(run: Run, model_cfg):
 NO_BEST = {"war": -1.0, "epoch": 0}  # the best evaluation before any
 
 
-def restore(run: Run, model, optimization: Optimization) -> Tuple[int, Dict, int, Optional[torch.Tensor]]:
+def restore(run: Run, model,
+            optimization: Optimization) -> Tuple[int, Dict, int, Optional[torch.Tensor]]:
     """Load the resumed run's state into `model` and `optimiser` -> (epochs done, best so far,
     steps done in the next epoch, their loss sums). A resumed run drops the metrics.jsonl lines
     of epochs it redoes."""
@@ -278,7 +279,8 @@ def restore(run: Run, model, optimization: Optimization) -> Tuple[int, Dict, int
     return epoch, best, step, state.get("sums")
 
 
-def resume_state(run: Run, optimization: Optimization, best: Dict, step: int = 0, sums=None) -> Dict:
+def resume_state(run: Run, optimization: Optimization, best: Dict, step: int = 0,
+                 sums=None) -> Dict:
     """What last.pt needs to continue: optimiser, schedule and scaler, the best evaluation so
     far, and for a run stopped in the middle of an epoch the steps done in it and their loss
     sums. Nothing else is needed: every epoch re-seeds from (seed, epoch). `data` records the
@@ -349,8 +351,8 @@ def files_summary(run: Run, best: Dict) -> str:
     """What the run left (only files that exist) and how to evaluate it."""
     cfg, lines = run.cfg, []
     if os.path.isfile(run.path("best.pt")):
-        lines.append(f"best checkpoint: {run.path('best.pt')} (best {selection_split_name(cfg)} WAR "
-                     f"{100 * best['war']:.2f}% at epoch {best['epoch']})")
+        lines.append(f"best checkpoint: {run.path('best.pt')} (best {selection_split_name(cfg)} "
+                     f"WAR {100 * best['war']:.2f}% at epoch {best['epoch']})")
     if os.path.isfile(run.path("last.pt")):
         lines.append(f"resumable checkpoint: {run.path('last.pt')}")
     logs = existing(cfg.out, ("log.txt", "metrics.jsonl", "config.json"))

@@ -56,17 +56,21 @@ CAPTION_WORDS = {
     "neutral": ("calm", "level relaxed brows", "eyes open", "lips closed and level"),
     "happiness": ("happy", "relaxed brows", "eyes narrowed and crinkled",
                   "lip corners pulled up into a smile with teeth showing"),
-    "surprise": ("surprised", "brows raised high and curved", "wide round eyes", "jaw dropped into an open oval mouth"),
-    "sadness": ("sad", "inner brow ends drawn up", "upper lids drooping", "lip corners pulled down"),
+    "surprise": ("surprised", "brows raised high and curved", "wide round eyes",
+                 "jaw dropped into an open oval mouth"),
+    "sadness": ("sad", "inner brow ends drawn up", "upper lids drooping",
+                "lip corners pulled down"),
     "anger": ("angry", "brows lowered and pulled together", "a hard glaring stare",
               "a squared mouth with the jaw clenched"),
-    "disgust": ("disgusted", "brows lowered", "eyes narrowed", "nose wrinkled and upper lip raised"),
+    "disgust": ("disgusted", "brows lowered", "eyes narrowed",
+                "nose wrinkled and upper lip raised"),
     "fear": ("scared", "brows raised and drawn together", "wide staring eyes",
              "mouth open with the lips stretched sideways"),
 }
 assert tuple(CAPTION_WORDS) == SYNTHETIC_CLASSES
-CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.", "{mood}, {mouth}.",
-                     "a drawing of {eyes} and {mouth}.", "{a_mood} person with {brows}.")
+CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.",
+                     "{mood}, {mouth}.", "a drawing of {eyes} and {mouth}.",
+                     "{a_mood} person with {brows}.")
 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 
@@ -76,8 +80,10 @@ _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 #   "portrait": an aligned, tightly cropped grey-scale face on a plain background, like the
 #               face crops of FER datasets; the demo's expression dataset uses these.
 STYLES = {
-    "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False, noise=(2.0, 9.0)),
-    "portrait": dict(shift=0.02, radius=(0.38, 0.42), tilt=4, clutter=False, grey=True, noise=(1.0, 4.0)),
+    "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False,
+                noise=(2.0, 9.0)),
+    "portrait": dict(shift=0.02, radius=(0.38, 0.42), tilt=4, clutter=False, grey=True,
+                     noise=(1.0, 4.0)),
 }
 
 
@@ -90,12 +96,14 @@ class SyntheticFaces(Dataset):
     `image_size` x `image_size` pixels.
     """
 
-    def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None, style="portrait"):
+    def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None,
+                 style="portrait"):
         if split not in _SPLIT_CODES:
             raise ValueError(f"unknown split {split!r} for synthetic faces; "
                              f"valid splits: {', '.join(_SPLIT_CODES)}")
         if style not in STYLES:
-            raise ValueError(f"unknown style {style!r} for synthetic faces; valid styles: {', '.join(STYLES)}")
+            raise ValueError(f"unknown style {style!r} for synthetic faces; "
+                             f"valid styles: {', '.join(STYLES)}")
         if num_per_class < 1 or image_size < 16:
             raise ValueError(f"need num_per_class >= 1 and image_size >= 16, "
                              f"got {num_per_class} and {image_size}")
@@ -170,7 +178,8 @@ def face_captions(expression):
     """The captions of a face showing `expression`, one per CAPTION_TEMPLATES entry."""
     mood, brows, eyes, mouth = CAPTION_WORDS[expression]
     a_mood = ("an " if mood[0] in "aeiou" else "a ") + mood
-    return [t.format(mood=mood, a_mood=a_mood, brows=brows, eyes=eyes, mouth=mouth) for t in CAPTION_TEMPLATES]
+    return [t.format(mood=mood, a_mood=a_mood, brows=brows, eyes=eyes, mouth=mouth)
+            for t in CAPTION_TEMPLATES]
 
 
 class _FaceFrame:

@@ -33,14 +33,16 @@ class ReferenceBlock(nn.Module):
 class ReferenceTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor = None):
         super().__init__()
-        self.resblocks = nn.Sequential(*[ReferenceBlock(width, heads, attn_mask) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ReferenceBlock(width, heads, attn_mask)
+                                         for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
 
 
 class ReferenceVision(nn.Module):
-    def __init__(self, resolution: int, patch: int, width: int, layers: int, heads: int, out_dim: int):
+    def __init__(self, resolution: int, patch: int, width: int, layers: int, heads: int,
+                 out_dim: int):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(width))
@@ -61,11 +63,12 @@ class ReferenceVision(nn.Module):
 
 class ReferenceCLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
-                 vision_heads=None):
+                 context_length, vocab_size, transformer_width, transformer_heads,
+                 transformer_layers, vision_heads=None):
         super().__init__()
-        self.visual = ReferenceVision(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                      vision_heads or max(vision_width // 64, 1), embed_dim)
+        self.visual = ReferenceVision(image_resolution, vision_patch_size, vision_width,
+                                      vision_layers, vision_heads or max(vision_width // 64, 1),
+                                      embed_dim)
         causal = torch.full((context_length, context_length), float("-inf")).triu_(1)
         self.transformer = ReferenceTransformer(transformer_width, transformer_layers,
                                                 transformer_heads, causal)
@@ -82,7 +85,8 @@ class ReferenceCLIP(nn.Module):
         x = self.token_embedding(text) + self.positional_embedding  # [B, L, W]
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # [B, L, W]
         x = self.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection  # [B, D]
+        return (x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+                @ self.text_projection)  # [B, D]
 
 
 def build_reference_model(state_dict: dict) -> ReferenceCLIP:

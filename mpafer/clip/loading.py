@@ -130,13 +130,15 @@ class _TorchScriptUnpickler(pickle.Unpickler):
             return dict
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}' from a TorchScript archive")
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}' "
+                                     "from a TorchScript archive")
 
     def persistent_load(self, pid):
         _, dtype, key, _location, _numel = pid  # ('storage', dtype, key, location, numel)
         if key not in self.storages:
             data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            self.storages[key] = (torch.frombuffer(data, dtype=dtype) if data
+                                  else torch.empty(0, dtype=dtype))
         return self.storages[key]
 
 

@@ -67,8 +67,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
-        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, L, W/H]
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, L, W/H]
+        qkv = (qkv.view(B, L, 3, self.heads, W // self.heads)
+               .permute(2, 0, 3, 1, 4))  # [3, B, H, L, W/H]
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                             is_causal=causal)  # [B, H, L, W/H]
         out = out.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
         return self.out_proj(out)
 
@@ -126,7 +128,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.resblocks):
             if replaced is not None and i < len(replaced) and replaced[i] is not None:
                 p = _batched(replaced[i], B, x.dtype)
-                x = torch.cat([x[:, :replace_start], p, x[:, replace_start + p.shape[1]:]], dim=1)  # [B, L, W]
+                x = torch.cat([x[:, :replace_start], p, x[:, replace_start + p.shape[1]:]],
+                              dim=1)  # [B, L, W]
             append = appended is not None and i < len(appended) and appended[i] is not None
             if append:
                 x = torch.cat([x, _batched(appended[i], B, x.dtype)], dim=1)  # [B, L + P, W]
@@ -148,7 +151,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
                  heads: int, output_dim: int, activation: str = "quick_gelu"):
         super().__init__()
-        self.input_resolution, self.patch_size, self.output_dim = input_resolution, patch_size, output_dim
+        self.input_resolution, self.patch_size, self.output_dim = (input_resolution, patch_size,
+                                                                   output_dim)
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         grid = input_resolution // patch_size
@@ -351,7 +355,8 @@ def model_config(state_dict: dict) -> dict:
     check_vit_family(state_dict)
 
     def count_layers(prefix: str) -> int:
-        return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
+        return sum(1 for k in state_dict
+                   if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
 
     vision_width, _, patch, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)

@@ -93,7 +93,8 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
             raise _invalid(path, f"its header length {header_size} is larger than the file "
                                  f"({size} bytes)")
         if header_size > MAX_HEADER_BYTES:
-            raise _invalid(path, f"its header length {header_size} is over {MAX_HEADER_BYTES} bytes")
+            raise _invalid(path, f"its header length {header_size} is over "
+                                 f"{MAX_HEADER_BYTES} bytes")
         try:
             header = json.loads(f.read(header_size).decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -14,7 +14,8 @@ import ftfy
 import regex
 import torch
 
-VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # 48,894 merges -> a 49,408-token vocabulary
 
@@ -35,7 +36,8 @@ def bytes_to_unicode() -> dict:
 
 
 def clean_text(text: str) -> str:
-    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed, lower case."""
+    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed,
+    lower case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -44,7 +46,8 @@ class SimpleTokenizer:
     """Byte-level BPE over OpenAI's merges; `encode` and `decode` are inverses up to cleaning."""
 
     # Special tokens, English contractions, letter runs, single digits, punctuation runs.
-    SPLIT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    SPLIT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                          r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                           regex.IGNORECASE)
 
     def __init__(self, vocab_path: str = VOCAB_PATH):
