@@ -1,4 +1,4 @@
-"""Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head; or predict single images.
+r"""Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head; or predict single images.
 
     python eval.py --checkpoint runs/rafdb/<run>/best.pt    # on the data the run was trained on
     python eval.py --checkpoint runs/rafdb/<run>/best.pt --dataset rafdb --data-root data/RAF-DB

@@ -9,7 +9,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
-from tqdm import tqdm
 
 from .clip.loading import safe_load
 from .clip.transform import CLIP_MEAN, CLIP_STD
@@ -18,7 +17,7 @@ from .data.device_augment import as_model_input
 from .data.subsets import Subset as DataSubset
 from .data.transforms import describe_transform, eval_transform
 from .synthetic import RENDERER_VERSION
-from .utils import atomic_save
+from .utils import atomic_save, progress_bar
 
 
 @torch.no_grad()
@@ -44,7 +43,8 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    for images, labels in tqdm(dataloader, desc="prototypes", disable=not progress, leave=False):
+    for images, labels in progress_bar(dataloader, desc="prototypes", disable=not progress,
+                                       leave=False):
         images = as_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device)
         with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None

@@ -228,7 +228,7 @@ class PlainProgress:
         pass
 
 
-def progress(iterable=None, desc: str = "", disable: bool = False, **options):
+def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options):
     """A tqdm progress bar on a terminal; elsewhere (stderr redirected to a file, CI, a
     scheduler's log) a `PlainProgress` line now and then; nothing when `disable`."""
     if disable:

@@ -32,6 +32,8 @@ def demo_run(tmp_path_factory):
 def test_demo_trains_end_to_end_and_learns(demo_run):
     out, log = demo_run
     assert "DEMO" in log and "synthetic" in log and "pre-training a tiny CLIP" in log
+    # Written to a file (not a terminal): no progress-bar frames, and every line readable.
+    assert "\r" not in log and max(len(line) for line in log.splitlines()) <= 200
     records = read_jsonl(out / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in records] == list(range(1, 11))
     for key in ("loss", "cls", "ta", "pa", "v", "lr", "war", "uar", "images_per_second", "seconds", "eval_seconds"):

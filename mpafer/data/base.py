@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
+
+from ..utils import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,9 @@ def unreadable_images(dataset, workers=4):
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         found = pool.map(problem, range(len(dataset)), chunksize=64)
-        return [p for p in tqdm(found, total=len(dataset), desc="checking images", leave=False,
-                                disable=len(dataset) < 2000) if p is not None]
+        checked = progress_bar(found, total=len(dataset), desc="checking images", leave=False,
+                               disable=len(dataset) < 2000)
+        return [p for p in checked if p is not None]
 
 
 def require_readable(dataset, split, workers=4):
@@ -246,7 +248,7 @@ def require_readable(dataset, split, workers=4):
 def _readable_images(paths, boxes=None):
     """For each path, whether the image opens and decodes fully."""
     ok = []
-    for i, path in enumerate(tqdm(paths, desc="checking images", leave=False,
+    for i, path in enumerate(progress_bar(paths, desc="checking images", leave=False,
                                   disable=len(paths) < 2000)):
         try:
             load_image(path, None if boxes is None else boxes[i])

@@ -11,13 +11,12 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..clip.loading import safe_load
 from ..data import IMAGE_EXTENSIONS, load_image
 from ..data.transforms import describe_expclip_transform, expclip_transform
 from ..engine import autocast, resolve_amp
-from ..utils import atomic_save
+from ..utils import atomic_save, progress_bar
 
 FEATURES_FORMAT = "mpafer.expclip.features/1"
 
@@ -90,7 +89,8 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
     loader = DataLoader(ImageFiles(paths, transform, root), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     features = []
-    for batch in tqdm(loader, desc="CLIP image features", unit="batch", disable=not progress):
+    for batch in progress_bar(loader, desc="CLIP image features", unit="batch",
+                              disable=not progress):
         with autocast(device, resolve_amp("auto", device)):
             features.append(clip_model.encode_image(batch.to(device, non_blocking=True))
                             .float().cpu())

@@ -36,9 +36,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..data.transforms import describe_expclip_transform, expclip_transform
+from ..utils import progress_bar
 from .features import ImageFiles
 
 INSTRUCTION = ("Please play the role of a facial action describer. Objectively describe the "
@@ -146,7 +146,8 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
                         batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []
-    for batch in tqdm(loader, desc="BLIP-2 teacher features", unit="batch", disable=not progress):
+    for batch in progress_bar(loader, desc="BLIP-2 teacher features", unit="batch",
+                              disable=not progress):
         pixels = batch.to(device, dtype=dtype, non_blocking=True)
         features.append(teacher_features_from_model(model, pixels, ids).cpu())
     features = torch.cat(features)  # [N, H]
