@@ -15,10 +15,12 @@ real CLIP and a real FER dataset:
 
 Zero-shot CLIP is weak here for the two reasons it is weak on real FER data (other words,
 other pictures), and the prompts have a vocabulary gap and a domain gap to close. Measured on
-2026-11-29 (2 CPU cores, one torch thread), test WAR on the 420 portrait test faces, chance
-14.3%: zero-shot with MPA-FER's hard prompts 33.3%, with "a photo of {class}." 14.5%, with the
-captions' own words 50.0% (86.7% on web-style faces); MPA-FER before training 14.3%, after
-`train.py --demo` (10 epochs) 82.9%.
+2026-11-30 (2 CPU cores, one torch thread), test WAR on the 420 portrait test faces, chance
+14.3%: zero-shot with MPA-FER's hard prompts 33.1%, with "a photo of {class}." 14.8%, with the
+captions' own words 50.2% (86.9% on web-style faces); MPA-FER before training 14.3%, after
+`train.py --demo` (10 epochs, seed 1) 88.1%. The demo's classes can also go by the captions'
+mood words (`--demo-class-words moods`: calm, happy, ...), which the CLIP has seen: then it can
+score classes no prompt was trained on, as base-to-novel evaluation needs.
 
 A randomly initialised CLIP cannot be taught to see through prompts alone (we measured
 chance-level accuracy), which is why the demo CLIP is pre-trained at all.

@@ -28,7 +28,7 @@ from .figures import save_png, training_curves
 from .model import loss_names, upgrade_config
 from .runs import RENAMED_FIELDS
 from .train_config import RESULT_NEUTRAL
-from .utils import atomic_write_json, run_cli
+from .utils import ArgumentParser, atomic_write_json, run_cli
 
 # Recorded training fields that do not tell runs apart: those that do not change what a run
 # computes, and the seed, over which a group's mean and spread are taken.
@@ -222,14 +222,19 @@ def run_folders(patterns: Sequence[str]) -> List[str]:
     return found
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv=None):
+    """The report's options (nothing is read yet)."""
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --out), e.g. runs/rafdb/*")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     parser.add_argument("--curves", action="store_true",
                         help="(re)draw curves.png in every run folder")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     runs = [r for r in (read_run(f) for f in run_folders(args.runs)) if r is not None]
     if not runs:
         raise ValueError("none of the folders is a run with results")

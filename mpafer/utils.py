@@ -240,7 +240,11 @@ def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `prog: error: message`, with a pointer to --help
-    instead of the whole usage text."""
+    instead of the whole usage text, and which takes no abbreviated flags (a typo such as
+    `--repeat` for `--repeats` is an error, not a guess)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

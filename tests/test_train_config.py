@@ -56,3 +56,17 @@ def test_precedence_defaults_preset_demo_flags(train):
     assert cfg.out.startswith("runs/expclip/")
     with pytest.raises(SystemExit):
         train.parse_config(["--dataset", "imagenet"])
+
+
+def test_every_setting_has_one_group_and_the_printed_settings_stay_short():
+    from mpafer.model import MPAFERConfig
+    from mpafer.train_config import SETTING_GROUPS, format_settings
+    grouped = [name for names in SETTING_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    record = {"train": dataclasses.asdict(TrainConfig()), "model": MPAFERConfig().to_dict(),
+              "precision": "float32", "processes": 1}
+    text = format_settings(record)
+    assert [line.strip() for line in text.splitlines() if line.endswith(":")] == [
+        "data:", "model:", "optimisation:", "run:"]
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert "lr = 0.032" in text and "pa_distance = 'l1-mean'" in text

@@ -40,7 +40,7 @@ import torch
 
 from ..clip.model import SHAPES
 from ..engine import configure_cuda, resolve_amp
-from ..utils import atomic_write_json
+from ..utils import ArgumentParser, atomic_write_json
 from . import epoch, measure
 from .speed import TARGETS, bench_clip, bench_eval, bench_memory, bench_train, benchmark_model
 
@@ -81,8 +81,9 @@ def print_summary(results: Dict[str, object]):
               f"{results['checkpoint_bytes']:>12,} bytes")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+def parse_args(argv=None):
+    """The benchmark's options, checked (nothing runs)."""
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", metavar="BENCHMARK",
                         help=f"sub-benchmarks to run, of {', '.join(BENCHMARKS)} (default: "
@@ -118,6 +119,11 @@ def main(argv=None):
     unknown = [name for name in args.which if name not in BENCHMARKS]
     if unknown:  # (checked here: argparse rejects an empty list when `choices` is given)
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     # The package's precision policy: train.py's `--amp auto` on CUDA, bf16 when asked on CPU.

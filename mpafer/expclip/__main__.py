@@ -5,13 +5,12 @@
 
 Training the head on the file is `python train.py --method expclip --features feats.pt`.
 """
-import argparse
 import os
 
 import torch
 
 from .. import clip
-from ..utils import run_cli
+from ..utils import ArgumentParser, run_cli
 from .features import add_teacher_features, cache_image_features, load_features
 from .teacher import DEFAULT_TEACHER, INSTRUCTION, extract_teacher_features
 
@@ -41,9 +40,10 @@ def teacher(args):
     print(f"added teacher_features {tuple(features.shape)} to {args.features}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command and its options, checked (nothing runs)."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(prog="python -m mpafer.expclip",
+    parser = ArgumentParser(prog="python -m mpafer.expclip",
                                      description=__doc__.split("\n")[0],
                                      epilog="Train the head with: python train.py --method "
                                             "expclip --features FILE")
@@ -78,7 +78,11 @@ def main(argv=None):
     p.add_argument("--device", default=default_device)
     p.set_defaults(run=teacher)
 
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.run(args)
 
 
