@@ -24,7 +24,6 @@ resume, checkpoints) is `mpafer.runs`; what may stop a run and how it goes on, `
 which images train, select and test, `mpafer.protocol`; one epoch of steps,
 `mpafer.engine.train_epoch`.
 """
-import json
 import os
 import sys
 import time
@@ -32,11 +31,9 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mpafer import clip
 from mpafer.ablation import run_ablation
-from mpafer.checkpoint import check_compatible, clip_activation, load_checkpoint
+from mpafer.checkpoint import check_compatible
 from mpafer.data import TrainBatchAugment, TrainLoader
-from mpafer.demo import demo_clip_path
 from mpafer.engine import (
     NonFiniteLoss,
     build_mpafer,
@@ -49,18 +46,18 @@ from mpafer.faults import StopRequest, check_data, check_room, interrupted, writ
 from mpafer.metrics import format_report
 from mpafer.prompts import load_descriptions
 from mpafer.protocol import (
-    baselines,
-    evaluate_reported,
     evaluate_selection,
     fit_batch_size,
-    format_base_to_novel,
     read_splits,
+    record_baselines,
+    report_best,
+    run_prototypes,
 )
-from mpafer.prototypes import prototype_key_fields, training_prototypes
 from mpafer.report import write_curves
 from mpafer.runs import (
     already_finished,
     files_summary,
+    load_clip,
     open_folder,
     record_epoch,
     restore,
@@ -85,10 +82,8 @@ def main(argv=None):
     if cfg.ablation:
         return run_ablation(cfg, sys.argv[1:] if argv is None else list(argv), main)
     run = start_run(cfg, RESUME_MAY_CHANGE)
-    if cfg.demo:
-        run.log(DEMO_BANNER)
-    run.log(f"settings (all in {run.path('config.json')}):\n"
-            f"{format_settings(run_record(run, model_cfg))}")
+    run.log((DEMO_BANNER + "\n" if cfg.demo else "") + f"settings (all in "
+            f"{run.path('config.json')}):\n{format_settings(run_record(run, model_cfg))}")
     if already_finished(run):
         return
 
@@ -101,21 +96,12 @@ def main(argv=None):
                                           cfg.balanced_sampler, cfg.samples_per_epoch)
     if note:
         run.log(note)
-    if run.master and not cfg.clip:
-        demo_clip_path(cfg.cache_dir, log=run.log)  # the demo's tiny CLIP, pre-trained once
-    run.barrier()
-    clip_model, _ = clip.load(cfg.clip or demo_clip_path(cfg.cache_dir), device=run.device,
-                              download_root=cfg.cache_dir, activation=clip_activation(
-                                  cfg.clip_activation, run.resume, demo_clip=not cfg.clip))
-    if run.resume is not None:
-        check_compatible(run.resume, cfg.resume, clip_model)
+    clip_model = load_clip(run)  # a resumed run's own CLIP, or refused
     resolution = clip_model.visual.input_resolution
     splits.set_transforms(resolution)
     run.log(splits.describe())
     open_folder(run, model_cfg)
-    for name, record in splits.records:
-        run.write_json(name, record)
-        run.log(f"{record['protocol']}: {record['num_images']} images, listed in {run.path(name)}")
+    splits.write_records(run)  # shots.json, heldout.json: which images the draws chose
 
     # The model: frozen CLIP, prompts, hard prompts from the descriptions, prototypes.
     descriptions = (run.resume["descriptions"] if run.resume is not None
@@ -131,16 +117,7 @@ def main(argv=None):
             f"({trainable / 1e6:.3f} M); CLIP frozen "
             f"({sum(p.numel() for p in clip_model.parameters()):,})")
     if model_cfg.prototype_alignment:  # computed once, on rank 0, or read from the cache
-        # (keyed by the data root too: file names and labels cannot tell the same images from
-        # others, so a dataset that moved computes its prototypes once more)
-        per_class = cfg.prototypes_per_class or None
-        prototypes = run.from_master(training_prototypes(
-            model, splits.train, resolution, cfg.cache_dir, prototype_key_fields(
-                model, splits.train, resolution, "synthetic-demo" if cfg.demo else cfg.dataset,
-                "" if cfg.demo else os.path.abspath(cfg.data_root), per_class, cfg.seed,
-                run.amp), per_class, cfg.seed, cfg.workers, run.amp, run.log)
-            if run.master else None)
-        model.set_prototypes(prototypes.to(run.device))
+        model.set_prototypes(run_prototypes(run, model, splits.train, resolution))
 
     # Batches, optimiser and schedule, and where a resumed run stands.
     loader = TrainLoader(splits.train, cfg.batch_size, cfg.seed, cfg.workers, run.rank,
@@ -153,17 +130,8 @@ def main(argv=None):
     forward = model if run.world == 1 else DDP(
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
         broadcast_buffers=False)
-    if run.resume is None:  # the reference points, on the set the run reports
-        measured = baselines(model, splits, descriptions, run.amp,
-                             batch_size=2 * cfg.batch_size, workers=cfg.workers)
-        zero_shot = measured["zero_shot_hard_prompts"]
-        run.log(f"before training, on {splits.reported_name}: random prompts WAR "
-                f"{100 * measured['random_prompts']['war']:.2f}%; " + (
-                    f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  "
-                    f"UAR {100 * zero_shot['uar']:.2f}%" if zero_shot else
-                    "no zero-shot baseline (the descriptions do not cover these classes)")
-                + f"  (chance {100 / len(splits.all_classnames):.1f}%)")
-        run.write_json("baseline.json", {"split": splits.reported_name, **measured})
+    if run.resume is None:  # the reference points, on the set the run reports (baseline.json)
+        record_baselines(run, model, splits, descriptions)
 
     try:
         best, metrics, stopped = train(run, model, forward, loader, optimization, splits,
@@ -176,32 +144,10 @@ def main(argv=None):
         run.log(f"\nfinal {splits.selection_name} evaluation (epoch {cfg.epochs}):\n"
                 f"{format_report(metrics)}")
 
-    # best.pt on the test set, once, when another set chose it (in base-to-novel, always).
-    if splits.test is not None and best["epoch"] > 0 and not stopped:
-        run.barrier()  # rank 0 wrote best.pt; the others read it only after that
-        model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
-        test = evaluate_reported(model.eval().with_classes, splits, run.device, run.amp,
-                                 batch_size=2 * cfg.batch_size, workers=cfg.workers)
-        run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
-        run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
-                                     **test})
-        if splits.base and os.path.isfile(run.path("baseline.json")):
-            with open(run.path("baseline.json")) as f:
-                before = json.load(f)
-            run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, "
-                    f"best.pt chosen on {splits.selection_name} base images):\n"
-                    + format_base_to_novel({**({"zero-shot CLIP, hard prompts": before[
-                        "zero_shot_hard_prompts"]} if before["zero_shot_hard_prompts"] else {}),
-                        "MPA-FER, trained on base": test}))
-    if best["epoch"] > 0 and not stopped and os.path.isfile(run.path("baseline.json")):
-        with open(run.path("baseline.json")) as f:
-            zero_shot = json.load(f)["zero_shot_hard_prompts"]
-        trained = test["war"] if splits.test is not None else best["war"]
-        if zero_shot:
-            run.log(f"\n{'DEMO: ' if cfg.demo else ''}zero-shot CLIP with the hard prompts "
-                    f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% "
-                    f"(WAR on {splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} "
-                    "points)")
+    if best["epoch"] > 0 and not stopped:
+        # best.pt on the test set, once, when another set chose it (in base-to-novel, always),
+        # and the run's result beside zero-shot CLIP's.
+        report_best(run, model, splits, best)
     run.log("\n" + files_summary(run, best))
     if run.master and os.path.isfile(run.path("metrics.jsonl")):
         run.log(f"curves: {write_curves(cfg.out)}")

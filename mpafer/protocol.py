@@ -12,9 +12,12 @@
 every image of the evaluation sets decodes); `Splits.set_transforms` gives them CLIP's
 resolution once it is known.
 """
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .checkpoint import load_checkpoint
 from .data import (
     build_dataset,
     eval_transform,
@@ -32,7 +35,9 @@ from .data.subsets import (
 from .demo import demo_datasets, description_aliases
 from .engine import evaluate, evaluate_base_novel
 from .expclip.zeroshot import ZeroShotClassifier
+from .metrics import format_report
 from .prompts import hard_prompts_by_class, load_descriptions
+from .prototypes import prototype_key_fields, training_prototypes
 from .runs import selection_split_name
 
 
@@ -78,6 +83,13 @@ class Splits:
         for evaluated in (self.selection, self.test):
             if evaluated is not None:
                 evaluated.transform = eval_transform(resolution, uint8=True)
+
+    def write_records(self, run):
+        """shots.json, heldout.json in the run folder: which images the seeded draws chose."""
+        for name, record in self.records:
+            run.write_json(name, record)
+            run.log(f"{record['protocol']}: {record['num_images']} images, listed in "
+                    f"{run.path(name)}")
 
     def describe(self) -> str:
         lines = [f"train: {len(self.train)} images\n{format_class_counts(self.train)}"]
@@ -269,3 +281,64 @@ def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_opt
     measured["zero_shot_hard_prompts"] = evaluate_reported(zero_shot, splits, device, amp,
                                                            desc="zero-shot", **evaluate_options)
     return measured
+
+
+def run_prototypes(run, model, train_set, resolution: int):
+    """The class prototypes of L_v for a run: computed once on rank 0 from the training set
+    (or read from the cache, keyed by everything they depend on, the data root included:
+    file names and labels cannot tell the same images from others, so a dataset that moved
+    computes its prototypes once more), then given to every rank."""
+    cfg, per_class = run.cfg, run.cfg.prototypes_per_class or None
+    prototypes = None
+    if run.master:
+        key = prototype_key_fields(model, train_set, resolution,
+                                   "synthetic-demo" if cfg.demo else cfg.dataset,
+                                   "" if cfg.demo else os.path.abspath(cfg.data_root), per_class,
+                                   cfg.seed, run.amp)
+        prototypes = training_prototypes(model, train_set, resolution, cfg.cache_dir, key,
+                                         per_class, cfg.seed, cfg.workers, run.amp, run.log)
+    return run.from_master(prototypes).to(run.device)
+
+
+def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
+    """`baselines` on the set the run reports, logged and written to baseline.json."""
+    measured = baselines(model, splits, descriptions, run.amp,
+                         batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
+    zero_shot = measured["zero_shot_hard_prompts"]
+    run.log(f"before training, on {splits.reported_name}: random prompts WAR "
+            f"{100 * measured['random_prompts']['war']:.2f}%; " + (
+                f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
+                f"{100 * zero_shot['uar']:.2f}%" if zero_shot else
+                "no zero-shot baseline (the descriptions do not cover these classes)")
+            + f"  (chance {100 / len(splits.all_classnames):.1f}%)")
+    run.write_json("baseline.json", {"split": splits.reported_name, **measured})
+    return measured
+
+
+def report_best(run, model, splits: Splits, best: Dict):
+    """The run's result: when another set chose best.pt (and always in base-to-novel), best.pt
+    evaluated once on the test set (test.json, and the base-to-novel table); then the result
+    beside zero-shot CLIP's (baseline.json)."""
+    trained = best["war"]
+    if splits.test is not None:
+        run.barrier()  # rank 0 wrote best.pt; the others read it only after that
+        model.load_trainable_state_dict(load_checkpoint(run.path("best.pt"))["state_dict"])
+        test = evaluate_reported(model.eval().with_classes, splits, run.device, run.amp,
+                                 batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
+        run.log(f"\nbest.pt (epoch {best['epoch']}) on the test split:\n{format_report(test)}")
+        run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
+                                     **test})
+        trained = test["war"]
+    zero_shot = None
+    if os.path.isfile(run.path("baseline.json")):
+        with open(run.path("baseline.json")) as f:
+            zero_shot = json.load(f)["zero_shot_hard_prompts"]
+    if splits.base and splits.test is not None:
+        rows = {"zero-shot CLIP, hard prompts": zero_shot} if zero_shot else {}
+        run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, best.pt "
+                f"chosen on {splits.selection_name} images):\n"
+                + format_base_to_novel({**rows, "MPA-FER, trained on base": test}))
+    if zero_shot:
+        run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with the hard prompts "
+                f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% (WAR on "
+                f"{splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} points)")

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, make_checkpoint
+from . import clip
+from .checkpoint import check_compatible, clip_activation, load_checkpoint, make_checkpoint
+from .demo import demo_clip_path
 from .engine import Optimization, configure_cuda, resolve_amp, setup_distributed
 from .utils import (
     WriteError,
@@ -213,6 +215,22 @@ def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
             "from": cfg.resume, "epoch": run.resume["epoch"], "step": state.get("step", 0),
             "changed": changed}]
     return run
+
+
+def load_clip(run: Run):
+    """The run's frozen CLIP: --clip (downloaded into --cache-dir), or the demo's tiny CLIP,
+    pre-trained once by rank 0 and cached. A resumed run gets the activation it recorded, and a
+    CLIP other than its own is refused."""
+    cfg = run.cfg
+    if run.master and not cfg.clip:
+        demo_clip_path(cfg.cache_dir, log=run.log)
+    run.barrier()
+    activation = clip_activation(cfg.clip_activation, run.resume, demo_clip=not cfg.clip)
+    clip_model, _ = clip.load(cfg.clip or demo_clip_path(cfg.cache_dir), device=run.device,
+                              download_root=cfg.cache_dir, activation=activation)
+    if run.resume is not None:
+        check_compatible(run.resume, cfg.resume, clip_model)
+    return clip_model
 
 
 def run_record(run: Run, model_cfg) -> Dict:
