@@ -8,9 +8,12 @@
   once, at the end (`test.json`); when the selection set is the test split itself (the RAF-DB
   recipe, as in the paper), there is nothing more to report.
 
-`read_splits` reads and checks every set before CLIP is loaded (files, labels, classes, that
-every image of the evaluation sets decodes); `Splits.set_transforms` gives them CLIP's
-resolution once it is known.
+Base-to-novel (`--base-classes`, CoCoOp's protocol) trains and selects on the base classes'
+images only; the test split keeps every class and is scored on base, novel and all classes
+(`evaluate_reported`), with zero-shot CLIP measured on the same sets before training
+(`baselines`). `read_splits` reads and checks every set before CLIP is loaded (files, labels,
+classes, that every image of the evaluation sets decodes); `Splits.set_transforms` gives them
+CLIP's resolution once it is known; `report_best` evaluates best.pt on the test set at the end.
 """
 import json
 import os
@@ -98,9 +101,8 @@ class Splits:
             lines.append(f"base-to-novel: training and choosing best.pt on the base classes "
                          f"{', '.join(self.base)}; the novel classes {', '.join(novel)} are seen "
                          "only in the test split")
-        lines += [
-                  f"{self.selection_name}: {len(self.selection)} images (evaluated every "
-                  "epoch, chooses the best checkpoint)"]
+        lines.append(f"{self.selection_name}: {len(self.selection)} images (evaluated every "
+                     "epoch, chooses the best checkpoint)")
         if self.test is not None:
             lines.append(f"test: {len(self.test)} images (the best checkpoint, once at the end)")
         return "\n".join(lines)

@@ -389,7 +389,7 @@ def selection_split_name(cfg) -> str:
     or "heldout", the part of the training split that --val-fraction holds out (heldout.json);
     in base-to-novel, its base-class images ("test base")."""
     name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
-    return f"{name} base" if getattr(cfg, "base_classes", "") else name
+    return f"{name} base" if cfg.base_classes else name
 
 
 def stop_on_non_finite(run: Run, error: Exception):
