@@ -151,7 +151,7 @@ def main(argv=None):
     run.log("\n" + files_summary(run, best))
     if run.master and os.path.isfile(run.path("metrics.jsonl")):
         run.log(f"curves: {write_curves(cfg.out)}")
-    if run.world > 1:
+    if torch.distributed.is_initialized():  # (torchrun, one process or more)
         torch.distributed.destroy_process_group()
     if stopped in EXIT_STATUS:
         sys.exit(EXIT_STATUS[stopped])  # 130 or 143, as that signal's; last.pt is saved

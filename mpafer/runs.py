@@ -399,6 +399,6 @@ def stop_on_non_finite(run: Run, error: Exception):
             else "no checkpoint was written")
     run.log(f"stopping: {error}. Nothing was saved for this epoch; {kept}. Try a lower --lr, "
             "--amp bf16/off, or --grad-clip.")
-    if run.world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)
