@@ -120,13 +120,20 @@ def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: fl
     a run that pre-trains first initialises its prompts exactly as a run that loads the
     cached file.
     """
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIP(**DEMO_CLIP_CONFIG)
         log(f"demo: pre-training a tiny CLIP on web-style synthetic faces and their captions "
             f"({steps} steps, under a minute; cached in {path} for later runs)")
-        _contrastive_pretraining(model, steps, batch_size, lr,
-                                 torch.Generator().manual_seed(seed), log)
+        # One thread: with more, sums are taken in another order and give another CLIP, and
+        # the demo's numbers would depend on the machine's thread count.
+        torch.set_num_threads(1)
+        try:
+            _contrastive_pretraining(model, steps, batch_size, lr,
+                                     torch.Generator().manual_seed(seed), log)
+        finally:
+            torch.set_num_threads(threads)
     atomic_save(model.state_dict(), path)
     return path
 
