@@ -19,19 +19,9 @@ from mpafer.checkpoint import load_checkpoint
 from mpafer.runs import remove_temporaries
 from mpafer.utils import atomic_write, ignore_interrupts, run_cli
 from tests.dataset_writers import write_synthetic_rafdb
-from tests.helpers import REPO, load_script, quick_demo, read_jsonl, tiny_state_dict
+from tests.helpers import REPO, quick_demo, read_jsonl, tiny_state_dict
 
 LINUX = sys.platform.startswith("linux")  # /proc/self/fd names the file behind a descriptor
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_script("train")
-
-
-@pytest.fixture(scope="module")
-def evaluate():
-    return load_script("eval")
 
 
 @pytest.fixture(scope="module")

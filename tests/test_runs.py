@@ -23,17 +23,7 @@ from mpafer.labels import BASIC_CLASSES
 from mpafer.prompts import load_descriptions
 from mpafer.protocol import read_splits
 from mpafer.utils import atomic_write_json, run_cli
-from tests.helpers import load_script, quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_script("train")
-
-
-@pytest.fixture(scope="module")
-def evaluate():
-    return load_script("eval")
+from tests.helpers import quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
 
 
 @pytest.fixture(scope="module")

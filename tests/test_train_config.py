@@ -10,14 +10,8 @@ import pytest
 from mpafer import train_config
 from mpafer.model import MPAFERConfig
 from mpafer.train_config import TrainConfig
-from tests.helpers import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_script("train.py")
 
 
 def flags(train, cls):
