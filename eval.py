@@ -56,6 +56,7 @@ from mpafer.interpret import (
 from mpafer.labels import BASIC_CLASSES
 from mpafer.metrics import format_report, over_classes
 from mpafer.prompts import hard_prompts_by_class, load_descriptions
+from mpafer.protocol import dataset_options
 from mpafer.runs import recorded_settings
 from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
 
@@ -219,13 +220,10 @@ def fill_data_defaults(args, checkpoint):
 def read_split(args, checkpoint):
     """The split to evaluate (no transform yet), checked before CLIP is loaded: its files, its
     classes against the checkpoint's, and that every image decodes."""
-    options: Dict = {"skip_bad_images": True} if args.skip_bad_images else {}
     if args.classnames and args.dataset != "folder":
         raise ValueError(f"--classnames is for --dataset folder, not {args.dataset}")
-    if args.classnames:
-        options["classnames"] = [c.strip() for c in args.classnames.split(",")]
-    dataset = check_classes(args, checkpoint,
-                            build_dataset(args.dataset, args.data_root, args.split, **options))
+    dataset = check_classes(args, checkpoint, build_dataset(args.dataset, args.data_root,
+                                                            args.split, **dataset_options(args)))
     if not args.skip_bad_images:
         require_readable(dataset, args.split, args.workers)
     return dataset
@@ -304,8 +302,7 @@ def main(argv=None):
     else:
         if args.demo:  # one face per class for the unused training split: it is not needed
             dataset = check_classes(args, checkpoint, demo_datasets(
-                resolution, None, None, 1, args.demo_test_per_class,
-                words=args.demo_class_words)[1])
+                1, args.demo_test_per_class, words=args.demo_class_words)[1])
         classnames = list(dataset.classnames)
         if checkpoint and args.class_set == "open":  # unseen classes through the learned context
             model = model.with_classes(classnames)

@@ -86,16 +86,16 @@ DEMO_CLASS_WORDS = {"labels": tuple(SYNTHETIC_CLASSES),
                     "moods": tuple(CAPTION_WORDS[c][0] for c in SYNTHETIC_CLASSES)}
 
 
-def demo_datasets(resolution: int, train_transform_, eval_transform_, num_train: int = 200,
-                  num_test: int = 60, seed: int = 0, words: str = "labels"):
+def demo_datasets(num_train: int = 200, num_test: int = 60, seed: int = 0,
+                  words: str = "labels"):
     """The demo's expression dataset: portrait-style train and test faces of the 7 basic
     expressions (num_train / num_test per class), pre-rendered, its classes named by `words`
-    (see DEMO_CLASS_WORDS)."""
+    (see DEMO_CLASS_WORDS). No transform yet: set `.transform` once CLIP's resolution is known."""
     names = DEMO_CLASS_WORDS[words]
     train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"),
-                        train_transform_, names)
+                        classnames=names)
     test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"),
-                       eval_transform_, names)
+                       classnames=names)
     return train, test
 
 

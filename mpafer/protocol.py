@@ -125,8 +125,8 @@ def read_splits(cfg) -> Splits:
     every class, and best.pt is evaluated on it once, on base, novel and all classes."""
     aliases = {}
     if cfg.demo:  # drawn in memory: nothing to check
-        train, test = demo_datasets(None, None, None, cfg.demo_train_per_class,
-                                    cfg.demo_test_per_class, words=cfg.demo_class_words)
+        train, test = demo_datasets(cfg.demo_train_per_class, cfg.demo_test_per_class,
+                                    words=cfg.demo_class_words)
         evaluated, read = {"test": test}, {}
         aliases = description_aliases(cfg.demo_class_words)
         if cfg.val_fraction == 0 and cfg.eval_split != "test":

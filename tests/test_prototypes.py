@@ -139,6 +139,6 @@ def test_the_cache_key_follows_what_changes_the_features(tmp_path, clip_model):
     changed = key()
     assert changed["items_sha256"] == before["items_sha256"]
     assert changed["files_sha256"] != before["files_sha256"]
-    demo = prototype_key_fields(model, demo_datasets(None, None, None, 2, 1)[0], 32,
+    demo = prototype_key_fields(model, demo_datasets(2, 1)[0], 32,
                                 "synthetic-demo", "", None, 1, None)
     assert demo["renderer"] == RENDERER_VERSION and demo["files_sha256"] is None
