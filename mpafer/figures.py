@@ -103,26 +103,44 @@ def ink_on(background) -> Tuple[int, int, int]:
 # -- line charts ------------------------------------------------------------------------------
 
 def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
-    if not high > low:
-        low, high = low - max(abs(low), 1) * 0.5, high + max(abs(high), 1) * 0.5
-    raw = (high - low) / max(count - 1, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high].
+
+    Total and bounded for any floats: at most `2 * count + 1` ticks. Values that are equal, or
+    equal up to float noise, get a span around them (a step below the values' own rounding
+    would never advance); non-finite values are ignored, and with none finite left the ticks
+    are 0 and 1."""
+    count = max(count, 2)
+    finite = [min(max(v, -1e300), 1e300) for v in (low, high) if math.isfinite(v)]
+    if not finite:
+        return [0.0, 1.0]
+    low, high = min(finite), max(finite)
+    if not high - low > max(1e-9 * max(abs(low), abs(high)), 1e-200):
+        middle = (low + high) / 2
+        low, high = middle - max(abs(middle), 1) * 0.5, middle + max(abs(middle), 1) * 0.5
+    raw = (high - low) / (count - 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next((m * power for m in (1, 2, 2.5, 5) if m * power >= raw), 10 * power)
     first = math.floor(low / step + 1e-9) * step
-    ticks = [first]
-    while ticks[-1] < high - 1e-9 * step:
-        ticks.append(ticks[-1] + step)
-    return [round(t, 12) for t in ticks]
+    # Ticks are first + i * step (never a running sum), as many as reach `high`.
+    n = min(math.ceil((high - first) / step - 1e-9) + 1, 2 * count + 1)
+    return [round(first + i * step, 12) for i in range(max(n, 2))]
 
 
-def log_ticks(low: float, high: float) -> List[float]:
-    """Ticks at 1, 2 and 5 times powers of ten covering [low, high] (decades only when wide)."""
-    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+def log_ticks(low: float, high: float, most: int = 12) -> List[float]:
+    """Ticks at 1, 2 and 5 times powers of ten covering [low, high] > 0 (decades only when
+    wide, every k-th decade when wider than `most`). Total: at most about `most` ticks for any
+    floats; values that are not positive and finite are ignored (none left: 1 and 10)."""
+    usable = [min(max(v, 1e-300), 1e300) for v in (low, high) if math.isfinite(v) and v > 0]
+    if not usable:
+        return [1.0, 10.0]
+    first, last = math.floor(math.log10(min(usable))), math.ceil(math.log10(max(usable)))
+    stride = max(1, math.ceil((last - first + 1) / most))
     steps = (1,) if last - first > 3 else (1, 2, 5)
-    ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in steps]
-    below = [t for t in ticks if t <= low]
-    above = [t for t in ticks if t >= high]
+    ticks = [m * 10.0 ** e for e in range(first, last + 1, stride) for m in steps]
+    if ticks[-1] < max(usable):
+        ticks.append(10.0 ** min(first + stride * math.ceil((last - first) / stride), 307))
+    below = [t for t in ticks if t <= min(usable)]
+    above = [t for t in ticks if t >= max(usable)]
     start, end = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
     return [t for t in ticks if start <= t <= end]
 

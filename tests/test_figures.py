@@ -106,3 +106,36 @@ def test_figures_fall_back_to_the_bitmap_font(monkeypatch):
         assert image.width > 3 * 84 and len(image.getcolors(1 << 16)) > 10
     finally:
         figures.font.cache_clear()
+
+
+EDGE_VALUES = [0.0, 1.0, -1.0, 0.1 + 0.2, 0.3, 7.0, 7.0000000001, 0.6931471805599453,
+               0.6931471805599454, 123456789.123, 123456789.12300001, 1e-20, 2e-20, 1e-300,
+               -1e-300, 5e-324, 1e300, 1.7e308, -1.7e308, float("nan"), float("inf"),
+               -float("inf")]
+
+
+def test_tick_helpers_are_total_and_bounded_for_any_values():
+    """Equal, float-noise-close, tiny, huge, negative and non-finite values: every call ends at
+    once with a few finite ticks (a step below the values' rounding once looped forever)."""
+    import itertools
+    import math
+    import time
+    start = time.perf_counter()
+    for low, high in itertools.product(EDGE_VALUES, repeat=2):
+        for count in (2, 5, 6):
+            ticks = figures.nice_ticks(low, high, count)
+            assert 2 <= len(ticks) <= 2 * count + 1 and all(map(math.isfinite, ticks))
+            assert ticks == sorted(set(ticks)), (low, high, ticks)
+            finite = [v for v in (low, high) if math.isfinite(v) and abs(v) <= 1e300]
+            span = max(finite) - min(finite) if finite else 0.0
+            if span > 1e-6 * max(map(abs, finite)):  # rounded to 12 decimals, hence 1e-9
+                assert ticks[0] <= min(finite) + 1e-9 * span
+                assert ticks[-1] >= max(finite) - 1e-9 * span
+        ticks = figures.log_ticks(low, high)
+        assert 1 <= len(ticks) <= 16 and all(t > 0 and math.isfinite(t) for t in ticks)
+    assert time.perf_counter() - start < 5.0  # a bound on a hang, not a speed target
+
+
+def test_curves_with_values_equal_up_to_float_noise_are_drawn():
+    flat = [dict(r, ta=0.6931471805599453 + 1e-16 * r["epoch"], lr=0.01) for r in records(3, 0.1)]
+    assert figures.training_curves(flat).size == (2400, 1100)
