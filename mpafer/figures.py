@@ -123,7 +123,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
     first = math.floor(low / step + 1e-9) * step
     # Ticks are first + i * step (never a running sum), as many as reach `high`.
     n = min(math.ceil((high - first) / step - 1e-9) + 1, 2 * count + 1)
-    return [round(first + i * step, 12) for i in range(max(n, 2))]
+    digits = 12 - math.floor(math.log10(step))  # drop float noise, keep the step's digits
+    return [round(first + i * step, digits) for i in range(max(n, 2))]
 
 
 def log_ticks(low: float, high: float, most: int = 12) -> List[float]:
