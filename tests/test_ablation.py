@@ -1,12 +1,12 @@
 """The ablation ladder over seeds (`train.py --ablation --seeds ...`): one run folder per (row,
-seed), summarised by mpafer.report into ablation.md and ablation.json; flags given reach every
+seed), summarised by mpafer.app.report into ablation.md and ablation.json; flags given reach every
 row and win over a row's own switches."""
 import json
 
 import pytest
 import torch
 
-from mpafer import ablation
+from mpafer.app import ablation
 from tests.helpers import load_script, quick_demo, read_jsonl, tiny_state_dict
 
 

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mpafer.app.engine import evaluate_base_novel
 from mpafer.checkpoint import load_checkpoint, make_checkpoint
 from mpafer.clip.tokenizer import tokenize
-from mpafer.engine import evaluate_base_novel
+from mpafer.files import atomic_save
 from mpafer.metrics import harmonic_mean
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.utils import atomic_save
 from tests.helpers import load_script, quick_demo, read_jsonl, tiny_clip, tiny_state_dict
 
 CLASSES = ["happiness", "sadness", "anger", "fear"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mpafer import clip
+from mpafer.app.demo import demo_clip_path
 from mpafer.checkpoint import load_checkpoint
-from mpafer.demo import demo_clip_path
 from tests.cuda_checks import DEVICE, TIER, record_figure, relative_error
 from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_state_dict
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mpafer.app.synthetic import SyntheticFaces
 from mpafer.data import (
     AFFECTNET_CLASSES,
     CANONICAL_CLASSES,
@@ -18,7 +19,6 @@ from mpafer.data import (
     ClassBalancedSampler,
     FERPlus,
     FolderDataset,
-    SyntheticFaces,
     build_dataset,
     eval_transform,
     expclip_transform,

@@ -13,8 +13,8 @@ from PIL import Image
 
 from mpafer import clip
 from mpafer.checkpoint import make_checkpoint
+from mpafer.files import atomic_save
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.utils import atomic_save
 from tests.helpers import load_script, tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

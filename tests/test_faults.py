@@ -15,9 +15,11 @@ import time
 import pytest
 import torch
 
+from mpafer.app.cli import run_cli
+from mpafer.app.faults import ignore_interrupts
+from mpafer.app.runs import remove_temporaries
 from mpafer.checkpoint import load_checkpoint
-from mpafer.runs import remove_temporaries
-from mpafer.utils import atomic_write, ignore_interrupts, run_cli
+from mpafer.files import atomic_write
 from tests.dataset_writers import write_synthetic_rafdb
 from tests.helpers import REPO, quick_demo, read_jsonl, tiny_state_dict
 
@@ -206,7 +208,7 @@ def test_a_run_on_a_tmpfs_that_fills_up(train, clip_file, tmpfs, monkeypatch):
 
 SAVE_FOREVER = """
 import sys, torch
-from mpafer.utils import atomic_save
+from mpafer.files import atomic_save
 for i in range(10**6):
     atomic_save({"i": i, "x": torch.full((250_000,), float(i))}, sys.argv[1])
     print(i, flush=True)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import MPAFER, MPAFERConfig, clip, load_descriptions
+from mpafer.app.interpret import nearest_tokens, prompt_tokens, soft_hard_similarity, token_text
 from mpafer.checkpoint import make_checkpoint
 from mpafer.clip.tokenizer import get_tokenizer, tokenize
 from mpafer.data.photo import face_input
-from mpafer.interpret import nearest_tokens, prompt_tokens, soft_hard_similarity, token_text
-from mpafer.utils import atomic_save
+from mpafer.files import atomic_save
 from tests import reference_clip
 from tests.helpers import load_script, tiny_state_dict
 
@@ -114,7 +114,7 @@ def test_eval_interprets_the_prompts_without_data(eval_script, clip_file, checkp
 
 
 def test_eval_crops_odd_photos_and_draws_one_attention_grid(eval_script, clip_file, checkpoint, tmp_path, capsys):
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     faces = SyntheticFaces("test", 1, image_size=64, seed=5)
     faces.load(1).save(tmp_path / "happy.png")
     wide = Image.new("RGB", (200, 100), (255, 255, 255))

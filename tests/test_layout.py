@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Copied on their own: they may use the vendored CLIP, nothing else of mpafer.
 STANDALONE = ("mpafer.losses", "mpafer.alignment", "mpafer.prompts", "mpafer.clip")
 # Leaves: import nothing from mpafer at all.
-LEAVES = ("mpafer.labels", "mpafer.utils", "mpafer.bench.measure", "mpafer.metrics")
+LEAVES = ("mpafer.labels", "mpafer.utils", "mpafer.app.bench.measure", "mpafer.metrics")
 
 
 def module_files():

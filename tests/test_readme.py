@@ -3,7 +3,7 @@
 
 - The demo commands run for real, shortened (one epoch, a few faces, one seed, a tiny random
   CLIP instead of the pre-trained demo CLIP).
-- eval.py commands on a checkpoint, and `python -m mpafer.report`, run for real on a run trained
+- eval.py commands on a checkpoint, and `python -m mpafer.app.report`, run for real on a run trained
   here on a fixture RAF-DB.
 - Every other train.py / eval.py / `python -m` command parses its flags with the script's own
   parser (every flag exists, every value validates), and a train.py command reads its data, with
@@ -17,10 +17,10 @@ import shlex
 import pytest
 import torch
 
-from mpafer import bench, report
-from mpafer.bench import gpu
+from mpafer.app import bench, report
+from mpafer.app.bench import gpu
+from mpafer.app.protocol import read_splits
 from mpafer.expclip import __main__ as expclip_command
-from mpafer.protocol import read_splits
 from tests.dataset_writers import (
     write_affectnet_csv,
     write_ferplus_csvs,
@@ -126,10 +126,10 @@ def check(argv, fixtures, tmp_path) -> str:
             return "ran"
         return "parsed"
     module = argv[2] if argv[1] == "-m" else None
-    if module == "mpafer.report":
+    if module == "mpafer.app.report":
         report.main(args[1:])
         return "ran"
-    if module == "mpafer.bench":
+    if module == "mpafer.app.bench":
         (gpu.parse_args(args[2:]) if args[1:2] == ["gpu"] else bench.parse_args(args[1:]))
         return "parsed"
     if module == "mpafer.expclip":
@@ -157,8 +157,8 @@ def test_every_readme_command_works(fixtures, tmp_path, monkeypatch):
     "python train.py --dataset rafdb --data-root data/RAF-DB --epohcs 3",
     "python train.py --dataset rafdb --data-root data/RAF-DB --base-classes neutral,joy",
     "python eval.py --checkpoint runs/rafdb/<run>/best.pt --class-set partial",
-    "python -m mpafer.bench --repeat 3",
-    "python -m mpafer.report runs/rafdb/* --csv out.csv",
+    "python -m mpafer.app.bench --repeat 3",
+    "python -m mpafer.app.report runs/rafdb/* --csv out.csv",
     "python -m mpafer.reports runs/rafdb/*",
 ])
 def test_the_check_fails_on_a_broken_command(broken, fixtures, tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mpafer import report
-from mpafer.train_config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
+from mpafer.app import report
+from mpafer.app.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
 
 
 def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k=16, **train):

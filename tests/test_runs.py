@@ -14,15 +14,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from mpafer.app.cli import run_cli
+from mpafer.app.engine import build_mpafer
+from mpafer.app.faults import StopRequest
+from mpafer.app.protocol import read_splits
 from mpafer.checkpoint import load_checkpoint
 from mpafer.clip.loading import download
 from mpafer.data import ResumableSampler, SeededAugmentation
-from mpafer.engine import build_mpafer
-from mpafer.faults import StopRequest
+from mpafer.files import atomic_write_json
 from mpafer.labels import BASIC_CLASSES
 from mpafer.prompts import load_descriptions
-from mpafer.protocol import read_splits
-from mpafer.utils import atomic_write_json, run_cli
 from tests.helpers import quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
 
 

@@ -70,7 +70,7 @@ def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
 
 
 def test_eval_predicts_single_images_with_attention(demo_run):
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     out, _ = demo_run
     face = SyntheticFaces("test", 1, image_size=100, seed=5).load(1)  # a happy face
     face.save(out / "face.jpg")
@@ -231,8 +231,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
     from mpafer import clip
+    from mpafer.app.synthetic import SyntheticFaces
     from mpafer.expclip import add_teacher_features, cache_image_features
-    from mpafer.synthetic import SyntheticFaces
     faces = SyntheticFaces("train", 3, image_size=48, seed=9)
     (tmp_path / "faces").mkdir()
     for i in range(len(faces)):
@@ -257,7 +257,7 @@ def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
 
 
 def test_a_gelu_safetensors_clip_trains_resumes_and_evaluates_with_its_activation(tmp_path):
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     clip_file = write_safetensors(tiny_state_dict(seed=2), tmp_path / "gelu-clip.safetensors")
     out, note = tmp_path / "run", "does not say which activation"
     result = run(*quick_demo(out, clip_file, "--epochs", "2", "--stop-after", "1",

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mpafer import report
+from mpafer.app import report
+from mpafer.app.runs import selection_split_name
 from mpafer.data import RAFDB
 from mpafer.data.subsets import (
     Subset,
@@ -17,7 +18,6 @@ from mpafer.data.subsets import (
     held_out_count,
     stratified_split,
 )
-from mpafer.runs import selection_split_name
 from tests.dataset_writers import write_synthetic_rafdb
 from tests.helpers import load_script, tiny_state_dict
 from tests.test_scripts import read_jsonl, run

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from mpafer import train_config
+from mpafer.app import config as train_config
+from mpafer.app.config import TrainConfig
 from mpafer.model import MPAFERConfig
-from mpafer.train_config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,8 +53,8 @@ def test_precedence_defaults_preset_demo_flags(train):
 
 
 def test_every_setting_has_one_group_and_the_printed_settings_stay_short():
+    from mpafer.app.config import SETTING_GROUPS, format_settings
     from mpafer.model import MPAFERConfig
-    from mpafer.train_config import SETTING_GROUPS, format_settings
     grouped = [name for names in SETTING_GROUPS.values() for name in names]
     assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
     record = {"train": dataclasses.asdict(TrainConfig()), "model": MPAFERConfig().to_dict(),

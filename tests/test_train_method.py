@@ -7,8 +7,8 @@ import sys
 
 import torch
 
+from mpafer.app.synthetic import SyntheticFaces
 from mpafer.checkpoint import load_checkpoint
-from mpafer.synthetic import SyntheticFaces
 from tests.helpers import tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

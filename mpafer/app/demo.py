@@ -6,7 +6,7 @@ real CLIP and a real FER dataset:
 - The tiny CLIP is pre-trained contrastively (under a minute on two CPU cores, then cached in
   `weights/` as an OpenAI-format state dict that `mpafer.clip.load` reads like any real
   checkpoint) on "web" pictures: colour faces anywhere in cluttered scenes, captioned in
-  everyday words (`mpafer.synthetic.face_captions`: "a happy face.", "a face with brows
+  everyday words (`mpafer.app.synthetic.face_captions`: "a happy face.", "a face with brows
   raised high and curved, ..."). It never sees the label words ("happiness"), and knows only
   some of the words of the LLM descriptions (55% of their word tokens occur in its captions),
   as real CLIP learned from web captions, not from FER labels.
@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .clip.model import CLIP
-from .clip.tokenizer import tokenize
-from .data import train_transform
-from .prompts import crop_to_longest
+from ..clip.model import CLIP
+from ..clip.tokenizer import tokenize
+from ..data import train_transform
+from ..files import atomic_save
+from ..prompts import crop_to_longest
 from .synthetic import (
     CAPTION_TEMPLATES,
     CAPTION_WORDS,
@@ -44,7 +45,6 @@ from .synthetic import (
     SyntheticFaces,
     face_captions,
 )
-from .utils import atomic_save
 
 # Small enough to train in a minute on a CPU; the same code path as ViT-B/16.
 DEMO_CLIP_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .base import dataset_fingerprint
+from ..data.base import dataset_fingerprint
 
 SHOWN = 3  # files named in a message, at most
 
