@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
 None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
-unpickling are refused before anything in them runs. Save one with `mpafer.utils.atomic_save`
+unpickling are refused before anything in them runs. Save one with `mpafer.files.atomic_save`
 (temporary file, then rename), as train.py does.
 
     format            "mpafer-checkpoint/2" (the version: an older one is refused)
@@ -31,7 +31,7 @@ FORMAT = "mpafer-checkpoint/2"
 def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
                     train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
     """The checkpoint dict of `model` (see the module docstring); save it with
-    `mpafer.utils.atomic_save`."""
+    `mpafer.files.atomic_save`."""
     clip_model = model.clip
     checkpoint = {
         "format": FORMAT,

@@ -18,10 +18,10 @@ from mpafer.data import expclip_transform, load_image
 from mpafer.expclip import (
     PROMPT_SETS,
     ProjectionHead,
-    ZeroShotClassifier,
     add_teacher_features,
     build_prompts,
     cache_image_features,
+    expclip_classifier,
     info_nce,
     load_features,
     load_head,
@@ -116,7 +116,7 @@ def test_head_width_mismatch_names_the_clip_models(tmp_path, model):
     assert path in message and "768" in message and "ViT-L/14" in message
     assert "tiny-test-clip" in message and "embed_dim 32" in message
     with pytest.raises(ValueError, match="embed_dim 32"):
-        ZeroShotClassifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
+        expclip_classifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
 
 
 def test_head_trained_on_another_clip_is_refused(tmp_path, model):
@@ -209,7 +209,7 @@ def test_prompt_file_logits_equal_hand_computation(tmp_path, model):
                         "anger": ["an angry face.", "a furious person.", "anger."]}
     head, classnames, x = random_head(), ["sadness", "anger", "happiness"], images(3, seed=2)
     with torch.no_grad():
-        logits = ZeroShotClassifier(model, classnames, path, head=head)(x)
+        logits = expclip_classifier(model, classnames, path, head=head)(x)
     assert torch.allclose(logits, hand_logits(model, head, classnames, expected_prompts, x),
                           atol=1e-4)
 
@@ -259,7 +259,7 @@ def hand_logits(model, head, classnames, prompts, x):
 def test_zero_shot_logits_equal_hand_computation(model, use_head):
     head = random_head() if use_head else None
     classnames = ["sadness", "anger", "happiness"]  # not the prompt set's order
-    clf = ZeroShotClassifier(model, classnames, UNEQUAL, head=head)
+    clf = expclip_classifier(model, classnames, UNEQUAL, head=head)
     x = images(4)
     with torch.no_grad():
         logits = clf(x)
@@ -269,7 +269,7 @@ def test_zero_shot_logits_equal_hand_computation(model, use_head):
 
 def test_plain_clip_matches_clips_own_forward(model):
     classnames = list(CANONICAL_CLASSES[:7])
-    clf = ZeroShotClassifier(model, classnames, "photo")
+    clf = expclip_classifier(model, classnames, "photo")
     x = images(3, seed=1)
     texts = [PROMPT_SETS["photo"][c][0] for c in classnames]
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_text_features_are_computed_once(model):
     original = model.encode_text
     model.encode_text = lambda tokens: calls.append(len(tokens)) or original(tokens)
     try:
-        clf = ZeroShotClassifier(model, list(CANONICAL_CLASSES), "ensemble10", head=random_head())
+        clf = expclip_classifier(model, list(CANONICAL_CLASSES), "ensemble10", head=random_head())
         assert sum(calls) == 80  # 8 classes x 10 prompts, at construction
         with torch.no_grad():
             for seed in range(3):
@@ -297,7 +297,7 @@ def test_text_features_are_computed_once(model):
 def test_video_averages_projected_frames_before_normalising(model):
     head = random_head()
     classnames = ["sadness", "anger", "happiness"]
-    clf = ZeroShotClassifier(model, classnames, UNEQUAL, head=head)
+    clf = expclip_classifier(model, classnames, UNEQUAL, head=head)
     video = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # [B, T, 3, H, W]
     with torch.no_grad():
         logits = clf(video)
@@ -317,7 +317,7 @@ def test_video_averages_projected_frames_before_normalising(model):
 
 
 def test_classifier_under_autocast(model):
-    clf = ZeroShotClassifier(model, list(CANONICAL_CLASSES), "ensemble5", head=random_head())
+    clf = expclip_classifier(model, list(CANONICAL_CLASSES), "ensemble5", head=random_head())
     x = images(2, seed=7)
     with torch.no_grad():
         reference = clf(x)

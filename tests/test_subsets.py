@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mpafer.app import report
-from mpafer.app.runs import selection_split_name
+from mpafer.app.protocol import selection_split_name
 from mpafer.data import RAFDB
 from mpafer.data.subsets import (
     Subset,

@@ -226,7 +226,7 @@ RESULT_NEUTRAL = frozenset(f.name for f in dataclasses.fields(TrainConfig)
 # descriptions (its folder and descriptions are checked on their own), plus --epochs (only to
 # extend the run), --eval-every and --clip (only the same file, checked by its SHA-256).
 # --data-root may change for data that moved: the data found there must be the run's
-# (`runs.check_data`; the demo reads none).
+# (`faults.check_data`; the demo reads none).
 RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "descriptions"}
                      | {"epochs", "eval_every", "clip"})
 

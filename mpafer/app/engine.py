@@ -150,7 +150,6 @@ class EpochResult:
     record where to continue."""
     losses: Optional[Dict[str, float]]
     seconds: float
-    stop_requested: bool  # some process was asked to stop (see `mpafer.app.runs.StopRequest`)
     steps_done: int
     sums: Optional[torch.Tensor] = None
     grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the epoch's first step
@@ -214,8 +213,8 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
             speed = (step - first_step) * len(images) * world / (time.time() - start)
             bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(names, mean)}, img_s=f"{speed:.0f}")
             if stop_asked and step < steps:
-                return EpochResult(None, time.time() - start, True, step, synced.cpu(), norms)
-    return EpochResult(dict(zip(names, mean)), time.time() - start, stop_asked, steps, None, norms)
+                return EpochResult(None, time.time() - start, step, synced.cpu(), norms)
+    return EpochResult(dict(zip(names, mean)), time.time() - start, steps, None, norms)
 
 
 # -- evaluation --------------------------------------------------------------------------------

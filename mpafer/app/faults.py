@@ -58,7 +58,7 @@ class StopRequest:
     while active (`with StopRequest() as stop:`), the first one only sets `requested` (and
     `name`, "Ctrl-C" or "SIGTERM", and `status`, the exit status: 130 or 143), and the training
     loop stops at the end of its step and saves. Another one (either signal) a second or more
-    later quits at once (`utils.Interrupted`, a KeyboardInterrupt); what is being written then
+    later quits at once (`Interrupted`, a KeyboardInterrupt); what is being written then
     stays whole, as every write is atomic. torchrun passes Ctrl-C and SIGTERM on to its workers,
     which may then see the same signal twice at once: that is still one request. Nothing is
     printed from the handler, which may interrupt a print; the loop says what it does."""

@@ -43,7 +43,7 @@ class Splits:
     """The sets of one run (see the module doc). `records` are the files that list a drawn
     subset (shots.json, heldout.json): (file name, its content). `read`: the splits as read from
     the data root, before any subset was drawn, by split name ({} for the demo), which identify
-    the data (`mpafer.app.runs.check_data`)."""
+    the data (`faults.check_data`)."""
     train: object
     selection: object
     test: Optional[object]  # None: the selection set is the test split

@@ -341,7 +341,7 @@ def open_folder(run: Run, model_cfg):
     """The first write of the run: create its folder (a new run first removes what an earlier
     attempt left there; every run removes the temporary files of writes a kill interrupted),
     write config.json, start log.txt with the lines logged so far. A folder that cannot be
-    written fails here, in one line (`utils.WriteError`)."""
+    written fails here, in one line (`files.WriteError`)."""
     if not run.master:
         return
     if run.resume is None:
