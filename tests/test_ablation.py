@@ -66,5 +66,5 @@ def test_ablation_flags_are_checked(capsys):
                             (["--ablation", "--seeds", "1,x"], "--seeds must be seeds"),
                             (["--ablation", "--resume", "x/last.pt"], "--ablation starts new runs")):
         with pytest.raises(SystemExit):
-            train.parse_config(["--demo", *flags])
+            train.run_config(["--demo", *flags])
         assert expected in capsys.readouterr().err, flags

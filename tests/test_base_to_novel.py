@@ -134,7 +134,7 @@ def test_base_classes_are_checked_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="leave at least one class out as novel"):
         train.main([*args, "--base-classes", every])
     with pytest.raises(SystemExit):
-        train.parse_config([*args, "--base-classes", "neutral", "--class-specific-ctx"])
+        train.run_config([*args, "--base-classes", "neutral", "--class-specific-ctx"])
     assert "needs the shared context" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

@@ -465,12 +465,13 @@ def test_command_line_cache_then_train_head_from_file(tmp_path, image_folder, ca
     main(["cache", "--clip", clip_path, "--images", image_folder, "--out", feats,
           "--workers", "0", "--device", "cpu"])
     add_teacher_features(feats, torch.randn(3, 16), "blip2-test", INSTRUCTION)
-    # Training has one entry point, train.py --method expclip (which calls this function).
-    with pytest.raises(SystemExit):
-        main(["train", "--features", feats, "--out", str(tmp_path / "x.pth")])
-    assert "invalid choice: 'train'" in capsys.readouterr().err
-    head_path = str(tmp_path / "head.pth")
-    train_head_from_file(feats, head_path, batch_size=2, epochs=2)
+    main(["train", "--features", feats, "--out", str(tmp_path / "run"), "--batch-size", "2",
+          "--epochs", "2", "--device", "cpu"])
+    head_path = str(tmp_path / "run" / "expclip_head.pth")
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match="already holds a run"):  # a second run is refused
+        main(["train", "--features", feats, "--out", str(tmp_path / "run")])
+    train_head_from_file(feats, str(tmp_path / "head.pth"), batch_size=2, epochs=2)
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "loss" in printed
     head = load_head(head_path, clip.load(clip_path)[0])

@@ -17,7 +17,7 @@ import shlex
 import pytest
 import torch
 
-from mpafer.app import bench, report
+from mpafer.app import bench, interpret, report
 from mpafer.app.bench import gpu
 from mpafer.app.protocol import read_splits
 from mpafer.expclip import __main__ as expclip_command
@@ -114,27 +114,30 @@ def check(argv, fixtures, tmp_path) -> str:
             train.main([*args, *SHORT_DEMO, *extra, "--clip", fixtures["clip"], "--top-k", "4",
                         "--out", str(out), "--cache-dir", str(fixtures["root"] / "cache")])
             return "ran (shortened demo)"
-        cfg, _, _ = train.parse_config(args)
-        if not cfg.resume and cfg.method == "mpafer":
+        cfg, _, _ = train.run_config(args)
+        if not cfg.resume:
             read_splits(cfg)  # the data flags against the fixture dataset
         return "parsed, data read"
     if argv[:2] == ["python", "eval.py"]:
         evaluate = load_script("eval")
-        parsed = evaluate.parse_args(args)
+        parsed = evaluate.parse_eval_flags(args)
         if parsed.checkpoint and not parsed.zero_shot and parsed.method == "mpafer":
             evaluate.main([*args, "--workers", "0"])
             return "ran"
         return "parsed"
     module = argv[2] if argv[1] == "-m" else None
-    if module == "mpafer.app.report":
+    if module == "mpafer.report":
         report.main(args[1:])
         return "ran"
-    if module == "mpafer.app.bench":
+    if module == "mpafer.bench":
         (gpu.parse_args(args[2:]) if args[1:2] == ["gpu"] else bench.parse_args(args[1:]))
         return "parsed"
     if module == "mpafer.expclip":
         expclip_command.parse_args(args[1:])
         return "parsed"
+    if module == "mpafer.interpret":
+        interpret.main([*args[1:], "--cache-dir", str(fixtures["root"] / "cache")])
+        return "ran"
     raise AssertionError(f"the README shows a command this test does not know: {shlex.join(argv)}")
 
 
@@ -157,7 +160,7 @@ def test_every_readme_command_works(fixtures, tmp_path, monkeypatch):
     "python train.py --dataset rafdb --data-root data/RAF-DB --epohcs 3",
     "python train.py --dataset rafdb --data-root data/RAF-DB --base-classes neutral,joy",
     "python eval.py --checkpoint runs/rafdb/<run>/best.pt --class-set partial",
-    "python -m mpafer.app.bench --repeat 3",
+    "python -m mpafer.bench --repeat 3",
     "python -m mpafer.app.report runs/rafdb/* --csv out.csv",
     "python -m mpafer.reports runs/rafdb/*",
 ])

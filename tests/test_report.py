@@ -28,7 +28,7 @@ def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k
     if reported is not None and source == "test.json":
         (folder / "test.json").write_text(json.dumps({"war": reported[0], "uar": reported[1]}))
     elif reported is not None:
-        torch.save({"format": "mpafer-checkpoint/1", "descriptions_sha256": None,
+        torch.save({"format": "mpafer-checkpoint/2", "descriptions_sha256": None,
                     "metrics": {"war": reported[0], "uar": reported[1]}}, folder / "best.pt")
     return str(folder)
 

@@ -65,12 +65,10 @@ class TrainConfig:
     warmup_epochs: float = field(default=1.0, metadata={
         "help": "(choice) linear warm-up, then cosine decay to 0, per step"})
     grad_clip: float = field(default=1.0, metadata={
-        "help": "(choice) max gradient norm, 0 = off; measured on the demo over 3 seeds, off "
-                "cost 4.6 and 8.3 points of WAR in the first two ladder rows, 1-3 in the others"})
+        "help": "(choice) max gradient norm, 0 = off (the README gives the ablation)"})
     grad_clip_mode: str = field(default="global", metadata={
         "help": "global: one norm over all trainable parameters | per-group: the text prompts, "
-                "the visual prompts and the alignment projections each clipped on their own "
-                "(measured on the demo: no better than global)"})
+                "the visual prompts and the alignment projections each clipped on their own"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers per process", "result": False})
     amp: str = field(default="auto", metadata={"help": "autocast: auto = bf16 on CUDA where "

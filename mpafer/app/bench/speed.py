@@ -257,7 +257,8 @@ def bench_memory(args, device: torch.device) -> Dict[str, object]:
 
 
 def memory_in_subprocess(args) -> Dict[str, object]:
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.abspath(__file__)  # .../mpafer/app/bench/speed.py
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(here))))
     python_path = [repo_root, os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, python_path)))
     with tempfile.TemporaryDirectory() as tmp:
