@@ -77,7 +77,8 @@ def parse_args(argv=None):
                            "released = Resize((R, R)) squash + ToTensor, no normalisation (the "
                            "released Exp-CLIP protocol); clip = CLIP's own preprocessing")
     what.add_argument("--clip",
-                      help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
+                      help="CLIP name, path or Hugging Face model id (default: the checkpoint's; "
+                           "ViT-B/16 otherwise)")
     what.add_argument("--clip-activation", choices=tuple(clip.ACTIVATIONS),
                       help="the CLIP's MLP activation (default: the checkpoint's; else QuickGELU, "
                            "with a note for a file); open_clip models without -quickgelu in "
