@@ -91,7 +91,8 @@ def assert_matches(ours, theirs, tol=1e-5):
 def sha256(*paths):
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(open(path, "rb").read())
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()
 
 
@@ -264,9 +265,10 @@ def test_a_single_tower_is_refused(tmp_path, model_class, named):
 
 
 def test_weights_of_one_tower_under_a_whole_clips_config_are_refused(tmp_path):
-    folder = save(hf_clip(), tmp_path / "clip")
-    text_only = {k: v for k, v in transformers.CLIPModel.from_pretrained(folder).state_dict()
-                 .items() if not k.startswith(("vision_model.", "visual_projection."))}
+    model = hf_clip()
+    folder = save(model, tmp_path / "clip")
+    text_only = {k: v for k, v in model.state_dict().items()
+                 if not k.startswith(("vision_model.", "visual_projection."))}
     os.remove(os.path.join(folder, "model.safetensors"))
     torch.save(text_only, os.path.join(folder, "pytorch_model.bin"))
     assert_refused(folder, f"{folder} holds no image tower (no vision_model.* weights)")
@@ -328,3 +330,11 @@ def test_missing_config_or_weights_are_one_line(tmp_path):
                    str(tmp_path / "config.json"), error=FileNotFoundError)
     os.remove(os.path.join(folder, "config.json"))
     assert_refused(folder, "has no config.json", error=FileNotFoundError)
+
+
+def test_open_clip_files_beside_another_config_are_pointed_to(tmp_path):
+    # A timm / open_clip repository: timm's config.json (no model_type) and open_clip's file.
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224"}))
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
+    assert_refused(tmp_path, "names no model_type", "give the file: --clip "
+                   f"{tmp_path / 'open_clip_pytorch_model.bin'}", error=ValueError)

@@ -61,14 +61,15 @@ OTHER_MODELS = {
     "chinese_clip": "Chinese-CLIP: a BERT text tower (Chinese vocabulary) instead of CLIP's",
     "clipseg": "CLIPSeg: CLIP with a segmentation decoder, made for masks",
 }
+# One tower alone, by class name (`architectures`) or `model_type`.
 SINGLE_TOWERS = {
-    "CLIPTextModel": "a text tower alone", "CLIPTextModelWithProjection": "a text tower alone",
-    "clip_text_model": "a text tower alone",
-    "CLIPVisionModel": "an image tower alone",
-    "CLIPVisionModelWithProjection": "an image tower alone",
-    "clip_vision_model": "an image tower alone",
+    **dict.fromkeys(("CLIPTextModel", "CLIPTextModelWithProjection", "clip_text_model"),
+                    "a text tower alone"),
+    **dict.fromkeys(("CLIPVisionModel", "CLIPVisionModelWithProjection", "clip_vision_model"),
+                    "an image tower alone"),
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # either may come in shards
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # ORG/NAME
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -92,10 +93,14 @@ def is_model_id(name: str) -> bool:
             and not os.path.exists(name))
 
 
+def cached_repo(model_id: str) -> str:
+    return os.path.join(hub_cache(), "models--" + model_id.replace("/", "--"))
+
+
 def cached_snapshot(model_id: str) -> Optional[str]:
     """The folder of `model_id`'s main revision in the cache (`models--ORG--NAME/refs/main`
     names a folder of `snapshots/`), or its only snapshot; None when there is none."""
-    repo = os.path.join(hub_cache(), "models--" + model_id.replace("/", "--"))
+    repo = cached_repo(model_id)
     snapshots = os.path.join(repo, "snapshots")
     ref = os.path.join(repo, "refs", "main")
     if os.path.isfile(ref):
@@ -107,10 +112,10 @@ def cached_snapshot(model_id: str) -> Optional[str]:
 
 
 def not_cached(model_id: str, available: List[str]) -> RuntimeError:
-    repo = os.path.join(hub_cache(), "models--" + model_id.replace("/", "--"))
     return RuntimeError(
         f"CLIP model {model_id!r} not found: not one of the available models {available}, no "
-        f"file or folder of that name, and not in the Hugging Face cache (looked for {repo}); "
+        f"file or folder of that name, and not in the Hugging Face cache (no snapshot in "
+        f"{cached_repo(model_id)}); "
         f"to use that Hugging Face model, fetch it once where there is internet with `hf "
         f"download {model_id}` (older huggingface_hub: `huggingface-cli download {model_id}`), "
         "or point HF_HUB_CACHE or HF_HOME at the cache that holds it")
@@ -130,7 +135,8 @@ def weight_files(folder: str) -> List[str]:
                 shards = json.load(f).get("weight_map", {}).values()
             return [os.path.join(folder, shard) for shard in dict.fromkeys(shards)]
     raise FileNotFoundError(f"{folder} holds a config.json but no {' or '.join(WEIGHT_FILES)} "
-                            "(whole or in shards): copy the model's weights there")
+                            "(whole or in shards): copy the model's weights there"
+                            + open_clip_hint(folder))
 
 
 def config_of_folder(folder: str) -> str:
@@ -148,6 +154,12 @@ def config_beside(weights: str) -> str:
         raise FileNotFoundError(f"{weights} holds Hugging Face transformers weights, which need "
                                 f"the config.json saved with them beside them (no {path})")
     return path
+
+
+def open_clip_hint(folder: str) -> str:
+    found = [name for name in OPEN_CLIP_FILES if os.path.isfile(os.path.join(folder, name))]
+    return (f"; for the open_clip weights there, give the file: --clip "
+            f"{os.path.join(folder, found[0])}" if found else "")
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -170,6 +182,9 @@ def read_config(path: str) -> Dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path} is a JSON {type(config).__name__}, not a model config")
     kind = config.get("model_type")
+    if kind is None:  # e.g. timm's config, beside open_clip's files in the same repository
+        raise ValueError(f"{path} names no model_type: not the config of a transformers model"
+                         + open_clip_hint(os.path.dirname(path)))
     if kind in OTHER_MODELS:
         raise refusal([f"{OTHER_MODELS[kind]} (model_type {kind!r} in {path})"])
     for what in [*(config.get("architectures") or []), kind]:
