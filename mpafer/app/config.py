@@ -37,12 +37,14 @@ class TrainConfig:
         "help": "--dataset folder: the class folder names, comma-separated, in label order "
                 "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
     clip: str = field(default="ViT-B/16", metadata={
-        "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
-                "CLIP"})
+        "help": "CLIP name (downloaded to --cache-dir), path (a checkpoint file or a Hugging Face "
+                "transformers folder) or Hugging Face model id (from the local cache); --demo: "
+                "\"\" = the tiny demo CLIP"})
     clip_activation: str = field(default="", metadata={
         "help": "quick_gelu | gelu: the CLIP's MLP activation, which its file does not show; "
                 "open_clip models without -quickgelu in their name use gelu (default: QuickGELU, "
-                "with a note for a file; a resumed run keeps its own)"})
+                "with a note for a file; a transformers config's hidden_act; a resumed run keeps "
+                "its own)"})
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
                 "repository's weights/)", "result": False})
@@ -339,7 +341,8 @@ class EvalConfig:
                 "Resize((R, R)) squash + ToTensor, no normalisation (the released Exp-CLIP "
                 "protocol); clip = CLIP's own preprocessing", "choices": INPUT_TRANSFORMS})
     clip: Optional[str] = field(default=None, metadata={
-        "help": "CLIP name or path (default: the checkpoint's or head's; ViT-B/16 otherwise)"})
+        "help": "CLIP name, file, transformers folder or Hugging Face model id (default: the "
+                "checkpoint's or head's; ViT-B/16 otherwise)"})
     clip_activation: Optional[str] = field(default=None, metadata={
         "help": "the CLIP's MLP activation (default: the checkpoint's; else QuickGELU, with a "
                 "note for a file); open_clip models without -quickgelu in their name use gelu",
