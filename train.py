@@ -34,6 +34,7 @@ from mpafer.app.ablation import run_ablation
 from mpafer.app.cli import run_cli
 from mpafer.app.config import RESUME_MAY_CHANGE, format_settings
 from mpafer.app.engine import (
+    Stepping,
     build_mpafer,
     make_optimizer,
     train_epoch,
@@ -173,17 +174,16 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
     run finishes."""
     cfg, metrics = run.cfg, {}
     augment = TrainBatchAugment(run.device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
-    clip_groups = (list(model.parameter_groups().values())
-                   if cfg.grad_clip_mode == "per-group" else None)
+    stepping = Stepping(run.amp, cfg.grad_clip, list(model.parameter_groups().values())
+                        if cfg.grad_clip_mode == "per-group" else None, cfg.log_interval,
+                        run.world, grad_norms=True, progress=run.master)
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             forward.train()
             result = train_epoch(
-                model, loader.start_epoch(epoch, first_step), optimization, augment, epoch=epoch,
-                amp=run.amp, grad_clip=cfg.grad_clip, forward=forward, first_step=first_step,
-                sums=sums, log_interval=cfg.log_interval, stop=stop, grad_norms=True,
-                world=run.world, progress=run.master, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                clip_groups=clip_groups)
+                model, loader.start_epoch(epoch, first_step), optimization, augment, stepping,
+                epoch, forward=forward, stop=stop, first_step=first_step, sums=sums,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}")
             first_step, sums = 0, None
             if result.grad_norms is not None:
                 run.log(f"gradient norms on the prompts at the first step of epoch {epoch + 1}: "

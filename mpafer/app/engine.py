@@ -164,25 +164,36 @@ def _sync_progress(running: torch.Tensor, asked: bool, world: int) -> Tuple[torc
     return synced[:-1], bool(synced[-1] > 0)
 
 
-def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, epoch: int,
-                amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None,
-                first_step: int = 0, sums: Optional[torch.Tensor] = None,
-                log_interval: int = 20, stop=None, grad_norms: bool = False, world: int = 1,
-                progress: bool = True, desc: str = "",
-                clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None) -> EpochResult:
-    """Steps `first_step + 1 ...` of one epoch over `loader` (uint8 batches; `augment`
+@dataclass
+class Stepping:
+    """How `train_epoch` steps, the same every epoch: the autocast dtype, gradient clipping
+    (one global norm, or each of `clip_groups` on its own), the steps between loss syncs, the
+    processes, whether to measure each loss term's gradient norm at the first step, and whether
+    to show progress."""
+    amp: Optional[torch.dtype] = None
+    grad_clip: float = 0.0
+    clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None
+    log_interval: int = 20
+    world: int = 1
+    grad_norms: bool = False
+    progress: bool = True
+
+
+def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, stepping: Stepping,
+                epoch: int, *, forward=None, stop=None, first_step: int = 0,
+                sums: Optional[torch.Tensor] = None, desc: str = "") -> EpochResult:
+    """Steps `first_step + 1 ...` of epoch `epoch` over `loader` (uint8 batches; `augment`
     normalises and erases them on the device) -> EpochResult.
 
-    Each step is `train_step` (clipping each of `clip_groups` on its own, if given) followed by
-    a schedule step. The loss parts are summed on the
-    device; they are synced (one all-reduce under DDP, the only host sync) every
-    `log_interval` steps and at the end, where a NaN or inf raises `NonFiniteLoss`. When
-    `stop.requested` (Ctrl-C) is set on any process, every process ends the epoch at the same
-    sync point, after the current step. `grad_norms`: each loss term's gradient norm on the
-    prompts at the epoch's first step (one extra backward per term). A run resumed in the
-    middle of an epoch passes the steps done (`first_step`, which the loader has skipped) and
-    their loss `sums`.
+    Each step is `train_step` through `forward` (the DDP wrapper, else the model) followed by a
+    schedule step. The loss parts are summed on the device; they are synced (one all-reduce
+    under DDP, the only host sync) every `stepping.log_interval` steps and at the end, where a
+    NaN or inf raises `NonFiniteLoss`. When `stop.requested` (Ctrl-C) is set on any process,
+    every process ends the epoch at the same sync point, after the current step. A run resumed
+    in the middle of an epoch passes the steps done (`first_step`, which the loader has
+    skipped) and their loss `sums`.
     """
+    amp, world, log_interval = stepping.amp, stepping.world, stepping.log_interval
     device = model.clip.logit_scale.device
     names = loss_names()
     steps = first_step + len(loader)
@@ -190,17 +201,18 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
     if sums is not None:
         running += sums.to(device) / world  # the part done before the resume
     norms, mean, stop_asked, start = None, None, False, time.time()
-    bar = progress_bar(loader, desc=desc or f"epoch {epoch + 1}", disable=not progress,
+    bar = progress_bar(loader, desc=desc or f"epoch {epoch + 1}", disable=not stepping.progress,
                        leave=False, initial=first_step, total=steps)
     for step, (images, labels) in enumerate(bar, first_step + 1):
         images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
         labels = labels.to(device, non_blocking=True)
-        if grad_norms and step == 1:
+        if stepping.grad_norms and step == 1:
             with autocast(device, amp):
                 norms = model.term_gradient_norms(images, labels,
                                                   scale=optimization.scaler.get_scale())
         loss, parts = train_step(model, images, labels, optimization.optimizer, optimization.scaler,
-                                 amp, grad_clip, forward=forward, clip_groups=clip_groups)
+                                 amp, stepping.grad_clip, forward=forward,
+                                 clip_groups=stepping.clip_groups)
         optimization.scheduler.step()
         running += torch.stack([loss.float(), *(parts[k].float() for k in names[1:])])
         asked = stop is not None and stop.requested  # a host flag: checking it costs nothing

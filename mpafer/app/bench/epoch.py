@@ -75,7 +75,14 @@ from ...data import (
 from ...precision import autocast
 from ...prototypes import compute_prototypes, prototype_subset
 from ..config import TrainConfig
-from ..engine import make_optimizer, predict, train_epoch, train_step, trainable_parameters
+from ..engine import (
+    Stepping,
+    make_optimizer,
+    predict,
+    train_epoch,
+    train_step,
+    trainable_parameters,
+)
 from ..loader import TrainLoader
 from . import measure
 from .files import per_sample_rates, rafdb_like_jpegs, write_grey_pngs, write_rafdb_like
@@ -162,8 +169,8 @@ def epoch_pass(model, batches, steps, augment, optimization, amp, device, grad_c
     measure.synchronize(device)
     start = time.perf_counter()
     timed_batches = Arrivals(batches, steps)
-    train_epoch(model, timed_batches, optimization, augment, epoch=0, amp=amp,
-                grad_clip=grad_clip, log_interval=steps, progress=False)
+    train_epoch(model, timed_batches, optimization, augment,
+                Stepping(amp, grad_clip, log_interval=steps, progress=False), 0)
     measure.synchronize(device)
     return (timed_batches.arrivals[0] - start, time.perf_counter() - start,
             sum(timed_batches.waits[1:]))
