@@ -73,13 +73,13 @@ def parse_args(argv=None):
                         f"(default {MAX_SIDE}); boxes are still in the image's pixels")
     p.add_argument("--detector-weights", metavar="DIR",
                    help="a folder holding MTCNN's pnet.pt, rnet.pt and onet.pt (default: "
-                        "downloaded once into the weights folder)")
+                        "downloaded once into --cache-dir)")
     p.add_argument("--clip", help="CLIP name or path (default: the checkpoint's)")
     p.add_argument("--allow-other-clip", action="store_true",
                    help="use a CLIP other than the one the checkpoint was trained on")
     p.add_argument("--cache-dir", "--weights", default=clip.default_weights_dir(),
-                   help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
-                        "weights/)")
+                   help="CLIP and face detector downloads (default: $MPAFER_WEIGHTS, else the "
+                        "repository's weights/)")
     p.add_argument("--device", default="")
     args = p.parse_args(argv)
     if args.min_face < 1:
@@ -116,8 +116,10 @@ def face_convention(checkpoint: Dict) -> tuple:
     for where in (checkpoint, checkpoint.get("config", {}), trained):
         if where.get("face_convention") in CONVENTIONS:
             return where["face_convention"], "recorded in the checkpoint"
-    dataset = "demo" if trained.get("demo") else trained.get("dataset", "folder")
-    return DATASET_CONVENTIONS.get(dataset, "folder"), f"trained on {dataset}"
+    dataset = "synthetic" if trained.get("demo") else trained.get("dataset", "folder")
+    if dataset not in DATASET_CONVENTIONS:
+        return "folder", f"trained on {dataset}, which has no convention of its own"
+    return DATASET_CONVENTIONS[dataset], f"trained on {dataset}"
 
 
 def describe(convention) -> str:
@@ -151,8 +153,8 @@ class Predictor:
         self.device, self.args = device, args
         self.detector = None
         if args.align == "auto":
-            self.detector = MTCNN(weights_dir=args.detector_weights,
-                                  min_face=args.min_face).to(device)
+            self.detector = MTCNN(weights_dir=args.detector_weights, min_face=args.min_face,
+                                  download_root=args.cache_dir).to(device)
 
     def faces(self, image: Image.Image, path: str, convention: str) -> List[AlignedFace]:
         if self.detector is None:  # the whole picture is the face, as eval.py --image had it

@@ -276,3 +276,20 @@ def test_the_detector_on_the_device_matches_the_cpu(astronaut):
     np.testing.assert_allclose(on_device.boxes.numpy(), on_cpu.boxes.numpy(), atol=1.0)
     np.testing.assert_allclose(on_device.landmarks.numpy(), on_cpu.landmarks.numpy(), atol=1.0)
     np.testing.assert_allclose(on_device.scores.numpy(), on_cpu.scores.numpy(), atol=1e-4)
+
+
+def test_weights_download_once_checked_with_sha256(tmp_path, monkeypatch):
+    """The download path, with the pinned URL pointed at the reference's files (file://)."""
+    from mpafer.faces import weights
+    monkeypatch.setattr(weights, "_RAW_URL", "file://" + REFERENCE_WEIGHTS + "/")
+    root = tmp_path / "weights"
+    paths = weights.weight_paths(download_root=str(root))
+    assert sorted(os.listdir(root)) == sorted(WEIGHT_FILES)  # no temporary file left behind
+    assert all(sha256_of(paths[name]) == sha for name, sha in WEIGHT_FILES.items())
+    detector = MTCNN(download_root=str(root))
+    assert len(detector.detect(Image.fromarray(skdata.astronaut())).boxes) == 1
+    # A file whose hash is wrong is not kept.
+    monkeypatch.setitem(weights.WEIGHT_FILES, "pnet.pt", "0" * 64)
+    with pytest.raises(RuntimeError, match="SHA-256 mismatch"):
+        weights.weight_paths(download_root=str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other" / "pnet.pt")

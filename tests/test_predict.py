@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from mpafer.faces import DATASET_CONVENTIONS
 from tests.helpers import quick_demo, run, tiny_state_dict
 
 DETECTOR_WEIGHTS = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
@@ -126,3 +127,21 @@ def test_missing_detector_weights_are_one_line(checkpoint, photos, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert str(tmp_path / "pnet.pt") in result.stderr and "facenet-pytorch" in result.stderr
+
+
+def test_the_crop_convention_is_the_checkpoints_record_else_its_datasets():
+    from mpafer.data import DATASET_NAMES
+    from mpafer.faces import CONVENTIONS
+    from mpafer.predict import face_convention
+
+    assert set(DATASET_NAMES) <= set(DATASET_CONVENTIONS)  # no dataset falls back silently
+    expected = {"rafdb": "rafdb", "ferplus": "ferplus", "affectnet7": "affectnet",
+                "affectnet8": "affectnet", "folder": "folder", "synthetic": "folder"}
+    for dataset, convention in expected.items():
+        assert face_convention({"train_config": {"dataset": dataset}})[0] == convention
+    assert face_convention({"train_config": {"dataset": "rafdb", "demo": True}})[0] == "folder"
+    recorded = {"face_convention": "ferplus", "train_config": {"dataset": "rafdb"}}
+    assert face_convention(recorded) == ("ferplus", "recorded in the checkpoint")
+    assert face_convention({"train_config": {"dataset": "rafdb",
+                                             "face_convention": "affectnet"}})[0] == "affectnet"
+    assert all(face_convention({"face_convention": c})[0] == c for c in CONVENTIONS)

@@ -69,9 +69,10 @@ CONVENTIONS: Dict[str, Convention] = {
         "at CLIP's usual input size."),
 }
 
-# The convention of each dataset a checkpoint may have been trained on.
-DATASET_CONVENTIONS = {"rafdb": "rafdb", "ferplus": "ferplus", "affectnet": "affectnet",
-                       "folder": "folder", "demo": "folder"}
+# The convention of each dataset a checkpoint may have been trained on (mpafer's dataset names;
+# the synthetic demo faces are drawn upright and centred, like an aligned folder).
+DATASET_CONVENTIONS = {"rafdb": "rafdb", "ferplus": "ferplus", "affectnet7": "affectnet",
+                       "affectnet8": "affectnet", "folder": "folder", "synthetic": "folder"}
 
 
 def get_convention(convention: Union[str, Convention]) -> Convention:

@@ -209,17 +209,18 @@ def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, image_index: torch.Tenso
 
 class MTCNN(nn.Module):
     """The three-stage cascade. `weights_dir`: a folder holding pnet.pt, rnet.pt and onet.pt
-    (nothing is downloaded); None downloads them on first use (see `weights.py`);
-    `pretrained=False` leaves the networks randomly initialised."""
+    (nothing is downloaded); None downloads them on first use into `download_root` (default:
+    the weights folder, see `weights.py`); `pretrained=False` leaves the networks randomly
+    initialised."""
 
     def __init__(self, weights_dir: Optional[str] = None, min_face: float = MIN_FACE,
                  thresholds: Sequence[float] = THRESHOLDS, factor: float = PYRAMID_FACTOR,
-                 pretrained: bool = True):
+                 pretrained: bool = True, download_root: Optional[str] = None):
         super().__init__()
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         self.min_face, self.thresholds, self.factor = min_face, tuple(thresholds), factor
         if pretrained:
-            paths = weight_paths(weights_dir)
+            paths = weight_paths(weights_dir, download_root)
             for name, network in (("pnet.pt", self.pnet), ("rnet.pt", self.rnet),
                                   ("onet.pt", self.onet)):
                 load_state_dict_into(network, paths[name])

@@ -27,12 +27,13 @@ def where_to_get(name: str) -> str:
             f"{_REPOSITORY})")
 
 
-def weight_paths(weights_dir: Optional[str] = None) -> Dict[str, str]:
+def weight_paths(weights_dir: Optional[str] = None,
+                 download_root: Optional[str] = None) -> Dict[str, str]:
     """{file name: path} of the three weight files.
 
     With `weights_dir`, the files must already be there (nothing is downloaded). Without it they
-    are downloaded, once, into the default weights folder ($MPAFER_WEIGHTS, else the
-    repository's weights/), where the CLIP weights go too.
+    are downloaded, once, into `download_root`, by default the weights folder the CLIP weights
+    go to ($MPAFER_WEIGHTS, else the repository's weights/).
     """
     if weights_dir is not None:
         paths = {name: os.path.join(weights_dir, name) for name in WEIGHT_FILES}
@@ -44,7 +45,7 @@ def weight_paths(weights_dir: Optional[str] = None) -> Dict[str, str]:
     # The shared download helper (temporary file, SHA-256 check, rename). Imported here so that
     # a copy of this package without mpafer still works when given a weights folder.
     from ..clip.loading import default_weights_dir, download
-    root = default_weights_dir()
+    root = download_root or default_weights_dir()
     return {name: download(_RAW_URL + name, root, sha256) for name, sha256 in WEIGHT_FILES.items()}
 
 
