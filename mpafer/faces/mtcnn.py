@@ -3,9 +3,9 @@ a score and 5 landmarks.
 
 Three networks run in a cascade. P-Net slides over an image pyramid and proposes windows;
 R-Net rescores and refines them on 24x24 crops; O-Net does so again on 48x48 crops and places
-the landmarks. Each stage is batched over all its candidates, and non-maximum suppression uses
-`torchvision.ops`. The networks' parameter names are those of facenet-pytorch's converted
-weights, which load as they are (see `weights.py`).
+the landmarks. Each network runs once per stage on all its candidates (of all images of a
+batch), and non-maximum suppression uses `torchvision.ops`. The networks' parameter names are
+those of facenet-pytorch's converted weights, which load as they are (see `weights.py`).
 
     detector = MTCNN().to(device)            # downloads the weights on first use
     faces = detector.detect(pil_image)       # Detections(boxes [N, 4], scores [N],
@@ -240,7 +240,7 @@ class MTCNN(nn.Module):
         in the picture's own pixels. Faces under 12 pixels in that copy cannot be found.
         `min_face` (pixels of the picture) overrides the detector's.
         """
-        pixels = _as_pixels(image)
+        pixels = _as_pixels(image).to(self.device)
         height, width = pixels.shape[-2:]
         min_face = self.min_face if min_face is None else min_face
         scale = 1.0
