@@ -232,7 +232,7 @@ def annotate(image: Image.Image, faces: List[Dict], classes: List[str]) -> Image
         x0, y0, x1, y1 = (v * scale for v in face["box"])
         draw.rectangle((x0, y0, x1, y1), outline=(255, 210, 0), width=line)
         if face["landmarks"]:
-            r = line
+            r = max(1.0, min(line, (x1 - x0) / 30))  # small dots on small faces
             for x, y in face["landmarks"]:
                 draw.ellipse((x * scale - r, y * scale - r, x * scale + r, y * scale + r),
                              fill=(0, 220, 255))
@@ -240,10 +240,11 @@ def annotate(image: Image.Image, faces: List[Dict], classes: List[str]) -> Image
         w, h = text_size(label, size)
         above = y0 - h - 2 * line >= 0  # the label above the box, else below it
         top = y0 - h - 2 * line if above else y1 + line
-        draw.rectangle((x0, top, x0 + w + 2 * line, top + h + 2 * line), fill=(255, 210, 0))
-        draw_text(draw, (x0 + line, top + line), label, size)
+        left = max(0, min(x0, canvas.width - w - 2 * line))  # inside the picture
+        draw.rectangle((left, top, left + w + 2 * line, top + h + 2 * line), fill=(255, 210, 0))
+        draw_text(draw, (left + line, top + line), label, size)
         below = y1 + line if above else top + h + 3 * line
-        probability_bars(draw, canvas.size, face, classes, (x0, below), small)
+        probability_bars(draw, canvas.size, face, classes, (left, below), small)
     return canvas
 
 
