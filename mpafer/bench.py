@@ -1,13 +1,11 @@
-"""`python -m mpafer.bench`: the benchmark; `gpu` runs every GPU check. The command only;
-its code is `mpafer.app.bench`."""
+"""`python -m mpafer.bench`: the benchmark; `gpu` runs every GPU check, `faces` times face
+detection. The command only; its code is `mpafer.app.bench`."""
 if __name__ == "__main__":
+    import importlib
     import sys
 
-    if sys.argv[1:2] == ["gpu"]:
-        from mpafer.app.bench.gpu import main
-
-        main(sys.argv[2:])
+    part = sys.argv[1] if sys.argv[1:2] in (["gpu"], ["faces"]) else ""
+    if part:
+        importlib.import_module(f"mpafer.app.bench.{part}").main(sys.argv[2:])
     else:
-        from mpafer.app.bench import main
-
-        main()
+        importlib.import_module("mpafer.app.bench").main()

@@ -97,3 +97,17 @@ def test_rafdb_like_writer_is_read_with_the_faces_labels(tmp_path):
     faces = SyntheticFaces("train", 2, 100)
     assert [train.classnames[t] for t in train.targets] == [faces.classnames[t] for t in faces.targets[:10]]
     assert len(test) == 3 and train.load(0).size == (100, 100)
+
+
+def test_faces_benchmark_times_both_detectors_and_prints_the_ratio(tmp_path, capsys):
+    from mpafer.app.bench import faces
+    path = tmp_path / "faces.json"
+    results = faces.main(["--size", "640x480", "--repeats", "2", "--warmup", "0",
+                          "--json", str(path)])
+    assert json.load(open(path))["detect_ratio"] == results["detect_ratio"] > 0
+    assert (results["width"], results["height"]) == (640, 480)
+    # The composed photo's faces (the smallest, 20 pixels wide, may be missed), found alike by
+    # both detectors.
+    assert results["faces_ours"] == results["faces_reference"] >= 3
+    assert [len(results["times"][k]) for k in ("ours", "reference")] == [2, 2]
+    assert "MTCNN, ours / facenet-pytorch" in capsys.readouterr().out

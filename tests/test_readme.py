@@ -17,7 +17,8 @@ import shlex
 import pytest
 import torch
 
-from mpafer.app import bench, interpret, report
+from mpafer.app import bench, interpret, predict, report
+from mpafer.app.bench import faces as faces_bench
 from mpafer.app.bench import gpu
 from mpafer.app.protocol import read_splits
 from mpafer.expclip import __main__ as expclip_command
@@ -130,7 +131,13 @@ def check(argv, fixtures, tmp_path) -> str:
         report.main(args[1:])
         return "ran"
     if module == "mpafer.bench":
-        (gpu.parse_args(args[2:]) if args[1:2] == ["gpu"] else bench.parse_args(args[1:]))
+        if args[1:2] == ["faces"]:
+            faces_bench.parse_args(args[2:])
+        else:
+            (gpu.parse_args(args[2:]) if args[1:2] == ["gpu"] else bench.parse_args(args[1:]))
+        return "parsed"
+    if module == "mpafer.predict":
+        predict.parse_args(args[1:])
         return "parsed"
     if module == "mpafer.expclip":
         expclip_command.parse_args(args[1:])

@@ -7,6 +7,7 @@
     python -m mpafer.bench --json bench.json    # also write the figures as JSON
     python -m mpafer.bench epoch                # an epoch from image files vs its steps alone
     python -m mpafer.bench gpu --json gpu.json  # every GPU check in one command: see bench.gpu
+    python -m mpafer.bench faces                # face detection vs facenet-pytorch: bench.faces
 
 Sub-benchmarks (each ratio compares two timings taken interleaved in one run):
   clip    vendored image/text towers vs the `nn.MultiheadAttention` reference
