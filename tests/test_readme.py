@@ -3,7 +3,7 @@
 
 - The demo commands run for real, shortened (one epoch, a few faces, one seed, a tiny random
   CLIP instead of the pre-trained demo CLIP).
-- eval.py commands on a checkpoint, and `python -m mpafer.app.report`, run for real on a run trained
+- eval.py commands on a checkpoint, and `python -m mpafer.report`, run for real on a run trained
   here on a fixture RAF-DB.
 - Every other train.py / eval.py / `python -m` command parses its flags with the script's own
   parser (every flag exists, every value validates), and a train.py command reads its data, with
@@ -168,7 +168,7 @@ def test_every_readme_command_works(fixtures, tmp_path, monkeypatch):
     "python train.py --dataset rafdb --data-root data/RAF-DB --base-classes neutral,joy",
     "python eval.py --checkpoint runs/rafdb/<run>/best.pt --class-set partial",
     "python -m mpafer.bench --repeat 3",
-    "python -m mpafer.app.report runs/rafdb/* --csv out.csv",
+    "python -m mpafer.report runs/rafdb/* --csv out.csv",
     "python -m mpafer.reports runs/rafdb/*",
 ])
 def test_the_check_fails_on_a_broken_command(broken, fixtures, tmp_path, monkeypatch):

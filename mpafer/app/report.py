@@ -1,8 +1,8 @@
 """Summaries over run folders: WAR/UAR mean ± std per configuration across seeds, and the
 training curves of each run.
 
-    python -m mpafer.app.report runs/rafdb/*                      # one Markdown table
-    python -m mpafer.app.report runs/fewshot/* --json summary.json --curves
+    python -m mpafer.report runs/rafdb/*                      # one Markdown table
+    python -m mpafer.report runs/fewshot/* --json summary.json --curves
 
 A run folder is what train.py writes: config.json, metrics.jsonl, best.pt, and test.json when
 best.pt was chosen on another split and then evaluated once on the test split. Runs are grouped

@@ -1,8 +1,8 @@
 """`python -m mpafer.bench faces`: face detection (mpafer.faces' MTCNN) against facenet-pytorch's
 MTCNN on the same photo, timed interleaved in one run, with the ratio (target <= 1.10).
 
-    python -m mpafer.app.bench faces                         # a 1280x960 photo, CPU
-    python -m mpafer.app.bench faces --image my.jpg --threads 2 --repeats 20 --json faces.json
+    python -m mpafer.bench faces                         # a 1280x960 photo, CPU
+    python -m mpafer.bench faces --image my.jpg --threads 2 --repeats 20 --json faces.json
 
 The reference is a test-only package: install it with `pip install --no-deps facenet-pytorch`
 (its metadata pins old torch versions). Both detectors load the weight files that package ships,
@@ -27,7 +27,7 @@ TARGET = 1.10  # ours / reference
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m mpafer.app.bench faces", description=__doc__,
+    p = ArgumentParser(prog="python -m mpafer.bench faces", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", help="a photo to detect faces in (default: the composed one)")
     p.add_argument("--size", default="1280x960", metavar="WxH",
