@@ -1,5 +1,5 @@
-"""`python -m mpafer.bench`: the benchmark; `gpu` runs every GPU check. The command only;
-its code is `mpafer.app.bench`."""
+"""`python -m mpafer.bench [BENCHMARK ...] | gpu`: the benchmark. The command only; its code is
+`mpafer.app.bench`."""
 if __name__ == "__main__":
     import sys
 

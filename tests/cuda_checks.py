@@ -1,7 +1,7 @@
 """What the CUDA test tier shares (tests/test_cuda.py, tests/test_cuda_scripts.py).
 
 These tests are marked `cuda` and run with `python -m pytest -q -m cuda` (and as part 1 of
-`python -m mpafer.app.bench gpu`). Without CUDA they are skipped at collection: nothing is built, so
+`python -m mpafer.bench gpu`). Without CUDA they are skipped at collection: nothing is built, so
 a CPU run of the suite takes no longer for them.
 
 Environment variables:
@@ -10,7 +10,7 @@ Environment variables:
       synchronisation checks (`torch.cuda.set_sync_debug_mode`) run their code without the check,
       and the tests that measure CUDA memory skip. Any other device name works too ("cuda:1").
   MPAFER_TEST_FIGURES=FILE  tests append the figures they measure (peak memory) to FILE, one
-      JSON object a line, as they measure them; `python -m mpafer.app.bench gpu` collects them.
+      JSON object a line, as they measure them; `python -m mpafer.bench gpu` collects them.
 """
 import contextlib
 import json

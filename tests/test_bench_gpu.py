@@ -1,4 +1,4 @@
-"""`python -m mpafer.app.bench gpu` on a machine without CUDA: one line and out; and its dry run,
+"""`python -m mpafer.bench gpu` on a machine without CUDA: one line and out; and its dry run,
 which runs the command's own machinery (parts, budgets, the tests' subprocess, the JSON) in
 seconds."""
 import json
@@ -15,9 +15,9 @@ from tests.helpers import run
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_it_exits_at_once_with_one_line():
     start = time.perf_counter()
-    result = run("-m", "mpafer.app.bench", "gpu", "--json", "never-written.json", check=False)
+    result = run("-m", "mpafer.bench", "gpu", "--json", "never-written.json", check=False)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith("mpafer.app.bench gpu needs CUDA: no CUDA device is visible")
+    assert result.stderr.startswith("mpafer.bench gpu needs CUDA: no CUDA device is visible")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert time.perf_counter() - start < 30  # the time to import torch, nothing more
 
