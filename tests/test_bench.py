@@ -47,7 +47,7 @@ def test_bench_with_grad_checkpointing_in_process():
 
 EPOCH_KEYS = ("epoch_ratio", "loader_images_per_second_per_worker", "step_images_per_second", "outside_step_share",
               "epoch_images_per_second", "loader_images_per_second", "eval_images_per_second",
-              "eval_forward_images_per_second", "prototype_images_per_second")
+              "prototype_images_per_second")
 TINY_EPOCH = ["epoch", "--shape", "tiny", "--train-batch", "4", "--eval-batch", "4", "--epoch-steps", "2",
               "--loader-batches", "4", "--eval-images", "6", "--repeats", "2", "--warmup", "1", "--workers", "1",
               "--device", "cpu", "--no-keep-freed-memory"]

@@ -1,27 +1,18 @@
-"""The speed targets, each ratio measured side by side in one run.
-
-    python -m mpafer.bench                      # clip, train, eval, memory (ViT-B/16)
-    python -m mpafer.bench train eval --repeats 3 --json bench.json
-    python -m mpafer.bench --shape tiny --train-batch 4 --eval-batch 4 --repeats 2   # a quick check
-    python -m mpafer.bench epoch                # epochs from image files vs their steps alone
-    python -m mpafer.bench gpu --json gpu.json  # every GPU check in one command (gpu --help)
+"""The speed targets, each ratio measured side by side in one run (random weights); `gpu`
+runs every GPU check in one command (`python -m mpafer.bench gpu --help`).
 
   clip    the vendored image and text towers vs an `nn.MultiheadAttention` reference with the
           same weights                                                  (clip_ratio <= 1.0)
-  train   a full MPA-FER training step (all losses, SGD with momentum, gradient clipping) vs the
-          unavoidable part: the prompted image tower and the C-prompt text tower, forward and
-          backward to the prompts, of a trivial scalar loss       (train_step_ratio <= 1.15)
-  eval    MPA-FER prediction vs zero-shot CLIP per image, both with cached text features
-                                                                        (eval_ratio <= 1.10)
+  train   a full MPA-FER training step (all losses, SGD, clipping) vs the unavoidable part:
+          the prompted image tower and the C-prompt text tower, forward and backward to the
+          prompts, of a trivial scalar loss                       (train_step_ratio <= 1.15)
+  eval    MPA-FER prediction vs zero-shot CLIP per image, text features cached (eval_ratio <= 1.10)
   memory  peak memory of a training step (CUDA: max_memory_allocated; CPU: peak RSS of a fresh
           process), trainable parameters, checkpoint size
   epoch   (only when named) train.py's loop from image files: see `mpafer.app.bench.epoch`
 
-Timings are medians over repeats after warm-up; a ratio is the median over rounds of two
-timings taken back to back, in alternating order, which keeps it fair on a shared machine.
-Weights are random: speed does not depend on them. On CUDA, autocast (bf16 where supported,
-else fp16), TF32 and cuDNN autotuning are on as in train.py, and the training step's host-device
-synchronisations are counted; inputs already sit on the device.
+A ratio is the median over rounds of two timings taken back to back, in alternating order (fair
+on a shared machine). CUDA runs as train.py does (autocast, TF32, cuDNN autotuning).
 """
 import argparse
 import datetime
@@ -45,10 +36,8 @@ def parse_args(argv=None):
     """The benchmark's options, checked (nothing runs)."""
     parser = ArgumentParser(prog="python -m mpafer.bench", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", metavar="BENCHMARK",
-                        help=f"of {', '.join(BENCHMARKS)} (default: {' '.join(DEFAULT)})")
-    parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES),
-                        help="CLIP shape (random weights)")
+    parser.add_argument("which", nargs="*", metavar="BENCHMARK", help=" ".join(BENCHMARKS))
+    parser.add_argument("--shape", default="ViT-B/16", choices=list(SHAPES))
     parser.add_argument("--batch", type=int, default=8, help="batch of the CLIP tower comparison")
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--eval-batch", type=int, default=64)
@@ -58,12 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing in both CLIP towers of MPA-FER")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
-                        help="CPU/glibc: keep freed memory in the process, as CUDA's caching "
-                             "allocator does, so timings measure compute, not page faults "
-                             "(default: on for CPU)")
+                        help="keep freed memory in the process (CPU, glibc; default: on for CPU)")
     parser.add_argument("--in-process", action="store_true",
-                        help="memory: measure in this process, not a fresh one (CPU peak RSS then "
-                             "includes whatever ran before)")
+                        help="memory: measure in this process (CPU: its peak RSS so far)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     epoch.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -82,7 +68,7 @@ def main(argv=None):
     args.warmup = (3 if device.type == "cuda" else 1) if args.warmup is None else args.warmup
     if args.keep_freed_memory is None:
         args.keep_freed_memory = device.type == "cpu"
-    kept = measure.keep_freed_memory() if args.keep_freed_memory else False
+    kept = args.keep_freed_memory and measure.keep_freed_memory()
     if device.type == "cuda":
         configure_cuda()
     amp = str(args.amp_dtype).replace("torch.", "") if args.amp_dtype else None
@@ -92,14 +78,12 @@ def main(argv=None):
                "amp_dtype": amp, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "malloc_keeps_freed_memory": kept, "targets": TARGETS, "times": {},
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    extras = [name for name, on in (("glibc keeps freed memory", kept),
-                                    ("grad checkpointing", args.grad_checkpointing)) if on]
     print(f"MPA-FER benchmark: {args.shape} (random weights), {results['device']}, "
           f"{'AMP ' + amp if amp else 'fp32'}, {results['threads']} threads, torch "
-          f"{torch.__version__}" + "".join(", " + e for e in extras), flush=True)
+          f"{torch.__version__}" + ", glibc keeps freed memory" * kept
+          + ", grad checkpointing" * args.grad_checkpointing, flush=True)
     if args.shape == "tiny":
-        print("  (tiny shape: per-operation overhead dominates; the targets are meant for real "
-              "shapes)")
+        print("  (tiny shape: per-operation overhead dominates; targets are for real shapes)")
     for name in args.which:
         out = BENCHMARKS[name](args, device)
         results["times"].update(out.pop("times", {}))  # every timing in seconds, per round

@@ -6,20 +6,18 @@ Passes on the current device and shape, taking turns over the rounds (medians ov
             every epoch), pinned memory, `TrainBatchAugment`, `engine.train_epoch`
                                                                      epoch_images_per_second
   loader    the same DataLoader alone, once every worker is busy, and its first batch
-  eval      `engine.predict` from files; and its forward passes on a batch on the device
+  eval      `engine.predict` from files, workers started afresh    eval_images_per_second
 then the prototype pass from files. epoch_ratio = epoch / step images per second (1.0: loading
-costs the steps nothing).
-
-outside_step_share, the share of a full run outside training steps, is modelled from these
-rates: E epochs of S = train images // batch steps cost
+costs the steps nothing). outside_step_share, the share of a full run outside training steps,
+is modelled from these rates: E epochs of S = train images // batch steps cost
     steps       E * S * step time
     loader      E * (first-batch wait + S * max(0, epoch time per step after it - step time))
     evaluation  evaluations * eval images / eval_images_per_second
     prototypes  train images / prototype_images_per_second (once; cached afterwards)
-and the share is (loader + evaluation + prototypes) / (all four); checkpoint writes are left
-out. The run is RAF-DB's recipe (120 epochs, its split sizes) unless --data-root gives a dataset.
-The default files are synthetic faces as 100x100 JPEGs in RAF-DB's layout, as RAF-DB's aligned
-faces are; cartoons compress better than photographs, so they may decode a little faster.
+and the share is (loader + evaluation + prototypes) / (all four), checkpoint writes left out.
+The run is RAF-DB's recipe (120 epochs, its split sizes) unless --data-root gives a dataset;
+the default files are synthetic faces, 100x100 JPEGs in RAF-DB's layout (cartoons compress
+better than photographs, so they may decode a little faster).
 """
 import math
 import os
@@ -31,18 +29,9 @@ from typing import Dict
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ...data import (
-    DATASET_NAMES,
-    RAFDB_CLASSES,
-    RAFDB_EXPECTED_COUNTS,
-    RAFDB_LABEL_FILE,
-    TrainBatchAugment,
-    build_dataset,
-    eval_transform,
-    normalize_on_device,
-    train_transform,
-)
-from ...precision import autocast
+from ...data import DATASET_NAMES, TrainBatchAugment, build_dataset
+from ...data.rafdb import RAFDB_CLASSES, RAFDB_EXPECTED_COUNTS, RAFDB_LABEL_FILE
+from ...data.transforms import eval_transform, train_transform
 from ...prototypes import compute_prototypes, prototype_subset
 from ..config import TrainConfig
 from ..engine import make_optimizer, predict, train_epoch, trainable_parameters
@@ -126,16 +115,14 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
     batch, steps, amp, recipe = args.train_batch, args.epoch_steps, args.amp_dtype, TrainConfig()
     loader = TrainLoader(train_set, batch, seed=0, workers=args.workers,
                          pin_memory=device.type == "cuda")
-    optimization = make_optimizer(trainable_parameters(model), recipe.lr, recipe.momentum,
-                                  recipe.weight_decay, round(recipe.warmup_epochs * len(loader)),
-                                  recipe.epochs * len(loader), device, amp)
+    optimization = make_optimizer(
+        trainable_parameters(model), recipe.lr, recipe.momentum, recipe.weight_decay,
+        round(recipe.warmup_epochs * len(loader)), recipe.epochs * len(loader), device, amp)
     augment = TrainBatchAugment(device, seed=0)
     res = model.clip.visual.input_resolution
-    pixels = torch.randint(0, 256, (max(batch, args.eval_batch), 3, res, res), dtype=torch.uint8)
-    pixels = pixels.to(device)
+    pixels = torch.randint(0, 256, (max(batch, args.eval_batch), 3, res, res),
+                           dtype=torch.uint8).to(device)
     in_memory = [(pixels[:batch], (torch.arange(batch) % 7).to(device))] * steps
-    eval_images = normalize_on_device(pixels[:args.eval_batch])
-    eval_batches = -(-len(eval_set) // args.eval_batch)
 
     def epoch_pass(batches):
         """-> (seconds until the first batch, workers starting included; seconds in all;
@@ -151,8 +138,8 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
 
     def loader_pass():
         """-> the seconds at which each batch arrived, counted from starting the workers."""
-        start, timed_batches = time.perf_counter(), Arrivals(loader.start_epoch(0),
-                                                             args.loader_batches)
+        start = time.perf_counter()
+        timed_batches = Arrivals(loader.start_epoch(0), args.loader_batches)
         for _ in timed_batches:
             pass
         return [t - start for t in timed_batches.arrivals]
@@ -161,13 +148,6 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
         return predict(model.eval(), eval_set, device, amp, batch_size=args.eval_batch,
                        workers=args.workers, progress=False)
 
-    @torch.no_grad()
-    def eval_forward():  # the evaluation's forward passes on a batch already on the device
-        model.eval()
-        with autocast(device, amp):
-            for _ in range(eval_batches):
-                model(eval_images).logits.argmax(dim=-1)
-
     for _ in range(args.warmup):  # compilation, autotuning, allocator, page cache
         epoch_pass(in_memory)
         evaluate()
@@ -175,26 +155,22 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
         "step": lambda: epoch_pass(in_memory)[1],
         "epoch": lambda: epoch_pass(loader.start_epoch(0)),
         "loader": loader_pass,
-        "eval": lambda: measure.timed(evaluate, device),
-        "eval_forward": lambda: measure.timed(eval_forward, device)}, args.repeats)
+        "eval": lambda: measure.timed(evaluate, device)}, args.repeats)
     return times
 
 
 def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
     """The epoch benchmark (see the module doc) on `model`, an MPA-FER with prototypes set."""
-    args.epoch_steps = args.epoch_steps or (50 if device.type == "cuda" else 4)
-    args.loader_batches = args.loader_batches or max(args.epoch_steps, 20)
-    batch, steps, median = args.train_batch, args.epoch_steps, statistics.median
-    resolution = model.clip.visual.input_resolution
+    steps = args.epoch_steps = args.epoch_steps or (50 if device.type == "cuda" else 4)
+    args.loader_batches = args.loader_batches or max(steps, 20)
+    batch, median, res = args.train_batch, statistics.median, model.clip.visual.input_resolution
     train_images = max(steps, args.loader_batches) * batch
     with tempfile.TemporaryDirectory(prefix="mpafer-epoch-") as tmp:
         root = args.data_root or write_rafdb_like(os.path.join(tmp, "rafdb"), train_images,
                                                   args.eval_images or 10 * args.eval_batch)
-        uint8_eval = eval_transform(resolution, uint8=True)
-        train_set = build_dataset(args.dataset, root, "train",
-                                  train_transform(resolution, uint8=True))
-        eval_set = build_dataset(args.dataset, root, "test", uint8_eval)
-        proto_set = build_dataset(args.dataset, root, "train", uint8_eval)
+        train_set = build_dataset(args.dataset, root, "train", train_transform(res, uint8=True))
+        eval_set = build_dataset(args.dataset, root, "test", eval_transform(res, uint8=True))
+        proto_set = build_dataset(args.dataset, root, "train", eval_transform(res, uint8=True))
         run_train, run_eval = ((len(train_set), len(eval_set)) if args.data_root
                                else (RAFDB_RUN["train"], RAFDB_RUN["test"]))
         eval_set = Subset(eval_set, range(min(len(eval_set), args.eval_images or len(eval_set))))
@@ -203,11 +179,12 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
                              f"the {train_images} the benchmark reads; lower --epoch-steps, "
                              "--loader-batches or --train-batch")
         times = measure_rounds(args, device, model, train_set, eval_set)
-        # A class-balanced subset of about as many images as the measured evaluation.
+        # Prototypes as train.py computes them, on a class-balanced subset of about as many
+        # images as the measured evaluation.
         per_class = -(-len(eval_set) // len(train_set.classnames))
         proto_images = len(prototype_subset(proto_set.targets, per_class))
         proto_loader = DataLoader(proto_set, batch_size=128, num_workers=args.workers,
-                                  pin_memory=device.type == "cuda")  # as train.py's prototypes
+                                  pin_memory=device.type == "cuda")
         proto_seconds = measure.timed(lambda: compute_prototypes(
             model, proto_loader, len(train_set.classnames), per_class, progress=False,
             amp_dtype=args.amp_dtype), device)
@@ -223,8 +200,6 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
            "loader_images_per_second_per_worker": loader_rate / max(1, args.workers),
            "loader_first_batch_seconds": median(a[0] for a in times["loader"]),
            "eval_images_per_second": len(eval_set) / median(times["eval"]),
-           "eval_forward_images_per_second": (-(-len(eval_set) // args.eval_batch)
-                                              * args.eval_batch / median(times["eval_forward"])),
            "prototype_images_per_second": proto_images / proto_seconds}
     # The full run, modelled from these rates (see the module doc).
     per_epoch, epochs = run_train // batch, args.run_epochs
@@ -238,37 +213,35 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
     run.update(total=total, outside_step_share=(total - run["steps"]) / total, epochs=epochs,
                evaluations=evaluations, train_images=run_train, eval_images=run_eval,
                steps_per_epoch=per_epoch)
+    data = args.data_root or "synthetic 100x100 JPEGs, RAF-DB layout"
     out.update(outside_step_share=run["outside_step_share"], full_run_model=run,
-               epoch_settings={"data": args.data_root or "synthetic 100x100 JPEGs, RAF-DB layout",
-                               "dataset": args.dataset, "workers": args.workers, "batch": batch,
-                               "eval_batch": args.eval_batch, "epoch_steps": steps,
+               epoch_settings={"data": data, "dataset": args.dataset, "workers": args.workers,
+                               "batch": batch, "epoch_steps": steps,
                                "loader_batches": args.loader_batches,
-                               "eval_images": len(eval_set), "prototype_images": proto_images,
-                               "rounds": args.repeats},
+                               "eval_images": len(eval_set), "prototype_images": proto_images},
                times={"epoch": times})
-    print_epoch(out)
+    print_epoch(out, args)
     return out
 
 
-def print_epoch(out: Dict[str, object]):
-    s, m = out["epoch_settings"], out["full_run_model"]
-    print(f"epoch: {s['data']}, batch {s['batch']}, {s['workers']} workers, {s['epoch_steps']} "
-          f"steps per measured epoch, {s['rounds']} rounds")
-    rows = [("step only, inputs on the device", out["step_images_per_second"], ""),
+def print_epoch(out: Dict[str, object], args):
+    run = out["full_run_model"]
+    print(f"epoch: {out['epoch_settings']['data']}, batch {args.train_batch}, {args.workers} "
+          f"workers, {args.epoch_steps} steps per measured epoch, {args.repeats} rounds")
+    for label, rate, note in [
+            ("step only, inputs on the device", out["step_images_per_second"], ""),
             ("epoch from files (train.py's loop)", out["epoch_images_per_second"],
              f"epoch_ratio {out['epoch_ratio']:.3f}; first batch after "
              f"{out['epoch_first_batch_seconds']:.2f}s, then waited "
-             f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step for data"),
+             f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step"),
             ("DataLoader alone", out["loader_images_per_second"],
-             f"{out['loader_images_per_second_per_worker']:.0f} per worker; first batch after "
-             f"{out['loader_first_batch_seconds']:.2f}s"),
-            ("evaluation from files", out["eval_images_per_second"],
-             f"forward passes alone {out['eval_forward_images_per_second']:.1f} img/s"),
-            ("prototype pass from files", out["prototype_images_per_second"], "")]
-    for label, rate, note in rows:
+             f"{out['loader_images_per_second_per_worker']:.0f} per "
+             f"worker; first batch after {out['loader_first_batch_seconds']:.2f}s"),
+            ("evaluation from files", out["eval_images_per_second"], ""),
+            ("prototype pass from files", out["prototype_images_per_second"], "")]:
         print(f"  {label:<38}{rate:>9.1f} img/s   {note}".rstrip())
-    print(f"  full run modelled from these rates ({m['epochs']} epochs x {m['steps_per_epoch']} "
-          f"steps, {m['evaluations']} evaluations of {m['eval_images']} images): steps "
-          f"{m['steps']:.0f}s, loader {m['loader']:.0f}s, evaluation {m['evaluation']:.0f}s, "
-          f"prototypes {m['prototypes']:.0f}s -> outside_step_share "
-          f"{out['outside_step_share']:.3f}")
+    print(f"  full run modelled ({run['epochs']} epochs x {run['steps_per_epoch']} steps, "
+          f"{run['evaluations']} evaluations of {run['eval_images']} images): steps "
+          f"{run['steps']:.0f}s, loader {run['loader']:.0f}s, evaluation {run['evaluation']:.0f}s, "
+          f"prototypes {run['prototypes']:.0f}s -> outside_step_share "
+          f"{run['outside_step_share']:.3f}", flush=True)

@@ -1,21 +1,13 @@
-"""FLOPs of an MPA-FER training step, counted analytically from the CLIP shape and the prompt
-configuration: the numerator of `step_mfu` (`python -m mpafer.bench gpu`).
+"""FLOPs of an MPA-FER training step, counted analytically: the numerator of `step_mfu`.
 
-Matrix products only, at 2 FLOPs a multiply-add: the patch embedding, every linear layer,
-attention's two products over all heads (causal text attention in full, as
-`torch.utils.flop_counter` counts it) and the head's small products. Element-wise work is left
-out: it is memory-bound and small at these widths. Sequence lengths are the ones the model runs:
-1 + (resolution / patch)^2 image tokens plus the visual prompt tokens in the layers that have
-them, and the class prompts cropped to the longest (`TextPromptLearner`). The text tower runs
-once a step whatever the batch.
-
-A step is its forward pass and the backward pass autograd needs to reach the prompts. CLIP is
-frozen, so no weight gradient is computed: a product with a frozen operand (a weight, a buffer)
-has one backward product, a product of two activations that both need gradients (attention, the
-image-text scores) has two, and the patch embedding (frozen weights, images need no gradient)
-has none. Recomputation (activation checkpointing, FlashAttention's backward) is not counted:
-the ratio to the hardware peak is model-FLOPs utilisation. tests/test_flops.py checks the counts
-against `torch.utils.flop_counter`.
+Matrix products only, 2 FLOPs a multiply-add (element-wise work is memory-bound and small), over
+the sequence lengths the model runs: image tokens plus visual prompt tokens in the layers that
+have them, class prompts cropped to the longest, the text tower once a step. Causal attention
+counts in full, as `torch.utils.flop_counter` counts it (tests/test_flops.py compares the two).
+A step is its forward pass and the backward pass needed to reach the prompts. CLIP is frozen,
+so a product with a frozen operand has one backward product, one of two activations that need
+gradients (attention, image-text scores) two, the patch embedding none. Recomputation is not
+counted: the ratio to the hardware peak is model-FLOPs utilisation.
 """
 from typing import Dict, List, Optional, Sequence
 

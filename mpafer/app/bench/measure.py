@@ -2,7 +2,6 @@
 alternating order, so a burst of load from other jobs hits both; CUDA is synchronised around
 every timed call."""
 import ctypes
-import os
 import platform
 import resource
 import statistics
@@ -12,9 +11,6 @@ import warnings
 from typing import Callable, Dict, List
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))))  # the clone this package runs from (its tests/ and the `-m mpafer` path)
 
 
 def keep_freed_memory() -> bool:
@@ -46,7 +42,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def take_turns(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, list]:
-    """What each fn() returns in each of `rounds`, every fn once a round, in alternating order."""
+    """What each fn() returns in each round, every fn once a round, in alternating order."""
     out = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -84,20 +80,15 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
 
 def peak_rss() -> int:
     """Peak resident set size of this process so far, in bytes (it never goes down)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+    kib = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    try:  # Linux names the CPU model, platform often only its architecture
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
-
-
-def mib(n: float) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"

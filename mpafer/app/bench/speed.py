@@ -7,12 +7,8 @@ does; the towers do the reference's arithmetic on `scaled_dot_product_attention`
 At the tiny shape fixed per-operation costs dominate: its ratios say nothing about the targets.
 """
 import io
-import json
-import os
+import multiprocessing
 import statistics
-import subprocess
-import sys
-import tempfile
 from typing import Callable, Dict
 
 import torch
@@ -31,7 +27,6 @@ from .reference import build_reference_model
 
 CLASSES = list(BASIC_CLASSES)
 TARGETS = {"clip_ratio": 1.0, "train_step_ratio": 1.15, "eval_ratio": 1.10}
-MEMORY_KEYS = ("peak_memory_bytes", "peak_memory_kind", "trainable_params", "checkpoint_bytes")
 
 
 def random_clip(shape: str, seed: int = 0) -> CLIP:
@@ -163,21 +158,14 @@ def bench_eval(args, device: torch.device) -> Dict[str, object]:
                            for c in CLASSES]).to(device)
         zero_shot_text = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)  # [C, D]
 
-    @torch.no_grad()
-    def mpafer_predict():
-        with autocast(device, args.amp_dtype):
-            return model(images).logits.argmax(dim=-1)
-
-    @torch.no_grad()
-    def zero_shot_predict():
-        with autocast(device, args.amp_dtype):
+        def zero_shot_predict():
             features = F.normalize(clip_model.encode_image(images).float(), dim=-1)  # [B, D]
             return (clip_model.logit_scale.exp() * features @ zero_shot_text.t()).argmax(dim=-1)
 
-    times, ours, zero_shot, ratio = side_by_side(
-        f"evaluation / zero-shot CLIP, per image (batch {args.eval_batch})",
-        {"mpafer": mpafer_predict, "zero_shot": zero_shot_predict}, args, device, "eval_ratio",
-        per=args.eval_batch)
+        times, ours, zero_shot, ratio = side_by_side(
+            f"evaluation / zero-shot CLIP, per image (batch {args.eval_batch})",
+            {"mpafer": lambda: model(images).logits.argmax(dim=-1), "zero_shot": zero_shot_predict},
+            args, device, "eval_ratio", per=args.eval_batch)
     return {"eval_seconds_per_image": ours, "eval_zero_shot_seconds_per_image": zero_shot,
             "eval_ratio": ratio, "times": {"eval": times}}
 
@@ -206,24 +194,12 @@ def memory_in_process(args, device: torch.device) -> Dict[str, object]:
             "peak_memory_kind": "peak RSS of a process that built the model and ran two steps"}
 
 
-def memory_in_subprocess(args) -> Dict[str, object]:
-    """`memory_in_process` in a fresh process that does nothing else (`memory --in-process`):
-    a process's peak RSS never goes down, so it would include whatever ran before."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "memory.json")
-        command = [sys.executable, "-m", "mpafer.bench", "memory", "--in-process", "--json", path,
-                   "--shape", args.shape, "--train-batch", str(args.train_batch), "--device", "cpu",
-                   "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
-        command += ["--grad-checkpointing"] * args.grad_checkpointing
-        python_path = os.pathsep.join(filter(None, [measure.REPO, os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=python_path),
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the memory benchmark's process failed ({' '.join(command)}):\n"
-                               f"{done.stderr}")
-        with open(path) as f:
-            results = json.load(f)
-    return {k: results[k] for k in MEMORY_KEYS}
+def memory_in_fresh_process(args) -> Dict[str, object]:
+    """`memory_in_process` on the CPU in a process that does nothing else: a process's peak RSS
+    never goes down, so in this one it would include whatever ran before."""
+    if args.keep_freed_memory:
+        measure.keep_freed_memory()
+    return memory_in_process(args, torch.device("cpu"))
 
 
 def bench_memory(args, device: torch.device) -> Dict[str, object]:
@@ -232,9 +208,10 @@ def bench_memory(args, device: torch.device) -> Dict[str, object]:
     if device.type == "cuda" or args.in_process:
         out = memory_in_process(args, device)
     else:
-        out = memory_in_subprocess(args)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            out = pool.apply(memory_in_fresh_process, (args,))
     print(f"  {f'peak memory of a training step (batch {args.train_batch})':<58}"
-          f"{measure.mib(out['peak_memory_bytes']):>12}   {out['peak_memory_kind']}\n"
+          f"{out['peak_memory_bytes'] / 2 ** 20:>8,.1f} MiB   {out['peak_memory_kind']}\n"
           f"  {'trainable parameters':<58}{out['trainable_params']:>12,}\n"
           f"  {'checkpoint size (trainable state dict)':<58}{out['checkpoint_bytes']:>12,} bytes",
           flush=True)
