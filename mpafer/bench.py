@@ -1,5 +1,4 @@
-"""`python -m mpafer.bench [BENCHMARK ...] | gpu`: the benchmark. The command only; its code is
-`mpafer.app.bench`."""
+"""`python -m mpafer.bench [BENCHMARK ...] | gpu`: the command; its code is mpafer.app.bench."""
 if __name__ == "__main__":
     import sys
 

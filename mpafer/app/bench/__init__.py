@@ -24,11 +24,10 @@ from ...files import atomic_write_json
 from ...precision import configure_cuda, resolve_amp
 from ..cli import ArgumentParser
 from . import epoch, measure
-from .speed import TARGETS, bench_clip, bench_eval, bench_memory, bench_train, benchmark_model
+from .speed import TARGETS, bench_clip, bench_eval, bench_memory, bench_train
 
 BENCHMARKS = {"clip": bench_clip, "train": bench_train, "eval": bench_eval, "memory": bench_memory,
-              "epoch": lambda args, device: epoch.run_epoch_benchmark(
-                  args, device, benchmark_model(args, device))}
+              "epoch": epoch.run_epoch_benchmark}
 DEFAULT = ("clip", "train", "eval", "memory")  # `epoch` reads files and runs longer: when named
 
 

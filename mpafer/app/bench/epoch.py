@@ -1,12 +1,11 @@
 """`python -m mpafer.bench epoch`: training epochs from image files against their steps alone.
 
 Passes on the current device and shape, taking turns over the rounds (medians over rounds):
-  step      `engine.train_epoch` on a batch already on the device    step_images_per_second
-  epoch     train.py's loop from files: DataLoader workers (uint8 crops, started afresh as in
-            every epoch), pinned memory, `TrainBatchAugment`, `engine.train_epoch`
-                                                                     epoch_images_per_second
-  loader    the same DataLoader alone, once every worker is busy, and its first batch
-  eval      `engine.predict` from files, workers started afresh    eval_images_per_second
+  step    `engine.train_epoch` on a batch already on the device      step_images_per_second
+  epoch   train.py's loop: files, DataLoader workers (uint8 crops, started afresh as in every
+          epoch), pinned memory, `TrainBatchAugment`, `engine.train_epoch`  epoch_images_per_second
+  loader  the same DataLoader alone, once every worker is busy     loader_images_per_second
+  eval    `engine.predict` from files, workers started afresh      eval_images_per_second
 then the prototype pass from files. epoch_ratio = epoch / step images per second (1.0: loading
 costs the steps nothing). outside_step_share, the share of a full run outside training steps,
 is modelled from these rates: E epochs of S = train images // batch steps cost
@@ -38,6 +37,7 @@ from ..engine import make_optimizer, predict, train_epoch, trainable_parameters
 from ..loader import TrainLoader
 from ..synthetic import SyntheticFaces
 from . import measure
+from .speed import benchmark_model
 
 RAFDB_RUN = dict(epochs=120, train=sum(RAFDB_EXPECTED_COUNTS["train"]),
                  test=sum(RAFDB_EXPECTED_COUNTS["test"]))
@@ -47,16 +47,13 @@ def add_arguments(parser):
     group = parser.add_argument_group("epoch benchmark")
     group.add_argument("--data-root", default="", help="a real dataset (default: synthetic "
                        "100x100 JPEGs in RAF-DB's layout, written to a temporary folder)")
-    group.add_argument("--dataset", default="rafdb", choices=DATASET_NAMES,
-                       help="the kind of --data-root")
+    group.add_argument("--dataset", default="rafdb", choices=DATASET_NAMES, help="of --data-root")
     group.add_argument("--workers", type=int, default=TrainConfig().workers,
                        help="DataLoader workers (train.py's default)")
-    group.add_argument("--epoch-steps", type=int,
-                       help="training steps per measured epoch (default: 50 on CUDA, 4 on CPU)")
+    group.add_argument("--epoch-steps", type=int, help="steps an epoch (default 50; on CPU 4)")
     group.add_argument("--loader-batches", type=int,
                        help="batches of the loader-alone pass (default: max(epoch steps, 20))")
-    group.add_argument("--eval-images", type=int,
-                       help="images of the measured evaluation (default: 10 eval batches)")
+    group.add_argument("--eval-images", type=int, help="evaluated (default: 10 eval batches)")
     group.add_argument("--run-epochs", type=int, default=RAFDB_RUN["epochs"],
                        help="epochs of the full run modelled by outside_step_share")
     group.add_argument("--eval-every", type=int, default=1, help="of the modelled run")
@@ -120,9 +117,8 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
         round(recipe.warmup_epochs * len(loader)), recipe.epochs * len(loader), device, amp)
     augment = TrainBatchAugment(device, seed=0)
     res = model.clip.visual.input_resolution
-    pixels = torch.randint(0, 256, (max(batch, args.eval_batch), 3, res, res),
-                           dtype=torch.uint8).to(device)
-    in_memory = [(pixels[:batch], (torch.arange(batch) % 7).to(device))] * steps
+    pixels = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8).to(device)
+    in_memory = [(pixels, (torch.arange(batch) % 7).to(device))] * steps
 
     def epoch_pass(batches):
         """-> (seconds until the first batch, workers starting included; seconds in all;
@@ -151,16 +147,16 @@ def measure_rounds(args, device, model, train_set, eval_set) -> Dict[str, list]:
     for _ in range(args.warmup):  # compilation, autotuning, allocator, page cache
         epoch_pass(in_memory)
         evaluate()
-    times = measure.take_turns({
+    return measure.take_turns({
         "step": lambda: epoch_pass(in_memory)[1],
         "epoch": lambda: epoch_pass(loader.start_epoch(0)),
         "loader": loader_pass,
         "eval": lambda: measure.timed(evaluate, device)}, args.repeats)
-    return times
 
 
-def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
-    """The epoch benchmark (see the module doc) on `model`, an MPA-FER with prototypes set."""
+def run_epoch_benchmark(args, device: torch.device) -> Dict[str, object]:
+    """The epoch benchmark (see the module doc) on MPA-FER as `python -m mpafer.bench` builds it."""
+    model = benchmark_model(args, device)
     steps = args.epoch_steps = args.epoch_steps or (50 if device.type == "cuda" else 4)
     args.loader_batches = args.loader_batches or max(steps, 20)
     batch, median, res = args.train_batch, statistics.median, model.clip.visual.input_resolution
@@ -198,7 +194,6 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
            "epoch_loader_wait_seconds_per_step": median(waits) / max(1, steps - 1),
            "loader_images_per_second": loader_rate,
            "loader_images_per_second_per_worker": loader_rate / max(1, args.workers),
-           "loader_first_batch_seconds": median(a[0] for a in times["loader"]),
            "eval_images_per_second": len(eval_set) / median(times["eval"]),
            "prototype_images_per_second": proto_images / proto_seconds}
     # The full run, modelled from these rates (see the module doc).
@@ -216,9 +211,9 @@ def run_epoch_benchmark(args, device: torch.device, model) -> Dict[str, object]:
     data = args.data_root or "synthetic 100x100 JPEGs, RAF-DB layout"
     out.update(outside_step_share=run["outside_step_share"], full_run_model=run,
                epoch_settings={"data": data, "dataset": args.dataset, "workers": args.workers,
-                               "batch": batch, "epoch_steps": steps,
+                               "batch": batch, "epoch_steps": steps, "eval_images": len(eval_set),
                                "loader_batches": args.loader_batches,
-                               "eval_images": len(eval_set), "prototype_images": proto_images},
+                               "prototype_images": proto_images},
                times={"epoch": times})
     print_epoch(out, args)
     return out
@@ -235,8 +230,7 @@ def print_epoch(out: Dict[str, object], args):
              f"{out['epoch_first_batch_seconds']:.2f}s, then waited "
              f"{1e3 * out['epoch_loader_wait_seconds_per_step']:.1f}ms a step"),
             ("DataLoader alone", out["loader_images_per_second"],
-             f"{out['loader_images_per_second_per_worker']:.0f} per "
-             f"worker; first batch after {out['loader_first_batch_seconds']:.2f}s"),
+             f"{out['loader_images_per_second_per_worker']:.0f} per worker"),
             ("evaluation from files", out["eval_images_per_second"], ""),
             ("prototype pass from files", out["prototype_images_per_second"], "")]:
         print(f"  {label:<38}{rate:>9.1f} img/s   {note}".rstrip())

@@ -55,8 +55,7 @@ def mpafer_step_flops(shape: Dict, batch: int, classnames: Sequence[str],
     if cfg.learnable_alignment or (cfg.soft_hard_alignment and cfg.pa_distance == "contrastive"):
         raise ValueError("mpafer_step_flops counts the default products only: not "
                          "--learnable-alignment or --pa-distance contrastive")
-    layers = shape["vision_layers"]
-    depth = layers if cfg.visual_prompt_depth < 0 else cfg.visual_prompt_depth
+    depth = shape["vision_layers"] if cfg.visual_prompt_depth < 0 else cfg.visual_prompt_depth
     tokens = cfg.visual_prompt_tokens if depth > 0 else 0
     n_ctx = len(get_tokenizer().encode(cfg.ctx_init)) if cfg.ctx_init else cfg.n_ctx
     text_length = soft_prompt_tokens(classnames, n_ctx).shape[1]

@@ -49,6 +49,7 @@ EPOCH_FIGURES = ("epoch_ratio", "epoch_images_per_second", "step_images_per_seco
                  "full_run_model", "epoch_settings")
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 SUMMARY = re.compile(r"^(FAILED|ERROR) \S+")
+OUTCOMES = ("passed", "failed", "error", "skipped")
 
 
 class OutOfTime(BaseException):
@@ -90,8 +91,7 @@ def run_tests(args, report: Report) -> str:
                     figures = {r["name"]: r["value"] for r in map(json.loads, filter(str.strip, f))}
             for name in sorted(figures.keys() - report.data.get("tests", {}).get("figures", {})):
                 print(f"    figure {name}: {figures[name]}", flush=True)  # pytest holds prints
-            counts = {k: sum(v == k for v in outcomes.values())
-                      for k in ("passed", "failed", "error", "skipped")}
+            counts = {k: sum(v == k for v in outcomes.values()) for k in OUTCOMES}
             report.update("tests", **counts, outcomes=dict(outcomes), failures=list(failures),
                           figures=figures, **more)
 
@@ -120,8 +120,7 @@ def run_tests(args, report: Report) -> str:
 
 
 def bench(args, which: str, shape: str, *flags: str) -> dict:
-    """`python -m mpafer.bench WHICH --shape SHAPE FLAGS` on this command's device (--dry-run:
-    the smallest sizes)."""
+    """`python -m mpafer.bench WHICH --shape SHAPE FLAGS` here (--dry-run: the smallest sizes)."""
     small = ["--batch", "2", "--train-batch", "4", "--eval-batch", "4", "--repeats", "2",
              "--warmup", "1"]
     return bench_main([which, "--shape", shape, "--device", str(args.device),
@@ -248,11 +247,8 @@ def print_summary(d: dict, path):
     print("\nmpafer.bench gpu: " + ", ".join(f"{k} {v['status']} ({v['seconds']:.0f}s)"
                                              for k, v in d.get("parts", {}).items()))
     tests = d.get("tests", {})
-    if "passed" in tests:
-        print(f"  CUDA tests: {tests['passed']} passed, {tests['failed']} failed, "
-              f"{tests['error']} errors, {tests['skipped']} skipped")
-        for line in tests["failures"]:
-            print(f"    {line}")
+    if "passed" in tests:  # and the failures' lines, in pytest's summary above
+        print(f"  CUDA tests: {', '.join(f'{tests[k]} {k}' for k in OUTCOMES)}")
     for key, target in TARGETS.items():
         if key in d:
             at_most = key.endswith("seconds")
@@ -262,9 +258,8 @@ def print_summary(d: dict, path):
     print(f"  total {d['total_seconds']:.0f}s" + (f"; figures in {path}" if path else ""))
 
 
-def main(argv=None):
+def main(argv):
     """`python -m mpafer.bench gpu ARGS` is main(ARGS) -> the report's figures."""
-    argv = sys.argv[2:] if argv is None else list(argv)  # after `-m mpafer.bench gpu`
     args = parse_args(argv)
     if args.device is None:
         build = ("a CPU-only build" if torch.version.cuda is None

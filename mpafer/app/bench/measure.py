@@ -1,6 +1,5 @@
 """Timing and memory, fair on a shared machine: the sides of a comparison take turns, in
-alternating order, so a burst of load from other jobs hits both; CUDA is synchronised around
-every timed call."""
+alternating order, so a burst of load hits both; CUDA is synchronised around every timed call."""
 import ctypes
 import platform
 import resource
@@ -17,11 +16,9 @@ def keep_freed_memory() -> bool:
     """CPU, glibc: keep freed memory in the process, as CUDA's caching allocator does, so a step
     does not page-fault its activations back in (timings measure compute, not allocation); as
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>. Returns whether it took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
+    except OSError:  # not glibc (macOS, musl, Windows)
         return False
     # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = -1, i.e. SIZE_MAX: never trim.
     return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, -1))

@@ -73,9 +73,6 @@ class ReferenceCLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.zeros(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.zeros([]))
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.visual(image)
-
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         x = self.transformer(self.token_embedding(text) + self.positional_embedding)  # [B, L, W]
         x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]

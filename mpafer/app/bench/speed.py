@@ -1,10 +1,10 @@
 """The ratios of one CLIP shape, and the memory of its training step (`python -m mpafer.bench`).
 
-What to expect from what the code does: a training step adds to the tower passes only the
-alignment block, small losses, clipping and SGD on the prompts (about 1); evaluation adds the
-visual prompt tokens, a few per cent more tokens, and caches its text features as zero-shot CLIP
-does; the towers do the reference's arithmetic on `scaled_dot_product_attention` (at most 1).
-At the tiny shape fixed per-operation costs dominate: its ratios say nothing about the targets.
+Expected from the code: a step adds to the tower passes only the alignment block, small losses,
+clipping and SGD on the prompts (about 1); evaluation adds the visual prompt tokens, a few per
+cent more tokens, and caches its text features as zero-shot CLIP does; the towers do the
+reference's arithmetic on `scaled_dot_product_attention` (at most 1). At the tiny shape fixed
+per-operation costs dominate, so its ratios say nothing about the targets.
 """
 import io
 import multiprocessing
@@ -110,14 +110,15 @@ def bench_clip(args, device: torch.device) -> Dict[str, object]:
     res = model.visual.input_resolution
     texts = torch.randint(1, 49406, (args.batch, model.context_length), device=device)
     texts[:, -1] = 49407  # EOT last, so both models read the same position
-    inputs = {"image": torch.randn(args.batch, 3, res, res, device=device), "text": texts}
+    towers = {"image": (model.encode_image, reference.visual,
+                        torch.randn(args.batch, 3, res, res, device=device)),
+              "text": (model.encode_text, reference.encode_text, texts)}
     out = {"times": {}}
     with torch.no_grad(), autocast(device, args.amp_dtype):
-        for tower, x in inputs.items():
+        for tower, (vendored, baseline, x) in towers.items():
             times, ours, ref, ratio = side_by_side(
                 f"CLIP {tower} tower, vendored / reference",
-                {"ours": lambda: getattr(model, f"encode_{tower}")(x),
-                 "ref": lambda: getattr(reference, f"encode_{tower}")(x)}, args, device)
+                {"ours": lambda: vendored(x), "ref": lambda: baseline(x)}, args, device)
             out["times"][f"clip_{tower}"] = times
             out.update({f"clip_{tower}_seconds": ours, f"clip_{tower}_reference_seconds": ref,
                         f"clip_{tower}_ratio": ratio})
