@@ -1,12 +1,6 @@
-"""Measuring speed and memory fairly on a shared machine (used by `python -m mpafer.bench`).
-
-Timings of two functions are taken interleaved, in alternating order, so a burst of load from
-other jobs hits both sides of a round; ratios are medians of back-to-back pairs. CUDA is
-synchronised around every timed call. Memory is the CUDA allocator's peak or the process's peak
-resident set size.
-"""
+"""Timing and memory, fair on a shared machine: the sides of a comparison take turns, in
+alternating order, so a burst of load hits both; CUDA is synchronised around every timed call."""
 import ctypes
-import os
 import platform
 import resource
 import statistics
@@ -19,21 +13,15 @@ import torch
 
 
 def keep_freed_memory() -> bool:
-    """CPU, glibc only: keep freed memory in the process instead of handing it back to the OS,
-    as PyTorch's CUDA caching allocator does. By default glibc unmaps large freed blocks, so every
-    training step page-faults its gigabytes of activations back in; on a 2-core CPU that was ~20%
-    of a ViT-B/16 step and made the train ratio depend on allocation patterns, not on compute.
-    Returns whether it took effect. (The same as MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<huge>.)"""
-    if not sys.platform.startswith("linux"):
-        return False
+    """CPU, glibc: keep freed memory in the process, as CUDA's caching allocator does, so a step
+    does not page-fault its activations back in (timings measure compute, not allocation); as
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>. Returns whether it took effect."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
+    except OSError:  # not glibc (macOS, musl, Windows)
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    # mallopt takes an int; -1 becomes SIZE_MAX for the trim threshold: never trim the heap.
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    # M_MMAP_MAX (-4) = 0: no mmap; M_TRIM_THRESHOLD (-1) = -1, i.e. SIZE_MAX: never trim.
+    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, -1))
 
 
 def synchronize(device: torch.device):
@@ -41,25 +29,32 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn(), CUDA synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def take_turns(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, list]:
+    """What each fn() returns in each round, every fn once a round, in alternating order."""
+    out = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            out[name].append(fns[name]())
+    return out
+
+
 def compare(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
             warmup: int = 2) -> Dict[str, List[float]]:
-    """Wall times in seconds of each `fn()` over `repeats` rounds, every function once a round.
-
-    Interleaving (in alternating order) makes ratios fair on a shared machine: a burst of load
-    hits both sides of a round. CUDA is synchronised before and after every call.
-    """
+    """Wall seconds of each fn() over `repeats` rounds, after `warmup` calls of each."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            synchronize(device)
-            start = time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+    return take_turns({name: lambda fn=fn: timed(fn, device) for name, fn in fns.items()},
+                      repeats)
 
 
 def paired_ratio(ours: List[float], baseline: List[float]) -> float:
@@ -68,7 +63,7 @@ def paired_ratio(ours: List[float], baseline: List[float]) -> float:
 
 
 def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
-    """CUDA only: how many host-device synchronisations `fn()` makes (CUDA sync debug mode)."""
+    """CUDA only: how many host-device synchronisations fn() makes (CUDA sync debug mode)."""
     synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -80,35 +75,17 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux; else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss()
-
-
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (monotonic)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """Peak resident set size of this process so far, in bytes (it never goes down)."""
+    kib = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-def mib(n: float) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model, platform often only its architecture
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

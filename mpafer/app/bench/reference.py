@@ -1,10 +1,6 @@
-"""A reference CLIP on `nn.MultiheadAttention`, laid out as OpenAI's original `model.py`.
-
-Sequence-first activations `[L, B, W]`, an explicit causal mask tensor, QuickGELU, no prompt hooks.
-It loads the same state dicts as `mpafer.clip.CLIP` and is the baseline of
-`python -m mpafer.bench clip` (same weights, speed compared). The tests check outputs against
-their own reference, which shares no code with the package.
-"""
+"""The baseline of the towers ratio: CLIP on `nn.MultiheadAttention` as OpenAI's `model.py`
+lays it out (sequence-first `[L, B, W]`, an explicit causal mask, QuickGELU, no prompt hooks),
+loading the same state dicts as `mpafer.clip.CLIP`."""
 from collections import OrderedDict
 
 import torch
@@ -36,8 +32,8 @@ class ReferenceTransformer(nn.Module):
         self.resblocks = nn.Sequential(*[ReferenceBlock(width, heads, attn_mask)
                                          for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resblocks(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, W], run as [L, B, W]
+        return self.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
 
 
 class ReferenceVision(nn.Module):
@@ -56,8 +52,7 @@ class ReferenceVision(nn.Module):
         x = self.conv1(x).flatten(2).permute(0, 2, 1)  # [B, N, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + N, W]
-        x = self.ln_pre(x).permute(1, 0, 2)  # [1 + N, B, W]
-        x = self.transformer(x).permute(1, 0, 2)  # [B, 1 + N, W]
+        x = self.transformer(self.ln_pre(x))  # [B, 1 + N, W]
         return self.ln_post(x[:, 0]) @ self.proj  # [B, D]
 
 
@@ -78,15 +73,10 @@ class ReferenceCLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.zeros(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.zeros([]))
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.visual(image)
-
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(text) + self.positional_embedding  # [B, L, W]
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # [B, L, W]
-        x = self.ln_final(x)
-        return (x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
-                @ self.text_projection)  # [B, D]
+        x = self.transformer(self.token_embedding(text) + self.positional_embedding)  # [B, L, W]
+        x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+        return x @ self.text_projection  # [B, D]
 
 
 def build_reference_model(state_dict: dict) -> ReferenceCLIP:
