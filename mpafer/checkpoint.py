@@ -12,6 +12,8 @@ unpickling are refused before anything in them runs. Save one with `mpafer.files
     classnames        class names in the model's order
     clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
+    face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`), for
+                      aligning the faces of photos the same way
     state_dict        trainable tensors only
     epoch, metrics    epoch finished (1-based) and its evaluation
     resume            (last.pt only) optimizer, scheduler and scaler states, the best metric,
@@ -22,6 +24,7 @@ from typing import Dict, Optional, Sequence
 
 from .clip.loading import safe_load
 from .clip.model import check_same_clip
+from .faces.align import DATASET_CONVENTIONS
 from .model import MPAFER, MPAFERConfig
 from .prompts import descriptions_hash
 
@@ -44,6 +47,7 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
                  "activation": clip_model.activation},
         "descriptions": descriptions,
         "descriptions_sha256": descriptions_hash(descriptions),
+        "face_convention": face_convention_of(train_config or {}),
         "state_dict": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
         "epoch": epoch,
         "metrics": metrics,
@@ -51,6 +55,13 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
     if resume is not None:
         checkpoint["resume"] = resume
     return checkpoint
+
+
+def face_convention_of(train_config: Dict) -> str:
+    """The crop convention of a run's training faces: its dataset's (the demo's faces and any
+    other folder dataset: "folder")."""
+    dataset = "synthetic" if train_config.get("demo") else train_config.get("dataset", "folder")
+    return DATASET_CONVENTIONS.get(dataset, "folder")
 
 
 def load_checkpoint(path: str) -> Dict:

@@ -69,17 +69,18 @@ def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
     assert "per-class recall" in result.stdout and (out / "cm.png").stat().st_size > 0
 
 
-def test_eval_predicts_single_images_with_attention(demo_run):
+def test_predict_labels_an_aligned_crop_with_attention(demo_run):
     from mpafer.app.synthetic import SyntheticFaces
     out, _ = demo_run
     face = SyntheticFaces("test", 1, image_size=100, seed=5).load(1)  # a happy face
     face.save(out / "face.jpg")
-    result = run("eval.py", "--checkpoint", str(out / "run" / "best.pt"), "--cache-dir", str(out / "weights"),
-                 "--clip", str(out / "weights" / "demo-tiny-clip-v2.pt"), "--image", str(out / "face.jpg"),
-                 "--attention-png", str(out / "attention.png"), "--json", str(out / "pred.json"))
-    probabilities = json.load(open(out / "pred.json"))[str(out / "face.jpg")]["MPA-FER"]
+    result = run("-m", "mpafer.predict", "--checkpoint", str(out / "run" / "best.pt"), "--cache-dir",
+                 str(out / "weights"), "--clip", str(out / "weights" / "demo-tiny-clip-v2.pt"),
+                 "--align", "none", str(out / "face.jpg"), "--attention", str(out / "attention"),
+                 "--json", str(out / "pred.json"))
+    probabilities = json.load(open(out / "pred.json"))["images"][0]["faces"][0]["probabilities"]
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and len(probabilities) == 7
-    assert "happiness" in result.stdout and (out / "attention.png").is_file()
+    assert "happiness" in result.stdout and os.listdir(out / "attention")
 
 
 def signal_after_first_epoch(args, signum):
@@ -276,13 +277,13 @@ def test_a_gelu_safetensors_clip_trains_resumes_and_evaluates_with_its_activatio
 
     # eval.py reuses the recorded activation: the same probabilities as with the flag.
     SyntheticFaces("test", 1, image_size=100, seed=5).load(1).save(tmp_path / "face.png")
-    base = ("eval.py", "--checkpoint", str(out / "last.pt"), "--image", str(tmp_path / "face.png"),
-            "--cache-dir", str(out) + "-cache")
+    base = ("-m", "mpafer.predict", "--checkpoint", str(out / "last.pt"), "--align", "none",
+            str(tmp_path / "face.png"), "--cache-dir", str(out) + "-cache")
 
     def probabilities(name, *extra):
         result = run(*base, "--json", str(tmp_path / f"{name}.json"), *extra)
         assert note not in result.stdout
-        return json.load(open(tmp_path / f"{name}.json"))[str(tmp_path / "face.png")]["MPA-FER"]
+        return json.load(open(tmp_path / f"{name}.json"))["images"][0]["faces"][0]["probabilities"]
 
     recorded = probabilities("recorded")
     assert recorded == probabilities("flag", "--clip-activation", "gelu")

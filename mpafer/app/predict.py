@@ -31,20 +31,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import clip
-from ..checkpoint import (
-    check_compatible,
-    clip_activation,
-    load_checkpoint,
-    model_from_checkpoint,
-)
+from ..checkpoint import face_convention_of, load_checkpoint, model_from_checkpoint
 from ..data import eval_transform, load_image
 from ..data.photo import face_input
-from ..faces import CONVENTIONS, DATASET_CONVENTIONS, MTCNN, AlignedFace, detect_and_align
+from ..faces import CONVENTIONS, MTCNN, AlignedFace, detect_and_align
 from ..files import atomic_write_json
 from ..precision import resolve_device
 from .cli import ArgumentParser
-from .demo import DEMO_CLIP_FILE, demo_clip_path
 from .figures import attention_grid, draw_text, save_png, text_size
+from .runs import load_checkpoint_clip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_SIDE = 1600  # photos larger than this are searched for faces in a copy of this size
@@ -76,12 +71,14 @@ def parse_args(argv=None):
                    help="a folder holding MTCNN's pnet.pt, rnet.pt and onet.pt (default: "
                         "downloaded once into --cache-dir)")
     p.add_argument("--clip", help="CLIP name or path (default: the checkpoint's)")
+    p.add_argument("--clip-activation", choices=tuple(clip.ACTIVATIONS),
+                   help="the CLIP's MLP activation (default: the checkpoint's)")
     p.add_argument("--allow-other-clip", action="store_true",
                    help="use a CLIP other than the one the checkpoint was trained on")
-    p.add_argument("--cache-dir", "--weights", default=clip.default_weights_dir(),
+    p.add_argument("--cache-dir", default=clip.default_weights_dir(),
                    help="CLIP and face detector downloads (default: $MPAFER_WEIGHTS, else the "
                         "repository's weights/)")
-    p.add_argument("--device", default="")
+    p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
     if args.min_face < 1:
         p.error(f"--min-face must be at least 1 pixel, got {args.min_face}")
@@ -113,14 +110,10 @@ def image_paths(paths: List[str]) -> List[str]:
 
 def face_convention(checkpoint: Dict) -> tuple:
     """(convention name, where it came from): the checkpoint's record, else its dataset's."""
+    if checkpoint.get("face_convention") in CONVENTIONS:
+        return checkpoint["face_convention"], "recorded in the checkpoint"
     trained = checkpoint.get("train_config", {})
-    for where in (checkpoint, checkpoint.get("config", {}), trained):
-        if where.get("face_convention") in CONVENTIONS:
-            return where["face_convention"], "recorded in the checkpoint"
-    dataset = "synthetic" if trained.get("demo") else trained.get("dataset", "folder")
-    if dataset not in DATASET_CONVENTIONS:
-        return "folder", f"trained on {dataset}, which has no convention of its own"
-    return DATASET_CONVENTIONS[dataset], f"trained on {dataset}"
+    return face_convention_of(trained), f"trained on {trained.get('dataset', 'folder')}"
 
 
 def describe(convention) -> str:
@@ -130,23 +123,13 @@ def describe(convention) -> str:
     return f"aligned on 5 landmarks, {width}x{height}{' grey' if convention.grey else ''}"
 
 
-def clip_to_load(args, checkpoint) -> str:
-    """--clip, else the checkpoint's; the demo's tiny CLIP from the cache folder if it moved."""
-    name = args.clip or checkpoint["clip"]["name"]
-    if not os.path.isfile(name) and os.path.basename(name) == DEMO_CLIP_FILE:
-        return demo_clip_path(args.cache_dir)
-    return name
-
-
 class Predictor:
     """A checkpoint's model, its input transform and (with --align auto) the face detector."""
 
     def __init__(self, args, checkpoint, device):
-        clip_name = clip_to_load(args, checkpoint)
-        clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir,
-                                  activation=clip_activation(None, checkpoint))
-        check_compatible(checkpoint, args.checkpoint, clip_model,
-                         allow_other_clip=args.allow_other_clip)
+        clip_model, _ = load_checkpoint_clip(checkpoint, args.checkpoint, args.clip,
+                                             args.clip_activation, args.cache_dir, device,
+                                             allow_other_clip=args.allow_other_clip)
         self.model = model_from_checkpoint(checkpoint, clip_model).to(device).eval()
         self.resolution = clip_model.visual.input_resolution
         self.transform = eval_transform(self.resolution)
