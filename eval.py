@@ -24,6 +24,7 @@ from mpafer.app.config import parse_eval_flags
 from mpafer.app.demo import demo_datasets
 from mpafer.app.engine import evaluate
 from mpafer.app.figures import confusion_figure, save_png
+from mpafer.app.predict import DetectedFaces, face_convention
 from mpafer.app.protocol import (
     class_set_data,
     dataset_options,
@@ -35,6 +36,7 @@ from mpafer.app.runs import load_checkpoint_clip
 from mpafer.checkpoint import load_checkpoint, model_from_checkpoint
 from mpafer.data import build_dataset, require_readable
 from mpafer.expclip import expclip_classifier, input_transform, load_head, read_head_metadata
+from mpafer.faces import MTCNN
 from mpafer.files import atomic_write_json
 from mpafer.metrics import format_report
 from mpafer.precision import resolve_amp, resolve_device
@@ -105,6 +107,12 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, **{k: data[k] for k in given},
                               workers=0 if data["demo"] else cfg.workers)
     dataset = read_split(cfg, checkpoint, data)
+    if cfg.detect_faces:
+        convention = face_convention(checkpoint)[0] if checkpoint else "folder"
+        dataset = DetectedFaces(dataset, MTCNN(cfg.detector_weights, download_root=cfg.cache_dir)
+                                .to(device), convention)
+        print(f"--detect-faces: {len(dataset) - dataset.missed} of {len(dataset)} images had a "
+              f"face, aligned by the {convention} convention; the others stay whole")
     head = read_head_metadata(cfg.head) if cfg.head and not checkpoint else {}
     clip_model, clip_name = load_checkpoint_clip(  # a head's CLIP is the one its sidecar names
         checkpoint, cfg.checkpoint, cfg.clip, cfg.clip_activation, cfg.cache_dir, device,

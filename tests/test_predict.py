@@ -145,3 +145,29 @@ def test_the_crop_convention_is_the_checkpoints_record_else_its_datasets():
     assert face_convention({"train_config": {"dataset": "rafdb",
                                              "face_convention": "affectnet"}})[0] == "affectnet"
     assert all(face_convention({"face_convention": c})[0] == c for c in CONVENTIONS)
+
+
+def test_eval_detect_faces_scores_the_aligned_face_of_each_photo(checkpoint, photos, tmp_path):
+    """eval.py --detect-faces: each image of the split becomes its best face, aligned by the
+    checkpoint's convention, as predict does; an image without a face stays whole."""
+    from mpafer.app.predict import DetectedFaces
+    from mpafer.data import build_dataset
+    from mpafer.faces import MTCNN
+    root = tmp_path / "faces"
+    for name, label in (("astronaut", "happiness"), ("two", "sadness"), ("coffee", "sadness")):
+        (root / "test" / label).mkdir(parents=True, exist_ok=True)
+        Image.open(photos[name]).convert("RGB").save(root / "test" / label / f"{name}.png")
+    dataset = build_dataset("folder", str(root), "test")
+    detected = DetectedFaces(dataset, MTCNN(DETECTOR_WEIGHTS), "folder")
+    assert len(detected) == 3 and detected.missed == 1  # the coffee photo has no face
+    whole = [i for i in range(3) if "coffee" in dataset.image_path(i)][0]
+    assert detected.load(whole).size == dataset.load(whole).size
+    faces = [i for i in range(3) if i != whole]
+    assert all(detected.load(i).size == (224, 224) for i in faces)  # the folder convention
+    out = tmp_path / "eval.json"
+    result = run("eval.py", "--checkpoint", checkpoint, "--dataset", "folder", "--data-root",
+                 str(root), "--classnames", "happiness,sadness", "--class-set", "shared",
+                 "--detect-faces", "--detector-weights", DETECTOR_WEIGHTS, "--workers", "0",
+                 "--json", str(out))
+    assert "2 of 3 images had a face" in result.stdout
+    assert json.load(open(out))["num_samples"] == 3

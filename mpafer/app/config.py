@@ -368,6 +368,12 @@ class EvalConfig:
                 "context (recall marked seen/unseen)", "choices": CLASS_SETS})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "leave unreadable images out (default: they are an error)"})
+    detect_faces: bool = field(default=False, metadata={
+        "help": "find each image's face (MTCNN) and align it as python -m mpafer.predict does, "
+                "before classifying: photos scored like aligned crops"})
+    detector_weights: Optional[str] = field(default=None, metadata={
+        "help": "--detect-faces: a folder holding MTCNN's pnet.pt, rnet.pt and onet.pt "
+                "(default: downloaded once into --cache-dir)"})
     json: Optional[str] = field(default=None, metadata={"help": "write the metrics as JSON"})
     confusion_png: Optional[str] = field(default=None, metadata={
         "help": "draw the confusion matrix (percent of each true class)"})
@@ -388,7 +394,7 @@ EVAL_GROUPS = {
     "what to evaluate": ("checkpoint", "zero_shot", "method", "head", "prompts",
                          "expclip_transform", "clip", "clip_activation", "allow_other_clip"),
     "data": ("demo", "dataset", "data_root", "split", "classnames", "class_set",
-             "skip_bad_images"),
+             "skip_bad_images", "detect_faces", "detector_weights"),
     "output": ("json", "confusion_png", "confusion_counts"),
     "runtime": ("cache_dir", "device", "amp", "batch_size", "workers"),
 }

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
 
 from .. import clip
 from ..checkpoint import face_convention_of, load_checkpoint, model_from_checkpoint
@@ -37,6 +38,7 @@ from ..data.photo import face_input
 from ..faces import CONVENTIONS, MTCNN, AlignedFace, detect_and_align
 from ..files import atomic_write_json
 from ..precision import resolve_device
+from ..progress import progress_bar
 from .cli import ArgumentParser
 from .figures import attention_grid, draw_text, save_png, text_size
 from .runs import load_checkpoint_clip
@@ -320,3 +322,30 @@ def main(argv=None):
     if any(image["error"] for image in report["images"]):
         sys.exit(1)
     return report
+
+
+class DetectedFaces(Dataset):
+    """`dataset` with each image replaced by its best face (highest detector score), found and
+    aligned as `python -m mpafer.predict` does (`eval.py --detect-faces`), so that photos can be
+    scored the way aligned crops are; an image without a face stays whole (`missed` counts
+    them). Faces are found once, up front."""
+
+    def __init__(self, dataset, detector: MTCNN, convention: str, transform=None):
+        self.classnames, self.targets, self.transform = dataset.classnames, dataset.targets, None
+        self.crops, self.missed = [], 0
+        for index in progress_bar(range(len(dataset)), desc="finding faces", leave=False):
+            image = dataset.load(index)
+            faces = detect_and_align(image, detector, convention, max_side=MAX_SIDE)
+            self.missed += not faces
+            self.crops.append(faces[0].crop if faces else image)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.crops)
+
+    def load(self, index):
+        return self.crops[index]
+
+    def __getitem__(self, index):
+        image = self.crops[index]
+        return (self.transform(image) if self.transform else image), self.targets[index]

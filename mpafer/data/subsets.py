@@ -90,6 +90,10 @@ class Subset(Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def load(self, index):
+        """The untransformed image of item `index` (as the datasets' `load`)."""
+        return self.base.load(self.indices[index])
+
     def __getitem__(self, index):
         image, label = self.base[self.indices[index]]
         image = self.transform(image) if self.transform is not None else image
