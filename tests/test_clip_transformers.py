@@ -191,7 +191,7 @@ def test_the_cache_is_read_without_transformers_or_huggingface_hub(tmp_path):
 
 def test_a_transformers_clip_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     """The whole path with a model id: train.py for one of two epochs, --resume, eval.py."""
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     home = tmp_path / "hf-home"
     cache_model(home / "hub", "tiny-org/gelu-clip", save(hf_clip("gelu", seed=6),
                                                          tmp_path / "clip"), "abc")
