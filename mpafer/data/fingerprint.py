@@ -8,6 +8,7 @@ A record per split: its number of images, per-class counts, the SHA-256 of its i
 which only serve to say which files differ.
 """
 import hashlib
+import json
 from collections import Counter
 from typing import Dict, List, Sequence
 
@@ -88,3 +89,13 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
     if not parts:
         parts.append("the same images in another order")
     return f"{name}: " + ", ".join(parts)
+
+
+def data_identity(record: Dict) -> str:
+    """SHA-256 of what decides whether two `data_record`s are the same data: the dataset, its
+    classes and each split's item hash (what `data_differences` compares), not where it lies.
+    Runs with the same identity trained on the same data, wherever it was."""
+    splits = sorted(record["splits"].items())
+    deciding = {"dataset": record["dataset"], "classes": list(record["classes"]),
+                "splits": {name: split["sha256"] for name, split in splits}}
+    return hashlib.sha256(json.dumps(deciding, sort_keys=True).encode("utf-8")).hexdigest()
