@@ -377,7 +377,11 @@ def files_summary(run: Run, best: Dict) -> str:
     if logs:
         lines.append(f"logs and settings: {', '.join(logs)}")
     if os.path.isfile(run.path("best.pt")):
-        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}")
+        # A base-to-novel checkpoint knows the base classes only; its data has the novel ones
+        # too, which --class-set open scores through the learned context (seen = base).
+        open_set = " --class-set open" if cfg.base_classes else ""
+        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}"
+                     f"{open_set}")
     if cfg.demo:
         lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
                      "AffectNet or FERPlus.)")
