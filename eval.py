@@ -53,7 +53,7 @@ from mpafer.interpret import (
     prompt_tokens,
     soft_hard_similarity,
 )
-from mpafer.labels import BASIC_CLASSES
+from mpafer.labels import BASIC_CLASSES, same_class
 from mpafer.metrics import format_report, over_classes
 from mpafer.prompts import hard_prompts_by_class, load_descriptions
 from mpafer.protocol import dataset_options
@@ -235,7 +235,11 @@ def check_classes(args, checkpoint, dataset):
     shared, the images of the classes both have; with --class-set open, all of it."""
     if not checkpoint:
         return dataset
-    trained, data = checkpoint["classnames"], list(dataset.classnames)
+    trained = checkpoint["classnames"]
+    # A class the checkpoint spells otherwise (Happy, happy: happiness) is the checkpoint's.
+    data = [next((t for t in trained if same_class(c, t)), c) for c in dataset.classnames]
+    if data != list(dataset.classnames):
+        dataset.classnames = tuple(data)
     if set(data) == set(trained):
         if args.class_set:
             print(f"note: --class-set {args.class_set}: the data has the checkpoint's classes; "

@@ -38,6 +38,7 @@ from .data.subsets import (
 from .demo import demo_datasets, description_aliases
 from .engine import evaluate, evaluate_base_novel
 from .expclip.zeroshot import ZeroShotClassifier
+from .labels import match_classes
 from .metrics import format_report
 from .prompts import hard_prompts_by_class, load_descriptions
 from .prototypes import prototype_key_fields, training_prototypes
@@ -156,15 +157,17 @@ def read_splits(cfg) -> Splits:
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:
-    """The base classes --base-classes names (None: not base-to-novel); every one must be a
+    """The base classes --base-classes names (None: not base-to-novel), as the data spells them
+    (a name matches in any case or by a usual synonym: happy is happiness); every one must be a
     class of the data, and at least one class must be left novel."""
     if not flag:
         return None
-    base = [c.strip() for c in flag.split(",")]
-    unknown = [c for c in base if c not in classnames]
+    base, unknown = match_classes([c.strip() for c in flag.split(",")], classnames)
     if unknown:
         raise ValueError(f"--base-classes: {', '.join(unknown)} not a class of the data (its "
                          f"classes: {', '.join(classnames)})")
+    if len(set(base)) < len(base):
+        raise ValueError(f"--base-classes names one class twice (as {', '.join(base)})")
     if len(set(base)) == len(classnames):
         raise ValueError("--base-classes names every class of the data: leave at least one "
                          "class out as novel")
