@@ -45,6 +45,7 @@ from mpafer.expclip import (
     input_transform,
     is_prompt_file,
     load_head,
+    recorded_clip,
 )
 from mpafer.figures import attention_grid, confusion_figure, save_png
 from mpafer.interpret import (
@@ -77,7 +78,8 @@ def parse_args(argv=None):
                            "released = Resize((R, R)) squash + ToTensor, no normalisation (the "
                            "released Exp-CLIP protocol); clip = CLIP's own preprocessing")
     what.add_argument("--clip",
-                      help="CLIP name or path (default: the checkpoint's; ViT-B/16 otherwise)")
+                      help="CLIP name or path (default: the checkpoint's, or the one the Exp-CLIP "
+                           "head records; ViT-B/16 otherwise)")
     what.add_argument("--clip-activation", choices=tuple(clip.ACTIVATIONS),
                       help="the CLIP's MLP activation (default: the checkpoint's; else QuickGELU, "
                            "with a note for a file); open_clip models without -quickgelu in "
@@ -263,12 +265,18 @@ def check_classes(args, checkpoint, dataset):
 
 
 def clip_to_load(args, checkpoint) -> str:
-    """--clip, else the checkpoint's CLIP, else ViT-B/16; the demo's tiny CLIP from the cache
-    folder when the demo asks for it or the recorded one has moved."""
-    name = args.clip or (checkpoint["clip"]["name"] if checkpoint else "")
+    """--clip, else the checkpoint's CLIP, else the one the Exp-CLIP head records, else
+    ViT-B/16; the demo's tiny CLIP from the cache folder when the demo asks for it or the
+    recorded one has moved."""
+    head = recorded_clip(args.head).get("name") if args.head and not checkpoint else None
+    name = args.clip or (checkpoint["clip"]["name"] if checkpoint else head or "")
     if name and not os.path.isfile(name) and os.path.basename(name) == DEMO_CLIP_FILE:
         name = ""
-    if not name and (args.demo or checkpoint):
+    elif head and name == head and head not in clip.available_models() and not os.path.isfile(
+            head):
+        raise FileNotFoundError(f"{args.head} was trained on the CLIP {head}, which is not there "
+                                "any more; give its new path with --clip PATH")
+    if not name and (args.demo or checkpoint or head):
         return demo_clip_path(args.cache_dir)
     return name or "ViT-B/16"
 
@@ -284,7 +292,8 @@ def main(argv=None):
     needs_data = not (args.image or args.demo or args.interpret_prompts or args.soft_hard)
     dataset = read_split(args, checkpoint) if needs_data else None
     clip_name = clip_to_load(args, checkpoint)
-    activation = clip_activation(args.clip_activation, checkpoint,
+    recorded = recorded_clip(args.head) if args.head and not args.clip else {}
+    activation = clip_activation(args.clip_activation or recorded.get("activation"), checkpoint,
                                  demo_clip=os.path.basename(clip_name) == DEMO_CLIP_FILE)
     clip_model, _ = clip.load(clip_name, device=device, download_root=args.cache_dir,
                               activation=activation)

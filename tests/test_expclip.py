@@ -114,8 +114,16 @@ def test_head_width_mismatch_names_the_clip_models(tmp_path, model):
         load_head(path, model)
     message = str(err.value)
     assert path in message and "768" in message and "ViT-L/14" in message
-    assert "tiny-test-clip" in message and "embed_dim 32" in message
-    with pytest.raises(ValueError, match="embed_dim 32"):
+    assert "tiny-test-clip" in message and "embed_dim is 32" in message
+    # A width no OpenAI model has: the message says what fits in plain words.
+    torch.save({"mlp.weight": torch.zeros(4096, 64)}, path)
+    with pytest.raises(ValueError) as err:
+        load_head(path, model)
+    message = str(err.value)
+    assert "does not fit the CLIP tiny-test-clip" in message
+    assert "takes 64-d CLIP features" in message and "embed_dim is 64" in message
+    assert "no OpenAI CLIP model has width" not in message and "fits no" not in message
+    with pytest.raises(ValueError, match="embed_dim is 32"):
         ZeroShotClassifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
 
 
