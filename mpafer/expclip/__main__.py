@@ -12,19 +12,29 @@ import torch
 from .. import clip
 from ..utils import ArgumentParser, run_cli
 from .features import add_teacher_features, cache_image_features, load_features
-from .teacher import DEFAULT_TEACHER, INSTRUCTION, extract_teacher_features
+from .teacher import (
+    DEFAULT_TEACHER,
+    INSTRUCTION,
+    extract_teacher_features,
+    require_transformers,
+)
 
 
 def cache(args):
-    model, _ = clip.load(args.clip, device=args.device, download_root=args.download_root,
+    model, _ = clip.load(args.clip, device=args.device, download_root=args.cache_dir,
                          activation=args.clip_activation)
     data = cache_image_features(model, args.images, args.out, normalize=args.normalize,
-                                batch_size=args.batch_size, num_workers=args.workers)
+                                batch_size=args.batch_size, num_workers=args.workers,
+                                skip_bad_images=args.skip_bad_images)
     print(f"wrote {args.out}: {len(data['paths'])} images, clip_features "
           f"{tuple(data['clip_features'].shape)} ({data['clip_name']}; {data['preprocess']})")
 
 
 def teacher(args):
+    try:  # the one thing this step needs beyond mpafer: say so before reading anything
+        require_transformers()
+    except ImportError as error:
+        raise RuntimeError(str(error)) from None  # one line (run_cli), not a traceback
     data = load_features(args.features, require_teacher=False)
     root = args.images if args.images is not None else data.get("root", "")
     paths = [os.path.join(root, p) for p in data["paths"]]
@@ -43,6 +53,7 @@ def teacher(args):
 def parse_args(argv=None):
     """The command and its options, checked (nothing runs)."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_workers = min(4, os.cpu_count() or 1)  # more readers than cores only compete
     parser = ArgumentParser(prog="python -m mpafer.expclip",
                                      description=__doc__.split("\n")[0],
                                      epilog="Train the head with: python train.py --method "
@@ -59,9 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--normalize", action="store_true",
                    help="CLIP mean/std normalisation (off by default, as for the released heads)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=default_workers,
+                   help="image reading processes (default: min(4, CPU cores))")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out, with a note (default: they are an error)")
     p.add_argument("--device", default=default_device)
-    p.add_argument("--download-root", default="weights")
+    p.add_argument("--cache-dir", default=clip.default_weights_dir(),
+                   help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
+                        "weights/)")
     p.set_defaults(run=cache)
 
     p = sub.add_parser("teacher", help="add BLIP-2 teacher features to a feature file "
@@ -74,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--normalize", action="store_true",
                    help="normalise the teacher's input (the official code fed it un-normalised)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=default_workers,
+                   help="image reading processes (default: min(4, CPU cores))")
     p.add_argument("--device", default=default_device)
     p.set_defaults(run=teacher)
 

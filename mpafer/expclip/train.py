@@ -101,12 +101,20 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     """Train a head on a feature file and save it (released format + metadata sidecar).
 
     `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
-    What `train.py --method expclip` runs; returns the metadata written beside the head.
+    What `train.py --method expclip` runs; returns the metadata written beside the head. A
+    batch larger than the file's images shrinks to all of them, with a note.
     """
     data = load_features(features)
-    log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
+    num_images = data["clip_features"].shape[0]
+    log(f"{features}: {num_images} images, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
         f"features {tuple(data['teacher_features'].shape)}")
+    batch_size = hparams.get("batch_size", 512)
+    if batch_size > num_images:  # a small set: one batch of all of it, as MPA-FER's batch shrinks
+        log(f"note: {features} holds {num_images} images, fewer than --batch-size {batch_size}; "
+            f"training with batches of {num_images} (fewer negatives per batch than the "
+            "recipe's)")
+        hparams["batch_size"] = num_images
     head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
                                log=log, **hparams)
     metadata = {
@@ -139,6 +147,7 @@ def train_run(cfg):
         cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
         log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, seed=cfg.seed)
+    cfg.batch_size = metadata["hparams"]["batch_size"]  # config.json says what ran
     atomic_write_json({"train": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "config.json"))
     lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
     atomic_write(os.path.join(cfg.out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
