@@ -31,7 +31,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mpafer.ablation import run_ablation
+from mpafer.ablation import run_ablation, run_seeds
 from mpafer.checkpoint import check_compatible
 from mpafer.data import TrainBatchAugment, TrainLoader
 from mpafer.engine import (
@@ -81,6 +81,8 @@ def main(argv=None):
         return train_run(cfg)
     if cfg.ablation:
         return run_ablation(cfg, sys.argv[1:] if argv is None else list(argv), main)
+    if cfg.seeds:  # the configuration once per seed, then the report over them
+        return run_seeds(cfg, sys.argv[1:] if argv is None else list(argv), main)
     run = start_run(cfg, RESUME_MAY_CHANGE)
     run.log((DEMO_BANNER + "\n" if cfg.demo else "") + f"settings (all in "
             f"{run.path('config.json')}):\n{format_settings(run_record(run, model_cfg))}")
