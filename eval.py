@@ -59,7 +59,7 @@ from mpafer.metrics import format_report, over_classes
 from mpafer.prompts import hard_prompts_by_class, load_descriptions
 from mpafer.protocol import dataset_options
 from mpafer.runs import recorded_settings
-from mpafer.utils import ArgumentParser, atomic_write_json, run_cli
+from mpafer.utils import ArgumentParser, atomic_write_json, counted, run_cli
 
 
 def parse_args(argv=None):
@@ -67,7 +67,9 @@ def parse_args(argv=None):
     what = p.add_argument_group("what to evaluate")
     what.add_argument("--checkpoint", help="an MPA-FER checkpoint (best.pt / last.pt)")
     what.add_argument("--zero-shot", action="store_true", help="plain CLIP with --prompts")
-    what.add_argument("--method", choices=("mpafer", "expclip"), default="mpafer")
+    what.add_argument("--method", choices=("mpafer", "expclip"), default="mpafer",
+                      help="mpafer: a --checkpoint (or --zero-shot CLIP); expclip: plain CLIP and "
+                           "the Exp-CLIP --head side by side (default: mpafer)")
     what.add_argument("--head", help="Exp-CLIP projection head (.pth, released format)")
     what.add_argument("--prompts", default="photo", metavar="SET",
                       help=f"zero-shot / Exp-CLIP prompt set: {', '.join(PROMPT_SETS)}; "
@@ -131,10 +133,15 @@ def parse_args(argv=None):
     run.add_argument("--cache-dir", "--weights", default=clip.default_weights_dir(),
                      help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
                           "weights/)")
-    run.add_argument("--device", default="")
-    run.add_argument("--amp", choices=AMP_CHOICES, default="auto")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    run.add_argument("--device", default="",
+                     help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    run.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                     help="autocast: auto = bf16 on a GPU that has it, else fp16; none on CPU "
+                          "(default: auto)")
+    run.add_argument("--batch-size", type=int, default=64,
+                     help="images per forward pass; only speed and memory (default: 64)")
+    run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                     help="image reading processes (default: min(4, CPU cores))")
     args = p.parse_args(argv)
     if args.method == "expclip" and not args.head:
         p.error("--method expclip needs --head")
@@ -259,8 +266,9 @@ def check_classes(args, checkpoint, dataset):
         raise ValueError(f"{args.checkpoint} and the data have no class in common")
     kept = class_subset(dataset, shared)
     left = [c for c in data if c not in trained]
-    print(f"--class-set shared: the {len(shared)} classes both have ({', '.join(shared)}); "
-          f"left out: {len(dataset) - len(kept)} images of {', '.join(left) or 'no class'}")
+    print(f"--class-set shared: the {counted(len(shared), 'class')} both have "
+          f"({', '.join(shared)}); left out: {counted(len(dataset) - len(kept), 'image')} of "
+          f"{', '.join(left) or 'no class'}")
     return kept
 
 
@@ -382,8 +390,10 @@ def format_seen_and_unseen(metrics: Dict) -> str:
         m = metrics[part]
         recall = ", ".join(f"{c} {100 * metrics['per_class_recall'][c]:.1f}%"
                            for c in m["classes"] if c in metrics["per_class_recall"])
-        lines.append(f"{part} classes ({m['num_samples']} images): WAR {100 * m['war']:.2f}%  "
-                     f"UAR {100 * m['uar']:.2f}%  recall: {recall}")
+        scores = (f"WAR {100 * m['war']:.2f}%  UAR {100 * m['uar']:.2f}%" if m["war"] is not None
+                  else "WAR n/a  UAR n/a")  # no image of these classes: nothing to score
+        lines.append(f"{part} classes ({counted(m['num_samples'], 'image')}): {scores}  "
+                     f"recall: {recall or 'n/a'}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .clip.loading import activation_record_path, recorded_activation
 from .clip.model import CLIP
 from .clip.tokenizer import tokenize
 from .data import train_transform
@@ -44,7 +45,7 @@ from .synthetic import (
     SyntheticFaces,
     face_captions,
 )
-from .utils import atomic_save
+from .utils import atomic_save, atomic_write_json
 
 # Small enough to train in a minute on a CPU; the same code path as ViT-B/16.
 DEMO_CLIP_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
@@ -181,8 +182,13 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
 
 
 def demo_clip_path(download_root: str = "weights", log=print) -> str:
-    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet."""
+    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet; its
+    activation (QuickGELU) is recorded beside it, so that every use of the file knows it."""
     path = os.path.join(download_root, DEMO_CLIP_FILE)
     if not os.path.isfile(path):
         pretrain_demo_clip(path, log=log)
+    if recorded_activation(path) is None:  # (a file cached before the record was written)
+        # Recorded beside the file, which stays as it is (checkpoints name it by its SHA-256):
+        # any use of it, e.g. --clip weights/demo-tiny-clip-v2.pt, loads it without a note.
+        atomic_write_json({"activation": "quick_gelu"}, activation_record_path(path))
     return path

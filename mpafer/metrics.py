@@ -3,6 +3,8 @@ from typing import Dict, Sequence
 
 import torch
 
+from .utils import counted
+
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`[C, C]` counts, rows = true class, columns = predicted class."""
@@ -35,13 +37,15 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
 
 def over_classes(metrics: Dict, classes: Sequence[str]) -> Dict:
     """WAR and UAR of the images of `classes` only, from the predictions over every class (a
-    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall."""
+    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall;
+    both None when those classes have no image (there is nothing to score, not 0%)."""
     rows = [metrics["classnames"].index(c) for c in classes]
     confusion = metrics["confusion"]
     support = [sum(confusion[r]) for r in rows]
     recalls = [confusion[r][r] / n for r, n in zip(rows, support) if n]
-    return {"war": sum(confusion[r][r] for r in rows) / max(sum(support), 1),
-            "uar": sum(recalls) / len(recalls) if recalls else 0.0,
+    scored = sum(support) > 0
+    return {"war": sum(confusion[r][r] for r in rows) / sum(support) if scored else None,
+            "uar": sum(recalls) / len(recalls) if scored else None,
             "num_samples": sum(support), "classes": list(classes)}
 
 
@@ -55,7 +59,7 @@ def format_report(metrics: Dict) -> str:
     names = metrics["classnames"]
     width = max(len(n) for n in names) + 2
     lines = [f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
-             f"({metrics['num_samples']} images)", "per-class recall:"]
+             f"({counted(metrics['num_samples'], 'image')})", "per-class recall:"]
     for name in names:
         if name in metrics["per_class_recall"]:
             lines.append(f"  {name:<{width}}{100 * metrics['per_class_recall'][name]:6.2f}%  "

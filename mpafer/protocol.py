@@ -43,6 +43,7 @@ from .metrics import format_report
 from .prompts import hard_prompts_by_class, load_descriptions
 from .prototypes import prototype_key_fields, training_prototypes
 from .runs import selection_split_name
+from .utils import counted
 
 
 @dataclass
@@ -92,20 +93,21 @@ class Splits:
         """shots.json, heldout.json in the run folder: which images the seeded draws chose."""
         for name, record in self.records:
             run.write_json(name, record)
-            run.log(f"{record['protocol']}: {record['num_images']} images, listed in "
+            run.log(f"{record['protocol']}: {counted(record['num_images'], 'image')}, listed in "
                     f"{run.path(name)}")
 
     def describe(self) -> str:
-        lines = [f"train: {len(self.train)} images\n{format_class_counts(self.train)}"]
+        lines = [f"train: {counted(len(self.train), 'image')}\n{format_class_counts(self.train)}"]
         if self.base:
             novel = [c for c in self.all_classnames if c not in self.base]
             lines.append(f"base-to-novel: training and choosing best.pt on the base classes "
                          f"{', '.join(self.base)}; the novel classes {', '.join(novel)} are seen "
                          "only in the test split")
-        lines.append(f"{self.selection_name}: {len(self.selection)} images (evaluated every "
-                     "epoch, chooses the best checkpoint)")
+        lines.append(f"{self.selection_name}: {counted(len(self.selection), 'image')} (evaluated "
+                     "every epoch, chooses the best checkpoint)")
         if self.test is not None:
-            lines.append(f"test: {len(self.test)} images (the best checkpoint, once at the end)")
+            lines.append(f"test: {counted(len(self.test), 'image')} (the best checkpoint, once "
+                         "at the end)")
         return "\n".join(lines)
 
 
@@ -205,11 +207,12 @@ def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: b
     per_process = (-(-(samples_per_epoch or train_size) // world) if balanced
                    else train_size // world)
     if per_process < 1:
-        raise ValueError(f"the training set ({train_size} images) is smaller than the {world} "
-                         "processes that would share it")
+        raise ValueError(f"the training set ({counted(train_size, 'image')}) is smaller than "
+                         f"the {world} processes that would share it")
     if batch_size <= per_process:
         return batch_size, None
-    return per_process, (f"note: the training set gives each process {per_process} images, "
+    return per_process, (f"note: the training set gives each process "
+                         f"{counted(per_process, 'image')}, "
                          f"fewer than --batch-size {batch_size}; training with batches of "
                          f"{per_process}")
 
@@ -264,24 +267,29 @@ def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_opt
     """The reference points of a run, measured on the set it reports before any training: the
     model with its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3;
     a class's logit is the mean over its descriptions' prompts), the baseline prompt learning
-    has to beat (None when the descriptions do not cover the classes). In base-to-novel both
-    are measured on base, novel and all classes.
-    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None}."""
+    has to beat. When the descriptions do not cover the classes, a run whose hard prompts need
+    none (--hard-prompt-template 1 or 2) is measured with those; otherwise there is no baseline
+    (None). In base-to-novel both are measured on base, novel and all classes.
+    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None,
+    "hard_prompt_template": the template of the zero-shot prompts}."""
     device = model.clip.logit_scale.device
     measured = {"random_prompts": evaluate_reported(model.eval().with_classes, splits, device,
                                                     amp, **evaluate_options),
-                "zero_shot_hard_prompts": None}
+                "zero_shot_hard_prompts": None, "hard_prompt_template": 3}
     names = splits.all_classnames if splits.base else splits.classnames
     try:
         descriptions = {**(descriptions or {}), **load_descriptions(
             [c for c in names if c not in (descriptions or {})],
             aliases=splits.description_aliases)}
     except ValueError:  # classes the shipped descriptions do not cover (--dataset folder)
-        return measured
+        if model.config.hard_prompt_template == 3:
+            return measured
+        measured["hard_prompt_template"] = model.config.hard_prompt_template  # no descriptions
+    template = measured["hard_prompt_template"]
 
     def zero_shot(classnames):
         return ZeroShotClassifier(model.clip, classnames,
-                                  hard_prompts_by_class(classnames, descriptions, 3)).eval()
+                                  hard_prompts_by_class(classnames, descriptions, template)).eval()
 
     measured["zero_shot_hard_prompts"] = evaluate_reported(zero_shot, splits, device, amp,
                                                            desc="zero-shot", **evaluate_options)
@@ -310,9 +318,11 @@ def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
     measured = baselines(model, splits, descriptions, run.amp,
                          batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
     zero_shot = measured["zero_shot_hard_prompts"]
+    template = measured["hard_prompt_template"]
+    which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
     run.log(f"before training, on {splits.reported_name}: random prompts WAR "
             f"{100 * measured['random_prompts']['war']:.2f}%; " + (
-                f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
+                f"zero-shot CLIP with {which} WAR {100 * zero_shot['war']:.2f}%  UAR "
                 f"{100 * zero_shot['uar']:.2f}%" if zero_shot else
                 "no zero-shot baseline (the descriptions do not cover these classes)")
             + f"  (chance {100 / len(splits.all_classnames):.1f}%)")

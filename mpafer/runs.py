@@ -28,6 +28,7 @@ from .utils import (
     atomic_save,
     atomic_write,
     atomic_write_json,
+    counted,
 )
 
 # What a run writes into its folder; the first three are the results a rerun must not lose.
@@ -247,8 +248,8 @@ def already_finished(run: Run) -> bool:
     if (run.resume is None or run.resume["resume"].get("step")
             or run.resume["epoch"] < run.cfg.epochs):
         return False
-    run.log(f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
-            f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
+    run.log(f"{run.cfg.resume}: this run has finished its {counted(run.cfg.epochs, 'epoch')}; "
+            f"nothing to do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
     run.log(files_summary(run, run.resume["resume"]["best"]))
     return True
 

@@ -278,6 +278,14 @@ def ignore_interrupts(worker_id: int = 0):
         signal.signal(signum, signal.SIG_IGN)
 
 
+def counted(n: int, noun: str, plural: Optional[str] = None) -> str:
+    """`n` and the noun in the number it takes: "1 image", "2 images", "3 classes" (`plural`
+    where adding -s or -es does not make it)."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {plural or noun + ('es' if noun.endswith(('s', 'x', 'sh')) else 's')}"
+
+
 def run_cli(main):
     """Run a script's main(): expected failures (bad paths, arguments, files, a write that failed)
     print one clear line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback.

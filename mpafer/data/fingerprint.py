@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..utils import counted
 from .base import dataset_fingerprint
 
 SHOWN = 3  # files named in a message, at most
@@ -71,7 +72,7 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
     order."""
     parts = []
     if found["images"] != recorded["images"]:
-        parts.append(f"{found['images']} images (the run's: {recorded['images']})")
+        parts.append(f"{counted(found['images'], 'image')} (the run's: {recorded['images']})")
     if found["class_counts"] != recorded["class_counts"]:
         parts.append(f"{found['class_counts']} per class (the run's: "
                      f"{recorded['class_counts']})")
@@ -84,8 +85,8 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
             new.append(line.split("\t")[0])
     if new:
         shown = ", ".join(new[:SHOWN]) + (", ..." if len(new) > SHOWN else "")
-        parts.append(f"{len(new)} of its {found['images']} images are not the run's (another "
-                     f"file, label or crop): {shown}")
+        parts.append(f"{len(new)} of its {counted(found['images'], 'image')} are not the run's "
+                     f"(another file, label or crop): {shown}")
     if not parts:
         parts.append("the same images in another order")
     return f"{name}: " + ", ".join(parts)

@@ -10,7 +10,7 @@ import os
 import torch
 
 from .. import clip
-from ..utils import ArgumentParser, run_cli
+from ..utils import ArgumentParser, counted, run_cli
 from .features import add_teacher_features, cache_image_features, load_features
 from .teacher import (
     DEFAULT_TEACHER,
@@ -26,7 +26,7 @@ def cache(args):
     data = cache_image_features(model, args.images, args.out, normalize=args.normalize,
                                 batch_size=args.batch_size, num_workers=args.workers,
                                 skip_bad_images=args.skip_bad_images)
-    print(f"wrote {args.out}: {len(data['paths'])} images, clip_features "
+    print(f"wrote {args.out}: {counted(len(data['paths']), 'image')}, clip_features "
           f"{tuple(data['clip_features'].shape)} ({data['clip_name']}; {data['preprocess']})")
 
 

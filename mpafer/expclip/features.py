@@ -16,7 +16,7 @@ from ..clip.loading import safe_load
 from ..data import IMAGE_EXTENSIONS, load_image, unreadable_images
 from ..data.transforms import describe_expclip_transform, expclip_transform
 from ..engine import autocast, resolve_amp
-from ..utils import atomic_save, progress_bar
+from ..utils import atomic_save, counted, progress_bar
 
 FEATURES_FORMAT = "mpafer.expclip.features/1"
 
@@ -60,7 +60,7 @@ def readable_only(root: str, paths: Sequence[str], skip_bad_images: bool = False
     if not bad:
         return list(paths)
     if not skip_bad_images:
-        raise ValueError(f"{len(bad)} of the {len(paths)} images cannot be read, first: "
+        raise ValueError(f"{len(bad)} of {counted(len(paths), 'image')} cannot be read, first: "
                          f"{bad[0][1]}; replace them, or leave unreadable images out with "
                          "--skip-bad-images (skip_bad_images=True in Python)")
     left_out = {index for index, _ in bad}
@@ -145,7 +145,7 @@ def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name
     data = load_features(path, require_teacher=False)
     n = data["clip_features"].shape[0]
     if teacher_features.dim() != 2 or teacher_features.shape[0] != n:
-        raise ValueError(f"{path} holds {n} images but the teacher features have shape "
+        raise ValueError(f"{path} holds {counted(n, 'image')} but the teacher features have shape "
                          f"{tuple(teacher_features.shape)} (expected [{n}, E])")
     if paths is not None and list(paths) != data["paths"]:
         raise ValueError(f"the teacher features' image paths are not those of {path} "

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runs import Logger, clear_run_files
-from ..utils import atomic_write, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, counted
 from .features import load_features
 from .head import LOGIT_SCALE, ProjectionHead, head_metadata_path, save_head
 
@@ -92,7 +92,7 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
         history.append({"epoch": epoch, "loss": total_loss / steps, "accuracy": total_acc / steps})
         if log is not None:
             log(f"epoch {epoch}/{epochs}  loss {history[-1]['loss']:.4f}  in-batch retrieval "
-                f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({steps} steps, "
+                f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({counted(steps, 'step')}, "
                 f"{time.time() - start:.1f}s)")
     return head.eval(), history
 
@@ -106,12 +106,13 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     """
     data = load_features(features)
     num_images = data["clip_features"].shape[0]
-    log(f"{features}: {num_images} images, CLIP {data.get('clip_name')} "
+    log(f"{features}: {counted(num_images, 'image')}, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
         f"features {tuple(data['teacher_features'].shape)}")
     batch_size = hparams.get("batch_size", 512)
     if batch_size > num_images:  # a small set: one batch of all of it, as MPA-FER's batch shrinks
-        log(f"note: {features} holds {num_images} images, fewer than --batch-size {batch_size}; "
+        log(f"note: {features} holds {counted(num_images, 'image')}, fewer than --batch-size "
+            f"{batch_size}; "
             f"training with batches of {num_images} (fewer negatives per batch than the "
             "recipe's)")
         hparams["batch_size"] = num_images
