@@ -178,10 +178,10 @@ SHORT_HASH = 8
 
 
 def label_groups(summaries: List[Dict]):
-    """Name each group by the fields whose values differ between groups (its dataset and
-    method when there is only one group). Hashes are shortened; the data is named by its
-    dataset and root folder (`run_data`), with a short hash only where two groups' data share
-    that name."""
+    """Name each group by the fields whose values differ between groups (its data, else its
+    dataset, and its method when there is only one group). Hashes are shortened; the data is
+    named by its dataset and root folder (`run_data`), with a short hash only where two groups'
+    data share that name."""
     keys = sorted({k for s in summaries for k in s["config"]})
     differing = [k for k in keys
                  if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
@@ -189,7 +189,8 @@ def label_groups(summaries: List[Dict]):
     for s in summaries:
         data_names.setdefault(s["data_name"], set()).add(s["config"].get("data"))
     for s in summaries:
-        shown = differing or [k for k in ("dataset", "method") if k in s["config"]]
+        own = ("data" if "data" in s["config"] else "dataset", "method")  # its data by name
+        shown = differing or [k for k in own if k in s["config"]]
         s["label"] = " ".join(label_part(k, s, len(data_names[s["data_name"]]) > 1)
                               for k in shown)
 

@@ -169,6 +169,8 @@ def test_runs_on_different_data_of_one_dataset_are_different_rows(tmp_path, caps
     out = capsys.readouterr().out
     assert "| data=folder:FER2013 | 2 | 1, 2 | 55.00 ± 7.07 |" in out
     assert not re.search(r"[0-9a-f]{64}", out)
+    (alone,) = report.main(folders[:2])  # one group: named by its data and method
+    assert alone["label"] == "data=folder:FER2013 method=mpafer"
 
 
 def test_different_data_under_one_folder_name_gets_a_short_hash(tmp_path):
