@@ -344,16 +344,19 @@ def report_best(run, model, splits: Splits, best: Dict):
         run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
                                      **test})
         trained = test["war"]
-    zero_shot = None
+    zero_shot, template = None, 3
     if os.path.isfile(run.path("baseline.json")):
         with open(run.path("baseline.json")) as f:
-            zero_shot = json.load(f)["zero_shot_hard_prompts"]
+            baseline = json.load(f)
+        zero_shot, template = baseline["zero_shot_hard_prompts"], baseline.get(
+            "hard_prompt_template", 3)
     if splits.base and splits.test is not None:
         rows = {"zero-shot CLIP, hard prompts": zero_shot} if zero_shot else {}
         run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, best.pt "
                 f"chosen on {splits.selection_name} images):\n"
                 + format_base_to_novel({**rows, "MPA-FER, trained on base": test}))
     if zero_shot:
-        run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with the hard prompts "
+        which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
+        run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with {which} "
                 f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% (WAR on "
                 f"{splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} points)")
