@@ -3,8 +3,6 @@ from typing import Dict, Sequence
 
 import torch
 
-from .utils import counted
-
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`[C, C]` counts, rows = true class, columns = predicted class."""
@@ -59,7 +57,8 @@ def format_report(metrics: Dict) -> str:
     names = metrics["classnames"]
     width = max(len(n) for n in names) + 2
     lines = [f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
-             f"({counted(metrics['num_samples'], 'image')})", "per-class recall:"]
+             f"({metrics['num_samples']} image{'' if metrics['num_samples'] == 1 else 's'})",
+             "per-class recall:"]
     for name in names:
         if name in metrics["per_class_recall"]:
             lines.append(f"  {name:<{width}}{100 * metrics['per_class_recall'][name]:6.2f}%  "

@@ -9,7 +9,6 @@ from torch import nn
 
 from .clip.model import CLIP
 from .clip.tokenizer import get_tokenizer, tokenize
-from .labels import canonical_name
 
 DESCRIPTIONS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "descriptions",
                                  "fer_descriptions.json")
@@ -27,11 +26,10 @@ def load_descriptions(classnames: Sequence[str], path: Optional[str] = None,
                       aliases: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
     """LLM descriptions per class, all granularities in file order -> {class: [description]}.
 
-    `aliases` maps a class name to the file's name for it where they differ (e.g. the demo's
-    "scared" -> "fear"); a name that stands for a canonical class, in any case or by a usual
-    synonym ("Happy", "angry"), needs none. Validates that every requested class is covered
-    and that each description's hard prompt (template 3) fits CLIP's 77-token context; errors
-    name the file, class and description.
+    `aliases` maps a class name to the file's name for it where they differ (e.g. "happy" ->
+    "happiness"). Validates that every requested class is covered and that each description's
+    hard prompt (template 3) fits CLIP's 77-token context; errors name the file, class and
+    description.
     """
     aliases = aliases or {}
     path = path or DESCRIPTIONS_PATH
@@ -45,9 +43,6 @@ def load_descriptions(classnames: Sequence[str], path: Optional[str] = None,
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, dict):
         raise ValueError(f"{path}: expected a JSON object with a 'classes' mapping")
-    # A class without an alias is found by its own name, else by the canonical class it stands
-    # for (any case, or a usual synonym: happy -> happiness).
-    aliases = {c: aliases.get(c) or (c if c in classes else canonical_name(c)) for c in classnames}
     missing = [c for c in classnames if aliases.get(c, c) not in classes]
     if missing:
         raise ValueError(f"{path} has no descriptions for {missing}; it covers {sorted(classes)}")
