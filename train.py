@@ -1,11 +1,10 @@
-"""Train MPA-FER prompts on a frozen CLIP (or an Exp-CLIP head on cached features).
+"""Train MPA-FER prompts on a frozen CLIP.
 
     python train.py --demo                                   # synthetic faces, tiny CLIP, CPU
     python train.py --dataset rafdb --data-root data/RAF-DB  # the reported RAF-DB recipe
     python train.py --dataset ferplus --data-root data/FERPlus --clip ViT-L/14 --amp bf16
     python train.py --resume runs/rafdb/<run>/last.pt        # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --dataset affectnet7 --data-root data/AffectNet
-    python train.py --method expclip --features feats.pt
 
 Every field of TrainConfig and MPAFERConfig is a command-line flag (`--help` lists them).
 Precedence: defaults < dataset preset < --demo < flags you give. Each run gets its own folder,
@@ -19,10 +18,10 @@ that moved resumes with --resume RUN/last.pt --data-root NEW, if it is the run's
 
 The recipe, top to bottom: settings (every value checked) -> data and CLIP (checked before
 anything is written) -> model and prototypes -> optimiser -> for each epoch: train, evaluate on
-the selection set, save -> best.pt on the test set -> report. The run's bookkeeping (folders,
-resume, checkpoints) is `mpafer.runs`; what may stop a run and how it goes on, `mpafer.faults`;
-which images train, select and test, `mpafer.protocol`; one epoch of steps,
-`mpafer.engine.train_epoch`.
+the selection set, save -> best.pt on the test set -> report. The run's settings, bookkeeping
+(folders, resume, checkpoints) is `mpafer.app.runs`; what may stop a run and how it goes on,
+`mpafer.app.faults`; which images train, select and test, `mpafer.app.protocol`; one epoch of
+steps, `mpafer.app.engine.train_epoch`. (Exp-CLIP trains with `python -m mpafer.expclip train`.)
 """
 import os
 import sys
@@ -31,21 +30,28 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mpafer.ablation import run_ablation, run_seeds
-from mpafer.checkpoint import check_compatible
-from mpafer.data import TrainBatchAugment, TrainLoader
-from mpafer.engine import (
-    NonFiniteLoss,
+from mpafer.app.ablation import run_ablation, run_seeds
+from mpafer.app.cli import run_cli
+from mpafer.app.config import RESUME_MAY_CHANGE, format_settings
+from mpafer.app.engine import (
     build_mpafer,
     make_optimizer,
     train_epoch,
     trainable_parameters,
 )
-from mpafer.expclip import train_run
-from mpafer.faults import StopRequest, check_data, check_room, interrupted, write_failed
-from mpafer.metrics import format_report
-from mpafer.prompts import load_descriptions
-from mpafer.protocol import (
+from mpafer.app.faults import (
+    EXIT_STATUS,
+    NonFiniteLoss,
+    StopRequest,
+    check_data,
+    check_room,
+    interrupted,
+    resume_command,
+    stop_on_non_finite,
+    write_failed,
+)
+from mpafer.app.loader import TrainLoader
+from mpafer.app.protocol import (
     evaluate_selection,
     fit_batch_size,
     read_splits,
@@ -53,22 +59,24 @@ from mpafer.protocol import (
     report_best,
     run_prototypes,
 )
-from mpafer.report import write_curves
-from mpafer.runs import (
+from mpafer.app.report import write_curves
+from mpafer.app.runs import (
     already_finished,
     files_summary,
     load_clip,
     open_folder,
     record_epoch,
     restore,
-    resume_command,
+    run_config,
     run_record,
     save_checkpoints,
     start_run,
-    stop_on_non_finite,
 )
-from mpafer.train_config import RESUME_MAY_CHANGE, format_settings, parse_config
-from mpafer.utils import EXIT_STATUS, WriteError, run_cli
+from mpafer.checkpoint import check_compatible
+from mpafer.data import TrainBatchAugment
+from mpafer.files import WriteError
+from mpafer.metrics import format_report
+from mpafer.prompts import load_descriptions
 
 DEMO_BANNER = ("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tiny CLIP. These "
                "numbers say the\npipeline works end to end; they say nothing about real facial "
@@ -76,9 +84,7 @@ DEMO_BANNER = ("=" * 78 + "\nDEMO: MPA-FER on synthetic cartoon faces with a tin
 
 
 def main(argv=None):
-    cfg, model_cfg, _ = parse_config(argv, __doc__)
-    if cfg.method == "expclip":
-        return train_run(cfg)
+    cfg, model_cfg, _ = run_config(argv, __doc__)
     if cfg.ablation:
         return run_ablation(cfg, sys.argv[1:] if argv is None else list(argv), main)
     if cfg.seeds:  # the configuration once per seed, then the report over them

@@ -2,21 +2,20 @@
 
 A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
 None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
-unpickling are refused before anything in them runs. Save one with `mpafer.utils.atomic_save`
+unpickling are refused before anything in them runs. Save one with `mpafer.files.atomic_save`
 (temporary file, then rename), as train.py does.
 
-    format            "mpafer-checkpoint/1"
+    format            "mpafer-checkpoint/2" (the version: an older one is refused)
     method            "mpafer"
     config            MPAFERConfig as a dict
     train_config      the resolved training settings (for the record)
     classnames        class names in the model's order
     clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
-                      (no "activation" in older checkpoints: QuickGELU)
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
     state_dict        trainable tensors only
     epoch, metrics    epoch finished (1-based) and its evaluation
     resume            (last.pt only) optimizer, scheduler and scaler states, the best metric,
-                      where the run stands (see `mpafer.runs.resume_state`); no RNG states:
+                      where the run stands (see `mpafer.app.runs.resume_state`); no RNG states:
                       every epoch re-seeds from (seed, epoch)
 """
 from typing import Dict, Optional, Sequence
@@ -26,13 +25,13 @@ from .clip.model import check_same_clip
 from .model import MPAFER, MPAFERConfig
 from .prompts import descriptions_hash
 
-FORMAT = "mpafer-checkpoint/1"
+FORMAT = "mpafer-checkpoint/2"
 
 
 def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
                     train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
     """The checkpoint dict of `model` (see the module docstring); save it with
-    `mpafer.utils.atomic_save`."""
+    `mpafer.files.atomic_save`."""
     clip_model = model.clip
     checkpoint = {
         "format": FORMAT,
@@ -57,6 +56,10 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
     checkpoint = safe_load(path, "checkpoint")
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if isinstance(found, str) and found.startswith("mpafer-checkpoint/") and found != FORMAT:
+        raise ValueError(f"{path} is a checkpoint of format {found}, written before this version "
+                         f"of mpafer (which reads {FORMAT}); train it again")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         found = (checkpoint.get("format") if isinstance(checkpoint, dict)
                  else type(checkpoint).__name__)
@@ -80,13 +83,13 @@ def check_compatible(checkpoint: Dict, path: str, clip_model=None,
 def clip_activation(given: str, checkpoint: Optional[Dict] = None,
                     demo_clip: bool = False) -> Optional[str]:
     """The activation to load the CLIP with (`clip.load(activation=...)`): `given` (the
-    --clip-activation flag) if any, else the one `checkpoint` recorded (QuickGELU in checkpoints
-    older than the record), else QuickGELU for the demo CLIP, else None (`clip.load` decides:
-    QuickGELU, with a note for a file that does not say)."""
+    --clip-activation flag) if any, else the one `checkpoint` recorded, else QuickGELU for the
+    demo CLIP, else None (`clip.load` decides: QuickGELU, with a note for a file that does not
+    say)."""
     if given:
         return given
     if checkpoint is not None:
-        return checkpoint["clip"].get("activation") or "quick_gelu"
+        return checkpoint["clip"]["activation"]
     return "quick_gelu" if demo_clip else None
 
 

@@ -115,7 +115,6 @@ class MPAFERConfig:
 
     @classmethod
     def from_dict(cls, values: Dict) -> "MPAFERConfig":
-        values = upgrade_config(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -124,17 +123,6 @@ class MPAFERConfig:
 
     def to_dict(self) -> Dict:
         return asdict(self)
-
-
-# Values renamed since older checkpoints and configs were written: field -> {old: new}. The
-# distance "l1" was the L1 norm summed over D; it keeps that meaning under its new name.
-RENAMED_VALUES = {"pa_distance": {"l1": "l1-sum"}, "v_distance": {"l1": "l1-sum"}}
-
-
-def upgrade_config(values: Dict) -> Dict:
-    """A recorded MPAFERConfig dict under today's values (a run keeps its meaning)."""
-    return {k: RENAMED_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v
-            for k, v in values.items()}
 
 
 @dataclass

@@ -1,23 +1,15 @@
-"""Class prototypes for L_v: mean normalised frozen CLIP image features, cached on disk."""
-import copy
-import hashlib
-import json
-import os
+"""Class prototypes for L_v: the mean L2-normalised frozen CLIP image feature of each class, of
+every training image or of a seeded random subset per class. (A run caches them on disk:
+`mpafer.app.prototype_cache`.)"""
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from .clip.loading import safe_load
-from .clip.transform import CLIP_MEAN, CLIP_STD
-from .data.base import dataset_fingerprint, files_stat_fingerprint
 from .data.device_augment import as_model_input
-from .data.subsets import Subset as DataSubset
-from .data.transforms import describe_transform, eval_transform
-from .synthetic import RENDERER_VERSION
-from .utils import atomic_save, progress_bar
+from .progress import progress_bar
 
 
 @torch.no_grad()
@@ -87,69 +79,3 @@ def _subset_loader(loader: DataLoader, indices: List[int]) -> DataLoader:
     return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size or 1,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       pin_memory=loader.pin_memory)
-
-
-def prototype_cache_key(**fields) -> str:
-    """A stable hash of what determines the prototypes (CLIP hash, dataset, split,
-    transform, ...)."""
-    blob = json.dumps(fields, sort_keys=True, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], torch.Tensor],
-                      log: Callable[[str], None] = print) -> torch.Tensor:
-    """Load prototypes from `cache_dir` if computed before with the same `key_fields`, else
-    compute and save them (atomically, with the key fields beside the tensor)."""
-    path = os.path.join(cache_dir, f"prototypes-{prototype_cache_key(**key_fields)}.pt")
-    if os.path.isfile(path):
-        cached = safe_load(path, "prototype cache")
-        if cached.get("key") == json.loads(json.dumps(key_fields, default=str)):
-            log(f"prototypes: loaded from {path}")
-            return cached["prototypes"]
-    prototypes = compute()
-    atomic_save({"prototypes": prototypes.cpu(),
-                 "key": json.loads(json.dumps(key_fields, default=str))}, path)
-    log(f"prototypes: computed and cached in {path}")
-    return prototypes
-
-
-def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_fields: Dict,
-                        per_class: Optional[int] = None, seed: int = 0, workers: int = 0,
-                        amp_dtype: Optional[torch.dtype] = None,
-                        log: Callable[[str], None] = print) -> torch.Tensor:
-    """The prototypes of a training set, from the cache in `cache_dir` if they were computed
-    before under the same `key_fields` (see `prototype_key_fields`), else computed now from
-    the training images with CLIP's evaluation preprocessing and cached."""
-    view = copy.copy(train_set)  # the same images with the eval transform; train_set untouched
-    view.transform = eval_transform(resolution, uint8=True)
-    device = model.clip.logit_scale.device
-    loader = DataLoader(view, batch_size=128, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    return cached_prototypes(os.path.join(cache_dir, "prototypes"), key_fields, lambda: (
-        compute_prototypes(model, loader, per_class=per_class, seed=seed, amp_dtype=amp_dtype)),
-        log=log)
-
-
-def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: str,
-                         per_class: Optional[int], seed: int,
-                         amp_dtype: Optional[torch.dtype]) -> Dict:
-    """Everything the prototypes of a training set depend on, as stable values (hashes, sizes,
-    parameter values; never object reprs), so that a later run, in another process, finds them:
-    the CLIP and its activation, the preprocessing's parameters, the images (names and labels;
-    the size and modification time of their files, or the version of the demo's face
-    renderer), the subset drawn, the precision."""
-    base = train_set.base if isinstance(train_set, DataSubset) else train_set
-    key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
-           "resolution": resolution,
-           "transform": describe_transform(eval_transform(resolution, uint8=True)),
-           "normalize": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},  # on the device
-           "dataset": dataset, "root": root, "split": "train", "images": len(train_set),
-           "items_sha256": dataset_fingerprint(base), "files_sha256": files_stat_fingerprint(base),
-           "classes": list(train_set.classnames), "per_class": per_class or 0,
-           "seed": seed if per_class else None,  # the seed draws the per-class subset
-           "amp": str(amp_dtype)}
-    if dataset == "synthetic-demo":
-        key["renderer"] = RENDERER_VERSION
-    if isinstance(train_set, DataSubset):  # --shots / --val-fraction: which images, not how many
-        key["subset"] = train_set.fingerprint()
-    return key

@@ -20,7 +20,7 @@ from typing import Optional
 import pytest
 import torch
 
-from mpafer.bench import measure
+from mpafer.app.bench import measure
 
 
 def tests_device() -> Optional[torch.device]:

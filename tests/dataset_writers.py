@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from mpafer.synthetic import SyntheticFaces
+from mpafer.app.synthetic import SyntheticFaces
 
 AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
                     "facial_landmarks", "expression", "valence", "arousal"]

@@ -1,12 +1,12 @@
 """The ablation ladder over seeds (`train.py --ablation --seeds ...`): one run folder per (row,
-seed), summarised by mpafer.report into ablation.md and ablation.json; flags given reach every
+seed), summarised by mpafer.app.report into ablation.md and ablation.json; flags given reach every
 row and win over a row's own switches."""
 import json
 
 import pytest
 import torch
 
-from mpafer import ablation
+from mpafer.app import ablation
 from tests.helpers import load_script, quick_demo, read_jsonl, tiny_state_dict
 
 
@@ -67,7 +67,7 @@ def test_ablation_flags_are_checked(capsys):
                             (["--ablation", "--seeds", "1,x"], "--seeds must be seeds"),
                             (["--ablation", "--resume", "x/last.pt"], "--ablation starts new runs")):
         with pytest.raises(SystemExit):
-            train.parse_config(["--demo", *flags])
+            train.run_config(["--demo", *flags])
         assert expected in capsys.readouterr().err, flags
 
 

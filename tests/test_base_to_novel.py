@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mpafer.app.engine import evaluate_base_novel
 from mpafer.checkpoint import load_checkpoint, make_checkpoint
 from mpafer.clip.tokenizer import tokenize
-from mpafer.engine import evaluate_base_novel
+from mpafer.files import atomic_save
 from mpafer.metrics import harmonic_mean
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.utils import atomic_save
 from tests.helpers import (
     load_script,
     quick_demo,
@@ -158,7 +158,7 @@ def test_base_classes_are_checked_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="leave at least one class out as novel"):
         train.main([*args, "--base-classes", every])
     with pytest.raises(SystemExit):
-        train.parse_config([*args, "--base-classes", "neutral", "--class-specific-ctx"])
+        train.run_config([*args, "--base-classes", "neutral", "--class-specific-ctx"])
     assert "needs the shared context" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

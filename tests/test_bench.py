@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from mpafer import bench
-from mpafer.bench.files import write_rafdb_like
+from mpafer.app import bench
+from mpafer.app.bench.files import write_rafdb_like
+from mpafer.app.synthetic import SyntheticFaces
 from mpafer.data import RAFDB
-from mpafer.synthetic import SyntheticFaces
 from tests.dataset_writers import write_synthetic_rafdb
 
 REQUIRED = ("clip_ratio", "train_step_ratio", "eval_ratio", "peak_memory_bytes", "trainable_params",

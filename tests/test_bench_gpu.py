@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mpafer.bench import gpu
+from mpafer.app.bench import gpu
 from tests.helpers import run
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from mpafer import clip
+from mpafer.app.protocol import base_classes
 from mpafer.checkpoint import make_checkpoint
 from mpafer.data import FolderDataset
+from mpafer.files import atomic_save
 from mpafer.labels import canonical_name, match_classes
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
-from mpafer.protocol import base_classes
-from mpafer.utils import atomic_save
 from tests.dataset_writers import save_image
 from tests.helpers import load_script, tiny_state_dict
 

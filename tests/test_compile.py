@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
+from mpafer.app.engine import build_mpafer, train_step, trainable_parameters
 from mpafer.data import TrainBatchAugment
-from mpafer.engine import build_mpafer, grad_scaler, train_step, trainable_parameters
 from mpafer.labels import BASIC_CLASSES
+from mpafer.precision import grad_scaler
 from mpafer.prompts import load_descriptions
 from tests.helpers import tiny_clip
 

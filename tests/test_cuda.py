@@ -14,19 +14,11 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from mpafer import clip
-from mpafer.bench import speed
+from mpafer.app.bench import speed
+from mpafer.app.engine import build_mpafer, evaluate, predict, train_step, trainable_parameters
 from mpafer.data import TrainBatchAugment
-from mpafer.engine import (
-    autocast,
-    build_mpafer,
-    evaluate,
-    grad_scaler,
-    predict,
-    resolve_amp,
-    train_step,
-    trainable_parameters,
-)
 from mpafer.labels import BASIC_CLASSES
+from mpafer.precision import autocast, grad_scaler, resolve_amp
 from mpafer.prompts import load_descriptions
 from tests.cuda_checks import (
     DEVICE,
@@ -253,7 +245,7 @@ def test_evaluation_makes_no_sync_per_batch():
 # -- memory ------------------------------------------------------------------------------------
 
 def peak_memory_of_a_step(shape: str, grad_checkpointing: bool) -> dict:
-    """`mpafer.bench`'s memory figure: a bf16 training step at batch 32 (after a warm-up step),
+    """`mpafer.app.bench`'s memory figure: a bf16 training step at batch 32 (after a warm-up step),
     torch.cuda.max_memory_allocated, on a random CLIP of `shape`."""
     args = types.SimpleNamespace(shape=shape, train_batch=32, amp_dtype=torch.bfloat16,
                                  grad_checkpointing=grad_checkpointing, compile=False)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mpafer import clip
+from mpafer.app.demo import demo_clip_path
 from mpafer.checkpoint import load_checkpoint
-from mpafer.demo import demo_clip_path
 from tests.cuda_checks import DEVICE, TIER, record_figure, relative_error
 from tests.helpers import REPO, quick_demo, read_jsonl, run, tiny_state_dict
 
@@ -71,7 +71,7 @@ def demo_runs(tmp_path_factory, demo_weights):
     """`train.py --demo` with the same seed twice, at the same time: on the device in bf16 and
     on the CPU in fp32 -> (device run folder, CPU run folder)."""
     out = tmp_path_factory.mktemp("demo")
-    common = ("train.py", "--demo", "--weights", demo_weights, "--seed", "1")
+    common = ("train.py", "--demo", "--cache-dir", demo_weights, "--seed", "1")
     on_device = start(out / "device.log", *common, "--device", DEVICE, "--amp", "bf16",
                       "--out", out / "device")
     on_cpu = start(out / "cpu.log", *common, "--device", "cpu", "--amp", "off", "--out",
@@ -98,7 +98,7 @@ def test_demo_bf16_on_the_device_reaches_the_war_of_the_cpu_run(demo_runs):
 def test_eval_py_scores_the_device_checkpoint_as_training_did(demo_runs, demo_weights, tmp_path):
     device_run, _ = demo_runs
     checkpoint, report = device_run / "best.pt", tmp_path / "eval.json"
-    run("eval.py", "--demo", "--checkpoint", str(checkpoint), "--weights", demo_weights,
+    run("eval.py", "--demo", "--checkpoint", str(checkpoint), "--cache-dir", demo_weights,
         "--device", str(DEVICE), "--amp", "bf16", "--json", str(report))
     metrics = json.load(open(report))
     assert metrics["num_samples"] == 7 * 60

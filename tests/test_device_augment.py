@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from mpafer.app.engine import predict
 from mpafer.data import (
     TrainBatchAugment,
     as_model_input,
@@ -18,7 +19,6 @@ from mpafer.data import (
     random_erasing_on_device,
     train_transform,
 )
-from mpafer.engine import predict
 from mpafer.prototypes import compute_prototypes
 from tests.helpers import tiny_clip
 

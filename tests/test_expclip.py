@@ -18,10 +18,10 @@ from mpafer.data import expclip_transform, load_image
 from mpafer.expclip import (
     PROMPT_SETS,
     ProjectionHead,
-    ZeroShotClassifier,
     add_teacher_features,
     build_prompts,
     cache_image_features,
+    expclip_classifier,
     info_nce,
     load_features,
     load_head,
@@ -124,7 +124,7 @@ def test_head_width_mismatch_names_the_clip_models(tmp_path, model):
     assert "takes 64-d CLIP features" in message and "embed_dim is 64" in message
     assert "no OpenAI CLIP model has width" not in message and "fits no" not in message
     with pytest.raises(ValueError, match="embed_dim is 32"):
-        ZeroShotClassifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
+        expclip_classifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
 
 
 def test_head_trained_on_another_clip_is_refused(tmp_path, model):
@@ -217,7 +217,7 @@ def test_prompt_file_logits_equal_hand_computation(tmp_path, model):
                         "anger": ["an angry face.", "a furious person.", "anger."]}
     head, classnames, x = random_head(), ["sadness", "anger", "happiness"], images(3, seed=2)
     with torch.no_grad():
-        logits = ZeroShotClassifier(model, classnames, path, head=head)(x)
+        logits = expclip_classifier(model, classnames, path, head=head)(x)
     assert torch.allclose(logits, hand_logits(model, head, classnames, expected_prompts, x),
                           atol=1e-4)
 
@@ -267,7 +267,7 @@ def hand_logits(model, head, classnames, prompts, x):
 def test_zero_shot_logits_equal_hand_computation(model, use_head):
     head = random_head() if use_head else None
     classnames = ["sadness", "anger", "happiness"]  # not the prompt set's order
-    clf = ZeroShotClassifier(model, classnames, UNEQUAL, head=head)
+    clf = expclip_classifier(model, classnames, UNEQUAL, head=head)
     x = images(4)
     with torch.no_grad():
         logits = clf(x)
@@ -277,7 +277,7 @@ def test_zero_shot_logits_equal_hand_computation(model, use_head):
 
 def test_plain_clip_matches_clips_own_forward(model):
     classnames = list(CANONICAL_CLASSES[:7])
-    clf = ZeroShotClassifier(model, classnames, "photo")
+    clf = expclip_classifier(model, classnames, "photo")
     x = images(3, seed=1)
     texts = [PROMPT_SETS["photo"][c][0] for c in classnames]
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_text_features_are_computed_once(model):
     original = model.encode_text
     model.encode_text = lambda tokens: calls.append(len(tokens)) or original(tokens)
     try:
-        clf = ZeroShotClassifier(model, list(CANONICAL_CLASSES), "ensemble10", head=random_head())
+        clf = expclip_classifier(model, list(CANONICAL_CLASSES), "ensemble10", head=random_head())
         assert sum(calls) == 80  # 8 classes x 10 prompts, at construction
         with torch.no_grad():
             for seed in range(3):
@@ -305,7 +305,7 @@ def test_text_features_are_computed_once(model):
 def test_video_averages_projected_frames_before_normalising(model):
     head = random_head()
     classnames = ["sadness", "anger", "happiness"]
-    clf = ZeroShotClassifier(model, classnames, UNEQUAL, head=head)
+    clf = expclip_classifier(model, classnames, UNEQUAL, head=head)
     video = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # [B, T, 3, H, W]
     with torch.no_grad():
         logits = clf(video)
@@ -325,7 +325,7 @@ def test_video_averages_projected_frames_before_normalising(model):
 
 
 def test_classifier_under_autocast(model):
-    clf = ZeroShotClassifier(model, list(CANONICAL_CLASSES), "ensemble5", head=random_head())
+    clf = expclip_classifier(model, list(CANONICAL_CLASSES), "ensemble5", head=random_head())
     x = images(2, seed=7)
     with torch.no_grad():
         reference = clf(x)
@@ -473,12 +473,13 @@ def test_command_line_cache_then_train_head_from_file(tmp_path, image_folder, ca
     main(["cache", "--clip", clip_path, "--images", image_folder, "--out", feats,
           "--workers", "0", "--device", "cpu"])
     add_teacher_features(feats, torch.randn(3, 16), "blip2-test", INSTRUCTION)
-    # Training has one entry point, train.py --method expclip (which calls this function).
-    with pytest.raises(SystemExit):
-        main(["train", "--features", feats, "--out", str(tmp_path / "x.pth")])
-    assert "invalid choice: 'train'" in capsys.readouterr().err
-    head_path = str(tmp_path / "head.pth")
-    train_head_from_file(feats, head_path, batch_size=2, epochs=2)
+    main(["train", "--features", feats, "--out", str(tmp_path / "run"), "--batch-size", "2",
+          "--epochs", "2", "--device", "cpu"])
+    head_path = str(tmp_path / "run" / "expclip_head.pth")
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(ValueError, match="already holds a run"):  # a second run is refused
+        main(["train", "--features", feats, "--out", str(tmp_path / "run")])
+    train_head_from_file(feats, str(tmp_path / "head.pth"), batch_size=2, epochs=2)
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "loss" in printed
     head = load_head(head_path, clip.load(clip_path)[0])
@@ -577,7 +578,7 @@ def test_teacher_without_transformers_is_one_line_naming_the_install(tmp_path):
     says `pip install transformers`, before the feature file is even read."""
     code = ("import sys; sys.modules['transformers'] = None\n"
             "from mpafer.expclip.__main__ import main\n"
-            "from mpafer.utils import run_cli\n"
+            "from mpafer.app.cli import run_cli\n"
             f"sys.argv = ['mpafer.expclip', 'teacher', '--features', {str(tmp_path / 'no.pt')!r}]\n"
             "run_cli(main)\n")
     result = run("-c", code, check=False)

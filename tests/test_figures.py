@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from mpafer import figures
+from mpafer.app import figures
 
 NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear"]
 

@@ -1,10 +1,10 @@
-"""The analytic FLOP count of a training step (`mpafer.bench.flops`): by hand for small numbers,
+"""The analytic FLOP count of a training step (`mpafer.app.bench.flops`): by hand for small numbers,
 and against torch's own FLOP counter on a tiny MPA-FER, forward and backward."""
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpafer.bench.flops import mpafer_step_flops, step_flops
+from mpafer.app.bench.flops import mpafer_step_flops, step_flops
 from mpafer.labels import BASIC_CLASSES
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions

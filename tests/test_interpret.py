@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import MPAFER, MPAFERConfig, clip, load_descriptions
+from mpafer.app.interpret import nearest_tokens, prompt_tokens, soft_hard_similarity, token_text
 from mpafer.checkpoint import make_checkpoint
 from mpafer.clip.tokenizer import get_tokenizer, tokenize
 from mpafer.data.photo import face_input
-from mpafer.interpret import nearest_tokens, prompt_tokens, soft_hard_similarity, token_text
-from mpafer.utils import atomic_save
+from mpafer.files import atomic_save
 from tests import reference_clip
 from tests.helpers import load_script, tiny_state_dict
 
@@ -101,37 +101,17 @@ def checkpoint(clip_file, tmp_path_factory):
     return path
 
 
-def test_eval_interprets_the_prompts_without_data(eval_script, clip_file, checkpoint, tmp_path, capsys):
+def test_the_command_interprets_the_prompts_without_data(clip_file, checkpoint, tmp_path, capsys):
+    from mpafer.app.interpret import main
     out = str(tmp_path / "inside.json")
-    report = eval_script.main(["--checkpoint", checkpoint, "--clip", clip_file, "--interpret-prompts",
-                               "--soft-hard", "--tokens", "3", "--json", out])
+    report = main(["--checkpoint", checkpoint, "--clip", clip_file, "--soft-hard", "--tokens", "3",
+                   "--json", out])
     printed = capsys.readouterr().out
     assert [t[0]["token"] for t in report["prompt_tokens"]["shared"]] == ["a", "photo", "of", "a"]
     assert all(len(t) == 3 for t in report["prompt_tokens"]["shared"])
     assert "'photo' 1.000" in printed and "closest class" in printed
     assert set(report["soft_hard"]) == set(CLASSES)
     assert json.load(open(out))["soft_hard"]["fear"]["mean"] == pytest.approx(report["soft_hard"]["fear"]["mean"])
-
-
-def test_eval_crops_odd_photos_and_draws_one_attention_grid(eval_script, clip_file, checkpoint, tmp_path, capsys):
-    from mpafer.synthetic import SyntheticFaces
-    faces = SyntheticFaces("test", 1, image_size=64, seed=5)
-    faces.load(1).save(tmp_path / "happy.png")
-    wide = Image.new("RGB", (200, 100), (255, 255, 255))
-    wide.paste(faces.load(3), (68, 18))
-    wide.save(tmp_path / "wide.png")
-    grid = tmp_path / "grid.png"
-    eval_script.main(["--checkpoint", checkpoint, "--clip", clip_file, "--image", str(tmp_path / "happy.png"),
-                      str(tmp_path / "wide.png"), "--attention-png", str(grid)])
-    printed = capsys.readouterr().out
-    assert printed.count("note:") == 1 and "wide.png: 200x100 picture" in printed
-    assert "centre 100x100 square" in printed
-    assert not (tmp_path / "grid-happy.png").exists()  # one picture for all images
-    with Image.open(grid) as picture:
-        assert picture.width == 2 * (256 + 16) + 16
-        left = picture.crop((16, 16, 16 + 256, 16 + 256)).tobytes()
-        right = picture.crop((16 + 272, 16, 16 + 272 + 256, 16 + 256)).tobytes()
-        assert left != right
 
 
 def test_face_input_leaves_face_crops_alone_and_squares_the_rest():

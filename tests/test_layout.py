@@ -1,5 +1,6 @@
-"""The package's shape, read from the source with `ast`: the modules people copy stand alone,
-nothing imports in a circle, and train.py reads as one recipe.
+"""The package's shape, read from the source with `ast`: the library never imports the
+application (`mpafer.app`), the modules people copy stand alone, nothing imports in a circle,
+and train.py reads as one recipe.
 
 Every import counts, also those inside functions (a lazy import in a circle is still a circle).
 """
@@ -11,8 +12,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Copied on their own: they may use the vendored CLIP, nothing else of mpafer.
 STANDALONE = ("mpafer.losses", "mpafer.alignment", "mpafer.prompts", "mpafer.clip")
+# The prototype mean (L_v) is copied with the vendored CLIP, the batch normalisation it shares
+# with training and the progress bar.
+PROTOTYPES_NEED = ("mpafer.clip", "mpafer.data.device_augment", "mpafer.progress")
 # Leaves: import nothing from mpafer at all.
-LEAVES = ("mpafer.labels", "mpafer.utils", "mpafer.bench.measure", "mpafer.metrics")
+LEAVES = ("mpafer.labels", "mpafer.metrics", "mpafer.files", "mpafer.progress",
+          "mpafer.precision", "mpafer.app.bench.measure")
+# The commands on top of the library (`python -m mpafer.<name>`): each only starts its code in
+# the application.
+COMMANDS = ("mpafer.interpret", "mpafer.report", "mpafer.bench", "mpafer.predict",
+            "mpafer.expclip.__main__")
 
 
 def module_files():
@@ -79,6 +88,60 @@ def test_the_graph_is_read_correctly():
 def test_copyable_modules_need_only_the_vendored_clip(name):
     outside = sorted(m for m in GRAPH[name] if not within(m, ("mpafer.clip",)))
     assert not outside, f"{name} imports {outside}: it must need nothing of mpafer but mpafer.clip"
+
+
+def library_modules():
+    return sorted(m for m in MODULES if not within(m, ("mpafer.app",)) and m not in COMMANDS)
+
+
+def closure(name):
+    seen, todo = set(), [name]
+    while todo:
+        for target in GRAPH[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+@pytest.mark.parametrize("name", library_modules())
+def test_the_library_never_imports_the_application(name):
+    """Directly or through another module: what a paper reader reads (and copies) stands on its
+    own; configuration, runs, faults, protocol, engine, report, figures and demo sit above."""
+    application = sorted(m for m in closure(name) if within(m, ("mpafer.app",)))
+    assert not application, f"{name} imports the application: {application}"
+
+
+def test_importing_the_library_loads_no_application_module():
+    """The same, as Python sees it: import every library module in a fresh interpreter."""
+    import subprocess
+    import sys
+    code = ("import importlib, sys\n"
+            f"for name in {library_modules()!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('mpafer.app')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_the_commands_only_start_the_application():
+    for name in COMMANDS:
+        if name in MODULES and name != "mpafer.expclip.__main__":
+            assert len(open(MODULES[name], encoding="utf-8").read().splitlines()) <= 15, name
+
+
+def test_the_configuration_reads_no_checkpoint():
+    """Configuration only parses and checks; resolving a resume (reading last.pt) is the run
+    layer's."""
+    assert not {"mpafer.checkpoint", "mpafer.app.runs"} & GRAPH["mpafer.app.config"]
+    source = open(MODULES["mpafer.app.config"], encoding="utf-8").read()
+    assert "load_checkpoint" not in source and "torch.load" not in source
+
+
+def test_the_prototype_mean_is_copyable():
+    outside = sorted(m for m in closure("mpafer.prototypes") if not within(m, PROTOTYPES_NEED))
+    assert not outside, f"mpafer.prototypes needs {outside}"
 
 
 @pytest.mark.parametrize("name", LEAVES)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpafer import model as model_module
-from mpafer import report
+from mpafer.app import report
 from mpafer.model import LOSS_TERMS, LossTerm
 from tests.helpers import load_script, quick_demo, read_jsonl, tiny_state_dict
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mpafer import clip, losses
 from mpafer.alignment import GlobalLocalAlignment
-from mpafer.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint
+from mpafer.checkpoint import load_checkpoint, make_checkpoint
 from mpafer.clip.model import CLIP
 from mpafer.labels import BASIC_CLASSES
 from mpafer.model import MPAFER, MPAFERConfig
@@ -277,27 +277,15 @@ def test_trainable_state_round_trip_gives_identical_logits(descriptions, tmp_pat
         make_model(descriptions, text_prompt_depth=2).load_trainable_state_dict(a.trainable_state_dict())
 
 
-def test_a_checkpoint_naming_the_old_summed_l1_keeps_its_meaning(descriptions, tmp_path):
-    """Before the mean-reduced L1 became the default, "l1" named the L1 norm summed over D. A
-    checkpoint that says "l1" evaluates identically and trains with the summed form."""
-    trained = make_model(descriptions, seed=1, pa_distance="l1-sum", v_distance="l1-sum")
-    checkpoint = make_checkpoint(trained, descriptions, 1, {})
-    checkpoint["config"].update(pa_distance="l1", v_distance="l1")  # as older files have it
-    torch.save(checkpoint, tmp_path / "old.pt")
-    loaded = load_checkpoint(str(tmp_path / "old.pt"))
-    rebuilt = model_from_checkpoint(loaded, trained.clip, for_training=True)
-    assert (rebuilt.config.pa_distance, rebuilt.config.v_distance) == ("l1-sum", "l1-sum")
-    rebuilt.set_prototypes(trained.prototypes)
-    images, labels = batch()
-    trained.eval(), rebuilt.eval()
-    with torch.no_grad():
-        assert torch.equal(trained(images).logits, rebuilt(images).logits)
-        parts = rebuilt.loss_parts(rebuilt(images), labels)
-        summed = losses.prompt_alignment_loss(rebuilt(images).text_features, rebuilt.hard_features,
-                                              rebuilt.hard_labels, "l1-sum")
-    assert parts["pa"].item() == pytest.approx(summed.item())
-    assert parts["pa"].item() > 10 * losses.prompt_alignment_loss(
-        rebuilt(images).text_features, rebuilt.hard_features, rebuilt.hard_labels).item()
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(descriptions, tmp_path):
+    """Checkpoints record their format version; one written before it is refused by name."""
+    checkpoint = make_checkpoint(make_model(descriptions), descriptions, 1, {})
+    torch.save({**checkpoint, "format": "mpafer-checkpoint/1"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="format mpafer-checkpoint/1, written before") as error:
+        load_checkpoint(str(tmp_path / "old.pt"))
+    assert "\n" not in str(error.value) and "old.pt" in str(error.value)
+    torch.save(checkpoint, tmp_path / "new.pt")
+    assert load_checkpoint(str(tmp_path / "new.pt"))["format"] == "mpafer-checkpoint/2"
 
 
 def test_a_few_steps_lower_the_loss(descriptions):

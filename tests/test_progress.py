@@ -2,7 +2,7 @@
 import io
 import sys
 
-from mpafer.utils import PlainProgress, progress_bar
+from mpafer.progress import PlainProgress, progress_bar
 
 
 def test_plain_progress_prints_whole_lines_now_and_then(capsys):

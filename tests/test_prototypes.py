@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from mpafer.prototypes import cached_prototypes, compute_prototypes, prototype_subset
+from mpafer.app.prototype_cache import cached_prototypes
+from mpafer.prototypes import compute_prototypes, prototype_subset
 from tests.helpers import tiny_clip
 
 NUM_CLASSES = 3
@@ -111,11 +112,11 @@ def test_cache_is_keyed_by_its_fields(tmp_path):
 def test_the_cache_key_follows_what_changes_the_features(tmp_path, clip_model):
     """The key covers the preprocessing's parameters, the files' sizes and modification times
     (re-aligned images under the same names), and the demo's face renderer."""
+    from mpafer.app.demo import demo_datasets
+    from mpafer.app.prototype_cache import prototype_key_fields
+    from mpafer.app.synthetic import RENDERER_VERSION
     from mpafer.data import RAFDB
-    from mpafer.demo import demo_datasets
     from mpafer.model import MPAFER, MPAFERConfig
-    from mpafer.prototypes import prototype_key_fields
-    from mpafer.synthetic import RENDERER_VERSION
     from tests.dataset_writers import write_synthetic_rafdb
 
     model = MPAFER(clip_model, ["surprise", "fear", "disgust", "happiness", "sadness", "anger",

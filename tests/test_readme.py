@@ -3,7 +3,7 @@
 
 - The demo commands run for real, shortened (one epoch, a few faces, one seed, a tiny random
   CLIP instead of the pre-trained demo CLIP).
-- eval.py commands on a checkpoint, and `python -m mpafer.report`, run for real on a run trained
+- eval.py commands on a checkpoint, and `python -m mpafer.app.report`, run for real on a run trained
   here on a fixture RAF-DB.
 - Every other train.py / eval.py / `python -m` command parses its flags with the script's own
   parser (every flag exists, every value validates), and a train.py command reads its data, with
@@ -17,10 +17,10 @@ import shlex
 import pytest
 import torch
 
-from mpafer import bench, report
-from mpafer.bench import gpu
+from mpafer.app import bench, interpret, report
+from mpafer.app.bench import gpu
+from mpafer.app.protocol import read_splits
 from mpafer.expclip import __main__ as expclip_command
-from mpafer.protocol import read_splits
 from tests.dataset_writers import (
     write_affectnet_csv,
     write_ferplus_csvs,
@@ -114,13 +114,13 @@ def check(argv, fixtures, tmp_path) -> str:
             train.main([*args, *SHORT_DEMO, *extra, "--clip", fixtures["clip"], "--top-k", "4",
                         "--out", str(out), "--cache-dir", str(fixtures["root"] / "cache")])
             return "ran (shortened demo)"
-        cfg, _, _ = train.parse_config(args)
-        if not cfg.resume and cfg.method == "mpafer":
+        cfg, _, _ = train.run_config(args)
+        if not cfg.resume:
             read_splits(cfg)  # the data flags against the fixture dataset
         return "parsed, data read"
     if argv[:2] == ["python", "eval.py"]:
         evaluate = load_script("eval")
-        parsed = evaluate.parse_args(args)
+        parsed = evaluate.parse_eval_flags(args)
         if parsed.checkpoint and not parsed.zero_shot and parsed.method == "mpafer":
             evaluate.main([*args, "--workers", "0"])
             return "ran"
@@ -135,6 +135,9 @@ def check(argv, fixtures, tmp_path) -> str:
     if module == "mpafer.expclip":
         expclip_command.parse_args(args[1:])
         return "parsed"
+    if module == "mpafer.interpret":
+        interpret.main([*args[1:], "--cache-dir", str(fixtures["root"] / "cache")])
+        return "ran"
     raise AssertionError(f"the README shows a command this test does not know: {shlex.join(argv)}")
 
 
@@ -158,7 +161,7 @@ def test_every_readme_command_works(fixtures, tmp_path, monkeypatch):
     "python train.py --dataset rafdb --data-root data/RAF-DB --base-classes neutral,joy",
     "python eval.py --checkpoint runs/rafdb/<run>/best.pt --class-set partial",
     "python -m mpafer.bench --repeat 3",
-    "python -m mpafer.report runs/rafdb/* --csv out.csv",
+    "python -m mpafer.app.report runs/rafdb/* --csv out.csv",
     "python -m mpafer.reports runs/rafdb/*",
 ])
 def test_the_check_fails_on_a_broken_command(broken, fixtures, tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mpafer import report
-from mpafer.train_config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
+from mpafer.app import report
+from mpafer.app.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
 
 
 def data_record(files, dataset="rafdb", classes=("happiness", "fear")):
@@ -31,7 +31,7 @@ def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k
     data it read (`data`; None: no last.pt)."""
     folder.mkdir(parents=True)
     if data is not None:
-        torch.save({"format": "mpafer-checkpoint/1", "resume": {"data": data}},
+        torch.save({"format": "mpafer-checkpoint/2", "resume": {"data": data}},
                    folder / "last.pt")
     config = {"train": {"dataset": "rafdb", "method": "mpafer", "seed": seed, "shots": shots,
                         "out": str(folder), "data_root": "data/RAF-DB", "workers": 4,
@@ -46,7 +46,7 @@ def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k
     if reported is not None and source == "test.json":
         (folder / "test.json").write_text(json.dumps({"war": reported[0], "uar": reported[1]}))
     elif reported is not None:
-        torch.save({"format": "mpafer-checkpoint/1", "descriptions_sha256": None,
+        torch.save({"format": "mpafer-checkpoint/2", "descriptions_sha256": None,
                     "metrics": {"war": reported[0], "uar": reported[1]}}, folder / "best.pt")
     return str(folder)
 
@@ -195,7 +195,7 @@ def test_a_hash_in_a_label_is_shortened(tmp_path):
     folders = []
     for i, sha in enumerate(("c" * 64, "d" * 64)):
         folder = make_run(tmp_path / f"r{i}", 1, 0, [0.5], (0.5, 0.4), source="best.pt")
-        torch.save({"format": "mpafer-checkpoint/1", "descriptions_sha256": sha,
+        torch.save({"format": "mpafer-checkpoint/2", "descriptions_sha256": sha,
                     "metrics": {"war": 0.5, "uar": 0.4}}, tmp_path / f"r{i}" / "best.pt")
         folders.append(folder)
     labels = [s["label"] for s in report.main(folders)]

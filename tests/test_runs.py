@@ -14,15 +14,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from mpafer.app.cli import run_cli
+from mpafer.app.engine import build_mpafer
+from mpafer.app.faults import StopRequest
+from mpafer.app.protocol import read_splits
 from mpafer.checkpoint import load_checkpoint
 from mpafer.clip.loading import download
 from mpafer.data import ResumableSampler, SeededAugmentation
-from mpafer.engine import build_mpafer
-from mpafer.faults import StopRequest
+from mpafer.files import atomic_write_json
 from mpafer.labels import BASIC_CLASSES
 from mpafer.prompts import load_descriptions
-from mpafer.protocol import read_splits
-from mpafer.utils import atomic_write_json, run_cli
 from tests.helpers import quick_demo, read_jsonl, run, tiny_clip, tiny_state_dict
 
 
@@ -89,21 +90,9 @@ def test_last_pt_holds_what_resume_reads_and_nothing_else(first_run):
     assert state["step"] == 0 and state["sums"] is None and state["best"]["epoch"] >= 1
 
 
-def test_a_run_recorded_with_the_old_summed_l1_resumes_with_it(train, first_run, tmp_path):
-    """"l1" named the summed L1 norm before the mean became the default: such a run resumes
-    with the summed form, and a flag naming the form it has is no change."""
-    checkpoint = load_checkpoint(first_run["last"])
-    checkpoint["config"]["pa_distance"] = "l1"
-    (tmp_path / "run").mkdir()
-    last = str(tmp_path / "run" / "last.pt")
-    torch.save(checkpoint, last)
-    _, model_cfg, _ = train.parse_config(["--resume", last, "--pa-distance", "l1-sum"])
-    assert model_cfg.pa_distance == "l1-sum"
-
-
 def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys):
     last = first_run["last"]
-    cfg, model_cfg, _ = train.parse_config([
+    cfg, model_cfg, _ = train.run_config([
         "--resume", last, "--epochs", "4", "--workers", "0", "--log-interval", "3",
         "--stop-after", "3", "--eval-every", "2", "--device", "cpu", "--batch-size", "16"])
     assert (cfg.epochs, cfg.workers, cfg.log_interval, cfg.stop_after, cfg.eval_every,
@@ -114,7 +103,7 @@ def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys
     for extra in (["--lr", "0.1"], ["--dataset", "rafdb"], ["--data-root", "elsewhere"],
                   ["--batch-size", "8"], ["--seed", "2"], ["--amp", "bf16"], ["--top-k", "4"]):
         with pytest.raises(SystemExit) as error:
-            train.parse_config(["--resume", last, *extra])
+            train.run_config(["--resume", last, *extra])
         message = capsys.readouterr().err
         assert error.value.code == 2 and "would change it" in message, extra
         assert f"{extra[0]} " in message and "Start a new run" in message, extra
@@ -124,7 +113,7 @@ def test_resume_honours_some_flags_and_refuses_the_rest(train, first_run, capsys
                 (["--resume", first_run["best"]], "has no training state")]
     for extra, expected in refusals:
         with pytest.raises(SystemExit):
-            train.parse_config(["--resume", last, *extra])
+            train.run_config(["--resume", last, *extra])
         assert expected in capsys.readouterr().err, extra
 
 
@@ -164,7 +153,7 @@ def test_resume_extends_a_finished_run_and_records_the_change(train, first_run, 
 ])
 def test_bad_values_are_one_line_argument_errors(train, capsys, flags, named):
     with pytest.raises(SystemExit) as error:
-        train.parse_config(["--demo", *flags])
+        train.run_config(["--demo", *flags])
     message = capsys.readouterr().err.strip()
     assert error.value.code == 2 and len(message.splitlines()) == 1
     assert "error: " in message and named in message and "usage:" not in message
@@ -172,7 +161,7 @@ def test_bad_values_are_one_line_argument_errors(train, capsys, flags, named):
 
 def test_unknown_dataset_is_one_line(train, capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--dataset", "imagenet"])
+        train.run_config(["--dataset", "imagenet"])
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "--dataset must be one of" in message
 
@@ -226,7 +215,7 @@ def test_classnames_name_other_folders(train, tmp_path):
     args = ["--dataset", "folder", "--data-root", str(root), "--clip", "none.pt", "--workers", "0"]
     with pytest.raises(ValueError, match="'calm' is not a class name.*--classnames a,b,c"):
         train.main(args)
-    cfg, _, _ = train.parse_config([*args, "--classnames", "excited, calm", "--name", "x"])
+    cfg, _, _ = train.run_config([*args, "--classnames", "excited, calm", "--name", "x"])
     splits = read_splits(cfg)
     assert splits.train.classnames == splits.selection.classnames == ("excited", "calm")
 
@@ -255,35 +244,6 @@ def test_eval_defaults_to_the_data_the_checkpoint_was_trained_on(evaluate, first
     assert (metrics["dataset"], metrics["split"], metrics["num_samples"]) == (
         "synthetic-demo", "test", 7 * 4)
     assert metrics["war"] == pytest.approx(load_checkpoint(first_run["best"])["metrics"]["war"])
-
-
-def test_a_checkpoint_without_a_recorded_activation_is_quick_gelu(evaluate, first_run, tmp_path,
-                                                                  capsys):
-    checkpoint = load_checkpoint(first_run["best"])
-    assert checkpoint["clip"]["activation"] == "quick_gelu"  # the file's, with the note
-    del checkpoint["clip"]["activation"]  # as checkpoints written before it was recorded
-    torch.save(checkpoint, tmp_path / "old.pt")
-    capsys.readouterr()
-    evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--json", str(tmp_path / "old.json")])
-    assert "does not say which activation" not in capsys.readouterr().out  # it is recorded
-    assert json.load(open(tmp_path / "old.json"))["clip_activation"] == "quick_gelu"
-    with pytest.raises(ValueError, match=r"QuickGELU\), but the loaded CLIP is .*GELU\)"):
-        evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--clip-activation", "gelu"])
-
-
-def test_eval_reports_unreadable_images_and_goes_on(evaluate, first_run, tmp_path, capsys):
-    good, text, missing = tmp_path / "face.png", tmp_path / "notes.png", tmp_path / "gone.jpg"
-    Image.new("RGB", (40, 40), (200, 150, 120)).save(good)
-    text.write_text("not an image")
-    report = tmp_path / "pred.json"
-    with pytest.raises(SystemExit) as error:
-        evaluate.main(["--checkpoint", first_run["best"], "--image", str(missing), str(good),
-                       str(text), "--json", str(report)])
-    assert str(error.value.code).startswith("error: 2 of 3 image(s) could not be read")
-    printed = capsys.readouterr()
-    assert f"{good} [MPA-FER]:" in printed.out
-    assert str(missing) in printed.err and str(text) in printed.err
-    assert list(json.load(open(report))) == [str(good)]
 
 
 # -- what makes a resume exact and a demo reproducible ----------------------------------------
@@ -363,7 +323,7 @@ def test_sigterm_outside_the_epoch_loop_quits_at_once_with_143(capsys):
 
 
 def test_prompt_initialisation_does_not_depend_on_what_ran_before(train):
-    cfg, model_cfg, _ = train.parse_config(["--demo", "--name", "x"])
+    cfg, model_cfg, _ = train.run_config(["--demo", "--name", "x"])
     states = []
     for seed in (0, 123):
         torch.manual_seed(seed)  # e.g. the demo CLIP's first pre-training drew from it

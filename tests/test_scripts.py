@@ -25,7 +25,7 @@ def tiny_clip_file(tmp_path_factory):
 def demo_run(tmp_path_factory):
     """The README's quick start, `python train.py --demo`, run once in full (about 1.5 min on 2 cores)."""
     out = tmp_path_factory.mktemp("demo")
-    result = run("train.py", "--demo", "--out", str(out / "run"), "--weights", str(out / "weights"))
+    result = run("train.py", "--demo", "--out", str(out / "run"), "--cache-dir", str(out / "weights"))
     return out, result.stdout + result.stderr
 
 
@@ -55,7 +55,7 @@ def test_demo_trains_end_to_end_and_learns(demo_run):
 def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
     out, _ = demo_run
     report = out / "eval.json"
-    result = run("eval.py", "--demo", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+    result = run("eval.py", "--demo", "--checkpoint", str(out / "run" / "best.pt"), "--cache-dir", str(out / "weights"),
                  "--json", str(report), "--confusion-png", str(out / "cm.png"))
     metrics = json.load(open(report))
     confusion = torch.tensor(metrics["confusion"])
@@ -70,11 +70,11 @@ def test_eval_json_matches_training_and_its_own_confusion_matrix(demo_run):
 
 
 def test_eval_predicts_single_images_with_attention(demo_run):
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     out, _ = demo_run
     face = SyntheticFaces("test", 1, image_size=100, seed=5).load(1)  # a happy face
     face.save(out / "face.jpg")
-    result = run("eval.py", "--checkpoint", str(out / "run" / "best.pt"), "--weights", str(out / "weights"),
+    result = run("eval.py", "--checkpoint", str(out / "run" / "best.pt"), "--cache-dir", str(out / "weights"),
                  "--clip", str(out / "weights" / "demo-tiny-clip-v2.pt"), "--image", str(out / "face.jpg"),
                  "--attention-png", str(out / "attention.png"), "--json", str(out / "pred.json"))
     probabilities = json.load(open(out / "pred.json"))[str(out / "face.jpg")]["MPA-FER"]
@@ -184,7 +184,7 @@ class _Payload:
 def test_malicious_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"format": "mpafer-checkpoint/1", "x": _Payload(str(marker))}))
+    evil.write_bytes(pickle.dumps({"format": "mpafer-checkpoint/2", "x": _Payload(str(marker))}))
     result = run("eval.py", "--checkpoint", str(evil), "--demo", check=False)
     assert result.returncode != 0 and "refusing to load" in result.stderr
     assert not marker.exists()
@@ -231,8 +231,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
     from mpafer import clip
+    from mpafer.app.synthetic import SyntheticFaces
     from mpafer.expclip import add_teacher_features, cache_image_features
-    from mpafer.synthetic import SyntheticFaces
     faces = SyntheticFaces("train", 3, image_size=48, seed=9)
     (tmp_path / "faces").mkdir()
     for i in range(len(faces)):
@@ -242,7 +242,7 @@ def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
     data = cache_image_features(clip_model, str(tmp_path / "faces"), features, num_workers=0, progress=False)
     teacher = torch.nn.functional.normalize(data["clip_features"] @ torch.randn(32, 64), dim=-1)  # a planted teacher
     add_teacher_features(features, teacher, "planted", "none")
-    result = run("train.py", "--method", "expclip", "--features", features, "--out", str(tmp_path / "head"),
+    result = run("-m", "mpafer.expclip", "train", "--features", features, "--out", str(tmp_path / "head"),
                  "--batch-size", "7", "--epochs", "3")
     history = read_jsonl(tmp_path / "head" / "metrics.jsonl")
     assert [h["epoch"] for h in history] == [1, 2, 3] and "wrote" in result.stdout
@@ -257,7 +257,7 @@ def test_expclip_train_and_side_by_side_eval(tmp_path, tiny_clip_file):
 
 
 def test_a_gelu_safetensors_clip_trains_resumes_and_evaluates_with_its_activation(tmp_path):
-    from mpafer.synthetic import SyntheticFaces
+    from mpafer.app.synthetic import SyntheticFaces
     clip_file = write_safetensors(tiny_state_dict(seed=2), tmp_path / "gelu-clip.safetensors")
     out, note = tmp_path / "run", "does not say which activation"
     result = run(*quick_demo(out, clip_file, "--epochs", "2", "--stop-after", "1",
@@ -277,7 +277,7 @@ def test_a_gelu_safetensors_clip_trains_resumes_and_evaluates_with_its_activatio
     # eval.py reuses the recorded activation: the same probabilities as with the flag.
     SyntheticFaces("test", 1, image_size=100, seed=5).load(1).save(tmp_path / "face.png")
     base = ("eval.py", "--checkpoint", str(out / "last.pt"), "--image", str(tmp_path / "face.png"),
-            "--weights", str(out) + "-cache")
+            "--cache-dir", str(out) + "-cache")
 
     def probabilities(name, *extra):
         result = run(*base, "--json", str(tmp_path / f"{name}.json"), *extra)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mpafer import report
+from mpafer.app import report
+from mpafer.app.protocol import selection_split_name
 from mpafer.data import RAFDB
 from mpafer.data.subsets import (
     Subset,
@@ -17,7 +18,6 @@ from mpafer.data.subsets import (
     held_out_count,
     stratified_split,
 )
-from mpafer.runs import selection_split_name
 from tests.dataset_writers import write_synthetic_rafdb
 from tests.helpers import load_script, tiny_state_dict
 from tests.test_scripts import read_jsonl, run
@@ -91,13 +91,13 @@ def train_script():
 
 
 def test_val_fraction_makes_the_held_out_part_choose_best(train_script):
-    cfg, _, _ = train_script.parse_config(["--val-fraction", "0.1", "--shots", "4"])
+    cfg, _, _ = train_script.run_config(["--val-fraction", "0.1", "--shots", "4"])
     assert (selection_split_name(cfg), cfg.val_fraction, cfg.shots) == (HELD_OUT, 0.1, 4)
-    assert selection_split_name(train_script.parse_config([])[0]) == "test"
+    assert selection_split_name(train_script.run_config([])[0]) == "test"
     for bad in (["--val-fraction", "0.1", "--eval-split", "test"], ["--val-fraction", "1"],
                 ["--shots", "-1"], ["--eval-split", HELD_OUT]):
         with pytest.raises(SystemExit):
-            train_script.parse_config(bad)
+            train_script.run_config(bad)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def rafdb_runs(tmp_path_factory):
     for seed in (1, 2):
         out = tmp / "runs" / f"seed{seed}"
         run("train.py", "--dataset", "rafdb", "--data-root", str(root), "--clip", str(clip_file),
-            "--weights", str(tmp / "weights"), "--out", str(out), "--epochs", "2", "--batch-size", "7",
+            "--cache-dir", str(tmp / "weights"), "--out", str(out), "--epochs", "2", "--batch-size", "7",
             "--workers", "0", "--amp", "off", "--shots", "3", "--val-fraction", "0.25", "--seed", str(seed))
         outs.append(out)
     return root, outs

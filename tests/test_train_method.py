@@ -7,8 +7,8 @@ import sys
 
 import torch
 
+from mpafer.app.synthetic import SyntheticFaces
 from mpafer.checkpoint import load_checkpoint
-from mpafer.synthetic import SyntheticFaces
 from tests.helpers import tiny_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_every_loss_term_moves_the_prompts_at_the_first_step_of_every_epoch(tmp_
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "train.py", "--demo", "--clip", str(clip_file), "--out", str(out),
-         "--weights", str(tmp_path / "w"), "--demo-train-per-class", "6",
+         "--cache-dir", str(tmp_path / "w"), "--demo-train-per-class", "6",
          "--demo-test-per-class", "2", "--batch-size", "14", "--epochs", "2"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -58,7 +58,7 @@ def test_ddp_learnable_alignment_and_validation_split(tmp_path):
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", "train.py", "--dataset", "folder",
          "--data-root", root, "--clip", str(clip_file), "--out", str(out),
-         "--weights", str(tmp_path / "w"), "--eval-split", "val", "--epochs", "2",
+         "--cache-dir", str(tmp_path / "w"), "--eval-split", "val", "--epochs", "2",
          "--batch-size", "7", "--workers", "0", "--top-k", "4", "--learnable-alignment",
          "--attention-temperature", "0.1"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)

@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 from mpafer import clip
+from mpafer.app.demo import DEMO_CLIP_FILE, demo_clip_path
+from mpafer.app.protocol import Splits, record_baselines
 from mpafer.checkpoint import make_checkpoint
 from mpafer.data import FolderDataset
-from mpafer.demo import DEMO_CLIP_FILE, demo_clip_path
+from mpafer.files import atomic_save
 from mpafer.metrics import format_report, over_classes
 from mpafer.model import MPAFER, MPAFERConfig
-from mpafer.protocol import Splits, record_baselines
-from mpafer.utils import atomic_save, counted
+from mpafer.progress import counted
 from tests.helpers import load_script, run, tiny_state_dict
 
 
@@ -83,8 +84,8 @@ def test_class_set_open_without_an_unseen_image_prints_n_a_and_writes_null(tiny,
 def test_every_evaluation_flag_has_help():
     text = run("eval.py", "--help").stdout
     for flag, words in (("--device", "cuda if available"), ("--amp", "bf16"),
-                        ("--batch-size", "images per forward pass"),
-                        ("--workers", "min(4, CPU cores)"), ("--method", "Exp-CLIP")):
+                        ("--batch-size", "images per evaluation batch"),
+                        ("--workers", "DataLoader workers"), ("--method", "Exp-CLIP")):
         block = text.split(f"  {flag}", 1)[1].split("\n  -", 1)[0]
         assert words in " ".join(block.split()), (flag, block)
 

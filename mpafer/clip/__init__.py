@@ -4,7 +4,8 @@
 `clip.available_models`, `clip.tokenize`, `clip.build_model` and the model's attributes keep
 OpenAI's names and meaning (see the README for the deliberate differences). `clip.load` also
 reads open_clip's ViTs of the same architecture (`.bin`, `.pt`, `.safetensors`), given their
-activation (`activation="gelu"` for those trained with GELU).
+activation (`activation="gelu"` for those trained with GELU), and Hugging Face transformers' CLIPs
+(a `save_pretrained` folder, or a model id in the local Hugging Face cache).
 """
 from .loading import available_models, default_weights_dir, load, read_checkpoint
 from .model import (

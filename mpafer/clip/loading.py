@@ -1,9 +1,11 @@
 """Loading CLIP: named downloads with SHA-256 checks, and safe checkpoint reading.
 
 No file is ever unpickled with arbitrary code: plain checkpoints (OpenAI's format, open_clip's
-`open_clip_pytorch_model.bin`) go through `torch.load(weights_only=True)`, OpenAI's TorchScript
-archives are read by a small unpickler that only rebuilds tensors (their TorchScript code is
-never loaded or run), and `.safetensors` files by `safetensors_reader` (no dependency).
+`open_clip_pytorch_model.bin`, transformers' `pytorch_model.bin`) go through
+`torch.load(weights_only=True)`, OpenAI's TorchScript archives are read by a small unpickler that
+only rebuilds tensors (their TorchScript code is never loaded or run), and `.safetensors` files
+by `safetensors_reader` (no dependency). Hugging Face transformers folders and model ids:
+`transformers_format`.
 """
 import hashlib
 import json
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from .model import ACTIVATION_NAMES, CLIP, build_model, check_activation
 from .safetensors_reader import looks_like_safetensors, read_safetensors
 from .transform import clip_preprocess
+from .transformers_format import cached_snapshot, check_heads, is_model_id, not_cached, read_model
 
 _MODELS = {
     "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
@@ -44,11 +47,13 @@ def default_weights_dir() -> str:
     return os.path.join(os.path.dirname(package_dir), "weights")
 
 
-def sha256_of(path: str) -> str:
+def sha256_of(*paths: str) -> str:
+    """The SHA-256 of a file, or of several read one after the other (a model in shards)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -300,27 +305,55 @@ def unknown_activation_note(path: str) -> str:
             "GELU, pass --clip-activation gelu (clip.load(..., activation=\"gelu\"))")
 
 
+def locate(name: str) -> str:
+    """The checkpoint file or transformers folder of a path or a Hugging Face model id (its
+    snapshot in the local cache)."""
+    if os.path.exists(name):
+        return name
+    if is_model_id(name):
+        folder = cached_snapshot(name)
+        if folder is None:
+            raise not_cached(name, available_models())
+        return folder
+    raise RuntimeError(f"CLIP model {name!r} not found; available models: "
+                       f"{available_models()}, or give the path of a checkpoint file or a "
+                       "transformers folder, or a Hugging Face model id (ORG/NAME)")
+
+
+def chosen_activation(name: str, given: Optional[str], required: str, where: str) -> str:
+    """`required` (the activation a model's own files state), refusing another one `given`."""
+    if given not in (None, required):
+        raise ValueError(f"{name} is a {ACTIVATION_NAMES[required]} model ({where}); "
+                         f"activation={given!r} (--clip-activation {given}) would compute "
+                         "another function")
+    return required
+
+
 def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = False,
          download_root: Optional[str] = None, activation: Optional[str] = None
          ) -> Tuple[CLIP, object]:
     """CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
-    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked) or
-        the path of a checkpoint file: OpenAI's TorchScript archive, a plain state dict (also
-        open_clip's `.bin`/`.pt`) or a `.safetensors` file, of a CLIP ViT of OpenAI's
-        architecture (others are refused, see `architecture.py`).
+    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked); the
+        path of a checkpoint file: OpenAI's TorchScript archive, a plain state dict (also
+        open_clip's `.bin`/`.pt`) or a `.safetensors` file; a Hugging Face transformers CLIP
+        folder (`config.json` and `model.safetensors` or `pytorch_model.bin`), or one of its
+        weight files with its `config.json` beside it; or a Hugging Face model id (ORG/NAME),
+        found in the local Hugging Face cache, never downloaded. A CLIP ViT of OpenAI's
+        architecture; others are refused (see `architecture.py`, `transformers_format.py`).
     device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
     jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
     download_root: None means `default_weights_dir()`.
     activation: the MLP activation, "quick_gelu" or "gelu", which a state dict does not show.
-        OpenAI's models (named, or a TorchScript archive) are QuickGELU. For other files None
-        means the activation recorded beside the file (`<file>.json`, `recorded_activation`;
-        the demo CLIP has one), else QuickGELU, with a one-line note that the file did not
-        say; open_clip models without `-quickgelu` in their name were trained with "gelu".
+        OpenAI's models (named, or a TorchScript archive) are QuickGELU; a transformers model's
+        is `hidden_act` in its config.json. For other files None means the activation recorded
+        beside the file (`<file>.json`, `recorded_activation`; the demo CLIP has one), else
+        QuickGELU, with a one-line note that the file did not say; open_clip models without
+        `-quickgelu` in their name were trained with "gelu".
 
     Unlike OpenAI's, the model is fp32 (also on GPU), in eval mode, with every parameter frozen.
-    Its `checkpoint_name`, `checkpoint_sha256` and `activation` say which CLIP it is (see
-    `same_clip`).
+    Its `checkpoint_name`, `checkpoint_sha256` (of its weight files) and `activation` say which
+    CLIP it is (see `same_clip`).
     """
     if jit:
         raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "
@@ -330,28 +363,32 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name in _MODELS:
-        if activation not in (None, "quick_gelu"):
-            raise ValueError(f"OpenAI's {name} is a QuickGELU model; activation={activation!r} "
-                             "would compute another function")
+        activation = chosen_activation(name, activation, "quick_gelu", "as all OpenAI's")
         url = _MODELS[name]
         sha256 = url.split("/")[-2]
         path = download(url, download_root or default_weights_dir(), sha256)
-    elif os.path.isfile(name):
-        path, sha256 = name, sha256_of(name)
     else:
-        raise RuntimeError(f"CLIP model {name!r} not found; available models: "
-                           f"{available_models()}, or give the path of a checkpoint file")
-    openai_format = name in _MODELS or is_torchscript_archive(path)  # OpenAI's: QuickGELU
-    known = activation or ("quick_gelu" if openai_format else recorded_activation(path))
+        path = locate(name)
     try:
-        model = build_model(read_checkpoint(path), known or "quick_gelu").to(device)
+        state_dict, config, paths = read_model(path, read_checkpoint)
+        if config is not None:
+            activation = chosen_activation(name, activation, config["activation"],
+                                           f"hidden_act in {config['path']}")
+        openai_format = name in _MODELS or is_torchscript_archive(path)  # QuickGELU
+        known = activation or ("quick_gelu" if openai_format else recorded_activation(path))
+        model = build_model(state_dict, known or "quick_gelu").to(device)
+        if config is not None:
+            check_heads(model, config, config["path"])
     except NotImplementedError as e:  # another architecture
         raise NotImplementedError(f"{name}: {e}") from None
     except (ValueError, KeyError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(f"{path} "):  # the reader's own
+        # The readers' own messages start with the file they read, and say it all.
+        if isinstance(e, ValueError) and str(e).startswith((f"{name} ", path)):
             raise
         raise ValueError(f"{name} is not a CLIP checkpoint ({e})") from None
     if known is None:
         print(unknown_activation_note(name))
+    if name not in _MODELS:
+        sha256 = sha256_of(*paths)
     model.checkpoint_name, model.checkpoint_sha256 = name, sha256
     return model, clip_preprocess(model.visual.input_resolution)

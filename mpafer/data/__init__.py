@@ -11,7 +11,6 @@ from functools import partial
 from typing import Callable, Dict, Optional
 
 from ..labels import BASIC_CLASSES, CANONICAL_CLASSES
-from ..synthetic import SyntheticFaces
 from .affectnet import AFFECTNET_CLASSES, AFFECTNET_LAYOUT, AffectNet
 from .base import (
     IMAGE_EXTENSIONS,
@@ -29,7 +28,6 @@ from .device_augment import (
 )
 from .ferplus import FERPLUS_LAYOUT, FERPLUS_VOTE_COLUMNS, FERPlus, ferplus_vote
 from .folder import FOLDER_LAYOUT, FOLDER_SYNONYMS, FolderDataset, canonical_class
-from .loader import TrainLoader
 from .rafdb import RAFDB, RAFDB_CLASSES, RAFDB_EXPECTED_COUNTS, RAFDB_LABEL_FILE, RAFDB_LAYOUT
 from .sampler import ClassBalancedSampler, ResumableSampler
 from .transforms import (
@@ -62,9 +60,6 @@ DATASETS: Dict[str, DatasetSpec] = {
         prototypes_per_class=2000)),
     "ferplus": DatasetSpec(FERPlus, dict(data_root="data/FERPlus", epochs=40, eval_split="val")),
     "folder": DatasetSpec(FolderDataset, dict(data_root="data/faces", epochs=50)),
-    # Procedurally drawn faces (`mpafer.synthetic`; the root is ignored). train.py's --demo
-    # draws its own portrait-style faces (`mpafer.demo`).
-    "synthetic": DatasetSpec(lambda root, split, **options: SyntheticFaces(split, **options)),
 }
 DATASET_NAMES = tuple(DATASETS)
 TRAINING_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.preset is not None)
@@ -96,7 +91,7 @@ __all__ = [
     "FERPLUS_LAYOUT", "FERPLUS_VOTE_COLUMNS", "FOLDER_LAYOUT", "FOLDER_SYNONYMS",
     "IMAGE_EXTENSIONS", "RAFDB", "RAFDB_CLASSES", "RAFDB_EXPECTED_COUNTS", "RAFDB_LABEL_FILE",
     "RAFDB_LAYOUT", "AffectNet", "ClassBalancedSampler", "FERDataset", "FERPlus", "FolderDataset",
-    "ResumableSampler", "SeededAugmentation", "SyntheticFaces", "TrainBatchAugment", "TrainLoader",
+    "ResumableSampler", "SeededAugmentation", "TrainBatchAugment",
     "as_model_input", "build_dataset", "canonical_class", "dataset_fingerprint",
     "eval_transform", "expclip_transform", "ferplus_vote", "format_class_counts", "load_image",
     "normalize_on_device", "random_erasing_on_device", "require_readable", "to_rgb",

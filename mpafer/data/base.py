@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..utils import progress_bar
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..files import atomic_write_json
 from ..labels import CANONICAL_CLASSES
-from ..utils import atomic_write_json
 
 FORMAT = "mpafer-descriptions/1"
 GRANULARITIES = ("face", "regions", "muscles")

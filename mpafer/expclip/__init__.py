@@ -14,13 +14,13 @@ Since CLIP and the teacher are frozen, training runs on cached features (`featur
 
     python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
     python -m mpafer.expclip teacher --features feats.pt             # needs `transformers`
-    python train.py --method expclip --features feats.pt --out runs/expclip
+    python -m mpafer.expclip train   --features feats.pt             # the head, in a run folder
 
 Inputs follow the released heads: `Resize((224, 224))` (a squash, no crop) + `ToTensor()`,
 **no** mean/std normalisation (`mpafer.data.expclip_transform`; normalisation is an option).
 
     head = load_head("ExpCLIP_B16_model.pth", clip_model)   # the released format loads as is
-    classifier = ZeroShotClassifier(clip_model, classnames, "ensemble10", head=head)
+    classifier = expclip_classifier(clip_model, classnames, "ensemble10", head=head)
     logits = classifier(images)                                # [B, C]
 """
 from .features import (
@@ -48,14 +48,15 @@ from .prompt_sets import (
     is_prompt_file,
     load_prompt_file,
 )
-from .train import info_nce, train_head, train_head_from_file, train_run
-from .zeroshot import INPUT_TRANSFORMS, ZeroShotClassifier, input_transform
+from .train import info_nce, train_head, train_head_from_file
+from .zeroshot import INPUT_TRANSFORMS, expclip_classifier, input_transform
 
 __all__ = [
     "FEATURES_FORMAT", "INPUT_TRANSFORMS", "LOGIT_SCALE", "PROMPT_SETS", "PROMPT_TEMPLATES",
-    "TEACHER_WIDTH", "ImageFiles", "ProjectionHead", "ZeroShotClassifier",
+    "TEACHER_WIDTH", "ImageFiles", "ProjectionHead",
     "add_teacher_features", "build_prompts", "cache_image_features", "check_head_fits",
+    "expclip_classifier",
     "info_nce", "input_transform", "is_prompt_file", "list_images", "load_features", "load_head",
     "load_prompt_file", "read_head_metadata", "recorded_clip", "save_head", "train_head",
-    "train_head_from_file", "train_run",
+    "train_head_from_file",
 ]

@@ -1,16 +1,23 @@
-"""python -m mpafer.expclip cache | teacher: make an Exp-CLIP feature file.
+"""python -m mpafer.expclip cache | teacher | train: Exp-CLIP's feature file, then its head.
 
     python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
     python -m mpafer.expclip teacher --features feats.pt             # needs `transformers`
+    python -m mpafer.expclip train   --features feats.pt             # runs/expclip/<time>/
 
-Training the head on the file is `python train.py --method expclip --features feats.pt`.
+`train` writes expclip_head.pth (the released format) and its metadata, config.json, log.txt
+and metrics.jsonl into its run folder; a folder holding another head is refused unless
+--overwrite. Evaluate the head with `python eval.py --method expclip --head FILE ...`.
 """
+import json
 import os
 
 import torch
 
 from .. import clip
-from ..utils import ArgumentParser, counted, run_cli
+from ..app.cli import ArgumentParser, run_cli
+from ..app.runs import Logger, clear_run_files, folder_conflict, new_run_folder
+from ..files import atomic_write, atomic_write_json
+from ..progress import counted
 from .features import add_teacher_features, cache_image_features, load_features
 from .teacher import (
     DEFAULT_TEACHER,
@@ -18,6 +25,10 @@ from .teacher import (
     extract_teacher_features,
     require_transformers,
 )
+from .train import train_head_from_file
+
+# The paper's recipe: SGD, 5 epochs, batch 512, lr 1e-3, momentum 0.9, weight decay 1e-4.
+RECIPE = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 
 
 def cache(args):
@@ -50,14 +61,38 @@ def teacher(args):
     print(f"added teacher_features {tuple(features.shape)} to {args.features}")
 
 
+def train(args):
+    """Train a head on a feature file into its run folder (see the module doc)."""
+    if not os.path.isfile(args.features):
+        raise FileNotFoundError(f"--features: {args.features} not found (make it with `python -m "
+                                "mpafer.expclip cache` and `python -m mpafer.expclip teacher`)")
+    out = args.out or new_run_folder("expclip", args.name)
+    conflict = folder_conflict(out)
+    if conflict and not args.overwrite:
+        raise ValueError(conflict)
+    clear_run_files(out)
+    os.makedirs(out, exist_ok=True)
+    log = Logger(True)
+    log.open(os.path.join(out, "log.txt"))
+    hparams = {k: getattr(args, k) for k in RECIPE}
+    metadata = train_head_from_file(args.features, os.path.join(out, "expclip_head.pth"),
+                                    device=args.device, log=log, **hparams)
+    # (the batch that ran: a batch larger than the file shrinks to it)
+    atomic_write_json({"train": {"features": args.features, **metadata["hparams"]}},
+                      os.path.join(out, "config.json"))
+    lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
+    atomic_write(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
+    return metadata
+
+
 def parse_args(argv=None):
     """The command and its options, checked (nothing runs)."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     default_workers = min(4, os.cpu_count() or 1)  # more readers than cores only compete
     parser = ArgumentParser(prog="python -m mpafer.expclip",
                                      description=__doc__.split("\n")[0],
-                                     epilog="Train the head with: python train.py --method "
-                                            "expclip --features FILE")
+                                     epilog="Evaluate a head with: python eval.py --method "
+                                            "expclip --head FILE ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("cache", help="cache the CLIP image features of an image folder")
@@ -94,6 +129,18 @@ def parse_args(argv=None):
                    help="image reading processes (default: min(4, CPU cores))")
     p.add_argument("--device", default=default_device)
     p.set_defaults(run=teacher)
+
+    p = sub.add_parser("train", help="train the head on a feature file (the paper's recipe)")
+    p.add_argument("--features", required=True, help="feature file with teacher features")
+    p.add_argument("--out", default="", help="the run folder (default runs/expclip/<time>)")
+    p.add_argument("--name", default="", help="the run folder is runs/expclip/NAME")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the head in an existing run folder (default: refuse)")
+    for name, value in RECIPE.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help=f"(the paper's recipe: {value})")
+    p.add_argument("--device", default=default_device)
+    p.set_defaults(run=train)
 
     return parser.parse_args(argv)
 

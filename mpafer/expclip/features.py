@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..clip.loading import safe_load
 from ..data import IMAGE_EXTENSIONS, load_image, unreadable_images
 from ..data.transforms import describe_expclip_transform, expclip_transform
-from ..engine import autocast, resolve_amp
-from ..utils import atomic_save, counted, progress_bar
+from ..files import atomic_save
+from ..precision import autocast, resolve_amp
+from ..progress import counted, progress_bar
 
 FEATURES_FORMAT = "mpafer.expclip.features/1"
 
@@ -94,7 +95,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
     unreadable one is an error naming it, or, with `skip_bad_images`, left out with a note and
     listed under `skipped`). transform: default Exp-CLIP's input
     (`Resize((r, r))` squash + `ToTensor`, no normalisation; `normalize=True` adds CLIP's).
-    Autocast on CUDA as `mpafer.engine.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
+    Autocast on CUDA as `mpafer.app.engine.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
     CPU. The model is moved to `device` (default: where it is).
 
     The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:

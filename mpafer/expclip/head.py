@@ -9,7 +9,7 @@ from torch import nn
 
 from ..clip.loading import load_plain_state_dict
 from ..clip.model import check_same_clip
-from ..utils import atomic_save, atomic_write_json
+from ..files import atomic_save, atomic_write_json
 
 # CLIP widths, only to make error messages helpful (widths are always read off the models).
 CLIP_MODELS_BY_WIDTH = {512: ("ViT-B/32", "ViT-B/16"), 768: ("ViT-L/14", "ViT-L/14@336px")}

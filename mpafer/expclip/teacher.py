@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.transforms import describe_expclip_transform, expclip_transform
-from ..utils import progress_bar
+from ..progress import progress_bar
 from .features import ImageFiles
 
 INSTRUCTION = ("Please play the role of a facial action describer. Objectively describe the "

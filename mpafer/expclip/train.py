@@ -1,11 +1,9 @@
 """Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD.
 
-The command is `python train.py --method expclip --features feats.pt` (one training script for
-both methods); it calls `train_run`, which trains with `train_head_from_file` into a run folder.
+The command is `python -m mpafer.expclip train --features feats.pt`, which trains with
+`train_head_from_file` into a run folder.
 """
-import dataclasses
 import datetime
-import json
 import math
 import os
 import time
@@ -14,8 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..runs import Logger, clear_run_files
-from ..utils import atomic_write, atomic_write_json, counted
+from ..progress import counted
 from .features import load_features
 from .head import LOGIT_SCALE, ProjectionHead, head_metadata_path, save_head
 
@@ -101,7 +98,7 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     """Train a head on a feature file and save it (released format + metadata sidecar).
 
     `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
-    What `train.py --method expclip` runs; returns the metadata written beside the head. A
+    What `python -m mpafer.expclip train` runs; returns the metadata written beside the head. A
     batch larger than the file's images shrinks to all of them, with a note.
     """
     data = load_features(features)
@@ -112,9 +109,8 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     batch_size = hparams.get("batch_size", 512)
     if batch_size > num_images:  # a small set: one batch of all of it, as MPA-FER's batch shrinks
         log(f"note: {features} holds {counted(num_images, 'image')}, fewer than --batch-size "
-            f"{batch_size}; "
-            f"training with batches of {num_images} (fewer negatives per batch than the "
-            "recipe's)")
+            f"{batch_size}; training with batches of {num_images} (fewer negatives per batch "
+            "than the recipe's)")
         hparams["batch_size"] = num_images
     head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
                                log=log, **hparams)
@@ -129,27 +125,4 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     }
     save_head(head, out, metadata)
     log(f"wrote {out} (mlp.weight {tuple(head.mlp.weight.shape)}) and {head_metadata_path(out)}")
-    return metadata
-
-
-def train_run(cfg):
-    """`train.py --method expclip`: train a head on `cfg.features` into the run folder `cfg.out`
-    (expclip_head.pth and its metadata, config.json, log.txt, metrics.jsonl)."""
-    if not cfg.features:
-        raise ValueError("--method expclip needs --features FILE (make it with `python -m "
-                         "mpafer.expclip cache` and `python -m mpafer.expclip teacher`)")
-    if not os.path.isfile(cfg.features):
-        raise FileNotFoundError(f"--features: {cfg.features} not found")
-    clear_run_files(cfg.out)  # a folder with another run's head was refused unless --overwrite
-    os.makedirs(cfg.out, exist_ok=True)
-    log = Logger(True)
-    log.open(os.path.join(cfg.out, "log.txt"))
-    metadata = train_head_from_file(
-        cfg.features, os.path.join(cfg.out, "expclip_head.pth"), device=cfg.device or "cpu",
-        log=log, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, seed=cfg.seed)
-    cfg.batch_size = metadata["hparams"]["batch_size"]  # config.json says what ran
-    atomic_write_json({"train": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "config.json"))
-    lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
-    atomic_write(os.path.join(cfg.out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
     return metadata

@@ -38,9 +38,10 @@ from typing import Dict
 
 import torch
 
-from ..clip.model import SHAPES
-from ..engine import configure_cuda, resolve_amp
-from ..utils import ArgumentParser, atomic_write_json
+from ...clip.model import SHAPES
+from ...files import atomic_write_json
+from ...precision import configure_cuda, resolve_amp
+from ..cli import ArgumentParser
 from . import epoch, measure
 from .speed import TARGETS, bench_clip, bench_eval, bench_memory, bench_train, benchmark_model
 

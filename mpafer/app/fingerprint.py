@@ -15,8 +15,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from ..utils import counted
-from .base import dataset_fingerprint
+from ..data.base import dataset_fingerprint
+from ..progress import counted
 
 SHOWN = 3  # files named in a message, at most
 

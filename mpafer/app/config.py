@@ -9,22 +9,19 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Tuple, get_args, get_type_hints
+from typing import Dict, Optional, Tuple, get_args, get_type_hints
 
-from . import clip
-from .checkpoint import load_checkpoint
-from .data import DATASETS, TRAINING_DATASETS
-from .engine import AMP_CHOICES
-from .faults import other_checkpoints
-from .model import MPAFERConfig, upgrade_config
-from .runs import (
-    flag,
-    folder_conflict,
-    new_run_folder,
-    recorded_settings,
-    resume_refusals,
-)
-from .utils import ArgumentParser
+from .. import clip
+from ..data import DATASET_NAMES, DATASETS, TRAINING_DATASETS
+from ..expclip import INPUT_TRANSFORMS, PROMPT_SETS, is_prompt_file
+from ..model import MPAFERConfig
+from ..precision import AMP_CHOICES
+from .cli import ArgumentParser
+from .protocol import CLASS_SETS
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -32,24 +29,25 @@ class TrainConfig:
     """Every training setting; each field is a command-line flag whose help is its
     `metadata["help"]`. `metadata["result"] = False` marks a setting that does not change what
     a run computes (where it writes, how fast, how it is watched; a data path or a descriptions
-    file, whose content is identified otherwise): `mpafer.report` ignores those when grouping
+    file, whose content is identified otherwise): `mpafer.app.report` ignores those when grouping
     runs, and a resume may change them (`RESUME_MAY_CHANGE`)."""
-    method: str = field(default="mpafer", metadata={"help": "mpafer | expclip"})
     dataset: str = field(default="rafdb", metadata={"help": " | ".join(TRAINING_DATASETS)})
     data_root: str = field(default="data/RAF-DB", metadata={"result": False})
     classnames: str = field(default="", metadata={
         "help": "--dataset folder: the class folder names, comma-separated, in label order "
                 "(default: canonical names or their usual synonyms, e.g. happy, sad)"})
     clip: str = field(default="ViT-B/16", metadata={
-        "help": "CLIP name (downloaded to --cache-dir) or path; --demo: \"\" = the tiny demo "
-                "CLIP"})
+        "help": "CLIP name (downloaded to --cache-dir), path (a checkpoint file or a Hugging Face "
+                "transformers folder) or Hugging Face model id (from the local cache); --demo: "
+                "\"\" = the tiny demo CLIP"})
     clip_activation: str = field(default="", metadata={
         "help": "quick_gelu | gelu: the CLIP's MLP activation, which its file does not show; "
                 "open_clip models without -quickgelu in their name use gelu (default: QuickGELU, "
-                "with a note for a file; a resumed run keeps its own)"})
+                "with a note for a file; a transformers config's hidden_act; a resumed run keeps "
+                "its own)"})
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
-                "repository's weights/)", "aliases": ("--weights",), "result": False})
+                "repository's weights/)", "result": False})
     descriptions: str = field(default="", metadata={
         "help": "class descriptions JSON (default: the shipped one)", "result": False})
     out: str = field(default="", metadata={
@@ -69,15 +67,15 @@ class TrainConfig:
     warmup_epochs: float = field(default=1.0, metadata={
         "help": "(choice) linear warm-up, then cosine decay to 0, per step"})
     grad_clip: float = field(default=1.0, metadata={
-        "help": "(choice) max gradient norm, 0 = off; measured on the demo over 3 seeds, off "
-                "cost 4.6 and 8.3 points of WAR in the first two ladder rows, 1-3 in the others"})
+        "help": "(choice) max gradient norm, 0 = off (the README gives the ablation)"})
     grad_clip_mode: str = field(default="global", metadata={
         "help": "global: one norm over all trainable parameters | per-group: the text prompts, "
-                "the visual prompts and the alignment projections each clipped on their own "
-                "(measured on the demo: no better than global)"})
+                "the visual prompts and the alignment projections each clipped on their own"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers per process", "result": False})
-    amp: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | off"})
+    amp: str = field(default="auto", metadata={"help": "autocast: auto = bf16 on CUDA where "
+                                               "supported, else fp16; off on CPU",
+                                               "choices": AMP_CHOICES})
     seed: int = field(default=1)
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu",
                                               "result": False})
@@ -125,8 +123,6 @@ class TrainConfig:
         "result": False})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the image tower (CUDA; first steps are slow)", "result": False})
-    features: str = field(default="", metadata={
-        "help": "Exp-CLIP: feature file from `python -m mpafer.expclip cache/teacher`"})
     base_classes: str = field(default="", metadata={
         "help": "base-to-novel: train (and choose best.pt) on these classes only, comma-"
                 "separated; the test split's other classes are novel: best.pt is evaluated on "
@@ -147,7 +143,6 @@ class TrainConfig:
         finite = math.isfinite
         names = [c.strip() for c in self.classnames.split(",")] if self.classnames else []
         checks = [
-            ("method", self.method in ("mpafer", "expclip"), "mpafer or expclip"),
             ("clip_activation", self.clip_activation in ("", *clip.ACTIVATIONS),
              " or ".join(clip.ACTIVATIONS)),
             ("epochs", self.epochs >= 1, ">= 1"),
@@ -189,7 +184,6 @@ class TrainConfig:
 DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, workers=0,
             amp="off")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
-EXPCLIP = dict(epochs=5, batch_size=512, lr=1e-3, momentum=0.9, weight_decay=1e-4, seed=1)
 TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # The settings by what they are about, for --help and the configuration a run prints (every
 # MPAFERConfig field is about the model).
@@ -197,8 +191,8 @@ SETTING_GROUPS = {
     "data": ("dataset", "data_root", "classnames", "eval_split", "val_fraction", "shots",
              "base_classes", "balanced_sampler", "samples_per_epoch", "prototypes_per_class",
              "skip_bad_images", "demo", "demo_train_per_class", "demo_test_per_class",
-             "demo_class_words", "features"),
-    "model": ("method", "clip", "clip_activation", "descriptions"),
+             "demo_class_words"),
+    "model": ("clip", "clip_activation", "descriptions"),
     "optimisation": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
                      "grad_clip", "grad_clip_mode", "amp", "seed"),
     "run": ("out", "name", "overwrite", "resume", "stop_after", "eval_every", "log_interval",
@@ -233,7 +227,7 @@ RESULT_NEUTRAL = frozenset(f.name for f in dataclasses.fields(TrainConfig)
 # descriptions (its folder and descriptions are checked on their own), plus --epochs (only to
 # extend the run), --eval-every and --clip (only the same file, checked by its SHA-256).
 # --data-root may change for data that moved: the data found there must be the run's
-# (`runs.check_data`; the demo reads none).
+# (`faults.check_data`; the demo reads none).
 RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "descriptions"}
                      | {"epochs", "eval_every", "clip"})
 
@@ -254,18 +248,15 @@ def add_fields(cls, group, names=None):
             group.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
         else:
-            choices = AMP_CHOICES if f.name == "amp" else None
-            group.add_argument(*flags, type=kind, default=argparse.SUPPRESS, choices=choices,
+            group.add_argument(*flags, type=kind, default=argparse.SUPPRESS,
+                               choices=f.metadata.get("choices"),
                                metavar=kind.__name__.upper(), help=text)
 
 
-def parse_config(argv=None, description: str = None):
-    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line).
-
-    Every value is checked here, before anything is loaded or written: a value out of range,
-    a resume that would change the recorded run, or a run folder that holds another run is an
-    argument error naming the flag.
-    """
+def parse_flags(argv=None, description: str = None):
+    """-> (the parser, the TrainConfig fields given on the command line, the MPAFERConfig
+    fields given). Flags only: settings are resolved by `new_run_values` or, for a resume, by
+    the run layer (`runs.run_config`), and checked by `check_config`."""
     parser = ArgumentParser(description=description or __doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     for group, names in SETTING_GROUPS.items():
@@ -280,33 +271,31 @@ def parse_config(argv=None, description: str = None):
         parser.error("--ablation starts new runs; resume one row's run with --resume alone")
     if train.get("seeds") and train.get("resume"):
         parser.error("--seeds starts new runs; resume one seed's run with --resume alone")
-    if train.get("resume"):
-        values, model_values = resume_values(parser, train, model)
-    else:
-        values, model = new_run_values(parser, train, model)
-        model_values = model
+    return parser, train, model
+
+
+def check_config(parser, values: Dict, model_values: Dict,
+                 given: Dict) -> Tuple["TrainConfig", MPAFERConfig]:
+    """The settings as config objects, every value checked (an argument error naming the flag);
+    --cache-dir made absolute."""
     try:
         cfg = TrainConfig(**values)
         cfg.validate()
         model_cfg = MPAFERConfig(**model_values)
     except ValueError as e:
         parser.error(str(e))
-    check_protocol(parser, cfg, train)
+    check_protocol(parser, cfg, given)
     if cfg.base_classes and model_cfg.class_specific_ctx:
         parser.error("--base-classes needs the shared context: a class-specific context "
                      "(--class-specific-ctx) has none for the novel classes")
     cfg.cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or
                                                        clip.default_weights_dir()))
-    if not cfg.resume:
-        cfg.out = new_run_out(parser, cfg, "out" in train)
-    return cfg, model_cfg, model
+    return cfg, model_cfg
 
 
 def new_run_values(parser, train: Dict, model: Dict):
-    """Settings of a new run: defaults < dataset preset (or the demo's, or Exp-CLIP's) < flags."""
-    if train.get("method") == "expclip":
-        values = dict(EXPCLIP)
-    elif train.get("demo"):
+    """Settings of a new run: defaults < dataset preset (or the demo's) < flags."""
+    if train.get("demo"):
         values = dict(DEMO)
         model = {**DEMO_MODEL, **model}
     else:
@@ -319,56 +308,6 @@ def new_run_values(parser, train: Dict, model: Dict):
     return values, model
 
 
-def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
-    """The new run's folder; one that holds another run's checkpoints is refused unless
-    --overwrite."""
-    if out_given and cfg.name:
-        parser.error("--out and --name both say where the run goes; give one of them")
-    base = "demo" if cfg.demo else "expclip" if cfg.method == "expclip" else cfg.dataset
-    out = cfg.out if out_given else new_run_folder(base, cfg.name)
-    conflict = folder_conflict(out)
-    if conflict and not cfg.overwrite:
-        parser.error(conflict)
-    return out
-
-
-def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
-    """Settings of a resumed run: the recorded ones, changed only by the flags a resume may
-    change (RESUME_MAY_CHANGE); any other flag that differs from the record is refused."""
-    path = train["resume"]
-    try:
-        checkpoint = load_checkpoint(path)
-    except FileNotFoundError as e:
-        parser.error(f"--resume: {e}")
-    except (ValueError, RuntimeError, OSError) as e:  # damaged: say what else there is
-        parser.error(f"--resume: {e}{other_checkpoints(path)}")
-    if "resume" not in checkpoint:
-        parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
-                     "resume from last.pt)")
-    recorded = {k: v for k, v in recorded_settings(checkpoint["train_config"]).items()
-                if k in TRAIN_FIELDS}
-    folder = os.path.dirname(path) or "."
-    if train.get("overwrite"):
-        parser.error("--overwrite starts a new run and --resume continues one; give one of them")
-    if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
-        parser.error(f"--out: a resumed run stays in its folder, {folder}")
-    if train.get("clip_activation") == checkpoint["clip"].get("activation", "quick_gelu"):
-        train.pop("clip_activation")  # the activation the run has: nothing changes
-    may_change = RESUME_MAY_CHANGE - ({"data_root"} if recorded.get("demo") else set())
-    refused = (resume_refusals(train, recorded, may_change)
-               + resume_refusals(model, upgrade_config(checkpoint["config"])))
-    if refused:
-        parser.error(f"--resume continues the run as recorded in {path}; these flags would "
-                     f"change it: {'; '.join(refused)}. Start a new run to change them")
-    done = checkpoint["epoch"] + (1 if checkpoint["resume"].get("step") else 0)
-    epochs = train.get("epochs", recorded.get("epochs", TrainConfig.epochs))
-    if epochs < done:
-        parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
-                     "can only extend it")
-    values = {**recorded, **train, "out": folder, "overwrite": False}
-    return values, upgrade_config(checkpoint["config"])
-
-
 def check_protocol(parser, cfg: TrainConfig, given: Dict):
     """--shots and --val-fraction in range; --val-fraction chooses best.pt on the part of the
     training set it holds out, so it cannot be combined with --eval-split."""
@@ -379,3 +318,107 @@ def check_protocol(parser, cfg: TrainConfig, given: Dict):
     if cfg.val_fraction > 0 and "eval_split" in given:
         parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
                      f"--eval-split {given['eval_split']}")
+
+
+ACTIVATIONS = tuple(clip.ACTIVATIONS)  # (the field `clip` hides the module in the class)
+
+
+@dataclass
+class EvalConfig:
+    """eval.py's settings; each field is a flag whose help is its `metadata["help"]`. Data left
+    as None is that of the run that trained --checkpoint (`protocol.evaluation_data`)."""
+    checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "an MPA-FER checkpoint (best.pt / last.pt)"})
+    zero_shot: bool = field(default=False, metadata={"help": "plain CLIP with --prompts"})
+    method: str = field(default="mpafer", metadata={
+        "help": "mpafer: --checkpoint and/or --zero-shot; expclip: plain CLIP and the Exp-CLIP "
+                "--head side by side", "choices": ("mpafer", "expclip")})
+    head: Optional[str] = field(default=None, metadata={
+        "help": "Exp-CLIP projection head (.pth, the released format)"})
+    prompts: str = field(default="photo", metadata={
+        "help": "zero-shot / Exp-CLIP prompt set: " + ", ".join(PROMPT_SETS) + "; descriptions "
+                "= MPA-FER's hard prompts; or a prompt file (.json: {class: [prompts]} or "
+                "[templates with {c}], see the README)"})
+    expclip_transform: str = field(default="released", metadata={
+        "help": "--method expclip: the input transform of both classifiers; released = "
+                "Resize((R, R)) squash + ToTensor, no normalisation (the released Exp-CLIP "
+                "protocol); clip = CLIP's own preprocessing", "choices": INPUT_TRANSFORMS})
+    clip: Optional[str] = field(default=None, metadata={
+        "help": "CLIP name, file, transformers folder or Hugging Face model id (default: the "
+                "checkpoint's or head's; ViT-B/16 otherwise)"})
+    clip_activation: Optional[str] = field(default=None, metadata={
+        "help": "the CLIP's MLP activation (default: the checkpoint's; else QuickGELU, with a "
+                "note for a file); open_clip models without -quickgelu in their name use gelu",
+        "choices": ACTIVATIONS})
+    allow_other_clip: bool = field(default=False, metadata={
+        "help": "use a CLIP other than the one the checkpoint or head was trained on"})
+    demo: bool = field(default=False, metadata={
+        "help": "the synthetic demo test split (and demo CLIP); the default for a checkpoint "
+                "trained with --demo"})
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "default: the checkpoint's, else rafdb", "choices": DATASET_NAMES})
+    data_root: Optional[str] = field(default=None, metadata={
+        "help": "default: the checkpoint's, else data/RAF-DB"})
+    split: Optional[str] = field(default=None, metadata={
+        "help": "default: the checkpoint's evaluation split, else test"})
+    classnames: Optional[str] = field(default=None, metadata={
+        "help": "--dataset folder: the class folder names in label order (default: the "
+                "checkpoint's, else canonical names or their usual synonyms)"})
+    class_set: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint on data whose classes differ from its own: shared = only the "
+                "images of the classes both have, scored among those; open = the data's "
+                "classes, those the checkpoint was not trained on scored through its learned "
+                "context (recall marked seen/unseen)", "choices": CLASS_SETS})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "leave unreadable images out (default: they are an error)"})
+    json: Optional[str] = field(default=None, metadata={"help": "write the metrics as JSON"})
+    confusion_png: Optional[str] = field(default=None, metadata={
+        "help": "draw the confusion matrix (percent of each true class)"})
+    confusion_counts: bool = field(default=False, metadata={
+        "help": "--confusion-png: counts in the cells instead of percentages"})
+    cache_dir: str = field(default="", metadata={
+        "help": "CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's weights/)"})
+    device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
+    amp: str = field(default="auto", metadata={
+        "help": "autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU",
+        "choices": AMP_CHOICES})
+    batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})
+    workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
+        "help": "DataLoader workers (the demo's faces are in memory: none)"})
+
+
+EVAL_GROUPS = {
+    "what to evaluate": ("checkpoint", "zero_shot", "method", "head", "prompts",
+                         "expclip_transform", "clip", "clip_activation", "allow_other_clip"),
+    "data": ("demo", "dataset", "data_root", "split", "classnames", "class_set",
+             "skip_bad_images"),
+    "output": ("json", "confusion_png", "confusion_counts"),
+    "runtime": ("cache_dir", "device", "amp", "batch_size", "workers"),
+}
+
+
+def parse_eval_flags(argv=None, description: str = None) -> EvalConfig:
+    """eval.py's flags as an EvalConfig, every combination checked (an argument error)."""
+    parser = ArgumentParser(description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group, names in EVAL_GROUPS.items():
+        add_fields(EvalConfig, parser.add_argument_group(group), names)
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    known = (*PROMPT_SETS, "descriptions")
+    checks = [
+        (cfg.method == "expclip" and not cfg.head, "--method expclip needs --head"),
+        (cfg.prompts not in known and not is_prompt_file(cfg.prompts),
+         f"--prompts must be one of {', '.join(known)} or a prompt file (.json), got "
+         f"{cfg.prompts!r}"),
+        (cfg.method == "mpafer" and not (cfg.checkpoint or cfg.zero_shot),
+         "give --checkpoint (MPA-FER), --zero-shot (plain CLIP) or --method expclip --head FILE"),
+        (cfg.batch_size < 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.workers < 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (cfg.class_set and not cfg.checkpoint,
+         "--class-set compares a checkpoint's classes with the data's: give --checkpoint"),
+    ]
+    for failed, message in checks:
+        if failed:
+            parser.error(message)
+    cfg.cache_dir = cfg.cache_dir or clip.default_weights_dir()
+    return cfg

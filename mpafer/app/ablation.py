@@ -10,7 +10,7 @@ Each row of `ABLATION_LADDER` adds one component of MPA-FER to the row before it
 + visual prompts -> + prototype alignment -> + soft-hard alignment -> full). Every (row, seed)
 trains in a run folder of its own, `<out>/<i>-<row>/seed-<s>`, with the row's switches and
 every other flag given; a flag given that contradicts a row's switch wins (a note says so).
-Then `mpafer.report` summarises each row over the seeds, and the table (zero-shot CLIP with the
+Then `mpafer.app.report` summarises each row over the seeds, and the table (zero-shot CLIP with the
 hard prompts first; mean ± sample std; the change from the row before) is printed and written
 as ablation.md and ablation.json in the parent folder.
 """
@@ -18,8 +18,8 @@ import json
 import os
 from typing import Callable, Dict, List, Tuple
 
+from ..files import atomic_write, atomic_write_json
 from . import report
-from .utils import atomic_write, atomic_write_json
 
 # The paper's ablation rows: (folder, name, flags on top of the defaults); the last is the method.
 ABLATION_LADDER = (
@@ -116,7 +116,7 @@ def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Lis
 
 
 def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:
-    """One row: its runs summarised over the seeds by `mpafer.report`, with its zero-shot
+    """One row: its runs summarised over the seeds by `mpafer.app.report`, with its zero-shot
     baseline (each run measured it before training, on the split it reports)."""
     runs = [report.read_run(folder) for folder in folders]
     (summary,) = report.summarize_groups([r for r in runs if r is not None])

@@ -3,27 +3,24 @@
 The demo world is set up so that prompt learning has something to learn, as it has with a
 real CLIP and a real FER dataset:
 
-- The tiny CLIP is pre-trained contrastively (under a minute on two CPU cores, then cached in
-  `weights/` as an OpenAI-format state dict that `mpafer.clip.load` reads like any real
-  checkpoint) on "web" pictures: colour faces anywhere in cluttered scenes, captioned in
-  everyday words (`mpafer.synthetic.face_captions`: "a happy face.", "a face with brows
+- The tiny CLIP is pre-trained contrastively (once, then cached in `weights/` as an
+  OpenAI-format state dict that `mpafer.clip.load` reads like any real checkpoint) on "web"
+  pictures: colour faces anywhere in cluttered scenes, captioned in
+  everyday words (`mpafer.app.synthetic.face_captions`: "a happy face.", "a face with brows
   raised high and curved, ..."). It never sees the label words ("happiness"), and knows only
-  some of the words of the LLM descriptions (55% of their word tokens occur in its captions),
-  as real CLIP learned from web captions, not from FER labels.
+  some of the words of the LLM descriptions, as real CLIP learned from web captions, not from
+  FER labels.
 - MPA-FER then trains and is tested on "portrait" faces: aligned, tightly cropped grey-scale
   faces on plain backgrounds, like the face crops of FER datasets, from another seed stream.
 
 Zero-shot CLIP is weak here for the two reasons it is weak on real FER data (other words,
-other pictures), and the prompts have a vocabulary gap and a domain gap to close. Measured on
-2026-11-30 (2 CPU cores, one torch thread), test WAR on the 420 portrait test faces, chance
-14.3%: zero-shot with MPA-FER's hard prompts 33.1%, with "a photo of {class}." 14.8%, with the
-captions' own words 50.2% (86.9% on web-style faces); MPA-FER before training 14.3%, after
-`train.py --demo` (10 epochs, seed 1) 88.1%. The demo's classes can also go by the captions'
-mood words (`--demo-class-words moods`: calm, happy, ...), which the CLIP has seen: then it can
-score classes no prompt was trained on, as base-to-novel evaluation needs.
+other pictures), and the prompts have a vocabulary gap and a domain gap to close (the README
+gives the measured figures). The demo's classes can also go by the captions' mood words
+(`--demo-class-words moods`: calm, happy, ...), which the CLIP has seen: then it can score
+classes no prompt was trained on, as base-to-novel evaluation needs.
 
-A randomly initialised CLIP cannot be taught to see through prompts alone (we measured
-chance-level accuracy), which is why the demo CLIP is pre-trained at all.
+A randomly initialised CLIP cannot be taught to see through prompts alone (prompts on it stay
+at chance), which is why the demo CLIP is pre-trained at all.
 """
 import os
 import time
@@ -33,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .clip.loading import activation_record_path, recorded_activation
-from .clip.model import CLIP
-from .clip.tokenizer import tokenize
-from .data import train_transform
-from .prompts import crop_to_longest
+from ..clip.loading import activation_record_path, recorded_activation
+from ..clip.model import CLIP
+from ..clip.tokenizer import tokenize
+from ..data import train_transform
+from ..files import atomic_save, atomic_write_json
+from ..prompts import crop_to_longest
 from .synthetic import (
     CAPTION_TEMPLATES,
     CAPTION_WORDS,
@@ -45,7 +43,6 @@ from .synthetic import (
     SyntheticFaces,
     face_captions,
 )
-from .utils import atomic_save, atomic_write_json
 
 # Small enough to train in a minute on a CPU; the same code path as ViT-B/16.
 DEMO_CLIP_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from ..data import RAFDB_CLASSES, RAFDB_LABEL_FILE, eval_transform, load_image, train_transform
+from ...data import RAFDB_CLASSES, RAFDB_LABEL_FILE, eval_transform, load_image, train_transform
 from ..synthetic import SyntheticFaces
 
 FACE_SIZE = 100  # RAF-DB's aligned faces

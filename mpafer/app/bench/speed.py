@@ -28,13 +28,14 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from ..clip.model import CLIP, SHAPES
-from ..clip.tokenizer import tokenize
-from ..engine import autocast, build_mpafer, make_optimizer, train_step, trainable_parameters
-from ..labels import BASIC_CLASSES
-from ..model import MPAFER
-from ..prompts import load_descriptions
-from ..train_config import TrainConfig
+from ...clip.model import CLIP, SHAPES
+from ...clip.tokenizer import tokenize
+from ...labels import BASIC_CLASSES
+from ...model import MPAFER
+from ...precision import autocast
+from ...prompts import load_descriptions
+from ..config import TrainConfig
+from ..engine import build_mpafer, make_optimizer, train_step, trainable_parameters
 from . import measure
 from .reference import build_reference_model
 
@@ -256,7 +257,8 @@ def bench_memory(args, device: torch.device) -> Dict[str, object]:
 
 
 def memory_in_subprocess(args) -> Dict[str, object]:
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.abspath(__file__)  # .../mpafer/app/bench/speed.py
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(here))))
     python_path = [repo_root, os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, python_path)))
     with tempfile.TemporaryDirectory() as tmp:

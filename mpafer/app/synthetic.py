@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .labels import BASIC_CLASSES
+from ..labels import BASIC_CLASSES
 
 # The 7 basic expressions in canonical order (mpafer.data.CANONICAL_CLASSES without contempt).
 SYNTHETIC_CLASSES = BASIC_CLASSES

@@ -1,30 +1,14 @@
-"""Small functions shared by the package and the scripts: atomic writes with the user's normal
-permissions (a failed write is one clear `WriteError`), one-line errors for the scripts
-(arguments and failures), Ctrl-C and SIGTERM as clean exits, DataLoader workers that leave both
-signals to the main process, seeding."""
-import argparse
+"""Files written so that nothing is lost: atomically (a temporary file in the same folder, then
+a rename), with the user's normal permissions, the folder synced after the rename; a failed
+write is one `WriteError` naming the file and what went wrong (disk full, quota, read-only,
+permission), leaving the old file whole and no temporary behind."""
 import errno
 import json
 import os
-import pickle
-import random
-import signal
-import sys
 import tempfile
-import threading
-import time
 from typing import Optional
 
-import numpy as np
 import torch
-from tqdm import tqdm
-
-
-def seed_everything(seed: int):
-    """Seed Python's, NumPy's and torch's global random number generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def user_file_mode() -> int:
@@ -186,127 +170,3 @@ def atomic_write_json(obj, path: str, **json_options):
     `json.dumps` (e.g. ensure_ascii=False)."""
     text = json.dumps(obj, **{"indent": 2, **json_options}) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-class PlainProgress:
-    """What a progress bar says, as a plain line now and then (every `every` seconds, and none
-    for a loop shorter than that): for logs and schedulers, where tqdm's carriage-return frames
-    would pile up in the file. Takes tqdm's calls that the package uses."""
-
-    def __init__(self, iterable=None, desc: str = "", total=None, initial: int = 0,
-                 every: float = 30.0, **_):
-        self.iterable, self.desc, self.n, self.every = iterable, desc, initial, every
-        self.total = total if total is not None else (
-            len(iterable) if hasattr(iterable, "__len__") else None)
-        self.postfix, self.start = "", time.monotonic()
-        self.last = self.start
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-
-    def update(self, n: int = 1):
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            of = f"/{self.total}" if self.total else ""
-            print(f"  {self.desc}: {self.n}{of} ({now - self.start:.0f}s){self.postfix}",
-                  flush=True)
-
-    def set_postfix(self, **values):
-        self.postfix = "  " + " ".join(f"{k}={v}" for k, v in values.items())
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def close(self):
-        pass
-
-
-def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options):
-    """A tqdm progress bar on a terminal; elsewhere (stderr redirected to a file, CI, a
-    scheduler's log) a `PlainProgress` line now and then; nothing when `disable`."""
-    if disable:
-        return PlainProgress(iterable, desc, every=float("inf"), **options)
-    if sys.stderr.isatty():
-        return tqdm(iterable, desc=desc, **options)
-    return PlainProgress(iterable, desc, **options)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, with a pointer to --help
-    instead of the whole usage text, and which takes no abbreviated flags (a typo such as
-    `--repeat` for `--repeats` is an error, not a guess)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# The stop signals a run handles, by the name its messages use, and the exit status of a
-# program they ended (128 + the signal's number, as shells report it).
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-EXIT_STATUS = {name: 128 + int(signum) for signum, name in SIGNAL_NAMES.items()}
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal that ends the program at once: Ctrl-C (exit status 130) or SIGTERM (143).
-    A KeyboardInterrupt, so that everything that cleans up after Ctrl-C does so after SIGTERM."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(SIGNAL_NAMES[signum])
-        self.name, self.status = SIGNAL_NAMES[signum], 128 + int(signum)
-
-
-def interrupt_at_once(signum, frame):
-    """A signal handler: SIGTERM (or Ctrl-C) ends the program now, as `Interrupted`."""
-    raise Interrupted(signum)
-
-
-def ignore_interrupts(worker_id: int = 0):
-    """DataLoader `worker_init_fn`: Ctrl-C goes to the whole process group, and schedulers
-    (SLURM) send SIGTERM to every process of a job; the workers ignore both, so the main process
-    alone decides how to stop (train.py saves a resumable last.pt, then shuts them down)."""
-    for signum in SIGNAL_NAMES:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def counted(n: int, noun: str, plural: Optional[str] = None) -> str:
-    """`n` and the noun in the number it takes: "1 image", "2 images", "3 classes" (`plural`
-    where adding -s or -es does not make it)."""
-    if n == 1:
-        return f"{n} {noun}"
-    return f"{n} {plural or noun + ('es' if noun.endswith(('s', 'x', 'sh')) else 's')}"
-
-
-def run_cli(main):
-    """Run a script's main(): expected failures (bad paths, arguments, files, a write that failed)
-    print one clear line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback.
-    Ctrl-C and SIGTERM outside the places that handle them end the script quietly, with exit
-    status 130 and 143 (128 + the signal, as shells expect)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # (signal handlers can only be set there)
-        previous = signal.signal(signal.SIGTERM, interrupt_at_once)
-    try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        if os.environ.get("MPAFER_TRACEBACK"):
-            raise
-        name = getattr(interrupt, "name", "Ctrl-C")
-        print(f"interrupted ({name})", file=sys.stderr)
-        sys.exit(EXIT_STATUS[name])
-    except (FileNotFoundError, ValueError, RuntimeError, pickle.UnpicklingError,
-            NotImplementedError, WriteError) as e:
-        if os.environ.get("MPAFER_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
-    finally:
-        if main_thread:  # None: a handler set outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

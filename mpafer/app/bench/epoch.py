@@ -64,25 +64,19 @@ from typing import Dict
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..data import (
+from ...data import (
     RAFDB_EXPECTED_COUNTS,
     TrainBatchAugment,
-    TrainLoader,
     build_dataset,
     eval_transform,
     normalize_on_device,
     train_transform,
 )
-from ..engine import (
-    autocast,
-    make_optimizer,
-    predict,
-    train_epoch,
-    train_step,
-    trainable_parameters,
-)
-from ..prototypes import compute_prototypes, prototype_subset
-from ..train_config import TrainConfig
+from ...precision import autocast
+from ...prototypes import compute_prototypes, prototype_subset
+from ..config import TrainConfig
+from ..engine import make_optimizer, predict, train_epoch, train_step, trainable_parameters
+from ..loader import TrainLoader
 from . import measure
 from .files import per_sample_rates, rafdb_like_jpegs, write_grey_pngs, write_rafdb_like
 

@@ -1,6 +1,6 @@
 """Runs are never lost: the run folder, the resume record and its checks, the checkpoints a run
 writes, and the list of what it left. What may stop a run and how it goes on from there (Ctrl-C,
-SIGTERM, a full disk, moved data, a damaged checkpoint) is `mpafer.faults`.
+SIGTERM, a full disk, moved data, a damaged checkpoint) is `mpafer.app.faults`.
 
 train.py drives these. They work on plain objects: the settings (a TrainConfig), the model, its
 `engine.Optimization` (optimiser, schedule, scaler) and checkpoint dicts.
@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -18,32 +17,32 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import clip
-from .checkpoint import check_compatible, clip_activation, load_checkpoint, make_checkpoint
-from .demo import demo_clip_path
-from .engine import Optimization, configure_cuda, resolve_amp, setup_distributed
-from .utils import (
-    WriteError,
-    append_bytes,
-    atomic_save,
-    atomic_write,
-    atomic_write_json,
-    counted,
+from .. import clip
+from ..checkpoint import check_compatible, clip_activation, load_checkpoint, make_checkpoint
+from ..files import WriteError, append_bytes, atomic_save, atomic_write, atomic_write_json
+from ..precision import configure_cuda, resolve_amp
+from ..progress import counted
+from . import protocol
+from .config import (
+    RESUME_MAY_CHANGE,
+    TRAIN_FIELDS,
+    TrainConfig,
+    check_config,
+    flag,
+    new_run_values,
+    parse_flags,
 )
+from .demo import DEMO_CLIP_FILE, demo_clip_path
+from .engine import Optimization, setup_distributed
+from .faults import other_checkpoints
 
 # What a run writes into its folder; the first three are the results a rerun must not lose.
 CHECKPOINTS = ("last.pt", "best.pt", "expclip_head.pth")
 RUN_FILES = (*CHECKPOINTS, "expclip_head.pth.json", "config.json", "log.txt", "metrics.jsonl")
-# Everything a run writes, for finding what a killed write left: `utils.atomic_write` writes
+# Everything a run writes, for finding what a killed write left: `files.atomic_write` writes
 # <name>.<8 random characters>.tmp beside <name> and renames it.
 WRITTEN = (*RUN_FILES, "baseline.json", "test.json", "curves.png", "shots.json", "heldout.json")
 TEMPORARY = re.compile(r"^(?:%s)\.[A-Za-z0-9_]{8}\.tmp$" % "|".join(map(re.escape, WRITTEN)))
-# Fields renamed since older checkpoints were written: old name -> new name.
-RENAMED_FIELDS = {"weights": "cache_dir"}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # -- the run folder ------------------------------------------------------------------------------
@@ -101,14 +100,6 @@ def remove_run_file(path: str):
 
 # -- what a resume may change --------------------------------------------------------------------
 
-def recorded_settings(train_config: Dict) -> Dict:
-    """A checkpoint's `train_config` under today's field names and values."""
-    settings = {RENAMED_FIELDS.get(k, k): v for k, v in train_config.items()}
-    if settings.get("eval_split") == "heldout":  # older runs named their --val-fraction part so
-        settings["eval_split"] = "test"
-    return settings
-
-
 def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ()) -> List[str]:
     """The flags in `given` that would change the recorded run: not in `may_change`, and
     different from the value `recorded` (a field missing there counts as differing)."""
@@ -120,9 +111,77 @@ def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ())
 
 def resume_changes(recorded: Dict, current: Dict, may_change: Iterable[str]) -> Dict[str, list]:
     """{field: [recorded value, value now]} of the fields a resume changed."""
-    recorded = recorded_settings(recorded)
     return {k: [recorded.get(k), current[k]] for k in sorted(may_change)
             if k in current and recorded.get(k) != current[k] and k != "resume"}
+
+
+# -- the settings of a run -------------------------------------------------------------------------
+
+def run_config(argv=None, description: str = None):
+    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line).
+
+    Every value is checked here, before anything is loaded or written: a value out of range,
+    a resume that would change the recorded run, or a run folder that holds another run is an
+    argument error naming the flag. A new run's settings come from `config.new_run_values`; a
+    resumed run's from its last.pt (`resume_values`)."""
+    parser, train, model = parse_flags(argv, description)
+    if train.get("resume"):
+        values, model_values = resume_values(parser, train, model)
+    else:
+        values, model_values = new_run_values(parser, train, model)
+    cfg, model_cfg = check_config(parser, values, model_values, train)
+    if not cfg.resume:
+        cfg.out = new_run_out(parser, cfg, "out" in train)
+    return cfg, model_cfg, model
+
+
+def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
+    """Settings of a resumed run: the recorded ones, changed only by the flags a resume may
+    change (RESUME_MAY_CHANGE); any other flag that differs from the record is refused."""
+    path = train["resume"]
+    try:
+        checkpoint = load_checkpoint(path)
+    except FileNotFoundError as e:
+        parser.error(f"--resume: {e}")
+    except (ValueError, RuntimeError, OSError) as e:  # damaged: say what else there is
+        parser.error(f"--resume: {e}{other_checkpoints(path)}")
+    if "resume" not in checkpoint:
+        parser.error(f"--resume: {path} has no training state (best.pt is for evaluation; "
+                     "resume from last.pt)")
+    recorded = {k: v for k, v in checkpoint["train_config"].items() if k in TRAIN_FIELDS}
+    folder = os.path.dirname(path) or "."
+    if train.get("overwrite"):
+        parser.error("--overwrite starts a new run and --resume continues one; give one of them")
+    if "out" in train and os.path.abspath(train.pop("out")) != os.path.abspath(folder):
+        parser.error(f"--out: a resumed run stays in its folder, {folder}")
+    if train.get("clip_activation") == checkpoint["clip"].get("activation", "quick_gelu"):
+        train.pop("clip_activation")  # the activation the run has: nothing changes
+    may_change = RESUME_MAY_CHANGE - ({"data_root"} if recorded.get("demo") else set())
+    refused = (resume_refusals(train, recorded, may_change)
+               + resume_refusals(model, checkpoint["config"]))
+    if refused:
+        parser.error(f"--resume continues the run as recorded in {path}; these flags would "
+                     f"change it: {'; '.join(refused)}. Start a new run to change them")
+    done = checkpoint["epoch"] + (1 if checkpoint["resume"].get("step") else 0)
+    epochs = train.get("epochs", recorded.get("epochs", TrainConfig.epochs))
+    if epochs < done:
+        parser.error(f"--epochs {epochs}: the run has already trained {done} epoch(s); --epochs "
+                     "can only extend it")
+    values = {**recorded, **train, "out": folder, "overwrite": False}
+    return values, checkpoint["config"]
+
+
+def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
+    """The new run's folder; one that holds another run's checkpoints is refused unless
+    --overwrite."""
+    if out_given and cfg.name:
+        parser.error("--out and --name both say where the run goes; give one of them")
+    base = "demo" if cfg.demo else cfg.dataset
+    out = cfg.out if out_given else new_run_folder(base, cfg.name)
+    conflict = folder_conflict(out)
+    if conflict and not cfg.overwrite:
+        parser.error(conflict)
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -234,6 +293,31 @@ def load_clip(run: Run):
     return clip_model
 
 
+def load_checkpoint_clip(checkpoint: Optional[Dict], source: str, name: Optional[str] = None,
+                         activation: Optional[str] = None, cache_dir: str = "weights",
+                         device=None, allow_other_clip: bool = False, demo: bool = False,
+                         recorded: Optional[Dict] = None):
+    """The frozen CLIP to evaluate a checkpoint (or an Exp-CLIP head, whose sidecar `recorded`
+    {name, sha256, activation}) with -> (CLIP, the name or path it was loaded from). `name`
+    (--clip) or the recorded CLIP, else ViT-B/16; the demo's tiny CLIP from the cache folder
+    when the demo asks for it or the recorded file has moved. A CLIP other than the recorded one
+    is refused (unless `allow_other_clip`)."""
+    recorded = recorded or (checkpoint or {}).get("clip") or {}
+    chosen = name or recorded.get("name") or ""
+    if chosen and not os.path.isfile(chosen) and os.path.basename(chosen) == DEMO_CLIP_FILE:
+        chosen = ""
+    if not chosen and (demo or checkpoint):
+        chosen = demo_clip_path(cache_dir)
+    chosen = chosen or "ViT-B/16"
+    demo_clip = os.path.basename(chosen) == DEMO_CLIP_FILE
+    activation = activation or recorded.get("activation") or ("quick_gelu" if demo_clip else None)
+    clip_model, _ = clip.load(chosen, device=device, download_root=cache_dir,
+                              activation=activation)
+    if checkpoint:
+        check_compatible(checkpoint, source, clip_model, allow_other_clip=allow_other_clip)
+    return clip_model, chosen
+
+
 def run_record(run: Run, model_cfg) -> Dict:
     """config.json: the settings that ran, the precision and processes they ran with, and the
     resumes (where each continued and which flags it changed)."""
@@ -258,7 +342,7 @@ def open_folder(run: Run, model_cfg):
     """The first write of the run: create its folder (a new run first removes what an earlier
     attempt left there; every run removes the temporary files of writes a kill interrupted),
     write config.json, start log.txt with the lines logged so far. A folder that cannot be
-    written fails here, in one line (`utils.WriteError`)."""
+    written fails here, in one line (`files.WriteError`)."""
     if not run.master:
         return
     if run.resume is None:
@@ -346,7 +430,7 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
     if run.master:
         append_bytes(run.path("metrics.jsonl"), (json.dumps(record) + "\n").encode("utf-8"),
                      sync=True)
-    name = selection_split_name(run.cfg)
+    name = protocol.selection_split_name(run.cfg)
     scores = (f"{name} WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
               f"(best {100 * best['war']:.2f}% @ {best['epoch']})" if metrics else "")
     if "base_to_novel" in metrics:
@@ -361,16 +445,12 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
 
 # -- what the run left ---------------------------------------------------------------------------
 
-def resume_command(run: Run) -> str:
-    launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
-    return f"{launcher} train.py --resume {run.path('last.pt')}"
-
-
 def files_summary(run: Run, best: Dict) -> str:
     """What the run left (only files that exist) and how to evaluate it."""
     cfg, lines = run.cfg, []
     if os.path.isfile(run.path("best.pt")):
-        lines.append(f"best checkpoint: {run.path('best.pt')} (best {selection_split_name(cfg)} "
+        selection = protocol.selection_split_name(cfg)
+        lines.append(f"best checkpoint: {run.path('best.pt')} (best {selection} "
                      f"WAR {100 * best['war']:.2f}% at epoch {best['epoch']})")
     if os.path.isfile(run.path("last.pt")):
         lines.append(f"resumable checkpoint: {run.path('last.pt')}")
@@ -387,23 +467,3 @@ def files_summary(run: Run, best: Dict) -> str:
         lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
                      "AffectNet or FERPlus.)")
     return "\n".join(lines)
-
-
-def selection_split_name(cfg) -> str:
-    """The name of the set that chooses best.pt (see `mpafer.protocol`): the evaluation split,
-    or "heldout", the part of the training split that --val-fraction holds out (heldout.json);
-    in base-to-novel, its base-class images ("test base")."""
-    name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
-    return f"{name} base" if cfg.base_classes else name
-
-
-def stop_on_non_finite(run: Run, error: Exception):
-    """A NaN or inf loss: say where, what is kept and what to try, and exit with status 1."""
-    last = run.path("last.pt")
-    kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
-            else "no checkpoint was written")
-    run.log(f"stopping: {error}. Nothing was saved for this epoch; {kept}. Try a lower --lr, "
-            "--amp bf16/off, or --grad-clip.")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(1)

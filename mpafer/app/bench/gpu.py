@@ -42,10 +42,11 @@ from typing import List, Optional
 
 import torch
 
-from ..clip.model import SHAPES
-from ..labels import BASIC_CLASSES
-from ..prompts import load_descriptions
-from ..utils import ArgumentParser, atomic_write_json
+from ...clip.model import SHAPES
+from ...files import atomic_write_json
+from ...labels import BASIC_CLASSES
+from ...prompts import load_descriptions
+from ..cli import ArgumentParser
 from . import main as bench_main
 from . import measure
 from .flops import mpafer_step_flops

@@ -20,30 +20,24 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .checkpoint import load_checkpoint
-from .data import (
+from ..checkpoint import load_checkpoint
+from ..data import (
+    DATASETS,
     build_dataset,
     eval_transform,
     format_class_counts,
     require_readable,
     train_transform,
 )
-from .data.subsets import (
-    Subset,
-    class_subset,
-    few_shot_indices,
-    stratified_split,
-    subset_record,
-)
+from ..data.subsets import Subset, class_subset, few_shot_indices, stratified_split, subset_record
+from ..labels import match_classes, same_class
+from ..metrics import format_report, over_classes
+from ..progress import counted
+from ..prompts import hard_prompts_by_class, load_descriptions
+from ..zeroshot import ZeroShotClassifier
 from .demo import demo_datasets, description_aliases
 from .engine import evaluate, evaluate_base_novel
-from .expclip.zeroshot import ZeroShotClassifier
-from .labels import match_classes
-from .metrics import format_report
-from .prompts import hard_prompts_by_class, load_descriptions
-from .prototypes import prototype_key_fields, training_prototypes
-from .runs import selection_split_name
-from .utils import counted
+from .prototype_cache import prototype_key_fields, training_prototypes
 
 
 @dataclass
@@ -51,7 +45,7 @@ class Splits:
     """The sets of one run (see the module doc). `records` are the files that list a drawn
     subset (shots.json, heldout.json): (file name, its content). `read`: the splits as read from
     the data root, before any subset was drawn, by split name ({} for the demo), which identify
-    the data (`mpafer.runs.check_data`)."""
+    the data (`faults.check_data`)."""
     train: object
     selection: object
     test: Optional[object]  # None: the selection set is the test split
@@ -109,6 +103,14 @@ class Splits:
             lines.append(f"test: {counted(len(self.test), 'image')} (the best checkpoint, once "
                          "at the end)")
         return "\n".join(lines)
+
+
+def selection_split_name(cfg) -> str:
+    """The name of the set that chooses best.pt (see `mpafer.app.protocol`): the evaluation split,
+    or "heldout", the part of the training split that --val-fraction holds out (heldout.json);
+    in base-to-novel, its base-class images ("test base")."""
+    name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
+    return f"{name} base" if cfg.base_classes else name
 
 
 def dataset_options(cfg) -> Dict:
@@ -360,3 +362,81 @@ def report_best(run, model, splits: Splits, best: Dict):
         run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with {which} "
                 f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% (WAR on "
                 f"{splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} points)")
+
+
+# -- cross-dataset evaluation: a checkpoint on data whose classes differ from its own --------------
+
+CLASS_SETS = ("shared", "open")
+
+
+def class_set_data(dataset, trained: List[str], class_set: Optional[str], source: str):
+    """The data to evaluate `source` (a checkpoint trained on classes `trained`) on, as far as
+    its classes allow: all of it when the checkpoint knows every class (in any order:
+    predictions match by name); with --class-set shared, the images of the classes both have,
+    scored among those; with --class-set open, all of it, the classes the checkpoint was not
+    trained on scored through its learned context. A class the checkpoint spells otherwise
+    (Happy, happy: happiness) is the checkpoint's class."""
+    data = [next((t for t in trained if same_class(c, t)), c) for c in dataset.classnames]
+    if data != list(dataset.classnames):
+        dataset.classnames = tuple(data)
+    if set(data) == set(trained):
+        if class_set:
+            print(f"note: --class-set {class_set}: the data has the checkpoint's classes; "
+                  "nothing to leave out or add")
+        return dataset
+    if not class_set:
+        raise ValueError(f"{source} was trained on classes {trained}, but the requested data has "
+                         f"classes {data}: --class-set shared evaluates the classes both have, "
+                         "--class-set open scores the data's classes (the unseen ones through the "
+                         "learned context)")
+    if class_set == "open":
+        return dataset
+    shared = [c for c in data if c in trained]
+    if not shared:
+        raise ValueError(f"{source} and the data have no class in common")
+    kept = class_subset(dataset, shared)
+    left = [c for c in data if c not in trained]
+    print(f"--class-set shared: the {counted(len(shared), 'class')} both have "
+          f"({', '.join(shared)}); left out: {counted(len(dataset) - len(kept), 'image')} of "
+          f"{', '.join(left) or 'no class'}")
+    return kept
+
+
+def seen_and_unseen(metrics: Dict, seen_classes: List[str]) -> Dict:
+    """--class-set open: WAR and UAR over the images of the classes the checkpoint was trained
+    on ("seen") and of the others ("unseen"), from the predictions over all of them."""
+    seen = [c for c in metrics["classnames"] if c in seen_classes]
+    unseen = [c for c in metrics["classnames"] if c not in seen_classes]
+    return {"seen": over_classes(metrics, seen), "unseen": over_classes(metrics, unseen)}
+
+
+def format_seen_and_unseen(metrics: Dict) -> str:
+    lines = []
+    for part in ("seen", "unseen"):
+        m = metrics[part]
+        recall = ", ".join(f"{c} {100 * metrics['per_class_recall'][c]:.1f}%"
+                           for c in m["classes"] if c in metrics["per_class_recall"])
+        scores = (f"WAR {100 * m['war']:.2f}%  UAR {100 * m['uar']:.2f}%" if m["war"] is not None
+                  else "WAR n/a  UAR n/a")  # no image of these classes: nothing to score
+        lines.append(f"{part} classes ({counted(m['num_samples'], 'image')}): {scores}  "
+                     f"recall: {recall or 'n/a'}")
+    return "\n".join(lines)
+
+
+def evaluation_data(given: Dict, checkpoint: Optional[Dict]) -> Dict:
+    """eval.py's data where the command line leaves it open (`given`: its data flags, None where
+    not given): that of the run that trained `checkpoint` (its dataset, root, evaluation split,
+    folder class names; the demo's faces), else RAF-DB's test split. A run that chose best.pt on
+    a part of its training set (--val-fraction) is tested on test."""
+    trained = (checkpoint or {}).get("train_config", {})
+    demo = given["demo"] or (given["dataset"] is None and bool(trained.get("demo")))
+    same = not demo and given["dataset"] in (None, trained.get("dataset"))
+    run = trained if same and trained.get("dataset") in DATASETS else {}
+    split = "test" if run.get("val_fraction", 0) > 0 else run.get("eval_split", "test")
+    return {"demo": demo,
+            "demo_test_per_class": trained.get("demo_test_per_class", 60) if demo else 60,
+            "demo_class_words": trained.get("demo_class_words", "labels"),
+            "dataset": given["dataset"] or run.get("dataset", "rafdb"),
+            "data_root": given["data_root"] or run.get("data_root", "data/RAF-DB"),
+            "split": given["split"] or split,
+            "classnames": given["classnames"] or run.get("classnames", "")}

@@ -1,7 +1,6 @@
 """What train.py, eval.py and the benchmark share: devices, the mixed-precision policy, the
 model builder, the optimiser and its schedule, the training step and epoch, distributed
 setup, evaluation."""
-import contextlib
 import math
 import os
 import time
@@ -12,56 +11,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from .data.device_augment import as_model_input
-from .metrics import confusion_matrix, harmonic_mean, summarize
-from .model import MPAFER, MPAFERConfig, loss_names
-from .utils import ignore_interrupts, progress_bar, seed_everything
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-
-
-def resolve_device(name: Optional[str] = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# -- mixed precision: the one policy of the package -----------------------------------------
-# Weights always stay fp32; speed comes from autocast. On CUDA, bf16 where the GPU supports it,
-# else fp16 (then with a GradScaler, since fp16 gradients underflow); on CPU, fp32 unless bf16
-# is asked for. Code that autocasts picks its dtype with `resolve_amp` and enters `autocast`.
-
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for `--amp`: auto = bf16 on CUDA when supported, else fp16; off on CPU."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """`torch.autocast` in `dtype` on `device`; no autocast when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
-    """A GradScaler that scales only under fp16 autocast (a no-op for bf16 and fp32)."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def configure_cuda():
-    """Fast matmuls on CUDA: TF32 for fp32 leftovers, cuDNN autotuning for fixed-size inputs."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-
+from ..data.device_augment import as_model_input
+from ..metrics import confusion_matrix, harmonic_mean, summarize
+from ..model import MPAFER, MPAFERConfig, loss_names
+from ..precision import autocast, grad_scaler, resolve_device
+from ..progress import progress_bar
+from .faults import NonFiniteLoss, ignore_interrupts
+from .loader import seed_everything
 
 # -- the model and its training step ----------------------------------------------------------
 
@@ -186,11 +142,6 @@ class ShardSampler(Sampler):
 
 # -- a training epoch ----------------------------------------------------------------------------
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite. Every process sees the same synced sums, so under DDP
-    all of them raise it at the same step."""
-
-
 @dataclass
 class EpochResult:
     """What `train_epoch` did. `losses` holds the mean of each logged loss (`loss_names()`) over
@@ -199,7 +150,6 @@ class EpochResult:
     record where to continue."""
     losses: Optional[Dict[str, float]]
     seconds: float
-    stop_requested: bool  # some process was asked to stop (see `mpafer.runs.StopRequest`)
     steps_done: int
     sums: Optional[torch.Tensor] = None
     grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the epoch's first step
@@ -263,8 +213,8 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, *, e
             speed = (step - first_step) * len(images) * world / (time.time() - start)
             bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(names, mean)}, img_s=f"{speed:.0f}")
             if stop_asked and step < steps:
-                return EpochResult(None, time.time() - start, True, step, synced.cpu(), norms)
-    return EpochResult(dict(zip(names, mean)), time.time() - start, stop_asked, steps, None, norms)
+                return EpochResult(None, time.time() - start, step, synced.cpu(), norms)
+    return EpochResult(dict(zip(names, mean)), time.time() - start, steps, None, norms)
 
 
 # -- evaluation --------------------------------------------------------------------------------

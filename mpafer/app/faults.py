@@ -1,33 +1,64 @@
-"""What may stop a run, and how it goes on from there: Ctrl-C and SIGTERM in the middle of an
-epoch (`StopRequest`, `interrupted`), a run folder without room (`check_room`) or a write that
-fails (`write_failed`), data that moved or changed since the run began (`check_data`), a
-checkpoint that does not load (`other_checkpoints`). Each ends in one line that says what is
-kept and how to continue; nothing saved before is lost (every write is atomic, see
-`mpafer.utils.atomic_write`).
+"""Every stop of a run, and how it goes on from there: Ctrl-C and SIGTERM (`StopRequest`,
+`interrupted`, `Interrupted` for a stop at once, `ignore_interrupts` for DataLoader workers), a
+loss that became NaN or inf (`NonFiniteLoss`, `stop_on_non_finite`), a run folder without room
+(`check_room`) or a write that fails (`write_failed`), data that moved or changed since the run
+began (`check_data`), a checkpoint that does not load (`other_checkpoints`). Each ends in one
+line that says what is kept and how to continue; nothing saved before is lost (every write is
+atomic, see `mpafer.files.atomic_write`).
 """
 import dataclasses
 import io
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict
 
 import torch
+import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, make_checkpoint
-from .data.fingerprint import data_differences, data_record
-from .runs import Run, existing, recorded_settings, resume_command
-from .utils import SIGNAL_NAMES, Interrupted, WriteError, probe_write
+from ..checkpoint import load_checkpoint, make_checkpoint
+from ..files import WriteError, probe_write
+from .fingerprint import data_differences, data_record
 
 # -- Ctrl-C and SIGTERM ---------------------------------------------------------------------------
+
+# The stop signals a run handles, by the name its messages use, and the exit status of a
+# program they ended (128 + the signal's number, as shells report it).
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+EXIT_STATUS = {name: 128 + int(signum) for signum, name in SIGNAL_NAMES.items()}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that ends the program at once: Ctrl-C (exit status 130) or SIGTERM (143).
+    A KeyboardInterrupt, so that everything that cleans up after Ctrl-C does so after SIGTERM."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(SIGNAL_NAMES[signum])
+        self.name, self.status = SIGNAL_NAMES[signum], 128 + int(signum)
+
+
+def interrupt_at_once(signum, frame):
+    """A signal handler: SIGTERM (or Ctrl-C) ends the program now, as `Interrupted`."""
+    raise Interrupted(signum)
+
+
+def ignore_interrupts(worker_id: int = 0):
+    """DataLoader `worker_init_fn`: Ctrl-C goes to the whole process group, and schedulers
+    (SLURM) send SIGTERM to every process of a job; the workers ignore both, so the main process
+    alone decides how to stop (train.py saves a resumable last.pt, then shuts them down)."""
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before a kill) as a request to stop:
     while active (`with StopRequest() as stop:`), the first one only sets `requested` (and
     `name`, "Ctrl-C" or "SIGTERM", and `status`, the exit status: 130 or 143), and the training
     loop stops at the end of its step and saves. Another one (either signal) a second or more
-    later quits at once (`utils.Interrupted`, a KeyboardInterrupt); what is being written then
+    later quits at once (`Interrupted`, a KeyboardInterrupt); what is being written then
     stays whole, as every write is atomic. torchrun passes Ctrl-C and SIGTERM on to its workers,
     which may then see the same signal twice at once: that is still one request. Nothing is
     printed from the handler, which may interrupt a print; the loop says what it does."""
@@ -65,7 +96,30 @@ class StopRequest:
         return False
 
 
-def interrupted(run: Run, stop: StopRequest) -> str:
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite. Every process sees the same synced sums, so under DDP
+    all of them raise it at the same step."""
+
+
+def resume_command(run) -> str:
+    """The command that continues `run` (a `runs.Run`) exactly where it stopped."""
+    launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
+    return f"{launcher} train.py --resume {run.path('last.pt')}"
+
+
+def stop_on_non_finite(run, error: Exception):
+    """A NaN or inf loss: say where, what is kept and what to try, and exit with status 1."""
+    last = run.path("last.pt")
+    kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
+            else "no checkpoint was written")
+    run.log(f"stopping: {error}. Nothing was saved for this epoch; {kept}. Try a lower --lr, "
+            "--amp bf16/off, or --grad-clip.")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+def interrupted(run, stop: StopRequest) -> str:
     """Say how to continue a run that `stop` ended -> the signal's name ("Ctrl-C", "SIGTERM")."""
     run.log(f"interrupted ({stop.name}); continue exactly where it stopped with: "
             f"{resume_command(run)}")
@@ -74,7 +128,7 @@ def interrupted(run: Run, stop: StopRequest) -> str:
 
 # -- room to write, and writes that fail -----------------------------------------------------------
 
-def check_room(run: Run, model, descriptions):
+def check_room(run, model, descriptions):
     """Before the long part of a run (prototypes, the first epoch): check that the run folder
     takes a file as large as last.pt will be (the trainable tensors, their momentum, the
     records), so a full disk or quota fails now, in one line, not after an epoch."""
@@ -88,7 +142,7 @@ def check_room(run: Run, model, descriptions):
                 note="checked before training, nothing was lost: make room and run it again")
 
 
-def write_failed(run: Run, error: WriteError) -> WriteError:
+def write_failed(run, error: WriteError) -> WriteError:
     """A write of the run failed (disk full, ...): the error, saying what is kept and how to go
     on. Printed, not logged: log.txt may be the file that cannot be written."""
     last = run.path("last.pt")
@@ -100,7 +154,7 @@ def write_failed(run: Run, error: WriteError) -> WriteError:
 
 # -- the data, and the checkpoints, a run goes on from ---------------------------------------------
 
-def check_data(run: Run, dataset: str, splits: Dict[str, Any]):
+def check_data(run, dataset: str, splits: Dict[str, Any]):
     """Record the data the run trains on (`run.data`, kept in last.pt), and for a resumed run
     check that it is the data the run started with: the same files (relative to the data root),
     labels, crops and classes. So a dataset that moved resumes from its new root
@@ -110,16 +164,9 @@ def check_data(run: Run, dataset: str, splits: Dict[str, Any]):
     if run.resume is None or run.data is None:
         return
     cfg = run.cfg
-    recorded = run.resume["resume"].get("data")
-    before = recorded_settings(run.resume["train_config"]).get("data_root")
-    moved = os.path.abspath(before or "") != os.path.abspath(cfg.data_root)
-    if recorded is None:  # written before runs recorded their data: only the old root is known
-        if moved:
-            raise ValueError(
-                f"--data-root {cfg.data_root}: {cfg.resume} does not record the data it trained "
-                "on (an older checkpoint), so the data there cannot be checked against it; "
-                f"resume without --data-root (from {before}) once, or start a new run")
-        return
+    recorded = run.resume["resume"]["data"]
+    before = run.resume["train_config"]["data_root"]
+    moved = os.path.abspath(before) != os.path.abspath(cfg.data_root)
     differences = data_differences(recorded, run.data, splits)
     if differences:
         where = (f"--data-root {cfg.data_root}: the data there" if moved
@@ -136,8 +183,8 @@ def other_checkpoints(path: str) -> str:
     """For a checkpoint that does not load: which other checkpoint of its folder does, and what
     to do with it (a sentence to append to the error)."""
     folder = os.path.dirname(path) or "."
-    for other in existing(folder, ("last.pt", "best.pt")):
-        if os.path.abspath(other) == os.path.abspath(path):
+    for other in (os.path.join(folder, "last.pt"), os.path.join(folder, "best.pt")):
+        if not os.path.isfile(other) or os.path.abspath(other) == os.path.abspath(path):
             continue
         try:
             checkpoint = load_checkpoint(other)

@@ -29,9 +29,9 @@ tiny model, forward and backward.
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from ..clip.tokenizer import get_tokenizer
-from ..model import MPAFERConfig
-from ..prompts import build_hard_prompts, soft_prompt_tokens
+from ...clip.tokenizer import get_tokenizer
+from ...model import MPAFERConfig
+from ...prompts import build_hard_prompts, soft_prompt_tokens
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..clip.model import LayerNorm, QuickGELU, model_config
+from ...clip.model import LayerNorm, QuickGELU, model_config
 
 
 class ReferenceBlock(nn.Module):

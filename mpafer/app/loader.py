@@ -6,14 +6,23 @@ an epoch from (seed, epoch), and the sampler can skip the batches an interrupted
 did, so a resumed run repeats an uninterrupted one exactly. Workers are not persistent: each
 epoch starts them afresh from (seed, epoch); persistent workers would carry a stale epoch.
 """
+import random
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..utils import ignore_interrupts, seed_everything
-from .sampler import ClassBalancedSampler, ResumableSampler
-from .transforms import SeededAugmentation
+from ..data.sampler import ClassBalancedSampler, ResumableSampler
+from ..data.transforms import SeededAugmentation
+from .faults import ignore_interrupts
+
+
+def seed_everything(seed: int):
+    """Seed Python's, NumPy's and torch's global random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class TrainLoader:

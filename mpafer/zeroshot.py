@@ -1,0 +1,84 @@
+"""Zero-shot classification with a frozen CLIP, which both methods use: MPA-FER's zero-shot
+baseline (its hard prompts) and Exp-CLIP (its prompt sets, through its projection head)."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip.tokenizer import tokenize
+
+
+class ZeroShotClassifier(nn.Module):
+    """Zero-shot classification with CLIP: prompts per class, logits = `scale * cos`, a class's
+    logit the mean of its prompts' logits. With `head` (e.g. Exp-CLIP's projection), both sides
+    are projected by it before the cosine.
+
+    `prompts`: {class: [prompt, ...]} (e.g. `mpafer.expclip.build_prompts(set, classnames)` or
+    MPA-FER's hard prompts, `mpafer.prompts.hard_prompts_by_class`); `classnames` gives the
+    logits' order. Text side (once, at construction, no grad): every prompt of every class ->
+    `encode_text` -> head -> L2-normalise, cached as a buffer `[P, E]` (class-major order).
+    Image side: `[B, 3, H, W]` (or video `[B, T, 3, H, W]`: the *projected* frame features are
+    averaged before normalising) -> `encode_image` -> head -> L2-normalise. Logits per prompt
+    are `scale * cos` (scale = 100); a class's logit is the mean of its prompts' logits.
+    Returns `[B, C]` in the order of `classnames`.
+
+    The head and the cosine run in fp32 even under `torch.autocast` (only the CLIP towers are
+    autocast). The cached text features are frozen: build a new classifier after changing
+    the head. The head is moved to the CLIP model's device.
+    """
+
+    def __init__(self, clip_model, classnames: Sequence[str], prompts: Dict[str, List[str]],
+                 head: Optional[nn.Module] = None, scale: float = 100.0):
+        super().__init__()
+        device = clip_model.logit_scale.device
+        self.clip_model, self.scale = clip_model, float(scale)
+        self.head = head.to(device) if head is not None else None
+        self.classnames = list(classnames)
+        missing = [c for c in self.classnames if not prompts.get(c)]
+        if missing:
+            raise ValueError(f"no prompts for classes {missing}")
+        self.prompts = {c: list(prompts[c]) for c in self.classnames}
+        texts = [p for c in self.classnames for p in self.prompts[c]]
+        counts = torch.tensor([len(self.prompts[c]) for c in self.classnames])
+        owner = torch.repeat_interleave(torch.arange(len(self.classnames)), counts)  # [P]
+        # Logit averaging as one matrix: weights[p, c] = 1 / n_c if prompt p belongs to class c.
+        weights = F.one_hot(owner, len(self.classnames)).float() / counts[owner, None]  # [P, C]
+        self.register_buffer("prompt_weights", weights.to(device), persistent=False)
+        self.register_buffer("text_features", self._encode_texts(texts, device), persistent=False)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: List[str], device, batch_size: int = 256) -> torch.Tensor:
+        tokens = tokenize(texts, context_length=self.clip_model.context_length)  # [P, L]
+        chunks = [self.clip_model.encode_text(tokens[i:i + batch_size].to(device)).float()
+                  for i in range(0, len(texts), batch_size)]
+        return self._project(torch.cat(chunks))  # [P, E]
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP features `[..., D]` -> head (if any), in fp32 -> L2-normalised `[..., E]`."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            if self.head is not None:
+                features = self.head(features)
+            return F.normalize(features, dim=-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` or video `[B, T, 3, H, W]` -> normalised (projected) features `[B, E]`."""
+        if images.dim() == 5:
+            B, T = images.shape[:2]
+            feats = self.clip_model.encode_image(images.flatten(0, 1)).float()  # [B*T, D]
+            with torch.autocast(feats.device.type, enabled=False):
+                if self.head is not None:
+                    feats = self.head(feats)  # [B*T, E]
+                feats = feats.view(B, T, -1).mean(dim=1)  # [B, E]: average projected frames
+            return F.normalize(feats, dim=-1)
+        if images.dim() != 4:
+            raise ValueError(f"expected images [B, 3, H, W] or video [B, T, 3, H, W], "
+                             f"got shape {tuple(images.shape)}")
+        return self._project(self.clip_model.encode_image(images).float())  # [B, E]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image_features = self.encode_images(images)  # [B, E]
+        with torch.autocast(image_features.device.type, enabled=False):
+            per_prompt = self.scale * image_features @ self.text_features.t()  # [B, P]
+            return per_prompt @ self.prompt_weights  # [B, C]: mean logit over each class's prompts
