@@ -30,7 +30,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mpafer.app.ablation import run_ablation
+from mpafer.app.ablation import run_ablation, run_seeds
 from mpafer.app.cli import run_cli
 from mpafer.app.config import RESUME_MAY_CHANGE, format_settings
 from mpafer.app.engine import (
@@ -88,6 +88,8 @@ def main(argv=None):
     cfg, model_cfg, _ = run_config(argv, __doc__)
     if cfg.ablation:
         return run_ablation(cfg, sys.argv[1:] if argv is None else list(argv), main)
+    if cfg.seeds:  # the configuration once per seed, then the report over them
+        return run_seeds(cfg, sys.argv[1:] if argv is None else list(argv), main)
     run = start_run(cfg, RESUME_MAY_CHANGE)
     run.log((DEMO_BANNER + "\n" if cfg.demo else "") + f"settings (all in "
             f"{run.path('config.json')}):\n{format_settings(run_record(run, model_cfg))}")

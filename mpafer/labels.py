@@ -9,3 +9,31 @@ CANONICAL_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "di
                      "contempt")
 # The 7 basic expressions: 7-class sets (RAF-DB, AffectNet-7) drop contempt.
 BASIC_CLASSES = CANONICAL_CLASSES[:7]
+# The usual other names of the canonical classes (the widely shared FER2013 folders' names,
+# adjectives), in any case.
+SYNONYMS = {"angry": "anger", "happy": "happiness", "sad": "sadness", "surprised": "surprise",
+            "fearful": "fear", "disgusted": "disgust", "contemptuous": "contempt"}
+
+
+def canonical_name(name: str) -> str:
+    """The canonical class `name` stands for, in any case or by a usual synonym ('Happy' ->
+    'happiness', 'angry' -> 'anger'); any other name as given (without surrounding spaces)."""
+    key = name.strip().lower()
+    key = SYNONYMS.get(key, key)
+    return key if key in CANONICAL_CLASSES else name.strip()
+
+
+def same_class(a: str, b: str) -> bool:
+    """Whether two class names mean the same class: equal once mapped to canonical names, in
+    any case."""
+    return canonical_name(a).lower() == canonical_name(b).lower()
+
+
+def match_classes(names, classnames) -> tuple:
+    """Each of `names` as `classnames` spells it (`same_class`) -> (the matched names, in the
+    order of `names`; those that match none)."""
+    matched, unknown = [], []
+    for name in names:
+        found = [c for c in classnames if same_class(name, c)]
+        (matched if found else unknown).append(found[0] if found else name)
+    return matched, unknown

@@ -35,13 +35,15 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
 
 def over_classes(metrics: Dict, classes: Sequence[str]) -> Dict:
     """WAR and UAR of the images of `classes` only, from the predictions over every class (a
-    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall."""
+    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall;
+    both None when those classes have no image (there is nothing to score, not 0%)."""
     rows = [metrics["classnames"].index(c) for c in classes]
     confusion = metrics["confusion"]
     support = [sum(confusion[r]) for r in rows]
     recalls = [confusion[r][r] / n for r, n in zip(rows, support) if n]
-    return {"war": sum(confusion[r][r] for r in rows) / max(sum(support), 1),
-            "uar": sum(recalls) / len(recalls) if recalls else 0.0,
+    scored = sum(support) > 0
+    return {"war": sum(confusion[r][r] for r in rows) / sum(support) if scored else None,
+            "uar": sum(recalls) / len(recalls) if scored else None,
             "num_samples": sum(support), "classes": list(classes)}
 
 
@@ -55,7 +57,8 @@ def format_report(metrics: Dict) -> str:
     names = metrics["classnames"]
     width = max(len(n) for n in names) + 2
     lines = [f"WAR {100 * metrics['war']:.2f}%  UAR {100 * metrics['uar']:.2f}%  "
-             f"({metrics['num_samples']} images)", "per-class recall:"]
+             f"({metrics['num_samples']} image{'' if metrics['num_samples'] == 1 else 's'})",
+             "per-class recall:"]
     for name in names:
         if name in metrics["per_class_recall"]:
             lines.append(f"  {name:<{width}}{100 * metrics['per_class_recall'][name]:6.2f}%  "

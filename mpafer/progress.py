@@ -2,6 +2,7 @@
 file, CI, a scheduler), where tqdm's carriage-return frames would pile up."""
 import sys
 import time
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -54,3 +55,11 @@ def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, **options)
     return PlainProgress(iterable, desc, **options)
+
+
+def counted(n: int, noun: str, plural: Optional[str] = None) -> str:
+    """`n` and the noun in the number it takes, for what a run prints: "1 image", "2 images",
+    "3 classes" (`plural` where adding -s or -es does not make it)."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {plural or noun + ('es' if noun.endswith(('s', 'x', 'sh')) else 's')}"

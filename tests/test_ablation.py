@@ -62,9 +62,34 @@ def test_a_flag_given_wins_over_a_rows_switch_and_says_so(tmp_path, clip_file, m
 
 def test_ablation_flags_are_checked(capsys):
     train = load_script("train")
-    for flags, expected in ((["--seeds", "1,2"], "--seeds must be used with --ablation"),
+    for flags, expected in ((["--seeds", "1,2", "--resume", "x/last.pt"],
+                             "--seeds starts new runs"),
                             (["--ablation", "--seeds", "1,x"], "--seeds must be seeds"),
                             (["--ablation", "--resume", "x/last.pt"], "--ablation starts new runs")):
         with pytest.raises(SystemExit):
             train.run_config(["--demo", *flags])
         assert expected in capsys.readouterr().err, flags
+
+
+def test_seeds_without_ablation_run_the_configuration_per_seed_then_report(tmp_path, clip_file,
+                                                                           capsys):
+    """`--shots 2 --seeds 1,2`: the given configuration once per seed, each in its own folder
+    with its own draw of shots, then the report over both: one row, n = 2, mean of the two."""
+    out = tmp_path / "fewshot"
+    args = list(quick_demo(out, clip_file, "--epochs", "1")[1:])
+    (summary,) = load_script("train").main([*args, "--shots", "2", "--seeds", "1,2",
+                                            "--top-k", "4"])
+    draws = []
+    for seed in (1, 2):
+        run = out / f"seed-{seed}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["train"]["seed"] == seed and config["train"]["shots"] == 2
+        shots = json.loads((run / "shots.json").read_text())
+        assert shots["num_images"] == 2 * 7
+        draws.append([item["index"] for item in shots["items"]])
+    assert draws[0] != draws[1]  # each seed draws its own shots
+    wars = [read_jsonl(out / f"seed-{s}" / "metrics.jsonl")[-1]["war"] for s in (1, 2)]
+    assert summary["n"] == 2 and summary["seeds"] == [1, 2]
+    assert summary["war"]["mean"] == pytest.approx(sum(wars) / 2)
+    table = (out / "report.md").read_text()
+    assert "| 2 | 1, 2 |" in table and table in capsys.readouterr().out

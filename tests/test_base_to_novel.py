@@ -1,6 +1,7 @@
 """Generalisation protocols: base-to-novel training (CoCoOp's base / novel / HM) and cross-dataset
 evaluation of a checkpoint on other classes (`eval.py --class-set shared|open`)."""
 import json
+import shlex
 
 import pytest
 import torch
@@ -14,7 +15,14 @@ from mpafer.clip.tokenizer import tokenize
 from mpafer.files import atomic_save
 from mpafer.metrics import harmonic_mean
 from mpafer.model import MPAFER, MPAFERConfig
-from tests.helpers import load_script, quick_demo, read_jsonl, tiny_clip, tiny_state_dict
+from tests.helpers import (
+    load_script,
+    quick_demo,
+    read_jsonl,
+    run,
+    tiny_clip,
+    tiny_state_dict,
+)
 
 CLASSES = ["happiness", "sadness", "anger", "fear"]
 
@@ -121,6 +129,22 @@ def test_best_pt_is_chosen_on_base_classes_only(demo_b2n):
     assert load_checkpoint(str(demo_b2n / "best.pt"))["epoch"] == chosen["epoch"]
     test = json.loads((demo_b2n / "test.json").read_text())
     assert test["epoch"] == chosen["epoch"] and test["chosen_on"] == "test base"
+
+
+def test_the_printed_evaluation_command_works_as_printed(demo_b2n):
+    """The command the run prints to evaluate best.pt, run as printed: the base classes are the
+    seen ones, the novel ones are scored through the learned context."""
+    log = (demo_b2n / "log.txt").read_text()
+    (command,) = [line.split("evaluate it with: ", 1)[1] for line in log.splitlines()
+                  if "evaluate it with: " in line]
+    python, script, *args = shlex.split(command)
+    assert (python, script) == ("python", "eval.py")
+    out = demo_b2n.parent / "printed.json"
+    run(script, *args, "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["seen"]["classes"] == ["neutral", "happiness", "surprise", "sadness"]
+    assert result["unseen"]["classes"] == ["anger", "disgust", "fear"]
+    assert result["num_samples"] == 7 * 4
 
 
 def test_base_classes_are_checked_in_one_line(tmp_path, capsys):

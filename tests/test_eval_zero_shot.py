@@ -190,3 +190,23 @@ def test_a_checkpoint_is_the_main_result_beside_zero_shot(tmp_path, setup):
     for key in ("war", "uar", "confusion", "per_class_recall"):
         assert payload[key] == mine[key], key
     assert drawn[0]["confusion"] == mine["confusion"] and zero_shot["num_samples"] == 3
+
+
+def test_expclip_evaluation_loads_the_clip_its_head_records(tmp_path, setup, capsys):
+    """A head saved with the CLIP it was trained on (name, SHA-256, activation) is evaluated on
+    that CLIP without --clip: nothing is downloaded, no activation note."""
+    from mpafer.expclip import ProjectionHead, save_head
+    loaded, _ = clip.load(setup["clip"], device="cpu", activation="quick_gelu")
+    head = ProjectionHead(32, 48)
+    path = str(tmp_path / "expclip_head.pth")
+    save_head(head, path, {"clip_name": setup["clip"], "clip_sha256": loaded.checkpoint_sha256,
+                           "clip_activation": "quick_gelu"})
+    report = tmp_path / "recorded.json"
+    load_eval_script().main([
+        "--method", "expclip", "--head", path, "--prompts", "photo", "--dataset", "folder",
+        "--data-root", str(setup["root"] / "faces"), "--workers", "0",
+        "--cache-dir", str(tmp_path / "empty-cache"), "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert result["clip"] == setup["clip"] and result["clip_activation"] == "quick_gelu"
+    assert "does not say which activation" not in capsys.readouterr().out
+    assert not (tmp_path / "empty-cache").exists()  # nothing downloaded

@@ -31,7 +31,7 @@ from mpafer.expclip import (
     train_head,
     train_head_from_file,
 )
-from mpafer.expclip.__main__ import main
+from mpafer.expclip.__main__ import main, parse_args
 from mpafer.expclip.teacher import (
     INSTRUCTION,
     extract_teacher_features,
@@ -39,7 +39,7 @@ from mpafer.expclip.teacher import (
     teacher_features_from_model,
 )
 from mpafer.labels import CANONICAL_CLASSES
-from tests.helpers import tiny_clip, tiny_state_dict
+from tests.helpers import run, tiny_clip, tiny_state_dict
 
 D = 32  # tiny CLIP's embed_dim
 
@@ -114,8 +114,16 @@ def test_head_width_mismatch_names_the_clip_models(tmp_path, model):
         load_head(path, model)
     message = str(err.value)
     assert path in message and "768" in message and "ViT-L/14" in message
-    assert "tiny-test-clip" in message and "embed_dim 32" in message
-    with pytest.raises(ValueError, match="embed_dim 32"):
+    assert "tiny-test-clip" in message and "embed_dim is 32" in message
+    # A width no OpenAI model has: the message says what fits in plain words.
+    torch.save({"mlp.weight": torch.zeros(4096, 64)}, path)
+    with pytest.raises(ValueError) as err:
+        load_head(path, model)
+    message = str(err.value)
+    assert "does not fit the CLIP tiny-test-clip" in message
+    assert "takes 64-d CLIP features" in message and "embed_dim is 64" in message
+    assert "no OpenAI CLIP model has width" not in message and "fits no" not in message
+    with pytest.raises(ValueError, match="embed_dim is 32"):
         expclip_classifier(model, ["happiness"], "class", head=ProjectionHead(512, 16))
 
 
@@ -561,3 +569,63 @@ def test_teacher_logic_on_a_tiny_blip2(tmp_path):
     activation = model.config.text_config.dense_act_fn
     assert f"eval mode, T5 feed-forward activation {activation}" in preprocess
     assert "no normalisation" in preprocess
+
+
+# ------------------------------------------------------------------------------ rough edges
+
+def test_teacher_without_transformers_is_one_line_naming_the_install(tmp_path):
+    """`python -m mpafer.expclip teacher` where transformers cannot be imported: one line that
+    says `pip install transformers`, before the feature file is even read."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from mpafer.expclip.__main__ import main\n"
+            "from mpafer.app.cli import run_cli\n"
+            f"sys.argv = ['mpafer.expclip', 'teacher', '--features', {str(tmp_path / 'no.pt')!r}]\n"
+            "run_cli(main)\n")
+    result = run("-c", code, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install transformers" in lines[0], result.stderr
+
+
+def test_cache_stops_on_an_unreadable_image_in_one_line_or_skips_it(tmp_path, model,
+                                                                    image_folder, capsys):
+    bad = os.path.join(image_folder, "happy", "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    clip_path = str(tmp_path / "tiny_clip.pt")
+    torch.save(tiny_state_dict(seed=3), clip_path)
+    feats = str(tmp_path / "feats.pt")
+    args = ["cache", "--clip", clip_path, "--clip-activation", "quick_gelu", "--images",
+            image_folder, "--out", feats, "--workers", "0", "--device", "cpu"]
+    with pytest.raises(ValueError) as error:
+        main(args)
+    message = str(error.value)
+    assert "\n" not in message and bad in message and "--skip-bad-images" in message
+    assert not os.path.exists(feats)
+    main([*args, "--skip-bad-images"])
+    data = load_features(feats, require_teacher=False)
+    assert data["paths"] == ["happy/b.png", "happy/sub/a.png", "z.PNG"]
+    assert data["skipped"] == ["happy/broken.png"] and data["clip_features"].shape == (3, D)
+    assert "skipping 1 unreadable image(s) of 4" in capsys.readouterr().out
+
+
+def test_cache_options_read_like_the_other_commands(tmp_path):
+    args = ["cache", "--clip", "x.pt", "--images", "faces", "--out", "f.pt"]
+    parsed = parse_args(args)
+    assert parsed.workers == min(4, os.cpu_count() or 1)
+    assert parse_args([*args, "--cache-dir", "somewhere"]).cache_dir == "somewhere"
+    with pytest.raises(SystemExit):
+        parse_args([*args, "--download-root", "weights"])
+
+
+def test_a_batch_larger_than_the_feature_file_shrinks_with_a_note(tmp_path, capsys):
+    """The recipe's batch of 512 on a file of 84 images trains on batches of 84, with a note;
+    the head's metadata records the batch that ran."""
+    feats = str(tmp_path / "feats.pt")
+    f, t = planted(84, seed=1)
+    torch.save({"clip_features": f, "paths": [f"{i}.png" for i in range(84)],
+                "teacher_features": t}, feats)
+    metadata = train_head_from_file(feats, str(tmp_path / "head.pth"), batch_size=512, epochs=1)
+    assert metadata["hparams"]["batch_size"] == 84
+    printed = capsys.readouterr().out
+    assert "fewer than --batch-size 512; training with batches of 84" in printed

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,10 +12,27 @@ from mpafer.app import report
 from mpafer.app.config import RESULT_NEUTRAL, RESUME_MAY_CHANGE, TrainConfig
 
 
-def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k=16, **train):
+def data_record(files, dataset="rafdb", classes=("happiness", "fear")):
+    """last.pt's record of the data a run read (as `data.fingerprint.data_record` writes it),
+    by hand: one split per {name: item hash}."""
+    return {"dataset": dataset, "classes": list(classes),
+            "splits": {name: {"images": 2, "class_counts": [1, 1], "sha256": sha,
+                              "items": torch.zeros(2, dtype=torch.int32)}
+                       for name, sha in files.items()}}
+
+
+RAFDB = data_record({"train": "a" * 64, "test": "b" * 64})
+
+
+def make_run(folder, seed, shots, wars, reported=None, source="test.json", top_k=16,
+             data=RAFDB, **train):
     """A run folder as train.py leaves it: config.json, metrics.jsonl (one epoch not evaluated),
-    and the reported result in test.json or in best.pt's metrics."""
+    the reported result in test.json or in best.pt's metrics, and last.pt with the record of the
+    data it read (`data`; None: no last.pt)."""
     folder.mkdir(parents=True)
+    if data is not None:
+        torch.save({"format": "mpafer-checkpoint/2", "resume": {"data": data}},
+                   folder / "last.pt")
     config = {"train": {"dataset": "rafdb", "method": "mpafer", "seed": seed, "shots": shots,
                         "out": str(folder), "data_root": "data/RAF-DB", "workers": 4,
                         "eval_split": "heldout" if source == "test.json" else "test", **train},
@@ -129,3 +147,56 @@ def test_base_to_novel_runs_get_base_novel_and_hm_columns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| base WAR (%) | novel WAR (%) | HM (%) |" in out
     assert "| 70.00 ± 14.14 | 50.00 ± 14.14 |" in out
+
+
+def test_runs_on_different_data_of_one_dataset_are_different_rows(tmp_path, capsys):
+    """Two folder datasets (another root, other files) are two rows, each named by its root
+    folder; the same data at another root (moved) is the same row. No label holds a 64-character
+    hash."""
+    fer = data_record({"train": "1" * 64, "test": "2" * 64}, dataset="folder")
+    other = data_record({"train": "3" * 64, "test": "4" * 64}, dataset="folder")
+    folders = [make_run(tmp_path / "fer-1", 1, 0, [0.5], (0.50, 0.4), data=fer,
+                        dataset="folder", data_root="/data/FER2013"),
+               make_run(tmp_path / "fer-2", 2, 0, [0.5], (0.60, 0.4), data=fer,
+                        dataset="folder", data_root="/moved/FER2013"),
+               make_run(tmp_path / "other-1", 1, 0, [0.5], (0.30, 0.2), data=other,
+                        dataset="folder", data_root="/data/jaffe")]
+    fer_group, other_group = report.main(folders)
+    assert fer_group["n"] == 2 and fer_group["war"]["mean"] == pytest.approx(0.55)
+    assert other_group["n"] == 1 and other_group["war"]["mean"] == pytest.approx(0.30)
+    assert fer_group["label"] == "data=folder:FER2013"
+    assert other_group["label"] == "data=folder:jaffe"
+    out = capsys.readouterr().out
+    assert "| data=folder:FER2013 | 2 | 1, 2 | 55.00 ± 7.07 |" in out
+    assert not re.search(r"[0-9a-f]{64}", out)
+    (alone,) = report.main(folders[:2])  # one group: named by its data and method
+    assert alone["label"] == "data=folder:FER2013 method=mpafer"
+
+
+def test_different_data_under_one_folder_name_gets_a_short_hash(tmp_path):
+    """Two datasets whose roots have the same name are told apart by 8 characters of their
+    identity; runs without a data record (no last.pt) by their root."""
+    first = data_record({"train": "5" * 64, "test": "6" * 64}, dataset="folder")
+    second = data_record({"train": "7" * 64, "test": "8" * 64}, dataset="folder")
+    folders = [make_run(tmp_path / "a", 1, 0, [0.5], (0.5, 0.4), data=first, dataset="folder",
+                        data_root="/x/faces"),
+               make_run(tmp_path / "b", 1, 0, [0.5], (0.6, 0.4), data=second, dataset="folder",
+                        data_root="/y/faces"),
+               make_run(tmp_path / "c", 1, 0, [0.5], (0.7, 0.4), data=None, dataset="folder",
+                        data_root="/z/faces")]
+    labels = [s["label"] for s in report.main(folders)]
+    assert len(labels) == 3 and len(set(labels)) == 3
+    assert all(re.fullmatch(r"data=folder:faces#[0-9a-f]{8}", label) for label in labels)
+
+
+def test_a_hash_in_a_label_is_shortened(tmp_path):
+    """Runs that differ only in their descriptions (identified by SHA-256) are labelled by its
+    first 8 characters."""
+    folders = []
+    for i, sha in enumerate(("c" * 64, "d" * 64)):
+        folder = make_run(tmp_path / f"r{i}", 1, 0, [0.5], (0.5, 0.4), source="best.pt")
+        torch.save({"format": "mpafer-checkpoint/2", "descriptions_sha256": sha,
+                    "metrics": {"war": 0.5, "uar": 0.4}}, tmp_path / f"r{i}" / "best.pt")
+        folders.append(folder)
+    labels = [s["label"] for s in report.main(folders)]
+    assert labels == ["descriptions=cccccccc", "descriptions=dddddddd"]

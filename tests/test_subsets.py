@@ -151,7 +151,8 @@ def test_report_summarizes_the_seeds_of_real_runs(rafdb_runs, tmp_path, capsys):
     assert group["war"]["values"] == [t["war"] for t in tests]
     assert group["war"]["mean"] == pytest.approx(sum(t["war"] for t in tests) / 2)
     assert group["reported"] == [f"best.pt on test (chosen on {HELD_OUT})"]
-    assert "| dataset=rafdb method=mpafer | 2 | 1, 2 |" in capsys.readouterr().out
+    # One group, named by its data (dataset:root folder).
+    assert "| data=rafdb:raf | 2 | 1, 2 |" in capsys.readouterr().out
 
 
 def test_few_shot_smaller_than_a_batch_trains_with_a_batch_that_fits(train_script, tmp_path,

@@ -1,6 +1,8 @@
-"""The paper's ablation ladder over seeds: one training run per (row, seed), then one table.
+"""The paper's ablation ladder over seeds: one training run per (row, seed), then one table;
+and any one configuration over seeds (`--seeds` alone, `run_seeds`).
 
     python train.py --demo --ablation --seeds 1,2,3
+    python train.py --demo --shots 2 --seeds 1,2
     python train.py --dataset rafdb --data-root data/RAF-DB --ablation --seeds 1,2,3 \
                     --out runs/ablation
 
@@ -89,6 +91,28 @@ def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> 
           f"{', '.join(map(str, seeds))}):\n{text}\nwritten to "
           f"{os.path.join(cfg.out, 'ablation.md')} and ablation.json")
     return table
+
+
+def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> List[Dict]:
+    """--seeds without --ablation: `train(argv)` (train.py's main) once per seed, each run in
+    `<out>/seed-<s>`, then `mpafer.report`'s table over them: printed, and written as
+    `<out>/report.md` -> the report's summaries."""
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    given = without_flags(argv, OWN_FLAGS)
+    folders = []
+    for seed in seeds:
+        out = os.path.join(cfg.out, f"seed-{seed}")
+        print(f"\n=== seed {seed} of {', '.join(map(str, seeds))} -> {out}")
+        train([*given, "--seed", str(seed), "--out", out])
+        folders.append(out)
+    runs = [report.read_run(folder) for folder in folders]
+    summaries = report.summarize_groups([r for r in runs if r is not None])
+    text = report.markdown_table(summaries)
+    path = os.path.join(cfg.out, "report.md")
+    atomic_write(path, lambda f: f.write((text + "\n").encode("utf-8")))
+    print(f"\nover seeds {', '.join(map(str, seeds))}:\n{text}\nwritten to {path} (again: "
+          f"python -m mpafer.report {os.path.join(cfg.out, 'seed-*')})")
+    return summaries
 
 
 def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:

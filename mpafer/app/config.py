@@ -93,7 +93,9 @@ class TrainConfig:
                 "+ prototype alignment, + soft-hard alignment, full) for each of --seeds, each "
                 "run in a folder under --out, then write one table (ablation.md, .json)"})
     seeds: str = field(default="", metadata={
-        "help": "with --ablation: the seeds, comma-separated (default: --seed alone)"})
+        "help": "the seeds, comma-separated: train the configuration once per seed (each run "
+                "in <out>/seed-<s>), then print mpafer.report's table over them (report.md); "
+                "with --ablation, every row per seed (default: --seed alone)"})
     demo_ablation: bool = field(default=False, metadata={
         "help": "the same as --demo --ablation"})
     demo_train_per_class: int = field(default=200, metadata={
@@ -154,7 +156,6 @@ class TrainConfig:
              "global or per-group"),
             ("seeds", all(part.strip().isdigit() for part in self.seeds.split(","))
              if self.seeds else True, "seeds >= 0, comma-separated (e.g. 1,2,3)"),
-            ("seeds", not self.seeds or self.ablation, "used with --ablation"),
             ("demo_class_words", self.demo_class_words in ("labels", "moods"), "labels or moods"),
             ("base_classes", all(c.strip() for c in self.base_classes.split(","))
              and len({c.strip() for c in self.base_classes.split(",")})
@@ -268,6 +269,8 @@ def parse_flags(argv=None, description: str = None):
         train.update(demo=True, ablation=True)
     if train.get("ablation") and train.get("resume"):
         parser.error("--ablation starts new runs; resume one row's run with --resume alone")
+    if train.get("seeds") and train.get("resume"):
+        parser.error("--seeds starts new runs; resume one seed's run with --resume alone")
     return parser, train, model
 
 

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..clip.loading import activation_record_path, recorded_activation
 from ..clip.model import CLIP
 from ..clip.tokenizer import tokenize
 from ..data import train_transform
-from ..files import atomic_save
+from ..files import atomic_save, atomic_write_json
 from ..prompts import crop_to_longest
 from .synthetic import (
     CAPTION_TEMPLATES,
@@ -178,8 +179,13 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
 
 
 def demo_clip_path(download_root: str = "weights", log=print) -> str:
-    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet."""
+    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet; its
+    activation (QuickGELU) is recorded beside it, so that every use of the file knows it."""
     path = os.path.join(download_root, DEMO_CLIP_FILE)
     if not os.path.isfile(path):
         pretrain_demo_clip(path, log=log)
+    if recorded_activation(path) is None:  # (a file cached before the record was written)
+        # Recorded beside the file, which stays as it is (checkpoints name it by its SHA-256):
+        # any use of it, e.g. --clip weights/demo-tiny-clip-v2.pt, loads it without a note.
+        atomic_write_json({"activation": "quick_gelu"}, activation_record_path(path))
     return path

@@ -8,6 +8,7 @@ A record per split: its number of images, per-class counts, the SHA-256 of its i
 which only serve to say which files differ.
 """
 import hashlib
+import json
 from collections import Counter
 from typing import Dict, List, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.base import dataset_fingerprint
+from ..progress import counted
 
 SHOWN = 3  # files named in a message, at most
 
@@ -70,7 +72,7 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
     order."""
     parts = []
     if found["images"] != recorded["images"]:
-        parts.append(f"{found['images']} images (the run's: {recorded['images']})")
+        parts.append(f"{counted(found['images'], 'image')} (the run's: {recorded['images']})")
     if found["class_counts"] != recorded["class_counts"]:
         parts.append(f"{found['class_counts']} per class (the run's: "
                      f"{recorded['class_counts']})")
@@ -83,8 +85,18 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
             new.append(line.split("\t")[0])
     if new:
         shown = ", ".join(new[:SHOWN]) + (", ..." if len(new) > SHOWN else "")
-        parts.append(f"{len(new)} of its {found['images']} images are not the run's (another "
-                     f"file, label or crop): {shown}")
+        parts.append(f"{len(new)} of its {counted(found['images'], 'image')} are not the run's "
+                     f"(another file, label or crop): {shown}")
     if not parts:
         parts.append("the same images in another order")
     return f"{name}: " + ", ".join(parts)
+
+
+def data_identity(record: Dict) -> str:
+    """SHA-256 of what decides whether two `data_record`s are the same data: the dataset, its
+    classes and each split's item hash (what `data_differences` compares), not where it lies.
+    Runs with the same identity trained on the same data, wherever it was."""
+    splits = sorted(record["splits"].items())
+    deciding = {"dataset": record["dataset"], "classes": list(record["classes"]),
+                "splits": {name: split["sha256"] for name, split in splits}}
+    return hashlib.sha256(json.dumps(deciding, sort_keys=True).encode("utf-8")).hexdigest()

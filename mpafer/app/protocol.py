@@ -30,7 +30,9 @@ from ..data import (
     train_transform,
 )
 from ..data.subsets import Subset, class_subset, few_shot_indices, stratified_split, subset_record
+from ..labels import match_classes, same_class
 from ..metrics import format_report, over_classes
+from ..progress import counted
 from ..prompts import hard_prompts_by_class, load_descriptions
 from ..zeroshot import ZeroShotClassifier
 from .demo import demo_datasets, description_aliases
@@ -85,20 +87,21 @@ class Splits:
         """shots.json, heldout.json in the run folder: which images the seeded draws chose."""
         for name, record in self.records:
             run.write_json(name, record)
-            run.log(f"{record['protocol']}: {record['num_images']} images, listed in "
+            run.log(f"{record['protocol']}: {counted(record['num_images'], 'image')}, listed in "
                     f"{run.path(name)}")
 
     def describe(self) -> str:
-        lines = [f"train: {len(self.train)} images\n{format_class_counts(self.train)}"]
+        lines = [f"train: {counted(len(self.train), 'image')}\n{format_class_counts(self.train)}"]
         if self.base:
             novel = [c for c in self.all_classnames if c not in self.base]
             lines.append(f"base-to-novel: training and choosing best.pt on the base classes "
                          f"{', '.join(self.base)}; the novel classes {', '.join(novel)} are seen "
                          "only in the test split")
-        lines.append(f"{self.selection_name}: {len(self.selection)} images (evaluated every "
-                     "epoch, chooses the best checkpoint)")
+        lines.append(f"{self.selection_name}: {counted(len(self.selection), 'image')} (evaluated "
+                     "every epoch, chooses the best checkpoint)")
         if self.test is not None:
-            lines.append(f"test: {len(self.test)} images (the best checkpoint, once at the end)")
+            lines.append(f"test: {counted(len(self.test), 'image')} (the best checkpoint, once "
+                         "at the end)")
         return "\n".join(lines)
 
 
@@ -158,15 +161,17 @@ def read_splits(cfg) -> Splits:
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:
-    """The base classes --base-classes names (None: not base-to-novel); every one must be a
+    """The base classes --base-classes names (None: not base-to-novel), as the data spells them
+    (a name matches in any case or by a usual synonym: happy is happiness); every one must be a
     class of the data, and at least one class must be left novel."""
     if not flag:
         return None
-    base = [c.strip() for c in flag.split(",")]
-    unknown = [c for c in base if c not in classnames]
+    base, unknown = match_classes([c.strip() for c in flag.split(",")], classnames)
     if unknown:
         raise ValueError(f"--base-classes: {', '.join(unknown)} not a class of the data (its "
                          f"classes: {', '.join(classnames)})")
+    if len(set(base)) < len(base):
+        raise ValueError(f"--base-classes names one class twice (as {', '.join(base)})")
     if len(set(base)) == len(classnames):
         raise ValueError("--base-classes names every class of the data: leave at least one "
                          "class out as novel")
@@ -204,11 +209,12 @@ def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: b
     per_process = (-(-(samples_per_epoch or train_size) // world) if balanced
                    else train_size // world)
     if per_process < 1:
-        raise ValueError(f"the training set ({train_size} images) is smaller than the {world} "
-                         "processes that would share it")
+        raise ValueError(f"the training set ({counted(train_size, 'image')}) is smaller than "
+                         f"the {world} processes that would share it")
     if batch_size <= per_process:
         return batch_size, None
-    return per_process, (f"note: the training set gives each process {per_process} images, "
+    return per_process, (f"note: the training set gives each process "
+                         f"{counted(per_process, 'image')}, "
                          f"fewer than --batch-size {batch_size}; training with batches of "
                          f"{per_process}")
 
@@ -263,24 +269,29 @@ def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_opt
     """The reference points of a run, measured on the set it reports before any training: the
     model with its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3;
     a class's logit is the mean over its descriptions' prompts), the baseline prompt learning
-    has to beat (None when the descriptions do not cover the classes). In base-to-novel both
-    are measured on base, novel and all classes.
-    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None}."""
+    has to beat. When the descriptions do not cover the classes, a run whose hard prompts need
+    none (--hard-prompt-template 1 or 2) is measured with those; otherwise there is no baseline
+    (None). In base-to-novel both are measured on base, novel and all classes.
+    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None,
+    "hard_prompt_template": the template of the zero-shot prompts}."""
     device = model.clip.logit_scale.device
     measured = {"random_prompts": evaluate_reported(model.eval().with_classes, splits, device,
                                                     amp, **evaluate_options),
-                "zero_shot_hard_prompts": None}
+                "zero_shot_hard_prompts": None, "hard_prompt_template": 3}
     names = splits.all_classnames if splits.base else splits.classnames
     try:
         descriptions = {**(descriptions or {}), **load_descriptions(
             [c for c in names if c not in (descriptions or {})],
             aliases=splits.description_aliases)}
     except ValueError:  # classes the shipped descriptions do not cover (--dataset folder)
-        return measured
+        if model.config.hard_prompt_template == 3:
+            return measured
+        measured["hard_prompt_template"] = model.config.hard_prompt_template  # no descriptions
+    template = measured["hard_prompt_template"]
 
     def zero_shot(classnames):
         return ZeroShotClassifier(model.clip, classnames,
-                                  hard_prompts_by_class(classnames, descriptions, 3)).eval()
+                                  hard_prompts_by_class(classnames, descriptions, template)).eval()
 
     measured["zero_shot_hard_prompts"] = evaluate_reported(zero_shot, splits, device, amp,
                                                            desc="zero-shot", **evaluate_options)
@@ -309,9 +320,11 @@ def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
     measured = baselines(model, splits, descriptions, run.amp,
                          batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
     zero_shot = measured["zero_shot_hard_prompts"]
+    template = measured["hard_prompt_template"]
+    which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
     run.log(f"before training, on {splits.reported_name}: random prompts WAR "
             f"{100 * measured['random_prompts']['war']:.2f}%; " + (
-                f"zero-shot CLIP with the hard prompts WAR {100 * zero_shot['war']:.2f}%  UAR "
+                f"zero-shot CLIP with {which} WAR {100 * zero_shot['war']:.2f}%  UAR "
                 f"{100 * zero_shot['uar']:.2f}%" if zero_shot else
                 "no zero-shot baseline (the descriptions do not cover these classes)")
             + f"  (chance {100 / len(splits.all_classnames):.1f}%)")
@@ -333,17 +346,20 @@ def report_best(run, model, splits: Splits, best: Dict):
         run.write_json("test.json", {"epoch": best["epoch"], "chosen_on": splits.selection_name,
                                      **test})
         trained = test["war"]
-    zero_shot = None
+    zero_shot, template = None, 3
     if os.path.isfile(run.path("baseline.json")):
         with open(run.path("baseline.json")) as f:
-            zero_shot = json.load(f)["zero_shot_hard_prompts"]
+            baseline = json.load(f)
+        zero_shot, template = baseline["zero_shot_hard_prompts"], baseline.get(
+            "hard_prompt_template", 3)
     if splits.base and splits.test is not None:
         rows = {"zero-shot CLIP, hard prompts": zero_shot} if zero_shot else {}
         run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, best.pt "
                 f"chosen on {splits.selection_name} images):\n"
                 + format_base_to_novel({**rows, "MPA-FER, trained on base": test}))
     if zero_shot:
-        run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with the hard prompts "
+        which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
+        run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with {which} "
                 f"{100 * zero_shot['war']:.2f}% -> trained MPA-FER {100 * trained:.2f}% (WAR on "
                 f"{splits.reported_name}, {100 * (trained - zero_shot['war']):+.2f} points)")
 
@@ -358,8 +374,11 @@ def class_set_data(dataset, trained: List[str], class_set: Optional[str], source
     its classes allow: all of it when the checkpoint knows every class (in any order:
     predictions match by name); with --class-set shared, the images of the classes both have,
     scored among those; with --class-set open, all of it, the classes the checkpoint was not
-    trained on scored through its learned context."""
-    data = list(dataset.classnames)
+    trained on scored through its learned context. A class the checkpoint spells otherwise
+    (Happy, happy: happiness) is the checkpoint's class."""
+    data = [next((t for t in trained if same_class(c, t)), c) for c in dataset.classnames]
+    if data != list(dataset.classnames):
+        dataset.classnames = tuple(data)
     if set(data) == set(trained):
         if class_set:
             print(f"note: --class-set {class_set}: the data has the checkpoint's classes; "
@@ -377,8 +396,9 @@ def class_set_data(dataset, trained: List[str], class_set: Optional[str], source
         raise ValueError(f"{source} and the data have no class in common")
     kept = class_subset(dataset, shared)
     left = [c for c in data if c not in trained]
-    print(f"--class-set shared: the {len(shared)} classes both have ({', '.join(shared)}); "
-          f"left out: {len(dataset) - len(kept)} images of {', '.join(left) or 'no class'}")
+    print(f"--class-set shared: the {counted(len(shared), 'class')} both have "
+          f"({', '.join(shared)}); left out: {counted(len(dataset) - len(kept), 'image')} of "
+          f"{', '.join(left) or 'no class'}")
     return kept
 
 
@@ -396,8 +416,10 @@ def format_seen_and_unseen(metrics: Dict) -> str:
         m = metrics[part]
         recall = ", ".join(f"{c} {100 * metrics['per_class_recall'][c]:.1f}%"
                            for c in m["classes"] if c in metrics["per_class_recall"])
-        lines.append(f"{part} classes ({m['num_samples']} images): WAR {100 * m['war']:.2f}%  "
-                     f"UAR {100 * m['uar']:.2f}%  recall: {recall}")
+        scores = (f"WAR {100 * m['war']:.2f}%  UAR {100 * m['uar']:.2f}%" if m["war"] is not None
+                  else "WAR n/a  UAR n/a")  # no image of these classes: nothing to score
+        lines.append(f"{part} classes ({counted(m['num_samples'], 'image')}): {scores}  "
+                     f"recall: {recall or 'n/a'}")
     return "\n".join(lines)
 
 

@@ -6,8 +6,11 @@ training curves of each run.
 
 A run folder is what train.py writes: config.json, metrics.jsonl, best.pt, and test.json when
 best.pt was chosen on another split and then evaluated once on the test split. Runs are grouped
-by their recorded configuration, ignoring the seed and the fields that do not change the
-result (output folder, data and weight paths, workers, device, logging). Each run contributes:
+by their recorded configuration and the data they trained on, ignoring the seed and the fields
+that do not change the result (output folder, weight paths, workers, device, logging). The data
+is told apart by the record a resume checks (last.pt: its files, labels and classes), not by the
+dataset's name or where it lies: two folder datasets are two rows, a dataset that moved is one.
+Each run contributes:
 
 - its reported result: test.json if there is one (best.pt on the test split), else best.pt's
   own evaluation (on the split that chose it, named in the table);
@@ -17,11 +20,12 @@ The standard deviation is the sample standard deviation (n - 1) over the group's
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..checkpoint import load_checkpoint
 from ..files import atomic_write_json
@@ -29,6 +33,7 @@ from ..model import loss_names
 from .cli import ArgumentParser, run_cli
 from .config import RESULT_NEUTRAL
 from .figures import save_png, training_curves
+from .fingerprint import data_identity
 
 # Recorded training fields that do not tell runs apart: those that do not change what a run
 # computes, and the seed, over which a group's mean and spread are taken.
@@ -56,14 +61,41 @@ def read_json(path: str) -> Dict:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None) -> Dict:
+def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None,
+                      data: Optional[str] = None) -> Dict:
     """The fields that define what a run computes: flat {name: value}, ignored fields dropped;
-    a run's descriptions are identified by content (from best.pt), not by path."""
+    a run's descriptions are identified by content (from best.pt), not by path, and its data by
+    `data` (`run_data`'s identity), not by the dataset's name or path."""
     key = {k: v for k, v in config.get("train", {}).items() if k not in IGNORED}
     key.update(config.get("model", {}))
     if descriptions_sha256:
         key["descriptions_sha256"] = descriptions_sha256
+    if data:
+        key["data"] = data
     return key
+
+
+def run_data(folder: str, config: Dict) -> Tuple[Optional[str], str]:
+    """-> (what identifies the data a run trained on, a readable name for it). The identity is
+    that of the data record last.pt keeps for a resume to check (`app.fingerprint`); a run
+    without one (older, or no last.pt) falls back to (a hash of) its data root. The demo's faces
+    are drawn from its settings: no identity beyond them (None)."""
+    train = config.get("train", {})
+    if train.get("demo"):
+        return None, "synthetic-demo"
+    root = str(train.get("data_root", ""))
+    name = f"{train.get('dataset')}:{os.path.basename(os.path.normpath(root)) or root}"
+    last = os.path.join(folder, "last.pt")
+    if os.path.isfile(last):
+        try:
+            record = load_checkpoint(last).get("resume", {}).get("data")
+        except (ValueError, RuntimeError, OSError) as error:
+            print(f"note: {folder}: its data is told by its root, {root} ({error})",
+                  file=sys.stderr)
+            record = None
+        if record:
+            return data_identity(record), name
+    return hashlib.sha256(f"root:{os.path.abspath(root)}".encode("utf-8")).hexdigest(), name
 
 
 def read_run(folder: str) -> Optional[Dict]:
@@ -87,8 +119,10 @@ def read_run(folder: str) -> Optional[Dict]:
     if reported is None and not evaluated:
         print(f"note: skipping {folder}: nothing evaluated yet", file=sys.stderr)
         return None
+    data, data_name = run_data(folder, config)
     return {"folder": folder, "seed": config.get("train", {}).get("seed"),
-            "key": configuration_key(config, best and best.get("descriptions_sha256")),
+            "key": configuration_key(config, best and best.get("descriptions_sha256"), data),
+            "data_name": data_name,
             "reported": reported and reported_numbers(reported),
             "source": source, "last": evaluated[-1] if evaluated else None,
             "epochs": records[-1]["epoch"] if records else 0}
@@ -125,7 +159,8 @@ def summarize_groups(runs: Sequence[Dict]) -> List[Dict]:
         reported = [r["reported"] for r in members if r["reported"]]
         last = [r["last"] for r in members if r["last"]]
         summaries.append({
-            "config": members[0]["key"], "n": len(members),
+            "config": members[0]["key"], "data_name": members[0]["data_name"],
+            "n": len(members),
             "seeds": [r["seed"] for r in members], "runs": [r["folder"] for r in members],
             "reported": sorted({r["source"] for r in members}),
             "war": mean_std([r["war"] for r in reported]),
@@ -137,15 +172,38 @@ def summarize_groups(runs: Sequence[Dict]) -> List[Dict]:
     return summaries
 
 
+# Characters of a hash shown in a label: enough to tell a few groups apart.
+SHORT_HASH = 8
+
+
 def label_groups(summaries: List[Dict]):
-    """Name each group by the fields whose values differ between groups (its dataset and
-    method when there is only one group)."""
+    """Name each group by the fields whose values differ between groups (its data, else its
+    dataset, and its method when there is only one group). Hashes are shortened; the data is
+    named by its dataset and root folder (`run_data`), with a short hash only where two groups'
+    data share that name."""
     keys = sorted({k for s in summaries for k in s["config"]})
     differing = [k for k in keys
                  if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
+    data_names: Dict[str, set] = {}
     for s in summaries:
-        shown = differing or [k for k in ("dataset", "method") if k in s["config"]]
-        s["label"] = " ".join(f"{k}={s['config'].get(k)}" for k in shown)
+        data_names.setdefault(s["data_name"], set()).add(s["config"].get("data"))
+    for s in summaries:
+        own = ("data" if "data" in s["config"] else "dataset", "method")  # its data by name
+        shown = differing or [k for k in own if k in s["config"]]
+        s["label"] = " ".join(label_part(k, s, len(data_names[s["data_name"]]) > 1)
+                              for k in shown)
+
+
+def label_part(key: str, summary: Dict, ambiguous: bool) -> str:
+    """`key=value` of a group's label: its data by name (+ a short hash when `ambiguous`),
+    any SHA-256 by its first characters."""
+    value = summary["config"].get(key)
+    if key == "data":
+        suffix = f"#{value[:SHORT_HASH]}" if ambiguous and value else ""
+        return f"data={summary['data_name']}{suffix}"
+    if key.endswith("sha256") and isinstance(value, str):
+        return f"{key[:-len('_sha256')] or key}={value[:SHORT_HASH]}"
+    return f"{key}={value}"
 
 
 def percent(stat: Dict) -> str:

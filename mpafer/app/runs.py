@@ -21,6 +21,7 @@ from .. import clip
 from ..checkpoint import check_compatible, clip_activation, load_checkpoint, make_checkpoint
 from ..files import WriteError, append_bytes, atomic_save, atomic_write, atomic_write_json
 from ..precision import configure_cuda, resolve_amp
+from ..progress import counted
 from . import protocol
 from .config import (
     RESUME_MAY_CHANGE,
@@ -331,8 +332,8 @@ def already_finished(run: Run) -> bool:
     if (run.resume is None or run.resume["resume"].get("step")
             or run.resume["epoch"] < run.cfg.epochs):
         return False
-    run.log(f"{run.cfg.resume}: this run has finished its {run.cfg.epochs} epochs; nothing to "
-            f"do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
+    run.log(f"{run.cfg.resume}: this run has finished its {counted(run.cfg.epochs, 'epoch')}; "
+            f"nothing to do (--epochs N, N > {run.cfg.epochs}, trains it longer)")
     run.log(files_summary(run, run.resume["resume"]["best"]))
     return True
 
@@ -457,7 +458,11 @@ def files_summary(run: Run, best: Dict) -> str:
     if logs:
         lines.append(f"logs and settings: {', '.join(logs)}")
     if os.path.isfile(run.path("best.pt")):
-        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}")
+        # A base-to-novel checkpoint knows the base classes only; its data has the novel ones
+        # too, which --class-set open scores through the learned context (seen = base).
+        open_set = " --class-set open" if cfg.base_classes else ""
+        lines.append(f"evaluate it with: python eval.py --checkpoint {run.path('best.pt')}"
+                     f"{open_set}")
     if cfg.demo:
         lines.append("(DEMO on synthetic data: see the README for training on RAF-DB, "
                      "AffectNet or FERPlus.)")

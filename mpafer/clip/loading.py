@@ -8,6 +8,7 @@ by `safetensors_reader` (no dependency). Hugging Face transformers folders and m
 `transformers_format`.
 """
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -272,6 +273,32 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return load_plain_state_dict(path, "CLIP checkpoint")
 
 
+def activation_record_path(path: str) -> str:
+    """Where the activation of a CLIP file is recorded, when it is: `<path>.json`."""
+    return path + ".json"
+
+
+def recorded_activation(path: str) -> Optional[str]:
+    """The MLP activation recorded beside a CLIP file (`activation_record_path`: a JSON object
+    `{"activation": "quick_gelu" | "gelu"}`, e.g. the demo CLIP's), or None."""
+    record = activation_record_path(path)
+    if not os.path.isfile(record):
+        return None
+    try:
+        with open(record, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{record}: not a readable activation record ({error}); fix it or "
+                         "remove it") from None
+    activation = data.get("activation") if isinstance(data, dict) else None
+    if activation is None:
+        return None
+    try:
+        return check_activation(activation)
+    except ValueError as error:
+        raise ValueError(f"{record}: {error}") from None
+
+
 def unknown_activation_note(path: str) -> str:
     return (f"note: {path} does not say which activation its CLIP was trained with; using "
             f"{ACTIVATION_NAMES['quick_gelu']} (OpenAI's). For an open_clip model trained with "
@@ -319,9 +346,10 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     download_root: None means `default_weights_dir()`.
     activation: the MLP activation, "quick_gelu" or "gelu", which a state dict does not show.
         OpenAI's models (named, or a TorchScript archive) are QuickGELU; a transformers model's
-        is `hidden_act` in its config.json. For other files None means QuickGELU, with a
-        one-line note that the file did not say; open_clip models without `-quickgelu` in their
-        name were trained with "gelu".
+        is `hidden_act` in its config.json. For other files None means the activation recorded
+        beside the file (`<file>.json`, `recorded_activation`; the demo CLIP has one), else
+        QuickGELU, with a one-line note that the file did not say; open_clip models without
+        `-quickgelu` in their name were trained with "gelu".
 
     Unlike OpenAI's, the model is fp32 (also on GPU), in eval mode, with every parameter frozen.
     Its `checkpoint_name`, `checkpoint_sha256` (of its weight files) and `activation` say which
@@ -347,7 +375,7 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
             activation = chosen_activation(name, activation, config["activation"],
                                            f"hidden_act in {config['path']}")
         openai_format = name in _MODELS or is_torchscript_archive(path)  # QuickGELU
-        known = activation or ("quick_gelu" if openai_format else None)
+        known = activation or ("quick_gelu" if openai_format else recorded_activation(path))
         model = build_model(state_dict, known or "quick_gelu").to(device)
         if config is not None:
             check_heads(model, config, config["path"])

@@ -5,20 +5,20 @@ Class folders are the canonical names in any case, or their usual synonyms (`FOL
 the widely shared FER2013 image folders use angry, disgust, fear, happy, neutral, sad,
 surprise); they are reported under the canonical names, in the canonical order. Numbered
 folders (0/, 1/, ...) and other names are an error asking for the names: `--classnames a,b,c`
-(the folder names, in label order; `classnames=[...]` in Python) names any classes, including
-ones the shipped LLM descriptions do not cover (then train without template-3 hard prompts,
+(the folder names, in label order; `classnames=[...]` in Python) names any classes (a name
+that stands for a canonical class, e.g. happy, is that class), including ones the shipped LLM
+descriptions do not cover (then train without template-3 hard prompts,
 e.g. `--hard-prompt-template 2`, or give `--descriptions FILE`).
 """
 import os
 import warnings
 
-from ..labels import CANONICAL_CLASSES
+from ..labels import CANONICAL_CLASSES, SYNONYMS, canonical_name
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 
-# The usual folder names for the canonical classes (FER2013's folders, adjectives), any case.
-FOLDER_SYNONYMS = {"angry": "anger", "happy": "happiness", "sad": "sadness",
-                   "surprised": "surprise", "fearful": "fear", "disgusted": "disgust",
-                   "contemptuous": "contempt"}
+# The usual folder names for the canonical classes, any case: the synonyms every class name
+# maps through (`labels.canonical_name`: --classnames, --base-classes, the class sets).
+FOLDER_SYNONYMS = SYNONYMS
 EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classnames a,b,c in the "
                  "scripts (the folder names, in label order), classnames=[...] in Python")
 
@@ -33,8 +33,7 @@ FOLDER_LAYOUT = """\
 
 def canonical_class(folder_name):
     """The canonical class a folder name stands for ('Happy' -> 'happiness'), or None."""
-    name = folder_name.strip().lower()
-    name = FOLDER_SYNONYMS.get(name, name)
+    name = canonical_name(folder_name)
     return name if name in CANONICAL_CLASSES else None
 
 
@@ -66,12 +65,18 @@ class FolderDataset(FERDataset):
             classnames = tuple(c for c in CANONICAL_CLASSES if c in found)
             folders = self._class_folders(split_dir)
         else:
-            classnames = tuple(classnames)
-            unknown = sorted(set(_subfolders(split_dir)) - set(classnames))
+            given = tuple(classnames)
+            unknown = sorted(set(_subfolders(split_dir)) - set(given))
             if unknown:
                 raise ValueError(f"{split_dir}: folder(s) {', '.join(unknown)} are not in "
-                                 f"classnames {list(classnames)}")
-            folders = {c: c for c in classnames if os.path.isdir(os.path.join(split_dir, c))}
+                                 f"classnames {list(given)}")
+            # A folder named for a canonical class (any case, or a synonym) is that class.
+            classnames = tuple(canonical_name(c) for c in given)
+            if len(set(classnames)) < len(given):
+                raise ValueError(f"classnames {list(given)} name one class twice (as "
+                                 f"{list(classnames)}); give each class once")
+            folders = {c: folder for c, folder in zip(classnames, given)
+                       if os.path.isdir(os.path.join(split_dir, folder))}
         self.classnames = classnames
 
         files, targets = [], []

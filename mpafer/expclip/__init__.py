@@ -38,6 +38,7 @@ from .head import (
     check_head_fits,
     load_head,
     read_head_metadata,
+    recorded_clip,
     save_head,
 )
 from .prompt_sets import (
@@ -56,5 +57,6 @@ __all__ = [
     "add_teacher_features", "build_prompts", "cache_image_features", "check_head_fits",
     "expclip_classifier",
     "info_nce", "input_transform", "is_prompt_file", "list_images", "load_features", "load_head",
-    "load_prompt_file", "read_head_metadata", "save_head", "train_head", "train_head_from_file",
+    "load_prompt_file", "read_head_metadata", "recorded_clip", "save_head", "train_head",
+    "train_head_from_file",
 ]

@@ -17,8 +17,14 @@ from .. import clip
 from ..app.cli import ArgumentParser, run_cli
 from ..app.runs import Logger, clear_run_files, folder_conflict, new_run_folder
 from ..files import atomic_write, atomic_write_json
+from ..progress import counted
 from .features import add_teacher_features, cache_image_features, load_features
-from .teacher import DEFAULT_TEACHER, INSTRUCTION, extract_teacher_features
+from .teacher import (
+    DEFAULT_TEACHER,
+    INSTRUCTION,
+    extract_teacher_features,
+    require_transformers,
+)
 from .train import train_head_from_file
 
 # The paper's recipe: SGD, 5 epochs, batch 512, lr 1e-3, momentum 0.9, weight decay 1e-4.
@@ -29,12 +35,17 @@ def cache(args):
     model, _ = clip.load(args.clip, device=args.device, download_root=args.cache_dir,
                          activation=args.clip_activation)
     data = cache_image_features(model, args.images, args.out, normalize=args.normalize,
-                                batch_size=args.batch_size, num_workers=args.workers)
-    print(f"wrote {args.out}: {len(data['paths'])} images, clip_features "
+                                batch_size=args.batch_size, num_workers=args.workers,
+                                skip_bad_images=args.skip_bad_images)
+    print(f"wrote {args.out}: {counted(len(data['paths']), 'image')}, clip_features "
           f"{tuple(data['clip_features'].shape)} ({data['clip_name']}; {data['preprocess']})")
 
 
 def teacher(args):
+    try:  # the one thing this step needs beyond mpafer: say so before reading anything
+        require_transformers()
+    except ImportError as error:
+        raise RuntimeError(str(error)) from None  # one line (run_cli), not a traceback
     data = load_features(args.features, require_teacher=False)
     root = args.images if args.images is not None else data.get("root", "")
     paths = [os.path.join(root, p) for p in data["paths"]]
@@ -66,7 +77,8 @@ def train(args):
     hparams = {k: getattr(args, k) for k in RECIPE}
     metadata = train_head_from_file(args.features, os.path.join(out, "expclip_head.pth"),
                                     device=args.device, log=log, **hparams)
-    atomic_write_json({"train": {"features": args.features, **hparams}},
+    # (the batch that ran: a batch larger than the file shrinks to it)
+    atomic_write_json({"train": {"features": args.features, **metadata["hparams"]}},
                       os.path.join(out, "config.json"))
     lines = "".join(json.dumps(h) + "\n" for h in metadata["history"])
     atomic_write(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines.encode()))
@@ -76,6 +88,7 @@ def train(args):
 def parse_args(argv=None):
     """The command and its options, checked (nothing runs)."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_workers = min(4, os.cpu_count() or 1)  # more readers than cores only compete
     parser = ArgumentParser(prog="python -m mpafer.expclip",
                                      description=__doc__.split("\n")[0],
                                      epilog="Evaluate a head with: python eval.py --method "
@@ -92,7 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--normalize", action="store_true",
                    help="CLIP mean/std normalisation (off by default, as for the released heads)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=default_workers,
+                   help="image reading processes (default: min(4, CPU cores))")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out, with a note (default: they are an error)")
     p.add_argument("--device", default=default_device)
     p.add_argument("--cache-dir", default=clip.default_weights_dir(),
                    help="CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's "
@@ -109,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--normalize", action="store_true",
                    help="normalise the teacher's input (the official code fed it un-normalised)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=default_workers,
+                   help="image reading processes (default: min(4, CPU cores))")
     p.add_argument("--device", default=default_device)
     p.set_defaults(run=teacher)
 

@@ -13,11 +13,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..clip.loading import safe_load
-from ..data import IMAGE_EXTENSIONS, load_image
+from ..data import IMAGE_EXTENSIONS, load_image, unreadable_images
 from ..data.transforms import describe_expclip_transform, expclip_transform
 from ..files import atomic_save
 from ..precision import autocast, resolve_amp
-from ..progress import progress_bar
+from ..progress import counted, progress_bar
 
 FEATURES_FORMAT = "mpafer.expclip.features/1"
 
@@ -44,8 +44,29 @@ class ImageFiles(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def load(self, i):
+        """The RGB PIL image of file `i`, untransformed."""
+        return load_image(os.path.join(self.root, self.paths[i]))
+
     def __getitem__(self, i):
-        return self.transform(load_image(os.path.join(self.root, self.paths[i])))
+        return self.transform(self.load(i))
+
+
+def readable_only(root: str, paths: Sequence[str], skip_bad_images: bool = False,
+                  workers: int = 4) -> List[str]:
+    """`paths` (relative to `root`), every one checked to decode first, so that one bad file is
+    one line before anything runs: an error naming it, or with `skip_bad_images` the readable
+    ones only, with a note of how many were left out."""
+    bad = unreadable_images(ImageFiles(paths, None, root), workers)
+    if not bad:
+        return list(paths)
+    if not skip_bad_images:
+        raise ValueError(f"{len(bad)} of {counted(len(paths), 'image')} cannot be read, first: "
+                         f"{bad[0][1]}; replace them, or leave unreadable images out with "
+                         "--skip-bad-images (skip_bad_images=True in Python)")
+    left_out = {index for index, _ in bad}
+    print(f"note: skipping {len(bad)} unreadable image(s) of {len(paths)}, first: {bad[0][1]}")
+    return [p for i, p in enumerate(paths) if i not in left_out]
 
 
 def resolve_images(images: Union[str, Sequence[str]]):
@@ -66,18 +87,21 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
                          transform: Optional[Callable] = None, normalize: bool = False,
                          batch_size: int = 128, num_workers: int = 4,
                          device: Optional[Union[str, torch.device]] = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, skip_bad_images: bool = False) -> dict:
     """Run every image through the frozen CLIP image tower and write a feature file.
 
     images: a folder (searched recursively for jpg/jpeg/png/bmp/webp; labels and sub-folder
-    names are ignored) or a list of image paths. transform: default Exp-CLIP's input
+    names are ignored) or a list of image paths; every image is checked to decode first (an
+    unreadable one is an error naming it, or, with `skip_bad_images`, left out with a note and
+    listed under `skipped`). transform: default Exp-CLIP's input
     (`Resize((r, r))` squash + `ToTensor`, no normalisation; `normalize=True` adds CLIP's).
     Autocast on CUDA as `mpafer.app.engine.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
     CPU. The model is moved to `device` (default: where it is).
 
     The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:
     `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder, else as given),
-    `root`, `clip_name`, `clip_sha256`, `clip_activation`, `preprocess`, `created`, `format`.
+    `skipped` (the unreadable files left out), `root`, `clip_name`, `clip_sha256`,
+    `clip_activation`, `preprocess`, `created`, `format`.
     Teacher features are added to the same file later (`add_teacher_features`). Returns the dict.
     """
     device = torch.device(device) if device is not None else clip_model.logit_scale.device
@@ -86,7 +110,9 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
     preprocess = (repr(transform) if transform is not None
                   else describe_expclip_transform(resolution, normalize))
     transform = transform or expclip_transform(resolution, normalize=normalize)
-    root, paths = resolve_images(images)
+    root, listed = resolve_images(images)
+    paths = readable_only(root, listed, skip_bad_images, num_workers)
+    kept = set(paths)
     loader = DataLoader(ImageFiles(paths, transform, root), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     features = []
@@ -99,6 +125,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
         "format": FEATURES_FORMAT,
         "clip_features": torch.cat(features),  # [N, D]
         "paths": paths,
+        "skipped": [p for p in listed if p not in kept],
         "root": root,
         "clip_name": clip_model.checkpoint_name or "",
         "clip_sha256": clip_model.checkpoint_sha256 or "",
@@ -119,7 +146,7 @@ def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name
     data = load_features(path, require_teacher=False)
     n = data["clip_features"].shape[0]
     if teacher_features.dim() != 2 or teacher_features.shape[0] != n:
-        raise ValueError(f"{path} holds {n} images but the teacher features have shape "
+        raise ValueError(f"{path} holds {counted(n, 'image')} but the teacher features have shape "
                          f"{tuple(teacher_features.shape)} (expected [{n}, E])")
     if paths is not None and list(paths) != data["paths"]:
         raise ValueError(f"the teacher features' image paths are not those of {path} "

@@ -18,8 +18,9 @@ LOGIT_SCALE = 100.0   # the `s` of the paper (CLIP's exp(logit_scale) for the re
 
 
 def clip_models_with_width(width: int) -> str:
+    """OpenAI's CLIP models of embedding width `width`, in words ("" when none is)."""
     names = CLIP_MODELS_BY_WIDTH.get(width)
-    return " / ".join(names) if names else f"no OpenAI CLIP model has width {width}"
+    return f"OpenAI's {' or '.join(names)}" if names else ""
 
 
 def clip_name(clip_model) -> str:
@@ -53,11 +54,13 @@ class ProjectionHead(nn.Module):
 def check_head_fits(head: ProjectionHead, clip_model, source: str = "the Exp-CLIP head"):
     """A clear error when the head's input width is not the CLIP model's embedding width."""
     if head.in_dim != clip_model.embed_dim:
+        known = clip_models_with_width(head.in_dim)
         raise ValueError(
-            f"{source} takes {head.in_dim}-d CLIP features (mlp.weight [{head.out_dim}, "
-            f"{head.in_dim}]; it fits {clip_models_with_width(head.in_dim)}), but the CLIP model "
-            f"{clip_name(clip_model)} has embed_dim {clip_model.embed_dim} "
-            f"({clip_models_with_width(clip_model.embed_dim)})")
+            f"{source} does not fit the CLIP {clip_name(clip_model)}: the head takes "
+            f"{head.in_dim}-d CLIP features (mlp.weight [{head.out_dim}, {head.in_dim}]), but "
+            f"this CLIP's embed_dim is {clip_model.embed_dim}. Load a CLIP whose embed_dim is "
+            f"{head.in_dim}{', e.g. ' + known if known else ''}, best the one the head was "
+            "trained on (eval.py: --clip)")
 
 
 def head_metadata_path(path: str) -> str:
@@ -72,6 +75,14 @@ def read_head_metadata(path: str) -> dict:
         return {}
     with open(meta, encoding="utf-8") as f:
         return json.load(f)
+
+
+def recorded_clip(path: str) -> dict:
+    """The CLIP a head was trained on, as its sidecar records it: `{"name", "sha256",
+    "activation"}` (None where unknown, e.g. for a released head)."""
+    metadata = read_head_metadata(path)
+    return {"name": metadata.get("clip_name"), "sha256": metadata.get("clip_sha256"),
+            "activation": metadata.get("clip_activation")}
 
 
 def load_head(path: str, clip_model=None, check_clip: bool = True) -> ProjectionHead:
@@ -98,10 +109,7 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
     if clip_model is not None:
         check_head_fits(head, clip_model, source=f"the Exp-CLIP head {path}")
         if check_clip:
-            metadata = read_head_metadata(path)
-            trained = {"name": metadata.get("clip_name"), "sha256": metadata.get("clip_sha256"),
-                       "activation": metadata.get("clip_activation")}
-            check_same_clip(trained, clip_model, f"the Exp-CLIP head {path}",
+            check_same_clip(recorded_clip(path), clip_model, f"the Exp-CLIP head {path}",
                             "load the matching CLIP or pass check_clip=False "
                             "(eval.py: --allow-other-clip)")
         head = head.to(clip_model.logit_scale.device)

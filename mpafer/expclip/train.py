@@ -12,6 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..progress import counted
 from .features import load_features
 from .head import LOGIT_SCALE, ProjectionHead, head_metadata_path, save_head
 
@@ -88,7 +89,7 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
         history.append({"epoch": epoch, "loss": total_loss / steps, "accuracy": total_acc / steps})
         if log is not None:
             log(f"epoch {epoch}/{epochs}  loss {history[-1]['loss']:.4f}  in-batch retrieval "
-                f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({steps} steps, "
+                f"accuracy {100 * history[-1]['accuracy']:.2f}%  ({counted(steps, 'step')}, "
                 f"{time.time() - start:.1f}s)")
     return head.eval(), history
 
@@ -97,12 +98,20 @@ def train_head_from_file(features: str, out: str, device="cpu", log=print, **hpa
     """Train a head on a feature file and save it (released format + metadata sidecar).
 
     `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
-    What `python -m mpafer.expclip train` runs; returns the metadata written beside the head.
+    What `python -m mpafer.expclip train` runs; returns the metadata written beside the head. A
+    batch larger than the file's images shrinks to all of them, with a note.
     """
     data = load_features(features)
-    log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
+    num_images = data["clip_features"].shape[0]
+    log(f"{features}: {counted(num_images, 'image')}, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
         f"features {tuple(data['teacher_features'].shape)}")
+    batch_size = hparams.get("batch_size", 512)
+    if batch_size > num_images:  # a small set: one batch of all of it, as MPA-FER's batch shrinks
+        log(f"note: {features} holds {counted(num_images, 'image')}, fewer than --batch-size "
+            f"{batch_size}; training with batches of {num_images} (fewer negatives per batch "
+            "than the recipe's)")
+        hparams["batch_size"] = num_images
     head, history = train_head(data["clip_features"], data["teacher_features"], device=device,
                                log=log, **hparams)
     metadata = {
