@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mpafer import clip
+from mpafer.app.expclip_command import main, parse_args
 from mpafer.data import expclip_transform, load_image
 from mpafer.expclip import (
     PROMPT_SETS,
@@ -31,7 +32,6 @@ from mpafer.expclip import (
     train_head,
     train_head_from_file,
 )
-from mpafer.expclip.__main__ import main, parse_args
 from mpafer.expclip.teacher import (
     INSTRUCTION,
     extract_teacher_features,
@@ -577,7 +577,7 @@ def test_teacher_without_transformers_is_one_line_naming_the_install(tmp_path):
     """`python -m mpafer.expclip teacher` where transformers cannot be imported: one line that
     says `pip install transformers`, before the feature file is even read."""
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "from mpafer.expclip.__main__ import main\n"
+            "from mpafer.app.expclip_command import main\n"
             "from mpafer.app.cli import run_cli\n"
             f"sys.argv = ['mpafer.expclip', 'teacher', '--features', {str(tmp_path / 'no.pt')!r}]\n"
             "run_cli(main)\n")

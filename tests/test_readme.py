@@ -17,11 +17,10 @@ import shlex
 import pytest
 import torch
 
-from mpafer.app import bench, interpret, predict, report
+from mpafer.app import bench, expclip_command, interpret, predict, report
 from mpafer.app.bench import faces as faces_bench
 from mpafer.app.bench import gpu
 from mpafer.app.protocol import read_splits
-from mpafer.expclip import __main__ as expclip_command
 from tests.dataset_writers import (
     write_affectnet_csv,
     write_ferplus_csvs,
