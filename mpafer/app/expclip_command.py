@@ -24,7 +24,7 @@ from ..expclip.teacher import (
 from ..expclip.train import train_head_from_file
 from ..files import atomic_write, atomic_write_json
 from ..progress import counted
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_cli
 from .runs import Logger, clear_run_files, folder_conflict, new_run_folder
 
 # The paper's recipe: SGD, 5 epochs, batch 512, lr 1e-3, momentum 0.9, weight decay 1e-4.
@@ -148,3 +148,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.run(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

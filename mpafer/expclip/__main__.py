@@ -1,7 +1,6 @@
-"""`python -m mpafer.expclip cache | teacher | train`. The command only; its code is
-`mpafer.app.expclip_command`, in the application, which the library never imports."""
+"""`python -m mpafer.expclip cache | teacher | train`. The command only: its code is the
+application's `expclip_command`, which the library never imports."""
 if __name__ == "__main__":
-    import importlib
+    import runpy
 
-    command = importlib.import_module("mpafer.app.expclip_command")
-    importlib.import_module("mpafer.app.cli").run_cli(command.main)
+    runpy.run_module("mpafer.app.expclip_command", run_name="__main__")

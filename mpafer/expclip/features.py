@@ -95,7 +95,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
     unreadable one is an error naming it, or, with `skip_bad_images`, left out with a note and
     listed under `skipped`). transform: default Exp-CLIP's input
     (`Resize((r, r))` squash + `ToTensor`, no normalisation; `normalize=True` adds CLIP's).
-    Autocast on CUDA as `mpafer.app.engine.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
+    Autocast on CUDA as `mpafer.precision.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
     CPU. The model is moved to `device` (default: where it is).
 
     The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:
