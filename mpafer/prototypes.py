@@ -14,6 +14,7 @@ from .clip.loading import safe_load
 from .clip.transform import CLIP_MEAN, CLIP_STD
 from .data.base import dataset_fingerprint, files_stat_fingerprint
 from .data.device_augment import as_model_input
+from .data.loader import each_batch
 from .data.subsets import Subset as DataSubset
 from .data.transforms import describe_transform, eval_transform
 from .synthetic import RENDERER_VERSION
@@ -43,7 +44,8 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    for images, labels in progress_bar(dataloader, desc="prototypes", disable=not progress,
+    for images, labels in progress_bar(each_batch(dataloader), desc="prototypes",
+                                       total=len(dataloader), disable=not progress,
                                        leave=False):
         images = as_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device)

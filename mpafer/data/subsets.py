@@ -95,6 +95,13 @@ class Subset(Dataset):
         image = self.transform(image) if self.transform is not None else image
         return image, self.label_map[label]
 
+    @property
+    def load(self):
+        """`load(index)`: the untransformed image of item `index`, read from its file; None when
+        the dataset has no files (so the checks that decode every image reach a subset's)."""
+        load = getattr(self.base, "load", None)
+        return None if load is None else (lambda index: load(self.indices[index]))
+
     def class_counts(self) -> List[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64),
                            minlength=len(self.classnames)).tolist()
