@@ -6,6 +6,7 @@ archives are read by a small unpickler that only rebuilds tensors (their TorchSc
 never loaded or run), and `.safetensors` files by `safetensors_reader` (no dependency).
 """
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -267,6 +268,30 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     return load_plain_state_dict(path, "CLIP checkpoint")
 
 
+# The weights file of a model folder as open_clip saves it (and as it lies in the hub's cache),
+# safetensors first, with its open_clip_config.json beside it.
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_folder(folder: str) -> Optional[Tuple[str, Optional[str]]]:
+    """(weights file, activation) of a downloaded open_clip model folder; None when `folder`
+    holds none of `OPEN_CLIP_WEIGHT_FILES`. The activation comes from the folder's
+    open_clip_config.json: "quick_gelu" when its model_cfg says quick_gelu, else "gelu"
+    (open_clip's default); None without a readable config."""
+    weights = [os.path.join(folder, f) for f in OPEN_CLIP_WEIGHT_FILES
+               if os.path.isfile(os.path.join(folder, f))]
+    if not weights:
+        return None
+    try:
+        with open(os.path.join(folder, "open_clip_config.json"), encoding="utf-8") as f:
+            model_cfg = json.load(f).get("model_cfg")
+    except (OSError, ValueError, AttributeError):
+        model_cfg = None
+    activation = (None if not isinstance(model_cfg, dict)
+                  else "quick_gelu" if model_cfg.get("quick_gelu") else "gelu")
+    return weights[0], activation
+
+
 def unknown_activation_note(path: str) -> str:
     return (f"note: {path} does not say which activation its CLIP was trained with; using "
             f"{ACTIVATION_NAMES['quick_gelu']} (OpenAI's). For an open_clip model trained with "
@@ -278,10 +303,11 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
          ) -> Tuple[CLIP, object]:
     """CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
-    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked) or
+    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked),
         the path of a checkpoint file: OpenAI's TorchScript archive, a plain state dict (also
-        open_clip's `.bin`/`.pt`) or a `.safetensors` file, of a CLIP ViT of OpenAI's
-        architecture (others are refused, see `architecture.py`).
+        open_clip's `.bin`/`.pt`) or a `.safetensors` file, or a downloaded open_clip model
+        folder (`open_clip_folder`), of a CLIP ViT of OpenAI's architecture (others are
+        refused, see `architecture.py`).
     device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
     jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
     download_root: None means `default_weights_dir()`.
@@ -310,6 +336,9 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
         path = download(url, download_root or default_weights_dir(), sha256)
     elif os.path.isfile(name):
         path, sha256 = name, sha256_of(name)
+    elif os.path.isdir(name) and open_clip_folder(name) is not None:
+        path, activation_in_folder = open_clip_folder(name)
+        sha256, activation = sha256_of(path), activation or activation_in_folder
     else:
         raise RuntimeError(f"CLIP model {name!r} not found; available models: "
                            f"{available_models()}, or give the path of a checkpoint file")
