@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from .data.batches import each_batch
 from .data.device_augment import as_model_input
 from .progress import progress_bar
 
@@ -35,7 +36,8 @@ def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    for images, labels in progress_bar(dataloader, desc="prototypes", disable=not progress,
+    for images, labels in progress_bar(each_batch(dataloader), desc="prototypes",
+                                       total=len(dataloader), disable=not progress,
                                        leave=False):
         images = as_model_input(images.to(device, non_blocking=True))
         labels = labels.to(device)

@@ -23,16 +23,32 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def end_worker_processes(timeout: float = 5.0):
+    """Kill this process's multiprocessing children (DataLoader workers) that still run. A run
+    that fails with a loader alive would otherwise hang at exit: multiprocessing's exit handler
+    sends its workers SIGTERM, which they ignore (`faults.ignore_interrupts`), and waits."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout)
+
+
 def run_cli(main):
     """Run a script's main(): expected failures (bad paths, arguments, files, a write that failed)
     print one clear line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback.
     Ctrl-C and SIGTERM outside the places that handle them end the script quietly, with exit
-    status 130 and 143 (128 + the signal, as shells expect)."""
+    status 130 and 143 (128 + the signal, as shells expect). However main() fails, the worker
+    processes it left are ended first (`end_worker_processes`), so the script never hangs."""
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # (signal handlers can only be set there)
         previous = signal.signal(signal.SIGTERM, interrupt_at_once)
     try:
-        main()
+        try:
+            main()
+        except BaseException:
+            end_worker_processes()
+            raise
     except KeyboardInterrupt as interrupt:
         if os.environ.get("MPAFER_TRACEBACK"):
             raise

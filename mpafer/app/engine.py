@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
+from ..data.batches import each_batch
 from ..data.device_augment import as_model_input
 from ..metrics import confusion_matrix, harmonic_mean, summarize
 from ..model import MPAFER, MPAFERConfig, loss_names
@@ -201,7 +202,8 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, step
     if sums is not None:
         running += sums.to(device) / world  # the part done before the resume
     norms, mean, stop_asked, start = None, None, False, time.time()
-    bar = progress_bar(loader, desc=desc or f"epoch {epoch + 1}", disable=not stepping.progress,
+    bar = progress_bar(each_batch(loader), desc=desc or f"epoch {epoch + 1}",
+                       disable=not stepping.progress,
                        leave=False, initial=first_step, total=steps)
     for step, (images, labels) in enumerate(bar, first_step + 1):
         images = augment(images.to(device, non_blocking=True), epoch, step)  # uint8 -> float
@@ -245,8 +247,8 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     preds, targets = [], []
-    for images, labels in progress_bar(loader, desc=desc, disable=not progress or rank != 0,
-                                       leave=False):
+    for images, labels in progress_bar(each_batch(loader), desc=desc, total=len(loader),
+                                       disable=not progress or rank != 0, leave=False):
         with autocast(device, amp):
             output = logits_fn(as_model_input(images.to(device, non_blocking=True)))
         logits = getattr(output, "logits", output)  # an MPAFER's output, or logits

@@ -91,7 +91,10 @@ class Splits:
                     f"{run.path(name)}")
 
     def describe(self) -> str:
-        lines = [f"train: {counted(len(self.train), 'image')}\n{format_class_counts(self.train)}"]
+        lines = [f"read {os.path.join(d.root, name)}:\n{d.format_reading()}"
+                 for name, d in self.read.items() if hasattr(d, "format_reading")]
+        lines.append(f"train: {counted(len(self.train), 'image')}\n"
+                     f"{format_class_counts(self.train)}")
         if self.base:
             novel = [c for c in self.all_classnames if c not in self.base]
             lines.append(f"base-to-novel: training and choosing best.pt on the base classes "
@@ -139,17 +142,20 @@ def read_splits(cfg) -> Splits:
                              "only (--val-fraction holds out a validation part)")
     else:
         options = dataset_options(cfg)
+        if cfg.resume and not os.path.isdir(cfg.data_root):
+            raise FileNotFoundError(
+                f"dataset root not found: {cfg.data_root} (the data of the run to resume); if "
+                f"the data moved, resume with --resume {cfg.resume} --data-root NEW (the run "
+                "checks that NEW holds the same files and labels)")
         train = build_dataset(cfg.dataset, cfg.data_root, "train", **options)
         names = {"test"} | ({cfg.eval_split} if cfg.val_fraction == 0 else set())
         evaluated = {name: build_dataset(cfg.dataset, cfg.data_root, name, **options)
                      for name in sorted(names)}
-        if not cfg.skip_bad_images:  # (with it, unreadable images were dropped)
-            for name, dataset in evaluated.items():
-                require_readable(dataset, name, cfg.workers)
         read = {"train": train, **evaluated}
     base = base_classes(cfg.base_classes, train.classnames)
     if base:
         train = class_subset(train, base)
+    require_training_images(train, read.get("train"))
     train, held_out, records = carve_subsets(cfg, train)
     if held_out is not None:
         selection = held_out
@@ -157,7 +163,42 @@ def read_splits(cfg) -> Splits:
         selection = evaluated[cfg.eval_split]
         selection = class_subset(selection, base) if base else selection
     test = None if cfg.eval_split == "test" and held_out is None and not base else evaluated["test"]
-    return Splits(train, selection, test, selection_split_name(cfg), records, read, base, aliases)
+    splits = Splits(train, selection, test, selection_split_name(cfg), records, read, base,
+                    aliases)
+    if read and not cfg.skip_bad_images:  # (with it, unreadable images were dropped)
+        require_all_readable(splits, cfg.workers)
+    return splits
+
+
+def require_all_readable(splits: Splits, workers: int):
+    """Decode every image the run will read, before anything expensive: the training images
+    (which the prototype pass reads too), the selection set and the test set. An unreadable one
+    stops the run in one line that names it and the fix (`require_readable`), not a worker's
+    traceback in the middle of an epoch."""
+    checked = []
+    for name, dataset in (("train", splits.train), (splits.selection_name, splits.selection),
+                          ("test", splits.test)):
+        if dataset is not None and not any(dataset is done for done in checked):
+            require_readable(dataset, name, workers)
+            checked.append(dataset)
+
+
+def require_training_images(train, read_train=None):
+    """Every class the model trains on has training images: a class without any (an empty or
+    missing class folder) could never be learned, nor its prototype built. Raises ValueError
+    naming the folder (`read_train`: the split as read, for its folders) and the fix."""
+    empty = [c for c, n in zip(train.classnames, train.class_counts()) if n == 0]
+    if not empty:
+        return
+    if not hasattr(read_train, "class_folder"):
+        raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
+                         "needs training images")
+    split_dir = os.path.join(read_train.root, read_train.split)
+    where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
+                      if read_train.class_folder(c) is not None
+                      else f"{split_dir} has no folder for class {c}" for c in empty)
+    fix = "put its images there, or remove the class's folders from every split"
+    raise ValueError(f"{where}: every class needs training images; {fix}")
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:

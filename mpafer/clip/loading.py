@@ -298,6 +298,29 @@ def recorded_activation(path: str) -> Optional[str]:
     except ValueError as error:
         raise ValueError(f"{record}: {error}") from None
 
+# The weights file of a model folder as open_clip saves it (and as it lies in the hub's cache),
+# safetensors first, with its open_clip_config.json beside it.
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_folder(folder: str) -> Optional[Tuple[str, Optional[str]]]:
+    """(weights file, activation) of a downloaded open_clip model folder; None when `folder`
+    holds none of `OPEN_CLIP_WEIGHT_FILES`. The activation comes from the folder's
+    open_clip_config.json: "quick_gelu" when its model_cfg says quick_gelu, else "gelu"
+    (open_clip's default); None without a readable config."""
+    weights = [os.path.join(folder, f) for f in OPEN_CLIP_WEIGHT_FILES
+               if os.path.isfile(os.path.join(folder, f))]
+    if not weights:
+        return None
+    try:
+        with open(os.path.join(folder, "open_clip_config.json"), encoding="utf-8") as f:
+            model_cfg = json.load(f).get("model_cfg")
+    except (OSError, ValueError, AttributeError):
+        model_cfg = None
+    activation = (None if not isinstance(model_cfg, dict)
+                  else "quick_gelu" if model_cfg.get("quick_gelu") else "gelu")
+    return weights[0], activation
+
 
 def unknown_activation_note(path: str) -> str:
     return (f"note: {path} does not say which activation its CLIP was trained with; using "
@@ -339,7 +362,8 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
         open_clip's `.bin`/`.pt`) or a `.safetensors` file; a Hugging Face transformers CLIP
         folder (`config.json` and `model.safetensors` or `pytorch_model.bin`), or one of its
         weight files with its `config.json` beside it; or a Hugging Face model id (ORG/NAME),
-        found in the local Hugging Face cache, never downloaded. A CLIP ViT of OpenAI's
+        found in the local Hugging Face cache, never downloaded; or a downloaded open_clip model
+        folder (`open_clip_folder`). A CLIP ViT of OpenAI's
         architecture; others are refused (see `architecture.py`, `transformers_format.py`).
     device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
     jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
@@ -367,6 +391,9 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
         url = _MODELS[name]
         sha256 = url.split("/")[-2]
         path = download(url, download_root or default_weights_dir(), sha256)
+    elif os.path.isdir(name) and open_clip_folder(name) is not None:
+        path, activation_in_folder = open_clip_folder(name)
+        activation = activation or activation_in_folder
     else:
         path = locate(name)
     try:

@@ -21,14 +21,24 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _readable_extensions():
+    """Every file extension PIL opens (.jpg, .png, .tif, .gif, .bmp, .webp, ...), lower case;
+    extensions of formats PIL only writes (.pdf) are left out."""
+    Image.init()  # (registers every plugin, not only the common ones)
+    return tuple(sorted(ext for ext, format in Image.registered_extensions().items()
+                        if format in Image.OPEN))
+
+
+IMAGE_EXTENSIONS = _readable_extensions()
 
 
 # ----------------------------------------------------------------------------- errors
@@ -81,19 +91,66 @@ def parse_int(text, path, line, what):
 # ----------------------------------------------------------------------------- images
 
 def load_image(path, box=None):
-    """Read an image fully and return it as RGB, optionally cropped to box (x0, y0, x1, y1).
+    """Read an image fully and return it upright, as 8-bit RGB (`as_rgb`), optionally cropped
+    to box (x0, y0, x1, y1), given in the upright picture's pixels.
 
-    Any unreadable, truncated or corrupt file raises OSError naming the path. (Truncated
-    images are never padded: we rely on PIL's default LOAD_TRUNCATED_IMAGES = False.)
+    Upright: a photo's EXIF Orientation (phones store the sensor's pixels and the rotation
+    apart) is applied, as every viewer does. Any unreadable, truncated or corrupt file raises
+    OSError naming the path. (Truncated images are never padded: we rely on PIL's default
+    LOAD_TRUNCATED_IMAGES = False.)
     """
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)
             if box is not None:
                 image = image.crop(_clamp_box(box, image.size))
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return as_rgb(image)
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot read image {path}: {error}") from error
+
+
+def as_rgb(image):
+    """8-bit RGB from any PIL mode, keeping what the picture shows.
+
+    - 16-bit grey (I;16, I;16B, ...; 16-bit PNG and TIFF) and 32-bit integer grey (I, read as
+      the same 0..65535 range) are scaled to 0..255 by /257, rounded; PIL's own conversion
+      clips them, which turns almost every pixel white;
+    - float grey (F) is taken as 0..1 when no value exceeds 1, else as 0..255;
+    - transparency (RGBA, LA, a palette with a transparent colour) is composited on white,
+      the background a viewer shows: a cut-out face then sits on white, not on whatever
+      colours the transparent pixels happen to hold;
+    - everything else (grey, palette, CMYK, YCbCr, 1-bit) goes through PIL's conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _grey_to_8bit(image).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_8bit(image):
+    """Mode L from a 16-bit, 32-bit integer or float grey image (see `as_rgb`)."""
+    pixels = np.asarray(image).astype(np.float64)  # [H, W], any byte order
+    if image.mode == "F":
+        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0  # = 1 / 257
+    pixels = np.nan_to_num(pixels * scale, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def _describe_missing(path):
+    """A missing file's path, saying when it is a symbolic link whose target is gone."""
+    if os.path.islink(path):
+        return f"{path} (a broken symbolic link, to {os.readlink(path)})"
+    return path
 
 
 def _clamp_box(box, size):
@@ -152,8 +209,9 @@ class FERDataset(Dataset):
             if missing:
                 raise FileNotFoundError(
                     f"{len(missing)} image(s) listed in {source} not found, first: "
-                    f"{missing[0]}\nExpected layout:\n{layout.rstrip()}\n"
-                    "(pass skip_bad_images=True to drop missing or unreadable images)")
+                    f"{_describe_missing(missing[0])}; put them back, or leave missing or "
+                    "unreadable images out with --skip-bad-images (skip_bad_images=True in "
+                    f"Python)\nExpected layout:\n{layout.rstrip()}")
         self._files = np.array([f.encode("utf-8") for f in files], dtype=bytes)
         self.targets = [int(t) for t in targets]
         self._boxes = None if boxes is None else np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
@@ -218,12 +276,13 @@ def files_stat_fingerprint(dataset):
 def unreadable_images(dataset, workers=4):
     """[(index, error message)] of the items whose image does not decode; every image is read
     fully, by `workers` threads (decoding releases the GIL). Datasets without `load` pass."""
-    if not hasattr(dataset, "load"):
+    load = getattr(dataset, "load", None)
+    if load is None:
         return []
 
     def problem(index):
         try:
-            dataset.load(index)
+            load(index)
         except OSError as error:
             return index, str(error)
         return None

@@ -1,6 +1,12 @@
 """Images in root/<split>/<class folder>/, for any dataset without a dedicated reader:
 `--dataset folder`.
 
+A class folder holds images in any format PIL reads (.jpg, .png, .tif, .gif, .bmp, .webp,
+...), directly or in subfolders at any depth. Hidden files and folders (a leading dot:
+.ipynb_checkpoints, macOS's ._photo.jpg and .DS_Store; also __MACOSX) are ignored, as are
+files that are not images; `reading` counts what was read and left out in each class folder
+(`format_reading` prints it).
+
 Class folders are the canonical names in any case, or their usual synonyms (`FOLDER_SYNONYMS`:
 the widely shared FER2013 image folders use angry, disgust, fear, happy, neutral, sad,
 surprise); they are reported under the canonical names, in the canonical order. Numbered
@@ -12,6 +18,8 @@ e.g. `--hard-prompt-template 2`, or give `--descriptions FILE`).
 """
 import os
 import warnings
+from dataclasses import dataclass, field
+from typing import List
 
 from ..labels import CANONICAL_CLASSES, SYNONYMS, canonical_name
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
@@ -24,11 +32,44 @@ EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classname
 
 FOLDER_LAYOUT = """\
 <root>/
-  <split>/<class folder>/*.jpg|jpeg|png|bmp|webp   e.g. train/happiness/0001.jpg
+  <split>/<class folder>/**/*.jpg|png|tif|...   e.g. train/happiness/0001.jpg
   class folders: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, any case,
   or the usual synonyms (happy, sad, angry, surprised, fearful, disgusted, contemptuous);
   any other names are given explicitly (--classnames a,b,c; classnames=[...] in Python)
 """
+
+
+HIDDEN_FOLDERS = ("__MACOSX",)  # macOS's zip leftovers, hidden though they lack the dot
+
+
+def is_hidden(name):
+    """Whether a file or folder name is one the reader ignores (a leading dot, __MACOSX)."""
+    return name.startswith(".") or name in HIDDEN_FOLDERS
+
+
+@dataclass
+class ClassFolderReading:
+    """What reading one class folder found: `images` read (`nested` of them in subfolders),
+    `hidden` files left out (in hidden folders too), and the `other` files left out as not
+    images (`examples`: a few of their names)."""
+    folder: str
+    images: int = 0
+    nested: int = 0
+    hidden: int = 0
+    other: int = 0
+    examples: List[str] = field(default_factory=list)
+
+    def line(self, classname):
+        text = f"{self.folder}/ -> {classname}: {self.images} image{'s' * (self.images != 1)}"
+        if self.nested:
+            text += f" ({self.nested} in subfolders)"
+        left_out = []
+        if self.hidden:
+            left_out.append(f"{self.hidden} hidden")
+        if self.other:
+            left_out.append(f"{self.other} not image{'s' * (self.other != 1)} "
+                            f"({', '.join(self.examples)})")
+        return text + (f"; left out {', '.join(left_out)}" if left_out else "")
 
 
 def canonical_class(folder_name):
@@ -79,14 +120,13 @@ class FolderDataset(FERDataset):
                        if os.path.isdir(os.path.join(split_dir, folder))}
         self.classnames = classnames
 
-        files, targets = [], []
+        files, targets, self.reading = [], [], {}
         for label, name in enumerate(classnames):
             if name not in folders:
                 continue
-            for file in sorted(os.listdir(os.path.join(split_dir, folders[name]))):
-                if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(os.path.join(split, folders[name], file))
-                    targets.append(label)
+            found, self.reading[name] = _read_class_folder(split_dir, folders[name])
+            files += [os.path.join(split, folders[name], f) for f in found]
+            targets += [label] * len(found)
         if not files:
             raise ValueError(f"{split_dir}: no images found\nExpected layout:\n{FOLDER_LAYOUT}")
         self._set_items(files, targets, skip_bad_images=skip_bad_images, source=split_dir,
@@ -94,6 +134,15 @@ class FolderDataset(FERDataset):
         empty = [c for c, n in zip(classnames, self.class_counts()) if n == 0]
         if empty:
             warnings.warn(f"{split_dir}: no images for class(es) {', '.join(empty)}", stacklevel=2)
+
+    def class_folder(self, classname):
+        """The folder of a class in this split (None: the split has no folder for it)."""
+        reading = self.reading.get(classname)
+        return None if reading is None else os.path.join(self.root, self.split, reading.folder)
+
+    def format_reading(self):
+        """One line per class folder: the images read, and the files left out."""
+        return "\n".join(f"  {reading.line(name)}" for name, reading in self.reading.items())
 
     @staticmethod
     def _class_folders(split_dir):
@@ -119,4 +168,40 @@ class FolderDataset(FERDataset):
 
 
 def _subfolders(path):
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    """The folders in `path` that are not hidden (.ipynb_checkpoints is no class)."""
+    return sorted(d for d in os.listdir(path)
+                  if os.path.isdir(os.path.join(path, d)) and not is_hidden(d))
+
+
+def _read_class_folder(split_dir, folder):
+    """-> (the image files of a class folder, relative to it, sorted, subfolders included;
+    its `ClassFolderReading`). Symbolic links are followed, each real folder read once."""
+    top = os.path.join(split_dir, folder)
+    reading, files, seen = ClassFolderReading(folder), [], set()
+    for where, subfolders, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen:  # (a link back up the tree)
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        hidden = [d for d in subfolders if is_hidden(d)]
+        subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
+        reading.hidden += sum(_count_files(os.path.join(where, d)) for d in hidden)
+        for name in names:
+            path = os.path.relpath(os.path.join(where, name), top)
+            if is_hidden(name):
+                reading.hidden += 1
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+            else:
+                reading.other += 1
+                if len(reading.examples) < 3:
+                    reading.examples.append(path)
+    files.sort()
+    reading.images = len(files)
+    reading.nested = sum(os.sep in f for f in files)
+    return files, reading
+
+
+def _count_files(folder):
+    return sum(len(names) for _, _, names in os.walk(folder))

@@ -90,14 +90,17 @@ class Subset(Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def load(self, index):
-        """The untransformed image of item `index` (as the datasets' `load`)."""
-        return self.base.load(self.indices[index])
-
     def __getitem__(self, index):
         image, label = self.base[self.indices[index]]
         image = self.transform(image) if self.transform is not None else image
         return image, self.label_map[label]
+
+    @property
+    def load(self):
+        """`load(index)`: the untransformed image of item `index`, read from its file; None when
+        the dataset has no files (so the checks that decode every image reach a subset's)."""
+        load = getattr(self.base, "load", None)
+        return None if load is None else (lambda index: load(self.indices[index]))
 
     def class_counts(self) -> List[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64),
