@@ -207,14 +207,19 @@ def test_a_transformers_clip_trains_resumes_and_evaluates(tmp_path, monkeypatch)
     checkpoint = load_checkpoint(str(out / "last.pt"))
     assert checkpoint["epoch"] == 2 and checkpoint["clip"] == recorded
 
-    SyntheticFaces("test", 1, image_size=100, seed=5).load(1).save(tmp_path / "face.png")
-    result = run("eval.py", "--checkpoint", str(out / "last.pt"), "--image",
-                 str(tmp_path / "face.png"), "--weights", str(out) + "-cache",
-                 "--json", str(tmp_path / "eval.json"))
+    result = run("eval.py", "--checkpoint", str(out / "last.pt"), "--cache-dir",
+                 str(out) + "-cache", "--json", str(tmp_path / "eval.json"))
     assert note not in result.stdout
-    probabilities = json.load(open(tmp_path / "eval.json"))[str(tmp_path / "face.png")]["MPA-FER"]
-    assert set(probabilities) == set(checkpoint["classnames"])
-    assert abs(sum(probabilities.values()) - 1) < 1e-4
+    evaluated = json.load(open(tmp_path / "eval.json"))
+    assert evaluated["clip"] == "tiny-org/gelu-clip" and evaluated["clip_activation"] == "gelu"
+    SyntheticFaces("test", 1, image_size=100, seed=5).load(1).save(tmp_path / "face.png")
+    result = run("-m", "mpafer.predict", "--checkpoint", str(out / "last.pt"), "--align", "none",
+                 str(tmp_path / "face.png"), "--cache-dir", str(out) + "-cache",
+                 "--json", str(tmp_path / "face.json"))
+    assert note not in result.stdout
+    face = json.load(open(tmp_path / "face.json"))["images"][0]["faces"][0]
+    assert set(face["probabilities"]) == set(checkpoint["classnames"])
+    assert abs(sum(face["probabilities"].values()) - 1) < 1e-4
 
 
 # --- refusals ---------------------------------------------------------------------------------

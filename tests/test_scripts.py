@@ -78,9 +78,11 @@ def test_predict_labels_an_aligned_crop_with_attention(demo_run):
                  str(out / "weights"), "--clip", str(out / "weights" / "demo-tiny-clip-v2.pt"),
                  "--align", "none", str(out / "face.jpg"), "--attention", str(out / "attention"),
                  "--json", str(out / "pred.json"))
-    probabilities = json.load(open(out / "pred.json"))["images"][0]["faces"][0]["probabilities"]
+    face = json.load(open(out / "pred.json"))["images"][0]["faces"][0]
+    probabilities = face["probabilities"]
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4) and len(probabilities) == 7
-    assert "happiness" in result.stdout and os.listdir(out / "attention")
+    assert face["label"] == max(probabilities, key=probabilities.get) and face["box"] == [0, 0, 100, 100]
+    assert face["label"] in result.stdout and os.listdir(out / "attention")
 
 
 def signal_after_first_epoch(args, signum):
