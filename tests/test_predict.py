@@ -130,9 +130,9 @@ def test_missing_detector_weights_are_one_line(checkpoint, photos, tmp_path):
 
 
 def test_the_crop_convention_is_the_checkpoints_record_else_its_datasets():
+    from mpafer.app.predict import face_convention
     from mpafer.data import DATASET_NAMES
     from mpafer.faces import CONVENTIONS
-    from mpafer.app.predict import face_convention
 
     assert set(DATASET_NAMES) <= set(DATASET_CONVENTIONS)  # no dataset falls back silently
     expected = {"rafdb": "rafdb", "ferplus": "ferplus", "affectnet7": "affectnet",
