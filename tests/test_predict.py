@@ -142,9 +142,14 @@ def test_the_crop_convention_is_the_checkpoints_record_else_its_datasets():
     assert face_convention({"train_config": {"dataset": "rafdb", "demo": True}})[0] == "folder"
     recorded = {"face_convention": "ferplus", "train_config": {"dataset": "rafdb"}}
     assert face_convention(recorded) == ("ferplus", "recorded in the checkpoint")
-    assert face_convention({"train_config": {"dataset": "rafdb",
-                                             "face_convention": "affectnet"}})[0] == "affectnet"
     assert all(face_convention({"face_convention": c})[0] == c for c in CONVENTIONS)
+
+
+def test_a_new_checkpoint_records_its_crop_convention(checkpoint):
+    from mpafer.checkpoint import face_convention_of, load_checkpoint
+    assert load_checkpoint(checkpoint)["face_convention"] == "folder"  # the demo's faces
+    assert face_convention_of({"dataset": "affectnet8"}) == "affectnet"
+    assert face_convention_of({"dataset": "ferplus", "demo": False}) == "ferplus"
 
 
 def test_eval_detect_faces_scores_the_aligned_face_of_each_photo(checkpoint, photos, tmp_path):
