@@ -16,6 +16,7 @@ from .prompts import (
     build_hard_prompts,
     crop_to_longest,
     eot_positions,
+    mean_cosine_between_rows,
     pooled_word_embeddings,
 )
 
@@ -286,6 +287,17 @@ class MPAFER(nn.Module):
         if cacheable:
             self._text_cache = result
         return result
+
+    @torch.no_grad()
+    def prompt_diagnostics(self) -> Dict[str, float]:
+        """What the text soft prompts look like, for metrics.jsonl and the curves:
+        - "soft_pooled_cos": the mean cosine between different classes' pooled soft prompts,
+          pooled as L_ta pools them. Near 1, the classes' pooled prompts are nearly one vector
+          (a shared context outweighs the class-name tokens) and L_ta can only move the
+          context that all classes share.
+        - "ctx_norm": the mean L2 norm of the input context vectors."""
+        return {"soft_pooled_cos": mean_cosine_between_rows(self.text_prompts.pooled()),
+                "ctx_norm": self.text_prompts.context_norm()}
 
     def forward(self, images: torch.Tensor) -> MPAFEROutput:
         """The towers run in whatever autocast the caller set; the scores after them in fp32."""
