@@ -210,7 +210,7 @@ def train(run, model, forward, loader, optimization, splits, descriptions, start
             line = record_epoch(run, epoch, result.losses, result.seconds,
                                 len(loader) * cfg.batch_size * run.world / result.seconds,
                                 optimization.scheduler.get_last_lr()[0], evaluated, eval_seconds,
-                                best, result.grad_norms)
+                                best, result.grad_norms, model.prompt_diagnostics())
             save_checkpoints(run, model, descriptions, optimization, epoch + 1, evaluated, best)
             run.log(line)
 

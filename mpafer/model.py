@@ -16,6 +16,7 @@ from .prompts import (
     build_hard_prompts,
     crop_to_longest,
     eot_positions,
+    mean_cosine_between_rows,
     pooled_word_embeddings,
 )
 
@@ -65,7 +66,7 @@ class MPAFERConfig:
                                               "off so the trainable size stays the prompts'; needs "
                                               "--attention-temperature (with uniform weights the q "
                                               "and k projections get no gradient)")
-    # Losses: L = L_cls + beta * (L_ta + L_pa) + gamma * L_v.
+    # Losses: L = L_cls + beta * (ta_weight * L_ta + L_pa) + gamma * L_v.
     soft_hard_alignment: bool = _field(True, "soft-hard prompt alignment L_t = L_ta + L_pa")
     prototype_alignment: bool = _field(True, "prototype-guided visual alignment L_v")
     tau: float = _field(0.07, "(choice) temperature of L_ta (and of the contrastive L_pa), "
@@ -78,6 +79,11 @@ class MPAFERConfig:
     v_distance: str = _field("cosine", "L_v distance: cosine (1 - cos) | l1-mean (mean over D) | "
                                        "l1-sum (L1 norm, summed over D)")
     beta: float = _field(1.0, "weight beta of L_t")
+    ta_weight: float = _field(1.0, "weight of L_ta inside L_t = ta_weight * L_ta + L_pa (1 = "
+                                   "the paper's). With a context shared by all classes, L_ta "
+                                   "sees only the mean of the context vectors and its gradient "
+                                   "can outweigh L_cls's under the gradient clip; 0.1 keeps the "
+                                   "alignment at a tenth of the force (see the README)")
     gamma: float = _field(1.0, "weight gamma of L_v")
 
     def __post_init__(self):
@@ -103,6 +109,7 @@ class MPAFERConfig:
             ("v_distance", self.v_distance in losses.V_DISTANCES,
              f"one of {list(losses.V_DISTANCES)}"),
             ("beta", self.beta >= 0, ">= 0"),
+            ("ta_weight", self.ta_weight >= 0, ">= 0"),
             ("gamma", self.gamma >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
@@ -275,6 +282,17 @@ class MPAFER(nn.Module):
             self._text_cache = result
         return result
 
+    @torch.no_grad()
+    def prompt_diagnostics(self) -> Dict[str, float]:
+        """What the text soft prompts look like, for metrics.jsonl and the curves:
+        - "soft_pooled_cos": the mean cosine between different classes' pooled soft prompts,
+          pooled as L_ta pools them. Near 1, the classes' pooled prompts are nearly one vector
+          (a shared context outweighs the class-name tokens) and L_ta can only move the
+          context that all classes share.
+        - "ctx_norm": the mean L2 norm of the input context vectors."""
+        return {"soft_pooled_cos": mean_cosine_between_rows(self.text_prompts.pooled()),
+                "ctx_norm": self.text_prompts.context_norm()}
+
     def forward(self, images: torch.Tensor) -> MPAFEROutput:
         """The towers run in whatever autocast the caller set; the scores after them in fp32."""
         text, pooled = self.text_features()
@@ -303,13 +321,14 @@ class MPAFER(nn.Module):
                 for term in LOSS_TERMS}
 
     def weighted_parts(self, parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The terms as they enter the total: cls, beta * L_ta, beta * L_pa, gamma * L_v."""
+        """The terms as they enter the total: cls, beta * ta_weight * L_ta, beta * L_pa,
+        gamma * L_v."""
         return {term.name: term.weight(self.config) * parts[term.name] for term in LOSS_TERMS}
 
     def loss(self, output: MPAFEROutput,
              labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """-> (total, parts): L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, and the unweighted
-        parts (zero when switched off), detached, for logging."""
+        """-> (total, parts): L = L_cls + beta * (ta_weight * L_ta + L_pa) + gamma * L_v, and the
+        unweighted parts (zero when switched off), detached, for logging."""
         parts = self.loss_parts(output, labels)
         total = sum(self.weighted_parts(parts).values())
         return total, {k: v.detach() for k, v in parts.items()}
@@ -317,7 +336,7 @@ class MPAFER(nn.Module):
     def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor,
                             scale: float = 1.0) -> Dict[str, float]:
         """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
-        total: cls, beta * L_ta, beta * L_pa, gamma * L_v.
+        total: cls, beta * ta_weight * L_ta, beta * L_pa, gamma * L_v.
 
         One forward and one backward per term: meant for the first step of an epoch, to show how
         the terms balance and that none is numerically inert. Runs in the caller's autocast; call
@@ -359,18 +378,22 @@ class LossTerm:
     weight_field: Optional[str] = None  # the MPAFERConfig field weighting it (None: weight 1)
     switch_field: Optional[str] = None  # the MPAFERConfig field switching it on (None: always on)
 
+    inner_weight_field: Optional[str] = None  # a second MPAFERConfig weight, inside weight_field's
+
     def weight(self, config: MPAFERConfig) -> float:
-        return 1.0 if self.weight_field is None else getattr(config, self.weight_field)
+        outer = 1.0 if self.weight_field is None else getattr(config, self.weight_field)
+        inner = 1.0 if self.inner_weight_field is None else getattr(config, self.inner_weight_field)
+        return outer * inner
 
     def enabled(self, config: MPAFERConfig) -> bool:
         return self.switch_field is None or bool(getattr(config, self.switch_field))
 
 
-# L = L_cls + beta * (L_ta + L_pa) + gamma * L_v, in this order.
+# L = L_cls + beta * (ta_weight * L_ta + L_pa) + gamma * L_v, in this order.
 LOSS_TERMS: List[LossTerm] = [
     LossTerm("cls", lambda model, output, labels: losses.classification_loss(output.logits,
                                                                              labels)),
-    LossTerm("ta", MPAFER.token_alignment, "beta", "soft_hard_alignment"),
+    LossTerm("ta", MPAFER.token_alignment, "beta", "soft_hard_alignment", "ta_weight"),
     LossTerm("pa", MPAFER.prompt_alignment, "beta", "soft_hard_alignment"),
     LossTerm("v", MPAFER.prototype_alignment, "gamma", "prototype_alignment"),
 ]

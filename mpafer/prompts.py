@@ -118,6 +118,17 @@ def pooled_word_embeddings(embeddings: torch.Tensor, eot: torch.Tensor) -> torch
     return (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [P, W]
 
 
+def mean_cosine_between_rows(vectors: torch.Tensor) -> float:
+    """The mean cosine between different rows of `[C, W]` (over the C(C-1) ordered pairs, the
+    diagonal left out); 0 for a single row. Near 1: the rows point the same way."""
+    count = vectors.shape[0]
+    if count < 2:
+        return 0.0
+    unit = torch.nn.functional.normalize(vectors.detach().float(), dim=-1)
+    cosine = unit @ unit.t()  # [C, C]
+    return float((cosine.sum() - cosine.diagonal().sum()) / (count * (count - 1)))
+
+
 def soft_prompt_tokens(classnames: Sequence[str], n_ctx: int) -> torch.Tensor:
     """The soft prompts' token ids `[C, L]`, cropped to the longest: "X" placeholders hold the
     n_ctx context positions (their embeddings are replaced by the learned context)."""
@@ -172,6 +183,16 @@ class TextPromptLearner(nn.Module):
                else self.ctx.expand(self.token_prefix.shape[0], -1, -1))
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # [C, 1 + M + rest, W]
 
+    def pooled(self, embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The pooled word-token embeddings `[C, W]` that L_ta contrasts (of `embeddings()`)."""
+        x = self.embeddings() if embeddings is None else embeddings
+        return pooled_word_embeddings(x, self.eot)
+
+    def context_norm(self) -> float:
+        """The mean L2 norm of the learned input context vectors (over M, and over the classes
+        for a class-specific context), comparable with a word embedding's norm."""
+        return float(self.ctx.detach().float().norm(dim=-1).mean())
+
     def deep_prompts(self) -> Optional[List[Optional[torch.Tensor]]]:
         return None if self.deep is None else [None, *self.deep.unbind(0)]
 
@@ -179,7 +200,7 @@ class TextPromptLearner(nn.Module):
         """-> (text features `[C, D]` unnormalised, pooled word embeddings `[C, W]`)."""
         x = self.embeddings()
         features = clip_model.encode_text_embeddings(x, self.eot, deep_prompts=self.deep_prompts())
-        return features, pooled_word_embeddings(x, self.eot)
+        return features, self.pooled(x)
 
 
 class VisualPromptLearner(nn.Module):

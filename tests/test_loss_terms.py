@@ -34,3 +34,36 @@ def test_a_new_term_reaches_the_total_the_logs_and_the_curves(tmp_path, monkeypa
     assert record["loss"] == pytest.approx(weighted, rel=1e-5)  # gamma weighs the new term
     assert f"energy {record['energy']:.3f}" in capsys.readouterr().out  # the epoch's log line
     assert drawn == [("cls", "ta", "pa", "v", "energy")] and (out / "curves.png").is_file()
+
+
+def test_ta_weight_weighs_l_ta_alone_inside_beta():
+    """L = L_cls + beta * (ta_weight * L_ta + L_pa) + gamma * L_v: the total, the weighted terms
+    and L_ta's gradient norm follow ta_weight, and nothing else does."""
+    from mpafer.labels import BASIC_CLASSES
+    from mpafer.model import MPAFER, MPAFERConfig
+    from mpafer.prompts import load_descriptions
+    from tests.helpers import tiny_clip
+
+    classes = list(BASIC_CLASSES)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+
+    def measured(ta_weight):
+        torch.manual_seed(0)
+        config = MPAFERConfig(beta=0.5, gamma=2.0, ta_weight=ta_weight)
+        model = MPAFER(tiny_clip(), classes, load_descriptions(classes), config).train()
+        model.set_prototypes(torch.randn(len(classes), 32, generator=torch.Generator()
+                                         .manual_seed(1)))
+        total, parts = model.loss(model(images), labels)
+        return total.item(), parts, model.term_gradient_norms(images, labels)
+
+    total, parts, norms = measured(0.1)
+    by_hand = parts["cls"] + 0.5 * (0.1 * parts["ta"] + parts["pa"]) + 2.0 * parts["v"]
+    assert total == pytest.approx(by_hand.item(), rel=1e-6)
+    total_one, parts_one, norms_one = measured(1.0)
+    assert {k: v.item() for k, v in parts.items()} == pytest.approx(
+        {k: v.item() for k, v in parts_one.items()}, rel=1e-6)  # the terms themselves unchanged
+    assert total_one - total == pytest.approx(0.5 * 0.9 * parts["ta"].item(), rel=1e-5)
+    assert norms["ta"] == pytest.approx(0.1 * norms_one["ta"], rel=1e-5)
+    assert {k: norms[k] for k in ("cls", "pa", "v")} == pytest.approx(
+        {k: norms_one[k] for k in ("cls", "pa", "v")}, rel=1e-6)

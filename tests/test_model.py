@@ -116,7 +116,8 @@ def test_learnable_projections_need_softmax_weights():
 @pytest.mark.parametrize("name, value", [
     ("n_ctx", 0), ("text_prompt_depth", 0), ("visual_prompt_tokens", -1), ("visual_prompt_depth", -2),
     ("hard_prompt_template", 4), ("top_k", 0), ("local_weight", -1.0), ("attention_temperature", 0.0),
-    ("tau", 0.0), ("pa_distance", "l2"), ("v_distance", "mean"), ("beta", -0.5), ("gamma", -1.0)])
+    ("tau", 0.0), ("pa_distance", "l2"), ("v_distance", "mean"), ("beta", -0.5), ("gamma", -1.0),
+    ("ta_weight", -0.1)])
 def test_config_rejects_out_of_range_values_naming_the_field(name, value):
     flag = "--" + name.replace("_", "-")
     with pytest.raises(ValueError, match=rf"MPAFERConfig\.{name} \({flag}\) must be .*got {value!r}"):

@@ -226,10 +226,11 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
 
 def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls", "ta", "pa", "v")
                     ) -> Image.Image:
-    """Five panels from metrics.jsonl records, against the epoch: the total loss and each of
+    """Seven panels from metrics.jsonl records, against the epoch: the total loss and each of
     `loss_terms` (log scale); each term's gradient norm on the prompts at the first step of the
     epoch (log scale: a term that dominates the others shows at once); the learning rate;
-    WAR/UAR; per-class recall."""
+    WAR/UAR; per-class recall; the mean cosine between the classes' pooled soft prompts; the
+    text context's mean norm."""
     canvas = Image.new("RGB", (2400, 1100), "white")
     epochs = [r["epoch"] for r in records]
     series = [("loss", "total"), *((name, name) for name in loss_terms)]
@@ -250,15 +251,22 @@ def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls",
                first_colour=1)  # each term in its colour of the loss panel
     line_panel(canvas, (1600, 0, 2400, 550), [("lr", epochs, column("lr"))],
                "learning rate (end of epoch)", "learning rate")
-    line_panel(canvas, (0, 550, 1200, 1100),
+    line_panel(canvas, (0, 550, 600, 1100),
                [("WAR", epochs, column("war", 100)), ("UAR", epochs, column("uar", 100))],
                "evaluation accuracy", "WAR / UAR (%)", percent=True)
     names = list(next((r["per_class_recall"] for r in records if r.get("per_class_recall")), {}))
     recall = [(name, epochs, [100 * r["per_class_recall"][name] if r.get("per_class_recall")
                               and name in r["per_class_recall"] else None for r in records])
               for name in names]
-    line_panel(canvas, (1200, 550, 2400, 1100), recall, "per-class recall", "recall (%)",
+    line_panel(canvas, (600, 550, 1200, 1100), recall, "per-class recall", "recall (%)",
                percent=True, note="no per-class recall recorded")
+    # Near 1, every class's pooled soft prompt is nearly the same vector: the shared context
+    # outweighs the class names, and L_ta can only move that context.
+    line_panel(canvas, (1200, 550, 1800, 1100), [("cos", epochs, column("soft_pooled_cos"))],
+               "soft prompts, pooled as L_ta: cos", "mean cosine between classes",
+               note="not recorded")
+    line_panel(canvas, (1800, 550, 2400, 1100), [("norm", epochs, column("ctx_norm"))],
+               "text context: mean norm", "L2 norm per context vector", note="not recorded")
     return canvas
 
 

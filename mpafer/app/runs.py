@@ -413,16 +413,18 @@ def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, 
 
 def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
                  images_per_second: float, lr: float, metrics: Dict, eval_seconds: float,
-                 best: Dict, grad_norms: Optional[Dict[str, float]] = None) -> str:
+                 best: Dict, grad_norms: Optional[Dict[str, float]] = None,
+                 diagnostics: Optional[Dict[str, float]] = None) -> str:
     """Append the epoch's line to <out>/metrics.jsonl (every logged loss, the learning rate, the
-    evaluation if there was one, speed, each term's gradient norm when measured) -> its line
+    evaluation if there was one, speed, each term's gradient norm when measured, the soft
+    prompts' `MPAFER.prompt_diagnostics` at the end of the epoch) -> its line
     for the log. train.py writes it before the epoch's last.pt and logs the line after: a kill
     in between leaves a line that the resume redoes (it drops the lines past its epoch), never
     a saved epoch without its line."""
     record = {"epoch": epoch + 1, **losses, "lr": lr,
               **{k: metrics.get(k) for k in ("war", "uar", "per_class_recall")},
               "images_per_second": images_per_second, "seconds": seconds,
-              "eval_seconds": eval_seconds}
+              "eval_seconds": eval_seconds, **(diagnostics or {})}
     if grad_norms is not None:
         record["grad_norms"] = grad_norms
     if "base_to_novel" in metrics:  # the test split's base, novel, all and HM (not choosing)
