@@ -8,7 +8,8 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from mpafer import clip, figures
+from mpafer import clip
+from mpafer.app import figures
 from mpafer.checkpoint import load_checkpoint, model_from_checkpoint
 from mpafer.model import MPAFER, MPAFERConfig
 from tests.helpers import load_script, quick_demo, read_jsonl, tiny_clip, tiny_state_dict
