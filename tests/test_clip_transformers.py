@@ -337,9 +337,10 @@ def test_missing_config_or_weights_are_one_line(tmp_path):
     assert_refused(folder, "has no config.json", error=FileNotFoundError)
 
 
-def test_open_clip_files_beside_another_config_are_pointed_to(tmp_path):
-    # A timm / open_clip repository: timm's config.json (no model_type) and open_clip's file.
+def test_open_clip_files_beside_another_config_are_read(tmp_path):
+    # A timm / open_clip repository: timm's config.json (no model_type) and open_clip's file:
+    # the folder is read as open_clip's (here an empty file, named in the refusal).
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224"}))
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"")
-    assert_refused(tmp_path, "names no model_type", "give the file: --clip "
-                   f"{tmp_path / 'open_clip_pytorch_model.bin'}", error=ValueError)
+    assert_refused(tmp_path, f"{tmp_path / 'open_clip_pytorch_model.bin'}", "the file is empty",
+                   error=ValueError)

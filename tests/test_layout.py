@@ -14,8 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDALONE = ("mpafer.losses", "mpafer.alignment", "mpafer.prompts", "mpafer.clip",
               "mpafer.faces")
 # The prototype mean (L_v) is copied with the vendored CLIP, the batch normalisation it shares
-# with training and the progress bar.
-PROTOTYPES_NEED = ("mpafer.clip", "mpafer.data.device_augment", "mpafer.progress")
+# with training, the loader iteration that cannot hang, and the progress bar.
+PROTOTYPES_NEED = ("mpafer.clip", "mpafer.data.device_augment", "mpafer.data.batches",
+                   "mpafer.progress")
 # Leaves: import nothing from mpafer at all.
 LEAVES = ("mpafer.labels", "mpafer.metrics", "mpafer.files", "mpafer.progress",
           "mpafer.precision", "mpafer.app.bench.measure")

@@ -336,7 +336,8 @@ def test_readme_states_the_vit_b16_trainable_count():
 
 
 ALLOWED = {"torch", "torchvision", "ftfy", "regex", "tqdm", "numpy", "PIL", "mpafer"}
-OPTIONAL = {"transformers"}  # imported lazily inside the optional Exp-CLIP teacher only
+# Imported lazily, inside the optional Exp-CLIP teacher and the face-detection benchmark only.
+OPTIONAL = {"transformers", "facenet_pytorch"}
 
 
 def test_package_imports_only_runtime_dependencies():
