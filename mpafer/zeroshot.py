@@ -10,22 +10,13 @@ from .clip.tokenizer import tokenize
 
 
 class ZeroShotClassifier(nn.Module):
-    """Zero-shot classification with CLIP: prompts per class, logits = `scale * cos`, a class's
-    logit the mean of its prompts' logits. With `head` (e.g. Exp-CLIP's projection), both sides
-    are projected by it before the cosine.
+    """Zero-shot classification with CLIP: `prompts` {class: [prompt, ...]}, logits
+    `scale * cos`, a class's logit the mean of its prompts'; `[B, C]` in `classnames` order.
 
-    `prompts`: {class: [prompt, ...]} (e.g. `mpafer.expclip.build_prompts(set, classnames)` or
-    MPA-FER's hard prompts, `mpafer.prompts.hard_prompts_by_class`); `classnames` gives the
-    logits' order. Text side (once, at construction, no grad): every prompt of every class ->
-    `encode_text` -> head -> L2-normalise, cached as a buffer `[P, E]` (class-major order).
-    Image side: `[B, 3, H, W]` (or video `[B, T, 3, H, W]`: the *projected* frame features are
-    averaged before normalising) -> `encode_image` -> head -> L2-normalise. Logits per prompt
-    are `scale * cos` (scale = 100); a class's logit is the mean of its prompts' logits.
-    Returns `[B, C]` in the order of `classnames`.
-
-    The head and the cosine run in fp32 even under `torch.autocast` (only the CLIP towers are
-    autocast). The cached text features are frozen: build a new classifier after changing
-    the head. The head is moved to the CLIP model's device.
+    With `head` (e.g. Exp-CLIP's projection), both sides are projected before the cosine. The
+    text features are computed once, at construction (build a new classifier after changing the
+    head). Images `[B, 3, H, W]`, or video `[B, T, 3, H, W]` (the projected frame features are
+    averaged). The head and the cosine run in fp32 even under autocast.
     """
 
     def __init__(self, clip_model, classnames: Sequence[str], prompts: Dict[str, List[str]],

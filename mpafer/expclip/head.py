@@ -12,27 +12,14 @@ from ..clip.model import check_same_clip
 from ..files import atomic_save, atomic_write_json
 
 # CLIP widths, only to make error messages helpful (widths are always read off the models).
-CLIP_MODELS_BY_WIDTH = {512: ("ViT-B/32", "ViT-B/16"), 768: ("ViT-L/14", "ViT-L/14@336px")}
+CLIP_MODELS_BY_WIDTH = {512: "ViT-B/32 / ViT-B/16", 768: "ViT-L/14 / ViT-L/14@336px"}
 TEACHER_WIDTH = 4096  # Flan-T5-XXL's d_model: the released heads' output width
 LOGIT_SCALE = 100.0   # the `s` of the paper (CLIP's exp(logit_scale) for the released weights)
 
 
-def clip_models_with_width(width: int) -> str:
-    names = CLIP_MODELS_BY_WIDTH.get(width)
-    return " / ".join(names) if names else f"no OpenAI CLIP model has width {width}"
-
-
-def clip_name(clip_model) -> str:
-    name = clip_model.checkpoint_name
-    return name or f"CLIP (embed_dim {clip_model.embed_dim})"
-
-
 class ProjectionHead(nn.Module):
-    """The Exp-CLIP head: one bias-free linear map `W: in_dim -> out_dim`.
-
-    Stored as `self.mlp` so the state dict is exactly `{"mlp.weight": [out_dim, in_dim]}`, the
-    format of the released heads (`ExpCLIP_B16_model.pth`, ...).
-    """
+    """One bias-free linear map `W: in_dim -> out_dim`, stored as `self.mlp` so the state dict
+    is `{"mlp.weight": [out_dim, in_dim]}`, the format of the released heads."""
 
     def __init__(self, in_dim: int, out_dim: int = TEACHER_WIDTH):
         super().__init__()
@@ -53,11 +40,13 @@ class ProjectionHead(nn.Module):
 def check_head_fits(head: ProjectionHead, clip_model, source: str = "the Exp-CLIP head"):
     """A clear error when the head's input width is not the CLIP model's embedding width."""
     if head.in_dim != clip_model.embed_dim:
+        def fits(width: int) -> str:
+            return CLIP_MODELS_BY_WIDTH.get(width, f"no OpenAI CLIP model has width {width}")
+        name = clip_model.checkpoint_name or f"CLIP (embed_dim {clip_model.embed_dim})"
         raise ValueError(
             f"{source} takes {head.in_dim}-d CLIP features (mlp.weight [{head.out_dim}, "
-            f"{head.in_dim}]; it fits {clip_models_with_width(head.in_dim)}), but the CLIP model "
-            f"{clip_name(clip_model)} has embed_dim {clip_model.embed_dim} "
-            f"({clip_models_with_width(clip_model.embed_dim)})")
+            f"{head.in_dim}]; it fits {fits(head.in_dim)}), but the CLIP model {name} has "
+            f"embed_dim {clip_model.embed_dim} ({fits(clip_model.embed_dim)})")
 
 
 def head_metadata_path(path: str) -> str:
@@ -75,13 +64,9 @@ def read_head_metadata(path: str) -> dict:
 
 
 def load_head(path: str, clip_model=None, check_clip: bool = True) -> ProjectionHead:
-    """Read an Exp-CLIP head: `{"mlp.weight": [out_dim, D]}` (the released format), also
-    wrapped as `{"state_dict": ...}` or with `module.` prefixes.
-
-    With `clip_model`, the head's input width must be the model's `embed_dim` and the head is
-    moved to the model's device. If the head has a `save_head` sidecar naming the CLIP it was
-    trained on (SHA-256), a different CLIP is an error unless `check_clip=False`.
-    """
+    """Read an Exp-CLIP head `{"mlp.weight": [out_dim, D]}` (the released format, also wrapped
+    or with `module.` prefixes). With `clip_model`, check that it fits (and, unless
+    `check_clip=False`, that it is the CLIP its sidecar names) and move it to its device."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Exp-CLIP head {path} not found")
     state = load_plain_state_dict(path, "Exp-CLIP head")
@@ -109,12 +94,8 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
 
 
 def save_head(head: ProjectionHead, path: str, metadata: Optional[dict] = None):
-    """Write `head` in the official format, atomically: a bare state dict
-    `{"mlp.weight": [out_dim, D]}`, which loads with
-    `torch.load(path, weights_only=True)` as the released heads do. `metadata` (plain JSON values:
-    CLIP name and SHA-256, teacher, hyper-parameters, history, ...) goes to the sidecar
-    `<path>.json`, also written atomically.
-    """
+    """Write `head` atomically in the released format, a bare state dict
+    `{"mlp.weight": [out_dim, D]}`; `metadata` (plain JSON values) goes to `<path>.json`."""
     if metadata is not None:
         try:
             json.dumps(metadata)

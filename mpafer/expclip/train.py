@@ -1,8 +1,4 @@
-"""Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD.
-
-The command is `python -m mpafer.expclip train --features feats.pt`, which trains with
-`train_head_from_file` into a run folder.
-"""
+"""Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD."""
 import datetime
 import math
 import os
@@ -37,15 +33,11 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
                scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
     """Train an Exp-CLIP head on cached features -> (head, history).
 
-    clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i; the head's
-    output width is E). SGD(lr, momentum, weight_decay), shuffled batches with `drop_last`
-    from a generator seeded with `seed` (the head's initialisation uses it too; the global RNG
-    is untouched), symmetric InfoNCE (`info_nce`, s = 100) on `Z = norm(W f)`,
-    `E = norm(teacher)`. history: per epoch `{"epoch", "loss", "accuracy"}`, the mean loss and
-    the mean in-batch retrieval accuracy (image -> its own teacher embedding among the batch).
-
-    N < batch_size is an error: with drop_last there would be nothing to train on, and a
-    smaller batch silently changes the contrastive task (fewer negatives).
+    clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i). SGD on
+    `info_nce(norm(W f), norm(teacher))`, shuffled batches with `drop_last`; `seed` drives the
+    init and the order (the global RNG is untouched). history: per epoch `{"epoch", "loss",
+    "accuracy"}` (in-batch retrieval of each image's own teacher embedding). N < batch_size is
+    an error: a smaller batch would silently change the contrastive task (fewer negatives).
     """
     if clip_features.dim() != 2 or teacher_features.dim() != 2:
         raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
@@ -94,11 +86,8 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
 
 
 def train_head_from_file(features: str, out: str, device="cpu", log=print, **hparams) -> dict:
-    """Train a head on a feature file and save it (released format + metadata sidecar).
-
-    `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
-    What `python -m mpafer.expclip train` runs; returns the metadata written beside the head.
-    """
+    """`python -m mpafer.expclip train`: `train_head(**hparams)` on a feature file, saved with
+    its metadata sidecar (returned)."""
     data = load_features(features)
     log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "

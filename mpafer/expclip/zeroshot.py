@@ -1,12 +1,7 @@
-"""Exp-CLIP's zero-shot protocol: its classifier (`expclip_classifier`, the neutral
-`mpafer.zeroshot.ZeroShotClassifier` with the head and a prompt set) and its input transforms.
-
-Both classifiers of a side-by-side comparison must see the same images through the same
-transform, or the comparison measures the preprocessing, not the head. `input_transform` gives
-the two protocols: "released" (how the released Exp-CLIP heads were trained and evaluated:
-`Resize((r, r))`, a squash without crop, + `ToTensor`, no mean/std normalisation) and "clip"
-(CLIP's own preprocessing: bicubic short-side resize, centre crop, CLIP mean/std).
-"""
+"""Exp-CLIP's zero-shot classifier and its two input protocols: "released" (how the released
+heads were trained: a `Resize((r, r))` squash + `ToTensor`, no normalisation) and "clip" (CLIP's
+own preprocessing). Both sides of a comparison must use the same one, or it measures the
+preprocessing, not the head."""
 from typing import Optional, Sequence
 
 from ..data.transforms import describe_expclip_transform, eval_transform, expclip_transform
