@@ -1,9 +1,7 @@
 """Self-describing checkpoints: trainable tensors plus what rebuilds the model, nothing else.
 
-A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
-None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
-unpickling are refused before anything in them runs. Save one with `mpafer.files.atomic_save`
-(temporary file, then rename), as train.py does.
+A dict of tensors and plain containers, so it loads with `torch.load(weights_only=True)`; save
+it with `mpafer.files.atomic_save`.
 
     format            "mpafer-checkpoint/2" (the version: an older one is refused)
     method            "mpafer"
@@ -33,8 +31,7 @@ FORMAT = "mpafer-checkpoint/2"
 
 def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
                     train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
-    """The checkpoint dict of `model` (see the module docstring); save it with
-    `mpafer.files.atomic_save`."""
+    """The checkpoint dict of `model` (see the module docstring)."""
     clip_model = model.clip
     checkpoint = {
         "format": FORMAT,
@@ -93,10 +90,8 @@ def check_compatible(checkpoint: Dict, path: str, clip_model=None,
 
 def clip_activation(given: str, checkpoint: Optional[Dict] = None,
                     demo_clip: bool = False) -> Optional[str]:
-    """The activation to load the CLIP with (`clip.load(activation=...)`): `given` (the
-    --clip-activation flag) if any, else the one `checkpoint` recorded, else QuickGELU for the
-    demo CLIP, else None (`clip.load` decides: QuickGELU, with a note for a file that does not
-    say)."""
+    """The activation to load the CLIP with: `given` (--clip-activation), else the one
+    `checkpoint` recorded, else QuickGELU for the demo CLIP, else None (`clip.load` decides)."""
     if given:
         return given
     if checkpoint is not None:
@@ -105,11 +100,8 @@ def clip_activation(given: str, checkpoint: Optional[Dict] = None,
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:
-    """Rebuild the MPA-FER model of a checkpoint on `clip_model` and load its trainable state.
-
-    For inference the hard prompts are not needed (they are training-only), so they are not
-    built unless `for_training`.
-    """
+    """Rebuild the MPA-FER model of a checkpoint on `clip_model` with its trainable state; the
+    hard prompts, needed only in training, are built only `for_training`."""
     config = MPAFERConfig.from_dict(checkpoint["config"])
     if not for_training:
         config.soft_hard_alignment = False

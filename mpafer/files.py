@@ -10,14 +10,6 @@ from typing import Optional
 
 import torch
 
-
-def user_file_mode() -> int:
-    """The mode a new file gets from open(): 0o666 less the process's umask (e.g. 0o644)."""
-    umask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 # What a failed write tells the user, by errno; any other error is "cannot write".
 WRITE_PROBLEMS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
                   errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
@@ -26,9 +18,8 @@ if hasattr(errno, "EDQUOT"):  # not on Windows
 
 
 class WriteError(OSError):
-    """Writing (or removing) a file failed: disk full, quota, read-only file system, permission.
-    Its message names the file and the error in one line, e.g. "disk full while writing
-    runs/x/last.pt ([Errno 28] No space left on device)"; `run_cli` prints it as such."""
+    """Writing (or removing) a file failed; the message names the file and the error in one
+    line, e.g. "disk full while writing runs/x/last.pt ([Errno 28] No space left on device)"."""
 
     def __init__(self, path: str, error: OSError, action: str = "write", note: str = ""):
         problem = WRITE_PROBLEMS.get(error.errno)
@@ -82,12 +73,7 @@ def remove_quietly(path: str):
 
 
 def atomic_write(path: str, write):
-    """Write `path` through `write(binary file)` into a temporary file in the same folder, then
-    rename it over `path` and sync the folder: readers never see a half-written file, and a crash
-    or a kill leaves the old one. The file gets the user's normal permissions (mkstemp's
-    temporary files are private, 0600). A failed write (disk full, quota, read-only, permission)
-    raises `WriteError` naming `path`; the old file stays as it was and no temporary file is
-    left."""
+    """Write `path` atomically through `write(binary file)` (see the module docstring)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -98,7 +84,9 @@ def atomic_write(path: str, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, user_file_mode())
+        umask = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() gives; mkstemp's files are private (0600)
         os.replace(tmp, path)
         tmp = None
         fsync_folder(folder)

@@ -8,7 +8,7 @@
   which class's hard prompts are closest on average: what the soft-hard alignment L_t did.
 """
 import argparse
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,8 @@ def nearest_tokens(context: torch.Tensor, token_embedding: torch.Tensor,
 
 
 def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
-    """Nearest tokens of the model's text context: {"shared": ...} or one entry per class
-    (class-specific context). Deep text prompts are hidden states, not word embeddings, so
-    they are not read this way."""
+    """Nearest tokens of the model's text context: {"shared": ...} or one entry per class. (Deep
+    text prompts are hidden states, not word embeddings, so they are not read this way.)"""
     ctx = model.text_prompts.ctx.detach()
     table = model.clip.token_embedding.weight
     if ctx.dim() == 2:  # [M, W], one context shared by every class
@@ -57,22 +56,14 @@ def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
 
 
 @torch.no_grad()
-def hard_prompt_features(model: MPAFER, texts: Sequence[str]) -> torch.Tensor:
-    """Normalised text features `[H, D]` of hard prompts, with the model's frozen CLIP."""
-    device = model.clip.token_embedding.weight.device
-    tokens = crop_to_longest(tokenize(list(texts))).to(device)  # [H, L]
-    features = model.clip.encode_text_embeddings(model.clip.token_embedding(tokens),
-                                                 eot_positions(tokens))
-    return F.normalize(features.float(), dim=-1)
-
-
-@torch.no_grad()
 def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[str]]],
                          template: int) -> Dict[str, Dict]:
     """Per class: cosine of its soft-prompt feature with its hard prompts' features (mean, max,
     number of hard prompts) and the class whose hard prompts are closest on average."""
     texts, labels = build_hard_prompts(model.classnames, descriptions, template)
-    hard = hard_prompt_features(model, texts)  # [H, D]
+    tokens = crop_to_longest(tokenize(list(texts))).to(model.clip.token_embedding.weight.device)
+    hard = F.normalize(model.clip.encode_text_embeddings(
+        model.clip.token_embedding(tokens), eot_positions(tokens)).float(), dim=-1)  # [H, D]
     was_training = model.training
     soft = model.eval().text_features()[0]  # [C, D], normalised
     model.train(was_training)

@@ -1,19 +1,11 @@
 """OpenAI's CLIP (ViT variant), rewritten around `scaled_dot_product_attention`.
 
-Parameter names and shapes are exactly those of OpenAI's released checkpoints, so a released
-state dict loads with `strict=True`; the architecture is read off the state dict
-(`build_model`). Differences from OpenAI's `model.py`, all invisible in the checkpoint:
-
-- the package's own paths run batch-first `[B, L, W]`; `Transformer` and its blocks still take
-  OpenAI's sequence-first `[L, N, W]` when called from outside (`batch_first=False`, the
-  default), so client code that permutes to `[L, N, W]` around `model.transformer(x)` is right;
-- attention is `F.scaled_dot_product_attention` (fused kernels on CUDA and CPU);
-- weights stay fp32: mixed precision comes from `torch.autocast`, and LayerNorm runs in fp32;
-- prompt hooks are explicit optional arguments (`prompts`, `deep_prompts`, `return_tokens`,
-  `encode_text_embeddings`); with none given, the computation is the plain path;
-- a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`);
-- the MLP activation is an argument (`activation`): OpenAI's QuickGELU, or the exact GELU that
-  many open_clip models were trained with. The state dict cannot tell them apart.
+Parameter names and shapes are OpenAI's, so a released state dict loads with `strict=True`.
+Differences from OpenAI's `model.py`, all invisible in the checkpoint: the package's own paths
+run batch-first `[B, L, W]` (`Transformer` still takes OpenAI's `[L, N, W]` from outside); weights
+stay fp32 and mixed precision comes from `torch.autocast`; prompt hooks are explicit optional
+arguments; a loaded model records its checkpoint; the MLP activation is an argument (QuickGELU,
+or the exact GELU of many open_clip models: the state dict cannot tell them apart).
 """
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
@@ -109,17 +101,13 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
-        """Run the blocks on `x`, with optional per-layer prompt tokens.
+        """x `[L, N, W]` (OpenAI's layout, so client code written for it runs unchanged) or
+        `[B, L, W]` with `batch_first=True`; the output has the input's layout.
 
-        x: `[L, N, W]`, OpenAI's sequence-first convention, so client code written for OpenAI's
-            CLIP (`x.permute(1, 0, 2)` before and after `model.transformer(x)`) runs unchanged;
-            or `[B, L, W]` with `batch_first=True`, which the package's own encode paths pass
-            (no transposes on their path). The output has the input's layout.
         appended[l] `[P, W]` or `[B, P, W]`: joined after the sequence before layer l and
             dropped after it (VPT-deep).
         replaced[l] `[P, W]` or `[B, P, W]`: overwrites tokens `replace_start : replace_start + P`
-            before layer l (deep text prompts; later layers re-use the tokens layer l made).
-        Prompt tokens are batch-first in either layout.
+            before layer l (deep text prompts).
         """
         if not batch_first:
             x = x.transpose(0, 1)  # [B, L, W]
@@ -183,9 +171,8 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """OpenAI's CLIP (ViT). Beyond OpenAI's arguments: `vision_heads` (None: OpenAI's
-    `vision_width // 64`) and `activation`, the MLP activation of both towers: "quick_gelu"
-    (OpenAI's) or "gelu" (`nn.GELU`, exact, as open_clip's models without `-quickgelu`)."""
+    """OpenAI's CLIP (ViT), plus `vision_heads` (None: `vision_width // 64`) and `activation`
+    ("quick_gelu", OpenAI's, or "gelu", as open_clip's models without `-quickgelu`)."""
 
     def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
                  vision_patch_size: int, context_length: int, vocab_size: int,
@@ -205,9 +192,8 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
-        # Which checkpoint this is, set by `load` (None for a model built from a state dict),
-        # and the activation it runs: trained prompts and heads record them, to refuse a
-        # different backbone (`same_clip`).
+        # Which checkpoint this is (set by `load`) and its activation: trained prompts and heads
+        # record them, to refuse a different backbone (`same_clip`).
         self.checkpoint_name: Optional[str] = None
         self.checkpoint_sha256: Optional[str] = None
         self.activation = activation
@@ -230,9 +216,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     def set_grad_checkpointing(self, enabled: bool = True):
-        """Activation checkpointing in both towers: each block's activations are recomputed
-        in the backward pass instead of stored (for large backbones such as ViT-L/14).
-        Outputs and gradients are the same; only memory and time change. No effect under no_grad."""
+        """Recompute each block's activations in the backward pass instead of storing them:
+        less memory, same outputs and gradients."""
         self.visual.transformer.grad_checkpointing = enabled
         self.transformer.grad_checkpointing = enabled
         return self
@@ -292,9 +277,8 @@ SHAPES = {
 
 
 def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
-    """(SHA-256, activation) of a CLIP model, of a record `{"sha256", "activation"}` as
-    checkpoints keep it (no "activation": QuickGELU, the only one before it was recorded), or of a
-    SHA-256 string (activation None: not stated)."""
+    """(SHA-256, activation) of a CLIP model, a record `{"sha256", "activation"}` (no
+    activation: QuickGELU) or a SHA-256 string (activation None: not stated)."""
     if isinstance(x, CLIP):
         return x.checkpoint_sha256, x.activation
     if isinstance(x, dict):
@@ -303,14 +287,9 @@ def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
 
 
 def same_clip(a, b) -> Optional[bool]:
-    """Whether two CLIPs are the same: the same checkpoint (SHA-256) run with the same activation.
-
-    a, b: SHA-256 hex strings, records `{"sha256", "activation"}` (e.g. in a trained checkpoint)
-    or CLIP models. True or False, or None when either SHA-256 is unknown (a model built from a
-    state dict, or a record that has none). Code that refuses a different backbone tests
-    `same_clip(trained, used) is False`, so an unknown identity is let through. One file run
-    with QuickGELU and with GELU is two different CLIPs.
-    """
+    """Whether two CLIPs (see `clip_identity`) are the same checkpoint run with the same
+    activation; None when either SHA-256 is unknown, so `same_clip(...) is False` lets an
+    unknown identity through."""
     (sha_a, act_a), (sha_b, act_b) = clip_identity(a), clip_identity(b)
     if not sha_a or not sha_b:
         return None
@@ -325,12 +304,8 @@ def describe_clip(name: Optional[str], sha256: str, activation: Optional[str]) -
 
 
 def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
-    """A clear error when `clip_model` is not the CLIP that `source` was trained on.
-
-    trained: `{"name", "sha256", "activation"}` as recorded at training time. Nothing is
-    checked when either identity is unknown (see `same_clip`). `hint` ends the message: how to
-    load the right CLIP or force another.
-    """
+    """A clear error when `clip_model` is not the CLIP `trained` (`{"name", "sha256",
+    "activation"}`) that `source` was trained on; `hint` ends the message."""
     if same_clip(trained, clip_model) is False:
         was = describe_clip(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
         loaded = describe_clip(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
@@ -341,17 +316,14 @@ def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Image towers whose heads are not OpenAI's 64 wide, by width: open_clip's ViT-H (H/14, H/16,
-# H/14-378) has 16 heads of 80. The state dict does not show the heads; these widths occur only
-# in those models (wider ones, g and bigG, are refused for their MLP width).
+# Image towers whose heads are not OpenAI's 64 wide, by width (the state dict does not show the
+# heads): open_clip's ViT-H has 16 heads of 80.
 VISION_HEADS = {1280: 16}
 
 
 def model_config(state_dict: dict) -> dict:
-    """Read CLIP's architecture off an OpenAI-format state dict (any size); a CLIP of another
-    architecture is refused with a one-line reason (`architecture.check_vit_family`).
-
-    The ten arguments of OpenAI's CLIP, and `vision_heads` for the widths in VISION_HEADS."""
+    """`CLIP`'s arguments read off an OpenAI-format state dict; another architecture is
+    refused with a one-line reason."""
     check_vit_family(state_dict)
 
     def count_layers(prefix: str) -> int:
@@ -380,11 +352,8 @@ def model_config(state_dict: dict) -> dict:
 
 
 def build_model(state_dict: dict, activation: str = "quick_gelu") -> CLIP:
-    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly.
-
-    activation: "quick_gelu" (OpenAI's models) or "gelu" (open_clip models trained with GELU);
-    the state dict does not say which. Its `checkpoint_name` and `checkpoint_sha256` are None:
-    only `load` knows the file."""
+    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly (its
+    `checkpoint_name` and `checkpoint_sha256` are None: only `load` knows the file)."""
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     if "logit_scale" in state_dict and state_dict["logit_scale"].numel() == 1:

@@ -1,12 +1,9 @@
 """Reading `.safetensors` files with torch and the standard library alone.
 
 The format: an 8-byte little-endian header length N, N bytes of JSON
-`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data:
-raw little-endian tensor bytes, offsets relative to its start. Nothing in the file is executed.
-Every number in the header is checked before anything is allocated: the header length against
-the file size, each tensor's offsets against the data's size and its byte count against its
-shape and dtype, and the tensors may not overlap, so the memory used never exceeds the file's
-size, whatever the header says.
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
+little-endian tensor bytes. Every number in the header is checked against the file before
+anything is allocated, so the memory used never exceeds the file's size.
 """
 import json
 import os

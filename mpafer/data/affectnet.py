@@ -1,19 +1,9 @@
-"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release:
-`--dataset affectnet7 | affectnet8`.
+"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release
+(`AFFECTNET_LAYOUT`): `--dataset affectnet7 | affectnet8`. Access is granted by its authors.
 
-Access is granted by the AffectNet authors on request. Either layout (`AFFECTNET_LAYOUT`):
-
-    <root>/training.csv, validation.csv     subDirectory_filePath, face_x, face_y, face_width,
-                                            face_height, facial_landmarks, expression, ...
-    <root>/Manually_Annotated_Images/<subDirectory_filePath>   (cropped to the face box)
-or
-    <root>/train_set|val_set/images/<id>.jpg with annotations/<id>_exp.npy
-
-Expression codes 0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear, 5 disgust, 6 anger, 7 contempt;
-codes 8 and above (none, uncertain, no face) are dropped, and the 7-class set drops contempt
-too. The official validation set is the test set (500 images per class). The training set is
-heavily imbalanced (happiness alone is about half of it), so the presets train with the
-class-balanced sampler (`mpafer.data.ClassBalancedSampler`) and 64,000 samples per epoch.
+Expression codes 8 and above (none, uncertain, no face) are dropped, and the 7-class set drops
+contempt too. The official validation set is the test set. The training set is heavily
+imbalanced, so the presets train with the class-balanced sampler.
 """
 import os
 
@@ -52,14 +42,9 @@ _AFFECTNET_SPLITS = {"train": ("training.csv", "train_set"),
 
 
 class AffectNet(FERDataset):
-    """AffectNet with 7 (no contempt) or 8 classes; the layout is detected automatically.
-
-    Splits: "train"; "test" = the official validation set (500 images per class), which
-    is what papers report as AffectNet test accuracy; "val" is accepted as an alias of
-    "test". classnames follow AffectNet's code order (neutral, happiness, sadness, surprise,
-    fear, disgust, anger[, contempt]); target = expression code. With the CSV release each
-    image is cropped to its face box at load time.
-    """
+    """AffectNet with 7 (no contempt) or 8 classes, either layout; target = expression code.
+    "test" (alias "val") is the official validation set, what papers report as AffectNet test
+    accuracy. With the CSV release each image is cropped to its face box at load time."""
 
     def __init__(self, root, split, num_classes=7, transform=None, skip_bad_images=False):
         super().__init__(root, transform)

@@ -1,16 +1,10 @@
 """The per-batch half of the training augmentation, run on the device.
 
-DataLoader workers do the per-image work that needs PIL (decode, random resized crop, flip) and
-hand over uint8 pixels `[B, 3, R, R]`: a quarter of the bytes of float32, both between processes
-and from host to device. Conversion to float, CLIP's mean/std normalisation and random erasing
-then run here, batched, on the device where the model is.
-
-`normalize_on_device` computes exactly what torchvision's ToTensor followed by
-Normalize(CLIP_MEAN, CLIP_STD) computes (the same float32 operations in the same order).
-`random_erasing_on_device` draws from the same distribution as torchvision's RandomErasing with
-its defaults, one independent draw per image, vectorised; its randomness comes from an explicit
-`torch.Generator`, which `TrainBatchAugment` seeds from (seed, epoch, step, rank), so a resumed
-run erases exactly what an uninterrupted one does.
+DataLoader workers decode, crop and flip, and hand over uint8 pixels `[B, 3, R, R]`; the
+normalisation (the same float32 operations as ToTensor + Normalize) and random erasing (the
+distribution of torchvision's RandomErasing, one draw per image) run here, batched, with a
+generator seeded from (seed, epoch, step, rank), so a resumed run erases what an uninterrupted
+one does.
 """
 import math
 from functools import lru_cache
@@ -54,13 +48,8 @@ def as_model_input(images: torch.Tensor) -> torch.Tensor:
 def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
                              generator: torch.Generator = None, value: float = 0.0) -> torch.Tensor:
     """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on every image
-    of a batch [B, C, H, W] independently, in a few batched operations (no host sync).
-
-    Per image, as torchvision does: with probability p, try up to 10 boxes of area
-    uniform(scale) * H * W and log-uniform aspect ratio; take the first that fits inside the
-    image, at a uniform position, and set it to `value`; if none fits, leave the image as it is.
-    Returns a new tensor; `generator` (on the images' device) makes it reproducible.
-    """
+    of a batch [B, C, H, W] independently, batched (no host sync): with probability p, the first
+    of 10 random boxes that fits is set to `value`. Returns a new tensor."""
     batch, _, height, width = images.shape
     device, attempts = images.device, ERASE_ATTEMPTS
     u = torch.rand(batch, 3 + 2 * attempts, generator=generator, device=device)  # [B, 3 + 2A]
@@ -92,11 +81,8 @@ def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
 
 
 class TrainBatchAugment:
-    """uint8 training batch on the device -> normalised, randomly erased float batch.
-
-    Call it as `augment(images, epoch, step)`: the erasing draws from a generator on the device
-    seeded by (seed, epoch, step, rank), so any batch can be redone exactly, also after a resume.
-    """
+    """`augment(images, epoch, step)`: uint8 batch -> normalised, randomly erased float batch,
+    the same for the same (seed, epoch, step, rank)."""
 
     def __init__(self, device: torch.device, seed: int, rank: int = 0,
                  erase_p: float = RANDOM_ERASING_P):

@@ -1,16 +1,7 @@
-"""RAF-DB, basic expressions (7 classes): `--dataset rafdb`.
-
-Access is granted by the RAF-DB authors on request. Layout (`RAFDB_LAYOUT`):
-
-    <root>/EmoLabel/list_patition_label.txt   "<name>.jpg <label>" per line ("patition" sic)
-    <root>/Image/aligned/<stem>_aligned.jpg   100x100 aligned faces
-
-Labels 1..7 are surprise, fear, disgust, happiness, sadness, anger, neutral (`RAFDB_CLASSES`,
-reported under the canonical names). The split is the file-name prefix, `train_` or `test_`:
-12,271 training and 3,068 test images (`RAFDB_EXPECTED_COUNTS` per label; a different count
-is reported as a warning, since it usually means a partial download). There is no official
-validation split: the paper chooses its epoch on the test split, which flatters the result;
-`--val-fraction` holds a stratified part of the training set out instead.
+"""RAF-DB, basic expressions (7 classes; `RAFDB_LAYOUT`): `--dataset rafdb`. Access is granted
+by its authors. The split is the file-name prefix, `train_` or `test_`; a split whose per-label
+counts are not the official ones is warned about (usually a partial download). There is no
+official validation split: `--val-fraction` holds a stratified part of the training set out.
 """
 import os
 import warnings
@@ -36,12 +27,7 @@ RAFDB_EXPECTED_COUNTS = {
 
 
 class RAFDB(FERDataset):
-    """RAF-DB basic expressions (7 classes), split "train" or "test" by file-name prefix.
-
-    classnames follow RAF-DB's label order (surprise, fear, disgust, happiness, sadness,
-    anger, neutral); target = label - 1. Warns if a split that looks like the full official
-    one (within 10% of its size) differs from the official counts.
-    """
+    """RAF-DB basic expressions, split "train" or "test"; target = label - 1."""
 
     classnames = RAFDB_CLASSES
 

@@ -7,13 +7,10 @@ from torch.utils.data import Sampler
 
 
 class ClassBalancedSampler(Sampler):
-    """Draws indices with replacement, each with probability proportional to 1 / count of
-    its class, so every class is seen equally often (for imbalanced sets like AffectNet).
-
-    The draw depends only on (seed, epoch): call set_epoch(epoch) every epoch. Under DDP
-    every rank makes the same draw and takes the disjoint slice draw[rank::world_size], so
-    it is a drop-in for DistributedSampler. num_samples is the total over all ranks
-    (default len(targets)); len(sampler) is the per-rank count.
+    """Indices drawn with replacement, with probability 1 / count of their class, so every
+    class is seen equally often. The draw depends only on (seed, epoch) (call `set_epoch`);
+    under DDP each rank takes the slice draw[rank::world_size], as DistributedSampler does.
+    num_samples is the total over all ranks (default len(targets)); len() is per rank.
     """
 
     def __init__(self, targets, num_samples=None, seed=0, rank=0, world_size=1):

@@ -1,11 +1,8 @@
-"""Parts of a training set for the research protocols: K images per class (few-shot, the CoOp
-protocol) and a stratified validation part held out of the training set (for datasets without
-an official validation split, such as RAF-DB).
+"""Parts of a training set: K images per class (few-shot) and a stratified validation part.
 
-Both draws are seeded and independent of each other (separate random streams), and both
-return indices into the full training set, so a run can record exactly which files it used.
-With both, the validation part is carved first and the K shots are drawn from the rest: the
-held-out images never train, and the validation part does not depend on K.
+Both draws are seeded, independent of each other, and return indices into the full training
+set, so a run can record which files it used. With both, the validation part is carved first
+and the shots drawn from the rest, so it does not depend on K.
 """
 import copy
 import hashlib
@@ -62,14 +59,10 @@ def stratified_split(targets: Sequence[int], fraction: float,
 
 
 class Subset(Dataset):
-    """Items `indices` of `dataset`, with a transform of their own and, optionally, a class list
-    of their own (`classnames`: a subset of the dataset's, in any order; labels follow it).
-
-    It keeps the dataset interface train.py relies on (`classnames`, `targets`,
-    `class_counts()`, a settable `transform`), so a copy can take another transform (as the
-    prototype step does) without touching the training set's. A subset of a subset is a subset
-    of the original dataset (`base`), so its files and fingerprints stay those of the original.
-    """
+    """Items `indices` of `dataset`, with a transform of their own and optionally a class list
+    of their own (`classnames`, some of the dataset's in any order; labels follow it). A subset
+    of a subset is a subset of the original dataset (`base`), whose files and fingerprints it
+    keeps."""
 
     def __init__(self, dataset, indices: Sequence[int], transform=None,
                  classnames: Optional[Sequence[str]] = None):
