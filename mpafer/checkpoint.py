@@ -64,13 +64,11 @@ def face_convention_of(train_config: Dict) -> str:
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
     checkpoint = safe_load(path, "checkpoint")
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
     if isinstance(found, str) and found.startswith("mpafer-checkpoint/") and found != FORMAT:
         raise ValueError(f"{path} is a checkpoint of format {found}, written before this version "
                          f"of mpafer (which reads {FORMAT}); train it again")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = (checkpoint.get("format") if isinstance(checkpoint, dict)
-                 else type(checkpoint).__name__)
+    if found != FORMAT:
         raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected "
                          f"{FORMAT!r})")
     return checkpoint

@@ -35,15 +35,6 @@ class PlainProgress:
     def set_postfix(self, **values):
         self.postfix = "  " + " ".join(f"{k}={v}" for k, v in values.items())
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def close(self):
-        pass
-
 
 def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options):
     """tqdm on a terminal, else a `PlainProgress`; nothing when `disable`."""

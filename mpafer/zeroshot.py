@@ -45,28 +45,25 @@ class ZeroShotClassifier(nn.Module):
                   for i in range(0, len(texts), batch_size)]
         return self._project(torch.cat(chunks))  # [P, E]
 
-    def _project(self, features: torch.Tensor) -> torch.Tensor:
-        """CLIP features `[..., D]` -> head (if any), in fp32 -> L2-normalised `[..., E]`."""
+    def _project(self, features: torch.Tensor, frames: int = 0) -> torch.Tensor:
+        """CLIP features `[..., D]` -> head (if any), in fp32 -> L2-normalised `[..., E]`; with
+        `frames`, rows `[B*T, D]` are video frames, averaged after the head -> `[B, E]`."""
         with torch.autocast(features.device.type, enabled=False):
             features = features.float()
             if self.head is not None:
                 features = self.head(features)
+            if frames:
+                features = features.view(-1, frames, features.shape[-1]).mean(dim=1)  # [B, E]
             return F.normalize(features, dim=-1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` or video `[B, T, 3, H, W]` -> normalised (projected) features `[B, E]`."""
-        if images.dim() == 5:
-            B, T = images.shape[:2]
-            feats = self.clip_model.encode_image(images.flatten(0, 1)).float()  # [B*T, D]
-            with torch.autocast(feats.device.type, enabled=False):
-                if self.head is not None:
-                    feats = self.head(feats)  # [B*T, E]
-                feats = feats.view(B, T, -1).mean(dim=1)  # [B, E]: average projected frames
-            return F.normalize(feats, dim=-1)
-        if images.dim() != 4:
+        if images.dim() not in (4, 5):
             raise ValueError(f"expected images [B, 3, H, W] or video [B, T, 3, H, W], "
                              f"got shape {tuple(images.shape)}")
-        return self._project(self.clip_model.encode_image(images).float())  # [B, E]
+        frames = images.shape[1] if images.dim() == 5 else 0
+        features = self.clip_model.encode_image(images.flatten(0, 1) if frames else images)
+        return self._project(features.float(), frames)  # [B, E]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = self.encode_images(images)  # [B, E]

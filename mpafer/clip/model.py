@@ -298,18 +298,16 @@ def same_clip(a, b) -> Optional[bool]:
     return act_a is None or act_b is None or act_a == act_b
 
 
-def describe_clip(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
-    act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
-    return f"{name or '?'} (SHA-256 {sha256[:12]}...{act})"
-
-
 def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
     """A clear error when `clip_model` is not the CLIP `trained` (`{"name", "sha256",
     "activation"}`) that `source` was trained on; `hint` ends the message."""
     if same_clip(trained, clip_model) is False:
-        was = describe_clip(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
-        loaded = describe_clip(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
-                               clip_model.activation)
+        def describe(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
+            act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
+            return f"{name or '?'} (SHA-256 {sha256[:12]}...{act})"
+        was = describe(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
+        loaded = describe(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
+                          clip_model.activation)
         raise ValueError(f"{source} was trained on CLIP {was}, but the loaded CLIP is {loaded}; "
                          f"{hint}")
 

@@ -6,6 +6,7 @@ little-endian tensor bytes. Every number in the header is checked against the fi
 anything is allocated, so the memory used never exceeds the file's size.
 """
 import json
+import math
 import os
 import struct
 import sys
@@ -56,9 +57,7 @@ def _entry(path: str, name: str, info, data_size: int):
     if not 0 <= begin <= end <= data_size:
         raise _invalid(path, f"tensor {name!r} has data_offsets [{begin}, {end}] outside the "
                              f"{data_size} bytes of data")
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     if numel * itemsize != end - begin:
         raise _invalid(path, f"tensor {name!r} ({dtype} {shape}) needs {numel * itemsize} "

@@ -22,11 +22,8 @@ NUM_MERGES = 49152 - 256 - 2  # 48,894 merges -> a 49,408-token vocabulary
 
 @functools.lru_cache()
 def bytes_to_unicode() -> dict:
-    """Map each byte to a printable unicode character, so BPE never sees raw control bytes.
-
-    Printable latin-1 bytes map to themselves; the other 68 map to code points 256 and up.
-    The order (printable bytes first) fixes the first 256 token ids of the vocabulary.
-    """
+    """Each byte -> a printable character (itself if printable, else 256 and up), so BPE never
+    sees control bytes; this order fixes the first 256 token ids."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
     others = [b for b in range(256) if b not in printable]
@@ -36,8 +33,7 @@ def bytes_to_unicode() -> dict:
 
 
 def clean_text(text: str) -> str:
-    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed,
-    lower case."""
+    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed, lower."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -114,11 +110,8 @@ def get_tokenizer() -> SimpleTokenizer:
 
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77,
              truncate: bool = False) -> torch.LongTensor:
-    """Texts -> `[n, context_length]` token ids: SOT, BPE ids, EOT, zero padding.
-
-    Text longer than the context is an error naming it, unless `truncate=True` (then the
-    last kept token is replaced by EOT, as OpenAI does).
-    """
+    """Texts -> `[n, context_length]` token ids: SOT, BPE ids, EOT, zero padding. Longer text is
+    an error naming it, unless `truncate=True` (the last kept token becomes EOT, as OpenAI's)."""
     if isinstance(texts, str):
         texts = [texts]
     tok = get_tokenizer()
