@@ -10,13 +10,11 @@ it with `mpafer.files.atomic_save`.
     classnames        class names in the model's order
     clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
-    face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`), for
-                      aligning the faces of photos the same way
+    face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`)
     state_dict        trainable tensors only
     epoch, metrics    epoch finished (1-based) and its evaluation
-    resume            (last.pt only) optimizer, scheduler and scaler states, the best metric,
-                      where the run stands (see `mpafer.app.runs.resume_state`); no RNG states:
-                      every epoch re-seeds from (seed, epoch)
+    resume            (last.pt only) optimizer, scheduler and scaler states, where the run
+                      stands (`mpafer.app.runs.resume_state`); no RNG states (epochs re-seed)
 """
 from typing import Dict, Optional, Sequence
 

@@ -1,10 +1,5 @@
-"""Which state dicts are CLIP ViTs of OpenAI's architecture, and a one-line reason for the rest.
-
-OpenAI's ViTs and open_clip's plain ViTs (B/32, B/16, L/14, H/14: LAION-2B, DataComp, MetaCLIP,
-DFN releases) share one architecture and OpenAI's key names. Other CLIPs add or drop parameters
-(open_clip's key names below); they are refused rather than loaded into the wrong model. What a
-state dict cannot show, the MLP activation, is `load`'s `activation` argument.
-"""
+"""Which state dicts are CLIP ViTs of OpenAI's architecture (OpenAI's and open_clip's plain
+ViTs), and a one-line reason for the rest, which are refused rather than loaded wrongly."""
 import re
 from typing import Dict, Iterable, List
 

@@ -32,12 +32,6 @@ def bytes_to_unicode() -> dict:
     return table
 
 
-def clean_text(text: str) -> str:
-    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed, lower."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 class SimpleTokenizer:
     """Byte-level BPE over OpenAI's merges; `encode` and `decode` are inverses up to cleaning."""
 
@@ -90,8 +84,10 @@ class SimpleTokenizer:
         return self.cache[token]
 
     def encode(self, text: str) -> List[int]:
+        # ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed.
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         ids = []
-        for piece in self.SPLIT.findall(clean_text(text)):
+        for piece in self.SPLIT.findall(re.sub(r"\s+", " ", text).strip().lower()):
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids

@@ -74,12 +74,6 @@ def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
     return images.masked_fill(box[:, None], value)  # [B, C, H, W]
 
 
-def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
-    """A 63-bit seed for one training batch, mixed from (seed, epoch, step, rank)."""
-    words = [seed % 2 ** 63, epoch, step, rank]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 class TrainBatchAugment:
     """`augment(images, epoch, step)`: uint8 batch -> normalised, randomly erased float batch,
     the same for the same (seed, epoch, step, rank)."""
@@ -90,5 +84,7 @@ class TrainBatchAugment:
         self.seed, self.rank, self.erase_p = seed, rank, erase_p
 
     def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        self.generator.manual_seed(batch_seed(self.seed, epoch, step, self.rank))
+        words = [self.seed % 2 ** 63, epoch, step, self.rank]  # -> a 63-bit seed for this batch
+        seed = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1
+        self.generator.manual_seed(int(seed))
         return random_erasing_on_device(normalize_on_device(images), self.erase_p, self.generator)

@@ -50,7 +50,12 @@ class RAFDB(FERDataset):
         if not files:
             raise ValueError(f"{label_file}: no {split}_* images listed\n"
                              f"Expected layout:\n{RAFDB_LAYOUT}")
-        _warn_if_unofficial(split, np.bincount(targets, minlength=7).tolist(), label_file)
+        counts, expected = np.bincount(targets, minlength=7).tolist(), RAFDB_EXPECTED_COUNTS[split]
+        # Only a split that looks like the full release is compared; small subsets are fine.
+        if abs(len(targets) - sum(expected)) <= 0.1 * sum(expected) and counts != expected:
+            warnings.warn(f"{label_file}: RAF-DB {split} split has {len(targets)} images, per "
+                          f"label {counts}; the official split has {sum(expected)}, per label "
+                          f"{expected}", stacklevel=2)
         self._set_items(files, targets, skip_bad_images=skip_bad_images, source=label_file,
                         layout=RAFDB_LAYOUT)
 
@@ -69,13 +74,3 @@ def _parse_rafdb_labels(path):
                 raise ValueError(f"{path}:{line_number}: expected '<train_|test_name>.jpg "
                                  f"<label 1-7>', got {line.rstrip()!r}")
             yield fields[0], int(fields[1])
-
-
-def _warn_if_unofficial(split, counts, label_file):
-    expected = RAFDB_EXPECTED_COUNTS[split]
-    total, expected_total = sum(counts), sum(expected)
-    # Only a split that looks like the full release is compared; small subsets are fine.
-    if abs(total - expected_total) <= 0.1 * expected_total and counts != expected:
-        warnings.warn(f"{label_file}: RAF-DB {split} split has {total} images, per label "
-                      f"{counts}; the official split has {expected_total}, per label "
-                      f"{expected}", stacklevel=3)

@@ -3,8 +3,7 @@
 image -> ViT-g -> Q-Former -> 32 query tokens -> `language_projection` to the T5 width, joined by
 the embedded `INSTRUCTION`, through the frozen T5 **encoder only**; its output is mean-pooled
 over all non-padding positions and L2-normalised -> `[N, 4096]`. Needs Hugging Face
-`transformers` (imported lazily), which mpafer itself does not. `teacher_features_from_model`
-is the pure computation, for any `Blip2ForConditionalGeneration`-like model.
+`transformers` (imported lazily), which mpafer itself does not.
 
 Where this departs from the released code (which ran BLIP-2 through LAVIS in its training
 loop): the teacher runs once, in eval mode (the release left dropout on, so targets changed
@@ -44,13 +43,9 @@ def require_transformers():
 
 def teacher_features_from_model(model, pixel_values: torch.Tensor, instruction_ids: torch.Tensor,
                                 instruction_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """BLIP-2 teacher embeddings for a batch of images -> `[B, H]` (fp32, unit norm).
-
-    model: a `Blip2ForConditionalGeneration` with an encoder-decoder (T5) language model.
-    pixel_values `[B, 3, S, S]`; instruction_ids `[L]` or `[B, L]` (T5 token ids, as the
-    tokenizer gives them, with the final `</s>`); instruction_mask `[B, L]` (1 = token,
-    0 = padding) when the ids are padded.
-    """
+    """BLIP-2 (with a T5 language model) teacher embeddings -> `[B, H]` (fp32, unit norm).
+    pixel_values `[B, 3, S, S]`; instruction_ids `[L]` or `[B, L]` (T5 ids, with the final
+    `</s>`); instruction_mask `[B, L]` (1 = token, 0 = padding) when the ids are padded."""
     B = pixel_values.shape[0]
     if instruction_ids.dim() == 1:
         instruction_ids = instruction_ids.unsqueeze(0)  # [1, L]
