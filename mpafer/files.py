@@ -101,9 +101,8 @@ def atomic_write(path: str, write):
 
 
 def probe_write(path: str, size: int, note: str = ""):
-    """Check now that `path` could be written with `size` bytes: write a temporary file of that
-    size beside it, sync it and remove it (`path` itself is not touched). Raises `WriteError`
-    naming `path`, with `note` appended, when it could not."""
+    """Check now, with a temporary file beside it, that `path` could be written with `size`
+    bytes; `WriteError` (with `note`) when it could not."""
     chunk = os.urandom(min(max(size, 1), 1 << 20))  # random: compressing file systems count it
     tmp = None
     try:
@@ -124,9 +123,8 @@ def probe_write(path: str, size: int, note: str = ""):
 
 
 def append_bytes(path: str, data: bytes, sync: bool = False):
-    """Append `data` to `path` (created if missing). A failed write raises `WriteError` naming
-    `path` and cuts the file back to what it held, so no half line is left behind; `sync`:
-    also fsync it."""
+    """Append `data` to `path`; a failed write raises `WriteError` and cuts the file back to
+    what it held, so no half line is left behind."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:

@@ -80,28 +80,6 @@ def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[st
     return result
 
 
-def format_prompt_tokens(tokens: Dict[str, List[List[Dict]]]) -> str:
-    """One line per context vector: its nearest tokens with their cosine similarities."""
-    lines = []
-    for owner, vectors in tokens.items():
-        lines.append(f"text context ({owner}), nearest vocabulary tokens by cosine "
-                     "(a trailing '-' marks a word piece that continues):")
-        for m, nearest in enumerate(vectors, 1):
-            lines.append(f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}"
-                                                   for t in nearest))
-    return "\n".join(lines)
-
-
-def format_soft_hard(similarity: Dict[str, Dict]) -> str:
-    width = max(len(name) for name in similarity) + 2
-    lines = ["cosine of each class's soft-prompt feature with its hard prompts' features:",
-             f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)"]
-    for name, s in similarity.items():
-        lines.append(f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
-                     f"  {s['closest_class']}")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     """python -m mpafer.interpret --checkpoint best.pt [--soft-hard] [--tokens K] [--json F]"""
     parser = ArgumentParser(prog="python -m mpafer.interpret", description=__doc__,
@@ -126,15 +104,25 @@ def main(argv=None):
                                          device=resolve_device(args.device))
     model = model_from_checkpoint(checkpoint, clip_model).eval()
     report = {"prompt_tokens": prompt_tokens(model, args.tokens)}
-    print(format_prompt_tokens(report["prompt_tokens"]))
+    for owner, vectors in report["prompt_tokens"].items():  # a line per context vector
+        print(f"text context ({owner}), nearest vocabulary tokens by cosine "
+              "(a trailing '-' marks a word piece that continues):")
+        for m, nearest in enumerate(vectors, 1):
+            print(f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}"
+                                           for t in nearest))
     if args.soft_hard:
         template = model.config.hard_prompt_template
         descriptions = checkpoint.get("descriptions")
         if template == 3 and not descriptions:
             print("note: the checkpoint has no descriptions; using the shipped ones")
             descriptions = load_descriptions(model.classnames)
-        report["soft_hard"] = soft_hard_similarity(model, descriptions, template)
-        print(format_soft_hard(report["soft_hard"]))
+        report["soft_hard"] = similarity = soft_hard_similarity(model, descriptions, template)
+        width = max(len(name) for name in similarity) + 2
+        print("cosine of each class's soft-prompt feature with its hard prompts' features:")
+        print(f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)")
+        for name, s in similarity.items():
+            print(f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
+                  f"  {s['closest_class']}")
     if args.json:
         atomic_write_json(report, args.json, ensure_ascii=False)
     return report

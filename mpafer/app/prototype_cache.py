@@ -1,6 +1,5 @@
-"""A run's class prototypes, cached on disk: keyed by everything they depend on, as stable
-values (hashes, sizes, parameter values, never object reprs), so that a later run in another
-process finds them; computed with `mpafer.prototypes.compute_prototypes` otherwise."""
+"""A run's class prototypes, cached on disk under everything they depend on, as stable values
+(never object reprs), so that a later run in another process finds them."""
 import copy
 import hashlib
 import json

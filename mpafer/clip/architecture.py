@@ -50,9 +50,8 @@ def refusal(reasons: List[str]) -> NotViTFamily:
 
 
 def check_vit_family(state_dict: Dict) -> None:
-    """Raise NotViTFamily naming the foreign parameters (else the missing ones), ValueError when
-    the dict is not a CLIP state dict at all; return quietly for a CLIP ViT of OpenAI's
-    architecture."""
+    """Raise NotViTFamily naming the foreign (else missing) parameters, ValueError when the dict
+    is not a CLIP state dict at all."""
     reasons = []
     for pattern, what in FOREIGN_KEYS:
         # A whole module (pattern `^prefix\.`) is shown as `prefix.*`, other keys one by one.

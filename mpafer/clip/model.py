@@ -152,11 +152,8 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x: torch.Tensor, prompts: LayerPrompts = None, return_tokens: bool = False):
-        """Images `[B, 3, H, W]` -> global feature `[B, D]` (and patch features `[B, N, D]`).
-
-        prompts: per-layer visual prompt tokens `[P, width]` (VPT-deep), see `Transformer`.
-        return_tokens: also return every patch through the same `ln_post` and `proj`.
-        """
+        """Images `[B, 3, H, W]` -> global feature `[B, D]` (with `return_tokens`, also patch
+        features `[B, N, D]`); prompts: per-layer visual prompt tokens (`Transformer.appended`)."""
         x = self.conv1(x)  # [B, W, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, N, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
@@ -242,12 +239,8 @@ class CLIP(nn.Module):
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_positions: torch.Tensor,
                                deep_prompts: LayerPrompts = None, prompt_start: int = 1):
-        """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`.
-
-        eot_positions `[B]`: where each sequence's EOT token sits (its feature is the output).
-        deep_prompts[l] `[P, W]` or `[B, P, W]`: replace tokens `prompt_start : prompt_start + P`
-            before layer l (deep text prompts); entry 0 is usually None (the input is `x`).
-        """
+        """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`,
+        read at `eot_positions` `[B]`; deep_prompts: `Transformer.replaced`, from `prompt_start`."""
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # [B, L, W]
         x = self.transformer(x, batch_first=True, replaced=deep_prompts, replace_start=prompt_start)
         x = self.ln_final(x)

@@ -100,23 +100,17 @@ class AffectNet(FERDataset):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            code = _read_expression_npy(os.path.join(annotations, f"{stem}_exp.npy"))
+            path = os.path.join(annotations, f"{stem}_exp.npy")  # a numpy string or integer
+            if not os.path.isfile(path):
+                raise missing_error(path, "AffectNet annotation", AFFECTNET_LAYOUT)
+            try:
+                code = int(np.load(path, allow_pickle=False).item())
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(f"{path}: expected an integer expression code, got error: "
+                                 f"{error}") from error
+            if code < 0:
+                raise ValueError(f"{path}: negative expression code {code}")
             if code < self.num_classes:
                 files.append(os.path.join(os.path.basename(folder), "images", name))
                 targets.append(code)
         return files, targets
-
-
-def _read_expression_npy(path):
-    """The expression code in an AffectNet <id>_exp.npy (a numpy string or integer scalar)."""
-    if not os.path.isfile(path):
-        raise missing_error(path, "AffectNet annotation", AFFECTNET_LAYOUT)
-    try:
-        value = np.load(path, allow_pickle=False)
-        code = int(value.item())
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"{path}: expected an integer expression code, got error: "
-                         f"{error}") from error
-    if code < 0:
-        raise ValueError(f"{path}: negative expression code {code}")
-    return code

@@ -1,11 +1,6 @@
-"""The per-batch half of the training augmentation, run on the device.
-
-DataLoader workers decode, crop and flip, and hand over uint8 pixels `[B, 3, R, R]`; the
-normalisation (the same float32 operations as ToTensor + Normalize) and random erasing (the
-distribution of torchvision's RandomErasing, one draw per image) run here, batched, with a
-generator seeded from (seed, epoch, step, rank), so a resumed run erases what an uninterrupted
-one does.
-"""
+"""The per-batch half of the training augmentation, run on the device: DataLoader workers hand
+over uint8 pixels `[B, 3, R, R]`; the normalisation (the float32 operations of ToTensor +
+Normalize) and random erasing (torchvision's RandomErasing, one draw per image) run here."""
 import math
 from functools import lru_cache
 
@@ -40,8 +35,7 @@ def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
 
 
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
-    """A batch as the model takes it: uint8 batches are pixels and get CLIP-normalised here (on
-    their device); float batches are already preprocessed and pass through unchanged."""
+    """uint8 batches get CLIP-normalised on their device; float batches pass unchanged."""
     return normalize_on_device(images) if images.dtype == torch.uint8 else images
 
 

@@ -45,9 +45,8 @@ class ClassBalancedSampler(Sampler):
 
 
 class ResumableSampler(Sampler):
-    """Another sampler's order without its first `skip` indices: resuming in the middle of an
-    epoch continues that epoch's order where it stopped. `skip` holds until changed;
-    `set_epoch` is passed on to the wrapped sampler."""
+    """Another sampler's order without its first `skip` indices, so a resumed epoch continues
+    where it stopped."""
 
     def __init__(self, sampler):
         self.sampler, self.skip = sampler, 0

@@ -122,8 +122,7 @@ def subset_record(subset: Subset, **info) -> Dict:
 
 
 def class_subset(dataset, classnames: Sequence[str]) -> Subset:
-    """The images of `classnames` only, labelled in that order (e.g. the base classes of a
-    base-to-novel protocol). Every name must be one of the dataset's classes."""
+    """The images of `classnames` only, labelled in that order (e.g. base-to-novel's base)."""
     unknown = [c for c in classnames if c not in dataset.classnames]
     if unknown:
         raise ValueError(f"{unknown} are not classes of the data (its classes: "

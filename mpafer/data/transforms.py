@@ -59,8 +59,8 @@ def describe_transform(transform) -> list:
 
 
 def expclip_transform(resolution, normalize=False):
-    """Exp-CLIP's input: squash to (resolution, resolution) and ToTensor, with no mean/std
-    normalisation by default (the released Exp-CLIP heads were trained that way)."""
+    """Exp-CLIP's input, as the released heads were trained: a squash and ToTensor, no mean/std
+    normalisation unless `normalize`."""
     steps = [to_rgb, T.Resize((resolution, resolution)), T.ToTensor()]
     if normalize:
         steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))

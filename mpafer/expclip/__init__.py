@@ -1,13 +1,8 @@
 """Exp-CLIP: zero-shot FER by LLM knowledge transfer (Zhao et al., WACV 2025).
 
-CLIP stays frozen. A bias-free linear head `W: D -> 4096` (`head`) maps CLIP features into the
+CLIP stays frozen; a bias-free linear head `W: D -> 4096` (`head`) maps its features into the
 space of a teacher, BLIP-2's T5 encoder told to describe facial actions (`teacher`), trained by
-a symmetric InfoNCE on cached features (`features`, `train`). Zero-shot, the head projects the
-image feature and every class prompt's text feature; logits are `100 * cos` (`zeroshot`).
-
-    python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
-    python -m mpafer.expclip teacher --features feats.pt             # needs `transformers`
-    python -m mpafer.expclip train   --features feats.pt
+a symmetric InfoNCE on cached features (`features`, `train`). Zero-shot (`zeroshot`):
 
     head = load_head("ExpCLIP_B16_model.pth", clip_model)   # the released format loads as is
     classifier = expclip_classifier(clip_model, classnames, "ensemble10", head=head)

@@ -48,13 +48,9 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
                          batch_size: int = 128, num_workers: int = 4,
                          device: Optional[Union[str, torch.device]] = None,
                          progress: bool = True) -> dict:
-    """Run every image (a folder, searched recursively, or a list of paths) through the frozen
-    CLIP image tower and write a feature file; transform: default Exp-CLIP's input.
-
-    The file (loads with `torch.load(weights_only=True)`) is a dict: `clip_features` fp32
-    `[N, D]`, `paths` (relative to `root` for a folder, else as given), `root`, `clip_name`,
-    `clip_sha256`, `clip_activation`, `preprocess`, `created`, `format`. Returns the dict.
-    """
+    """Write (and return) a feature file of every image (a folder, searched recursively, or a
+    list of paths): `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder),
+    `root`, the CLIP's name, SHA-256 and activation, `preprocess`, `created`, `format`."""
     device = torch.device(device) if device is not None else clip_model.logit_scale.device
     clip_model = clip_model.to(device)
     resolution = clip_model.visual.input_resolution

@@ -64,9 +64,8 @@ def read_head_metadata(path: str) -> dict:
 
 
 def load_head(path: str, clip_model=None, check_clip: bool = True) -> ProjectionHead:
-    """Read an Exp-CLIP head `{"mlp.weight": [out_dim, D]}` (the released format, also wrapped
-    or with `module.` prefixes). With `clip_model`, check that it fits (and, unless
-    `check_clip=False`, that it is the CLIP its sidecar names) and move it to its device."""
+    """Read a head in the released format; with `clip_model`, check that it fits it (and is its
+    sidecar's CLIP, unless `check_clip=False`) and move it to its device."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Exp-CLIP head {path} not found")
     state = load_plain_state_dict(path, "Exp-CLIP head")

@@ -85,9 +85,8 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
                              dtype: Optional[torch.dtype] = None, normalize: bool = False,
                              num_workers: int = 4, model=None, tokenizer=None,
                              progress: bool = True, return_preprocess: bool = False):
-    """Teacher embeddings `[N, 4096]` (fp32, CPU, unit norm) of the images, in order, from
-    `model_name` (or `model` and `tokenizer`) in `dtype` (default bf16 on CUDA, fp32 on CPU).
-    With `return_preprocess`, also a description of the preprocessing."""
+    """Teacher embeddings `[N, 4096]` (fp32, CPU, unit norm) of the images, in order (and with
+    `return_preprocess`, a description of the preprocessing)."""
     transformers = require_transformers()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
