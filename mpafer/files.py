@@ -2,6 +2,7 @@
 a rename), with the user's normal permissions, the folder synced after the rename; a failed
 write is one `WriteError` naming the file and what went wrong (disk full, quota, read-only,
 permission), leaving the old file whole and no temporary behind."""
+import contextlib
 import errno
 import json
 import os
@@ -65,13 +66,6 @@ def fsync_folder(folder: str):
         os.close(fd)
 
 
-def remove_quietly(path: str):
-    try:
-        os.remove(path)
-    except OSError:  # already gone, or the folder went read-only: nothing more to do
-        pass
-
-
 def atomic_write(path: str, write):
     """Write `path` atomically through `write(binary file)` (see the module docstring)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -97,7 +91,8 @@ def atomic_write(path: str, write):
         raise WriteError(path, failure) from error
     finally:
         if tmp is not None:
-            remove_quietly(tmp)
+            with contextlib.suppress(OSError):  # already gone, or the folder went read-only
+                os.remove(tmp)
 
 
 def probe_write(path: str, size: int, note: str = ""):
@@ -119,7 +114,8 @@ def probe_write(path: str, size: int, note: str = ""):
         raise WriteError(path, error, note=note) from error
     finally:
         if tmp is not None:
-            remove_quietly(tmp)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def append_bytes(path: str, data: bytes, sync: bool = False):

@@ -10,14 +10,9 @@ from .clip.tokenizer import tokenize
 
 
 class ZeroShotClassifier(nn.Module):
-    """Zero-shot classification with CLIP: `prompts` {class: [prompt, ...]}, logits
-    `scale * cos`, a class's logit the mean of its prompts'; `[B, C]` in `classnames` order.
-
-    With `head` (e.g. Exp-CLIP's projection), both sides are projected before the cosine. The
-    text features are computed once, at construction (build a new classifier after changing the
-    head). Images `[B, 3, H, W]`, or video `[B, T, 3, H, W]` (the projected frame features are
-    averaged). The head and the cosine run in fp32 even under autocast.
-    """
+    """`prompts` {class: [prompt, ...]} -> logits `[B, C]` in `classnames` order, `scale * cos`
+    averaged over each class's prompts. With `head` (e.g. Exp-CLIP's), both sides are projected
+    before the cosine, in fp32 even under autocast. The text side is computed once, here."""
 
     def __init__(self, clip_model, classnames: Sequence[str], prompts: Dict[str, List[str]],
                  head: Optional[nn.Module] = None, scale: float = 100.0):

@@ -46,8 +46,7 @@ def check_activation(activation: str) -> str:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names (not its call
-    signature): batch-first `[B, L, W]` in and out."""
+    """Self-attention with `nn.MultiheadAttention`'s parameter names, `[B, L, W]` in and out."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -95,9 +94,7 @@ class Transformer(nn.Module):
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
                                          for _ in range(layers)])
-        # Activation checkpointing: keep only each block's input and recompute the block in the
-        # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # `CLIP.set_grad_checkpointing`
 
     def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
@@ -254,8 +251,7 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# Named architectures, as `CLIP(**SHAPES[name])` keyword arguments: OpenAI's released ViT-B/16
-# and ViT-L/14, and a tiny one for tests and quick checks (weights random until loaded).
+# Named architectures, `CLIP(**SHAPES[name])`: OpenAI's ViT-B/16 and ViT-L/14, and a tiny one.
 SHAPES = {
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                      vision_patch_size=16, context_length=77, vocab_size=49408,

@@ -1,13 +1,7 @@
-"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM.
-
-    OPENAI_API_KEY=... python -m mpafer.descriptions.generate --out my_descriptions.json
-
-Any server with `POST {base}/chat/completions` works (`$OPENAI_BASE_URL`). Each class gets
-`prompt.txt` with `{class}` replaced, at temperature 0; the JSON answer (a ```json fence is
-tolerated) must give `face`, `regions` and `muscles` as non-empty lists of strings. The file is
-written atomically in the format of the shipped `fer_descriptions.json`, with provenance. The
-one network call is `post_json`, which `main` and `generate` take as a parameter (for tests).
-"""
+"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM: each class
+gets `prompt.txt` with `{class}` replaced, at temperature 0, and must answer JSON with `face`,
+`regions` and `muscles` lists. The one network call is `post_json`, which `main` and `generate`
+take as a parameter (for tests)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""Exp-CLIP's teacher: BLIP-2 (Flan-T5-XXL) facial-action embeddings.
-
-image -> ViT-g -> Q-Former -> 32 query tokens -> `language_projection` to the T5 width, joined by
-the embedded `INSTRUCTION`, through the frozen T5 **encoder only**; its output is mean-pooled
-over all non-padding positions and L2-normalised -> `[N, 4096]`. Needs Hugging Face
-`transformers` (imported lazily), which mpafer itself does not.
+"""Exp-CLIP's teacher, BLIP-2 (Flan-T5-XXL) facial-action embeddings: image -> ViT-g -> Q-Former
+-> 32 query tokens -> `language_projection` to the T5 width, joined by the embedded
+`INSTRUCTION`, through the frozen T5 **encoder only**, mean-pooled over all non-padding
+positions, L2-normalised -> `[N, 4096]`. Needs `transformers` (imported lazily).
 
 Where this departs from the released code (which ran BLIP-2 through LAVIS in its training
 loop): the teacher runs once, in eval mode (the release left dropout on, so targets changed

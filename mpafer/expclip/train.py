@@ -18,9 +18,7 @@ def info_nce(z: torch.Tensor, e: torch.Tensor, scale: float = LOGIT_SCALE) -> to
         L = 1/2 CE(s * Z E^T, I) + 1/2 CE(s * E Z^T, I)
 
     z `[N, E]`: projected CLIP image features `Z = norm(W f_I(x))`; e `[N, E]`: teacher
-    embeddings. Both must be L2-normalised already (this function does not normalise, so it
-    is the equation as written). Row i of z and of e come from the same image; the other rows
-    of the batch are the negatives. CE is averaged over the N rows; s = 100.
+    embeddings of the same images, both already L2-normalised (the equation as written).
     """
     logits = scale * z @ e.t()  # [N, N]: image i vs teacher j
     target = torch.arange(z.shape[0], device=z.device)
@@ -31,14 +29,10 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
                batch_size: int = 512, lr: float = 1e-3, momentum: float = 0.9,
                weight_decay: float = 1e-4, seed: int = 1, device: Union[str, torch.device] = "cpu",
                scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
-    """Train an Exp-CLIP head on cached features -> (head, history).
-
-    clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i). SGD on
-    `info_nce(norm(W f), norm(teacher))`, shuffled batches with `drop_last`; `seed` drives the
-    init and the order (the global RNG is untouched). history: per epoch `{"epoch", "loss",
-    "accuracy"}` (in-batch retrieval of each image's own teacher embedding). N < batch_size is
-    an error: a smaller batch would silently change the contrastive task (fewer negatives).
-    """
+    """SGD on `info_nce(norm(W f), norm(teacher))` over clip_features `[N, D]` and
+    teacher_features `[N, E]` -> (head, per-epoch loss and in-batch retrieval accuracy). `seed`
+    drives the init and the order. N < batch_size is an error: a smaller batch would silently
+    change the contrastive task (fewer negatives)."""
     if clip_features.dim() != 2 or teacher_features.dim() != 2:
         raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
                          f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}")
