@@ -18,10 +18,8 @@ class GlobalLocalAlignment(nn.Module):
     `[B, N, D]`. Only the k patches most similar to t_c get attention: weights 1/k by default
     (S_l is the mean of the top-k cosines), or a softmax at `temperature`. With `learnable=True`,
     identity-initialised projections give selection and weights by cos(W_k z, W_q t) and the
-    score by cos(W_v z, t_c); they need softmax weights, or W_q and W_k get no gradient.
-
-    It computes in fp32 with autocast off: under bf16, cosines near 1 are quantised to steps of
-    1/256 and the top-k order turns into ties.
+    score by cos(W_v z, t_c); they need softmax weights, or W_q and W_k get no gradient. fp32 with
+    autocast off: under bf16, cosines near 1 are quantised to 1/256 and the top-k order ties.
     """
 
     def __init__(self, embed_dim: int, top_k: int = 16, temperature: Optional[float] = None,

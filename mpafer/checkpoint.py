@@ -3,16 +3,13 @@
 A dict of tensors and plain containers, so it loads with `torch.load(weights_only=True)`; save
 it with `mpafer.files.atomic_save`.
 
-    format            "mpafer-checkpoint/2" (the version: an older one is refused)
-    method            "mpafer"
-    config            MPAFERConfig as a dict
-    train_config      the resolved training settings (for the record)
+    format, method    "mpafer-checkpoint/2" (an older version is refused), "mpafer"
+    config            MPAFERConfig as a dict; train_config: the resolved training settings
     classnames        class names in the model's order
     clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
     face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`)
-    state_dict        trainable tensors only
-    epoch, metrics    epoch finished (1-based) and its evaluation
+    state_dict        trainable tensors only; epoch (1-based) and its metrics
     resume            (last.pt only) optimizer, scheduler and scaler states, where the run
                       stands (`mpafer.app.runs.resume_state`); no RNG states (epochs re-seed)
 """

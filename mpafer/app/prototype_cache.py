@@ -25,14 +25,14 @@ def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], to
     compute and save them (with the key fields beside the tensor)."""
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode("utf-8"))
     path = os.path.join(cache_dir, f"prototypes-{key.hexdigest()[:16]}.pt")
+    stored_key = json.loads(json.dumps(key_fields, default=str))  # as it reads back
     if os.path.isfile(path):
         cached = safe_load(path, "prototype cache")
-        if cached.get("key") == json.loads(json.dumps(key_fields, default=str)):
+        if cached.get("key") == stored_key:
             log(f"prototypes: loaded from {path}")
             return cached["prototypes"]
     prototypes = compute()
-    atomic_save({"prototypes": prototypes.cpu(),
-                 "key": json.loads(json.dumps(key_fields, default=str))}, path)
+    atomic_save({"prototypes": prototypes.cpu(), "key": stored_key}, path)
     log(f"prototypes: computed and cached in {path}")
     return prototypes
 

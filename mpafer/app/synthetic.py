@@ -1,10 +1,6 @@
-"""Procedurally drawn cartoon faces, so the whole pipeline runs with nothing downloaded.
-
-The expression is carried by the brows, eyes and mouth, drawn large and dark so a tiny model
-can pick them up; everything else (position, size, tilt, skin, hair, background, noise) is
-random and carries no label. Each image comes from (seed, split, index) through its own numpy
-Generator: no global random state is touched and DataLoader workers need no seeding.
-"""
+"""Procedurally drawn cartoon faces, so the whole pipeline runs with nothing downloaded. The
+expression is in the brows, eyes and mouth; all else is random and carries no label. Each image
+comes from (seed, split, index) through its own numpy Generator (no global random state)."""
 import math
 
 import numpy as np

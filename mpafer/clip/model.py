@@ -1,11 +1,8 @@
 """OpenAI's CLIP (ViT variant), rewritten around `scaled_dot_product_attention`.
 
 Parameter names and shapes are OpenAI's, so a released state dict loads with `strict=True`.
-Differences from OpenAI's `model.py`, all invisible in the checkpoint: the package's own paths
-run batch-first `[B, L, W]` (`Transformer` still takes OpenAI's `[L, N, W]` from outside); weights
-stay fp32 and mixed precision comes from `torch.autocast`; prompt hooks are explicit optional
-arguments; a loaded model records its checkpoint; the MLP activation is an argument (QuickGELU,
-or the exact GELU of many open_clip models: the state dict cannot tell them apart).
+Inside, paths run batch-first; weights stay fp32 (autocast gives mixed precision); prompt hooks
+are optional arguments; the MLP activation is an argument (the state dict cannot tell).
 """
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple

@@ -1,10 +1,6 @@
-"""Reading `.safetensors` files with torch and the standard library alone.
-
-The format: an 8-byte little-endian header length N, N bytes of JSON
-`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
-little-endian tensor bytes. Every number in the header is checked against the file before
-anything is allocated, so the memory used never exceeds the file's size.
-"""
+"""Reading `.safetensors` files with torch and the standard library alone: an 8-byte header
+length, a JSON header `{name: {"dtype", "shape", "data_offsets"}}`, then the raw little-endian
+bytes. Every number in the header is checked before anything is allocated."""
 import json
 import math
 import os

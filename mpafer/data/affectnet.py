@@ -1,10 +1,6 @@
-"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release
-(`AFFECTNET_LAYOUT`): `--dataset affectnet7 | affectnet8`. Access is granted by its authors.
-
-Expression codes 8 and above (none, uncertain, no face) are dropped, and the 7-class set drops
-contempt too. The official validation set is the test set. The training set is heavily
-imbalanced, so the presets train with the class-balanced sampler.
-"""
+"""AffectNet, 7 or 8 classes, from the CSV or the per-image release (`AFFECTNET_LAYOUT`):
+`--dataset affectnet7 | affectnet8`. Codes 8 and above (none, uncertain, no face) are dropped,
+and the 7-class set drops contempt too."""
 import os
 
 import numpy as np

@@ -17,8 +17,7 @@ ERASE_ATTEMPTS = 10  # torchvision tries this many boxes before giving up on an 
 
 @lru_cache(maxsize=None)
 def _clip_stats(device: torch.device):
-    """CLIP's mean and std as [1, 3, 1, 1] float32 on `device`, made once per device (making them
-    per batch would copy from the host every step)."""
+    """CLIP's mean and std `[1, 3, 1, 1]` on `device`, made once, not copied every step."""
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     return mean, std

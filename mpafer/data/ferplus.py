@@ -102,7 +102,14 @@ class FERPlus(FERDataset):
                 continue
             names.append(new_row["Image name"].strip())
             targets.append(label)
-            images.append(_parse_pixels(row["pixels"], fer_csv, line))
+            try:  # np.fromstring in text mode: much faster than split() for 2304 numbers
+                pixels = np.fromstring(row["pixels"], dtype=np.int32, sep=" ")
+            except ValueError:
+                pixels = np.array([])
+            if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+                raise ValueError(f"{fer_csv}:{line}: expected 2304 space-separated pixel "
+                                 "values 0..255")
+            images.append(pixels.astype(np.uint8).reshape(48, 48))
         if fer_rows != len(new_rows):
             raise ValueError(f"{fer_csv} has {fer_rows} rows but {new_csv} has {len(new_rows)}; "
                              f"{out_of_step}")
@@ -153,14 +160,3 @@ class FERPlus(FERDataset):
         if self._pixels is not None:
             return Image.fromarray(self._pixels[index], "L").convert("RGB")
         return super().load(index)
-
-
-def _parse_pixels(text, path, line):
-    # np.fromstring in text mode is ~5x faster than split() for the 2304 numbers per row.
-    try:
-        values = np.fromstring(text, dtype=np.int32, sep=" ")
-    except ValueError:
-        values = np.array([])
-    if values.size != 48 * 48 or values.min() < 0 or values.max() > 255:
-        raise ValueError(f"{path}:{line}: expected 2304 space-separated pixel values 0..255")
-    return values.astype(np.uint8).reshape(48, 48)

@@ -7,11 +7,9 @@ from torch.utils.data import Sampler
 
 
 class ClassBalancedSampler(Sampler):
-    """Indices drawn with replacement, with probability 1 / count of their class, so every
-    class is seen equally often. The draw depends only on (seed, epoch) (call `set_epoch`);
-    under DDP each rank takes the slice draw[rank::world_size], as DistributedSampler does.
-    num_samples is the total over all ranks (default len(targets)); len() is per rank.
-    """
+    """Indices drawn with replacement, with probability 1 / count of their class, from (seed,
+    epoch) alone; under DDP each rank takes draw[rank::world_size]. num_samples is the total
+    over all ranks (default len(targets)); len() is per rank."""
 
     def __init__(self, targets, num_samples=None, seed=0, rank=0, world_size=1):
         targets = torch.as_tensor(list(targets), dtype=torch.long)

@@ -1,9 +1,5 @@
-"""Parts of a training set: K images per class (few-shot) and a stratified validation part.
-
-Both draws are seeded, independent of each other, and return indices into the full training
-set, so a run can record which files it used. With both, the validation part is carved first
-and the shots drawn from the rest, so it does not depend on K.
-"""
+"""Parts of a training set: K images per class (few-shot) and a stratified validation part,
+seeded, independent draws of indices into the full training set (so a run records its files)."""
 import copy
 import hashlib
 import json

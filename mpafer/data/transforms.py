@@ -1,9 +1,5 @@
 """Image transforms: training augmentation, CLIP's evaluation preprocessing, Exp-CLIP's input.
-
-With `uint8=True`, `train_transform` and `eval_transform` stop at the pixels (uint8 `[3, R, R]`)
-and the rest runs batched on the device (`device_augment`): the same numbers, a quarter of the
-bytes to move. train.py uses the uint8 forms.
-"""
+With `uint8=True` they stop at the pixels and the rest runs batched on the device."""
 import numpy as np
 import torch
 from torch.utils.data import Dataset

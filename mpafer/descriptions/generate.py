@@ -137,7 +137,6 @@ def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
 
 def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) -> int:
     """Command-line entry point; ``post`` replaces :func:`post_json` (for tests)."""
-    post = post if post is not None else post_json
     p = argparse.ArgumentParser(
         prog="python -m mpafer.descriptions.generate",
         description="Regenerate multi-granularity class descriptions with an "
