@@ -50,8 +50,7 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
 
 
 def face_convention_of(train_config: Dict) -> str:
-    """The crop convention of a run's training faces: its dataset's (the demo's faces and any
-    other folder dataset: "folder")."""
+    """The crop convention of a run's training faces (its dataset's, else "folder")."""
     dataset = "synthetic" if train_config.get("demo") else train_config.get("dataset", "folder")
     return DATASET_CONVENTIONS.get(dataset, "folder")
 

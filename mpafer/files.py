@@ -1,7 +1,5 @@
-"""Files written so that nothing is lost: atomically (a temporary file in the same folder, then
-a rename), with the user's normal permissions, the folder synced after the rename; a failed
-write is one `WriteError` naming the file and what went wrong (disk full, quota, read-only,
-permission), leaving the old file whole and no temporary behind."""
+"""Files written so that nothing is lost: a temporary file in the same folder, renamed, the
+folder synced; a failed write is one `WriteError` and leaves the old file whole."""
 import contextlib
 import errno
 import json
@@ -48,9 +46,8 @@ def write_failure(error: BaseException) -> Optional[OSError]:
 
 
 def fsync_folder(folder: str):
-    """Make a rename in `folder` durable: without this, a power loss soon after `os.replace` can
-    bring back the old file (or none). Windows cannot open folders (nor needs this), and some
-    file systems do not sync folders (EINVAL): both are skipped."""
+    """Make a rename in `folder` durable (else a power loss can bring back the old file); skipped
+    on Windows and on file systems that do not sync folders."""
     if os.name == "nt":
         return
     try:
@@ -148,7 +145,6 @@ def atomic_save(obj, path: str):
 
 
 def atomic_write_json(obj, path: str, **json_options):
-    """JSON (indented, UTF-8, ending with a newline) written atomically; `json_options` go to
-    `json.dumps` (e.g. ensure_ascii=False)."""
+    """JSON (indented, UTF-8, ending with a newline) written atomically."""
     text = json.dumps(obj, **{"indent": 2, **json_options}) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -7,8 +7,7 @@ from tqdm import tqdm
 
 
 class PlainProgress:
-    """A progress bar as a plain line every `every` seconds; takes the tqdm calls the package
-    uses."""
+    """A plain line every `every` seconds; takes the tqdm calls the package uses."""
 
     def __init__(self, iterable=None, desc: str = "", total=None, initial: int = 0,
                  every: float = 30.0, **_):

@@ -36,8 +36,7 @@ def token_text(token_id: int) -> str:
 @torch.no_grad()
 def nearest_tokens(context: torch.Tensor, token_embedding: torch.Tensor,
                    k: int = 5) -> List[List[Dict]]:
-    """Context vectors `[M, W]` and the embedding table `[V, W]` -> for each vector, its k
-    nearest tokens by cosine: [{"token", "id", "similarity"}] best first."""
+    """`[M, W]` vectors, `[V, W]` table -> each vector's k nearest tokens by cosine, best first."""
     similarity = F.normalize(context.float(), dim=-1) @ F.normalize(
         token_embedding.float(), dim=-1).t()  # [M, V]
     values, ids = similarity.topk(k, dim=-1)  # [M, k]

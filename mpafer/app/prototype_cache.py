@@ -21,8 +21,7 @@ from .synthetic import RENDERER_VERSION
 
 def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], torch.Tensor],
                       log: Callable[[str], None] = print) -> torch.Tensor:
-    """Load prototypes from `cache_dir` if computed before with the same `key_fields`, else
-    compute and save them (with the key fields beside the tensor)."""
+    """Prototypes cached in `cache_dir` under `key_fields`, else `compute()`d and saved."""
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode("utf-8"))
     path = os.path.join(cache_dir, f"prototypes-{key.hexdigest()[:16]}.pt")
     stored_key = json.loads(json.dumps(key_fields, default=str))  # as it reads back
@@ -41,8 +40,7 @@ def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_f
                         per_class: Optional[int] = None, seed: int = 0, workers: int = 0,
                         amp_dtype: Optional[torch.dtype] = None,
                         log: Callable[[str], None] = print) -> torch.Tensor:
-    """The prototypes of a training set, cached under `key_fields` (`prototype_key_fields`),
-    computed with CLIP's evaluation preprocessing."""
+    """A training set's prototypes (CLIP's eval preprocessing), cached under `key_fields`."""
     view = copy.copy(train_set)  # the same images with the eval transform; train_set untouched
     view.transform = eval_transform(resolution, uint8=True)
     device = model.clip.logit_scale.device
@@ -56,9 +54,8 @@ def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_f
 def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: str,
                          per_class: Optional[int], seed: int,
                          amp_dtype: Optional[torch.dtype]) -> Dict:
-    """Everything the prototypes of a training set depend on, as stable values: the CLIP, the
-    preprocessing, the images (names, labels, file sizes and times, or the demo renderer's
-    version), the subset drawn, the precision."""
+    """Everything a training set's prototypes depend on: the CLIP, the preprocessing, the images
+    (and their files' sizes and times, or the demo renderer's version), the subset, precision."""
     base = train_set.base if isinstance(train_set, DataSubset) else train_set
     key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
            "resolution": resolution,

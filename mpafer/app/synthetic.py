@@ -72,9 +72,8 @@ STYLES = {
 
 
 class SyntheticFaces(Dataset):
-    """`num_per_class` faces of each of the 7 basic expressions, labels interleaved
-    (index % 7); split "train", "val" or "test" (disjoint seed streams), style a key of STYLES.
-    Items are (transform(RGB PIL image), label)."""
+    """`num_per_class` faces of each basic expression, labels interleaved (index % 7); split
+    "train", "val" or "test" (disjoint seeds). Items: (transform(RGB PIL image), label)."""
 
     def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None,
                  style="portrait"):

@@ -50,8 +50,7 @@ def refusal(reasons: List[str]) -> NotViTFamily:
 
 
 def check_vit_family(state_dict: Dict) -> None:
-    """Raise NotViTFamily naming the foreign (else missing) parameters, ValueError when the dict
-    is not a CLIP state dict at all."""
+    """NotViTFamily naming the foreign (else missing) parameters; ValueError if not CLIP at all."""
     reasons = []
     for pattern, what in FOREIGN_KEYS:
         # A whole module (pattern `^prefix\.`) is shown as `prefix.*`, other keys one by one.
@@ -87,8 +86,7 @@ def check_shapes(state_dict: Dict, vision_width: int, text_width: int) -> None:
 
 
 def check_keys_match(expected: Dict, state_dict: Dict) -> None:
-    """One line for what `load_state_dict(strict=True)` would list over many: missing and
-    unexpected keys, and shapes that differ."""
+    """One line for what `load_state_dict(strict=True)` would list over many."""
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"

@@ -95,9 +95,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
-        """x `[L, N, W]` (OpenAI's layout, so client code written for it runs unchanged) or
-        `[B, L, W]` with `batch_first=True`; the output has the input's layout.
-
+        """x `[L, N, W]` (OpenAI's layout) or `[B, L, W]` with `batch_first=True`, returned so.
         appended[l] `[P, W]` or `[B, P, W]`: joined after the sequence before layer l and
             dropped after it (VPT-deep).
         replaced[l] `[P, W]` or `[B, P, W]`: overwrites tokens `replace_start : replace_start + P`
@@ -207,8 +205,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     def set_grad_checkpointing(self, enabled: bool = True):
-        """Recompute each block's activations in the backward pass instead of storing them:
-        less memory, same outputs and gradients."""
+        """Recompute each block in the backward pass: less memory, the same gradients."""
         self.visual.transformer.grad_checkpointing = enabled
         self.transformer.grad_checkpointing = enabled
         return self
@@ -273,8 +270,7 @@ def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
 
 
 def same_clip(a, b) -> Optional[bool]:
-    """Whether two CLIPs (see `clip_identity`) are the same checkpoint run with the same
-    activation; None when either SHA-256 is unknown, so `same_clip(...) is False` lets an
+    """Same checkpoint and activation? None when a SHA-256 is unknown: tests `is False` let an
     unknown identity through."""
     (sha_a, act_a), (sha_b, act_b) = clip_identity(a), clip_identity(b)
     if not sha_a or not sha_b:
@@ -306,8 +302,7 @@ VISION_HEADS = {1280: 16}
 
 
 def model_config(state_dict: dict) -> dict:
-    """`CLIP`'s arguments read off an OpenAI-format state dict; another architecture is
-    refused with a one-line reason."""
+    """`CLIP`'s arguments read off an OpenAI-format state dict (others refused in one line)."""
     check_vit_family(state_dict)
 
     def count_layers(prefix: str) -> int:
@@ -336,8 +331,7 @@ def model_config(state_dict: dict) -> dict:
 
 
 def build_model(state_dict: dict, activation: str = "quick_gelu") -> CLIP:
-    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly (its
-    `checkpoint_name` and `checkpoint_sha256` are None: only `load` knows the file)."""
+    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly."""
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     if "logit_scale" in state_dict and state_dict["logit_scale"].numel() == 1:

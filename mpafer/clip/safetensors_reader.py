@@ -73,8 +73,7 @@ def from_little_endian(data: bytearray, dtype: torch.dtype, byteorder: str = sys
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file (on CPU, dtypes as stored), or a one-line
-    ValueError naming the file and what is wrong with it."""
+    """The tensors of a `.safetensors` file (CPU, dtypes as stored), or a one-line ValueError."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)

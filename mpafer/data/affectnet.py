@@ -38,9 +38,8 @@ _AFFECTNET_SPLITS = {"train": ("training.csv", "train_set"),
 
 
 class AffectNet(FERDataset):
-    """AffectNet with 7 (no contempt) or 8 classes, either layout; target = expression code.
-    "test" (alias "val") is the official validation set, what papers report as AffectNet test
-    accuracy. With the CSV release each image is cropped to its face box at load time."""
+    """AffectNet, either layout; "test" (alias "val") is the official validation set, as papers
+    report. CSV-release images are cropped to their face box at load time."""
 
     def __init__(self, root, split, num_classes=7, transform=None, skip_bad_images=False):
         super().__init__(root, transform)

@@ -40,9 +40,8 @@ def as_model_input(images: torch.Tensor) -> torch.Tensor:
 
 def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
                              generator: torch.Generator = None, value: float = 0.0) -> torch.Tensor:
-    """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on every image
-    of a batch [B, C, H, W] independently, batched (no host sync): with probability p, the first
-    of 10 random boxes that fits is set to `value`. Returns a new tensor."""
+    """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on each image
+    of `[B, C, H, W]` independently, batched (no host sync); returns a new tensor."""
     batch, _, height, width = images.shape
     device, attempts = images.device, ERASE_ATTEMPTS
     u = torch.rand(batch, 3 + 2 * attempts, generator=generator, device=device)  # [B, 3 + 2A]
@@ -68,8 +67,7 @@ def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
 
 
 class TrainBatchAugment:
-    """`augment(images, epoch, step)`: uint8 batch -> normalised, randomly erased float batch,
-    the same for the same (seed, epoch, step, rank)."""
+    """`augment(images, epoch, step)`: uint8 -> normalised, erased (same for same arguments)."""
 
     def __init__(self, device: torch.device, seed: int, rank: int = 0,
                  erase_p: float = RANDOM_ERASING_P):

@@ -53,8 +53,7 @@ def ferplus_vote(votes):
 
 
 class FERPlus(FERDataset):
-    """FERPlus: fer2013.csv + fer2013new.csv when both are present (pixels parsed once into a
-    uint8 array), else the exported folders. Classes in canonical (= fer2013new.csv) order."""
+    """FERPlus from fer2013.csv + fer2013new.csv when both are present, else the folders."""
 
     classnames = CANONICAL_CLASSES
 

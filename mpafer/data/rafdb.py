@@ -1,8 +1,5 @@
-"""RAF-DB, basic expressions (7 classes; `RAFDB_LAYOUT`): `--dataset rafdb`. Access is granted
-by its authors. The split is the file-name prefix, `train_` or `test_`; a split whose per-label
-counts are not the official ones is warned about (usually a partial download). There is no
-official validation split: `--val-fraction` holds a stratified part of the training set out.
-"""
+"""RAF-DB, basic expressions (7 classes; `RAFDB_LAYOUT`): `--dataset rafdb`. The split is the
+file-name prefix; unofficial per-label counts are warned about (usually a partial download)."""
 import os
 import warnings
 

@@ -21,8 +21,7 @@ def _by_class(targets: Sequence[int],
 
 def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
                      pool: Optional[Sequence[int]] = None) -> List[int]:
-    """min(shots, available) indices per class, drawn without replacement with `seed` from
-    `pool` (default: every index) -> sorted indices into `targets`."""
+    """min(shots, available) indices per class from `pool` (default: all), sorted."""
     if shots < 1:
         raise ValueError(f"--shots must be >= 1 (0 = the full training set), got {shots}")
     rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
@@ -40,8 +39,7 @@ def held_out_count(class_size: int, fraction: float) -> int:
 
 def stratified_split(targets: Sequence[int], fraction: float,
                      seed: int) -> Tuple[List[int], List[int]]:
-    """Carve a seeded validation part of `fraction` of each class -> (kept, held out), both
-    sorted indices into `targets`, disjoint, together every index."""
+    """`fraction` of each class held out -> (kept, held out), sorted indices into `targets`."""
     if not 0 < fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1) (0 = off), got {fraction}")
     rng = np.random.default_rng([seed, _HELD_OUT_STREAM])
@@ -55,10 +53,8 @@ def stratified_split(targets: Sequence[int], fraction: float,
 
 
 class Subset(Dataset):
-    """Items `indices` of `dataset`, with a transform of their own and optionally a class list
-    of their own (`classnames`, some of the dataset's in any order; labels follow it). A subset
-    of a subset is a subset of the original dataset (`base`), whose files and fingerprints it
-    keeps."""
+    """Items `indices` of `dataset` (of the original, `base`, for a subset of a subset), with a
+    transform and optionally `classnames` of their own (labels follow them)."""
 
     def __init__(self, dataset, indices: Sequence[int], transform=None,
                  classnames: Optional[Sequence[str]] = None):

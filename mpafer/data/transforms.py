@@ -36,8 +36,7 @@ def eval_transform(resolution, uint8=False):
 
 
 def describe_transform(transform) -> list:
-    """A transform's steps and parameters as plain values (names, numbers, strings), never object
-    reprs: what a cache of its outputs is keyed by. `T.Compose` gives one entry per step."""
+    """A transform's steps and parameters as plain values (never reprs), to key a cache by."""
     steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
     described = []
     for step in steps:
@@ -70,9 +69,8 @@ def describe_expclip_transform(resolution, normalize=False):
 
 
 class SeededAugmentation(Dataset):
-    """A dataset whose random transform draws from torch's RNG seeded by (seed, epoch, index),
-    so an item's augmentation does not depend on the worker or on what came before: a run
-    stopped mid-epoch resumes exactly. Call `set_epoch` before iterating (workers copy the
+    """A dataset whose random transform draws from torch's RNG seeded by (seed, epoch, index), so
+    a run stopped mid-epoch resumes exactly. Call `set_epoch` before iterating (workers copy the
     dataset when an epoch starts, so not with persistent_workers)."""
 
     def __init__(self, dataset, seed: int):

@@ -1,7 +1,5 @@
-"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM: each class
-gets `prompt.txt` with `{class}` replaced, at temperature 0, and must answer JSON with `face`,
-`regions` and `muscles` lists. The one network call is `post_json`, which `main` and `generate`
-take as a parameter (for tests)."""
+"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM, sent
+`prompt.txt` per class; `main` and `generate` take the network call (`post_json`) as a parameter."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Exp-CLIP feature files: CLIP image features of unlabelled faces, cached once, joined later
-by the teacher's embeddings of the same images (both are frozen, so the head trains on these)."""
+"""Exp-CLIP feature files: the frozen CLIP's and teacher's features of unlabelled faces."""
 import datetime
 import os
 from typing import Callable, List, Optional, Sequence, Union

@@ -1,5 +1,4 @@
-"""The Exp-CLIP projection head: one bias-free linear map from CLIP's embedding space to the
-teacher's, stored in the released heads' format, with the metadata sidecar our heads carry."""
+"""The Exp-CLIP projection head, in the released heads' format, with a metadata sidecar."""
 import json
 import os
 from typing import Optional

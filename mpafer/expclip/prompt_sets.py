@@ -1,10 +1,9 @@
 """Prompt sets for zero-shot FER: the paper's five prompt types, or your own from a JSON file.
 
-A class's logit is the mean of its prompts' logits. The first three types are the paper's
-templates; the two ensembles are the released code's own lists, verbatim (`released_ensembles`),
-with their common pattern for other class names. A prompt file (`eval.py --prompts FILE.json`,
-UTF-8) is either `{"happiness": ["an expression of happiness.", ...], ...}`, prompts per class
-(a list or one string; every evaluated class must be there), or `["an expression of {c}.", ...]`,
+The first three types are the paper's templates; the two ensembles are the released code's lists
+(`released_ensembles`), with their common pattern for other class names. A prompt file
+(`eval.py --prompts FILE.json`) is either `{"happiness": ["an expression of happiness.", ...]}`,
+prompts per class (every evaluated class must be there), or `["an expression of {c}.", ...]`,
 templates for every class. "{c}" or "{}" in a prompt is replaced by the class name.
 """
 import json
@@ -65,8 +64,7 @@ def _string_list(value, path: str, where: str) -> List[str]:
 
 
 def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str]]:
-    """{class: [prompts]} for `classnames`, in their order, from a prompt file; every problem is
-    a ValueError naming the file and what is wrong."""
+    """{class: [prompts]} for `classnames` from a prompt file (errors name the file)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
@@ -101,8 +99,7 @@ def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str
 
 
 def build_prompts(prompt_set: PromptSet, classnames: Sequence[str]) -> Dict[str, List[str]]:
-    """{class: [prompts]} for `classnames`, in their order, from a name of `PROMPT_SETS`, a
-    prompt file or a mapping {class: [prompts]} that covers every class."""
+    """{class: [prompts]} for `classnames` from a `PROMPT_SETS` name, a file or a mapping."""
     if not classnames:
         raise ValueError("build_prompts needs at least one class name")
     if isinstance(prompt_set, (str, os.PathLike)):

@@ -27,8 +27,7 @@ def input_transform(name: str, resolution: int):
 
 def expclip_classifier(clip_model, classnames: Sequence[str], prompt_set: PromptSet,
                        head: Optional[ProjectionHead] = None) -> ZeroShotClassifier:
-    """Exp-CLIP zero-shot (plain CLIP when `head` is None): a prompt set (a name of
-    `PROMPT_SETS`, a prompt file or a {class: prompts} dict), logits = 100 * cos."""
+    """Exp-CLIP zero-shot with a prompt set (plain CLIP when `head` is None)."""
     if head is not None:
         check_head_fits(head, clip_model)
     return ZeroShotClassifier(clip_model, classnames, build_prompts(prompt_set, list(classnames)),
