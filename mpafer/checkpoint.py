@@ -1,7 +1,5 @@
-"""Self-describing checkpoints: trainable tensors plus what rebuilds the model, nothing else.
-
-A dict of tensors and plain containers, so it loads with `torch.load(weights_only=True)`; save
-it with `mpafer.files.atomic_save`.
+"""Self-describing checkpoints: trainable tensors plus what rebuilds the model, as plain
+containers that load with `torch.load(weights_only=True)`:
 
     format, method    "mpafer-checkpoint/2" (an older version is refused), "mpafer"
     config            MPAFERConfig as a dict; train_config: the resolved training settings
@@ -92,8 +90,7 @@ def clip_activation(given: str, checkpoint: Optional[Dict] = None,
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:
-    """Rebuild the MPA-FER model of a checkpoint on `clip_model` with its trainable state; the
-    hard prompts, needed only in training, are built only `for_training`."""
+    """The checkpoint's MPA-FER model on `clip_model` (hard prompts only `for_training`)."""
     config = MPAFERConfig.from_dict(checkpoint["config"])
     if not for_training:
         config.soft_hard_alignment = False

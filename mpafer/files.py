@@ -93,8 +93,7 @@ def atomic_write(path: str, write):
 
 
 def probe_write(path: str, size: int, note: str = ""):
-    """Check now, with a temporary file beside it, that `path` could be written with `size`
-    bytes; `WriteError` (with `note`) when it could not."""
+    """`WriteError` (with `note`) now if `path` could not be written with `size` bytes."""
     chunk = os.urandom(min(max(size, 1), 1 << 20))  # random: compressing file systems count it
     tmp = None
     try:
@@ -116,8 +115,7 @@ def probe_write(path: str, size: int, note: str = ""):
 
 
 def append_bytes(path: str, data: bytes, sync: bool = False):
-    """Append `data` to `path`; a failed write raises `WriteError` and cuts the file back to
-    what it held, so no half line is left behind."""
+    """Append `data` to `path`; a failed write raises `WriteError` and leaves no half line."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:

@@ -1,5 +1,4 @@
-"""Progress on long loops: a tqdm bar on a terminal, a plain line now and then elsewhere (a log
-file, CI, a scheduler), where tqdm's carriage-return frames would pile up."""
+"""Progress: a tqdm bar on a terminal, a plain line now and then in logs (no carriage returns)."""
 import sys
 import time
 

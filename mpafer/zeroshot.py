@@ -1,5 +1,4 @@
-"""Zero-shot classification with a frozen CLIP, which both methods use: MPA-FER's zero-shot
-baseline (its hard prompts) and Exp-CLIP (its prompt sets, through its projection head)."""
+"""Zero-shot classification with a frozen CLIP, which MPA-FER's baseline and Exp-CLIP share."""
 from typing import Dict, List, Optional, Sequence
 
 import torch

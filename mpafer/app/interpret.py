@@ -57,8 +57,7 @@ def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
 @torch.no_grad()
 def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[str]]],
                          template: int) -> Dict[str, Dict]:
-    """Per class: cosine of its soft-prompt feature with its hard prompts' features (mean, max,
-    number of hard prompts) and the class whose hard prompts are closest on average."""
+    """Per class: cosines of its soft-prompt feature with its hard prompts'; the closest class."""
     texts, labels = build_hard_prompts(model.classnames, descriptions, template)
     tokens = crop_to_longest(tokenize(list(texts))).to(model.clip.token_embedding.weight.device)
     hard = F.normalize(model.clip.encode_text_embeddings(

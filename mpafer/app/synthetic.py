@@ -60,9 +60,8 @@ CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.
 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 
-# Two drawing styles of the same faces (sizes in image units, tilt in degrees): "web", a colour
-# face anywhere in a cluttered scene (the demo CLIP is pre-trained on these, with the captions
-# of `face_captions`); "portrait", an aligned grey-scale crop like a FER dataset's.
+# Two drawing styles (sizes in image units, tilt in degrees): "web", colour faces in clutter (the
+# demo CLIP pre-trains on these); "portrait", aligned grey-scale crops like a FER dataset's.
 STYLES = {
     "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False,
                 noise=(2.0, 9.0)),

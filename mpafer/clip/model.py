@@ -181,8 +181,7 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
-        # Which checkpoint this is (set by `load`) and its activation: trained prompts and heads
-        # record them, to refuse a different backbone (`same_clip`).
+        # Set by `load`: trained prompts and heads record them to refuse another backbone.
         self.checkpoint_name: Optional[str] = None
         self.checkpoint_sha256: Optional[str] = None
         self.activation = activation
@@ -281,8 +280,7 @@ def same_clip(a, b) -> Optional[bool]:
 
 
 def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
-    """A clear error when `clip_model` is not the CLIP `trained` (`{"name", "sha256",
-    "activation"}`) that `source` was trained on; `hint` ends the message."""
+    """A clear error when `clip_model` is not the CLIP `source` was `trained` on."""
     if same_clip(trained, clip_model) is False:
         def describe(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
             act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
@@ -296,8 +294,7 @@ def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Image towers whose heads are not OpenAI's 64 wide, by width (the state dict does not show the
-# heads): open_clip's ViT-H has 16 heads of 80.
+# Image towers whose heads are not 64 wide, by width: open_clip's ViT-H has 16 heads of 80.
 VISION_HEADS = {1280: 16}
 
 

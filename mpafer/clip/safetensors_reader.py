@@ -23,8 +23,7 @@ MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 
 
 def looks_like_safetensors(path: str) -> bool:
-    """A `.safetensors` name, or a file that starts like one (a length, then `{`); PyTorch's
-    files start with `PK` (zip) or byte 0x80 (pickle)."""
+    """A `.safetensors` name, or a file starting like one (PyTorch's start with `PK` or 0x80)."""
     if path.endswith(".safetensors"):
         return True
     with open(path, "rb") as f:

@@ -1,8 +1,5 @@
-"""CLIP's byte-level BPE tokenizer (same cleaning, split and merges as OpenAI's).
-
-The vocabulary file `bpe_simple_vocab_16e6.txt.gz` is data from OpenAI's CLIP release (MIT
-licence); it sits beside this module and is read on first use.
-"""
+"""CLIP's byte-level BPE tokenizer (same cleaning, split and merges as OpenAI's); the vocabulary
+file beside it is data from OpenAI's CLIP release (MIT licence), read on first use."""
 import functools
 import gzip
 import html

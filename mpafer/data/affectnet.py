@@ -1,6 +1,5 @@
-"""AffectNet, 7 or 8 classes, from the CSV or the per-image release (`AFFECTNET_LAYOUT`):
-`--dataset affectnet7 | affectnet8`. Codes 8 and above (none, uncertain, no face) are dropped,
-and the 7-class set drops contempt too."""
+"""AffectNet (`AFFECTNET_LAYOUT`): `--dataset affectnet7 | affectnet8`. Codes 8 and above (none,
+uncertain, no face) are dropped, and the 7-class set drops contempt too."""
 import os
 
 import numpy as np

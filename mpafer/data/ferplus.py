@@ -1,8 +1,6 @@
 """FERPlus (8 classes) by majority vote (`ferplus_vote`), from `fer2013.csv` with Microsoft's
 `fer2013new.csv` or from the folders FERPlus's own script writes (`FERPLUS_LAYOUT`):
-`--dataset ferplus`. Faces labelled unknown or not-a-face (NF), and rows without an image name,
-are dropped. Splits: train = Training, val = PublicTest, test = PrivateTest.
-"""
+`--dataset ferplus`. Splits: train = Training, val = PublicTest, test = PrivateTest."""
 import csv
 import os
 

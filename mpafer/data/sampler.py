@@ -8,8 +8,7 @@ from torch.utils.data import Sampler
 
 class ClassBalancedSampler(Sampler):
     """Indices drawn with replacement, with probability 1 / count of their class, from (seed,
-    epoch) alone; under DDP each rank takes draw[rank::world_size]. num_samples is the total
-    over all ranks (default len(targets)); len() is per rank."""
+    epoch); under DDP rank r takes draw[r::world_size]. num_samples counts all ranks."""
 
     def __init__(self, targets, num_samples=None, seed=0, rank=0, world_size=1):
         targets = torch.as_tensor(list(targets), dtype=torch.long)
@@ -43,8 +42,7 @@ class ClassBalancedSampler(Sampler):
 
 
 class ResumableSampler(Sampler):
-    """Another sampler's order without its first `skip` indices, so a resumed epoch continues
-    where it stopped."""
+    """Another sampler's order without its first `skip` indices (a resumed epoch goes on)."""
 
     def __init__(self, sampler):
         self.sampler, self.skip = sampler, 0

@@ -30,8 +30,7 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
 
 
 def held_out_count(class_size: int, fraction: float) -> int:
-    """Images of one class held out: round(fraction * size), at least 1 and leaving at least
-    1 to train on (a class of one image stays in training)."""
+    """round(fraction * size) of a class held out, at least 1 and leaving at least 1."""
     if class_size < 2:
         return 0
     return min(max(round(fraction * class_size), 1), class_size - 1)

@@ -54,8 +54,7 @@ def describe_transform(transform) -> list:
 
 
 def expclip_transform(resolution, normalize=False):
-    """Exp-CLIP's input, as the released heads were trained: a squash and ToTensor, no mean/std
-    normalisation unless `normalize`."""
+    """Exp-CLIP's input, as the released heads were trained: a squash and ToTensor."""
     steps = [to_rgb, T.Resize((resolution, resolution)), T.ToTensor()]
     if normalize:
         steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))

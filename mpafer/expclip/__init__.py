@@ -1,8 +1,7 @@
 """Exp-CLIP: zero-shot FER by LLM knowledge transfer (Zhao et al., WACV 2025).
 
-CLIP stays frozen; a bias-free linear head `W: D -> 4096` (`head`) maps its features into the
-space of a teacher, BLIP-2's T5 encoder told to describe facial actions (`teacher`), trained by
-a symmetric InfoNCE on cached features (`features`, `train`). Zero-shot (`zeroshot`):
+A linear head `W: D -> 4096` (`head`) maps frozen CLIP features into the space of a teacher
+(`teacher`), trained by a symmetric InfoNCE on cached features (`features`, `train`):
 
     head = load_head("ExpCLIP_B16_model.pth", clip_model)   # the released format loads as is
     classifier = expclip_classifier(clip_model, classnames, "ensemble10", head=head)

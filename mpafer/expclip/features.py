@@ -92,8 +92,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
 def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name: str,
                          instruction: str, preprocess: str = "",
                          paths: Optional[Sequence[str]] = None) -> dict:
-    """Add `teacher_features [N, E]` and where they come from to the feature file `path`.
-    Stored fp16: unit vectors computed in bf16 lose nothing, at half the size."""
+    """Add `teacher_features [N, E]` to the feature file `path`, as fp16 (bf16 unit vectors)."""
     data = load_features(path, require_teacher=False)
     n = data["clip_features"].shape[0]
     if teacher_features.dim() != 2 or teacher_features.shape[0] != n:

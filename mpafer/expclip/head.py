@@ -92,8 +92,7 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
 
 
 def save_head(head: ProjectionHead, path: str, metadata: Optional[dict] = None):
-    """Write `head` atomically in the released format, a bare state dict
-    `{"mlp.weight": [out_dim, D]}`; `metadata` (plain JSON values) goes to `<path>.json`."""
+    """Write `head` atomically in the released format; `metadata` goes to `<path>.json`."""
     if metadata is not None:
         try:
             json.dumps(metadata)

@@ -3,13 +3,10 @@
 `INSTRUCTION`, through the frozen T5 **encoder only**, mean-pooled over all non-padding
 positions, L2-normalised -> `[N, 4096]`. Needs `transformers` (imported lazily).
 
-Where this departs from the released code (which ran BLIP-2 through LAVIS in its training
-loop): the teacher runs once, in eval mode (the release left dropout on, so targets changed
-every epoch); the T5 feed-forward activation is whatever the model's `text_config.dense_act_fn`
-says (LAVIS forces exact "gelu" where Flan-T5 means "gelu_new"; the feature file records it);
-the whole model runs in one dtype (bf16 on CUDA, fp32 on CPU; fp16 overflows in T5); the encoder
-is called directly instead of hooked during `generate`. Both feed BLIP-2 CLIP's un-normalised
-`Resize((224, 224))` + `ToTensor` tensor (`normalize=True` gives BLIP-2 its own normalisation).
+Unlike the released code (BLIP-2 through LAVIS in the training loop), the teacher runs once, in
+eval mode (the release left dropout on); the T5 activation is the model's `dense_act_fn` (LAVIS
+forces exact "gelu"; the feature file records it); one dtype throughout (fp16 overflows in T5);
+the encoder is called directly, not hooked in `generate`. Both feed BLIP-2 CLIP's input tensor.
 """
 from typing import Optional, Sequence, Union
 

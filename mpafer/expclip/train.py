@@ -29,10 +29,9 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
                batch_size: int = 512, lr: float = 1e-3, momentum: float = 0.9,
                weight_decay: float = 1e-4, seed: int = 1, device: Union[str, torch.device] = "cpu",
                scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
-    """SGD on `info_nce(norm(W f), norm(teacher))` over clip_features `[N, D]` and
-    teacher_features `[N, E]` -> (head, per-epoch loss and in-batch retrieval accuracy). `seed`
-    drives the init and the order. N < batch_size is an error: a smaller batch would silently
-    change the contrastive task (fewer negatives)."""
+    """SGD on `info_nce(norm(W f), norm(teacher))` over clip_features `[N, D]`, teacher_features
+    `[N, E]` -> (head, per-epoch history). N < batch_size is an error: a smaller batch would
+    silently change the contrastive task (fewer negatives)."""
     if clip_features.dim() != 2 or teacher_features.dim() != 2:
         raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
                          f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}")
@@ -80,8 +79,7 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
 
 
 def train_head_from_file(features: str, out: str, device="cpu", log=print, **hparams) -> dict:
-    """`python -m mpafer.expclip train`: `train_head(**hparams)` on a feature file, saved with
-    its metadata sidecar (returned)."""
+    """`python -m mpafer.expclip train`: `train_head` on a feature file, saved; -> metadata."""
     data = load_features(features)
     log(f"{features}: {data['clip_features'].shape[0]} images, CLIP {data.get('clip_name')} "
         f"features {tuple(data['clip_features'].shape)}, teacher {data.get('teacher_name')} "
