@@ -14,17 +14,12 @@ LEARNABLE_NEEDS_TEMPERATURE = (
 class GlobalLocalAlignment(nn.Module):
     """Local score `S_l(x, c) = sum_n a_{c,n} cos(z_l,n, t_c)` by top-k cross-attention.
 
-    Queries are the class text features t_c `[C, D]`; keys and values the patch features z_l
-    `[B, N, D]` of each image. For each class only the k patches most similar to t_c get
-    attention: uniform weights 1/k by default (S_l is then the mean of the top-k cosines), or
-    a softmax over their similarities at `temperature`. With `learnable=True`, query, key and
-    value projections (initialised to the identity, so training starts from the default)
-    map t_c, z_l before the similarities: selection and weights use cos(W_k z, W_q t), the
-    score uses cos(W_v z, t_c). Learnable projections need softmax weights: with constant
-    weights the query and key projections would get no gradient (and DDP would fail on them).
-
-    Everything here computes in fp32 with autocast off: under bf16, cosines near 1 are
-    quantised to steps of 1/256 and the top-k order turns into ties.
+    Queries are the class text features t_c `[C, D]`, keys and values the patch features z_l
+    `[B, N, D]`. Only the k patches most similar to t_c get attention: weights 1/k by default
+    (S_l is the mean of the top-k cosines), or a softmax at `temperature`. With `learnable=True`,
+    identity-initialised projections give selection and weights by cos(W_k z, W_q t) and the
+    score by cos(W_v z, t_c); they need softmax weights, or W_q and W_k get no gradient. fp32 with
+    autocast off: under bf16, cosines near 1 are quantised to 1/256 and the top-k order ties.
     """
 
     def __init__(self, embed_dim: int, top_k: int = 16, temperature: Optional[float] = None,
@@ -38,8 +33,11 @@ class GlobalLocalAlignment(nn.Module):
         if learnable and temperature is None:
             raise ValueError(LEARNABLE_NEEDS_TEMPERATURE)
         self.top_k, self.temperature = top_k, temperature
-        if learnable:
-            self.q_proj, self.k_proj, self.v_proj = (_identity_linear(embed_dim) for _ in range(3))
+        if learnable:  # the identity: training starts from the plain attention
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim, bias=False)
+                                                     for _ in range(3))
+            for layer in (self.q_proj, self.k_proj, self.v_proj):
+                nn.init.eye_(layer.weight)
         else:
             self.q_proj = self.k_proj = self.v_proj = None
 
@@ -67,9 +65,3 @@ class GlobalLocalAlignment(nn.Module):
             value_cos = (similarity if values is keys
                          else torch.einsum("bnd,cd->bcn", values, text))  # [B, C, N]
             return (attention * value_cos).sum(-1), attention
-
-
-def _identity_linear(dim: int) -> nn.Linear:
-    layer = nn.Linear(dim, dim, bias=False)
-    nn.init.eye_(layer.weight)
-    return layer

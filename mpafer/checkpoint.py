@@ -1,24 +1,15 @@
-"""Self-describing checkpoints: trainable tensors plus what rebuilds the model, nothing else.
+"""Self-describing checkpoints: trainable tensors plus what rebuilds the model, as plain
+containers that load with `torch.load(weights_only=True)`:
 
-A checkpoint is a dict of tensors and plain containers (str, int, float, bool, list, dict,
-None), so it loads with `torch.load(weights_only=True)`; files that need arbitrary
-unpickling are refused before anything in them runs. Save one with `mpafer.files.atomic_save`
-(temporary file, then rename), as train.py does.
-
-    format            "mpafer-checkpoint/2" (the version: an older one is refused)
-    method            "mpafer"
-    config            MPAFERConfig as a dict
-    train_config      the resolved training settings (for the record)
+    format, method    "mpafer-checkpoint/2" (an older version is refused), "mpafer"
+    config            MPAFERConfig as a dict; train_config: the resolved training settings
     classnames        class names in the model's order
     clip              {"name": ..., "sha256": ..., "activation": "quick_gelu" | "gelu"}
     descriptions      the class descriptions used (hard prompts), and their "descriptions_sha256"
-    face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`), for
-                      aligning the faces of photos the same way
-    state_dict        trainable tensors only
-    epoch, metrics    epoch finished (1-based) and its evaluation
-    resume            (last.pt only) optimizer, scheduler and scaler states, the best metric,
-                      where the run stands (see `mpafer.app.runs.resume_state`); no RNG states:
-                      every epoch re-seeds from (seed, epoch)
+    face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`)
+    state_dict        trainable tensors only; epoch (1-based) and its metrics
+    resume            (last.pt only) optimizer, scheduler and scaler states, where the run
+                      stands (`mpafer.app.runs.resume_state`); no RNG states (epochs re-seed)
 """
 from typing import Dict, Optional, Sequence
 
@@ -33,8 +24,7 @@ FORMAT = "mpafer-checkpoint/2"
 
 def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, metrics: Dict,
                     train_config: Optional[Dict] = None, resume: Optional[Dict] = None) -> Dict:
-    """The checkpoint dict of `model` (see the module docstring); save it with
-    `mpafer.files.atomic_save`."""
+    """The checkpoint dict of `model` (see the module docstring)."""
     clip_model = model.clip
     checkpoint = {
         "format": FORMAT,
@@ -58,8 +48,7 @@ def make_checkpoint(model: MPAFER, descriptions: Optional[Dict], epoch: int, met
 
 
 def face_convention_of(train_config: Dict) -> str:
-    """The crop convention of a run's training faces: its dataset's (the demo's faces and any
-    other folder dataset: "folder")."""
+    """The crop convention of a run's training faces (its dataset's, else "folder")."""
     dataset = "synthetic" if train_config.get("demo") else train_config.get("dataset", "folder")
     return DATASET_CONVENTIONS.get(dataset, "folder")
 
@@ -67,13 +56,11 @@ def face_convention_of(train_config: Dict) -> str:
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint safely; refuse anything that is not plain tensors and containers."""
     checkpoint = safe_load(path, "checkpoint")
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
     if isinstance(found, str) and found.startswith("mpafer-checkpoint/") and found != FORMAT:
         raise ValueError(f"{path} is a checkpoint of format {found}, written before this version "
                          f"of mpafer (which reads {FORMAT}); train it again")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = (checkpoint.get("format") if isinstance(checkpoint, dict)
-                 else type(checkpoint).__name__)
+    if found != FORMAT:
         raise ValueError(f"{path} is not an mpafer checkpoint (format {found!r}, expected "
                          f"{FORMAT!r})")
     return checkpoint
@@ -93,10 +80,8 @@ def check_compatible(checkpoint: Dict, path: str, clip_model=None,
 
 def clip_activation(given: str, checkpoint: Optional[Dict] = None,
                     demo_clip: bool = False) -> Optional[str]:
-    """The activation to load the CLIP with (`clip.load(activation=...)`): `given` (the
-    --clip-activation flag) if any, else the one `checkpoint` recorded, else QuickGELU for the
-    demo CLIP, else None (`clip.load` decides: QuickGELU, with a note for a file that does not
-    say)."""
+    """The activation to load the CLIP with: `given` (--clip-activation), else the one
+    `checkpoint` recorded, else QuickGELU for the demo CLIP, else None (`clip.load` decides)."""
     if given:
         return given
     if checkpoint is not None:
@@ -105,11 +90,7 @@ def clip_activation(given: str, checkpoint: Optional[Dict] = None,
 
 
 def model_from_checkpoint(checkpoint: Dict, clip_model, for_training: bool = False) -> MPAFER:
-    """Rebuild the MPA-FER model of a checkpoint on `clip_model` and load its trainable state.
-
-    For inference the hard prompts are not needed (they are training-only), so they are not
-    built unless `for_training`.
-    """
+    """The checkpoint's MPA-FER model on `clip_model` (hard prompts only `for_training`)."""
     config = MPAFERConfig.from_dict(checkpoint["config"])
     if not for_training:
         config.soft_hard_alignment = False

@@ -1,7 +1,6 @@
-"""Files written so that nothing is lost: atomically (a temporary file in the same folder, then
-a rename), with the user's normal permissions, the folder synced after the rename; a failed
-write is one `WriteError` naming the file and what went wrong (disk full, quota, read-only,
-permission), leaving the old file whole and no temporary behind."""
+"""Files written so that nothing is lost: a temporary file in the same folder, renamed, the
+folder synced; a failed write is one `WriteError` and leaves the old file whole."""
+import contextlib
 import errno
 import json
 import os
@@ -9,14 +8,6 @@ import tempfile
 from typing import Optional
 
 import torch
-
-
-def user_file_mode() -> int:
-    """The mode a new file gets from open(): 0o666 less the process's umask (e.g. 0o644)."""
-    umask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
 
 # What a failed write tells the user, by errno; any other error is "cannot write".
 WRITE_PROBLEMS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
@@ -26,9 +17,8 @@ if hasattr(errno, "EDQUOT"):  # not on Windows
 
 
 class WriteError(OSError):
-    """Writing (or removing) a file failed: disk full, quota, read-only file system, permission.
-    Its message names the file and the error in one line, e.g. "disk full while writing
-    runs/x/last.pt ([Errno 28] No space left on device)"; `run_cli` prints it as such."""
+    """Writing (or removing) a file failed; the message names the file and the error in one
+    line, e.g. "disk full while writing runs/x/last.pt ([Errno 28] No space left on device)"."""
 
     def __init__(self, path: str, error: OSError, action: str = "write", note: str = ""):
         problem = WRITE_PROBLEMS.get(error.errno)
@@ -56,9 +46,8 @@ def write_failure(error: BaseException) -> Optional[OSError]:
 
 
 def fsync_folder(folder: str):
-    """Make a rename in `folder` durable: without this, a power loss soon after `os.replace` can
-    bring back the old file (or none). Windows cannot open folders (nor needs this), and some
-    file systems do not sync folders (EINVAL): both are skipped."""
+    """Make a rename in `folder` durable (else a power loss can bring back the old file); skipped
+    on Windows and on file systems that do not sync folders."""
     if os.name == "nt":
         return
     try:
@@ -74,20 +63,8 @@ def fsync_folder(folder: str):
         os.close(fd)
 
 
-def remove_quietly(path: str):
-    try:
-        os.remove(path)
-    except OSError:  # already gone, or the folder went read-only: nothing more to do
-        pass
-
-
 def atomic_write(path: str, write):
-    """Write `path` through `write(binary file)` into a temporary file in the same folder, then
-    rename it over `path` and sync the folder: readers never see a half-written file, and a crash
-    or a kill leaves the old one. The file gets the user's normal permissions (mkstemp's
-    temporary files are private, 0600). A failed write (disk full, quota, read-only, permission)
-    raises `WriteError` naming `path`; the old file stays as it was and no temporary file is
-    left."""
+    """Write `path` atomically through `write(binary file)` (see the module docstring)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -98,7 +75,9 @@ def atomic_write(path: str, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, user_file_mode())
+        umask = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() gives; mkstemp's files are private (0600)
         os.replace(tmp, path)
         tmp = None
         fsync_folder(folder)
@@ -109,13 +88,12 @@ def atomic_write(path: str, write):
         raise WriteError(path, failure) from error
     finally:
         if tmp is not None:
-            remove_quietly(tmp)
+            with contextlib.suppress(OSError):  # already gone, or the folder went read-only
+                os.remove(tmp)
 
 
 def probe_write(path: str, size: int, note: str = ""):
-    """Check now that `path` could be written with `size` bytes: write a temporary file of that
-    size beside it, sync it and remove it (`path` itself is not touched). Raises `WriteError`
-    naming `path`, with `note` appended, when it could not."""
+    """`WriteError` (with `note`) now if `path` could not be written with `size` bytes."""
     chunk = os.urandom(min(max(size, 1), 1 << 20))  # random: compressing file systems count it
     tmp = None
     try:
@@ -132,13 +110,12 @@ def probe_write(path: str, size: int, note: str = ""):
         raise WriteError(path, error, note=note) from error
     finally:
         if tmp is not None:
-            remove_quietly(tmp)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def append_bytes(path: str, data: bytes, sync: bool = False):
-    """Append `data` to `path` (created if missing). A failed write raises `WriteError` naming
-    `path` and cuts the file back to what it held, so no half line is left behind; `sync`:
-    also fsync it."""
+    """Append `data` to `path`; a failed write raises `WriteError` and leaves no half line."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:
@@ -166,7 +143,6 @@ def atomic_save(obj, path: str):
 
 
 def atomic_write_json(obj, path: str, **json_options):
-    """JSON (indented, UTF-8, ending with a newline) written atomically; `json_options` go to
-    `json.dumps` (e.g. ensure_ascii=False)."""
+    """JSON (indented, UTF-8, ending with a newline) written atomically."""
     text = json.dumps(obj, **{"indent": 2, **json_options}) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

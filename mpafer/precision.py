@@ -1,8 +1,5 @@
-"""Devices and mixed precision: the one policy of the package.
-
-Weights always stay fp32; speed comes from autocast. On CUDA, bf16 where the GPU supports it,
-else fp16 (then with a GradScaler, since fp16 gradients underflow); on CPU, fp32 unless bf16 is
-asked for. Code that autocasts picks its dtype with `resolve_amp` and enters `autocast`."""
+"""Devices and mixed precision, the one policy of the package: weights stay fp32 and speed comes
+from autocast (on CUDA bf16 where supported, else fp16 with a GradScaler; on CPU fp32)."""
 import contextlib
 from typing import Optional
 

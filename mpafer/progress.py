@@ -1,5 +1,4 @@
-"""Progress on long loops: a tqdm bar on a terminal, a plain line now and then elsewhere (a log
-file, CI, a scheduler), where tqdm's carriage-return frames would pile up."""
+"""Progress: a tqdm bar on a terminal, a plain line now and then in logs (no carriage returns)."""
 import sys
 import time
 from typing import Optional
@@ -8,9 +7,7 @@ from tqdm import tqdm
 
 
 class PlainProgress:
-    """What a progress bar says, as a plain line now and then (every `every` seconds, and none
-    for a loop shorter than that): for logs and schedulers, where tqdm's carriage-return frames
-    would pile up in the file. Takes tqdm's calls that the package uses."""
+    """A plain line every `every` seconds; takes the tqdm calls the package uses."""
 
     def __init__(self, iterable=None, desc: str = "", total=None, initial: int = 0,
                  every: float = 30.0, **_):
@@ -37,19 +34,9 @@ class PlainProgress:
     def set_postfix(self, **values):
         self.postfix = "  " + " ".join(f"{k}={v}" for k, v in values.items())
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def close(self):
-        pass
-
 
 def progress_bar(iterable=None, desc: str = "", disable: bool = False, **options):
-    """A tqdm progress bar on a terminal; elsewhere (stderr redirected to a file, CI, a
-    scheduler's log) a `PlainProgress` line now and then; nothing when `disable`."""
+    """tqdm on a terminal, else a `PlainProgress`; nothing when `disable`."""
     if disable:
         return PlainProgress(iterable, desc, every=float("inf"), **options)
     if sys.stderr.isatty():

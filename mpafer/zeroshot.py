@@ -1,5 +1,4 @@
-"""Zero-shot classification with a frozen CLIP, which both methods use: MPA-FER's zero-shot
-baseline (its hard prompts) and Exp-CLIP (its prompt sets, through its projection head)."""
+"""Zero-shot classification with a frozen CLIP, which MPA-FER's baseline and Exp-CLIP share."""
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -10,23 +9,9 @@ from .clip.tokenizer import tokenize
 
 
 class ZeroShotClassifier(nn.Module):
-    """Zero-shot classification with CLIP: prompts per class, logits = `scale * cos`, a class's
-    logit the mean of its prompts' logits. With `head` (e.g. Exp-CLIP's projection), both sides
-    are projected by it before the cosine.
-
-    `prompts`: {class: [prompt, ...]} (e.g. `mpafer.expclip.build_prompts(set, classnames)` or
-    MPA-FER's hard prompts, `mpafer.prompts.hard_prompts_by_class`); `classnames` gives the
-    logits' order. Text side (once, at construction, no grad): every prompt of every class ->
-    `encode_text` -> head -> L2-normalise, cached as a buffer `[P, E]` (class-major order).
-    Image side: `[B, 3, H, W]` (or video `[B, T, 3, H, W]`: the *projected* frame features are
-    averaged before normalising) -> `encode_image` -> head -> L2-normalise. Logits per prompt
-    are `scale * cos` (scale = 100); a class's logit is the mean of its prompts' logits.
-    Returns `[B, C]` in the order of `classnames`.
-
-    The head and the cosine run in fp32 even under `torch.autocast` (only the CLIP towers are
-    autocast). The cached text features are frozen: build a new classifier after changing
-    the head. The head is moved to the CLIP model's device.
-    """
+    """`prompts` {class: [prompt, ...]} -> logits `[B, C]` in `classnames` order, `scale * cos`
+    averaged over each class's prompts. With `head` (e.g. Exp-CLIP's), both sides are projected
+    before the cosine, in fp32 even under autocast. The text side is computed once, here."""
 
     def __init__(self, clip_model, classnames: Sequence[str], prompts: Dict[str, List[str]],
                  head: Optional[nn.Module] = None, scale: float = 100.0):
@@ -54,28 +39,25 @@ class ZeroShotClassifier(nn.Module):
                   for i in range(0, len(texts), batch_size)]
         return self._project(torch.cat(chunks))  # [P, E]
 
-    def _project(self, features: torch.Tensor) -> torch.Tensor:
-        """CLIP features `[..., D]` -> head (if any), in fp32 -> L2-normalised `[..., E]`."""
+    def _project(self, features: torch.Tensor, frames: int = 0) -> torch.Tensor:
+        """CLIP features `[..., D]` -> head (if any), in fp32 -> L2-normalised `[..., E]`; with
+        `frames`, rows `[B*T, D]` are video frames, averaged after the head -> `[B, E]`."""
         with torch.autocast(features.device.type, enabled=False):
             features = features.float()
             if self.head is not None:
                 features = self.head(features)
+            if frames:
+                features = features.view(-1, frames, features.shape[-1]).mean(dim=1)  # [B, E]
             return F.normalize(features, dim=-1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` or video `[B, T, 3, H, W]` -> normalised (projected) features `[B, E]`."""
-        if images.dim() == 5:
-            B, T = images.shape[:2]
-            feats = self.clip_model.encode_image(images.flatten(0, 1)).float()  # [B*T, D]
-            with torch.autocast(feats.device.type, enabled=False):
-                if self.head is not None:
-                    feats = self.head(feats)  # [B*T, E]
-                feats = feats.view(B, T, -1).mean(dim=1)  # [B, E]: average projected frames
-            return F.normalize(feats, dim=-1)
-        if images.dim() != 4:
+        if images.dim() not in (4, 5):
             raise ValueError(f"expected images [B, 3, H, W] or video [B, T, 3, H, W], "
                              f"got shape {tuple(images.shape)}")
-        return self._project(self.clip_model.encode_image(images).float())  # [B, E]
+        frames = images.shape[1] if images.dim() == 5 else 0
+        features = self.clip_model.encode_image(images.flatten(0, 1) if frames else images)
+        return self._project(features.float(), frames)  # [B, E]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = self.encode_images(images)  # [B, E]

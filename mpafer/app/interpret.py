@@ -8,7 +8,7 @@
   which class's hard prompts are closest on average: what the soft-hard alignment L_t did.
 """
 import argparse
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,7 @@ def token_text(token_id: int) -> str:
 @torch.no_grad()
 def nearest_tokens(context: torch.Tensor, token_embedding: torch.Tensor,
                    k: int = 5) -> List[List[Dict]]:
-    """Context vectors `[M, W]` and the embedding table `[V, W]` -> for each vector, its k
-    nearest tokens by cosine: [{"token", "id", "similarity"}] best first."""
+    """`[M, W]` vectors, `[V, W]` table -> each vector's k nearest tokens by cosine, best first."""
     similarity = F.normalize(context.float(), dim=-1) @ F.normalize(
         token_embedding.float(), dim=-1).t()  # [M, V]
     values, ids = similarity.topk(k, dim=-1)  # [M, k]
@@ -46,9 +45,8 @@ def nearest_tokens(context: torch.Tensor, token_embedding: torch.Tensor,
 
 
 def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
-    """Nearest tokens of the model's text context: {"shared": ...} or one entry per class
-    (class-specific context). Deep text prompts are hidden states, not word embeddings, so
-    they are not read this way."""
+    """Nearest tokens of the model's text context: {"shared": ...} or one entry per class. (Deep
+    text prompts are hidden states, not word embeddings, so they are not read this way.)"""
     ctx = model.text_prompts.ctx.detach()
     table = model.clip.token_embedding.weight
     if ctx.dim() == 2:  # [M, W], one context shared by every class
@@ -57,22 +55,13 @@ def prompt_tokens(model: MPAFER, k: int = 5) -> Dict[str, List[List[Dict]]]:
 
 
 @torch.no_grad()
-def hard_prompt_features(model: MPAFER, texts: Sequence[str]) -> torch.Tensor:
-    """Normalised text features `[H, D]` of hard prompts, with the model's frozen CLIP."""
-    device = model.clip.token_embedding.weight.device
-    tokens = crop_to_longest(tokenize(list(texts))).to(device)  # [H, L]
-    features = model.clip.encode_text_embeddings(model.clip.token_embedding(tokens),
-                                                 eot_positions(tokens))
-    return F.normalize(features.float(), dim=-1)
-
-
-@torch.no_grad()
 def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[str]]],
                          template: int) -> Dict[str, Dict]:
-    """Per class: cosine of its soft-prompt feature with its hard prompts' features (mean, max,
-    number of hard prompts) and the class whose hard prompts are closest on average."""
+    """Per class: cosines of its soft-prompt feature with its hard prompts'; the closest class."""
     texts, labels = build_hard_prompts(model.classnames, descriptions, template)
-    hard = hard_prompt_features(model, texts)  # [H, D]
+    tokens = crop_to_longest(tokenize(list(texts))).to(model.clip.token_embedding.weight.device)
+    hard = F.normalize(model.clip.encode_text_embeddings(
+        model.clip.token_embedding(tokens), eot_positions(tokens)).float(), dim=-1)  # [H, D]
     was_training = model.training
     soft = model.eval().text_features()[0]  # [C, D], normalised
     model.train(was_training)
@@ -87,28 +76,6 @@ def soft_hard_similarity(model: MPAFER, descriptions: Optional[Dict[str, List[st
                         "hard_prompts": int(own.numel()),
                         "closest_class": model.classnames[int(per_class_mean[c].argmax())]}
     return result
-
-
-def format_prompt_tokens(tokens: Dict[str, List[List[Dict]]]) -> str:
-    """One line per context vector: its nearest tokens with their cosine similarities."""
-    lines = []
-    for owner, vectors in tokens.items():
-        lines.append(f"text context ({owner}), nearest vocabulary tokens by cosine "
-                     "(a trailing '-' marks a word piece that continues):")
-        for m, nearest in enumerate(vectors, 1):
-            lines.append(f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}"
-                                                   for t in nearest))
-    return "\n".join(lines)
-
-
-def format_soft_hard(similarity: Dict[str, Dict]) -> str:
-    width = max(len(name) for name in similarity) + 2
-    lines = ["cosine of each class's soft-prompt feature with its hard prompts' features:",
-             f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)"]
-    for name, s in similarity.items():
-        lines.append(f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
-                     f"  {s['closest_class']}")
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -135,15 +102,25 @@ def main(argv=None):
                                          device=resolve_device(args.device))
     model = model_from_checkpoint(checkpoint, clip_model).eval()
     report = {"prompt_tokens": prompt_tokens(model, args.tokens)}
-    print(format_prompt_tokens(report["prompt_tokens"]))
+    for owner, vectors in report["prompt_tokens"].items():  # a line per context vector
+        print(f"text context ({owner}), nearest vocabulary tokens by cosine "
+              "(a trailing '-' marks a word piece that continues):")
+        for m, nearest in enumerate(vectors, 1):
+            print(f"  v{m:<3}" + "  ".join(f"{t['token']!r} {t['similarity']:.3f}"
+                                           for t in nearest))
     if args.soft_hard:
         template = model.config.hard_prompt_template
         descriptions = checkpoint.get("descriptions")
         if template == 3 and not descriptions:
             print("note: the checkpoint has no descriptions; using the shipped ones")
             descriptions = load_descriptions(model.classnames)
-        report["soft_hard"] = soft_hard_similarity(model, descriptions, template)
-        print(format_soft_hard(report["soft_hard"]))
+        report["soft_hard"] = similarity = soft_hard_similarity(model, descriptions, template)
+        width = max(len(name) for name in similarity) + 2
+        print("cosine of each class's soft-prompt feature with its hard prompts' features:")
+        print(f"  {'class':<{width}}{'mean':>8}{'max':>8}{'hard':>6}  closest class (mean)")
+        for name, s in similarity.items():
+            print(f"  {name:<{width}}{s['mean']:8.3f}{s['max']:8.3f}{s['hard_prompts']:6d}"
+                  f"  {s['closest_class']}")
     if args.json:
         atomic_write_json(report, args.json, ensure_ascii=False)
     return report

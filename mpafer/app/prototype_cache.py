@@ -1,6 +1,5 @@
-"""A run's class prototypes, cached on disk: keyed by everything they depend on, as stable
-values (hashes, sizes, parameter values, never object reprs), so that a later run in another
-process finds them; computed with `mpafer.prototypes.compute_prototypes` otherwise."""
+"""A run's class prototypes, cached on disk under everything they depend on, as stable values
+(never object reprs), so that a later run in another process finds them."""
 import copy
 import hashlib
 import json
@@ -20,26 +19,19 @@ from ..prototypes import compute_prototypes
 from .synthetic import RENDERER_VERSION
 
 
-def prototype_cache_key(**fields) -> str:
-    """A stable hash of what determines the prototypes (CLIP hash, dataset, split,
-    transform, ...)."""
-    blob = json.dumps(fields, sort_keys=True, default=str).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def cached_prototypes(cache_dir: str, key_fields: Dict, compute: Callable[[], torch.Tensor],
                       log: Callable[[str], None] = print) -> torch.Tensor:
-    """Load prototypes from `cache_dir` if computed before with the same `key_fields`, else
-    compute and save them (atomically, with the key fields beside the tensor)."""
-    path = os.path.join(cache_dir, f"prototypes-{prototype_cache_key(**key_fields)}.pt")
+    """Prototypes cached in `cache_dir` under `key_fields`, else `compute()`d and saved."""
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode("utf-8"))
+    path = os.path.join(cache_dir, f"prototypes-{key.hexdigest()[:16]}.pt")
+    stored_key = json.loads(json.dumps(key_fields, default=str))  # as it reads back
     if os.path.isfile(path):
         cached = safe_load(path, "prototype cache")
-        if cached.get("key") == json.loads(json.dumps(key_fields, default=str)):
+        if cached.get("key") == stored_key:
             log(f"prototypes: loaded from {path}")
             return cached["prototypes"]
     prototypes = compute()
-    atomic_save({"prototypes": prototypes.cpu(),
-                 "key": json.loads(json.dumps(key_fields, default=str))}, path)
+    atomic_save({"prototypes": prototypes.cpu(), "key": stored_key}, path)
     log(f"prototypes: computed and cached in {path}")
     return prototypes
 
@@ -48,9 +40,7 @@ def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_f
                         per_class: Optional[int] = None, seed: int = 0, workers: int = 0,
                         amp_dtype: Optional[torch.dtype] = None,
                         log: Callable[[str], None] = print) -> torch.Tensor:
-    """The prototypes of a training set, from the cache in `cache_dir` if they were computed
-    before under the same `key_fields` (see `prototype_key_fields`), else computed now from
-    the training images with CLIP's evaluation preprocessing and cached."""
+    """A training set's prototypes (CLIP's eval preprocessing), cached under `key_fields`."""
     view = copy.copy(train_set)  # the same images with the eval transform; train_set untouched
     view.transform = eval_transform(resolution, uint8=True)
     device = model.clip.logit_scale.device
@@ -64,11 +54,8 @@ def training_prototypes(model, train_set, resolution: int, cache_dir: str, key_f
 def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: str,
                          per_class: Optional[int], seed: int,
                          amp_dtype: Optional[torch.dtype]) -> Dict:
-    """Everything the prototypes of a training set depend on, as stable values (hashes, sizes,
-    parameter values; never object reprs), so that a later run, in another process, finds them:
-    the CLIP and its activation, the preprocessing's parameters, the images (names and labels;
-    the size and modification time of their files, or the version of the demo's face
-    renderer), the subset drawn, the precision."""
+    """Everything a training set's prototypes depend on: the CLIP, the preprocessing, the images
+    (and their files' sizes and times, or the demo renderer's version), the subset, precision."""
     base = train_set.base if isinstance(train_set, DataSubset) else train_set
     key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
            "resolution": resolution,

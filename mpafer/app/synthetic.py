@@ -1,18 +1,6 @@
-"""Procedurally drawn demo faces, so the whole pipeline runs with nothing downloaded.
-
-Each image is a cartoon face. The expression is carried by the brows, the eyes and the
-mouth, drawn large and dark so that a tiny model trained for a few minutes can pick them up;
-everything else (face position, size, tilt, skin tone, hair, background, sensor noise)
-varies at random and carries no label information. The same faces come in two drawing
-styles (STYLES): "portrait", aligned grey-scale face crops on a plain background like a FER
-dataset's (the default, and what the demo trains and tests MPA-FER on), and "web", colour
-faces anywhere in a cluttered scene (what the demo CLIP is pre-trained on, with the
-everyday-word captions of `face_captions`).
-
-Images are generated on the fly from (seed, split, index) with their own numpy Generator:
-no global random state is touched, the same index always gives the same image, and
-DataLoader workers need no special seeding.
-"""
+"""Procedurally drawn cartoon faces, so the whole pipeline runs with nothing downloaded. The
+expression is in the brows, eyes and mouth; all else is random and carries no label. Each image
+comes from (seed, split, index) through its own numpy Generator (no global random state)."""
 import math
 
 import numpy as np
@@ -48,10 +36,8 @@ _EXPRESSIONS = {
 }
 assert tuple(_EXPRESSIONS) == SYNTHETIC_CLASSES
 
-# How someone captioning these pictures might describe each expression: an everyday mood word
-# and a phrase each for the brows, the eyes and the mouth. The phrases name what is drawn in
-# plain words, some of which the LLM descriptions also use ("brows raised high and curved");
-# the class names never appear (a caption says "a happy face", never "happiness").
+# How a captioner might describe each expression: a mood word and a phrase each for the brows,
+# the eyes and the mouth; the class names never appear ("a happy face", never "happiness").
 CAPTION_WORDS = {
     "neutral": ("calm", "level relaxed brows", "eyes open", "lips closed and level"),
     "happiness": ("happy", "relaxed brows", "eyes narrowed and crinkled",
@@ -74,11 +60,8 @@ CAPTION_TEMPLATES = ("{a_mood} face.", "a face with {brows}, {eyes} and {mouth}.
 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased shapes even at 32 px
 
-# Two drawing styles of the same faces (sizes in image units, tilt in degrees).
-#   "web":      a colour face anywhere in a cluttered scene, like pictures found on the web;
-#               the demo CLIP is pre-trained on these.
-#   "portrait": an aligned, tightly cropped grey-scale face on a plain background, like the
-#               face crops of FER datasets; the demo's expression dataset uses these.
+# Two drawing styles (sizes in image units, tilt in degrees): "web", colour faces in clutter (the
+# demo CLIP pre-trains on these); "portrait", aligned grey-scale crops like a FER dataset's.
 STYLES = {
     "web": dict(shift=0.07, radius=(0.29, 0.37), tilt=10, clutter=True, grey=False,
                 noise=(2.0, 9.0)),
@@ -88,13 +71,8 @@ STYLES = {
 
 
 class SyntheticFaces(Dataset):
-    """Cartoon faces of the 7 basic expressions, generated deterministically on the fly.
-
-    split: "train", "val" or "test" (disjoint seed streams); style: a key of STYLES. The
-    dataset holds `num_per_class` images of every class, labels interleaved (index % 7). Items
-    are (transform(image), label); without a transform the image is an RGB PIL image of
-    `image_size` x `image_size` pixels.
-    """
+    """`num_per_class` faces of each basic expression, labels interleaved (index % 7); split
+    "train", "val" or "test" (disjoint seeds). Items: (transform(RGB PIL image), label)."""
 
     def __init__(self, split, num_per_class=200, image_size=64, seed=0, transform=None,
                  style="portrait"):
@@ -138,10 +116,7 @@ class SyntheticFaces(Dataset):
 
 
 def draw_face(expression, image_size, rng, style="portrait"):
-    """Draw one face showing `expression` (a SYNTHETIC_CLASSES name) as an RGB PIL image.
-
-    `style` is a key of STYLES. All randomness comes from `rng` (a numpy Generator).
-    """
+    """One face showing `expression` as an RGB PIL image; all randomness comes from `rng`."""
     shape, look = _EXPRESSIONS[expression], STYLES[style]
     size = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (size, size), _random_colour(rng))

@@ -1,10 +1,5 @@
-"""Which state dicts are CLIP ViTs of OpenAI's architecture, and a one-line reason for the rest.
-
-OpenAI's ViTs and open_clip's plain ViTs (B/32, B/16, L/14, H/14: LAION-2B, DataComp, MetaCLIP,
-DFN releases) share one architecture and OpenAI's key names. Other CLIPs add or drop parameters
-(open_clip's key names below); they are refused rather than loaded into the wrong model. What a
-state dict cannot show, the MLP activation, is `load`'s `activation` argument.
-"""
+"""Which state dicts are CLIP ViTs of OpenAI's architecture (OpenAI's and open_clip's plain
+ViTs), and a one-line reason for the rest, which are refused rather than loaded wrongly."""
 import re
 from typing import Dict, Iterable, List
 
@@ -55,9 +50,7 @@ def refusal(reasons: List[str]) -> NotViTFamily:
 
 
 def check_vit_family(state_dict: Dict) -> None:
-    """Raise NotViTFamily naming the foreign parameters (else the missing ones), ValueError when
-    the dict is not a CLIP state dict at all; return quietly for a CLIP ViT of OpenAI's
-    architecture."""
+    """NotViTFamily naming the foreign (else missing) parameters; ValueError if not CLIP at all."""
     reasons = []
     for pattern, what in FOREIGN_KEYS:
         # A whole module (pattern `^prefix\.`) is shown as `prefix.*`, other keys one by one.
@@ -93,8 +86,7 @@ def check_shapes(state_dict: Dict, vision_width: int, text_width: int) -> None:
 
 
 def check_keys_match(expected: Dict, state_dict: Dict) -> None:
-    """One line for what `load_state_dict(strict=True)` would list over many: missing and
-    unexpected keys, and shapes that differ."""
+    """One line for what `load_state_dict(strict=True)` would list over many."""
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     shapes = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"

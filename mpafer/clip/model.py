@@ -1,19 +1,8 @@
 """OpenAI's CLIP (ViT variant), rewritten around `scaled_dot_product_attention`.
 
-Parameter names and shapes are exactly those of OpenAI's released checkpoints, so a released
-state dict loads with `strict=True`; the architecture is read off the state dict
-(`build_model`). Differences from OpenAI's `model.py`, all invisible in the checkpoint:
-
-- the package's own paths run batch-first `[B, L, W]`; `Transformer` and its blocks still take
-  OpenAI's sequence-first `[L, N, W]` when called from outside (`batch_first=False`, the
-  default), so client code that permutes to `[L, N, W]` around `model.transformer(x)` is right;
-- attention is `F.scaled_dot_product_attention` (fused kernels on CUDA and CPU);
-- weights stay fp32: mixed precision comes from `torch.autocast`, and LayerNorm runs in fp32;
-- prompt hooks are explicit optional arguments (`prompts`, `deep_prompts`, `return_tokens`,
-  `encode_text_embeddings`); with none given, the computation is the plain path;
-- a loaded model records which checkpoint it is (`checkpoint_name`, `checkpoint_sha256`);
-- the MLP activation is an argument (`activation`): OpenAI's QuickGELU, or the exact GELU that
-  many open_clip models were trained with. The state dict cannot tell them apart.
+Parameter names and shapes are OpenAI's, so a released state dict loads with `strict=True`.
+Inside, paths run batch-first; weights stay fp32 (autocast gives mixed precision); prompt hooks
+are optional arguments; the MLP activation is an argument (the state dict cannot tell).
 """
 from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
@@ -54,8 +43,7 @@ def check_activation(activation: str) -> str:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with `nn.MultiheadAttention`'s parameter names (not its call
-    signature): batch-first `[B, L, W]` in and out."""
+    """Self-attention with `nn.MultiheadAttention`'s parameter names, `[B, L, W]` in and out."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -103,23 +91,15 @@ class Transformer(nn.Module):
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation)
                                          for _ in range(layers)])
-        # Activation checkpointing: keep only each block's input and recompute the block in the
-        # backward pass (less memory, one more forward). See `CLIP.set_grad_checkpointing`.
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # `CLIP.set_grad_checkpointing`
 
     def forward(self, x: torch.Tensor, *, batch_first: bool = False, appended: LayerPrompts = None,
                 replaced: LayerPrompts = None, replace_start: int = 1) -> torch.Tensor:
-        """Run the blocks on `x`, with optional per-layer prompt tokens.
-
-        x: `[L, N, W]`, OpenAI's sequence-first convention, so client code written for OpenAI's
-            CLIP (`x.permute(1, 0, 2)` before and after `model.transformer(x)`) runs unchanged;
-            or `[B, L, W]` with `batch_first=True`, which the package's own encode paths pass
-            (no transposes on their path). The output has the input's layout.
+        """x `[L, N, W]` (OpenAI's layout) or `[B, L, W]` with `batch_first=True`, returned so.
         appended[l] `[P, W]` or `[B, P, W]`: joined after the sequence before layer l and
             dropped after it (VPT-deep).
         replaced[l] `[P, W]` or `[B, P, W]`: overwrites tokens `replace_start : replace_start + P`
-            before layer l (deep text prompts; later layers re-use the tokens layer l made).
-        Prompt tokens are batch-first in either layout.
+            before layer l (deep text prompts).
         """
         if not batch_first:
             x = x.transpose(0, 1)  # [B, L, W]
@@ -164,11 +144,8 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x: torch.Tensor, prompts: LayerPrompts = None, return_tokens: bool = False):
-        """Images `[B, 3, H, W]` -> global feature `[B, D]` (and patch features `[B, N, D]`).
-
-        prompts: per-layer visual prompt tokens `[P, width]` (VPT-deep), see `Transformer`.
-        return_tokens: also return every patch through the same `ln_post` and `proj`.
-        """
+        """Images `[B, 3, H, W]` -> global feature `[B, D]` (with `return_tokens`, also patch
+        features `[B, N, D]`); prompts: per-layer visual prompt tokens (`Transformer.appended`)."""
         x = self.conv1(x)  # [B, W, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, N, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
@@ -183,9 +160,8 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """OpenAI's CLIP (ViT). Beyond OpenAI's arguments: `vision_heads` (None: OpenAI's
-    `vision_width // 64`) and `activation`, the MLP activation of both towers: "quick_gelu"
-    (OpenAI's) or "gelu" (`nn.GELU`, exact, as open_clip's models without `-quickgelu`)."""
+    """OpenAI's CLIP (ViT), plus `vision_heads` (None: `vision_width // 64`) and `activation`
+    ("quick_gelu", OpenAI's, or "gelu", as open_clip's models without `-quickgelu`)."""
 
     def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
                  vision_patch_size: int, context_length: int, vocab_size: int,
@@ -205,9 +181,7 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(2.6592600))  # log(1 / 0.07)
-        # Which checkpoint this is, set by `load` (None for a model built from a state dict),
-        # and the activation it runs: trained prompts and heads record them, to refuse a
-        # different backbone (`same_clip`).
+        # Set by `load`: trained prompts and heads record them to refuse another backbone.
         self.checkpoint_name: Optional[str] = None
         self.checkpoint_sha256: Optional[str] = None
         self.activation = activation
@@ -230,9 +204,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     def set_grad_checkpointing(self, enabled: bool = True):
-        """Activation checkpointing in both towers: each block's activations are recomputed
-        in the backward pass instead of stored (for large backbones such as ViT-L/14).
-        Outputs and gradients are the same; only memory and time change. No effect under no_grad."""
+        """Recompute each block in the backward pass: less memory, the same gradients."""
         self.visual.transformer.grad_checkpointing = enabled
         self.transformer.grad_checkpointing = enabled
         return self
@@ -257,12 +229,8 @@ class CLIP(nn.Module):
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_positions: torch.Tensor,
                                deep_prompts: LayerPrompts = None, prompt_start: int = 1):
-        """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`.
-
-        eot_positions `[B]`: where each sequence's EOT token sits (its feature is the output).
-        deep_prompts[l] `[P, W]` or `[B, P, W]`: replace tokens `prompt_start : prompt_start + P`
-            before layer l (deep text prompts); entry 0 is usually None (the input is `x`).
-        """
+        """Token *embeddings* `[B, L, W]` (e.g. with soft prompts) -> text features `[B, D]`,
+        read at `eot_positions` `[B]`; deep_prompts: `Transformer.replaced`, from `prompt_start`."""
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # [B, L, W]
         x = self.transformer(x, batch_first=True, replaced=deep_prompts, replace_start=prompt_start)
         x = self.ln_final(x)
@@ -276,8 +244,7 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# Named architectures, as `CLIP(**SHAPES[name])` keyword arguments: OpenAI's released ViT-B/16
-# and ViT-L/14, and a tiny one for tests and quick checks (weights random until loaded).
+# Named architectures, `CLIP(**SHAPES[name])`: OpenAI's ViT-B/16 and ViT-L/14, and a tiny one.
 SHAPES = {
     "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                      vision_patch_size=16, context_length=77, vocab_size=49408,
@@ -292,9 +259,8 @@ SHAPES = {
 
 
 def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
-    """(SHA-256, activation) of a CLIP model, of a record `{"sha256", "activation"}` as
-    checkpoints keep it (no "activation": QuickGELU, the only one before it was recorded), or of a
-    SHA-256 string (activation None: not stated)."""
+    """(SHA-256, activation) of a CLIP model, a record `{"sha256", "activation"}` (no
+    activation: QuickGELU) or a SHA-256 string (activation None: not stated)."""
     if isinstance(x, CLIP):
         return x.checkpoint_sha256, x.activation
     if isinstance(x, dict):
@@ -303,14 +269,8 @@ def clip_identity(x) -> Tuple[Optional[str], Optional[str]]:
 
 
 def same_clip(a, b) -> Optional[bool]:
-    """Whether two CLIPs are the same: the same checkpoint (SHA-256) run with the same activation.
-
-    a, b: SHA-256 hex strings, records `{"sha256", "activation"}` (e.g. in a trained checkpoint)
-    or CLIP models. True or False, or None when either SHA-256 is unknown (a model built from a
-    state dict, or a record that has none). Code that refuses a different backbone tests
-    `same_clip(trained, used) is False`, so an unknown identity is let through. One file run
-    with QuickGELU and with GELU is two different CLIPs.
-    """
+    """Same checkpoint and activation? None when a SHA-256 is unknown: tests `is False` let an
+    unknown identity through."""
     (sha_a, act_a), (sha_b, act_b) = clip_identity(a), clip_identity(b)
     if not sha_a or not sha_b:
         return None
@@ -319,39 +279,27 @@ def same_clip(a, b) -> Optional[bool]:
     return act_a is None or act_b is None or act_a == act_b
 
 
-def describe_clip(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
-    act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
-    return f"{name or '?'} (SHA-256 {sha256[:12]}...{act})"
-
-
 def check_same_clip(trained: dict, clip_model: "CLIP", source: str, hint: str):
-    """A clear error when `clip_model` is not the CLIP that `source` was trained on.
-
-    trained: `{"name", "sha256", "activation"}` as recorded at training time. Nothing is
-    checked when either identity is unknown (see `same_clip`). `hint` ends the message: how to
-    load the right CLIP or force another.
-    """
+    """A clear error when `clip_model` is not the CLIP `source` was `trained` on."""
     if same_clip(trained, clip_model) is False:
-        was = describe_clip(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
-        loaded = describe_clip(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
-                               clip_model.activation)
+        def describe(name: Optional[str], sha256: str, activation: Optional[str]) -> str:
+            act = f", {ACTIVATION_NAMES.get(activation, activation)}" if activation else ""
+            return f"{name or '?'} (SHA-256 {sha256[:12]}...{act})"
+        was = describe(trained.get("name"), trained["sha256"], clip_identity(trained)[1])
+        loaded = describe(clip_model.checkpoint_name, clip_model.checkpoint_sha256,
+                          clip_model.activation)
         raise ValueError(f"{source} was trained on CLIP {was}, but the loaded CLIP is {loaded}; "
                          f"{hint}")
 
 
 # Keys some checkpoints carry beside the parameters (TorchScript attributes, not weights).
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
-# Image towers whose heads are not OpenAI's 64 wide, by width: open_clip's ViT-H (H/14, H/16,
-# H/14-378) has 16 heads of 80. The state dict does not show the heads; these widths occur only
-# in those models (wider ones, g and bigG, are refused for their MLP width).
+# Image towers whose heads are not 64 wide, by width: open_clip's ViT-H has 16 heads of 80.
 VISION_HEADS = {1280: 16}
 
 
 def model_config(state_dict: dict) -> dict:
-    """Read CLIP's architecture off an OpenAI-format state dict (any size); a CLIP of another
-    architecture is refused with a one-line reason (`architecture.check_vit_family`).
-
-    The ten arguments of OpenAI's CLIP, and `vision_heads` for the widths in VISION_HEADS."""
+    """`CLIP`'s arguments read off an OpenAI-format state dict (others refused in one line)."""
     check_vit_family(state_dict)
 
     def count_layers(prefix: str) -> int:
@@ -380,11 +328,7 @@ def model_config(state_dict: dict) -> dict:
 
 
 def build_model(state_dict: dict, activation: str = "quick_gelu") -> CLIP:
-    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly.
-
-    activation: "quick_gelu" (OpenAI's models) or "gelu" (open_clip models trained with GELU);
-    the state dict does not say which. Its `checkpoint_name` and `checkpoint_sha256` are None:
-    only `load` knows the file."""
+    """A frozen fp32 CLIP in eval mode, architecture inferred, weights loaded strictly."""
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     if "logit_scale" in state_dict and state_dict["logit_scale"].numel() == 1:

@@ -1,14 +1,8 @@
-"""Reading `.safetensors` files with torch and the standard library alone.
-
-The format: an 8-byte little-endian header length N, N bytes of JSON
-`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data:
-raw little-endian tensor bytes, offsets relative to its start. Nothing in the file is executed.
-Every number in the header is checked before anything is allocated: the header length against
-the file size, each tensor's offsets against the data's size and its byte count against its
-shape and dtype, and the tensors may not overlap, so the memory used never exceeds the file's
-size, whatever the header says.
-"""
+"""Reading `.safetensors` files with torch and the standard library alone: an 8-byte header
+length, a JSON header `{name: {"dtype", "shape", "data_offsets"}}`, then the raw little-endian
+bytes. Every number in the header is checked before anything is allocated."""
 import json
+import math
 import os
 import struct
 import sys
@@ -29,8 +23,7 @@ MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 
 
 def looks_like_safetensors(path: str) -> bool:
-    """A `.safetensors` name, or a file that starts like one (a length, then `{`); PyTorch's
-    files start with `PK` (zip) or byte 0x80 (pickle)."""
+    """A `.safetensors` name, or a file starting like one (PyTorch's start with `PK` or 0x80)."""
     if path.endswith(".safetensors"):
         return True
     with open(path, "rb") as f:
@@ -59,9 +52,7 @@ def _entry(path: str, name: str, info, data_size: int):
     if not 0 <= begin <= end <= data_size:
         raise _invalid(path, f"tensor {name!r} has data_offsets [{begin}, {end}] outside the "
                              f"{data_size} bytes of data")
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     if numel * itemsize != end - begin:
         raise _invalid(path, f"tensor {name!r} ({dtype} {shape}) needs {numel * itemsize} "
@@ -81,8 +72,7 @@ def from_little_endian(data: bytearray, dtype: torch.dtype, byteorder: str = sys
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file (on CPU, dtypes as stored), or a one-line
-    ValueError naming the file and what is wrong with it."""
+    """The tensors of a `.safetensors` file (CPU, dtypes as stored), or a one-line ValueError."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)

@@ -1,8 +1,5 @@
-"""CLIP's byte-level BPE tokenizer (same cleaning, split and merges as OpenAI's).
-
-The vocabulary file `bpe_simple_vocab_16e6.txt.gz` is data from OpenAI's CLIP release (MIT
-licence); it sits beside this module and is read on first use.
-"""
+"""CLIP's byte-level BPE tokenizer (same cleaning, split and merges as OpenAI's); the vocabulary
+file beside it is data from OpenAI's CLIP release (MIT licence), read on first use."""
 import functools
 import gzip
 import html
@@ -22,24 +19,14 @@ NUM_MERGES = 49152 - 256 - 2  # 48,894 merges -> a 49,408-token vocabulary
 
 @functools.lru_cache()
 def bytes_to_unicode() -> dict:
-    """Map each byte to a printable unicode character, so BPE never sees raw control bytes.
-
-    Printable latin-1 bytes map to themselves; the other 68 map to code points 256 and up.
-    The order (printable bytes first) fixes the first 256 token ids of the vocabulary.
-    """
+    """Each byte -> a printable character (itself if printable, else 256 and up), so BPE never
+    sees control bytes; this order fixes the first 256 token ids."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
     others = [b for b in range(256) if b not in printable]
     table = {b: chr(b) for b in printable}
     table.update({b: chr(256 + i) for i, b in enumerate(others)})
     return table
-
-
-def clean_text(text: str) -> str:
-    """ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed,
-    lower case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 class SimpleTokenizer:
@@ -94,8 +81,10 @@ class SimpleTokenizer:
         return self.cache[token]
 
     def encode(self, text: str) -> List[int]:
+        # ftfy repair, HTML entities decoded (twice, as OpenAI does), whitespace collapsed.
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         ids = []
-        for piece in self.SPLIT.findall(clean_text(text)):
+        for piece in self.SPLIT.findall(re.sub(r"\s+", " ", text).strip().lower()):
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
         return ids
@@ -114,11 +103,8 @@ def get_tokenizer() -> SimpleTokenizer:
 
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77,
              truncate: bool = False) -> torch.LongTensor:
-    """Texts -> `[n, context_length]` token ids: SOT, BPE ids, EOT, zero padding.
-
-    Text longer than the context is an error naming it, unless `truncate=True` (then the
-    last kept token is replaced by EOT, as OpenAI does).
-    """
+    """Texts -> `[n, context_length]` token ids: SOT, BPE ids, EOT, zero padding. Longer text is
+    an error naming it, unless `truncate=True` (the last kept token becomes EOT, as OpenAI's)."""
     if isinstance(texts, str):
         texts = [texts]
     tok = get_tokenizer()

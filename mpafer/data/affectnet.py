@@ -1,20 +1,5 @@
-"""AffectNet, 7 or 8 classes, from the CSV release or the per-image release:
-`--dataset affectnet7 | affectnet8`.
-
-Access is granted by the AffectNet authors on request. Either layout (`AFFECTNET_LAYOUT`):
-
-    <root>/training.csv, validation.csv     subDirectory_filePath, face_x, face_y, face_width,
-                                            face_height, facial_landmarks, expression, ...
-    <root>/Manually_Annotated_Images/<subDirectory_filePath>   (cropped to the face box)
-or
-    <root>/train_set|val_set/images/<id>.jpg with annotations/<id>_exp.npy
-
-Expression codes 0 neutral, 1 happy, 2 sad, 3 surprise, 4 fear, 5 disgust, 6 anger, 7 contempt;
-codes 8 and above (none, uncertain, no face) are dropped, and the 7-class set drops contempt
-too. The official validation set is the test set (500 images per class). The training set is
-heavily imbalanced (happiness alone is about half of it), so the presets train with the
-class-balanced sampler (`mpafer.data.ClassBalancedSampler`) and 64,000 samples per epoch.
-"""
+"""AffectNet (`AFFECTNET_LAYOUT`): `--dataset affectnet7 | affectnet8`. Codes 8 and above (none,
+uncertain, no face) are dropped, and the 7-class set drops contempt too."""
 import os
 
 import numpy as np
@@ -52,14 +37,8 @@ _AFFECTNET_SPLITS = {"train": ("training.csv", "train_set"),
 
 
 class AffectNet(FERDataset):
-    """AffectNet with 7 (no contempt) or 8 classes; the layout is detected automatically.
-
-    Splits: "train"; "test" = the official validation set (500 images per class), which
-    is what papers report as AffectNet test accuracy; "val" is accepted as an alias of
-    "test". classnames follow AffectNet's code order (neutral, happiness, sadness, surprise,
-    fear, disgust, anger[, contempt]); target = expression code. With the CSV release each
-    image is cropped to its face box at load time.
-    """
+    """AffectNet, either layout; "test" (alias "val") is the official validation set, as papers
+    report. CSV-release images are cropped to their face box at load time."""
 
     def __init__(self, root, split, num_classes=7, transform=None, skip_bad_images=False):
         super().__init__(root, transform)
@@ -115,23 +94,17 @@ class AffectNet(FERDataset):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            code = _read_expression_npy(os.path.join(annotations, f"{stem}_exp.npy"))
+            path = os.path.join(annotations, f"{stem}_exp.npy")  # a numpy string or integer
+            if not os.path.isfile(path):
+                raise missing_error(path, "AffectNet annotation", AFFECTNET_LAYOUT)
+            try:
+                code = int(np.load(path, allow_pickle=False).item())
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(f"{path}: expected an integer expression code, got error: "
+                                 f"{error}") from error
+            if code < 0:
+                raise ValueError(f"{path}: negative expression code {code}")
             if code < self.num_classes:
                 files.append(os.path.join(os.path.basename(folder), "images", name))
                 targets.append(code)
         return files, targets
-
-
-def _read_expression_npy(path):
-    """The expression code in an AffectNet <id>_exp.npy (a numpy string or integer scalar)."""
-    if not os.path.isfile(path):
-        raise missing_error(path, "AffectNet annotation", AFFECTNET_LAYOUT)
-    try:
-        value = np.load(path, allow_pickle=False)
-        code = int(value.item())
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"{path}: expected an integer expression code, got error: "
-                         f"{error}") from error
-    if code < 0:
-        raise ValueError(f"{path}: negative expression code {code}")
-    return code

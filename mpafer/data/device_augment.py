@@ -1,17 +1,6 @@
-"""The per-batch half of the training augmentation, run on the device.
-
-DataLoader workers do the per-image work that needs PIL (decode, random resized crop, flip) and
-hand over uint8 pixels `[B, 3, R, R]`: a quarter of the bytes of float32, both between processes
-and from host to device. Conversion to float, CLIP's mean/std normalisation and random erasing
-then run here, batched, on the device where the model is.
-
-`normalize_on_device` computes exactly what torchvision's ToTensor followed by
-Normalize(CLIP_MEAN, CLIP_STD) computes (the same float32 operations in the same order).
-`random_erasing_on_device` draws from the same distribution as torchvision's RandomErasing with
-its defaults, one independent draw per image, vectorised; its randomness comes from an explicit
-`torch.Generator`, which `TrainBatchAugment` seeds from (seed, epoch, step, rank), so a resumed
-run erases exactly what an uninterrupted one does.
-"""
+"""The per-batch half of the training augmentation, run on the device: DataLoader workers hand
+over uint8 pixels `[B, 3, R, R]`; the normalisation (the float32 operations of ToTensor +
+Normalize) and random erasing (torchvision's RandomErasing, one draw per image) run here."""
 import math
 from functools import lru_cache
 
@@ -28,8 +17,7 @@ ERASE_ATTEMPTS = 10  # torchvision tries this many boxes before giving up on an 
 
 @lru_cache(maxsize=None)
 def _clip_stats(device: torch.device):
-    """CLIP's mean and std as [1, 3, 1, 1] float32 on `device`, made once per device (making them
-    per batch would copy from the host every step)."""
+    """CLIP's mean and std `[1, 3, 1, 1]` on `device`, made once, not copied every step."""
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     return mean, std
@@ -46,21 +34,14 @@ def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
 
 
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
-    """A batch as the model takes it: uint8 batches are pixels and get CLIP-normalised here (on
-    their device); float batches are already preprocessed and pass through unchanged."""
+    """uint8 batches get CLIP-normalised on their device; float batches pass unchanged."""
     return normalize_on_device(images) if images.dtype == torch.uint8 else images
 
 
 def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
                              generator: torch.Generator = None, value: float = 0.0) -> torch.Tensor:
-    """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on every image
-    of a batch [B, C, H, W] independently, in a few batched operations (no host sync).
-
-    Per image, as torchvision does: with probability p, try up to 10 boxes of area
-    uniform(scale) * H * W and log-uniform aspect ratio; take the first that fits inside the
-    image, at a uniform position, and set it to `value`; if none fits, leave the image as it is.
-    Returns a new tensor; `generator` (on the images' device) makes it reproducible.
-    """
+    """torchvision's RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value) on each image
+    of `[B, C, H, W]` independently, batched (no host sync); returns a new tensor."""
     batch, _, height, width = images.shape
     device, attempts = images.device, ERASE_ATTEMPTS
     u = torch.rand(batch, 3 + 2 * attempts, generator=generator, device=device)  # [B, 3 + 2A]
@@ -85,18 +66,8 @@ def random_erasing_on_device(images: torch.Tensor, p: float = RANDOM_ERASING_P,
     return images.masked_fill(box[:, None], value)  # [B, C, H, W]
 
 
-def batch_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
-    """A 63-bit seed for one training batch, mixed from (seed, epoch, step, rank)."""
-    words = [seed % 2 ** 63, epoch, step, rank]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 class TrainBatchAugment:
-    """uint8 training batch on the device -> normalised, randomly erased float batch.
-
-    Call it as `augment(images, epoch, step)`: the erasing draws from a generator on the device
-    seeded by (seed, epoch, step, rank), so any batch can be redone exactly, also after a resume.
-    """
+    """`augment(images, epoch, step)`: uint8 -> normalised, erased (same for same arguments)."""
 
     def __init__(self, device: torch.device, seed: int, rank: int = 0,
                  erase_p: float = RANDOM_ERASING_P):
@@ -104,5 +75,7 @@ class TrainBatchAugment:
         self.seed, self.rank, self.erase_p = seed, rank, erase_p
 
     def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        self.generator.manual_seed(batch_seed(self.seed, epoch, step, self.rank))
+        words = [self.seed % 2 ** 63, epoch, step, self.rank]  # -> a 63-bit seed for this batch
+        seed = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1
+        self.generator.manual_seed(int(seed))
         return random_erasing_on_device(normalize_on_device(images), self.erase_p, self.generator)

@@ -1,16 +1,6 @@
-"""FERPlus (8 classes) by majority vote, from the CSV files or the exported folders:
-`--dataset ferplus`.
-
-Either `fer2013.csv` (48x48 grey pixels, Usage) with Microsoft's `fer2013new.csv` (ten votes per
-face, the same row order), or the `FER2013Train|Valid|Test/label.csv` folders written by
-FERPlus's own script (`FERPLUS_LAYOUT`). Labels come from the majority vote over all ten vote
-columns (`ferplus_vote`): every column with at most one vote is zeroed; if the largest remaining
-count is more than half of the remaining total, its column is the label, otherwise the face is
-unknown. Faces labelled unknown or not-a-face (NF), and rows without an image name, are dropped.
-Splits: train = Training, val = PublicTest, test = PrivateTest. On the real release this gives
-25,045 / 3,191 / 3,137 faces, the sizes FER papers report; the test split's disgust (16) and
-contempt (15) are tiny, so UAR there moves a lot with a few faces.
-"""
+"""FERPlus (8 classes) by majority vote (`ferplus_vote`), from `fer2013.csv` with Microsoft's
+`fer2013new.csv` or from the folders FERPlus's own script writes (`FERPLUS_LAYOUT`):
+`--dataset ferplus`. Splits: train = Training, val = PublicTest, test = PrivateTest."""
 import csv
 import os
 
@@ -47,13 +37,9 @@ _FERPLUS_SPLITS = {"train": ("Training", "FER2013Train"),
 
 
 def ferplus_vote(votes):
-    """FERPlus majority vote over the ten vote columns; returns a class index 0..7 or None.
-
-    votes: 10 counts in fer2013new.csv order (8 emotions, unknown, NF). Every column with
-    at most one vote is zeroed (outlier removal); if the largest remaining count is more
-    than half of the remaining total, its column wins, otherwise the face is 'unknown'.
-    Returns None for unknown, NF and no-majority faces (those rows are dropped).
-    """
+    """FERPlus's majority vote over 10 counts in fer2013new.csv order -> a class index 0..7, or
+    None (unknown, NF, no majority). Columns with at most one vote are zeroed first (outliers);
+    the largest remaining count wins if it is more than half of the remaining total."""
     if len(votes) != len(FERPLUS_VOTE_COLUMNS):
         raise ValueError(f"expected {len(FERPLUS_VOTE_COLUMNS)} vote counts, got {len(votes)}")
     kept = [v if v > 1 else 0 for v in votes]
@@ -65,13 +51,7 @@ def ferplus_vote(votes):
 
 
 class FERPlus(FERDataset):
-    """FERPlus (8 classes) by majority vote; "train" = Training, "val" = PublicTest,
-    "test" = PrivateTest.
-
-    Reads fer2013.csv + fer2013new.csv when both are present (pixels are parsed once into
-    a uint8 array), otherwise the exported FER2013Train/Valid/Test folders with label.csv.
-    classnames = the 8 emotions in canonical (= fer2013new.csv column) order.
-    """
+    """FERPlus from fer2013.csv + fer2013new.csv when both are present, else the folders."""
 
     classnames = CANONICAL_CLASSES
 
@@ -119,7 +99,14 @@ class FERPlus(FERDataset):
                 continue
             names.append(new_row["Image name"].strip())
             targets.append(label)
-            images.append(_parse_pixels(row["pixels"], fer_csv, line))
+            try:  # np.fromstring in text mode: much faster than split() for 2304 numbers
+                pixels = np.fromstring(row["pixels"], dtype=np.int32, sep=" ")
+            except ValueError:
+                pixels = np.array([])
+            if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+                raise ValueError(f"{fer_csv}:{line}: expected 2304 space-separated pixel "
+                                 "values 0..255")
+            images.append(pixels.astype(np.uint8).reshape(48, 48))
         if fer_rows != len(new_rows):
             raise ValueError(f"{fer_csv} has {fer_rows} rows but {new_csv} has {len(new_rows)}; "
                              f"{out_of_step}")
@@ -170,14 +157,3 @@ class FERPlus(FERDataset):
         if self._pixels is not None:
             return Image.fromarray(self._pixels[index], "L").convert("RGB")
         return super().load(index)
-
-
-def _parse_pixels(text, path, line):
-    # np.fromstring in text mode is ~5x faster than split() for the 2304 numbers per row.
-    try:
-        values = np.fromstring(text, dtype=np.int32, sep=" ")
-    except ValueError:
-        values = np.array([])
-    if values.size != 48 * 48 or values.min() < 0 or values.max() > 255:
-        raise ValueError(f"{path}:{line}: expected 2304 space-separated pixel values 0..255")
-    return values.astype(np.uint8).reshape(48, 48)

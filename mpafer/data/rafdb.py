@@ -1,17 +1,5 @@
-"""RAF-DB, basic expressions (7 classes): `--dataset rafdb`.
-
-Access is granted by the RAF-DB authors on request. Layout (`RAFDB_LAYOUT`):
-
-    <root>/EmoLabel/list_patition_label.txt   "<name>.jpg <label>" per line ("patition" sic)
-    <root>/Image/aligned/<stem>_aligned.jpg   100x100 aligned faces
-
-Labels 1..7 are surprise, fear, disgust, happiness, sadness, anger, neutral (`RAFDB_CLASSES`,
-reported under the canonical names). The split is the file-name prefix, `train_` or `test_`:
-12,271 training and 3,068 test images (`RAFDB_EXPECTED_COUNTS` per label; a different count
-is reported as a warning, since it usually means a partial download). There is no official
-validation split: the paper chooses its epoch on the test split, which flatters the result;
-`--val-fraction` holds a stratified part of the training set out instead.
-"""
+"""RAF-DB, basic expressions (7 classes; `RAFDB_LAYOUT`): `--dataset rafdb`. The split is the
+file-name prefix; unofficial per-label counts are warned about (usually a partial download)."""
 import os
 import warnings
 
@@ -36,12 +24,7 @@ RAFDB_EXPECTED_COUNTS = {
 
 
 class RAFDB(FERDataset):
-    """RAF-DB basic expressions (7 classes), split "train" or "test" by file-name prefix.
-
-    classnames follow RAF-DB's label order (surprise, fear, disgust, happiness, sadness,
-    anger, neutral); target = label - 1. Warns if a split that looks like the full official
-    one (within 10% of its size) differs from the official counts.
-    """
+    """RAF-DB basic expressions, split "train" or "test"; target = label - 1."""
 
     classnames = RAFDB_CLASSES
 
@@ -64,7 +47,12 @@ class RAFDB(FERDataset):
         if not files:
             raise ValueError(f"{label_file}: no {split}_* images listed\n"
                              f"Expected layout:\n{RAFDB_LAYOUT}")
-        _warn_if_unofficial(split, np.bincount(targets, minlength=7).tolist(), label_file)
+        counts, expected = np.bincount(targets, minlength=7).tolist(), RAFDB_EXPECTED_COUNTS[split]
+        # Only a split that looks like the full release is compared; small subsets are fine.
+        if abs(len(targets) - sum(expected)) <= 0.1 * sum(expected) and counts != expected:
+            warnings.warn(f"{label_file}: RAF-DB {split} split has {len(targets)} images, per "
+                          f"label {counts}; the official split has {sum(expected)}, per label "
+                          f"{expected}", stacklevel=2)
         self._set_items(files, targets, skip_bad_images=skip_bad_images, source=label_file,
                         layout=RAFDB_LAYOUT)
 
@@ -83,13 +71,3 @@ def _parse_rafdb_labels(path):
                 raise ValueError(f"{path}:{line_number}: expected '<train_|test_name>.jpg "
                                  f"<label 1-7>', got {line.rstrip()!r}")
             yield fields[0], int(fields[1])
-
-
-def _warn_if_unofficial(split, counts, label_file):
-    expected = RAFDB_EXPECTED_COUNTS[split]
-    total, expected_total = sum(counts), sum(expected)
-    # Only a split that looks like the full release is compared; small subsets are fine.
-    if abs(total - expected_total) <= 0.1 * expected_total and counts != expected:
-        warnings.warn(f"{label_file}: RAF-DB {split} split has {total} images, per label "
-                      f"{counts}; the official split has {expected_total}, per label "
-                      f"{expected}", stacklevel=3)

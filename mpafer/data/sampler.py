@@ -7,14 +7,8 @@ from torch.utils.data import Sampler
 
 
 class ClassBalancedSampler(Sampler):
-    """Draws indices with replacement, each with probability proportional to 1 / count of
-    its class, so every class is seen equally often (for imbalanced sets like AffectNet).
-
-    The draw depends only on (seed, epoch): call set_epoch(epoch) every epoch. Under DDP
-    every rank makes the same draw and takes the disjoint slice draw[rank::world_size], so
-    it is a drop-in for DistributedSampler. num_samples is the total over all ranks
-    (default len(targets)); len(sampler) is the per-rank count.
-    """
+    """Indices drawn with replacement, with probability 1 / count of their class, from (seed,
+    epoch); under DDP rank r takes draw[r::world_size]. num_samples counts all ranks."""
 
     def __init__(self, targets, num_samples=None, seed=0, rank=0, world_size=1):
         targets = torch.as_tensor(list(targets), dtype=torch.long)
@@ -48,9 +42,7 @@ class ClassBalancedSampler(Sampler):
 
 
 class ResumableSampler(Sampler):
-    """Another sampler's order without its first `skip` indices: resuming in the middle of an
-    epoch continues that epoch's order where it stopped. `skip` holds until changed;
-    `set_epoch` is passed on to the wrapped sampler."""
+    """Another sampler's order without its first `skip` indices (a resumed epoch goes on)."""
 
     def __init__(self, sampler):
         self.sampler, self.skip = sampler, 0

@@ -1,12 +1,5 @@
-"""Parts of a training set for the research protocols: K images per class (few-shot, the CoOp
-protocol) and a stratified validation part held out of the training set (for datasets without
-an official validation split, such as RAF-DB).
-
-Both draws are seeded and independent of each other (separate random streams), and both
-return indices into the full training set, so a run can record exactly which files it used.
-With both, the validation part is carved first and the K shots are drawn from the rest: the
-held-out images never train, and the validation part does not depend on K.
-"""
+"""Parts of a training set: K images per class (few-shot) and a stratified validation part,
+seeded, independent draws of indices into the full training set (so a run records its files)."""
 import copy
 import hashlib
 import json
@@ -28,8 +21,7 @@ def _by_class(targets: Sequence[int],
 
 def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
                      pool: Optional[Sequence[int]] = None) -> List[int]:
-    """min(shots, available) indices per class, drawn without replacement with `seed` from
-    `pool` (default: every index) -> sorted indices into `targets`."""
+    """min(shots, available) indices per class from `pool` (default: all), sorted."""
     if shots < 1:
         raise ValueError(f"--shots must be >= 1 (0 = the full training set), got {shots}")
     rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
@@ -38,8 +30,7 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int,
 
 
 def held_out_count(class_size: int, fraction: float) -> int:
-    """Images of one class held out: round(fraction * size), at least 1 and leaving at least
-    1 to train on (a class of one image stays in training)."""
+    """round(fraction * size) of a class held out, at least 1 and leaving at least 1."""
     if class_size < 2:
         return 0
     return min(max(round(fraction * class_size), 1), class_size - 1)
@@ -47,8 +38,7 @@ def held_out_count(class_size: int, fraction: float) -> int:
 
 def stratified_split(targets: Sequence[int], fraction: float,
                      seed: int) -> Tuple[List[int], List[int]]:
-    """Carve a seeded validation part of `fraction` of each class -> (kept, held out), both
-    sorted indices into `targets`, disjoint, together every index."""
+    """`fraction` of each class held out -> (kept, held out), sorted indices into `targets`."""
     if not 0 < fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1) (0 = off), got {fraction}")
     rng = np.random.default_rng([seed, _HELD_OUT_STREAM])
@@ -62,14 +52,8 @@ def stratified_split(targets: Sequence[int], fraction: float,
 
 
 class Subset(Dataset):
-    """Items `indices` of `dataset`, with a transform of their own and, optionally, a class list
-    of their own (`classnames`: a subset of the dataset's, in any order; labels follow it).
-
-    It keeps the dataset interface train.py relies on (`classnames`, `targets`,
-    `class_counts()`, a settable `transform`), so a copy can take another transform (as the
-    prototype step does) without touching the training set's. A subset of a subset is a subset
-    of the original dataset (`base`), so its files and fingerprints stay those of the original.
-    """
+    """Items `indices` of `dataset` (of the original, `base`, for a subset of a subset), with a
+    transform and optionally `classnames` of their own (labels follow them)."""
 
     def __init__(self, dataset, indices: Sequence[int], transform=None,
                  classnames: Optional[Sequence[str]] = None):
@@ -132,8 +116,7 @@ def subset_record(subset: Subset, **info) -> Dict:
 
 
 def class_subset(dataset, classnames: Sequence[str]) -> Subset:
-    """The images of `classnames` only, labelled in that order (e.g. the base classes of a
-    base-to-novel protocol). Every name must be one of the dataset's classes."""
+    """The images of `classnames` only, labelled in that order (e.g. base-to-novel's base)."""
     unknown = [c for c in classnames if c not in dataset.classnames]
     if unknown:
         raise ValueError(f"{unknown} are not classes of the data (its classes: "

@@ -1,11 +1,5 @@
 """Image transforms: training augmentation, CLIP's evaluation preprocessing, Exp-CLIP's input.
-
-`train_transform` and `eval_transform` come in two forms. The default gives CLIP-normalised
-float32 tensors, as torchvision's ToTensor + Normalize do. With `uint8=True` the transform stops
-at the pixels (uint8 `[3, R, R]`), and the rest runs batched on the device
-(`mpafer.data.device_augment`): the same numbers, a quarter of the bytes to move, and less work
-per image in the DataLoader workers. train.py uses the uint8 forms.
-"""
+With `uint8=True` they stop at the pixels and the rest runs batched on the device."""
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -21,12 +15,8 @@ def to_rgb(image):
 
 
 def train_transform(resolution, uint8=False):
-    """Training augmentation (our choice where the papers are silent): RandomResizedCrop
-    scale (0.8, 1) bicubic, horizontal flip, CLIP normalisation, RandomErasing p = 0.25.
-
-    uint8=True: only the crop and flip, giving uint8 pixels; `TrainBatchAugment` then
-    normalises and erases on the device.
-    """
+    """RandomResizedCrop (0.8, 1) bicubic, flip, CLIP normalisation, RandomErasing (our choice
+    where the papers are silent); uint8=True stops after the flip (`TrainBatchAugment`)."""
     crop = [to_rgb,
             T.RandomResizedCrop(resolution, scale=(0.8, 1.0),
                                 interpolation=T.InterpolationMode.BICUBIC),
@@ -38,11 +28,7 @@ def train_transform(resolution, uint8=False):
 
 
 def eval_transform(resolution, uint8=False):
-    """CLIP's own preprocessing: bicubic short-side resize, centre crop, normalisation.
-
-    uint8=True: stop at the pixels; `engine.predict` and `compute_prototypes` normalise uint8
-    batches on the device (`device_augment.as_model_input`).
-    """
+    """CLIP's own preprocessing; uint8=True stops at the pixels (`as_model_input`)."""
     if uint8:
         return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
                           T.CenterCrop(resolution), to_rgb, T.PILToTensor()])
@@ -50,8 +36,7 @@ def eval_transform(resolution, uint8=False):
 
 
 def describe_transform(transform) -> list:
-    """A transform's steps and parameters as plain values (names, numbers, strings), never object
-    reprs: what a cache of its outputs is keyed by. `T.Compose` gives one entry per step."""
+    """A transform's steps and parameters as plain values (never reprs), to key a cache by."""
     steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
     described = []
     for step in steps:
@@ -69,8 +54,7 @@ def describe_transform(transform) -> list:
 
 
 def expclip_transform(resolution, normalize=False):
-    """Exp-CLIP's input: squash to (resolution, resolution) and ToTensor, with no mean/std
-    normalisation by default (the released Exp-CLIP heads were trained that way)."""
+    """Exp-CLIP's input, as the released heads were trained: a squash and ToTensor."""
     steps = [to_rgb, T.Resize((resolution, resolution)), T.ToTensor()]
     if normalize:
         steps.append(T.Normalize(CLIP_MEAN, CLIP_STD))
@@ -84,14 +68,9 @@ def describe_expclip_transform(resolution, normalize=False):
 
 
 class SeededAugmentation(Dataset):
-    """A dataset whose random transform draws from torch's RNG seeded by (seed, epoch, index).
-
-    An item's augmentation then depends on nothing else: not on which DataLoader worker loads
-    it, nor on what was loaded before. That is what lets a run stopped in the middle of an
-    epoch resume exactly. Call `set_epoch` before iterating; workers copy the dataset when an
-    epoch's iterator starts (so not with persistent_workers). The caller's RNG state is left
-    untouched (`torch.random.fork_rng`).
-    """
+    """A dataset whose random transform draws from torch's RNG seeded by (seed, epoch, index), so
+    a run stopped mid-epoch resumes exactly. Call `set_epoch` before iterating (workers copy the
+    dataset when an epoch starts, so not with persistent_workers)."""
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0

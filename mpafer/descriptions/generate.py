@@ -1,24 +1,5 @@
-"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM.
-
-Usage::
-
-    OPENAI_API_KEY=... python -m mpafer.descriptions.generate \\
-        --classes neutral happiness surprise sadness anger disgust fear contempt \\
-        --out my_descriptions.json [--model gpt-4o]
-
-The endpoint is ``$OPENAI_BASE_URL`` (default ``https://api.openai.com/v1``); any server
-that implements ``POST {base}/chat/completions`` works (OpenAI, vLLM, llama.cpp, Ollama,
-...). For every class the prompt in ``prompt.txt`` is sent with ``{class}`` replaced by
-the class name, at temperature 0. The JSON answer (a ```json fence is tolerated) must hold
-the three granularities ``face``, ``regions`` and ``muscles`` as non-empty lists of
-strings. The result is written atomically in the same format as the shipped
-``fer_descriptions.json``, with provenance (the model name the endpoint reports, the exact
-prompt and today's date).
-
-The HTTP client is the standard library's urllib. The single network call is
-:func:`post_json`; :func:`main` and :func:`generate` take it as a parameter so that tests can
-pass a fake.
-"""
+"""Regenerate the multi-granularity class descriptions with an OpenAI-compatible LLM, sent
+`prompt.txt` per class; `main` and `generate` take the network call (`post_json`) as a parameter."""
 
 from __future__ import annotations
 
@@ -51,8 +32,6 @@ class GenerationError(RuntimeError):
     """Any failure while generating descriptions (network, bad answer, bad arguments)."""
 
 
-# --------------------------------------------------------------------------- prompt
-
 def load_prompt(path: Optional[os.PathLike] = None) -> str:
     """Return the exact prompt text (with the ``{class}`` placeholder)."""
     path = Path(path) if path is not None else PROMPT_FILE
@@ -69,8 +48,6 @@ def render_prompt(prompt: str, class_name: str) -> str:
     """Substitute the class name (plain replacement: the prompt contains JSON braces)."""
     return prompt.replace(PLACEHOLDER, class_name)
 
-
-# --------------------------------------------------------------------------- HTTP
 
 def post_json(url: str, payload: dict, key: str, timeout: float = 120.0) -> dict:
     """POST ``payload`` as JSON with a bearer key and return the decoded JSON reply."""
@@ -93,28 +70,17 @@ def post_json(url: str, payload: dict, key: str, timeout: float = 120.0) -> dict
         raise GenerationError(f"reply from {url} is not JSON: {body[:200]!r}") from exc
 
 
-# --------------------------------------------------------------------------- parsing
-
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n(.*?)```", re.DOTALL)
 
 
-def _strip_fence(text: str) -> str:
-    """Return the body of the first ```/```json fence, or the whole text if none."""
-    match = _FENCE.search(text)
-    return (match.group(1) if match else text).strip()
-
-
 def parse_answer(text: str, class_name: str) -> Dict[str, List[str]]:
-    """Parse and validate one class's answer; returns ``{granularity: [phrases]}``.
-
-    Phrases are whitespace-normalised and lower-cased. Raises :class:`GenerationError`
-    naming the class when the answer is not the expected JSON shape.
-    """
+    """One class's answer -> `{granularity: [phrases]}`, whitespace-normalised, lower case."""
     where = f"answer for class {class_name!r}"
     if not isinstance(text, str) or not text.strip():
         raise GenerationError(f"{where} is empty")
+    fence = _FENCE.search(text)  # the body of the first ``` fence, if any
     try:
-        obj = json.loads(_strip_fence(text))
+        obj = json.loads((fence.group(1) if fence else text).strip())
     except json.JSONDecodeError as exc:
         raise GenerationError(f"{where} is not valid JSON ({exc}): {text[:200]!r}") from exc
     if not isinstance(obj, dict):
@@ -134,37 +100,6 @@ def parse_answer(text: str, class_name: str) -> Dict[str, List[str]]:
     return result
 
 
-def _chat_content(reply: dict, class_name: str) -> str:
-    try:
-        content = reply["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise GenerationError(f"reply for class {class_name!r} is not a chat completion: "
-                              f"{str(reply)[:200]}") from exc
-    if not isinstance(content, str):
-        raise GenerationError(f"reply for class {class_name!r} has no text content")
-    return content
-
-
-# --------------------------------------------------------------------------- document
-
-def build_document(classes: Dict[str, Dict[str, List[str]]], *, model: str, prompt: str,
-                   prompt_file: str = "prompt.txt", date: Optional[str] = None,
-                   notes: str = "") -> dict:
-    """Assemble the descriptions file (format ``mpafer-descriptions/1``)."""
-    return {
-        "format": FORMAT,
-        "provenance": {
-            "model": model,
-            "prompt_file": prompt_file,
-            "prompt": prompt,
-            "date": date or datetime.date.today().isoformat(),
-            "notes": notes,
-        },
-        "granularities": list(GRANULARITIES),
-        "classes": classes,
-    }
-
-
 def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
              prompt: str, post: Optional[PostFn] = None, log=None) -> tuple:
     """Query the endpoint once per class; returns ``(classes_dict, reported_model)``."""
@@ -181,7 +116,14 @@ def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
         reply = post(url, payload, key)
         if not isinstance(reply, dict):
             raise GenerationError(f"reply for class {name!r} is not a JSON object")
-        classes[name] = parse_answer(_chat_content(reply, name), name)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise GenerationError(f"reply for class {name!r} is not a chat completion: "
+                                  f"{str(reply)[:200]}") from exc
+        if not isinstance(content, str):
+            raise GenerationError(f"reply for class {name!r} has no text content")
+        classes[name] = parse_answer(content, name)
         got = reply.get("model") or model
         if got not in reported:
             reported.append(got)
@@ -191,19 +133,8 @@ def generate(class_names: Sequence[str], *, model: str, base_url: str, key: str,
     return classes, ", ".join(reported) if reported else model
 
 
-def _long_phrases(classes: Dict[str, Dict[str, List[str]]]) -> List[str]:
-    out = []
-    for name, grans in classes.items():
-        for gran, items in grans.items():
-            for s in items:
-                if len(s.split()) > MAX_WORDS:
-                    out.append(f"{name}/{gran}: {len(s.split())} words: {s[:60]}...")
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) -> int:
+    """Command-line entry point; ``post`` replaces :func:`post_json` (for tests)."""
     p = argparse.ArgumentParser(
         prog="python -m mpafer.descriptions.generate",
         description="Regenerate multi-granularity class descriptions with an "
@@ -221,13 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template with a {class} placeholder (default: the shipped "
                         "prompt.txt)")
     p.add_argument("--notes", default=None, help="free-text provenance note")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) -> int:
-    """Command-line entry point; ``post`` replaces :func:`post_json` (for tests)."""
-    post = post if post is not None else post_json
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     try:
         names = [c.strip() for c in args.classes]
         if any(not c for c in names):
@@ -250,11 +175,17 @@ def main(argv: Optional[Sequence[str]] = None, post: Optional[PostFn] = None) ->
         notes = args.notes if args.notes is not None else (
             f"generated by python -m mpafer.descriptions.generate via {base_url} "
             f"(requested model {args.model!r}, temperature 0)")
-        doc = build_document(classes, model=reported, prompt=prompt,
-                             prompt_file=prompt_file, notes=notes)
-        for line in _long_phrases(classes):
-            print(f"warning: longer than {MAX_WORDS} words (may not fit CLIP's 77 tokens):"
-                  f" {line}", file=sys.stderr)
+        doc = {"format": FORMAT,
+               "provenance": {"model": reported, "prompt_file": prompt_file, "prompt": prompt,
+                              "date": datetime.date.today().isoformat(), "notes": notes},
+               "granularities": list(GRANULARITIES), "classes": classes}
+        for name, grans in classes.items():
+            for gran, items in grans.items():
+                for s in items:
+                    if len(s.split()) > MAX_WORDS:
+                        print(f"warning: longer than {MAX_WORDS} words (may not fit CLIP's 77 "
+                              f"tokens): {name}/{gran}: {len(s.split())} words: {s[:60]}...",
+                              file=sys.stderr)
         atomic_write_json(doc, args.out, ensure_ascii=False)
         out = Path(args.out)
     except GenerationError as exc:

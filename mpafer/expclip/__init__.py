@@ -1,23 +1,7 @@
-"""Exp-CLIP: zero-shot facial expression recognition by LLM knowledge transfer.
+"""Exp-CLIP: zero-shot FER by LLM knowledge transfer (Zhao et al., WACV 2025).
 
-Zhao, Cao, Gong, Patras, "Enhancing Zero-Shot Facial Expression Recognition by LLM Knowledge
-Transfer", WACV 2025 (arXiv 2405.19100).
-
-CLIP stays frozen. One bias-free linear head `W: D -> 4096` (`head`) maps CLIP features into
-the space of a teacher: BLIP-2 (Flan-T5-XXL) told to describe facial actions, its T5 encoder
-output mean-pooled (`teacher`). Training pairs unlabelled face images with their teacher
-embeddings under a symmetric InfoNCE (`train`). Zero-shot, the same head is applied to the
-image feature and to every class prompt's text feature; logits are `100 * cos` (`zeroshot`,
-prompt sets in `prompt_sets`).
-
-Since CLIP and the teacher are frozen, training runs on cached features (`features`):
-
-    python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
-    python -m mpafer.expclip teacher --features feats.pt             # needs `transformers`
-    python -m mpafer.expclip train   --features feats.pt             # the head, in a run folder
-
-Inputs follow the released heads: `Resize((224, 224))` (a squash, no crop) + `ToTensor()`,
-**no** mean/std normalisation (`mpafer.data.expclip_transform`; normalisation is an option).
+A linear head `W: D -> 4096` (`head`) maps frozen CLIP features into the space of a teacher
+(`teacher`), trained by a symmetric InfoNCE on cached features (`features`, `train`):
 
     head = load_head("ExpCLIP_B16_model.pth", clip_model)   # the released format loads as is
     classifier = expclip_classifier(clip_model, classnames, "ensemble10", head=head)

@@ -1,10 +1,4 @@
-"""Exp-CLIP feature files: CLIP image features of unlabelled faces, cached once, joined later
-by the teacher's embeddings of the same images (CLIP and teacher are frozen, so training the
-head runs on these files alone).
-
-    python -m mpafer.expclip cache   --clip ViT-B/16 --images CAER-S/ --out feats.pt
-    python -m mpafer.expclip teacher --features feats.pt
-"""
+"""Exp-CLIP feature files: the frozen CLIP's and teacher's features of unlabelled faces."""
 import datetime
 import os
 from typing import Callable, List, Optional, Sequence, Union
@@ -35,8 +29,7 @@ def list_images(folder: str) -> List[str]:
 
 
 class ImageFiles(Dataset):
-    """Images by path (labels ignored): `transform(RGB PIL image)`; unreadable files raise
-    an error naming the file."""
+    """Images by path: `transform(RGB PIL image)`."""
 
     def __init__(self, paths: Sequence[str], transform: Callable, root: str = ""):
         self.paths, self.transform, self.root = list(paths), transform, root
@@ -69,48 +62,33 @@ def readable_only(root: str, paths: Sequence[str], skip_bad_images: bool = False
     return [p for i, p in enumerate(paths) if i not in left_out]
 
 
-def resolve_images(images: Union[str, Sequence[str]]):
-    """A folder (searched recursively) or a list of image files -> (root, relative paths)."""
-    if isinstance(images, (str, os.PathLike)):
-        return os.path.abspath(images), list_images(images)
-    paths = [str(p) for p in images]
-    if not paths:
-        raise ValueError("no image paths given")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image file(s) not found, first: {missing[0]}")
-    return "", paths
-
-
 @torch.no_grad()
 def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path: str,
                          transform: Optional[Callable] = None, normalize: bool = False,
                          batch_size: int = 128, num_workers: int = 4,
                          device: Optional[Union[str, torch.device]] = None,
                          progress: bool = True, skip_bad_images: bool = False) -> dict:
-    """Run every image through the frozen CLIP image tower and write a feature file.
-
-    images: a folder (searched recursively for jpg/jpeg/png/bmp/webp; labels and sub-folder
-    names are ignored) or a list of image paths; every image is checked to decode first (an
-    unreadable one is an error naming it, or, with `skip_bad_images`, left out with a note and
-    listed under `skipped`). transform: default Exp-CLIP's input
-    (`Resize((r, r))` squash + `ToTensor`, no normalisation; `normalize=True` adds CLIP's).
-    Autocast on CUDA as `mpafer.precision.resolve_amp("auto")` decides (bf16, else fp16), fp32 on
-    CPU. The model is moved to `device` (default: where it is).
-
-    The file (atomic write, loads with `torch.load(weights_only=True)`) is a dict:
-    `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder, else as given),
-    `skipped` (the unreadable files left out), `root`, `clip_name`, `clip_sha256`,
-    `clip_activation`, `preprocess`, `created`, `format`.
-    Teacher features are added to the same file later (`add_teacher_features`). Returns the dict.
-    """
+    """Write (and return) a feature file of every image (a folder, searched recursively, or a
+    list of paths): `clip_features` fp32 `[N, D]`, `paths` (relative to `root` for a folder),
+    `skipped` (unreadable files left out with `skip_bad_images`; without it, one is an error
+    naming it), `root`, the CLIP's name, SHA-256 and activation, `preprocess`, `created`,
+    `format`."""
     device = torch.device(device) if device is not None else clip_model.logit_scale.device
     clip_model = clip_model.to(device)
     resolution = clip_model.visual.input_resolution
     preprocess = (repr(transform) if transform is not None
                   else describe_expclip_transform(resolution, normalize))
     transform = transform or expclip_transform(resolution, normalize=normalize)
-    root, listed = resolve_images(images)
+    if isinstance(images, (str, os.PathLike)):
+        root, listed = os.path.abspath(images), list_images(images)
+    else:
+        root, listed = "", [str(p) for p in images]
+        if not listed:
+            raise ValueError("no image paths given")
+        missing = [p for p in listed if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image file(s) not found, first: "
+                                    f"{missing[0]}")
     paths = readable_only(root, listed, skip_bad_images, num_workers)
     kept = set(paths)
     loader = DataLoader(ImageFiles(paths, transform, root), batch_size=batch_size, shuffle=False,
@@ -140,9 +118,7 @@ def cache_image_features(clip_model, images: Union[str, Sequence[str]], out_path
 def add_teacher_features(path: str, teacher_features: torch.Tensor, teacher_name: str,
                          instruction: str, preprocess: str = "",
                          paths: Optional[Sequence[str]] = None) -> dict:
-    """Add `teacher_features [N, E]` (stored fp16: unit vectors computed in bf16, so nothing is
-    lost, at half the size) with `teacher_name`, `instruction` and `teacher_preprocess` to the
-    feature file `path`, rewriting it atomically. `paths`, if given, must be the file's."""
+    """Add `teacher_features [N, E]` to the feature file `path`, as fp16 (bf16 unit vectors)."""
     data = load_features(path, require_teacher=False)
     n = data["clip_features"].shape[0]
     if teacher_features.dim() != 2 or teacher_features.shape[0] != n:

@@ -1,5 +1,4 @@
-"""The Exp-CLIP projection head: one bias-free linear map from CLIP's embedding space to the
-teacher's, stored in the released heads' format, with the metadata sidecar our heads carry."""
+"""The Exp-CLIP projection head, in the released heads' format, with a metadata sidecar."""
 import json
 import os
 from typing import Optional
@@ -17,23 +16,9 @@ TEACHER_WIDTH = 4096  # Flan-T5-XXL's d_model: the released heads' output width
 LOGIT_SCALE = 100.0   # the `s` of the paper (CLIP's exp(logit_scale) for the released weights)
 
 
-def clip_models_with_width(width: int) -> str:
-    """OpenAI's CLIP models of embedding width `width`, in words ("" when none is)."""
-    names = CLIP_MODELS_BY_WIDTH.get(width)
-    return f"OpenAI's {' or '.join(names)}" if names else ""
-
-
-def clip_name(clip_model) -> str:
-    name = clip_model.checkpoint_name
-    return name or f"CLIP (embed_dim {clip_model.embed_dim})"
-
-
 class ProjectionHead(nn.Module):
-    """The Exp-CLIP head: one bias-free linear map `W: in_dim -> out_dim`.
-
-    Stored as `self.mlp` so the state dict is exactly `{"mlp.weight": [out_dim, in_dim]}`, the
-    format of the released heads (`ExpCLIP_B16_model.pth`, ...).
-    """
+    """One bias-free linear map `W: in_dim -> out_dim`, stored as `self.mlp` so the state dict
+    is `{"mlp.weight": [out_dim, in_dim]}`, the format of the released heads."""
 
     def __init__(self, in_dim: int, out_dim: int = TEACHER_WIDTH):
         super().__init__()
@@ -54,9 +39,11 @@ class ProjectionHead(nn.Module):
 def check_head_fits(head: ProjectionHead, clip_model, source: str = "the Exp-CLIP head"):
     """A clear error when the head's input width is not the CLIP model's embedding width."""
     if head.in_dim != clip_model.embed_dim:
-        known = clip_models_with_width(head.in_dim)
+        names = CLIP_MODELS_BY_WIDTH.get(head.in_dim)
+        known = f"OpenAI's {' or '.join(names)}" if names else ""
+        name = clip_model.checkpoint_name or f"CLIP (embed_dim {clip_model.embed_dim})"
         raise ValueError(
-            f"{source} does not fit the CLIP {clip_name(clip_model)}: the head takes "
+            f"{source} does not fit the CLIP {name}: the head takes "
             f"{head.in_dim}-d CLIP features (mlp.weight [{head.out_dim}, {head.in_dim}]), but "
             f"this CLIP's embed_dim is {clip_model.embed_dim}. Load a CLIP whose embed_dim is "
             f"{head.in_dim}{', e.g. ' + known if known else ''}, best the one the head was "
@@ -86,13 +73,8 @@ def recorded_clip(path: str) -> dict:
 
 
 def load_head(path: str, clip_model=None, check_clip: bool = True) -> ProjectionHead:
-    """Read an Exp-CLIP head: `{"mlp.weight": [out_dim, D]}` (the released format), also
-    wrapped as `{"state_dict": ...}` or with `module.` prefixes.
-
-    With `clip_model`, the head's input width must be the model's `embed_dim` and the head is
-    moved to the model's device. If the head has a `save_head` sidecar naming the CLIP it was
-    trained on (SHA-256), a different CLIP is an error unless `check_clip=False`.
-    """
+    """Read a head in the released format; with `clip_model`, check that it fits it (and is its
+    sidecar's CLIP, unless `check_clip=False`) and move it to its device."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Exp-CLIP head {path} not found")
     state = load_plain_state_dict(path, "Exp-CLIP head")
@@ -117,12 +99,7 @@ def load_head(path: str, clip_model=None, check_clip: bool = True) -> Projection
 
 
 def save_head(head: ProjectionHead, path: str, metadata: Optional[dict] = None):
-    """Write `head` in the official format, atomically: a bare state dict
-    `{"mlp.weight": [out_dim, D]}`, which loads with
-    `torch.load(path, weights_only=True)` as the released heads do. `metadata` (plain JSON values:
-    CLIP name and SHA-256, teacher, hyper-parameters, history, ...) goes to the sidecar
-    `<path>.json`, also written atomically.
-    """
+    """Write `head` atomically in the released format; `metadata` goes to `<path>.json`."""
     if metadata is not None:
         try:
             json.dumps(metadata)

@@ -1,21 +1,10 @@
 """Prompt sets for zero-shot FER: the paper's five prompt types, or your own from a JSON file.
 
-A prompt set gives every class a list of prompts; a class's logit is the mean of its prompts'
-logits. The paper's first three types are its exact templates. The two ensembles (5 and 10
-prompts per class; the paper gives only their sizes) are the released code's own lists, per
-class, verbatim (`released_ensembles`); a class name they do not cover gets their common
-pattern. Any other wording runs through a prompt file (`load_prompt_file`,
-`eval.py --prompts FILE.json`).
-
-Prompt file format (UTF-8 JSON), one of:
-
-    {"happiness": ["an expression of happiness.", "a photo of a person embodying {c}."],
-     "sadness": ["an expression of sadness.", "..."], ...}
-        per class, its prompts (a list, or one string). "{c}" or "{}" in a prompt is replaced
-        by the class name. Every evaluated class must be there; other classes are ignored.
-
-    ["an expression of {c}.", "a photo of a face with an expression of {}."]
-        templates used for every class; each must hold the placeholder "{c}" or "{}".
+The first three types are the paper's templates; the two ensembles are the released code's lists
+(`released_ensembles`), with their common pattern for other class names. A prompt file
+(`eval.py --prompts FILE.json`) is either `{"happiness": ["an expression of happiness.", ...]}`,
+prompts per class (every evaluated class must be there), or `["an expression of {c}.", ...]`,
+templates for every class. "{c}" or "{}" in a prompt is replaced by the class name.
 """
 import json
 import os
@@ -35,8 +24,7 @@ PROMPT_TEMPLATES: Dict[str, tuple] = {
 
 
 def named_prompts(name: str, classname: str) -> List[str]:
-    """The prompts of prompt type `name` for one class: the released list where there is one,
-    else the type's templates filled with the class name."""
+    """Prompt type `name`'s prompts for one class: the released list, else its templates."""
     released = RELEASED_ENSEMBLES.get(name, {})
     if classname in released:
         return list(released[classname])
@@ -54,8 +42,7 @@ PLACEHOLDERS = ("{c}", "{}")
 
 
 def fill(template: str, classname: str) -> str:
-    """A prompt file's template with its "{c}" / "{}" placeholders replaced by the class name
-    (plain replacement: other braces in the text stay as they are)."""
+    """Plain replacement of "{c}" / "{}": other braces in the text stay as they are."""
     return template.replace("{c}", classname).replace("{}", classname)
 
 
@@ -77,9 +64,7 @@ def _string_list(value, path: str, where: str) -> List[str]:
 
 
 def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str]]:
-    """{class: [prompts]} for `classnames`, in their order, from a prompt file (format in the
-    module docstring). Every problem is a ValueError (FileNotFoundError for a missing file)
-    that names the file and what is wrong with it."""
+    """{class: [prompts]} for `classnames` from a prompt file (errors name the file)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found")
@@ -114,12 +99,7 @@ def load_prompt_file(path: str, classnames: Sequence[str]) -> Dict[str, List[str
 
 
 def build_prompts(prompt_set: PromptSet, classnames: Sequence[str]) -> Dict[str, List[str]]:
-    """{class: [prompts]} for `classnames`, in their order.
-
-    prompt_set: a name from `PROMPT_SETS` (non-canonical class names get its templates filled
-    with the class word), a prompt file (`.json`, see `load_prompt_file`), or a
-    mapping {class: [prompts]} (any number of prompts per class) that covers every class.
-    """
+    """{class: [prompts]} for `classnames` from a `PROMPT_SETS` name, a file or a mapping."""
     if not classnames:
         raise ValueError("build_prompts needs at least one class name")
     if isinstance(prompt_set, (str, os.PathLike)):

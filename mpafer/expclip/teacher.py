@@ -1,35 +1,12 @@
-"""Exp-CLIP's teacher: BLIP-2 (Flan-T5-XXL) facial-action embeddings.
+"""Exp-CLIP's teacher, BLIP-2 (Flan-T5-XXL) facial-action embeddings: image -> ViT-g -> Q-Former
+-> 32 query tokens -> `language_projection` to the T5 width, joined by the embedded
+`INSTRUCTION`, through the frozen T5 **encoder only**, mean-pooled over all non-padding
+positions, L2-normalised -> `[N, 4096]`. Needs `transformers` (imported lazily).
 
-image -> ViT-g -> Q-Former -> 32 query tokens -> `language_projection` to the T5 width (4096),
-concatenated with the embedded instruction `INSTRUCTION`, run through the frozen T5 **encoder
-only**; the final-layer output (after T5's final layer norm) is mean-pooled over all positions
-(query tokens and instruction tokens; padding excluded) and L2-normalised -> `[N, 4096]`.
-
-Needs Hugging Face `transformers` (imported lazily); it is *not* a run-time requirement of
-mpafer, only of this optional step. Training the head itself needs only the cached features.
-The pure computation is `teacher_features_from_model`, which takes any
-`Blip2ForConditionalGeneration`-like model (the tests use a tiny random one).
-
-How this differs from the released Exp-CLIP code, which ran BLIP-2 through LAVIS inside its
-training loop (the paper does not say; these are choices, not yet measured on real data):
-
-- **Eval mode, computed once.** The released code called `model.train()` on the whole model,
-  so dropout was active in the Q-Former and the T5 encoder (LAVIS keeps only the ViT frozen in
-  eval mode), and every epoch saw freshly drawn, slightly different teacher targets. Here the
-  teacher runs in eval mode, deterministically, and its features are cached once.
-- **The T5 feed-forward's GELU.** LAVIS sets `dense_act_fn = "gelu"` (exact, erf-based GELU)
-  on Flan-T5, whose own config means the tanh approximation (`gelu_new`). This module uses
-  whatever the loaded model's `text_config.dense_act_fn` says (the Hugging Face conversion
-  script of the BLIP-2 checkpoints sets "gelu" too, but check yours); the extractor writes the
-  activation it ran with into the feature file's `teacher_preprocess`.
-- **Precision.** LAVIS ran the ViT in fp16, the Q-Former in fp32 and the T5 in bf16; here the
-  whole model is in one dtype (bf16 on CUDA, fp32 on CPU; fp16 overflows in T5).
-- **Encoder call.** The released code hooked T5's final layer norm during a `generate` call
-  (beam search, then discarded the text); here the encoder is called directly, which gives the
-  same encoder output without decoding.
-- **Input.** Both feed BLIP-2 the same tensor as CLIP: `Resize((224, 224))` + `ToTensor`,
-  un-normalised (BLIP-2 itself was trained on CLIP-normalised images; `normalize=True` does
-  that instead).
+Unlike the released code (BLIP-2 through LAVIS in the training loop), the teacher runs once, in
+eval mode (the release left dropout on); the T5 activation is the model's `dense_act_fn` (LAVIS
+forces exact "gelu"; the feature file records it); one dtype throughout (fp16 overflows in T5);
+the encoder is called directly, not hooked in `generate`. Both feed BLIP-2 CLIP's input tensor.
 """
 from typing import Optional, Sequence, Union
 
@@ -61,13 +38,9 @@ def require_transformers():
 
 def teacher_features_from_model(model, pixel_values: torch.Tensor, instruction_ids: torch.Tensor,
                                 instruction_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """BLIP-2 teacher embeddings for a batch of images -> `[B, H]` (fp32, unit norm).
-
-    model: a `Blip2ForConditionalGeneration` with an encoder-decoder (T5) language model.
-    pixel_values `[B, 3, S, S]`; instruction_ids `[L]` or `[B, L]` (T5 token ids, as the
-    tokenizer gives them, with the final `</s>`); instruction_mask `[B, L]` (1 = token,
-    0 = padding) when the ids are padded.
-    """
+    """BLIP-2 (with a T5 language model) teacher embeddings -> `[B, H]` (fp32, unit norm).
+    pixel_values `[B, 3, S, S]`; instruction_ids `[L]` or `[B, L]` (T5 ids, with the final
+    `</s>`); instruction_mask `[B, L]` (1 = token, 0 = padding) when the ids are padded."""
     B = pixel_values.shape[0]
     if instruction_ids.dim() == 1:
         instruction_ids = instruction_ids.unsqueeze(0)  # [1, L]
@@ -100,20 +73,6 @@ def teacher_features_from_model(model, pixel_values: torch.Tensor, instruction_i
     return F.normalize(pooled, dim=-1)
 
 
-def teacher_transform(resolution: int, normalize: bool = False):
-    """The teacher's input. The official Exp-CLIP code fed BLIP-2 the same tensor as CLIP:
-    `Resize((r, r))` + `ToTensor`, un-normalised; `normalize=True` adds BLIP-2's own
-    normalisation (OpenAI CLIP's mean/std)."""
-    return expclip_transform(resolution, normalize=normalize)
-
-
-def t5_activation(model) -> str:
-    """The activation of the T5 feed-forward blocks the model runs with (see the module
-    docstring: exact "gelu" as in the released code, or the tanh approximation "gelu_new")."""
-    config = getattr(model.config, "text_config", None)
-    return str(getattr(config, "dense_act_fn", "unknown"))
-
-
 @torch.no_grad()
 def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAULT_TEACHER,
                              instruction: str = INSTRUCTION, batch_size: int = 32,
@@ -121,13 +80,8 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
                              dtype: Optional[torch.dtype] = None, normalize: bool = False,
                              num_workers: int = 4, model=None, tokenizer=None,
                              progress: bool = True, return_preprocess: bool = False):
-    """Teacher embeddings `[N, 4096]` (fp32, CPU, unit norm) of the images, in order.
-
-    Loads `model_name` with `Blip2ForConditionalGeneration.from_pretrained` (or uses `model` and
-    `tokenizer` if given) in `dtype` (default bf16 on CUDA, fp32 on CPU; T5 overflows in fp16).
-    Flan-T5-XXL BLIP-2 needs about 24 GB of GPU memory in bf16.
-    With `return_preprocess`, also returns a description of the image preprocessing.
-    """
+    """Teacher embeddings `[N, 4096]` (fp32, CPU, unit norm) of the images, in order (and with
+    `return_preprocess`, a description of the preprocessing)."""
     transformers = require_transformers()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -142,7 +96,7 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
     ids = tokenizer(instruction, return_tensors="pt").input_ids[0]  # [L], ends with </s>
 
     resolution = model.config.vision_config.image_size
-    loader = DataLoader(ImageFiles(image_paths, teacher_transform(resolution, normalize)),
+    loader = DataLoader(ImageFiles(image_paths, expclip_transform(resolution, normalize)),
                         batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []
@@ -153,7 +107,8 @@ def extract_teacher_features(image_paths: Sequence[str], model_name: str = DEFAU
     features = torch.cat(features)  # [N, H]
     if not return_preprocess:
         return features
+    activation = getattr(getattr(model.config, "text_config", None), "dense_act_fn", "unknown")
     preprocess = (f"{describe_expclip_transform(resolution, normalize)}; {model_name} in "
                   f"{str(dtype).replace('torch.', '')}, eval mode, T5 feed-forward activation "
-                  f"{t5_activation(model)}")
+                  f"{activation}")
     return features, preprocess

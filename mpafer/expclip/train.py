@@ -1,8 +1,4 @@
-"""Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD.
-
-The command is `python -m mpafer.expclip train --features feats.pt`, which trains with
-`train_head_from_file` into a run folder.
-"""
+"""Training an Exp-CLIP head on a feature file: the symmetric InfoNCE loss and plain SGD."""
 import datetime
 import math
 import os
@@ -23,9 +19,7 @@ def info_nce(z: torch.Tensor, e: torch.Tensor, scale: float = LOGIT_SCALE) -> to
         L = 1/2 CE(s * Z E^T, I) + 1/2 CE(s * E Z^T, I)
 
     z `[N, E]`: projected CLIP image features `Z = norm(W f_I(x))`; e `[N, E]`: teacher
-    embeddings. Both must be L2-normalised already (this function does not normalise, so it
-    is the equation as written). Row i of z and of e come from the same image; the other rows
-    of the batch are the negatives. CE is averaged over the N rows; s = 100.
+    embeddings of the same images, both already L2-normalised (the equation as written).
     """
     logits = scale * z @ e.t()  # [N, N]: image i vs teacher j
     target = torch.arange(z.shape[0], device=z.device)
@@ -36,18 +30,9 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
                batch_size: int = 512, lr: float = 1e-3, momentum: float = 0.9,
                weight_decay: float = 1e-4, seed: int = 1, device: Union[str, torch.device] = "cpu",
                scale: float = LOGIT_SCALE, log: Optional[Callable[[str], None]] = print):
-    """Train an Exp-CLIP head on cached features -> (head, history).
-
-    clip_features `[N, D]`, teacher_features `[N, E]` (row i of both from image i; the head's
-    output width is E). SGD(lr, momentum, weight_decay), shuffled batches with `drop_last`
-    from a generator seeded with `seed` (the head's initialisation uses it too; the global RNG
-    is untouched), symmetric InfoNCE (`info_nce`, s = 100) on `Z = norm(W f)`,
-    `E = norm(teacher)`. history: per epoch `{"epoch", "loss", "accuracy"}`, the mean loss and
-    the mean in-batch retrieval accuracy (image -> its own teacher embedding among the batch).
-
-    N < batch_size is an error: with drop_last there would be nothing to train on, and a
-    smaller batch silently changes the contrastive task (fewer negatives).
-    """
+    """SGD on `info_nce(norm(W f), norm(teacher))` over clip_features `[N, D]`, teacher_features
+    `[N, E]` -> (head, per-epoch history). N < batch_size is an error: a smaller batch would
+    silently change the contrastive task (fewer negatives)."""
     if clip_features.dim() != 2 or teacher_features.dim() != 2:
         raise ValueError(f"expected clip_features [N, D] and teacher_features [N, E], got "
                          f"{tuple(clip_features.shape)} and {tuple(teacher_features.shape)}")
@@ -95,12 +80,8 @@ def train_head(clip_features: torch.Tensor, teacher_features: torch.Tensor, epoc
 
 
 def train_head_from_file(features: str, out: str, device="cpu", log=print, **hparams) -> dict:
-    """Train a head on a feature file and save it (released format + metadata sidecar).
-
-    `hparams` are `train_head`'s (epochs, batch_size, lr, momentum, weight_decay, seed).
-    What `python -m mpafer.expclip train` runs; returns the metadata written beside the head. A
-    batch larger than the file's images shrinks to all of them, with a note.
-    """
+    """`python -m mpafer.expclip train`: `train_head` on a feature file, saved; -> metadata. A
+    batch larger than the file's images shrinks to all of them, with a note."""
     data = load_features(features)
     num_images = data["clip_features"].shape[0]
     log(f"{features}: {counted(num_images, 'image')}, CLIP {data.get('clip_name')} "

@@ -1,12 +1,7 @@
-"""Exp-CLIP's zero-shot protocol: its classifier (`expclip_classifier`, the neutral
-`mpafer.zeroshot.ZeroShotClassifier` with the head and a prompt set) and its input transforms.
-
-Both classifiers of a side-by-side comparison must see the same images through the same
-transform, or the comparison measures the preprocessing, not the head. `input_transform` gives
-the two protocols: "released" (how the released Exp-CLIP heads were trained and evaluated:
-`Resize((r, r))`, a squash without crop, + `ToTensor`, no mean/std normalisation) and "clip"
-(CLIP's own preprocessing: bicubic short-side resize, centre crop, CLIP mean/std).
-"""
+"""Exp-CLIP's zero-shot classifier and its two input protocols: "released" (how the released
+heads were trained: a `Resize((r, r))` squash + `ToTensor`, no normalisation) and "clip" (CLIP's
+own preprocessing). Both sides of a comparison must use the same one, or it measures the
+preprocessing, not the head."""
 from typing import Optional, Sequence
 
 from ..data.transforms import describe_expclip_transform, eval_transform, expclip_transform
@@ -32,8 +27,7 @@ def input_transform(name: str, resolution: int):
 
 def expclip_classifier(clip_model, classnames: Sequence[str], prompt_set: PromptSet,
                        head: Optional[ProjectionHead] = None) -> ZeroShotClassifier:
-    """Exp-CLIP zero-shot (plain CLIP when `head` is None): a prompt set (a name of
-    `PROMPT_SETS`, a prompt file or a {class: prompts} dict), logits = 100 * cos."""
+    """Exp-CLIP zero-shot with a prompt set (plain CLIP when `head` is None)."""
     if head is not None:
         check_head_fits(head, clip_model)
     return ZeroShotClassifier(clip_model, classnames, build_prompts(prompt_set, list(classnames)),
