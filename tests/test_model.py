@@ -336,8 +336,9 @@ def test_readme_states_the_vit_b16_trainable_count():
 
 
 ALLOWED = {"torch", "torchvision", "ftfy", "regex", "tqdm", "numpy", "PIL", "mpafer"}
-# Imported lazily, inside the optional Exp-CLIP teacher and the face-detection benchmark only.
-OPTIONAL = {"transformers", "facenet_pytorch"}
+# Imported lazily, inside the optional Exp-CLIP teacher and the face-detection benchmark (its
+# reference and its default photo) only.
+OPTIONAL = {"transformers", "facenet_pytorch", "skimage"}
 
 
 def test_package_imports_only_runtime_dependencies():
