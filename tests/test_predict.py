@@ -176,3 +176,31 @@ def test_eval_detect_faces_scores_the_aligned_face_of_each_photo(checkpoint, pho
                  "--json", str(out))
     assert "2 of 3 images had a face" in result.stdout
     assert json.load(open(out))["num_samples"] == 3
+
+
+def test_phone_rotation_16_bit_and_cmyk_photos_give_the_upright_faces(checkpoint, photos, tmp_path):
+    """The photo-only cases, through the command: a picture stored sideways with EXIF
+    Orientation 6 (as phones write it), a 16-bit grey PNG and a CMYK TIFF give the faces of the
+    upright 8-bit original, in the upright picture's pixels."""
+    upright = Image.open(photos["astronaut"]).convert("RGB")
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: turn the stored pixels 90 degrees clockwise to view them
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    grey = np.asarray(upright.convert("L"), dtype=np.uint16) * 257  # the same levels, 16 bits
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    upright.convert("L").save(tmp_path / "grey8.png")
+    upright.convert("CMYK").save(tmp_path / "cmyk.tif")
+    upright.convert("CMYK").convert("RGB").save(tmp_path / "cmyk-as-rgb.png")
+    out = tmp_path / "faces.json"
+    names = ["upright", "phone", "grey8", "grey16", "cmyk-as-rgb", "cmyk"]
+    files = [str(tmp_path / f"{n}.{'tif' if n == 'cmyk' else 'png'}") for n in names]
+    predict(checkpoint, *files, "--json", str(out))
+    images = dict(zip(names, json.load(open(out))["images"]))
+    assert (images["phone"]["width"], images["phone"]["height"]) == upright.size
+    for twin, original in (("phone", "upright"), ("grey16", "grey8"), ("cmyk", "cmyk-as-rgb")):
+        got, expected = images[twin]["faces"], images[original]["faces"]
+        assert len(got) == len(expected) == 1, twin
+        assert got[0]["box"] == pytest.approx(expected[0]["box"], abs=1e-3), twin
+        assert np.allclose(got[0]["landmarks"], expected[0]["landmarks"], atol=1e-3), twin
+        assert got[0]["probabilities"] == pytest.approx(expected[0]["probabilities"], abs=1e-5)
