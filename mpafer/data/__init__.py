@@ -1,11 +1,5 @@
-"""Datasets, label maps, transforms and a class-balanced sampler for facial expressions.
-
-One module per concern: `base` (the `FERDataset` base class, image loading, clear errors),
-`rafdb`, `affectnet`, `ferplus`, `folder` (one reader per on-disk layout), `transforms`,
-`device_augment` (the batched half of the augmentation, run on the device) and `sampler`.
-Every reader maps its dataset's labels onto the canonical class names of `mpafer.labels`;
-`DATASETS` names every reader with its training preset; `build_dataset` builds one by name.
-"""
+"""Datasets, transforms and samplers for facial expressions: one reader per on-disk layout,
+each mapping its labels onto `mpafer.labels`' canonical names; `DATASETS` names them all."""
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Optional
@@ -41,9 +35,8 @@ from .transforms import (
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset `--dataset NAME` reads: its reader, called as `reader(root, split,
-    transform=..., **options)`, and the training settings train.py starts from (`preset`; None:
-    not a training preset)."""
+    """`reader(root, split, transform=..., **options)` and the training settings train.py
+    starts from (`preset`; None: not a training preset)."""
     reader: Callable
     preset: Optional[Dict] = None
 
@@ -66,11 +59,7 @@ TRAINING_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.preset
 
 
 def build_dataset(name, root, split, transform=None, **options):
-    """Build a dataset by name (a key of `DATASETS`).
-
-    `options` go to the dataset class (e.g. skip_bad_images=True, classnames=[...] (folder
-    names) for folder, num_per_class/image_size/seed for synthetic, which ignores `root`).
-    """
+    """Build a dataset by name (a key of `DATASETS`); `options` go to its reader."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return DATASETS[name].reader(root, split, transform=transform, **options)

@@ -1,21 +1,6 @@
-"""Images in root/<split>/<class folder>/, for any dataset without a dedicated reader:
-`--dataset folder`.
-
-A class folder holds images in any format PIL reads (.jpg, .png, .tif, .gif, .bmp, .webp,
-...), directly or in subfolders at any depth. Hidden files and folders (a leading dot:
-.ipynb_checkpoints, macOS's ._photo.jpg and .DS_Store; also __MACOSX) are ignored, as are
-files that are not images; `reading` counts what was read and left out in each class folder
-(`format_reading` prints it).
-
-Class folders are the canonical names in any case, or their usual synonyms (`FOLDER_SYNONYMS`:
-the widely shared FER2013 image folders use angry, disgust, fear, happy, neutral, sad,
-surprise); they are reported under the canonical names, in the canonical order. Numbered
-folders (0/, 1/, ...) and other names are an error asking for the names: `--classnames a,b,c`
-(the folder names, in label order; `classnames=[...]` in Python) names any classes (a name
-that stands for a canonical class, e.g. happy, is that class), including ones the shipped LLM
-descriptions do not cover (then train without template-3 hard prompts,
-e.g. `--hard-prompt-template 2`, or give `--descriptions FILE`).
-"""
+"""Images in root/<split>/<class folder>/ (`--dataset folder`), at any depth, in any format PIL
+reads; hidden files and folders are ignored. Class folders are the canonical names or their
+usual synonyms, in any case; any other names are given with `--classnames a,b,c`."""
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -43,15 +28,13 @@ HIDDEN_FOLDERS = ("__MACOSX",)  # macOS's zip leftovers, hidden though they lack
 
 
 def is_hidden(name):
-    """Whether a file or folder name is one the reader ignores (a leading dot, __MACOSX)."""
     return name.startswith(".") or name in HIDDEN_FOLDERS
 
 
 @dataclass
 class ClassFolderReading:
-    """What reading one class folder found: `images` read (`nested` of them in subfolders),
-    `hidden` files left out (in hidden folders too), and the `other` files left out as not
-    images (`examples`: a few of their names)."""
+    """What reading one class folder found: images read (`nested` in subfolders), hidden files
+    and `other` non-image files left out (`examples`: a few of their names)."""
     folder: str
     images: int = 0
     nested: int = 0
@@ -79,13 +62,8 @@ def canonical_class(folder_name):
 
 
 class FolderDataset(FERDataset):
-    """Images in root/<split>/<class folder>/, for any dataset without a dedicated reader.
-
-    Without `classnames`, every folder must name a canonical class, in any case or by a usual
-    synonym (`FOLDER_SYNONYMS`); the classes are those found under any of the train/val/test
-    folders (so every split gets the same label indices), in canonical order, under their
-    canonical names. With `classnames`, exactly those folder names, in that order.
-    """
+    """Without `classnames`, the canonical classes found under any of train/val/test (so every
+    split gets the same label indices), in canonical order; with it, exactly those folders."""
 
     def __init__(self, root, split, transform=None, classnames=None, skip_bad_images=False):
         super().__init__(root, transform)
@@ -186,7 +164,8 @@ def _read_class_folder(split_dir, folder):
         seen.add(real)
         hidden = [d for d in subfolders if is_hidden(d)]
         subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
-        reading.hidden += sum(_count_files(os.path.join(where, d)) for d in hidden)
+        reading.hidden += sum(len(files_in) for d in hidden
+                              for _, _, files_in in os.walk(os.path.join(where, d)))
         for name in names:
             path = os.path.relpath(os.path.join(where, name), top)
             if is_hidden(name):
@@ -201,7 +180,3 @@ def _read_class_folder(split_dir, folder):
     reading.images = len(files)
     reading.nested = sum(os.sep in f for f in files)
     return files, reading
-
-
-def _count_files(folder):
-    return sum(len(names) for _, _, names in os.walk(folder))

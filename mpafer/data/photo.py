@@ -11,13 +11,6 @@ MAX_ASPECT = 1.3  # longer side / shorter side
 MAX_SIZE_FACTOR = 4  # longer side / the model's input resolution
 
 
-def centre_square(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
 def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Optional[str]]:
     """-> (the image, centre-cropped to a square when it does not look like a face crop;
     a note saying what was done, or None)."""
@@ -34,4 +27,5 @@ def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Option
     side = min(width, height)
     note = (f"{width}x{height} picture ({'; '.join(reasons)}): expected a cropped face; using "
             f"its centre {side}x{side} square. Crop the face first for a meaningful prediction.")
-    return centre_square(image), note
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)), note
