@@ -48,13 +48,11 @@ class Optimization(NamedTuple):
     scaler: torch.amp.GradScaler
 
     def state_dict(self) -> Dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {name: part.state_dict() for name, part in self._asdict().items()}
 
     def load_state_dict(self, state: Dict):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        for name, part in self._asdict().items():
+            part.load_state_dict(state[name])
 
 
 def make_optimizer(params, lr: float, momentum: float, weight_decay: float, warmup_steps: int,

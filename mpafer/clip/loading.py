@@ -296,20 +296,6 @@ def open_clip_folder(folder: str) -> Optional[Tuple[str, Optional[str]]]:
     return weights[0], activation
 
 
-def locate(name: str) -> str:
-    """The checkpoint file or transformers folder of a path or a cached Hugging Face id."""
-    if os.path.exists(name):
-        return name
-    if is_model_id(name):
-        folder = cached_snapshot(name)
-        if folder is None:
-            raise not_cached(name, available_models())
-        return folder
-    raise RuntimeError(f"CLIP model {name!r} not found; available models: "
-                       f"{available_models()}, or give the path of a checkpoint file or a "
-                       "transformers folder, or a Hugging Face model id (ORG/NAME)")
-
-
 def chosen_activation(name: str, given: Optional[str], required: str, where: str) -> str:
     """`required` (the activation a model's own files state), refusing another one `given`."""
     if given not in (None, required):
@@ -348,8 +334,16 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     elif os.path.isdir(name) and open_clip_folder(name) is not None:
         path, activation_in_folder = open_clip_folder(name)
         activation = activation or activation_in_folder
+    elif os.path.exists(name):
+        path = name
+    elif is_model_id(name):
+        path = cached_snapshot(name)  # the local Hugging Face cache only, never a download
+        if path is None:
+            raise not_cached(name, available_models())
     else:
-        path = locate(name)
+        raise RuntimeError(f"CLIP model {name!r} not found; available models: "
+                           f"{available_models()}, or give the path of a checkpoint file or a "
+                           "transformers folder, or a Hugging Face model id (ORG/NAME)")
     try:
         state_dict, config, paths = read_model(path, read_checkpoint)
         if config is not None:

@@ -41,16 +41,14 @@ class DatasetSpec:
     preset: Optional[Dict] = None
 
 
+_AFFECTNET_PRESET = dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                         samples_per_epoch=64000, prototypes_per_class=2000)
 # Every dataset by name. RAF-DB's preset is the paper's reported recipe; the others are ours.
 DATASETS: Dict[str, DatasetSpec] = {
     "rafdb": DatasetSpec(RAFDB, dict(data_root="data/RAF-DB", epochs=120, batch_size=32,
                                      lr=0.032)),
-    "affectnet7": DatasetSpec(partial(AffectNet, num_classes=7), dict(
-        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-        prototypes_per_class=2000)),
-    "affectnet8": DatasetSpec(partial(AffectNet, num_classes=8), dict(
-        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-        prototypes_per_class=2000)),
+    "affectnet7": DatasetSpec(partial(AffectNet, num_classes=7), _AFFECTNET_PRESET),
+    "affectnet8": DatasetSpec(partial(AffectNet, num_classes=8), _AFFECTNET_PRESET),
     "ferplus": DatasetSpec(FERPlus, dict(data_root="data/FERPlus", epochs=40, eval_split="val")),
     "folder": DatasetSpec(FolderDataset, dict(data_root="data/faces", epochs=50)),
 }
