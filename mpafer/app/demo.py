@@ -68,11 +68,9 @@ def demo_datasets(num_train: int = 200, num_test: int = 60, seed: int = 0,
     """Portrait-style train and test faces per class, classes named by `words`; no transform
     yet (set `.transform` once CLIP's resolution is known)."""
     names = DEMO_CLASS_WORDS[words]
-    train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"),
-                        classnames=names)
-    test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"),
-                       classnames=names)
-    return train, test
+    return tuple(Prerendered(SyntheticFaces(split, n, FACE_SIZE, seed, style="portrait"),
+                             classnames=names)
+                 for split, n in (("train", num_train), ("test", num_test)))
 
 
 def description_aliases(words: str) -> Dict[str, str]:

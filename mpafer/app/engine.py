@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..data.batches import each_batch
 from ..data.device_augment import as_model_input
@@ -108,19 +108,6 @@ def setup_distributed(device_name: Optional[str] = None):
     return rank, world, device
 
 
-class ShardSampler(Sampler):
-    """Rank r of W evaluates indices r, r + W, ...: every index exactly once over all ranks."""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 # -- a training epoch ----------------------------------------------------------------------------
 
 @dataclass
@@ -204,8 +191,8 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     gives logits `[B, C]` or an output with `.logits`; uint8 pixels are normalised on the device."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    sampler = ShardSampler(len(dataset), rank, world)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    shard = list(range(rank, len(dataset), world))  # every index exactly once over the ranks
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     preds, targets = [], []
     for images, labels in progress_bar(each_batch(loader), desc=desc, total=len(loader),
@@ -219,7 +206,7 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (sampler.indices, preds.tolist(), targets.tolist()))
+        dist.all_gather_object(gathered, (shard, preds.tolist(), targets.tolist()))
         order = torch.tensor([i for g in gathered for i in g[0]])
         preds = torch.tensor([p for g in gathered for p in g[1]])[order.argsort()]
         targets = torch.tensor([t for g in gathered for t in g[2]])[order.argsort()]

@@ -12,8 +12,6 @@ from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 # The usual folder names for the canonical classes, any case: the synonyms every class name
 # maps through (`labels.canonical_name`: --classnames, --base-classes, the class sets).
 FOLDER_SYNONYMS = SYNONYMS
-EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classnames a,b,c in the "
-                 "scripts (the folder names, in label order), classnames=[...] in Python")
 
 FOLDER_LAYOUT = """\
 <root>/
@@ -24,11 +22,8 @@ FOLDER_LAYOUT = """\
 """
 
 
-HIDDEN_FOLDERS = ("__MACOSX",)  # macOS's zip leftovers, hidden though they lack the dot
-
-
 def is_hidden(name):
-    return name.startswith(".") or name in HIDDEN_FOLDERS
+    return name.startswith(".") or name == "__MACOSX"  # macOS's zip leftovers have no dot
 
 
 @dataclass
@@ -137,7 +132,9 @@ class FolderDataset(FERDataset):
             if canonical is None:
                 raise ValueError(f"{os.path.join(split_dir, name)}: {name!r} is not a class name "
                                  f"({', '.join(CANONICAL_CLASSES)}, any case, or a usual synonym "
-                                 f"such as happy, sad, angry); {EXPLICIT_HINT}")
+                                 "such as happy, sad, angry); rename the folder, or name the "
+                                 "classes explicitly: --classnames a,b,c in the scripts (the "
+                                 "folder names, in label order), classnames=[...] in Python")
             if canonical in folders:
                 raise ValueError(f"{split_dir}: folders {folders[canonical]!r} and {name!r} both "
                                  f"mean {canonical!r}; merge them")

@@ -1,8 +1,5 @@
-"""Single photos for prediction: the models expect a cropped face, as in the FER datasets.
-
-A picture far from square, or much larger than the model's input, is probably not a face crop.
-It is centre-cropped to a square (so no transform squashes it) and the caller prints a note.
-"""
+"""Single photos for prediction: a picture far from square, or much larger than the model's
+input, is probably no face crop, so it is centre-cropped to a square (no transform squashes it)."""
 from typing import Optional, Tuple
 
 from PIL import Image
