@@ -105,8 +105,7 @@ def crop_to_longest(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_word_embeddings(embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """Mean of each prompt's word-token embeddings, SOT/EOT/padding excluded: `[P, L, W]` ->
-    `[P, W]`."""
+    """`[P, L, W]` -> `[P, W]`: each prompt's mean word-token embedding (no SOT/EOT/padding)."""
     positions = torch.arange(embeddings.shape[1], device=embeddings.device)
     mask = ((positions >= 1) & (positions < eot[:, None])).to(embeddings.dtype)  # [P, L]
     return (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [P, W]

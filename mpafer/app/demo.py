@@ -65,8 +65,7 @@ DEMO_CLASS_WORDS = {"labels": tuple(SYNTHETIC_CLASSES),
 
 def demo_datasets(num_train: int = 200, num_test: int = 60, seed: int = 0,
                   words: str = "labels"):
-    """Portrait-style train and test faces per class, classes named by `words`; no transform
-    yet (set `.transform` once CLIP's resolution is known)."""
+    """Portrait train and test faces, classes named by `words`; set `.transform` later."""
     names = DEMO_CLASS_WORDS[words]
     return tuple(Prerendered(SyntheticFaces(split, n, FACE_SIZE, seed, style="portrait"),
                              classnames=names)
@@ -145,8 +144,7 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
 
 
 def demo_clip_path(download_root: str = "weights", log=print) -> str:
-    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet; its
-    activation (QuickGELU) is recorded beside it, so that every use of the file knows it."""
+    """The cached demo CLIP (pre-trained first if missing), its QuickGELU recorded beside it."""
     path = os.path.join(download_root, DEMO_CLIP_FILE)
     if not os.path.isfile(path):
         pretrain_demo_clip(path, log=log)

@@ -58,8 +58,7 @@ class Optimization(NamedTuple):
 def make_optimizer(params, lr: float, momentum: float, weight_decay: float, warmup_steps: int,
                    total_steps: int, device: torch.device,
                    amp: Optional[torch.dtype] = None) -> Optimization:
-    """SGD with momentum and weight decay; linear warm-up then cosine decay, stepped per batch;
-    a GradScaler for fp16 only."""
+    """SGD with momentum; linear warm-up then cosine decay per step; a GradScaler for fp16."""
     def factor(step):  # linear warm-up to 1, then cosine decay to 0
         if step < warmup_steps:
             return (step + 1) / warmup_steps

@@ -257,8 +257,7 @@ def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls",
 # -- confusion matrix -------------------------------------------------------------------------
 
 def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Image.Image:
-    """Row-normalised confusion matrix (percent of each true class, or the `counts`), with
-    full class names, axis titles and a colour scale."""
+    """Row-normalised confusion matrix (% of each true class, or the `counts`), colour scale."""
     names, matrix = metrics["classnames"], np.asarray(metrics["confusion"], dtype=np.float64)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # [C, C] rows sum to 1
     size, n = 20, len(names)
@@ -306,8 +305,7 @@ def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Im
 # -- attention --------------------------------------------------------------------------------
 
 def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.Image:
-    """The face at `size` x `size` under the patch attention `[g, g]`, scaled to [0, 1],
-    upsampled bilinearly, blended more strongly where it is high."""
+    """The face under its patch attention `[g, g]`, upsampled, blended more where it is high."""
     heat = np.asarray(attention, dtype=np.float32)
     heat = heat / heat.max() if heat.max() > 0 else np.zeros_like(heat)
     smooth = np.asarray(Image.fromarray(heat, mode="F").resize((size, size), Image.BILINEAR))

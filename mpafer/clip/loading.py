@@ -49,8 +49,7 @@ def sha256_of(*paths: str) -> str:
 
 
 def download(url: str, root: str, expected_sha256: str) -> str:
-    """Fetch `url` into `root` unless a file with the right SHA-256 is already there; a
-    download is renamed into place only once its hash matches."""
+    """Fetch `url` into `root` unless there with the right SHA-256; renamed in once checked."""
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):
@@ -197,15 +196,6 @@ def _describe_start(path: str) -> str:
     return "it starts with binary data"
 
 
-def _unpickler_reason(error: Exception) -> str:
-    """The weights-only unpickler's own reason, without PyTorch's advice around it."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0] if lines else type(error).__name__
-
-
 def safe_load(path: str, what: str = "file"):
     """`torch.load(weights_only=True)` on CPU, with one clear error for a file that needs
     arbitrary unpickling or is no PyTorch file at all."""
@@ -219,9 +209,13 @@ def safe_load(path: str, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # The weights-only unpickler's own reason, without PyTorch's advice around it.
+        lines = [line.strip() for line in str(e).split("WeightsUnpickler error:", 1)[-1]
+                 .splitlines() if line.strip()]
+        reason = lines[0].split(". ")[0] if lines else type(e).__name__
         raise RuntimeError(f"refusing to load {what} {path}: it holds more than tensors and plain "
                            f"containers, and reading it would need arbitrary unpickling, which "
-                           f"could run code from the file ({_unpickler_reason(e)})") from None
+                           f"could run code from the file ({reason})") from None
     except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
             ImportError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

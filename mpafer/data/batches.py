@@ -1,5 +1,4 @@
-"""Iterating a DataLoader so that a failure can never hang the process, and a worker's error
-becomes one line (`LoadError`)."""
+"""DataLoader iteration that never hangs the process; a worker's error becomes one line."""
 from contextlib import contextmanager
 
 

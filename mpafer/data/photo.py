@@ -9,8 +9,7 @@ MAX_SIZE_FACTOR = 4  # longer side / the model's input resolution
 
 
 def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Optional[str]]:
-    """-> (the image, centre-cropped to a square when it does not look like a face crop;
-    a note saying what was done, or None)."""
+    """-> (the image, centre-cropped unless it looks like a face crop; a note, or None)."""
     width, height = image.size
     aspect = max(width, height) / max(min(width, height), 1)
     large = max(width, height) > MAX_SIZE_FACTOR * resolution
