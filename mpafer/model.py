@@ -272,7 +272,7 @@ class MPAFER(nn.Module):
         """For metrics.jsonl: the mean cosine between classes' pooled soft prompts (near 1, L_ta
         can only move the shared context) and the context vectors' mean L2 norm."""
         return {"soft_pooled_cos": mean_cosine_between_rows(self.text_prompts.pooled()),
-                "ctx_norm": self.text_prompts.context_norm()}
+                "ctx_norm": float(self.text_prompts.ctx.detach().float().norm(dim=-1).mean())}
 
     def forward(self, images: torch.Tensor) -> MPAFEROutput:
         """The towers run in whatever autocast the caller set; the scores after them in fp32."""

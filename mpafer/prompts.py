@@ -175,10 +175,6 @@ class TextPromptLearner(nn.Module):
         x = self.embeddings() if embeddings is None else embeddings
         return pooled_word_embeddings(x, self.eot)
 
-    def context_norm(self) -> float:
-        """The mean L2 norm of the learned input context vectors."""
-        return float(self.ctx.detach().float().norm(dim=-1).mean())
-
     def deep_prompts(self) -> Optional[List[Optional[torch.Tensor]]]:
         return None if self.deep is None else [None, *self.deep.unbind(0)]
 

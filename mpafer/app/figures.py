@@ -132,12 +132,6 @@ def log_ticks(low: float, high: float, most: int = 12) -> List[float]:
     return [t for t in ticks if start <= t <= end]
 
 
-def tick_label(value: float, percent: bool) -> str:
-    if percent:
-        return f"{value:g}%"
-    return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.0e}"
-
-
 def legend(draw, x0, y0, width, entries, size) -> int:
     """Line-and-label entries, wrapped into rows of `width`; -> the height used."""
     x, y, row = x0, y0, text_size("Hg", size)[1] + 8
@@ -173,7 +167,8 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
     ys = [y for _, p in series for _, y in p]
     yticks = log_ticks(min(ys), max(ys)) if log else nice_ticks(min(ys), max(ys))
     xticks = [t for t in nice_ticks(min(xs), max(xs), 6) if t == int(t)] or [min(xs)]
-    labels = [tick_label(t, percent) for t in yticks]
+    labels = [f"{t:g}%" if percent else f"{t:.3g}" if t == 0 or 1e-3 <= abs(t) < 1e4
+              else f"{t:.0e}" for t in yticks]
     left = x0 + 40 + max(text_size(s, size)[0] for s in labels) + 12
     plot = (left, top, x1 - 36, y1 - 70)
     scale = math.log10 if log else (lambda v: v)

@@ -149,18 +149,6 @@ def is_torchscript_archive(path: str) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a TorchScript archive (e.g. OpenAI's `.pt`), keyed by attribute path."""
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-        prefix = pkl[: -len("data.pkl")]
-        with archive.open(pkl) as f:
-            root = _TorchScriptUnpickler(f, archive, prefix).load()
-    state_dict = {}
-    _collect_tensors(root, "", state_dict)
-    return state_dict
-
-
 def _zip_damage(path: str) -> Optional[str]:
     """Why a file that starts as a zip archive cannot be read as one; None if it reads."""
     with open(path, "rb") as f:
@@ -174,15 +162,6 @@ def _zip_damage(path: str) -> Optional[str]:
         return ("it is not a complete zip archive, as torch.save writes" if
                 "not a zip file" in reason else f"its zip archive is unreadable ({reason})")
     return None
-
-
-def _is_torch_file(path: str) -> bool:
-    """A zip archive with a data.pkl, or (before PyTorch 1.6) a pickle: PROTO opcode first."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("data.pkl") for n in archive.namelist())
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
 
 
 def _describe_start(path: str) -> str:
@@ -204,7 +183,13 @@ def safe_load(path: str, what: str = "file"):
     damage = _zip_damage(path)
     if damage:
         raise ValueError(f"{what} {path} is damaged (truncated or corrupt): {damage}")
-    if not _is_torch_file(path):
+    if zipfile.is_zipfile(path):  # what torch.save writes: a zip archive with a data.pkl
+        with zipfile.ZipFile(path) as archive:
+            torch_file = any(n.endswith("data.pkl") for n in archive.namelist())
+    else:  # or, before PyTorch 1.6, a pickle: the PROTO opcode first
+        with open(path, "rb") as f:
+            torch_file = f.read(1) == b"\x80"
+    if not torch_file:
         raise ValueError(f"{path} is not a {what}: not a PyTorch file ({_describe_start(path)})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -236,8 +221,14 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """A CLIP state dict from a TorchScript archive, `.safetensors` or a plain state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint {path} not found")
-    if is_torchscript_archive(path):
-        return read_torchscript_state_dict(path)
+    if is_torchscript_archive(path):  # its tensors, keyed by attribute path
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            with archive.open(pkl) as f:
+                root = _TorchScriptUnpickler(f, archive, pkl[: -len("data.pkl")]).load()
+        state_dict = {}
+        _collect_tensors(root, "", state_dict)
+        return state_dict
     if looks_like_safetensors(path):
         return {k[len("module."):] if k.startswith("module.") else k: v
                 for k, v in read_safetensors(path).items()}
