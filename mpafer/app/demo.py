@@ -1,10 +1,9 @@
 """The built-in demo: synthetic faces and a tiny CLIP, so `train.py --demo` needs no downloads.
 
-The tiny CLIP is pre-trained once (then cached in `weights/`) on "web" faces in cluttered
-scenes captioned in everyday words, never the label words; MPA-FER then trains on aligned grey
-"portrait" crops. So zero-shot is weak for the reasons it is on real FER data (other words,
-other pictures), and the prompts have a vocabulary gap and a domain gap to close. A randomly
-initialised CLIP cannot be taught to see through prompts alone, hence the pre-training.
+The tiny CLIP is pre-trained once (then cached) on "web" faces captioned in everyday words,
+never the label words; MPA-FER trains on aligned grey "portrait" crops. So the prompts have a
+vocabulary gap and a domain gap to close, as on real FER data. (Prompts alone cannot teach a
+random CLIP to see, hence the pre-training.)
 """
 import os
 import time
@@ -80,9 +79,8 @@ def description_aliases(words: str) -> Dict[str, str]:
 def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,
                        seed: int = 0, log=print) -> str:
     """Pre-train the tiny demo CLIP with image->text cross-entropy against each expression's
-    caption ensemble (a steady target from the first step; one random caption per step left
-    both towers at chance), and save it. Only the caption words' embeddings train. The
-    caller's RNG state is restored, so prompts initialise as when the file is cached."""
+    caption ensemble (one random caption per step left both towers at chance), and save it.
+    The caller's RNG state is restored, so prompts initialise as when the file is cached."""
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -149,7 +147,6 @@ def demo_clip_path(download_root: str = "weights", log=print) -> str:
     if not os.path.isfile(path):
         pretrain_demo_clip(path, log=log)
     if recorded_activation(path) is None:  # (a file cached before the record was written)
-        # Recorded beside the file, which stays as it is (checkpoints name it by its SHA-256):
-        # any use of it, e.g. --clip weights/demo-tiny-clip-v2.pt, loads it without a note.
+        # Beside the file, which stays as it is: checkpoints name it by its SHA-256.
         atomic_write_json({"activation": "quick_gelu"}, activation_record_path(path))
     return path

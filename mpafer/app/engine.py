@@ -135,11 +135,9 @@ class Stepping:
 def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, stepping: Stepping,
                 epoch: int, *, forward=None, stop=None, first_step: int = 0,
                 sums: Optional[torch.Tensor] = None, desc: str = "") -> EpochResult:
-    """Steps `first_step + 1 ...` of epoch `epoch` over `loader` (uint8 batches; `augment`
-    runs on the device) -> EpochResult. The loss sums stay on the device until a sync every
-    `log_interval` steps (one all-reduce, which also carries a stop request so every process
-    stops at the same step; a NaN there raises `NonFiniteLoss`). A resumed run passes the
-    steps done (`first_step`) and their loss `sums`."""
+    """Steps `first_step + 1 ...` of epoch `epoch` (a resumed run passes its loss `sums`). Loss
+    sums stay on the device until a sync every `log_interval` steps: one all-reduce that also
+    carries a stop request, so every process stops at the same step; a NaN raises there."""
     amp, world, log_interval = stepping.amp, stepping.world, stepping.log_interval
     device = model.clip.logit_scale.device
     names = loss_names()

@@ -93,9 +93,8 @@ def ink_on(background) -> Tuple[int, int, int]:
 # -- line charts ------------------------------------------------------------------------------
 
 def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]: at most
-    `2 * count + 1` for any floats (equal values get a span around them; non-finite ones are
-    ignored, and with none left the ticks are 0 and 1)."""
+    """Round ticks (1, 2, 2.5 or 5 times a power of ten) covering [low, high], at most
+    `2 * count + 1` for any floats (non-finite ones ignored; none left: 0 and 1)."""
     count = max(count, 2)
     finite = [min(max(v, -1e300), 1e300) for v in (low, high) if math.isfinite(v)]
     if not finite:
@@ -239,8 +238,7 @@ def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls",
               for name in names]
     line_panel(canvas, (600, 550, 1200, 1100), recall, "per-class recall", "recall (%)",
                percent=True, note="no per-class recall recorded")
-    # Near 1, every class's pooled soft prompt is nearly the same vector: the shared context
-    # outweighs the class names, and L_ta can only move that context.
+    # Near 1, the shared context outweighs the class names, and L_ta can only move the context.
     line_panel(canvas, (1200, 550, 1800, 1100), [("cos", epochs, column("soft_pooled_cos"))],
                "soft prompts, pooled as L_ta: cos", "mean cosine between classes",
                note="not recorded")

@@ -84,8 +84,7 @@ def download(url: str, root: str, expected_sha256: str) -> str:
     return target
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading checkpoints
+# -- reading checkpoints ----------------------------------------------------------------------
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
@@ -259,8 +258,7 @@ def recorded_activation(path: str) -> Optional[str]:
     except ValueError as error:
         raise ValueError(f"{record}: {error}") from None
 
-# The weights file of a model folder as open_clip saves it (and as it lies in the hub's cache),
-# safetensors first, with its open_clip_config.json beside it.
+# open_clip's weight files in a model folder (as in the hub's cache), safetensors first.
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -298,11 +296,9 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     name: one of `available_models()` (downloaded, SHA-256 checked), a checkpoint file
         (TorchScript, plain state dict, `.safetensors`), a transformers CLIP folder, a cached
         Hugging Face model id, or an open_clip model folder; CLIP ViTs of OpenAI's layout only.
-    activation: "quick_gelu" or "gelu", which a state dict does not show; None means what the
-        files say (OpenAI's and TorchScript: QuickGELU; transformers: hidden_act; the record
-        beside the file), else QuickGELU with a note.
-    The model is fp32, in eval mode, frozen; `checkpoint_name` and `checkpoint_sha256` say
-    which CLIP it is.
+    activation: "quick_gelu" or "gelu"; None means what the files say (OpenAI's: QuickGELU;
+        transformers: hidden_act; the record beside the file), else QuickGELU with a note.
+    The model is fp32, in eval mode, frozen; `checkpoint_name` and `checkpoint_sha256` name it.
     """
     if jit:
         raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "

@@ -9,8 +9,7 @@ from typing import List
 from ..labels import CANONICAL_CLASSES, SYNONYMS, canonical_name
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 
-# The usual folder names for the canonical classes, any case: the synonyms every class name
-# maps through (`labels.canonical_name`: --classnames, --base-classes, the class sets).
+# The usual folder names of the canonical classes, in any case (`labels.canonical_name`).
 FOLDER_SYNONYMS = SYNONYMS
 
 FOLDER_LAYOUT = """\
