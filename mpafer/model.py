@@ -138,9 +138,8 @@ class MPAFEROutput:
 
 
 class MPAFER(nn.Module):
-    """Frozen CLIP + text soft prompts + deep visual prompts + global-local alignment.
-    Only the prompts (and the alignment projections, if enabled) train; L_v needs
-    `set_prototypes` first."""
+    """Frozen CLIP + text soft prompts + deep visual prompts + global-local alignment. Only the
+    prompts (and alignment projections, if enabled) train; L_v needs `set_prototypes` first."""
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str],
                  descriptions: Optional[Dict[str, List[str]]] = None,

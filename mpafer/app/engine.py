@@ -111,8 +111,7 @@ def setup_distributed(device_name: Optional[str] = None):
 
 @dataclass
 class EpochResult:
-    """What `train_epoch` did: the mean of each `loss_names()` loss, or None when it stopped
-    early, and then `steps_done` and the loss `sums` so far for last.pt."""
+    """Mean `loss_names()` losses, or None on an early stop (then `steps_done`, `sums` resume)."""
     losses: Optional[Dict[str, float]]
     seconds: float
     steps_done: int

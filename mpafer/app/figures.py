@@ -206,9 +206,8 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
 
 def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls", "ta", "pa", "v")
                     ) -> Image.Image:
-    """Seven panels from metrics.jsonl records against the epoch: the losses and each term's
-    first-step gradient norm (log scale), the learning rate, WAR/UAR, per-class recall, and
-    the soft prompts' diagnostics."""
+    """Seven panels of metrics.jsonl records against the epoch: losses and first-step gradient
+    norms (log scale), learning rate, WAR/UAR, per-class recall, soft-prompt diagnostics."""
     canvas = Image.new("RGB", (2400, 1100), "white")
     epochs = [r["epoch"] for r in records]
     series = [("loss", "total"), *((name, name) for name in loss_terms)]

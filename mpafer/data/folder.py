@@ -148,8 +148,7 @@ def _subfolders(path):
 
 
 def _read_class_folder(split_dir, folder):
-    """-> (the image files of a class folder, relative to it, sorted, subfolders included;
-    its `ClassFolderReading`). Symbolic links are followed, each real folder read once."""
+    """-> (a class folder's image files, sorted, relative to it; its `ClassFolderReading`)."""
     top = os.path.join(split_dir, folder)
     reading, files, seen = ClassFolderReading(folder), [], set()
     for where, subfolders, names in os.walk(top, followlinks=True):
