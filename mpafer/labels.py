@@ -1,8 +1,5 @@
-"""The canonical facial expression classes, in one place.
-
-Every dataset reader maps its own label order onto these names, and predictions are reported
-by name. This module imports nothing, so any module (or a copy of one) can use it.
-"""
+"""The canonical facial expression classes, onto which every dataset reader maps its labels.
+This module imports nothing, so any module (or a copy of one) can use it."""
 
 # The 8-class order (FERPlus's and AffectNet-8's set, in fer2013new.csv's column order).
 CANONICAL_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
@@ -16,16 +13,15 @@ SYNONYMS = {"angry": "anger", "happy": "happiness", "sad": "sadness", "surprised
 
 
 def canonical_name(name: str) -> str:
-    """The canonical class `name` stands for, in any case or by a usual synonym ('Happy' ->
-    'happiness', 'angry' -> 'anger'); any other name as given (without surrounding spaces)."""
+    """The canonical class `name` stands for ('Happy' -> 'happiness', 'angry' -> 'anger');
+    any other name as given, stripped."""
     key = name.strip().lower()
     key = SYNONYMS.get(key, key)
     return key if key in CANONICAL_CLASSES else name.strip()
 
 
 def same_class(a: str, b: str) -> bool:
-    """Whether two class names mean the same class: equal once mapped to canonical names, in
-    any case."""
+    """Whether two class names mean the same class, in any case."""
     return canonical_name(a).lower() == canonical_name(b).lower()
 
 

@@ -44,13 +44,10 @@ def prompt_alignment_loss(text_features: torch.Tensor, hard_features: torch.Tens
 
     Both are L2-normalised; each hard prompt h is compared with its class's soft prompt and the
     result is averaged over the hard prompts.
-    - "l1-mean" (default): the paper's "L1" distance as an L1 loss, the mean over the D
-      dimensions of |theta(t_c) - theta(t*_c)|, as `F.l1_loss` computes it and as PromptSRC (the
-      code MPA-FER builds on) uses it, with weight beta = 1.
-    - "l1-sum": the L1 norm ||theta(t_c) - theta(t*_c)||_1, the literal notation: a sum over D,
-      D times "l1-mean" (512x for ViT-B/16). Its sign gradient does not shrink as the distance
-      falls, so at beta = 1 it outweighs L_cls many times and pulls the classifier onto the
-      hard prompts (see the README's measurements).
+    - "l1-mean" (default): the mean over D of |theta(t_c) - theta(t*_c)|, an L1 loss as in
+      `F.l1_loss` and PromptSRC (the code MPA-FER builds on).
+    - "l1-sum": the L1 norm ||theta(t_c) - theta(t*_c)||_1, the literal notation (D times
+      "l1-mean"; its sign gradient does not shrink as the distance falls).
     - "contrastive": -log softmax over classes of cos(theta(t_c), theta(t*_h)) / tau.
     """
     _check(distance, PA_DISTANCES, "pa_distance")
@@ -80,8 +77,7 @@ def prototype_alignment_loss(global_features: torch.Tensor, prototypes: torch.Te
 
 
 def _l1(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
-    """Row-wise L1 distance of `[R, D]` pairs, averaged over rows: averaged over D ("l1-mean")
-    or summed over D ("l1-sum")."""
+    """Row-wise L1 distance of `[R, D]` pairs ("l1-mean" or "l1-sum" over D), mean over rows."""
     per_row = (a - b).abs().sum(-1) if distance == "l1-sum" else (a - b).abs().mean(-1)  # [R]
     return per_row.mean()
 
@@ -93,13 +89,9 @@ def _check(distance: str, allowed, name: str):
 
 def gradient_norms(terms: Dict[str, torch.Tensor], params: Iterable[torch.Tensor],
                    scale: float = 1.0) -> Dict[str, float]:
-    """L2 norm of each term's gradient w.r.t. `params` (all of them together), one backward each.
-
-    `terms` are undetached scalars (e.g. `MPAFER.weighted_parts`); the graph is kept, so the caller
-    can still backpropagate the total afterwards. A term that does not depend on `params` (switched
-    off) has norm 0. Under fp16 autocast pass the GradScaler's scale, so that small gradients do
-    not underflow in the backward; the norms are divided by it again.
-    """
+    """L2 norm of each undetached scalar term's gradient w.r.t. `params`, one backward each
+    (graph kept; 0 for a term without `params`). Under fp16 pass the GradScaler's scale, so small
+    gradients do not underflow; the norms are divided by it again."""
     params = list(params)
     norms = {}
     for name, term in terms.items():

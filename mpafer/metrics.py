@@ -11,11 +11,7 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
 
 
 def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
-    """WAR, UAR and per-class recall from a confusion matrix, as plain Python numbers.
-
-    WAR (weighted average recall) is the overall accuracy; UAR (unweighted average recall)
-    is the mean of the per-class recalls over the classes present in the targets.
-    """
+    """WAR (accuracy), UAR (mean recall over the classes present) and per-class recall."""
     confusion = confusion.long()
     support = confusion.sum(dim=1)
     correct = confusion.diagonal()
@@ -34,9 +30,8 @@ def summarize(confusion: torch.Tensor, classnames: Sequence[str]) -> Dict:
 
 
 def over_classes(metrics: Dict, classes: Sequence[str]) -> Dict:
-    """WAR and UAR of the images of `classes` only, from the predictions over every class (a
-    `summarize` result): WAR = their share classified right, UAR = their classes' mean recall;
-    both None when those classes have no image (there is nothing to score, not 0%)."""
+    """WAR and UAR of the images of `classes` only, from a `summarize` result over every class;
+    None when those classes have no image (nothing to score, not 0%)."""
     rows = [metrics["classnames"].index(c) for c in classes]
     confusion = metrics["confusion"]
     support = [sum(confusion[r]) for r in rows]

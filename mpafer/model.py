@@ -28,13 +28,8 @@ def _field(default, text: str):
 
 @dataclass
 class MPAFERConfig:
-    """Every MPA-FER setting; each field is a command-line flag whose help is its
-    `metadata["help"]`. "(choice)" marks a value of ours where the paper is silent, with the
-    reason; the README's table of choices gives the evidence for the measured ones.
-
-    `validate()` (run at construction and again by MPAFER) checks the value ranges; errors name
-    the field and its command-line flag.
-    """
+    """Every MPA-FER setting, each a command-line flag; "(choice)" marks a value of ours where
+    the paper is silent. `validate()` checks the ranges, naming the field and its flag."""
     # Text soft prompts (CoOp).
     n_ctx: int = _field(10, "M, learnable text context vectors (ignored with --ctx-init)")
     ctx_init: str = _field("", "initialise the context from this phrase (M = its token count) "
@@ -143,13 +138,8 @@ class MPAFEROutput:
 
 
 class MPAFER(nn.Module):
-    """Frozen CLIP + text soft prompts + deep visual prompts + global-local alignment.
-
-    Only the prompts (and the alignment projections, if enabled) train. Hard-prompt features
-    are computed once here; prototypes are set with `set_prototypes` before training with L_v;
-    in eval mode the soft-prompt text features are computed once and reused until the model
-    trains again.
-    """
+    """Frozen CLIP + text soft prompts + deep visual prompts + global-local alignment. Only the
+    prompts (and alignment projections, if enabled) train; L_v needs `set_prototypes` first."""
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str],
                  descriptions: Optional[Dict[str, List[str]]] = None,
@@ -224,8 +214,7 @@ class MPAFER(nn.Module):
         self._text_cache = None
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        """The trainable parameters by component: text prompts, visual prompts, alignment
-        projections (those present). Gradient clipping can bound each group on its own."""
+        """The trainable parameters by component (text prompts, visual prompts, alignment)."""
         groups: Dict[str, List[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -233,11 +222,8 @@ class MPAFER(nn.Module):
         return groups
 
     def with_classes(self, classnames: Sequence[str]) -> "MPAFER":
-        """This model for other classes (e.g. the novel classes of a base-to-novel protocol):
-        the same learned context before each new class name, the same visual prompts and
-        alignment block, shared (not copied). For evaluation: no hard prompts, no prototypes.
-        A class-specific context has nothing to give a class it was not trained on. The model
-        itself for its own classes."""
+        """This model for other classes (base-to-novel), sharing the learned prompts and
+        alignment; for evaluation only (no hard prompts, no prototypes)."""
         if list(classnames) == self.classnames:
             return self
         if self.config.class_specific_ctx:
@@ -267,10 +253,8 @@ class MPAFER(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def text_features(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Soft-prompt text features `[C, D]` (normalised, fp32), pooled word embeddings `[C, W]`.
-
-        In eval mode without autograd they are computed once and cached.
-        """
+        """Soft-prompt text features `[C, D]` (normalised, fp32), pooled word embeddings `[C, W]`;
+        cached in eval mode without autograd."""
         cacheable = not self.training and not torch.is_grad_enabled()
         device = self.text_prompts.ctx.device
         if cacheable and self._text_cache is not None and self._text_cache[0].device == device:
@@ -284,14 +268,10 @@ class MPAFER(nn.Module):
 
     @torch.no_grad()
     def prompt_diagnostics(self) -> Dict[str, float]:
-        """What the text soft prompts look like, for metrics.jsonl and the curves:
-        - "soft_pooled_cos": the mean cosine between different classes' pooled soft prompts,
-          pooled as L_ta pools them. Near 1, the classes' pooled prompts are nearly one vector
-          (a shared context outweighs the class-name tokens) and L_ta can only move the
-          context that all classes share.
-        - "ctx_norm": the mean L2 norm of the input context vectors."""
+        """For metrics.jsonl: the mean cosine between classes' pooled soft prompts (near 1, L_ta
+        can only move the shared context) and the context vectors' mean L2 norm."""
         return {"soft_pooled_cos": mean_cosine_between_rows(self.text_prompts.pooled()),
-                "ctx_norm": self.text_prompts.context_norm()}
+                "ctx_norm": float(self.text_prompts.ctx.detach().float().norm(dim=-1).mean())}
 
     def forward(self, images: torch.Tensor) -> MPAFEROutput:
         """The towers run in whatever autocast the caller set; the scores after them in fp32."""
@@ -314,15 +294,13 @@ class MPAFER(nn.Module):
         return MPAFEROutput(logits, z_g, text, z_l, attention, pooled if self.training else None)
 
     def loss_parts(self, output: MPAFEROutput, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The unweighted, undetached terms of L, one per entry of `LOSS_TERMS` (cls, ta, pa, v);
-        a term switched off in the config is a constant zero."""
+        """The unweighted terms of L, one per `LOSS_TERMS` entry (zero when switched off)."""
         zero = output.logits.new_zeros((), dtype=torch.float32)
         return {term.name: term.compute(self, output, labels) if term.enabled(self.config) else zero
                 for term in LOSS_TERMS}
 
     def weighted_parts(self, parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The terms as they enter the total: cls, beta * ta_weight * L_ta, beta * L_pa,
-        gamma * L_v."""
+        """The terms as they enter the total (cls, beta * ta_weight * L_ta, ...)."""
         return {term.name: term.weight(self.config) * parts[term.name] for term in LOSS_TERMS}
 
     def loss(self, output: MPAFEROutput,
@@ -335,14 +313,8 @@ class MPAFER(nn.Module):
 
     def term_gradient_norms(self, images: torch.Tensor, labels: torch.Tensor,
                             scale: float = 1.0) -> Dict[str, float]:
-        """L2 norm of the gradient on the trainable parameters of each loss term as it enters the
-        total: cls, beta * ta_weight * L_ta, beta * L_pa, gamma * L_v.
-
-        One forward and one backward per term: meant for the first step of an epoch, to show how
-        the terms balance and that none is numerically inert. Runs in the caller's autocast; call
-        it on the bare model, not a DDP wrapper. Under fp16 pass the GradScaler's scale (see
-        `losses.gradient_norms`). Leaves no `.grad` behind.
-        """
+        """L2 norm of each weighted loss term's gradient on the trainable parameters (one
+        backward per term; call on the bare model; under fp16 pass the GradScaler's scale)."""
         terms = self.weighted_parts(self.loss_parts(self(images), labels))
         trainable = [p for p in self.parameters() if p.requires_grad]
         return losses.gradient_norms(terms, trainable, scale)
@@ -370,9 +342,8 @@ class MPAFER(nn.Module):
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One term of the training loss. The total, the per-term gradient norms, the log line,
-    metrics.jsonl and the training curves all loop over `LOSS_TERMS`: a new term is a function
-    and one entry there."""
+    """One term of the training loss; everything that logs or sums the loss loops over
+    `LOSS_TERMS`, so a new term is a function and one entry there."""
     name: str  # its key in the loss parts, the logs, metrics.jsonl and the curves
     compute: Callable[[MPAFER, MPAFEROutput, torch.Tensor], torch.Tensor]  # (model, output, labels)
     weight_field: Optional[str] = None  # the MPAFERConfig field weighting it (None: weight 1)
@@ -391,8 +362,7 @@ class LossTerm:
 
 # L = L_cls + beta * (ta_weight * L_ta + L_pa) + gamma * L_v, in this order.
 LOSS_TERMS: List[LossTerm] = [
-    LossTerm("cls", lambda model, output, labels: losses.classification_loss(output.logits,
-                                                                             labels)),
+    LossTerm("cls", lambda model, out, labels: losses.classification_loss(out.logits, labels)),
     LossTerm("ta", MPAFER.token_alignment, "beta", "soft_hard_alignment", "ta_weight"),
     LossTerm("pa", MPAFER.prompt_alignment, "beta", "soft_hard_alignment"),
     LossTerm("v", MPAFER.prototype_alignment, "gamma", "prototype_alignment"),

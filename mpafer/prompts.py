@@ -24,13 +24,8 @@ HARD_TEMPLATES = {
 
 def load_descriptions(classnames: Sequence[str], path: Optional[str] = None,
                       aliases: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
-    """LLM descriptions per class, all granularities in file order -> {class: [description]}.
-
-    `aliases` maps a class name to the file's name for it where they differ (e.g. "happy" ->
-    "happiness"). Validates that every requested class is covered and that each description's
-    hard prompt (template 3) fits CLIP's 77-token context; errors name the file, class and
-    description.
-    """
+    """LLM descriptions per class, all granularities in file order -> {class: [description]};
+    `aliases` maps a class name to the file's. Errors name the file, class and description."""
     aliases = aliases or {}
     path = path or DESCRIPTIONS_PATH
     try:
@@ -105,22 +100,19 @@ def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def crop_to_longest(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the padding columns after the last EOT: causal attention means the EOT feature
-    never depends on later positions, so this is exact and makes the text tower much cheaper."""
+    """Drop the padding after the last EOT: exact, since causal attention never looks ahead."""
     return tokens[:, : int(eot_positions(tokens).max()) + 1]
 
 
 def pooled_word_embeddings(embeddings: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """Mean of each prompt's word-token embeddings, SOT/EOT/padding excluded:
-    `[P, L, W]` -> `[P, W]`."""
+    """`[P, L, W]` -> `[P, W]`: each prompt's mean word-token embedding (no SOT/EOT/padding)."""
     positions = torch.arange(embeddings.shape[1], device=embeddings.device)
     mask = ((positions >= 1) & (positions < eot[:, None])).to(embeddings.dtype)  # [P, L]
     return (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # [P, W]
 
 
 def mean_cosine_between_rows(vectors: torch.Tensor) -> float:
-    """The mean cosine between different rows of `[C, W]` (over the C(C-1) ordered pairs, the
-    diagonal left out); 0 for a single row. Near 1: the rows point the same way."""
+    """The mean cosine between different rows of `[C, W]`; 0 for a single row."""
     count = vectors.shape[0]
     if count < 2:
         return 0.0
@@ -130,20 +122,15 @@ def mean_cosine_between_rows(vectors: torch.Tensor) -> float:
 
 
 def soft_prompt_tokens(classnames: Sequence[str], n_ctx: int) -> torch.Tensor:
-    """The soft prompts' token ids `[C, L]`, cropped to the longest: "X" placeholders hold the
-    n_ctx context positions (their embeddings are replaced by the learned context)."""
+    """Token ids `[C, L]` of "X X .. X <class>.", the Xs holding the n_ctx context positions."""
     names = [c.replace("_", " ") for c in classnames]
     return crop_to_longest(tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names]))
 
 
 class TextPromptLearner(nn.Module):
-    """CoOp soft prompts `[SOS] v_1 .. v_M <class name> . [EOS]` with optional deep text prompts.
-
-    ctx `[M, W]` (shared) or `[C, M, W]` (class-specific), initialised N(0, std^2) or from the
-    token embeddings of `ctx_init` (then M is that phrase's token count). With depth > 1, layers
-    1 .. depth-1 of the text tower get their own M tokens (`deep`, `[depth - 1, M, W]`) that
-    replace the context positions' hidden states (our choice for "deep text prompts").
-    """
+    """CoOp soft prompts `[SOS] v_1 .. v_M <class name> . [EOS]`: ctx `[M, W]` (shared) or
+    `[C, M, W]` (class-specific), from N(0, std^2) or `ctx_init`'s embeddings. With depth > 1,
+    `deep` `[depth - 1, M, W]` replaces the context's hidden states in layers 1 .. depth-1."""
 
     def __init__(self, clip_model: CLIP, classnames: Sequence[str], n_ctx: int = 10,
                  ctx_init: str = "", class_specific: bool = False, depth: int = 1,
@@ -187,11 +174,6 @@ class TextPromptLearner(nn.Module):
         """The pooled word-token embeddings `[C, W]` that L_ta contrasts (of `embeddings()`)."""
         x = self.embeddings() if embeddings is None else embeddings
         return pooled_word_embeddings(x, self.eot)
-
-    def context_norm(self) -> float:
-        """The mean L2 norm of the learned input context vectors (over M, and over the classes
-        for a class-specific context), comparable with a word embedding's norm."""
-        return float(self.ctx.detach().float().norm(dim=-1).mean())
 
     def deep_prompts(self) -> Optional[List[Optional[torch.Tensor]]]:
         return None if self.deep is None else [None, *self.deep.unbind(0)]

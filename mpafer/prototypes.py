@@ -17,22 +17,27 @@ from .progress import progress_bar
 def compute_prototypes(model, dataloader, num_classes: Optional[int] = None,
                        per_class: Optional[int] = None, progress: bool = True, *, seed: int = 0,
                        amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Prototype p_c = mean of the L2-normalised *unprompted* CLIP image features of class c.
-
-    Streams `dataloader` (use the eval transform; uint8 pixel batches are normalised on the
-    device) through the frozen image tower, with no gradients. `model` is an MPAFER or a bare
-    CLIP. With `per_class`, each class contributes a random subset of min(per_class, its size)
-    images drawn with `seed` (`prototype_subset`; the loader's dataset must have `targets`), and
-    only those images are loaded. The subset depends on `seed`: a cache of the prototypes must
-    include it in its key, beside `per_class`. `amp_dtype` (e.g. torch.bfloat16) runs the tower
-    under autocast; None = fp32. Returns `[C, D]`, re-normalised.
-    """
+    """Prototype p_c = mean of the L2-normalised *unprompted* CLIP image features of class c,
+    `[C, D]`, re-normalised. `model` is an MPAFER or a bare CLIP; with `per_class`, each class
+    gives a subset drawn with `seed` (so a cache keys on both) and only those are loaded."""
     clip_model = getattr(model, "clip", model)
     num_classes = num_classes or len(getattr(model, "classnames", [])
                                      or dataloader.dataset.classnames)
     if per_class is not None:
-        dataloader = _subset_loader(dataloader, prototype_subset(_targets(dataloader.dataset),
-                                                                 per_class, seed))
+        dataset = dataloader.dataset
+        if hasattr(dataset, "targets"):
+            targets = dataset.targets
+        elif isinstance(dataset, TensorDataset):
+            targets = dataset.tensors[-1].tolist()
+        else:
+            raise ValueError("per_class prototypes need the dataset's labels without loading its "
+                             f"images: {type(dataset).__name__} has no `targets`")
+        # The same loader settings over only the subset, in order.
+        dataloader = DataLoader(Subset(dataset, prototype_subset(targets, per_class, seed)),
+                                batch_size=dataloader.batch_size or 1,
+                                num_workers=dataloader.num_workers,
+                                collate_fn=dataloader.collate_fn,
+                                pin_memory=dataloader.pin_memory)
     device = clip_model.logit_scale.device
     sums = torch.zeros(num_classes, clip_model.embed_dim, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -65,19 +70,3 @@ def prototype_subset(targets: Sequence[int], per_class: int, seed: int = 0) -> L
         members = (targets == c).nonzero().flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return sorted(torch.cat(chosen).tolist()) if chosen else []
-
-
-def _targets(dataset) -> Sequence[int]:
-    if hasattr(dataset, "targets"):
-        return dataset.targets
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[-1].tolist()
-    raise ValueError(f"per_class prototypes need the dataset's labels without loading its images: "
-                     f"{type(dataset).__name__} has no `targets`")
-
-
-def _subset_loader(loader: DataLoader, indices: List[int]) -> DataLoader:
-    """The same loader settings over only `indices` of its dataset, in order."""
-    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size or 1,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory)

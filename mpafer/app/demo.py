@@ -1,26 +1,9 @@
 """The built-in demo: synthetic faces and a tiny CLIP, so `train.py --demo` needs no downloads.
 
-The demo world is set up so that prompt learning has something to learn, as it has with a
-real CLIP and a real FER dataset:
-
-- The tiny CLIP is pre-trained contrastively (once, then cached in `weights/` as an
-  OpenAI-format state dict that `mpafer.clip.load` reads like any real checkpoint) on "web"
-  pictures: colour faces anywhere in cluttered scenes, captioned in
-  everyday words (`mpafer.app.synthetic.face_captions`: "a happy face.", "a face with brows
-  raised high and curved, ..."). It never sees the label words ("happiness"), and knows only
-  some of the words of the LLM descriptions, as real CLIP learned from web captions, not from
-  FER labels.
-- MPA-FER then trains and is tested on "portrait" faces: aligned, tightly cropped grey-scale
-  faces on plain backgrounds, like the face crops of FER datasets, from another seed stream.
-
-Zero-shot CLIP is weak here for the two reasons it is weak on real FER data (other words,
-other pictures), and the prompts have a vocabulary gap and a domain gap to close (the README
-gives the measured figures). The demo's classes can also go by the captions' mood words
-(`--demo-class-words moods`: calm, happy, ...), which the CLIP has seen: then it can score
-classes no prompt was trained on, as base-to-novel evaluation needs.
-
-A randomly initialised CLIP cannot be taught to see through prompts alone (prompts on it stay
-at chance), which is why the demo CLIP is pre-trained at all.
+The tiny CLIP is pre-trained once (then cached) on "web" faces captioned in everyday words,
+never the label words; MPA-FER trains on aligned grey "portrait" crops. So the prompts have a
+vocabulary gap and a domain gap to close, as on real FER data. (Prompts alone cannot teach a
+random CLIP to see, hence the pre-training.)
 """
 import os
 import time
@@ -54,11 +37,8 @@ PRETRAIN_PER_CLASS = 300
 FACE_SIZE = 64  # synthetic faces are drawn at 64 px, then resized to the CLIP resolution
 
 class Prerendered(Dataset):
-    """Draws every face of a `SyntheticFaces` once and keeps the images in memory.
-
-    Drawing costs ~2 ms an image; the demo's transforms then run in the main process without
-    DataLoader workers (which on two cores only compete with training).
-    """
+    """Every face of a `SyntheticFaces`, drawn once and kept in memory, so the demo needs no
+    DataLoader workers (which on few cores only compete with training)."""
 
     def __init__(self, faces: SyntheticFaces, transform=None, classnames=None):
         self.images = [faces.load(i) for i in range(len(faces))]
@@ -76,25 +56,19 @@ class Prerendered(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-# The words the demo's classes can go by: the FER label names, which the demo CLIP never saw
-# ("labels", the default), or the everyday mood words of its pre-training captions ("moods":
-# "a happy face."), which it has seen, so that it can tell apart classes it was never prompted
-# on (base-to-novel on the demo).
+# The demo classes' words: the FER labels, which the demo CLIP never saw, or the mood words of
+# its captions, which it has seen, so it can score classes no prompt was trained on (novel).
 DEMO_CLASS_WORDS = {"labels": tuple(SYNTHETIC_CLASSES),
                     "moods": tuple(CAPTION_WORDS[c][0] for c in SYNTHETIC_CLASSES)}
 
 
 def demo_datasets(num_train: int = 200, num_test: int = 60, seed: int = 0,
                   words: str = "labels"):
-    """The demo's expression dataset: portrait-style train and test faces of the 7 basic
-    expressions (num_train / num_test per class), pre-rendered, its classes named by `words`
-    (see DEMO_CLASS_WORDS). No transform yet: set `.transform` once CLIP's resolution is known."""
+    """Portrait train and test faces, classes named by `words`; set `.transform` later."""
     names = DEMO_CLASS_WORDS[words]
-    train = Prerendered(SyntheticFaces("train", num_train, FACE_SIZE, seed, style="portrait"),
-                        classnames=names)
-    test = Prerendered(SyntheticFaces("test", num_test, FACE_SIZE, seed, style="portrait"),
-                       classnames=names)
-    return train, test
+    return tuple(Prerendered(SyntheticFaces(split, n, FACE_SIZE, seed, style="portrait"),
+                             classnames=names)
+                 for split, n in (("train", num_train), ("test", num_test)))
 
 
 def description_aliases(words: str) -> Dict[str, str]:
@@ -104,20 +78,9 @@ def description_aliases(words: str) -> Dict[str, str]:
 
 def pretrain_demo_clip(path: str, steps: int = 600, batch_size: int = 64, lr: float = 1e-3,
                        seed: int = 0, log=print) -> str:
-    """Contrastively pre-train the tiny demo CLIP on web-style faces and their captions; save it.
-
-    Each step scores a batch of web-style faces against the 7 expressions' text features and
-    trains image->text cross-entropy (CLIP's image-side loss, the captions as candidates). An
-    expression's text feature is the normalised mean of its captions' features (the 5 of
-    `face_captions`): a fixed ensemble gives the image tower a steady target from the first
-    step, where one randomly worded caption per step left both towers at chance for hundreds
-    of steps. Only the caption words' embeddings train (see below); the rest of the token
-    table, the class names' rows included, keeps its random initialisation.
-
-    Pre-training seeds the torch RNG itself and restores the caller's RNG state afterwards, so
-    a run that pre-trains first initialises its prompts exactly as a run that loads the
-    cached file.
-    """
+    """Pre-train the tiny demo CLIP with image->text cross-entropy against each expression's
+    caption ensemble (one random caption per step left both towers at chance), and save it.
+    The caller's RNG state is restored, so prompts initialise as when the file is cached."""
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -179,13 +142,11 @@ def _contrastive_pretraining(model: CLIP, steps: int, batch_size: int, lr: float
 
 
 def demo_clip_path(download_root: str = "weights", log=print) -> str:
-    """The cached pre-trained demo CLIP, pre-training it first if it is not there yet; its
-    activation (QuickGELU) is recorded beside it, so that every use of the file knows it."""
+    """The cached demo CLIP (pre-trained first if missing), its QuickGELU recorded beside it."""
     path = os.path.join(download_root, DEMO_CLIP_FILE)
     if not os.path.isfile(path):
         pretrain_demo_clip(path, log=log)
     if recorded_activation(path) is None:  # (a file cached before the record was written)
-        # Recorded beside the file, which stays as it is (checkpoints name it by its SHA-256):
-        # any use of it, e.g. --clip weights/demo-tiny-clip-v2.pt, loads it without a note.
+        # Beside the file, which stays as it is: checkpoints name it by its SHA-256.
         atomic_write_json({"activation": "quick_gelu"}, activation_record_path(path))
     return path

@@ -5,11 +5,11 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..data.batches import each_batch
 from ..data.device_augment import as_model_input
@@ -25,11 +25,9 @@ from .loader import seed_everything
 def build_mpafer(clip_model, classnames: Sequence[str], descriptions: Optional[Dict] = None,
                  config: Optional[MPAFERConfig] = None, grad_checkpointing: bool = False,
                  compile: bool = False, seed: Optional[int] = None) -> MPAFER:
-    """MPA-FER on a frozen CLIP, with the CLIP's memory and speed options: activation
-    checkpointing in both towers (less memory, one extra forward) and `torch.compile` of the
-    image tower (meant for CUDA; the first steps are slow). With `seed`, the prompts'
-    initialisation draws from it alone, whatever ran before (e.g. the demo CLIP's first
-    pre-training), so a first run and a later one start alike."""
+    """MPA-FER on a frozen CLIP, with activation checkpointing and `torch.compile` of the image
+    tower as asked. With `seed`, the prompts' initialisation draws from it alone, whatever ran
+    before (e.g. the demo CLIP's first pre-training)."""
     if grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     if compile:
@@ -43,41 +41,32 @@ def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor per step: linear warm-up to 1, then cosine decay to 0."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
 class Optimization(NamedTuple):
-    """What a training step updates besides the model: the optimiser, its per-step schedule and
-    the GradScaler (a no-op unless fp16). Their states together make a run resumable."""
+    """The optimiser, its per-step schedule and the GradScaler (a no-op unless fp16)."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
 
     def state_dict(self) -> Dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {name: part.state_dict() for name, part in self._asdict().items()}
 
     def load_state_dict(self, state: Dict):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        for name, part in self._asdict().items():
+            part.load_state_dict(state[name])
 
 
 def make_optimizer(params, lr: float, momentum: float, weight_decay: float, warmup_steps: int,
                    total_steps: int, device: torch.device,
                    amp: Optional[torch.dtype] = None) -> Optimization:
-    """SGD with momentum and weight decay; linear warm-up then cosine decay, stepped per batch;
-    a GradScaler for fp16 only."""
+    """SGD with momentum; linear warm-up then cosine decay per step; a GradScaler for fp16."""
+    def factor(step):  # linear warm-up to 1, then cosine decay to 0
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     optimizer = torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  cosine_with_warmup(warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return Optimization(optimizer, scheduler, grad_scaler(device, amp))
 
 
@@ -85,15 +74,9 @@ def train_step(model: MPAFER, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                amp: Optional[torch.dtype] = None, grad_clip: float = 0.0, forward=None,
                clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None):
-    """One MPA-FER training step -> (total loss, loss parts), detached, still on the device.
-
-    Forward and all losses under autocast, backward (scaled under fp16), gradient clipping to
-    `grad_clip` (0 = off), optimiser step. Clipping bounds the norm of all the optimiser's
-    parameters together, or of each of `clip_groups` on its own (see
-    `MPAFER.parameter_groups`). `forward` runs the model (default `model`; train.py passes its
-    DistributedDataParallel wrapper). The step never waits for the device: read the losses
-    when you need them (that is a sync).
-    """
+    """One training step -> (total loss, loss parts), detached, on the device (no sync).
+    Clipping (`grad_clip`, 0 = off) bounds all parameters together or each of `clip_groups`;
+    `forward` is the DDP wrapper where there is one."""
     with autocast(images.device, amp):
         output = (forward or model)(images)
         loss, parts = model.loss(output, labels)
@@ -124,31 +107,11 @@ def setup_distributed(device_name: Optional[str] = None):
     return rank, world, device
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-class ShardSampler(Sampler):
-    """Rank r of W evaluates indices r, r + W, ...: every index exactly once over all ranks."""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 # -- a training epoch ----------------------------------------------------------------------------
 
 @dataclass
 class EpochResult:
-    """What `train_epoch` did. `losses` holds the mean of each logged loss (`loss_names()`) over
-    the epoch's steps and processes; it is None when the epoch stopped early, and then
-    `steps_done` and `sums` (the loss sums of those steps over all processes) let last.pt
-    record where to continue."""
+    """Mean `loss_names()` losses, or None on an early stop (then `steps_done`, `sums` resume)."""
     losses: Optional[Dict[str, float]]
     seconds: float
     steps_done: int
@@ -156,21 +119,9 @@ class EpochResult:
     grad_norms: Optional[Dict[str, float]] = None  # per loss term, at the epoch's first step
 
 
-def _sync_progress(running: torch.Tensor, asked: bool, world: int) -> Tuple[torch.Tensor, bool]:
-    """-> (loss sums over all processes, whether any process was asked to stop): one all-reduce,
-    so every process stops at the same step."""
-    synced = torch.cat([running, running.new_tensor([float(asked)])])
-    if world > 1:
-        dist.all_reduce(synced)
-    return synced[:-1], bool(synced[-1] > 0)
-
-
 @dataclass
 class Stepping:
-    """How `train_epoch` steps, the same every epoch: the autocast dtype, gradient clipping
-    (one global norm, or each of `clip_groups` on its own), the steps between loss syncs, the
-    processes, whether to measure each loss term's gradient norm at the first step, and whether
-    to show progress."""
+    """How `train_epoch` steps, the same every epoch."""
     amp: Optional[torch.dtype] = None
     grad_clip: float = 0.0
     clip_groups: Optional[Sequence[Sequence[torch.Tensor]]] = None
@@ -183,17 +134,9 @@ class Stepping:
 def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, stepping: Stepping,
                 epoch: int, *, forward=None, stop=None, first_step: int = 0,
                 sums: Optional[torch.Tensor] = None, desc: str = "") -> EpochResult:
-    """Steps `first_step + 1 ...` of epoch `epoch` over `loader` (uint8 batches; `augment`
-    normalises and erases them on the device) -> EpochResult.
-
-    Each step is `train_step` through `forward` (the DDP wrapper, else the model) followed by a
-    schedule step. The loss parts are summed on the device; they are synced (one all-reduce
-    under DDP, the only host sync) every `stepping.log_interval` steps and at the end, where a
-    NaN or inf raises `NonFiniteLoss`. When `stop.requested` (Ctrl-C) is set on any process,
-    every process ends the epoch at the same sync point, after the current step. A run resumed
-    in the middle of an epoch passes the steps done (`first_step`, which the loader has
-    skipped) and their loss `sums`.
-    """
+    """Steps `first_step + 1 ...` of epoch `epoch` (a resumed run passes its loss `sums`). Loss
+    sums stay on the device until a sync every `log_interval` steps: one all-reduce that also
+    carries a stop request, so every process stops at the same step; a NaN raises there."""
     amp, world, log_interval = stepping.amp, stepping.world, stepping.log_interval
     device = model.clip.logit_scale.device
     names = loss_names()
@@ -219,7 +162,10 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, step
         running += torch.stack([loss.float(), *(parts[k].float() for k in names[1:])])
         asked = stop is not None and stop.requested  # a host flag: checking it costs nothing
         if step % log_interval == 0 or step == steps or (asked and world == 1):
-            synced, stop_asked = _sync_progress(running, asked, world)
+            synced = torch.cat([running, running.new_tensor([float(asked)])])
+            if world > 1:
+                dist.all_reduce(synced)
+            synced, stop_asked = synced[:-1], bool(synced[-1] > 0)
             if not torch.isfinite(synced).all():
                 raise NonFiniteLoss(f"the loss became {synced[0].item()} in epoch {epoch + 1} "
                                     f"(step {step})")
@@ -237,14 +183,12 @@ def train_epoch(model: MPAFER, loader, optimization: Optimization, augment, step
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: torch.device,
             amp: Optional[torch.dtype] = None, batch_size: int = 64, workers: int = 0,
             progress: bool = True, desc: str = "eval"):
-    """Predictions and targets over `dataset` (sharded over ranks and gathered under DDP).
-    `logits_fn` maps images to logits `[B, C]`, or is a model whose output has `.logits`.
-
-    The dataset may give uint8 pixels (`eval_transform(r, uint8=True)`): they are normalised on
-    the device, batched."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    sampler = ShardSampler(len(dataset), rank, world)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    """Predictions and targets over `dataset` (sharded and gathered under DDP); `logits_fn`
+    gives logits `[B, C]` or an output with `.logits`; uint8 pixels are normalised on the device."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shard = list(range(rank, len(dataset), world))  # every index exactly once over the ranks
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     preds, targets = [], []
     for images, labels in progress_bar(each_batch(loader), desc=desc, total=len(loader),
@@ -258,7 +202,7 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset, device: 
     targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (sampler.indices, preds.tolist(), targets.tolist()))
+        dist.all_gather_object(gathered, (shard, preds.tolist(), targets.tolist()))
         order = torch.tensor([i for g in gathered for i in g[0]])
         preds = torch.tensor([p for g in gathered for p in g[1]])[order.argsort()]
         targets = torch.tensor([t for g in gathered for t in g[2]])[order.argsort()]
@@ -274,15 +218,9 @@ def evaluate(logits_fn, dataset, classnames: Sequence[str], device: torch.device
 
 def evaluate_base_novel(logits_fn, dataset, base: Sequence[str], device: torch.device,
                         amp: Optional[torch.dtype] = None, **kwargs) -> Dict:
-    """The base-to-novel protocol of CoCoOp and MaPLe on `dataset`, whose classes `logits_fn`
-    scores all (an MPAFER for them, e.g. `model.with_classes(dataset.classnames)`, or a
-    zero-shot classifier), in one pass:
-
-    - "base": the images of the `base` classes, each classified among the base classes only;
-    - "novel": the images of the other classes, classified among those only;
-    - "all": every image among every class;
-    - "hm": the harmonic mean of base and novel WAR, 2BN / (B + N).
-    """
+    """Base-to-novel (CoCoOp, MaPLe) in one pass, `logits_fn` scoring all of `dataset`'s classes:
+    "base" and "novel" images each among their own classes only, "all" among every class, and
+    "hm" = 2BN / (B + N) of base and novel WAR."""
     classnames = list(dataset.classnames)
     novel = [c for c in classnames if c not in base]
     is_base = torch.tensor([c in base for c in classnames])

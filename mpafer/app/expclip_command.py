@@ -4,9 +4,8 @@
     python -m mpafer.expclip teacher --features feats.pt             # needs `transformers`
     python -m mpafer.expclip train   --features feats.pt             # runs/expclip/<time>/
 
-`train` writes expclip_head.pth (the released format) and its metadata, config.json, log.txt
-and metrics.jsonl into its run folder; a folder holding another head is refused unless
---overwrite. Evaluate the head with `python eval.py --method expclip --head FILE ...`.
+`train` writes expclip_head.pth (the released format), config.json, log.txt and metrics.jsonl
+into its run folder.
 """
 import json
 import os
@@ -62,7 +61,6 @@ def teacher(args):
 
 
 def train(args):
-    """Train a head on a feature file into its run folder (see the module doc)."""
     if not os.path.isfile(args.features):
         raise FileNotFoundError(f"--features: {args.features} not found (make it with `python -m "
                                 "mpafer.expclip cache` and `python -m mpafer.expclip teacher`)")

@@ -1,11 +1,6 @@
 """Figures drawn with PIL alone (it ships with torchvision): training curves, the confusion
-matrix, attention overlays. Each figure function returns a PIL image; `save_png` writes it
-atomically.
-
-Text uses Pillow's built-in scalable font (`ImageFont.load_default(size=...)`, Pillow >= 10.1
-with FreeType). Older Pillow, or Pillow without FreeType, has only a small bitmap font: the
-figures are then laid out around that font's measured size, smaller but complete.
-"""
+matrix, attention overlays. Text uses Pillow's scalable default font where there is one, else
+its bitmap font, and the layout follows the font's measured size."""
 import functools
 import io
 import math
@@ -29,7 +24,7 @@ GRID, AXIS, TEXT = (225, 225, 225), (60, 60, 60), (20, 20, 20)
 
 
 def save_png(image: Image.Image, path: str):
-    """Write `image` as PNG atomically (no half-written figure after a crash)."""
+    """Write `image` as PNG atomically."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
@@ -47,8 +42,7 @@ def font(size: int):
 
 
 def text_size(text: str, size: int) -> Tuple[int, int]:
-    """(width, height) of `text`; the height is that of the font's tallest letters, so lines
-    of different text line up."""
+    """(width, height) of `text`; the height is the font's, so different lines line up."""
     box = font(size).getbbox(text)
     tall = font(size).getbbox("Hg")
     return box[2] - min(box[0], 0), tall[3] - min(tall[1], 0)
@@ -66,16 +60,12 @@ def draw_text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, align: str = 
     draw.text((round(x), round(xy[1] - offset)), text, font=face, fill=fill)
 
 
-def vertical_text(text: str, size: int, fill=TEXT) -> Image.Image:
-    """`text` rotated to read bottom to top, on a transparent background (axis titles)."""
-    width, height = text_size(text, size)
-    image = Image.new("RGBA", (width + 4, height + 6), (255, 255, 255, 0))
-    draw_text(ImageDraw.Draw(image), (2, 3), text, size, fill=fill)
-    return image.rotate(90, expand=True)
-
-
 def paste_vertical(canvas: Image.Image, center, text: str, size: int):
-    label = vertical_text(text, size)
+    """`text` reading bottom to top, centred on `center` (axis titles)."""
+    width, height = text_size(text, size)
+    label = Image.new("RGBA", (width + 4, height + 6), (255, 255, 255, 0))
+    draw_text(ImageDraw.Draw(label), (2, 3), text, size)
+    label = label.rotate(90, expand=True)
     canvas.paste(label, (round(center[0] - label.width / 2), round(center[1] - label.height / 2)),
                  label)
 
@@ -103,12 +93,8 @@ def ink_on(background) -> Tuple[int, int, int]:
 # -- line charts ------------------------------------------------------------------------------
 
 def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high].
-
-    Total and bounded for any floats: at most `2 * count + 1` ticks. Values that are equal, or
-    equal up to float noise, get a span around them (a step below the values' own rounding
-    would never advance); non-finite values are ignored, and with none finite left the ticks
-    are 0 and 1."""
+    """Round ticks (1, 2, 2.5 or 5 times a power of ten) covering [low, high], at most
+    `2 * count + 1` for any floats (non-finite ones ignored; none left: 0 and 1)."""
     count = max(count, 2)
     finite = [min(max(v, -1e300), 1e300) for v in (low, high) if math.isfinite(v)]
     if not finite:
@@ -128,9 +114,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
 
 
 def log_ticks(low: float, high: float, most: int = 12) -> List[float]:
-    """Ticks at 1, 2 and 5 times powers of ten covering [low, high] > 0 (decades only when
-    wide, every k-th decade when wider than `most`). Total: at most about `most` ticks for any
-    floats; values that are not positive and finite are ignored (none left: 1 and 10)."""
+    """Ticks at 1, 2 and 5 times powers of ten covering [low, high] > 0, about `most` at most
+    (decades only when wide); values not positive and finite are ignored (none left: 1, 10)."""
     usable = [min(max(v, 1e-300), 1e300) for v in (low, high) if math.isfinite(v) and v > 0]
     if not usable:
         return [1.0, 10.0]
@@ -144,12 +129,6 @@ def log_ticks(low: float, high: float, most: int = 12) -> List[float]:
     above = [t for t in ticks if t >= max(usable)]
     start, end = (below[-1] if below else ticks[0]), (above[0] if above else ticks[-1])
     return [t for t in ticks if start <= t <= end]
-
-
-def tick_label(value: float, percent: bool) -> str:
-    if percent:
-        return f"{value:g}%"
-    return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.0e}"
 
 
 def legend(draw, x0, y0, width, entries, size) -> int:
@@ -187,7 +166,8 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
     ys = [y for _, p in series for _, y in p]
     yticks = log_ticks(min(ys), max(ys)) if log else nice_ticks(min(ys), max(ys))
     xticks = [t for t in nice_ticks(min(xs), max(xs), 6) if t == int(t)] or [min(xs)]
-    labels = [tick_label(t, percent) for t in yticks]
+    labels = [f"{t:g}%" if percent else f"{t:.3g}" if t == 0 or 1e-3 <= abs(t) < 1e4
+              else f"{t:.0e}" for t in yticks]
     left = x0 + 40 + max(text_size(s, size)[0] for s in labels) + 12
     plot = (left, top, x1 - 36, y1 - 70)
     scale = math.log10 if log else (lambda v: v)
@@ -226,11 +206,8 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
 
 def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls", "ta", "pa", "v")
                     ) -> Image.Image:
-    """Seven panels from metrics.jsonl records, against the epoch: the total loss and each of
-    `loss_terms` (log scale); each term's gradient norm on the prompts at the first step of the
-    epoch (log scale: a term that dominates the others shows at once); the learning rate;
-    WAR/UAR; per-class recall; the mean cosine between the classes' pooled soft prompts; the
-    text context's mean norm."""
+    """Seven panels of metrics.jsonl records against the epoch: losses and first-step gradient
+    norms (log scale), learning rate, WAR/UAR, per-class recall, soft-prompt diagnostics."""
     canvas = Image.new("RGB", (2400, 1100), "white")
     epochs = [r["epoch"] for r in records]
     series = [("loss", "total"), *((name, name) for name in loss_terms)]
@@ -260,8 +237,7 @@ def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls",
               for name in names]
     line_panel(canvas, (600, 550, 1200, 1100), recall, "per-class recall", "recall (%)",
                percent=True, note="no per-class recall recorded")
-    # Near 1, every class's pooled soft prompt is nearly the same vector: the shared context
-    # outweighs the class names, and L_ta can only move that context.
+    # Near 1, the shared context outweighs the class names, and L_ta can only move the context.
     line_panel(canvas, (1200, 550, 1800, 1100), [("cos", epochs, column("soft_pooled_cos"))],
                "soft prompts, pooled as L_ta: cos", "mean cosine between classes",
                note="not recorded")
@@ -273,8 +249,7 @@ def training_curves(records: Sequence[Dict], loss_terms: Sequence[str] = ("cls",
 # -- confusion matrix -------------------------------------------------------------------------
 
 def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Image.Image:
-    """Row-normalised confusion matrix (percent of each true class; `counts` writes the counts
-    instead), full class names, axis titles and a colour scale."""
+    """Row-normalised confusion matrix (% of each true class, or the `counts`), colour scale."""
     names, matrix = metrics["classnames"], np.asarray(metrics["confusion"], dtype=np.float64)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # [C, C] rows sum to 1
     size, n = 20, len(names)
@@ -307,28 +282,22 @@ def confusion_figure(metrics: Dict, counts: bool = False, title: str = "") -> Im
     unit = ("numbers: counts; colour: % of the true class (each row sums to 100%)" if counts
             else "% of each true class (each row sums to 100%)")
     draw_text(draw, (left + n * cell / 2, top + n * cell + 16), unit, 18, align="center")
-    colour_bar(canvas, (left + n * cell + 30, top, left + n * cell + 56, top + n * cell))
-    return canvas
-
-
-def colour_bar(canvas: Image.Image, box, anchors=BLUE_ANCHORS):
-    """A vertical scale from 0% (bottom) to 100% (top) with ticks every 25%."""
-    x0, y0, x1, y1 = box
-    ramp = colormap(np.linspace(1, 0, y1 - y0)[:, None].repeat(x1 - x0, axis=1), anchors)
+    # The colour scale: 0% (bottom) to 100% (top), ticks every 25%.
+    x0, y0, x1, y1 = left + n * cell + 30, top, left + n * cell + 56, top + n * cell
+    ramp = colormap(np.linspace(1, 0, y1 - y0)[:, None].repeat(x1 - x0, axis=1), BLUE_ANCHORS)
     canvas.paste(Image.fromarray(ramp, "RGB"), (x0, y0))
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle(box, outline=AXIS, width=1)
+    draw.rectangle((x0, y0, x1, y1), outline=AXIS, width=1)
     for value in (0, 25, 50, 75, 100):
         y = y1 - value / 100 * (y1 - y0)
         draw.line([(x1, y), (x1 + 6, y)], fill=AXIS, width=2)
         draw_text(draw, (x1 + 10, y), f"{value}%", 18, valign="middle")
+    return canvas
 
 
 # -- attention --------------------------------------------------------------------------------
 
 def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.Image:
-    """The face at `size` x `size` under a smooth heat map: the patch attention `[g, g]`,
-    scaled to [0, 1], upsampled bilinearly and blended more strongly where it is high."""
+    """The face under its patch attention `[g, g]`, upsampled, blended more where it is high."""
     heat = np.asarray(attention, dtype=np.float32)
     heat = heat / heat.max() if heat.max() > 0 else np.zeros_like(heat)
     smooth = np.asarray(Image.fromarray(heat, mode="F").resize((size, size), Image.BILINEAR))
@@ -340,8 +309,7 @@ def heat_overlay(image: Image.Image, attention: np.ndarray, size: int) -> Image.
 
 def attention_grid(tiles: Sequence[Tuple[Image.Image, np.ndarray, Sequence[str]]],
                    columns: int = 4, size: int = 256) -> Image.Image:
-    """Several faces in one image, each with its heat map and caption lines under it
-    (e.g. the predicted class and probability, the file name); a heat scale at the bottom."""
+    """Faces with their heat maps and caption lines under them; a heat scale at the bottom."""
     if not tiles:
         raise ValueError("attention_grid needs at least one image")
     columns = min(columns, len(tiles))

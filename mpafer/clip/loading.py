@@ -1,12 +1,5 @@
-"""Loading CLIP: named downloads with SHA-256 checks, and safe checkpoint reading.
-
-No file is ever unpickled with arbitrary code: plain checkpoints (OpenAI's format, open_clip's
-`open_clip_pytorch_model.bin`, transformers' `pytorch_model.bin`) go through
-`torch.load(weights_only=True)`, OpenAI's TorchScript archives are read by a small unpickler that
-only rebuilds tensors (their TorchScript code is never loaded or run), and `.safetensors` files
-by `safetensors_reader` (no dependency). Hugging Face transformers folders and model ids:
-`transformers_format`.
-"""
+"""Loading CLIP: named downloads with SHA-256 checks, and checkpoint reading that never
+unpickles code (weights-only torch.load, a tensors-only TorchScript unpickler, safetensors)."""
 import hashlib
 import json
 import os
@@ -38,9 +31,7 @@ def available_models():
 
 
 def default_weights_dir() -> str:
-    """Where CLIP downloads go unless told otherwise: `$MPAFER_WEIGHTS` if set, else the
-    `weights/` folder of the repository (beside the `mpafer` package), whatever the current
-    directory. Set `MPAFER_WEIGHTS` when mpafer is installed rather than used from a clone."""
+    """`$MPAFER_WEIGHTS` if set, else the repository's `weights/` folder (beside `mpafer/`)."""
     if os.environ.get("MPAFER_WEIGHTS"):
         return os.path.expanduser(os.environ["MPAFER_WEIGHTS"])
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../mpafer
@@ -57,19 +48,8 @@ def sha256_of(*paths: str) -> str:
     return digest.hexdigest()
 
 
-def _user_file_mode() -> int:
-    """0o666 less the umask: the mode open() would give a new file."""
-    umask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def download(url: str, root: str, expected_sha256: str) -> str:
-    """Fetch `url` into `root` unless a file with the right SHA-256 is already there.
-
-    The download goes to a temporary file beside the target and is renamed into place only
-    when its hash matches, so an interrupted or corrupted download never leaves a file behind.
-    """
+    """Fetch `url` into `root` unless there with the right SHA-256; renamed in once checked."""
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):
@@ -89,7 +69,9 @@ def download(url: str, root: str, expected_sha256: str) -> str:
         if digest.hexdigest() != expected_sha256:
             raise RuntimeError(f"SHA-256 mismatch for {url}: expected {expected_sha256}, got "
                                f"{digest.hexdigest()}; the download was discarded")
-        os.chmod(tmp, _user_file_mode())  # mkstemp's files are private (0600)
+        umask = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files are private (0600)
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
@@ -102,8 +84,7 @@ def download(url: str, root: str, expected_sha256: str) -> str:
     return target
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading checkpoints
+# -- reading checkpoints ----------------------------------------------------------------------
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
@@ -167,21 +148,8 @@ def is_torchscript_archive(path: str) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a TorchScript archive (e.g. OpenAI's `.pt`), keyed by attribute path."""
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-        prefix = pkl[: -len("data.pkl")]
-        with archive.open(pkl) as f:
-            root = _TorchScriptUnpickler(f, archive, prefix).load()
-    state_dict = {}
-    _collect_tensors(root, "", state_dict)
-    return state_dict
-
-
 def _zip_damage(path: str) -> Optional[str]:
-    """Why a file that starts as a zip archive (what torch.save writes) cannot be read as one,
-    e.g. cut short by a full disk or a copy that stopped; None if it reads (or is no zip)."""
+    """Why a file that starts as a zip archive cannot be read as one; None if it reads."""
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
             return None
@@ -195,16 +163,6 @@ def _zip_damage(path: str) -> Optional[str]:
     return None
 
 
-def _is_torch_file(path: str) -> bool:
-    """Whether `path` looks like what torch.save writes: a zip archive with a data.pkl, or (the
-    format before PyTorch 1.6) a pickle, whose first byte is the PROTO opcode."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("data.pkl") for n in archive.namelist())
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
 def _describe_start(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(24)
@@ -216,33 +174,32 @@ def _describe_start(path: str) -> str:
     return "it starts with binary data"
 
 
-def _unpickler_reason(error: Exception) -> str:
-    """The weights-only unpickler's own reason, without PyTorch's advice around it."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0] if lines else type(error).__name__
-
-
 def safe_load(path: str, what: str = "file"):
-    """`torch.load(weights_only=True)` on CPU: tensors and plain containers only. A file that
-    would need arbitrary unpickling (and could run code) is refused with a clear error; a file
-    that is not a PyTorch file at all (text, HTML, random bytes, truncated) is a ValueError
-    saying so."""
+    """`torch.load(weights_only=True)` on CPU, with one clear error for a file that needs
+    arbitrary unpickling or is no PyTorch file at all."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} not found")
     damage = _zip_damage(path)
     if damage:
         raise ValueError(f"{what} {path} is damaged (truncated or corrupt): {damage}")
-    if not _is_torch_file(path):
+    if zipfile.is_zipfile(path):  # what torch.save writes: a zip archive with a data.pkl
+        with zipfile.ZipFile(path) as archive:
+            torch_file = any(n.endswith("data.pkl") for n in archive.namelist())
+    else:  # or, before PyTorch 1.6, a pickle: the PROTO opcode first
+        with open(path, "rb") as f:
+            torch_file = f.read(1) == b"\x80"
+    if not torch_file:
         raise ValueError(f"{path} is not a {what}: not a PyTorch file ({_describe_start(path)})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # The weights-only unpickler's own reason, without PyTorch's advice around it.
+        lines = [line.strip() for line in str(e).split("WeightsUnpickler error:", 1)[-1]
+                 .splitlines() if line.strip()]
+        reason = lines[0].split(". ")[0] if lines else type(e).__name__
         raise RuntimeError(f"refusing to load {what} {path}: it holds more than tensors and plain "
                            f"containers, and reading it would need arbitrary unpickling, which "
-                           f"could run code from the file ({_unpickler_reason(e)})") from None
+                           f"could run code from the file ({reason})") from None
     except (EOFError, RuntimeError, KeyError, ValueError, TypeError, AttributeError,
             ImportError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -250,8 +207,7 @@ def safe_load(path: str, what: str = "file"):
 
 
 def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torch.Tensor]:
-    """A plain state dict file (`safe_load`); also unwraps `{"state_dict": ...}` and strips
-    DDP's `module.` prefixes. `what` names the file in errors."""
+    """A plain state dict file (`safe_load`), unwrapping `{"state_dict": ...}` and `module.`."""
     obj = safe_load(path, what)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -261,12 +217,17 @@ def load_plain_state_dict(path: str, what: str = "checkpoint") -> Dict[str, torc
 
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """A CLIP state dict from a TorchScript archive, a `.safetensors` file or a plain (possibly
-    wrapped) state dict."""
+    """A CLIP state dict from a TorchScript archive, `.safetensors` or a plain state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint {path} not found")
-    if is_torchscript_archive(path):
-        return read_torchscript_state_dict(path)
+    if is_torchscript_archive(path):  # its tensors, keyed by attribute path
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            with archive.open(pkl) as f:
+                root = _TorchScriptUnpickler(f, archive, pkl[: -len("data.pkl")]).load()
+        state_dict = {}
+        _collect_tensors(root, "", state_dict)
+        return state_dict
     if looks_like_safetensors(path):
         return {k[len("module."):] if k.startswith("module.") else k: v
                 for k, v in read_safetensors(path).items()}
@@ -279,8 +240,7 @@ def activation_record_path(path: str) -> str:
 
 
 def recorded_activation(path: str) -> Optional[str]:
-    """The MLP activation recorded beside a CLIP file (`activation_record_path`: a JSON object
-    `{"activation": "quick_gelu" | "gelu"}`, e.g. the demo CLIP's), or None."""
+    """The MLP activation recorded beside a CLIP file (`{"activation": ...}`), or None."""
     record = activation_record_path(path)
     if not os.path.isfile(record):
         return None
@@ -298,16 +258,13 @@ def recorded_activation(path: str) -> Optional[str]:
     except ValueError as error:
         raise ValueError(f"{record}: {error}") from None
 
-# The weights file of a model folder as open_clip saves it (and as it lies in the hub's cache),
-# safetensors first, with its open_clip_config.json beside it.
+# open_clip's weight files in a model folder (as in the hub's cache), safetensors first.
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def open_clip_folder(folder: str) -> Optional[Tuple[str, Optional[str]]]:
-    """(weights file, activation) of a downloaded open_clip model folder; None when `folder`
-    holds none of `OPEN_CLIP_WEIGHT_FILES`. The activation comes from the folder's
-    open_clip_config.json: "quick_gelu" when its model_cfg says quick_gelu, else "gelu"
-    (open_clip's default); None without a readable config."""
+    """(weights file, activation) of a downloaded open_clip model folder, or None; the
+    activation comes from open_clip_config.json (None without a readable one)."""
     weights = [os.path.join(folder, f) for f in OPEN_CLIP_WEIGHT_FILES
                if os.path.isfile(os.path.join(folder, f))]
     if not weights:
@@ -320,27 +277,6 @@ def open_clip_folder(folder: str) -> Optional[Tuple[str, Optional[str]]]:
     activation = (None if not isinstance(model_cfg, dict)
                   else "quick_gelu" if model_cfg.get("quick_gelu") else "gelu")
     return weights[0], activation
-
-
-def unknown_activation_note(path: str) -> str:
-    return (f"note: {path} does not say which activation its CLIP was trained with; using "
-            f"{ACTIVATION_NAMES['quick_gelu']} (OpenAI's). For an open_clip model trained with "
-            "GELU, pass --clip-activation gelu (clip.load(..., activation=\"gelu\"))")
-
-
-def locate(name: str) -> str:
-    """The checkpoint file or transformers folder of a path or a Hugging Face model id (its
-    snapshot in the local cache)."""
-    if os.path.exists(name):
-        return name
-    if is_model_id(name):
-        folder = cached_snapshot(name)
-        if folder is None:
-            raise not_cached(name, available_models())
-        return folder
-    raise RuntimeError(f"CLIP model {name!r} not found; available models: "
-                       f"{available_models()}, or give the path of a checkpoint file or a "
-                       "transformers folder, or a Hugging Face model id (ORG/NAME)")
 
 
 def chosen_activation(name: str, given: Optional[str], required: str, where: str) -> str:
@@ -357,27 +293,12 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
          ) -> Tuple[CLIP, object]:
     """CLIP by name or by path -> (model, preprocess), as OpenAI's `clip.load`.
 
-    name: one of `available_models()` (downloaded into `download_root`, SHA-256 checked); the
-        path of a checkpoint file: OpenAI's TorchScript archive, a plain state dict (also
-        open_clip's `.bin`/`.pt`) or a `.safetensors` file; a Hugging Face transformers CLIP
-        folder (`config.json` and `model.safetensors` or `pytorch_model.bin`), or one of its
-        weight files with its `config.json` beside it; or a Hugging Face model id (ORG/NAME),
-        found in the local Hugging Face cache, never downloaded; or a downloaded open_clip model
-        folder (`open_clip_folder`). A CLIP ViT of OpenAI's
-        architecture; others are refused (see `architecture.py`, `transformers_format.py`).
-    device: where the model goes; None means "cuda" if available, else "cpu" (OpenAI's default).
-    jit: only False; OpenAI's TorchScript models are not provided (their code is never run).
-    download_root: None means `default_weights_dir()`.
-    activation: the MLP activation, "quick_gelu" or "gelu", which a state dict does not show.
-        OpenAI's models (named, or a TorchScript archive) are QuickGELU; a transformers model's
-        is `hidden_act` in its config.json. For other files None means the activation recorded
-        beside the file (`<file>.json`, `recorded_activation`; the demo CLIP has one), else
-        QuickGELU, with a one-line note that the file did not say; open_clip models without
-        `-quickgelu` in their name were trained with "gelu".
-
-    Unlike OpenAI's, the model is fp32 (also on GPU), in eval mode, with every parameter frozen.
-    Its `checkpoint_name`, `checkpoint_sha256` (of its weight files) and `activation` say which
-    CLIP it is (see `same_clip`).
+    name: one of `available_models()` (downloaded, SHA-256 checked), a checkpoint file
+        (TorchScript, plain state dict, `.safetensors`), a transformers CLIP folder, a cached
+        Hugging Face model id, or an open_clip model folder; CLIP ViTs of OpenAI's layout only.
+    activation: "quick_gelu" or "gelu"; None means what the files say (OpenAI's: QuickGELU;
+        transformers: hidden_act; the record beside the file), else QuickGELU with a note.
+    The model is fp32, in eval mode, frozen; `checkpoint_name` and `checkpoint_sha256` name it.
     """
     if jit:
         raise ValueError("mpafer.clip.load(jit=True): TorchScript models are not provided; "
@@ -394,8 +315,16 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     elif os.path.isdir(name) and open_clip_folder(name) is not None:
         path, activation_in_folder = open_clip_folder(name)
         activation = activation or activation_in_folder
+    elif os.path.exists(name):
+        path = name
+    elif is_model_id(name):
+        path = cached_snapshot(name)  # the local Hugging Face cache only, never a download
+        if path is None:
+            raise not_cached(name, available_models())
     else:
-        path = locate(name)
+        raise RuntimeError(f"CLIP model {name!r} not found; available models: "
+                           f"{available_models()}, or give the path of a checkpoint file or a "
+                           "transformers folder, or a Hugging Face model id (ORG/NAME)")
     try:
         state_dict, config, paths = read_model(path, read_checkpoint)
         if config is not None:
@@ -414,7 +343,9 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
             raise
         raise ValueError(f"{name} is not a CLIP checkpoint ({e})") from None
     if known is None:
-        print(unknown_activation_note(name))
+        print(f"note: {name} does not say which activation its CLIP was trained with; using "
+              f"{ACTIVATION_NAMES['quick_gelu']} (OpenAI's). For an open_clip model trained with "
+              "GELU, pass --clip-activation gelu (clip.load(..., activation=\"gelu\"))")
     if name not in _MODELS:
         sha256 = sha256_of(*paths)
     model.checkpoint_name, model.checkpoint_sha256 = name, sha256

@@ -1,11 +1,5 @@
-"""Datasets, label maps, transforms and a class-balanced sampler for facial expressions.
-
-One module per concern: `base` (the `FERDataset` base class, image loading, clear errors),
-`rafdb`, `affectnet`, `ferplus`, `folder` (one reader per on-disk layout), `transforms`,
-`device_augment` (the batched half of the augmentation, run on the device) and `sampler`.
-Every reader maps its dataset's labels onto the canonical class names of `mpafer.labels`;
-`DATASETS` names every reader with its training preset; `build_dataset` builds one by name.
-"""
+"""Datasets, transforms and samplers for facial expressions: one reader per on-disk layout,
+each mapping its labels onto `mpafer.labels`' canonical names; `DATASETS` names them all."""
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, Optional
@@ -41,23 +35,20 @@ from .transforms import (
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset `--dataset NAME` reads: its reader, called as `reader(root, split,
-    transform=..., **options)`, and the training settings train.py starts from (`preset`; None:
-    not a training preset)."""
+    """`reader(root, split, transform=..., **options)` and the training settings train.py
+    starts from (`preset`; None: not a training preset)."""
     reader: Callable
     preset: Optional[Dict] = None
 
 
+_AFFECTNET_PRESET = dict(data_root="data/AffectNet", epochs=20, balanced_sampler=True,
+                         samples_per_epoch=64000, prototypes_per_class=2000)
 # Every dataset by name. RAF-DB's preset is the paper's reported recipe; the others are ours.
 DATASETS: Dict[str, DatasetSpec] = {
     "rafdb": DatasetSpec(RAFDB, dict(data_root="data/RAF-DB", epochs=120, batch_size=32,
                                      lr=0.032)),
-    "affectnet7": DatasetSpec(partial(AffectNet, num_classes=7), dict(
-        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-        prototypes_per_class=2000)),
-    "affectnet8": DatasetSpec(partial(AffectNet, num_classes=8), dict(
-        data_root="data/AffectNet", epochs=20, balanced_sampler=True, samples_per_epoch=64000,
-        prototypes_per_class=2000)),
+    "affectnet7": DatasetSpec(partial(AffectNet, num_classes=7), _AFFECTNET_PRESET),
+    "affectnet8": DatasetSpec(partial(AffectNet, num_classes=8), _AFFECTNET_PRESET),
     "ferplus": DatasetSpec(FERPlus, dict(data_root="data/FERPlus", epochs=40, eval_split="val")),
     "folder": DatasetSpec(FolderDataset, dict(data_root="data/faces", epochs=50)),
 }
@@ -66,11 +57,7 @@ TRAINING_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.preset
 
 
 def build_dataset(name, root, split, transform=None, **options):
-    """Build a dataset by name (a key of `DATASETS`).
-
-    `options` go to the dataset class (e.g. skip_bad_images=True, classnames=[...] (folder
-    names) for folder, num_per_class/image_size/seed for synthetic, which ignores `root`).
-    """
+    """Build a dataset by name (a key of `DATASETS`); `options` go to its reader."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return DATASETS[name].reader(root, split, transform=transform, **options)

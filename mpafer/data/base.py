@@ -1,17 +1,5 @@
 """What every dataset reader shares: the `FERDataset` base class, image loading, and the
-checks that turn bad input into clear errors.
-
-A dataset exposes `classnames` (in the dataset's label order), `targets` (list[int]),
-`class_counts()` and `__getitem__ -> (transform(image), label)`, where the image is always an
-RGB PIL image. Label files are parsed once, at construction; per item only the image is read.
-Paths are kept in one numpy array rather than a list of Python strings, so forked DataLoader
-workers do not slowly copy the dataset by touching reference counts.
-
-Bad input never passes silently: a missing root or label file names the path and the
-expected layout, a malformed label line names `file:line`, an unreadable image names its
-path. `skip_bad_images=True` checks every image at construction and drops (and reports)
-the unreadable ones instead.
-"""
+checks that turn bad input into clear errors (naming the path, `file:line` or the layout)."""
 import csv
 import hashlib
 import json
@@ -28,17 +16,10 @@ from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-
-
-def _readable_extensions():
-    """Every file extension PIL opens (.jpg, .png, .tif, .gif, .bmp, .webp, ...), lower case;
-    extensions of formats PIL only writes (.pdf) are left out."""
-    Image.init()  # (registers every plugin, not only the common ones)
-    return tuple(sorted(ext for ext, format in Image.registered_extensions().items()
-                        if format in Image.OPEN))
-
-
-IMAGE_EXTENSIONS = _readable_extensions()
+Image.init()  # registers every plugin, not only the common ones
+# Every file extension PIL opens, lower case (not those of formats it only writes, e.g. .pdf).
+IMAGE_EXTENSIONS = tuple(sorted(ext for ext, format in Image.registered_extensions().items()
+                                if format in Image.OPEN))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -91,41 +72,39 @@ def parse_int(text, path, line, what):
 # ----------------------------------------------------------------------------- images
 
 def load_image(path, box=None):
-    """Read an image fully and return it upright, as 8-bit RGB (`as_rgb`), optionally cropped
-    to box (x0, y0, x1, y1), given in the upright picture's pixels.
-
-    Upright: a photo's EXIF Orientation (phones store the sensor's pixels and the rotation
-    apart) is applied, as every viewer does. Any unreadable, truncated or corrupt file raises
-    OSError naming the path. (Truncated images are never padded: we rely on PIL's default
-    LOAD_TRUNCATED_IMAGES = False.)
-    """
+    """An image read fully, turned upright by its EXIF orientation, as 8-bit RGB (`as_rgb`),
+    optionally cropped to box (x0, y0, x1, y1); OSError naming the path if it does not decode."""
     try:
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             if box is not None:
-                image = image.crop(_clamp_box(box, image.size))
+                # Boxes that stick out of the picture are cut at its border, not padded.
+                x0, y0, x1, y1 = (int(v) for v in box)
+                width, height = image.size
+                x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+                x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
+                image = image.crop((x0, y0, x1, y1))
             return as_rgb(image)
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot read image {path}: {error}") from error
 
 
 def as_rgb(image):
-    """8-bit RGB from any PIL mode, keeping what the picture shows.
-
-    - 16-bit grey (I;16, I;16B, ...; 16-bit PNG and TIFF) and 32-bit integer grey (I, read as
-      the same 0..65535 range) are scaled to 0..255 by /257, rounded; PIL's own conversion
-      clips them, which turns almost every pixel white;
-    - float grey (F) is taken as 0..1 when no value exceeds 1, else as 0..255;
-    - transparency (RGBA, LA, a palette with a transparent colour) is composited on white,
-      the background a viewer shows: a cut-out face then sits on white, not on whatever
-      colours the transparent pixels happen to hold;
-    - everything else (grey, palette, CMYK, YCbCr, 1-bit) goes through PIL's conversion.
-    """
+    """8-bit RGB from any PIL mode, keeping what the picture shows: 16/32-bit grey scaled by
+    1/257 (PIL's conversion clips it to white), float grey as 0..1 (or 0..255 when a value
+    exceeds 1), transparency composited on white."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
-        return _grey_to_8bit(image).convert("RGB")
+        pixels = np.asarray(image).astype(np.float64)  # [H, W], any byte order
+        if image.mode == "F":
+            scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0  # = 1 / 257
+        pixels = np.nan_to_num(pixels * scale, nan=0.0)
+        grey = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -135,39 +114,10 @@ def as_rgb(image):
     return image.convert("RGB")
 
 
-def _grey_to_8bit(image):
-    """Mode L from a 16-bit, 32-bit integer or float grey image (see `as_rgb`)."""
-    pixels = np.asarray(image).astype(np.float64)  # [H, W], any byte order
-    if image.mode == "F":
-        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
-    else:
-        scale = 255.0 / 65535.0  # = 1 / 257
-    pixels = np.nan_to_num(pixels * scale, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-
-
-def _describe_missing(path):
-    """A missing file's path, saying when it is a symbolic link whose target is gone."""
-    if os.path.islink(path):
-        return f"{path} (a broken symbolic link, to {os.readlink(path)})"
-    return path
-
-
-def _clamp_box(box, size):
-    # Face boxes that stick out of the picture are cut at its border, not padded with black.
-    x0, y0, x1, y1 = (int(v) for v in box)
-    width, height = size
-    x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
-    x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
-    return x0, y0, x1, y1
-
-
 class FERDataset(Dataset):
-    """Base class: images listed by path (relative to `root`) with integer labels.
-
-    Subclasses parse their label files and call `_set_items`. Attributes: `classnames`,
-    `targets`, `root`, `transform`, `skipped` (paths dropped by skip_bad_images).
-    """
+    """Images listed by path (relative to `root`) with integer labels; subclasses parse their
+    label files and call `_set_items`. Paths sit in one numpy array so that forked workers do
+    not copy the dataset by touching reference counts."""
 
     classnames = ()
 
@@ -181,15 +131,19 @@ class FERDataset(Dataset):
 
     def _set_items(self, files, targets, boxes=None, skip_bad_images=False, source=None,
                    layout=""):
-        """Store the parsed items; check that every image is there (and readable if asked).
-
-        files: paths relative to self.root; boxes: optional [N, 4] crop boxes (x0, y0, x1, y1);
-        source: the label file the items came from, for error messages.
-        """
+        """Store the parsed items (`boxes`: optional [N, 4] crops; `source`: the label file,
+        for errors); check that every image is there, and readable if asked."""
         paths = [os.path.join(self.root, f) for f in files]
         source = source or self.root
         if skip_bad_images:
-            good = _readable_images(paths, boxes)
+            good = []
+            for i, path in enumerate(progress_bar(paths, desc="checking images", leave=False,
+                                                  disable=len(paths) < 2000)):
+                try:
+                    load_image(path, None if boxes is None else boxes[i])
+                    good.append(True)
+                except OSError:
+                    good.append(False)
             bad = [p for p, ok in zip(paths, good) if not ok]
             if bad:
                 for path in bad:
@@ -207,9 +161,12 @@ class FERDataset(Dataset):
             # Cheap existence check now, rather than a crash in the middle of epoch 37.
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
+                first = missing[0]
+                if os.path.islink(first):
+                    first = f"{first} (a broken symbolic link, to {os.readlink(first)})"
                 raise FileNotFoundError(
                     f"{len(missing)} image(s) listed in {source} not found, first: "
-                    f"{_describe_missing(missing[0])}; put them back, or leave missing or "
+                    f"{first}; put them back, or leave missing or "
                     "unreadable images out with --skip-bad-images (skip_bad_images=True in "
                     f"Python)\nExpected layout:\n{layout.rstrip()}")
         self._files = np.array([f.encode("utf-8") for f in files], dtype=bytes)
@@ -228,7 +185,7 @@ class FERDataset(Dataset):
 
     @property
     def paths(self):
-        """All image paths, in item order (a fresh list: meant for inspection, not the hot loop)."""
+        """All image paths, in item order (a fresh list, not for the hot loop)."""
         return [self.image_path(i) for i in range(len(self))]
 
     def class_counts(self):
@@ -248,8 +205,7 @@ class FERDataset(Dataset):
 
 
 def dataset_fingerprint(dataset):
-    """SHA-256 of what identifies a dataset's items: their file (or image) names, labels and
-    crop boxes, in order. Stable across processes, so caches can be keyed by it."""
+    """SHA-256 of the items' file (or image) names, labels and crop boxes, in order."""
     files = getattr(dataset, "_files", None)
     names = [f.decode("utf-8") for f in files] if files is not None and len(files) else []
     boxes = getattr(dataset, "_boxes", None)
@@ -260,10 +216,8 @@ def dataset_fingerprint(dataset):
 
 
 def files_stat_fingerprint(dataset):
-    """SHA-256 of the size and modification time of every file a dataset's images come from
-    (`dataset.source_files()`): images re-aligned or re-saved under the same names change it,
-    where the names and labels of `dataset_fingerprint` stay the same. None for a dataset
-    without files (drawn in memory)."""
+    """SHA-256 of the size and mtime of every `dataset.source_files()` (images re-saved under
+    the same names change it); None for a dataset without files."""
     if not hasattr(dataset, "source_files"):
         return None
     stats = []
@@ -274,8 +228,8 @@ def files_stat_fingerprint(dataset):
 
 
 def unreadable_images(dataset, workers=4):
-    """[(index, error message)] of the items whose image does not decode; every image is read
-    fully, by `workers` threads (decoding releases the GIL). Datasets without `load` pass."""
+    """[(index, error message)] of the items whose image does not decode, read by `workers`
+    threads (decoding releases the GIL). Datasets without `load` pass."""
     load = getattr(dataset, "load", None)
     if load is None:
         return []
@@ -295,23 +249,9 @@ def unreadable_images(dataset, workers=4):
 
 
 def require_readable(dataset, split, workers=4):
-    """Raise ValueError naming the first image of `split` that does not decode (checked up
-    front, so a corrupt test image stops a run before its first epoch, not after it)."""
+    """ValueError naming the first image of `split` that does not decode (before epoch 1)."""
     bad = unreadable_images(dataset, workers)
     if bad:
         raise ValueError(f"{len(bad)} image(s) of the {split} split cannot be read, first: "
                          f"{bad[0][1]}; replace them, or leave unreadable images out with "
                          "--skip-bad-images (skip_bad_images=True in Python)")
-
-
-def _readable_images(paths, boxes=None):
-    """For each path, whether the image opens and decodes fully."""
-    ok = []
-    for i, path in enumerate(progress_bar(paths, desc="checking images", leave=False,
-                                  disable=len(paths) < 2000)):
-        try:
-            load_image(path, None if boxes is None else boxes[i])
-            ok.append(True)
-        except OSError:
-            ok.append(False)
-    return ok

@@ -1,21 +1,6 @@
-"""Images in root/<split>/<class folder>/, for any dataset without a dedicated reader:
-`--dataset folder`.
-
-A class folder holds images in any format PIL reads (.jpg, .png, .tif, .gif, .bmp, .webp,
-...), directly or in subfolders at any depth. Hidden files and folders (a leading dot:
-.ipynb_checkpoints, macOS's ._photo.jpg and .DS_Store; also __MACOSX) are ignored, as are
-files that are not images; `reading` counts what was read and left out in each class folder
-(`format_reading` prints it).
-
-Class folders are the canonical names in any case, or their usual synonyms (`FOLDER_SYNONYMS`:
-the widely shared FER2013 image folders use angry, disgust, fear, happy, neutral, sad,
-surprise); they are reported under the canonical names, in the canonical order. Numbered
-folders (0/, 1/, ...) and other names are an error asking for the names: `--classnames a,b,c`
-(the folder names, in label order; `classnames=[...]` in Python) names any classes (a name
-that stands for a canonical class, e.g. happy, is that class), including ones the shipped LLM
-descriptions do not cover (then train without template-3 hard prompts,
-e.g. `--hard-prompt-template 2`, or give `--descriptions FILE`).
-"""
+"""Images in root/<split>/<class folder>/ (`--dataset folder`), at any depth, in any format PIL
+reads; hidden files and folders are ignored. Class folders are the canonical names or their
+usual synonyms, in any case; any other names are given with `--classnames a,b,c`."""
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,11 +9,8 @@ from typing import List
 from ..labels import CANONICAL_CLASSES, SYNONYMS, canonical_name
 from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 
-# The usual folder names for the canonical classes, any case: the synonyms every class name
-# maps through (`labels.canonical_name`: --classnames, --base-classes, the class sets).
+# The usual folder names of the canonical classes, in any case (`labels.canonical_name`).
 FOLDER_SYNONYMS = SYNONYMS
-EXPLICIT_HINT = ("rename the folder, or name the classes explicitly: --classnames a,b,c in the "
-                 "scripts (the folder names, in label order), classnames=[...] in Python")
 
 FOLDER_LAYOUT = """\
 <root>/
@@ -39,19 +21,14 @@ FOLDER_LAYOUT = """\
 """
 
 
-HIDDEN_FOLDERS = ("__MACOSX",)  # macOS's zip leftovers, hidden though they lack the dot
-
-
 def is_hidden(name):
-    """Whether a file or folder name is one the reader ignores (a leading dot, __MACOSX)."""
-    return name.startswith(".") or name in HIDDEN_FOLDERS
+    return name.startswith(".") or name == "__MACOSX"  # macOS's zip leftovers have no dot
 
 
 @dataclass
 class ClassFolderReading:
-    """What reading one class folder found: `images` read (`nested` of them in subfolders),
-    `hidden` files left out (in hidden folders too), and the `other` files left out as not
-    images (`examples`: a few of their names)."""
+    """What reading one class folder found: images read (`nested` in subfolders), hidden files
+    and `other` non-image files left out (`examples`: a few of their names)."""
     folder: str
     images: int = 0
     nested: int = 0
@@ -79,13 +56,8 @@ def canonical_class(folder_name):
 
 
 class FolderDataset(FERDataset):
-    """Images in root/<split>/<class folder>/, for any dataset without a dedicated reader.
-
-    Without `classnames`, every folder must name a canonical class, in any case or by a usual
-    synonym (`FOLDER_SYNONYMS`); the classes are those found under any of the train/val/test
-    folders (so every split gets the same label indices), in canonical order, under their
-    canonical names. With `classnames`, exactly those folder names, in that order.
-    """
+    """Without `classnames`, the canonical classes found under any of train/val/test (so every
+    split gets the same label indices), in canonical order; with it, exactly those folders."""
 
     def __init__(self, root, split, transform=None, classnames=None, skip_bad_images=False):
         super().__init__(root, transform)
@@ -159,7 +131,9 @@ class FolderDataset(FERDataset):
             if canonical is None:
                 raise ValueError(f"{os.path.join(split_dir, name)}: {name!r} is not a class name "
                                  f"({', '.join(CANONICAL_CLASSES)}, any case, or a usual synonym "
-                                 f"such as happy, sad, angry); {EXPLICIT_HINT}")
+                                 "such as happy, sad, angry); rename the folder, or name the "
+                                 "classes explicitly: --classnames a,b,c in the scripts (the "
+                                 "folder names, in label order), classnames=[...] in Python")
             if canonical in folders:
                 raise ValueError(f"{split_dir}: folders {folders[canonical]!r} and {name!r} both "
                                  f"mean {canonical!r}; merge them")
@@ -174,8 +148,7 @@ def _subfolders(path):
 
 
 def _read_class_folder(split_dir, folder):
-    """-> (the image files of a class folder, relative to it, sorted, subfolders included;
-    its `ClassFolderReading`). Symbolic links are followed, each real folder read once."""
+    """-> (a class folder's image files, sorted, relative to it; its `ClassFolderReading`)."""
     top = os.path.join(split_dir, folder)
     reading, files, seen = ClassFolderReading(folder), [], set()
     for where, subfolders, names in os.walk(top, followlinks=True):
@@ -186,7 +159,8 @@ def _read_class_folder(split_dir, folder):
         seen.add(real)
         hidden = [d for d in subfolders if is_hidden(d)]
         subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
-        reading.hidden += sum(_count_files(os.path.join(where, d)) for d in hidden)
+        reading.hidden += sum(len(files_in) for d in hidden
+                              for _, _, files_in in os.walk(os.path.join(where, d)))
         for name in names:
             path = os.path.relpath(os.path.join(where, name), top)
             if is_hidden(name):
@@ -201,7 +175,3 @@ def _read_class_folder(split_dir, folder):
     reading.images = len(files)
     reading.nested = sum(os.sep in f for f in files)
     return files, reading
-
-
-def _count_files(folder):
-    return sum(len(names) for _, _, names in os.walk(folder))

@@ -1,8 +1,5 @@
-"""Single photos for prediction: the models expect a cropped face, as in the FER datasets.
-
-A picture far from square, or much larger than the model's input, is probably not a face crop.
-It is centre-cropped to a square (so no transform squashes it) and the caller prints a note.
-"""
+"""Single photos for prediction: a picture far from square, or much larger than the model's
+input, is probably no face crop, so it is centre-cropped to a square (no transform squashes it)."""
 from typing import Optional, Tuple
 
 from PIL import Image
@@ -11,16 +8,8 @@ MAX_ASPECT = 1.3  # longer side / shorter side
 MAX_SIZE_FACTOR = 4  # longer side / the model's input resolution
 
 
-def centre_square(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
 def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Optional[str]]:
-    """-> (the image, centre-cropped to a square when it does not look like a face crop;
-    a note saying what was done, or None)."""
+    """-> (the image, centre-cropped unless it looks like a face crop; a note, or None)."""
     width, height = image.size
     aspect = max(width, height) / max(min(width, height), 1)
     large = max(width, height) > MAX_SIZE_FACTOR * resolution
@@ -34,4 +23,5 @@ def face_input(image: Image.Image, resolution: int) -> Tuple[Image.Image, Option
     side = min(width, height)
     note = (f"{width}x{height} picture ({'; '.join(reasons)}): expected a cropped face; using "
             f"its centre {side}x{side} square. Crop the face first for a meaningful prediction.")
-    return centre_square(image), note
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)), note
