@@ -8,12 +8,9 @@ r"""Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head on a dat
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
 
-A checkpoint is evaluated by default on the dataset, root and evaluation split of the run that
-trained it (its train_config); --dataset, --data-root and --split choose others. Reports WAR
-(accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
-`--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
-through the same transform (`--expclip-transform`, default the released protocol).
-Photos: `python -m mpafer.predict`; inside the prompts: `python -m mpafer.interpret`.
+A checkpoint is evaluated by default on the data and evaluation split of the run that trained
+it. Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion
+matrix. Photos: `python -m mpafer.predict`; inside the prompts: `python -m mpafer.interpret`.
 """
 import dataclasses
 import os
@@ -44,8 +41,7 @@ from mpafer.prompts import hard_prompts_by_class, load_descriptions
 
 
 class Classifier(NamedTuple):
-    """One thing to evaluate: a name, its logits function, its input transform (and that
-    transform in words), its class order."""
+    """One thing to evaluate: a name, its logits, its input transform (and its name), classes."""
     label: str
     logits: Callable
     transform: Callable
@@ -53,20 +49,13 @@ class Classifier(NamedTuple):
     classnames: List[str]
 
 
-def prompt_set(name, classnames):
-    """A named Exp-CLIP prompt set or prompt file, or MPA-FER's hard prompts built from the
-    shipped descriptions."""
-    if name != "descriptions":
-        return name
-    return hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
-
-
 def zero_shot_classifiers(cfg, clip_model, classnames) -> List[Classifier]:
-    """--zero-shot: plain CLIP on CLIP's preprocessing. --method expclip: plain CLIP and the
-    Exp-CLIP head side by side, fed the same images through the same transform
-    (--expclip-transform), so the comparison measures the head, not the preprocessing."""
+    """--zero-shot: plain CLIP. --method expclip: plain CLIP and the Exp-CLIP head on the same
+    transform, so the comparison measures the head, not the preprocessing."""
     resolution = clip_model.visual.input_resolution
-    prompts = prompt_set(cfg.prompts, classnames)
+    prompts = cfg.prompts  # a prompt set or file, or MPA-FER's hard prompts
+    if prompts == "descriptions":
+        prompts = hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
     name = os.path.basename(cfg.prompts)
     plain = expclip_classifier(clip_model, classnames, prompts).eval()
     if cfg.method != "expclip":
@@ -79,10 +68,16 @@ def zero_shot_classifiers(cfg, clip_model, classnames) -> List[Classifier]:
             Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
 
 
-def read_split(cfg, checkpoint, data):
-    """The split to evaluate (no transform yet), checked before CLIP is loaded: its files, its
-    classes against the checkpoint's, and that every image decodes. The demo's faces are drawn
-    in memory."""
+def main(argv=None):
+    cfg = parse_eval_flags(argv, __doc__)
+    device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    checkpoint = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None  # tensors only
+    given = {k: getattr(cfg, k) for k in ("demo", "dataset", "data_root", "split", "classnames")}
+    data = evaluation_data(given, checkpoint)
+    cfg = dataclasses.replace(cfg, **{k: data[k] for k in given},
+                              workers=0 if data["demo"] else cfg.workers)
+    # The split, checked before CLIP is loaded: its files, classes and that every image decodes.
     if cfg.demo:
         dataset = demo_datasets(1, data["demo_test_per_class"], words=data["demo_class_words"])[1]
     else:
@@ -94,19 +89,6 @@ def read_split(cfg, checkpoint, data):
                                  cfg.checkpoint)
     if not (cfg.demo or cfg.skip_bad_images):
         require_readable(dataset, cfg.split, cfg.workers)
-    return dataset
-
-
-def main(argv=None):
-    cfg = parse_eval_flags(argv, __doc__)
-    device = resolve_device(cfg.device)
-    amp = resolve_amp(cfg.amp, device)
-    checkpoint = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None  # tensors only
-    given = {k: getattr(cfg, k) for k in ("demo", "dataset", "data_root", "split", "classnames")}
-    data = evaluation_data(given, checkpoint)
-    cfg = dataclasses.replace(cfg, **{k: data[k] for k in given},
-                              workers=0 if data["demo"] else cfg.workers)
-    dataset = read_split(cfg, checkpoint, data)
     if cfg.detect_faces:
         convention = face_convention(checkpoint)[0] if checkpoint else "folder"
         dataset = DetectedFaces(dataset, MTCNN(cfg.detector_weights, download_root=cfg.cache_dir)
