@@ -91,20 +91,15 @@ class TrainConfig:
         "help": "the seeds, comma-separated: train the configuration once per seed (each run "
                 "in <out>/seed-<s>), then print mpafer.report's table over them (report.md); "
                 "with --ablation, every row per seed (default: --seed alone)"})
-    demo_ablation: bool = field(default=False, metadata={
-        "help": "the same as --demo --ablation"})
-    demo_train_per_class: int = field(default=200, metadata={
-        "help": "synthetic faces per class (--demo)"})
-    demo_test_per_class: int = field(default=60, metadata={
-        "help": "synthetic test faces per class (--demo)"})
+    demo_ablation: bool = field(default=False, metadata={"help": "the same as --demo --ablation"})
+    demo_train_per_class: int = field(default=200, metadata={"help": "synthetic faces per class"})
+    demo_test_per_class: int = field(default=60, metadata={"help": "test faces per class"})
     stop_after: int = field(default=0, metadata={
         "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
                 "resume later", "result": False})
-    eval_split: str = field(default="test", metadata={
-        "help": "split evaluated every epoch and used to pick best.pt"})
+    eval_split: str = field(default="test", metadata={"help": "chooses best.pt, each epoch"})
     eval_every: int = field(default=1)
-    balanced_sampler: bool = field(default=False, metadata={
-        "help": "class-balanced sampling (AffectNet)"})
+    balanced_sampler: bool = field(default=False, metadata={"help": "class-balanced (AffectNet)"})
     samples_per_epoch: int = field(default=0, metadata={
         "help": "with the balanced sampler; 0 = the training set's size"})
     prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
