@@ -130,7 +130,18 @@ def read_splits(cfg) -> Splits:
     base = base_classes(cfg.base_classes, train.classnames)
     if base:
         train = class_subset(train, base)
-    require_training_images(train, read.get("train"))
+    empty = [c for c, n in zip(train.classnames, train.class_counts()) if n == 0]
+    if empty:  # a class that could never be learned, nor its prototype built
+        read_train = read.get("train")
+        if not hasattr(read_train, "class_folder"):
+            raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
+                             "needs training images")
+        split_dir = os.path.join(read_train.root, read_train.split)
+        where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
+                          if read_train.class_folder(c) is not None
+                          else f"{split_dir} has no folder for class {c}" for c in empty)
+        raise ValueError(f"{where}: every class needs training images; put its images there, "
+                         "or remove the class's folders from every split")
     train, held_out, records = carve_subsets(cfg, train)
     if held_out is not None:
         selection = held_out
@@ -154,23 +165,6 @@ def require_all_readable(splits: Splits, workers: int):
         if dataset is not None and not any(dataset is done for done in checked):
             require_readable(dataset, name, workers)
             checked.append(dataset)
-
-
-def require_training_images(train, read_train=None):
-    """Refuse a class without training images (it could never be learned, nor its prototype
-    built), naming its folder in `read_train`, the split as read."""
-    empty = [c for c, n in zip(train.classnames, train.class_counts()) if n == 0]
-    if not empty:
-        return
-    if not hasattr(read_train, "class_folder"):
-        raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
-                         "needs training images")
-    split_dir = os.path.join(read_train.root, read_train.split)
-    where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
-                      if read_train.class_folder(c) is not None
-                      else f"{split_dir} has no folder for class {c}" for c in empty)
-    fix = "put its images there, or remove the class's folders from every split"
-    raise ValueError(f"{where}: every class needs training images; {fix}")
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:
@@ -255,16 +249,6 @@ def evaluate_selection(model, splits: Splits, device, amp=None, **evaluate_optio
     return metrics
 
 
-def format_base_to_novel(rows: Dict[str, Dict]) -> str:
-    width = max(len(label) for label in rows) + 2
-    lines = [" " * width + f"{'base':>8}{'novel':>8}{'all':>8}{'HM':>8}   (WAR %)"]
-    for label, r in rows.items():
-        lines.append(f"{label:<{width}}" + "".join(
-            f"{100 * v:>8.2f}" for v in (r["base"]["war"], r["novel"]["war"], r["all"]["war"],
-                                         r["hm"])))
-    return "\n".join(lines)
-
-
 def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_options) -> Dict:
     """Before training, on the reported set: the model with random prompts, and zero-shot CLIP
     with the hard prompts, the baseline prompt learning has to beat (None when the descriptions
@@ -343,11 +327,16 @@ def report_best(run, model, splits: Splits, best: Dict):
             baseline = json.load(f)
         zero_shot, template = baseline["zero_shot_hard_prompts"], baseline.get(
             "hard_prompt_template", 3)
-    if splits.base and splits.test is not None:
+    if splits.base and splits.test is not None:  # a small table of WAR
         rows = {"zero-shot CLIP, hard prompts": zero_shot} if zero_shot else {}
+        rows["MPA-FER, trained on base"] = test
+        width = max(len(label) for label in rows) + 2
+        table = [" " * width + f"{'base':>8}{'novel':>8}{'all':>8}{'HM':>8}   (WAR %)"] + [
+            f"{label:<{width}}" + "".join(f"{100 * v:>8.2f}" for v in (
+                r["base"]["war"], r["novel"]["war"], r["all"]["war"], r["hm"]))
+            for label, r in rows.items()]
         run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, best.pt "
-                f"chosen on {splits.selection_name} images):\n"
-                + format_base_to_novel({**rows, "MPA-FER, trained on base": test}))
+                f"chosen on {splits.selection_name} images):\n" + "\n".join(table))
     if zero_shot:
         which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
         run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with {which} "
