@@ -64,7 +64,14 @@ def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> 
             print(f"\n=== ablation row {i}/{len(ABLATION_LADDER)}, seed {seed}: {name} -> {out}")
             train([*flags, *given, "--seed", str(seed), "--out", out])
             folders.append(out)
-        rows.append(row_summary(name, flags, folders))
+        runs = [report.read_run(folder) for folder in folders]
+        (summary,) = report.summarize_groups([r for r in runs if r is not None])
+        baselines = []  # each run measured zero-shot CLIP before training
+        for folder in folders:
+            with open(os.path.join(folder, "baseline.json")) as f:
+                baselines.append(json.load(f).get("zero_shot_hard_prompts"))
+        rows.append({"row": name, "flags": " ".join(flags), **summary,
+                     "zero_shot": [b for b in baselines if b is not None]})
     table = ladder_record(rows, seeds, cfg.out)
     text = report.ladder_table(table)
     atomic_write(os.path.join(cfg.out, "ablation.md"),
@@ -94,18 +101,6 @@ def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Lis
     print(f"\nover seeds {', '.join(map(str, seeds))}:\n{text}\nwritten to {path} (again: "
           f"python -m mpafer.report {os.path.join(cfg.out, 'seed-*')})")
     return summaries
-
-
-def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:
-    """One row's runs summarised over the seeds, with their zero-shot baselines."""
-    runs = [report.read_run(folder) for folder in folders]
-    (summary,) = report.summarize_groups([r for r in runs if r is not None])
-    baselines = []
-    for folder in folders:
-        with open(os.path.join(folder, "baseline.json")) as f:
-            baselines.append(json.load(f).get("zero_shot_hard_prompts"))
-    return {"row": name, "flags": " ".join(flags), **summary,
-            "zero_shot": [b for b in baselines if b is not None]}
 
 
 def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
