@@ -13,8 +13,7 @@ from .faults import EXIT_STATUS, interrupt_at_once
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line with a pointer to --help, and which takes no
-    abbreviated flags (a typo is an error, not a guess)."""
+    """argparse with one-line errors and no abbreviated flags (a typo is no guess)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)

@@ -300,8 +300,7 @@ ACTIVATIONS = tuple(clip.ACTIVATIONS)  # (the field `clip` hides the module in t
 
 @dataclass
 class EvalConfig:
-    """eval.py's settings, each a flag; data left None is that of the run that trained
-    --checkpoint (`protocol.evaluation_data`)."""
+    """eval.py's settings; data left None is that of the run that trained --checkpoint."""
     checkpoint: Optional[str] = field(default=None, metadata={
         "help": "an MPA-FER checkpoint (best.pt / last.pt)"})
     zero_shot: bool = field(default=False, metadata={"help": "plain CLIP with --prompts"})

@@ -128,8 +128,7 @@ def check_room(run, model, descriptions):
 
 
 def write_failed(run, error: WriteError) -> WriteError:
-    """A failed write, saying what is kept and how to go on (printed: log.txt may be the file
-    that cannot be written)."""
+    """A failed write, saying what is kept and how to go on (log.txt may be the one)."""
     last = run.path("last.pt")
     error.message += (f"; the files saved before are whole: make room, then continue with: "
                       f"{resume_command(run)}" if os.path.isfile(last)
@@ -162,8 +161,7 @@ def check_data(run, dataset: str, splits: Dict[str, Any]):
 
 
 def other_checkpoints(path: str) -> str:
-    """For a checkpoint that does not load: which other one of its folder does, and what to do
-    with it (to append to the error)."""
+    """For a checkpoint that does not load: which other one of its folder does."""
     folder = os.path.dirname(path) or "."
     for other in (os.path.join(folder, "last.pt"), os.path.join(folder, "best.pt")):
         if not os.path.isfile(other) or os.path.abspath(other) == os.path.abspath(path):

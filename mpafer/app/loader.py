@@ -46,8 +46,7 @@ class TrainLoader:
         return len(self.loader.sampler.sampler) // self.batch_size
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> DataLoader:
-        """The epoch's loader, everything random seeded from (seed, epoch), without the first
-        `skip_batches` batches."""
+        """The epoch's loader, seeded from (seed, epoch), less its first `skip_batches`."""
         seed = self.seed * 1000 + epoch
         seed_everything(seed)
         self.generator.manual_seed(seed)

@@ -59,8 +59,7 @@ class Splits:
         return self.test if self.test is not None else self.selection
 
     def set_transforms(self, resolution: int):
-        """Augmentation for training, CLIP's preprocessing for the others; uint8 pixels, which
-        the device normalises."""
+        """Augmentation for training, CLIP's preprocessing for the rest (uint8)."""
         self.train.transform = train_transform(resolution, uint8=True)
         for evaluated in (self.selection, self.test):
             if evaluated is not None:
@@ -91,8 +90,7 @@ class Splits:
 
 
 def selection_split_name(cfg) -> str:
-    """The name of the set that chooses best.pt: the evaluation split or "heldout" (+ " base"
-    in base-to-novel)."""
+    """The set that chooses best.pt: the eval split or "heldout" (+ " base")."""
     name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
     return f"{name} base" if cfg.base_classes else name
 
@@ -168,8 +166,7 @@ def require_all_readable(splits: Splits, workers: int):
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:
-    """--base-classes as the data spells them (None: not base-to-novel); at least one class
-    must be left novel."""
+    """--base-classes as the data spells them (None: off); one class must stay novel."""
     if not flag:
         return None
     base, unknown = match_classes([c.strip() for c in flag.split(",")], classnames)
@@ -185,8 +182,7 @@ def base_classes(flag: str, classnames) -> Optional[List[str]]:
 
 
 def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[str, Dict]]]:
-    """--val-fraction, then --shots, both seeded -> (training set, the held-out part or None,
-    the records listing them)."""
+    """--val-fraction, then --shots -> (training set, held-out part or None, records)."""
     records, kept, held_out = [], None, None
     dataset = "synthetic-demo" if cfg.demo else cfg.dataset
     if cfg.val_fraction > 0:
@@ -309,8 +305,7 @@ def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
 
 
 def report_best(run, model, splits: Splits, best: Dict):
-    """best.pt on the test set once, when another set chose it (test.json); then the result
-    beside zero-shot CLIP's."""
+    """best.pt on the test set when another set chose it, then beside zero-shot CLIP."""
     trained = best["war"]
     if splits.test is not None:
         run.barrier()  # rank 0 wrote best.pt; the others read it only after that

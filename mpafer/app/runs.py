@@ -104,8 +104,7 @@ def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ())
 # -- the settings of a run -------------------------------------------------------------------------
 
 def run_config(argv=None, description: str = None):
-    """-> (TrainConfig, MPAFERConfig, the model fields given), every value checked before
-    anything is loaded or written (an argument error naming the flag)."""
+    """-> (TrainConfig, MPAFERConfig, model flags given), all checked before any load."""
     parser, train, model = parse_flags(argv, description)
     if train.get("resume"):
         values, model_values = resume_values(parser, train, model)
@@ -161,8 +160,7 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
 # -- the run ---------------------------------------------------------------------------------------
 
 class Logger:
-    """Prints on rank 0 and appends to <out>/log.txt once `open`ed; earlier lines wait until
-    then, so a run that fails its checks writes nothing."""
+    """Prints on rank 0; log.txt gets the lines once `open`ed, so a failed check writes none."""
 
     def __init__(self, active: bool):
         self.path, self.active, self.pending = None, active, []
@@ -246,8 +244,7 @@ def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
 
 
 def load_clip(run: Run):
-    """The run's frozen CLIP (the demo's is pre-trained once, by rank 0); a resumed run keeps
-    its activation and is refused another CLIP."""
+    """The run's frozen CLIP; a resumed run keeps its activation and may not change CLIP."""
     cfg = run.cfg
     if run.master and not cfg.clip:
         demo_clip_path(cfg.cache_dir, log=run.log)
@@ -302,8 +299,7 @@ def already_finished(run: Run) -> bool:
 
 
 def open_folder(run: Run, model_cfg):
-    """The run's first write: clear what an earlier attempt left, write config.json, start
-    log.txt. A folder that cannot be written fails here, in one line."""
+    """The run's first write: clear an earlier attempt, write config.json, open log.txt."""
     if not run.master:
         return
     if run.resume is None:
