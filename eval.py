@@ -112,25 +112,6 @@ def main(argv=None):
     if cfg.zero_shot or cfg.method == "expclip":
         classifiers += zero_shot_classifiers(cfg, clip_model, classnames)
 
-    results = evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint)
-    main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
-    if cfg.json:
-        payload = {"dataset": "synthetic-demo" if cfg.demo else cfg.dataset, "split": cfg.split,
-                   "checkpoint": cfg.checkpoint, "clip": clip_name, "classifier": main_label,
-                   "clip_activation": clip_model.activation, **results[main_label]}
-        if len(results) > 1:
-            payload["all"] = results
-        atomic_write_json(payload, cfg.json)
-        print(f"wrote {cfg.json}")
-    if cfg.confusion_png:
-        save_png(confusion_figure(results[main_label], counts=cfg.confusion_counts),
-                 cfg.confusion_png)
-        print(f"wrote {cfg.confusion_png}")
-    return results
-
-
-def evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint):
-    """Metrics of every classifier on the split (each with its transform), printed."""
     results = {}
     for c in classifiers:
         # A checkpoint's class order may differ from the dataset's: predictions match by name.
@@ -151,6 +132,19 @@ def evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint)
         transforms = {v["transform"] for v in results.values()}
         if len(transforms) == 1:
             print(f"(all on the same input transform: {transforms.pop()})")
+    main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
+    if cfg.json:
+        payload = {"dataset": "synthetic-demo" if cfg.demo else cfg.dataset, "split": cfg.split,
+                   "checkpoint": cfg.checkpoint, "clip": clip_name, "classifier": main_label,
+                   "clip_activation": clip_model.activation, **results[main_label]}
+        if len(results) > 1:
+            payload["all"] = results
+        atomic_write_json(payload, cfg.json)
+        print(f"wrote {cfg.json}")
+    if cfg.confusion_png:
+        save_png(confusion_figure(results[main_label], counts=cfg.confusion_counts),
+                 cfg.confusion_png)
+        print(f"wrote {cfg.confusion_png}")
     return results
 
 
