@@ -26,8 +26,7 @@ EXIT_STATUS = {name: 128 + int(signum) for signum, name in SIGNAL_NAMES.items()}
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop signal that ends the program at once; a KeyboardInterrupt, so that whatever cleans
-    up after Ctrl-C does so after SIGTERM too."""
+    """A stop at once; a KeyboardInterrupt, so SIGTERM cleans up as Ctrl-C does."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(SIGNAL_NAMES[signum])
@@ -39,8 +38,7 @@ def interrupt_at_once(signum, frame):
 
 
 def ignore_interrupts(worker_id: int = 0):
-    """DataLoader `worker_init_fn`: Ctrl-C and a scheduler's SIGTERM reach every process; the
-    workers ignore both, so the main process alone decides how to stop."""
+    """Workers ignore Ctrl-C and SIGTERM: the main process decides how to stop."""
     for signum in SIGNAL_NAMES:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -115,8 +113,7 @@ def interrupted(run, stop: StopRequest) -> str:
 # -- room to write, and writes that fail -----------------------------------------------------------
 
 def check_room(run, model, descriptions):
-    """Check that the run folder takes a file as large as last.pt will be, so a full disk fails
-    before the long part of the run, not after an epoch."""
+    """Check the folder takes a file as large as last.pt: a full disk fails now."""
     if not run.master:
         return
     buffer = io.BytesIO()

@@ -21,8 +21,7 @@ def seed_everything(seed: int):
 
 
 class TrainLoader:
-    """Batches of `batch_size` (no partial one: every step has one shape), class-balanced,
-    distributed or shuffled. Call `start_epoch(epoch)` before each epoch."""
+    """Batches of one shape (no partial one); call `start_epoch(epoch)` each epoch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
                  world: int = 1, balanced: bool = False, samples_per_epoch: int = 0,

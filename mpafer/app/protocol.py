@@ -155,8 +155,7 @@ def read_splits(cfg) -> Splits:
 
 
 def require_all_readable(splits: Splits, workers: int):
-    """Decode every image the run will read, before anything expensive: an unreadable one
-    stops the run in one line, not a worker's traceback in the middle of an epoch."""
+    """Decode every image the run reads: a bad one fails now, not mid-epoch."""
     checked = []
     for name, dataset in (("train", splits.train), (splits.selection_name, splits.selection),
                           ("test", splits.test)):
@@ -204,8 +203,7 @@ def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[
 
 def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: bool = False,
                    samples_per_epoch: int = 0) -> Tuple[int, Optional[str]]:
-    """-> (a batch size that gives every process a full batch per epoch, a note if lowered):
-    few-shot training sets are often smaller than the usual batch."""
+    """-> (a batch size that fills every process's batch, a note if lowered)."""
     per_process = (-(-(samples_per_epoch or train_size) // world) if balanced
                    else train_size // world)
     if per_process < 1:

@@ -182,8 +182,7 @@ class Logger:
 
 @dataclass
 class Run:
-    """Where and how this process trains; `history`: the resumes so far, `data`: the record of
-    its data (`fingerprint.data_record`; None for the demo)."""
+    """Where and how this process trains (`data`: its data's record; None for the demo)."""
     cfg: Any  # the TrainConfig
     rank: int
     world: int
@@ -311,15 +310,12 @@ def open_folder(run: Run, model_cfg):
 
 # -- checkpoints and metrics -----------------------------------------------------------------------
 
-NO_BEST = {"war": -1.0, "epoch": 0}  # the best evaluation before any
-
-
 def restore(run: Run, model,
             optimization: Optimization) -> Tuple[int, Dict, int, Optional[torch.Tensor]]:
     """Load the resumed state -> (epochs done, best, steps done in the next epoch, their loss
     sums); metrics.jsonl loses the lines of epochs it redoes."""
     if run.resume is None:
-        return 0, dict(NO_BEST), 0, None
+        return 0, {"war": -1.0, "epoch": 0}, 0, None  # (the best before any evaluation)
     model.load_trainable_state_dict(run.resume["state_dict"])
     state = run.resume["resume"]
     optimization.load_state_dict(state)
