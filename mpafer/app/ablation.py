@@ -109,12 +109,10 @@ def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
     record = {"seeds": seeds, "folder": out, "zero_shot_hard_prompts": {
         k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
         if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
-    previous = None
-    for row in rows:
+    for previous, row in zip([None, *rows], rows):
         entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
                                      "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
         entry["change"] = None if previous is None else {
             k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
         record["rows"].append(entry)
-        previous = row
     return record

@@ -21,6 +21,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+AMP_FLAG = {"help": "autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU",
+            "choices": AMP_CHOICES}
+
+
 @dataclass
 class TrainConfig:
     """Every training setting, each a flag. `metadata["result"] = False`: the setting does not
@@ -68,9 +72,7 @@ class TrainConfig:
                 "the visual prompts and the alignment projections each clipped on their own"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers per process", "result": False})
-    amp: str = field(default="auto", metadata={"help": "autocast: auto = bf16 on CUDA where "
-                                               "supported, else fp16; off on CPU",
-                                               "choices": AMP_CHOICES})
+    amp: str = field(default="auto", metadata=AMP_FLAG)
     seed: int = field(default=1)
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu",
                                               "result": False})
@@ -359,9 +361,7 @@ class EvalConfig:
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's weights/)"})
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
-    amp: str = field(default="auto", metadata={
-        "help": "autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU",
-        "choices": AMP_CHOICES})
+    amp: str = field(default="auto", metadata=AMP_FLAG)
     batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers (the demo's faces are in memory: none)"})

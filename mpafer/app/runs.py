@@ -91,7 +91,7 @@ def remove_run_file(path: str):
         raise WriteError(path, error, "remove") from error
 
 
-# -- what a resume may change --------------------------------------------------------------------
+# -- the settings of a run -------------------------------------------------------------------------
 
 def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ()) -> List[str]:
     """The flags in `given`, not in `may_change`, that differ from or are missing in `recorded`."""
@@ -100,8 +100,6 @@ def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ())
             else f"{flag(k)} {v!r}" for k, v in given.items()
             if k not in may_change and (k not in recorded or recorded[k] != v)]
 
-
-# -- the settings of a run -------------------------------------------------------------------------
 
 def run_config(argv=None, description: str = None):
     """-> (TrainConfig, MPAFERConfig, model flags given), all checked before any load."""
