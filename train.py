@@ -157,9 +157,8 @@ def main(argv=None):
 
 def train(run, model, forward, loader, optimization, splits, descriptions, start_epoch, best,
           first_step, sums):
-    """The epoch loop -> (best evaluation, last evaluation, why it ended early: None,
-    "stop-after", "Ctrl-C" or "SIGTERM"). A stop during an epoch saves at the end of the step;
-    during its evaluation or saving, once the epoch is saved."""
+    """The epoch loop -> (best, last evaluation, why it ended early: None, "stop-after", "Ctrl-C"
+    or "SIGTERM"). A stop saves at the end of the step, or once the epoch is saved."""
     cfg, metrics = run.cfg, {}
     augment = TrainBatchAugment(run.device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
     stepping = Stepping(run.amp, cfg.grad_clip, list(model.parameter_groups().values())

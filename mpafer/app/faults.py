@@ -44,11 +44,9 @@ def ignore_interrupts(worker_id: int = 0):
 
 
 class StopRequest:
-    """Ctrl-C and SIGTERM as a request to stop (`with StopRequest() as stop:`): the first sets
-    `requested`, `name` and `status`, and the loop stops at the end of its step and saves.
-    Another a second or more later quits at once (`Interrupted`); within a second it is the
-    same request (torchrun passes signals on, so a worker may see one twice). The handler
-    prints nothing, as it may interrupt a print."""
+    """Ctrl-C and SIGTERM as a request to stop at the end of the step (`with StopRequest() as
+    stop:`); another a second later quits at once (within a second it is the same request:
+    torchrun passes signals on). The handler prints nothing: it may interrupt a print."""
 
     def __init__(self):
         self.requested, self.name, self.status = False, "", 0

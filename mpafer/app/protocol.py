@@ -244,9 +244,8 @@ def evaluate_selection(model, splits: Splits, device, amp=None, **evaluate_optio
 
 
 def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_options) -> Dict:
-    """Before training, on the reported set: the model with random prompts, and zero-shot CLIP
-    with the hard prompts, the baseline prompt learning has to beat (None when the descriptions
-    do not cover the classes and the run's template needs them)."""
+    """Before training, on the reported set: random prompts, and zero-shot CLIP with the hard
+    prompts, the baseline to beat (None when the run's template needs missing descriptions)."""
     device = model.clip.logit_scale.device
     measured = {"random_prompts": evaluate_reported(model.eval().with_classes, splits, device,
                                                     amp, **evaluate_options),

@@ -258,9 +258,8 @@ def load_checkpoint_clip(checkpoint: Optional[Dict], source: str, name: Optional
                          activation: Optional[str] = None, cache_dir: str = "weights",
                          device=None, allow_other_clip: bool = False, demo: bool = False,
                          recorded: Optional[Dict] = None):
-    """-> (the CLIP to evaluate a checkpoint or an Exp-CLIP head (sidecar `recorded`) with, its
-    name): --clip, else the recorded one, else ViT-B/16; the demo CLIP when a recorded demo
-    file moved. Another CLIP than the recorded one is refused unless `allow_other_clip`."""
+    """-> (the CLIP for a checkpoint or an Exp-CLIP head (sidecar `recorded`), its name): --clip,
+    else the recorded one, else ViT-B/16; another than the recorded one needs `allow_other_clip`."""
     recorded = recorded or (checkpoint or {}).get("clip") or {}
     chosen = name or recorded.get("name") or ""
     if chosen and not os.path.isfile(chosen) and os.path.basename(chosen) == DEMO_CLIP_FILE:
@@ -334,9 +333,8 @@ def restore(run: Run, model,
 
 def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, epochs_done: int,
                      metrics: Dict, best: Dict, step: int = 0, sums=None):
-    """last.pt and, when this epoch is the best, best.pt, by rank 0. `step` > 0: stopped after
-    that step of epoch `epochs_done + 1`. Every epoch re-seeds from (seed, epoch), so last.pt
-    needs no random state."""
+    """last.pt and, when this epoch is the best, best.pt (`step` > 0: stopped after that step of
+    epoch `epochs_done + 1`). Epochs re-seed from (seed, epoch): last.pt needs no RNG state."""
     if not run.master:
         return
     train_cfg = dataclasses.asdict(run.cfg)
@@ -356,9 +354,8 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
                  images_per_second: float, lr: float, metrics: Dict, eval_seconds: float,
                  best: Dict, grad_norms: Optional[Dict[str, float]] = None,
                  diagnostics: Optional[Dict[str, float]] = None) -> str:
-    """Append the epoch's line to metrics.jsonl -> its line for the log. Written before the
-    epoch's last.pt: a kill in between leaves a line the resume drops, never a saved epoch
-    without its line."""
+    """Append the epoch's line to metrics.jsonl -> its log line. Written before last.pt: a kill
+    in between leaves a line the resume drops, never a saved epoch without its line."""
     record = {"epoch": epoch + 1, **losses, "lr": lr,
               **{k: metrics.get(k) for k in ("war", "uar", "per_class_recall")},
               "images_per_second": images_per_second, "seconds": seconds,
