@@ -49,25 +49,6 @@ class Classifier(NamedTuple):
     classnames: List[str]
 
 
-def zero_shot_classifiers(cfg, clip_model, classnames) -> List[Classifier]:
-    """--zero-shot: plain CLIP. --method expclip: plain CLIP and the Exp-CLIP head on the same
-    transform, so the comparison measures the head, not the preprocessing."""
-    resolution = clip_model.visual.input_resolution
-    prompts = cfg.prompts  # a prompt set or file, or MPA-FER's hard prompts
-    if prompts == "descriptions":
-        prompts = hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
-    name = os.path.basename(cfg.prompts)
-    plain = expclip_classifier(clip_model, classnames, prompts).eval()
-    if cfg.method != "expclip":
-        return [Classifier(f"zero-shot CLIP ({name})", plain, *input_transform("clip", resolution),
-                           classnames)]
-    transform, transform_name = input_transform(cfg.expclip_transform, resolution)
-    head = load_head(cfg.head, clip_model, check_clip=not cfg.allow_other_clip)
-    expclip = expclip_classifier(clip_model, classnames, prompts, head=head).eval()
-    return [Classifier(f"zero-shot CLIP ({name})", plain, transform, transform_name, classnames),
-            Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
-
-
 def main(argv=None):
     cfg = parse_eval_flags(argv, __doc__)
     device = resolve_device(cfg.device)
@@ -110,7 +91,19 @@ def main(argv=None):
             "MPA-FER", lambda x: model(x).logits,
             *input_transform("clip", clip_model.visual.input_resolution), model.classnames))
     if cfg.zero_shot or cfg.method == "expclip":
-        classifiers += zero_shot_classifiers(cfg, clip_model, classnames)
+        # --method expclip: plain CLIP and the Exp-CLIP head on the same transform, so the
+        # comparison measures the head, not the preprocessing.
+        prompts, name = cfg.prompts, os.path.basename(cfg.prompts)
+        if prompts == "descriptions":  # MPA-FER's hard prompts
+            prompts = hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
+        transform = input_transform("clip" if cfg.method != "expclip" else cfg.expclip_transform,
+                                    clip_model.visual.input_resolution)
+        plain = expclip_classifier(clip_model, classnames, prompts).eval()
+        classifiers.append(Classifier(f"zero-shot CLIP ({name})", plain, *transform, classnames))
+        if cfg.method == "expclip":
+            head = load_head(cfg.head, clip_model, check_clip=not cfg.allow_other_clip)
+            expclip = expclip_classifier(clip_model, classnames, prompts, head=head).eval()
+            classifiers.append(Classifier(f"Exp-CLIP ({name})", expclip, *transform, classnames))
 
     results = {}
     for c in classifiers:
