@@ -1,9 +1,6 @@
-"""The evaluation protocol of a run: which images train (all, or --shots K per class), which
-choose best.pt (--eval-split, or the part --val-fraction holds out of the training split) and
-which test it (the test split, once at the end, unless it chose best.pt itself, as in the
-paper's RAF-DB recipe). Base-to-novel (--base-classes, CoCoOp's protocol) trains and selects on
-the base classes and scores the test split on base, novel and all classes.
-"""
+"""The evaluation protocol: which images train (--shots), which choose best.pt (--eval-split,
+--val-fraction) and which test it once at the end (the test split, unless it chose best.pt, as
+in the paper's RAF-DB recipe); base-to-novel (--base-classes) scores base, novel and all."""
 import json
 import os
 from dataclasses import dataclass, field
@@ -141,11 +138,9 @@ def read_splits(cfg) -> Splits:
         raise ValueError(f"{where}: every class needs training images; put its images there, "
                          "or remove the class's folders from every split")
     train, held_out, records = carve_subsets(cfg, train)
-    if held_out is not None:
-        selection = held_out
-    else:
-        selection = evaluated[cfg.eval_split]
-        selection = class_subset(selection, base) if base else selection
+    selection = held_out if held_out is not None else evaluated[cfg.eval_split]
+    if held_out is None and base:
+        selection = class_subset(selection, base)
     test = None if cfg.eval_split == "test" and held_out is None and not base else evaluated["test"]
     splits = Splits(train, selection, test, selection_split_name(cfg), records, read, base,
                     aliases)

@@ -4,10 +4,9 @@ training curves of each run.
     python -m mpafer.report runs/rafdb/*                      # one Markdown table
     python -m mpafer.report runs/fewshot/* --json summary.json --curves
 
-Runs are grouped by their configuration and the data they trained on (by content, not by
-name or place), ignoring the seed and settings that do not change the result. Each run gives
-its reported result (test.json, else best.pt's own evaluation) and its last evaluated epoch,
-which involves no model selection. The std is the sample standard deviation (n - 1).
+Runs are grouped by configuration and data (by content), ignoring the seed and settings that
+change no result. Each gives its reported result (test.json, else best.pt's evaluation) and its
+last evaluated epoch, which involves no model selection. Std: the sample std (n - 1).
 """
 import argparse
 import glob
