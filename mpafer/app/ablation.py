@@ -72,7 +72,17 @@ def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> 
                 baselines.append(json.load(f).get("zero_shot_hard_prompts"))
         rows.append({"row": name, "flags": " ".join(flags), **summary,
                      "zero_shot": [b for b in baselines if b is not None]})
-    table = ladder_record(rows, seeds, cfg.out)
+    # ablation.json: the zero-shot baseline, then every row with its change from the one before.
+    zero_shot = [report.reported_numbers(z) for z in rows[0]["zero_shot"]]
+    table = {"seeds": seeds, "folder": cfg.out, "zero_shot_hard_prompts": {
+        k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
+        if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
+    for previous, row in zip([None, *rows], rows):
+        entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
+                                     "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
+        entry["change"] = None if previous is None else {
+            k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
+        table["rows"].append(entry)
     text = report.ladder_table(table)
     atomic_write(os.path.join(cfg.out, "ablation.md"),
                  lambda f: f.write((text + "\n").encode("utf-8")))
@@ -101,18 +111,3 @@ def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Lis
     print(f"\nover seeds {', '.join(map(str, seeds))}:\n{text}\nwritten to {path} (again: "
           f"python -m mpafer.report {os.path.join(cfg.out, 'seed-*')})")
     return summaries
-
-
-def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
-    """ablation.json: the zero-shot baseline, then every row with its change from the one before."""
-    zero_shot = [report.reported_numbers(z) for z in rows[0]["zero_shot"]]
-    record = {"seeds": seeds, "folder": out, "zero_shot_hard_prompts": {
-        k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
-        if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
-    for previous, row in zip([None, *rows], rows):
-        entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
-                                     "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
-        entry["change"] = None if previous is None else {
-            k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
-        record["rows"].append(entry)
-    return record
