@@ -139,11 +139,9 @@ def check_data(run, dataset: str, splits: Dict[str, Any]):
     run.data = data_record(dataset, splits) if splits else None
     if run.resume is None or run.data is None:
         return
-    cfg = run.cfg
-    recorded = run.resume["resume"]["data"]
-    before = run.resume["train_config"]["data_root"]
+    cfg, before = run.cfg, run.resume["train_config"]["data_root"]
     moved = os.path.abspath(before) != os.path.abspath(cfg.data_root)
-    differences = data_differences(recorded, run.data, splits)
+    differences = data_differences(run.resume["resume"]["data"], run.data, splits)
     if differences:
         where = (f"--data-root {cfg.data_root}: the data there" if moved
                  else f"the data at {cfg.data_root}")
