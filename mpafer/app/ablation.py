@@ -1,7 +1,6 @@
 """The paper's ablation ladder over seeds (`--ablation`): one run per (row, seed) in
 `<out>/<i>-<row>/seed-<s>`, then one table (ablation.md, .json); and one configuration over
-seeds (`--seeds` alone). A flag given that contradicts a row's switch wins, with a note.
-"""
+seeds (`--seeds` alone). A flag given that contradicts a row's switch wins, with a note."""
 import json
 import os
 from typing import Callable, Dict, List

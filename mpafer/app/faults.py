@@ -1,7 +1,6 @@
 """Every stop of a run and how it goes on: Ctrl-C and SIGTERM, a NaN or inf loss, a full disk or
 a failed write, data that moved or changed, a checkpoint that does not load. Each ends in one
-line saying what is kept and how to continue; every write is atomic, so nothing is lost.
-"""
+line saying what is kept and how to continue; every write is atomic, so nothing is lost."""
 import dataclasses
 import io
 import os

@@ -1,7 +1,6 @@
 """What identifies the data a run trains on, wherever it lies: per split its size, class counts,
 the SHA-256 of its items (file relative to the root, label, crop) in order, which decides, and a
-32-bit digest per item, which only says which files differ.
-"""
+32-bit digest per item, which only says which files differ."""
 import hashlib
 import json
 from collections import Counter

@@ -1,7 +1,6 @@
 """The training batches of a run: fixed-size, drawn from (seed, epoch), and able to skip the
 batches an interrupted run did, so a resumed run repeats an uninterrupted one exactly. Workers
-are not persistent, which would carry a stale epoch.
-"""
+are not persistent, which would carry a stale epoch."""
 import random
 from typing import Optional
 
