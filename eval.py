@@ -8,12 +8,9 @@ r"""Evaluate an MPA-FER checkpoint, zero-shot CLIP, or an Exp-CLIP head on a dat
                    --dataset rafdb --data-root data/RAF-DB
     python eval.py --method expclip --head ExpCLIP_B16_model.pth --prompts my_prompts.json ...
 
-A checkpoint is evaluated by default on the dataset, root and evaluation split of the run that
-trained it (its train_config); --dataset, --data-root and --split choose others. Reports WAR
-(accuracy), UAR (mean per-class recall), per-class recall and the confusion matrix.
-`--method expclip` evaluates plain CLIP and the Exp-CLIP head side by side, on the same images
-through the same transform (`--expclip-transform`, default the released protocol).
-Photos: `python -m mpafer.predict`; inside the prompts: `python -m mpafer.interpret`.
+A checkpoint is evaluated by default on the data and evaluation split of the run that trained
+it. Reports WAR (accuracy), UAR (mean per-class recall), per-class recall and the confusion
+matrix. Photos: `python -m mpafer.predict`; inside the prompts: `python -m mpafer.interpret`.
 """
 import dataclasses
 import os
@@ -44,57 +41,12 @@ from mpafer.prompts import hard_prompts_by_class, load_descriptions
 
 
 class Classifier(NamedTuple):
-    """One thing to evaluate: a name, its logits function, its input transform (and that
-    transform in words), its class order."""
+    """One thing to evaluate: a name, its logits, its input transform (and its name), classes."""
     label: str
     logits: Callable
     transform: Callable
     transform_name: str
     classnames: List[str]
-
-
-def prompt_set(name, classnames):
-    """A named Exp-CLIP prompt set or prompt file, or MPA-FER's hard prompts built from the
-    shipped descriptions."""
-    if name != "descriptions":
-        return name
-    return hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
-
-
-def zero_shot_classifiers(cfg, clip_model, classnames) -> List[Classifier]:
-    """--zero-shot: plain CLIP on CLIP's preprocessing. --method expclip: plain CLIP and the
-    Exp-CLIP head side by side, fed the same images through the same transform
-    (--expclip-transform), so the comparison measures the head, not the preprocessing."""
-    resolution = clip_model.visual.input_resolution
-    prompts = prompt_set(cfg.prompts, classnames)
-    name = os.path.basename(cfg.prompts)
-    plain = expclip_classifier(clip_model, classnames, prompts).eval()
-    if cfg.method != "expclip":
-        return [Classifier(f"zero-shot CLIP ({name})", plain, *input_transform("clip", resolution),
-                           classnames)]
-    transform, transform_name = input_transform(cfg.expclip_transform, resolution)
-    head = load_head(cfg.head, clip_model, check_clip=not cfg.allow_other_clip)
-    expclip = expclip_classifier(clip_model, classnames, prompts, head=head).eval()
-    return [Classifier(f"zero-shot CLIP ({name})", plain, transform, transform_name, classnames),
-            Classifier(f"Exp-CLIP ({name})", expclip, transform, transform_name, classnames)]
-
-
-def read_split(cfg, checkpoint, data):
-    """The split to evaluate (no transform yet), checked before CLIP is loaded: its files, its
-    classes against the checkpoint's, and that every image decodes. The demo's faces are drawn
-    in memory."""
-    if cfg.demo:
-        dataset = demo_datasets(1, data["demo_test_per_class"], words=data["demo_class_words"])[1]
-    else:
-        if cfg.classnames and cfg.dataset != "folder":
-            raise ValueError(f"--classnames is for --dataset folder, not {cfg.dataset}")
-        dataset = build_dataset(cfg.dataset, cfg.data_root, cfg.split, **dataset_options(cfg))
-    if checkpoint:
-        dataset = class_set_data(dataset, checkpoint["classnames"], cfg.class_set,
-                                 cfg.checkpoint)
-    if not (cfg.demo or cfg.skip_bad_images):
-        require_readable(dataset, cfg.split, cfg.workers)
-    return dataset
 
 
 def main(argv=None):
@@ -106,7 +58,18 @@ def main(argv=None):
     data = evaluation_data(given, checkpoint)
     cfg = dataclasses.replace(cfg, **{k: data[k] for k in given},
                               workers=0 if data["demo"] else cfg.workers)
-    dataset = read_split(cfg, checkpoint, data)
+    # The split, checked before CLIP is loaded: its files, classes and that every image decodes.
+    if cfg.demo:
+        dataset = demo_datasets(1, data["demo_test_per_class"], words=data["demo_class_words"])[1]
+    else:
+        if cfg.classnames and cfg.dataset != "folder":
+            raise ValueError(f"--classnames is for --dataset folder, not {cfg.dataset}")
+        dataset = build_dataset(cfg.dataset, cfg.data_root, cfg.split, **dataset_options(cfg))
+    if checkpoint:
+        dataset = class_set_data(dataset, checkpoint["classnames"], cfg.class_set,
+                                 cfg.checkpoint)
+    if not (cfg.demo or cfg.skip_bad_images):
+        require_readable(dataset, cfg.split, cfg.workers)
     if cfg.detect_faces:
         convention = face_convention(checkpoint)[0] if checkpoint else "folder"
         dataset = DetectedFaces(dataset, MTCNN(cfg.detector_weights, download_root=cfg.cache_dir)
@@ -128,27 +91,20 @@ def main(argv=None):
             "MPA-FER", lambda x: model(x).logits,
             *input_transform("clip", clip_model.visual.input_resolution), model.classnames))
     if cfg.zero_shot or cfg.method == "expclip":
-        classifiers += zero_shot_classifiers(cfg, clip_model, classnames)
+        # --method expclip: plain CLIP and the Exp-CLIP head on the same transform, so the
+        # comparison measures the head, not the preprocessing.
+        prompts, name = cfg.prompts, os.path.basename(cfg.prompts)
+        if prompts == "descriptions":  # MPA-FER's hard prompts
+            prompts = hard_prompts_by_class(classnames, load_descriptions(classnames), 3)
+        transform = input_transform("clip" if cfg.method != "expclip" else cfg.expclip_transform,
+                                    clip_model.visual.input_resolution)
+        plain = expclip_classifier(clip_model, classnames, prompts).eval()
+        classifiers.append(Classifier(f"zero-shot CLIP ({name})", plain, *transform, classnames))
+        if cfg.method == "expclip":
+            head = load_head(cfg.head, clip_model, check_clip=not cfg.allow_other_clip)
+            expclip = expclip_classifier(clip_model, classnames, prompts, head=head).eval()
+            classifiers.append(Classifier(f"Exp-CLIP ({name})", expclip, *transform, classnames))
 
-    results = evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint)
-    main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
-    if cfg.json:
-        payload = {"dataset": "synthetic-demo" if cfg.demo else cfg.dataset, "split": cfg.split,
-                   "checkpoint": cfg.checkpoint, "clip": clip_name, "classifier": main_label,
-                   "clip_activation": clip_model.activation, **results[main_label]}
-        if len(results) > 1:
-            payload["all"] = results
-        atomic_write_json(payload, cfg.json)
-        print(f"wrote {cfg.json}")
-    if cfg.confusion_png:
-        save_png(confusion_figure(results[main_label], counts=cfg.confusion_counts),
-                 cfg.confusion_png)
-        print(f"wrote {cfg.confusion_png}")
-    return results
-
-
-def evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint):
-    """Metrics of every classifier on the split (each with its transform), printed."""
     results = {}
     for c in classifiers:
         # A checkpoint's class order may differ from the dataset's: predictions match by name.
@@ -169,6 +125,19 @@ def evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint)
         transforms = {v["transform"] for v in results.values()}
         if len(transforms) == 1:
             print(f"(all on the same input transform: {transforms.pop()})")
+    main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
+    if cfg.json:
+        payload = {"dataset": "synthetic-demo" if cfg.demo else cfg.dataset, "split": cfg.split,
+                   "checkpoint": cfg.checkpoint, "clip": clip_name, "classifier": main_label,
+                   "clip_activation": clip_model.activation, **results[main_label]}
+        if len(results) > 1:
+            payload["all"] = results
+        atomic_write_json(payload, cfg.json)
+        print(f"wrote {cfg.json}")
+    if cfg.confusion_png:
+        save_png(confusion_figure(results[main_label], counts=cfg.confusion_counts),
+                 cfg.confusion_png)
+        print(f"wrote {cfg.confusion_png}")
     return results
 
 

@@ -6,22 +6,11 @@
     python train.py --resume runs/rafdb/<run>/last.pt        # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --dataset affectnet7 --data-root data/AffectNet
 
-Every field of TrainConfig and MPAFERConfig is a command-line flag (`--help` lists them).
 Precedence: defaults < dataset preset < --demo < flags you give. Each run gets its own folder,
-runs/<dataset>/<yyyymmdd-hhmmss> (--name NAME: runs/<dataset>/NAME; --out DIR: DIR); a folder
-that holds another run's checkpoints is refused unless --resume or --overwrite. The resolved
-configuration is printed, saved as config.json in that folder, and stored in every checkpoint.
-Ctrl-C or SIGTERM (a scheduler's) stops at the end of the current step, saves a resumable
-last.pt, prints how to resume and exits with 130 or 143. A write that fails (disk full, quota,
-read-only, permission) is one line naming the file; nothing saved before is lost. A dataset
-that moved resumes with --resume RUN/last.pt --data-root NEW, if it is the run's data.
-
-The recipe, top to bottom: settings (every value checked) -> data and CLIP (checked before
-anything is written) -> model and prototypes -> optimiser -> for each epoch: train, evaluate on
-the selection set, save -> best.pt on the test set -> report. The run's settings, bookkeeping
-(folders, resume, checkpoints) is `mpafer.app.runs`; what may stop a run and how it goes on,
-`mpafer.app.faults`; which images train, select and test, `mpafer.app.protocol`; one epoch of
-steps, `mpafer.app.engine.train_epoch`. (Exp-CLIP trains with `python -m mpafer.expclip train`.)
+runs/<dataset>/<yyyymmdd-hhmmss> (or --name NAME, --out DIR); a folder holding another run is
+refused unless --resume or --overwrite. Ctrl-C or SIGTERM stops at the end of the step, saves a
+resumable last.pt and says how to resume (exit status 130 or 143). A dataset that moved resumes
+with --resume RUN/last.pt --data-root NEW. (Exp-CLIP: `python -m mpafer.expclip train`.)
 """
 import os
 import sys
@@ -168,12 +157,8 @@ def main(argv=None):
 
 def train(run, model, forward, loader, optimization, splits, descriptions, start_epoch, best,
           first_step, sums):
-    """The epoch loop -> (best evaluation, last evaluation, why it ended early: None,
-    "stop-after", "Ctrl-C" or "SIGTERM"). Every --eval-every epochs and at the end, the selection
-    set is evaluated; last.pt is saved every epoch, best.pt when the selection WAR improved.
-    Ctrl-C or SIGTERM during an epoch stops it at the end of the current step (saved there);
-    during its evaluation or saving, once the epoch is saved; after the last epoch's steps, the
-    run finishes."""
+    """The epoch loop -> (best, last evaluation, why it ended early: None, "stop-after", "Ctrl-C"
+    or "SIGTERM"). A stop saves at the end of the step, or once the epoch is saved."""
     cfg, metrics = run.cfg, {}
     augment = TrainBatchAugment(run.device, cfg.seed, run.rank)  # erasing drawn per (epoch, step)
     stepping = Stepping(run.amp, cfg.grad_clip, list(model.parameter_groups().values())

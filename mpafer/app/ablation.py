@@ -1,27 +1,14 @@
-"""The paper's ablation ladder over seeds: one training run per (row, seed), then one table;
-and any one configuration over seeds (`--seeds` alone, `run_seeds`).
-
-    python train.py --demo --ablation --seeds 1,2,3
-    python train.py --demo --shots 2 --seeds 1,2
-    python train.py --dataset rafdb --data-root data/RAF-DB --ablation --seeds 1,2,3 \
-                    --out runs/ablation
-
-Each row of `ABLATION_LADDER` adds one component of MPA-FER to the row before it (CoOp ->
-+ visual prompts -> + prototype alignment -> + soft-hard alignment -> full). Every (row, seed)
-trains in a run folder of its own, `<out>/<i>-<row>/seed-<s>`, with the row's switches and
-every other flag given; a flag given that contradicts a row's switch wins (a note says so).
-Then `mpafer.app.report` summarises each row over the seeds, and the table (zero-shot CLIP with the
-hard prompts first; mean ± sample std; the change from the row before) is printed and written
-as ablation.md and ablation.json in the parent folder.
-"""
+"""The paper's ablation ladder over seeds (`--ablation`): one run per (row, seed) in
+`<out>/<i>-<row>/seed-<s>`, then one table (ablation.md, .json); and one configuration over
+seeds (`--seeds` alone). A flag given that contradicts a row's switch wins, with a note."""
 import json
 import os
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 from ..files import atomic_write, atomic_write_json
 from . import report
 
-# The paper's ablation rows: (folder, name, flags on top of the defaults); the last is the method.
+# (folder, name, flags on top of the defaults); each row adds one component to the one before.
 ABLATION_LADDER = (
     ("coop", "CoOp (text prompts only)", ["--visual-prompt-depth", "0", "--no-prototype-alignment",
                                           "--no-soft-hard-alignment", "--no-global-local"]),
@@ -38,7 +25,6 @@ OWN_FLAGS = {"--ablation": False, "--demo-ablation": False, "--seeds": True, "--
 
 
 def without_flags(argv: List[str], flags: Dict[str, bool]) -> List[str]:
-    """argv minus `flags` (and the value after those that take one)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -53,36 +39,49 @@ def without_flags(argv: List[str], flags: Dict[str, bool]) -> List[str]:
 
 
 def flag_names(flags: List[str]) -> Dict[str, str]:
-    """{switch name, without --no-: the flag as given} of the flags in a list."""
+    """{switch name, without --no-: the flag as given}."""
     return {arg.split("=", 1)[0].replace("--no-", "--"): arg for arg in flags
             if arg.startswith("--")}
 
 
-def overridden(given: List[str], row_flags: List[str]) -> List[Tuple[str, str]]:
-    """(given flag, row flag) pairs where a flag given sets a switch the row sets too."""
-    row = flag_names(row_flags)
-    return [(arg, row[name]) for name, arg in flag_names(given).items() if name in row]
-
-
 def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Dict:
-    """--ablation: `train(argv)` (train.py's main) for every row of ABLATION_LADDER and every
-    seed of --seeds, then the table (see the module doc) -> its JSON record."""
+    """`train(argv)` (train.py's main) for every row and seed, then the table -> its record."""
     seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     given = without_flags(argv, OWN_FLAGS)
     if cfg.demo and "--demo" not in given:
         given.append("--demo")
     rows = []
     for i, (folder, name, flags) in enumerate(ABLATION_LADDER, 1):
-        for flag, row_flag in overridden(given, flags):
-            print(f"note: {flag} (given) replaces the row's {row_flag} in row {name!r}")
+        row_flags = flag_names(flags)
+        for switch, flag in flag_names(given).items():
+            if switch in row_flags:
+                print(f"note: {flag} (given) replaces the row's {row_flags[switch]} in row "
+                      f"{name!r}")
         folders = []
         for seed in seeds:
             out = os.path.join(cfg.out, f"{i}-{folder}", f"seed-{seed}")
             print(f"\n=== ablation row {i}/{len(ABLATION_LADDER)}, seed {seed}: {name} -> {out}")
             train([*flags, *given, "--seed", str(seed), "--out", out])
             folders.append(out)
-        rows.append(row_summary(name, flags, folders))
-    table = ladder_record(rows, seeds, cfg.out)
+        runs = [report.read_run(folder) for folder in folders]
+        (summary,) = report.summarize_groups([r for r in runs if r is not None])
+        baselines = []  # each run measured zero-shot CLIP before training
+        for folder in folders:
+            with open(os.path.join(folder, "baseline.json")) as f:
+                baselines.append(json.load(f).get("zero_shot_hard_prompts"))
+        rows.append({"row": name, "flags": " ".join(flags), **summary,
+                     "zero_shot": [b for b in baselines if b is not None]})
+    # ablation.json: the zero-shot baseline, then every row with its change from the one before.
+    zero_shot = [report.reported_numbers(z) for z in rows[0]["zero_shot"]]
+    table = {"seeds": seeds, "folder": cfg.out, "zero_shot_hard_prompts": {
+        k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
+        if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
+    for previous, row in zip([None, *rows], rows):
+        entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
+                                     "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
+        entry["change"] = None if previous is None else {
+            k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
+        table["rows"].append(entry)
     text = report.ladder_table(table)
     atomic_write(os.path.join(cfg.out, "ablation.md"),
                  lambda f: f.write((text + "\n").encode("utf-8")))
@@ -94,9 +93,7 @@ def run_ablation(cfg, argv: List[str], train: Callable[[List[str]], object]) -> 
 
 
 def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> List[Dict]:
-    """--seeds without --ablation: `train(argv)` (train.py's main) once per seed, each run in
-    `<out>/seed-<s>`, then `mpafer.report`'s table over them: printed, and written as
-    `<out>/report.md` -> the report's summaries."""
+    """`train(argv)` once per seed in `<out>/seed-<s>`, then the report over them (report.md)."""
     seeds = [int(s) for s in cfg.seeds.split(",")]
     given = without_flags(argv, OWN_FLAGS)
     folders = []
@@ -113,34 +110,3 @@ def run_seeds(cfg, argv: List[str], train: Callable[[List[str]], object]) -> Lis
     print(f"\nover seeds {', '.join(map(str, seeds))}:\n{text}\nwritten to {path} (again: "
           f"python -m mpafer.report {os.path.join(cfg.out, 'seed-*')})")
     return summaries
-
-
-def row_summary(name: str, flags: List[str], folders: List[str]) -> Dict:
-    """One row: its runs summarised over the seeds by `mpafer.app.report`, with its zero-shot
-    baseline (each run measured it before training, on the split it reports)."""
-    runs = [report.read_run(folder) for folder in folders]
-    (summary,) = report.summarize_groups([r for r in runs if r is not None])
-    baselines = []
-    for folder in folders:
-        with open(os.path.join(folder, "baseline.json")) as f:
-            baselines.append(json.load(f).get("zero_shot_hard_prompts"))
-    return {"row": name, "flags": " ".join(flags), **summary,
-            "zero_shot": [b for b in baselines if b is not None]}
-
-
-def ladder_record(rows: List[Dict], seeds: List[int], out: str) -> Dict:
-    """ablation.json: the zero-shot baseline, then every row with its change from the row
-    before (difference of the mean WAR and UAR)."""
-    zero_shot = [report.reported_numbers(z) for z in rows[0]["zero_shot"]]
-    record = {"seeds": seeds, "folder": out, "zero_shot_hard_prompts": {
-        k: report.mean_std([z[k] for z in zero_shot]) for k in zero_shot[0]}
-        if zero_shot else None, "rows": []}  # None: the descriptions do not cover the classes
-    previous = None
-    for row in rows:
-        entry = {k: row[k] for k in ("row", "flags", "n", "seeds", "runs", "reported", "war",
-                                     "uar", "last_war", "last_uar", *report.BASE_TO_NOVEL)}
-        entry["change"] = None if previous is None else {
-            k: row[k]["mean"] - previous[k]["mean"] for k in ("war", "uar")}
-        record["rows"].append(entry)
-        previous = row
-    return record

@@ -1,6 +1,7 @@
 """The commands' shared front: an argparse whose errors are one line, and `run_cli`, which turns
 expected failures into one line and a stop signal into its exit status."""
 import argparse
+import multiprocessing
 import os
 import pickle
 import signal
@@ -12,9 +13,7 @@ from .faults import EXIT_STATUS, interrupt_at_once
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, with a pointer to --help
-    instead of the whole usage text, and which takes no abbreviated flags (a typo such as
-    `--repeat` for `--repeats` is an error, not a guess)."""
+    """argparse with one-line errors and no abbreviated flags (a typo is no guess)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -23,23 +22,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def end_worker_processes(timeout: float = 5.0):
-    """Kill this process's multiprocessing children (DataLoader workers) that still run. A run
-    that fails with a loader alive would otherwise hang at exit: multiprocessing's exit handler
-    sends its workers SIGTERM, which they ignore (`faults.ignore_interrupts`), and waits."""
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(timeout)
-
-
 def run_cli(main):
-    """Run a script's main(): expected failures (bad paths, arguments, files, a write that failed)
-    print one clear line instead of a traceback; set MPAFER_TRACEBACK=1 to see the traceback.
-    Ctrl-C and SIGTERM outside the places that handle them end the script quietly, with exit
-    status 130 and 143 (128 + the signal, as shells expect). However main() fails, the worker
-    processes it left are ended first (`end_worker_processes`), so the script never hangs."""
+    """Run a script's main(): an expected failure prints one line instead of a traceback
+    (MPAFER_TRACEBACK=1 shows it); Ctrl-C and SIGTERM end it quietly with 130 and 143."""
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # (signal handlers can only be set there)
         previous = signal.signal(signal.SIGTERM, interrupt_at_once)
@@ -47,7 +32,11 @@ def run_cli(main):
         try:
             main()
         except BaseException:
-            end_worker_processes()
+            # Kill the DataLoader workers still running: they ignore the SIGTERM that
+            # multiprocessing's exit handler sends them, and it would wait forever.
+            for child in multiprocessing.active_children():
+                child.kill()
+                child.join(5.0)
             raise
     except KeyboardInterrupt as interrupt:
         if os.environ.get("MPAFER_TRACEBACK"):

@@ -1,9 +1,6 @@
-"""train.py's configuration: TrainConfig (every field a flag, its help in the field's metadata),
-the dataset presets, and the command-line parsing that checks every value before anything runs.
-
-Precedence: defaults < dataset preset < --demo < flags you give. A resumed run takes its
-recorded settings; only the flags a resume can honour may change them.
-"""
+"""The commands' settings as dataclasses (every field a flag, its help in the metadata), and
+parsing that checks every value before anything runs. Precedence: defaults < dataset preset <
+--demo < flags you give."""
 import argparse
 import dataclasses
 import math
@@ -24,13 +21,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+AMP_FLAG = {"help": "autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU",
+            "choices": AMP_CHOICES}
+
+
 @dataclass
 class TrainConfig:
-    """Every training setting; each field is a command-line flag whose help is its
-    `metadata["help"]`. `metadata["result"] = False` marks a setting that does not change what
-    a run computes (where it writes, how fast, how it is watched; a data path or a descriptions
-    file, whose content is identified otherwise): `mpafer.app.report` ignores those when grouping
-    runs, and a resume may change them (`RESUME_MAY_CHANGE`)."""
+    """Every training setting, each a flag. `metadata["result"] = False`: the setting does not
+    change what a run computes (a path whose content is identified otherwise counts too), so
+    `report` ignores it when grouping runs and a resume may change it."""
     dataset: str = field(default="rafdb", metadata={"help": " | ".join(TRAINING_DATASETS)})
     data_root: str = field(default="data/RAF-DB", metadata={"result": False})
     classnames: str = field(default="", metadata={
@@ -73,9 +72,7 @@ class TrainConfig:
                 "the visual prompts and the alignment projections each clipped on their own"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers per process", "result": False})
-    amp: str = field(default="auto", metadata={"help": "autocast: auto = bf16 on CUDA where "
-                                               "supported, else fp16; off on CPU",
-                                               "choices": AMP_CHOICES})
+    amp: str = field(default="auto", metadata=AMP_FLAG)
     seed: int = field(default=1)
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu",
                                               "result": False})
@@ -87,7 +84,7 @@ class TrainConfig:
                 "change", "result": False})
     demo: bool = field(default=False, metadata={
         "help": "synthetic faces and a tiny pre-trained CLIP: the whole pipeline, nothing "
-                "downloaded (about a minute on a CPU)"})
+                "downloaded"})
     ablation: bool = field(default=False, metadata={
         "help": "train each row of the paper's ablation ladder (CoOp, + visual prompts, "
                 "+ prototype alignment, + soft-hard alignment, full) for each of --seeds, each "
@@ -96,20 +93,15 @@ class TrainConfig:
         "help": "the seeds, comma-separated: train the configuration once per seed (each run "
                 "in <out>/seed-<s>), then print mpafer.report's table over them (report.md); "
                 "with --ablation, every row per seed (default: --seed alone)"})
-    demo_ablation: bool = field(default=False, metadata={
-        "help": "the same as --demo --ablation"})
-    demo_train_per_class: int = field(default=200, metadata={
-        "help": "synthetic faces per class (--demo)"})
-    demo_test_per_class: int = field(default=60, metadata={
-        "help": "synthetic test faces per class (--demo)"})
+    demo_ablation: bool = field(default=False, metadata={"help": "the same as --demo --ablation"})
+    demo_train_per_class: int = field(default=200, metadata={"help": "synthetic faces per class"})
+    demo_test_per_class: int = field(default=60, metadata={"help": "test faces per class"})
     stop_after: int = field(default=0, metadata={
         "help": "stop after this epoch (0 = never), e.g. to fit a job's time limit; "
                 "resume later", "result": False})
-    eval_split: str = field(default="test", metadata={
-        "help": "split evaluated every epoch and used to pick best.pt"})
+    eval_split: str = field(default="test", metadata={"help": "chooses best.pt, each epoch"})
     eval_every: int = field(default=1)
-    balanced_sampler: bool = field(default=False, metadata={
-        "help": "class-balanced sampling (AffectNet)"})
+    balanced_sampler: bool = field(default=False, metadata={"help": "class-balanced (AffectNet)"})
     samples_per_epoch: int = field(default=0, metadata={
         "help": "with the balanced sampler; 0 = the training set's size"})
     prototypes_per_class: int = field(default=0, metadata={"help": "0 = every training image"})
@@ -185,8 +177,7 @@ DEMO = dict(dataset="synthetic", clip="", epochs=10, batch_size=32, lr=0.032, wo
             amp="off")
 DEMO_MODEL = dict(top_k=8)  # the demo CLIP has only 16 patches
 TRAIN_FIELDS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-# The settings by what they are about, for --help and the configuration a run prints (every
-# MPAFERConfig field is about the model).
+# The settings by what they are about, for --help and the settings a run prints.
 SETTING_GROUPS = {
     "data": ("dataset", "data_root", "classnames", "eval_split", "val_fraction", "shots",
              "base_classes", "balanced_sampler", "samples_per_epoch", "prototypes_per_class",
@@ -202,8 +193,7 @@ SETTING_GROUPS = {
 
 
 def format_settings(record: Dict, width: int = 100) -> str:
-    """A run's settings (`runs.run_record`) as short `key = value` lines under their group
-    (data, model, optimisation, run), each line at most `width` characters."""
+    """A run's settings (`runs.run_record`) as `key = value` lines under their group."""
     values = {**record["train"], **record["model"], "precision": record["precision"],
               "processes": record["processes"]}
     groups = {**SETTING_GROUPS, "model": (*SETTING_GROUPS["model"], *record["model"]),
@@ -220,21 +210,17 @@ def format_settings(record: Dict, width: int = 100) -> str:
             line += item + ";"
         lines.append(line.rstrip(";"))
     return "\n".join(lines)
-# Settings that do not change what a run computes (see TrainConfig).
 RESULT_NEUTRAL = frozenset(f.name for f in dataclasses.fields(TrainConfig)
                            if not f.metadata.get("result", True))
-# What a resume may change: the result-neutral settings but where the run lives and its
-# descriptions (its folder and descriptions are checked on their own), plus --epochs (only to
-# extend the run), --eval-every and --clip (only the same file, checked by its SHA-256).
-# --data-root may change for data that moved: the data found there must be the run's
-# (`faults.check_data`; the demo reads none).
+# What a resume may change: the result-neutral settings but the run's folder and descriptions,
+# plus --epochs (only to extend it), --eval-every and --clip (only the same file, by SHA-256).
+# --data-root may point to data that moved: `faults.check_data` checks it is the run's.
 RESUME_MAY_CHANGE = (RESULT_NEUTRAL - {"out", "name", "overwrite", "descriptions"}
                      | {"epochs", "eval_every", "clip"})
 
 
 def add_fields(cls, group, names=None):
-    """One flag per dataclass field (of `names` only, if given); its help is the field's
-    `metadata["help"]` (and `metadata["aliases"]` are other spellings of the flag)."""
+    """One flag per field of `cls` (of `names` only, if given), with its `metadata` help."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
@@ -254,9 +240,7 @@ def add_fields(cls, group, names=None):
 
 
 def parse_flags(argv=None, description: str = None):
-    """-> (the parser, the TrainConfig fields given on the command line, the MPAFERConfig
-    fields given). Flags only: settings are resolved by `new_run_values` or, for a resume, by
-    the run layer (`runs.run_config`), and checked by `check_config`."""
+    """-> (the parser, the TrainConfig fields given, the MPAFERConfig fields given)."""
     parser = ArgumentParser(description=description or __doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     for group, names in SETTING_GROUPS.items():
@@ -276,15 +260,20 @@ def parse_flags(argv=None, description: str = None):
 
 def check_config(parser, values: Dict, model_values: Dict,
                  given: Dict) -> Tuple["TrainConfig", MPAFERConfig]:
-    """The settings as config objects, every value checked (an argument error naming the flag);
-    --cache-dir made absolute."""
+    """The settings as config objects, every value checked (an argument error naming the flag)."""
     try:
         cfg = TrainConfig(**values)
         cfg.validate()
         model_cfg = MPAFERConfig(**model_values)
     except ValueError as e:
         parser.error(str(e))
-    check_protocol(parser, cfg, given)
+    if cfg.shots < 0:
+        parser.error(f"--shots must be >= 0 (0 = the full training set), got {cfg.shots}")
+    if not 0 <= cfg.val_fraction < 1:
+        parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
+    if cfg.val_fraction > 0 and "eval_split" in given:  # it chooses best.pt itself
+        parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
+                     f"--eval-split {given['eval_split']}")
     if cfg.base_classes and model_cfg.class_specific_ctx:
         parser.error("--base-classes needs the shared context: a class-specific context "
                      "(--class-specific-ctx) has none for the novel classes")
@@ -308,25 +297,12 @@ def new_run_values(parser, train: Dict, model: Dict):
     return values, model
 
 
-def check_protocol(parser, cfg: TrainConfig, given: Dict):
-    """--shots and --val-fraction in range; --val-fraction chooses best.pt on the part of the
-    training set it holds out, so it cannot be combined with --eval-split."""
-    if cfg.shots < 0:
-        parser.error(f"--shots must be >= 0 (0 = the full training set), got {cfg.shots}")
-    if not 0 <= cfg.val_fraction < 1:
-        parser.error(f"--val-fraction must be in [0, 1) (0 = off), got {cfg.val_fraction}")
-    if cfg.val_fraction > 0 and "eval_split" in given:
-        parser.error("--val-fraction chooses best.pt on the part it holds out; drop "
-                     f"--eval-split {given['eval_split']}")
-
-
 ACTIVATIONS = tuple(clip.ACTIVATIONS)  # (the field `clip` hides the module in the class)
 
 
 @dataclass
 class EvalConfig:
-    """eval.py's settings; each field is a flag whose help is its `metadata["help"]`. Data left
-    as None is that of the run that trained --checkpoint (`protocol.evaluation_data`)."""
+    """eval.py's settings; data left None is that of the run that trained --checkpoint."""
     checkpoint: Optional[str] = field(default=None, metadata={
         "help": "an MPA-FER checkpoint (best.pt / last.pt)"})
     zero_shot: bool = field(default=False, metadata={"help": "plain CLIP with --prompts"})
@@ -385,9 +361,7 @@ class EvalConfig:
     cache_dir: str = field(default="", metadata={
         "help": "CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's weights/)"})
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
-    amp: str = field(default="auto", metadata={
-        "help": "autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU",
-        "choices": AMP_CHOICES})
+    amp: str = field(default="auto", metadata=AMP_FLAG)
     batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})
     workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "DataLoader workers (the demo's faces are in memory: none)"})

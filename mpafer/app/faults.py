@@ -1,11 +1,6 @@
-"""Every stop of a run, and how it goes on from there: Ctrl-C and SIGTERM (`StopRequest`,
-`interrupted`, `Interrupted` for a stop at once, `ignore_interrupts` for DataLoader workers), a
-loss that became NaN or inf (`NonFiniteLoss`, `stop_on_non_finite`), a run folder without room
-(`check_room`) or a write that fails (`write_failed`), data that moved or changed since the run
-began (`check_data`), a checkpoint that does not load (`other_checkpoints`). Each ends in one
-line that says what is kept and how to continue; nothing saved before is lost (every write is
-atomic, see `mpafer.files.atomic_write`).
-"""
+"""Every stop of a run and how it goes on: Ctrl-C and SIGTERM, a NaN or inf loss, a full disk or
+a failed write, data that moved or changed, a checkpoint that does not load. Each ends in one
+line saying what is kept and how to continue; every write is atomic, so nothing is lost."""
 import dataclasses
 import io
 import os
@@ -24,15 +19,13 @@ from .fingerprint import data_differences, data_record
 
 # -- Ctrl-C and SIGTERM ---------------------------------------------------------------------------
 
-# The stop signals a run handles, by the name its messages use, and the exit status of a
-# program they ended (128 + the signal's number, as shells report it).
+# The stop signals a run handles, by name, and the exit status they end a program with.
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 EXIT_STATUS = {name: 128 + int(signum) for signum, name in SIGNAL_NAMES.items()}
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop signal that ends the program at once: Ctrl-C (exit status 130) or SIGTERM (143).
-    A KeyboardInterrupt, so that everything that cleans up after Ctrl-C does so after SIGTERM."""
+    """A stop at once; a KeyboardInterrupt, so SIGTERM cleans up as Ctrl-C does."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(SIGNAL_NAMES[signum])
@@ -40,28 +33,19 @@ class Interrupted(KeyboardInterrupt):
 
 
 def interrupt_at_once(signum, frame):
-    """A signal handler: SIGTERM (or Ctrl-C) ends the program now, as `Interrupted`."""
     raise Interrupted(signum)
 
 
 def ignore_interrupts(worker_id: int = 0):
-    """DataLoader `worker_init_fn`: Ctrl-C goes to the whole process group, and schedulers
-    (SLURM) send SIGTERM to every process of a job; the workers ignore both, so the main process
-    alone decides how to stop (train.py saves a resumable last.pt, then shuts them down)."""
+    """Workers ignore Ctrl-C and SIGTERM: the main process decides how to stop."""
     for signum in SIGNAL_NAMES:
         signal.signal(signum, signal.SIG_IGN)
 
 
-
 class StopRequest:
-    """Ctrl-C (SIGINT) and SIGTERM (what schedulers send before a kill) as a request to stop:
-    while active (`with StopRequest() as stop:`), the first one only sets `requested` (and
-    `name`, "Ctrl-C" or "SIGTERM", and `status`, the exit status: 130 or 143), and the training
-    loop stops at the end of its step and saves. Another one (either signal) a second or more
-    later quits at once (`Interrupted`, a KeyboardInterrupt); what is being written then
-    stays whole, as every write is atomic. torchrun passes Ctrl-C and SIGTERM on to its workers,
-    which may then see the same signal twice at once: that is still one request. Nothing is
-    printed from the handler, which may interrupt a print; the loop says what it does."""
+    """Ctrl-C and SIGTERM as a request to stop at the end of the step (`with StopRequest() as
+    stop:`); another a second later quits at once (within a second it is the same request:
+    torchrun passes signals on). The handler prints nothing: it may interrupt a print."""
 
     def __init__(self):
         self.requested, self.name, self.status = False, "", 0
@@ -69,9 +53,8 @@ class StopRequest:
         self._previous = {}
 
     def agree(self, run) -> bool:
-        """Whether any process of `run` was asked to stop (one all-reduce: call it on every
-        process); if one was, every process takes its signal (SIGTERM over Ctrl-C), so that all
-        say the same and exit with the same status."""
+        """Whether any process was asked to stop (call it on every process); if so, all take
+        its signal (SIGTERM over Ctrl-C), to say the same and exit alike."""
         signum = run.max_over_ranks(self.status - 128 if self.requested else 0)
         if signum:
             self.requested, self.name, self.status = True, SIGNAL_NAMES[signum], 128 + signum
@@ -97,12 +80,10 @@ class StopRequest:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite. Every process sees the same synced sums, so under DDP
-    all of them raise it at the same step."""
+    """The loss became NaN or infinite (on every process at the same step: the sums are synced)."""
 
 
 def resume_command(run) -> str:
-    """The command that continues `run` (a `runs.Run`) exactly where it stopped."""
     launcher = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
     return f"{launcher} train.py --resume {run.path('last.pt')}"
 
@@ -129,9 +110,7 @@ def interrupted(run, stop: StopRequest) -> str:
 # -- room to write, and writes that fail -----------------------------------------------------------
 
 def check_room(run, model, descriptions):
-    """Before the long part of a run (prototypes, the first epoch): check that the run folder
-    takes a file as large as last.pt will be (the trainable tensors, their momentum, the
-    records), so a full disk or quota fails now, in one line, not after an epoch."""
+    """Check the folder takes a file as large as last.pt: a full disk fails now."""
     if not run.master:
         return
     buffer = io.BytesIO()
@@ -143,8 +122,7 @@ def check_room(run, model, descriptions):
 
 
 def write_failed(run, error: WriteError) -> WriteError:
-    """A write of the run failed (disk full, ...): the error, saying what is kept and how to go
-    on. Printed, not logged: log.txt may be the file that cannot be written."""
+    """A failed write, saying what is kept and how to go on (log.txt may be the one)."""
     last = run.path("last.pt")
     error.message += (f"; the files saved before are whole: make room, then continue with: "
                       f"{resume_command(run)}" if os.path.isfile(last)
@@ -155,19 +133,14 @@ def write_failed(run, error: WriteError) -> WriteError:
 # -- the data, and the checkpoints, a run goes on from ---------------------------------------------
 
 def check_data(run, dataset: str, splits: Dict[str, Any]):
-    """Record the data the run trains on (`run.data`, kept in last.pt), and for a resumed run
-    check that it is the data the run started with: the same files (relative to the data root),
-    labels, crops and classes. So a dataset that moved resumes from its new root
-    (--data-root NEW), and one that changed is refused in one line that says what differs.
-    `splits`: the sets as read ({} for the demo, which reads nothing)."""
+    """Record the data the run trains on (`run.data`, kept in last.pt); a resumed run's must be
+    the same files, labels and classes, wherever they lie now. `splits`: the sets as read."""
     run.data = data_record(dataset, splits) if splits else None
     if run.resume is None or run.data is None:
         return
-    cfg = run.cfg
-    recorded = run.resume["resume"]["data"]
-    before = run.resume["train_config"]["data_root"]
+    cfg, before = run.cfg, run.resume["train_config"]["data_root"]
     moved = os.path.abspath(before) != os.path.abspath(cfg.data_root)
-    differences = data_differences(recorded, run.data, splits)
+    differences = data_differences(run.resume["resume"]["data"], run.data, splits)
     if differences:
         where = (f"--data-root {cfg.data_root}: the data there" if moved
                  else f"the data at {cfg.data_root}")
@@ -180,8 +153,7 @@ def check_data(run, dataset: str, splits: Dict[str, Any]):
 
 
 def other_checkpoints(path: str) -> str:
-    """For a checkpoint that does not load: which other checkpoint of its folder does, and what
-    to do with it (a sentence to append to the error)."""
+    """For a checkpoint that does not load: which other one of its folder does."""
     folder = os.path.dirname(path) or "."
     for other in (os.path.join(folder, "last.pt"), os.path.join(folder, "best.pt")):
         if not os.path.isfile(other) or os.path.abspath(other) == os.path.abspath(path):

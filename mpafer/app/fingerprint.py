@@ -1,16 +1,10 @@
-"""What identifies the data a run trains on, wherever it lies: its splits' files (relative to the
-data root), labels and crops, and its classes. A run records this (`data_record`, kept in
-last.pt); a resume compares the data it finds with it (`data_differences`), so a dataset that
-moved is recognised as the same, and one that changed is refused with what differs.
-
-A record per split: its number of images, per-class counts, the SHA-256 of its items in order
-(`base.dataset_fingerprint`, which decides), and one 32-bit digest per item (4 bytes an image),
-which only serve to say which files differ.
-"""
+"""What identifies the data a run trains on, wherever it lies: per split its size, class counts,
+the SHA-256 of its items (file relative to the root, label, crop) in order, which decides, and a
+32-bit digest per item, which only says which files differ."""
 import hashlib
 import json
 from collections import Counter
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -22,8 +16,7 @@ SHOWN = 3  # files named in a message, at most
 
 
 def items(dataset) -> List[str]:
-    """One line per item, in order: its file (relative to the root) or image name, its label
-    and its crop box, if any."""
+    """One line per item: its file or image name, its label and its crop box, if any."""
     files = getattr(dataset, "_files", None)
     names = ([f.decode("utf-8") for f in files] if files is not None and len(files)
              else list(getattr(dataset, "image_names", [])))
@@ -34,24 +27,22 @@ def items(dataset) -> List[str]:
             zip(names, dataset.targets, boxes)]
 
 
-def item_digests(lines: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=4)
-                                        .digest(), "little", signed=True) for line in lines],
-                        dtype=torch.int32)
-
-
 def data_record(dataset: str, splits: Dict[str, object]) -> Dict:
     """The record of `splits` ({split name: dataset as read}) of dataset `dataset`."""
+    def digests(d) -> torch.Tensor:
+        return torch.tensor([int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=4)
+                                            .digest(), "little", signed=True) for line in items(d)],
+                            dtype=torch.int32)
+
     first = next(iter(splits.values()))
     return {"dataset": dataset, "classes": list(first.classnames),
             "splits": {name: {"images": len(d.targets), "class_counts": list(d.class_counts()),
-                              "sha256": dataset_fingerprint(d), "items": item_digests(items(d))}
+                              "sha256": dataset_fingerprint(d), "items": digests(d)}
                        for name, d in sorted(splits.items())}}
 
 
 def data_differences(recorded: Dict, found: Dict, splits: Dict[str, object]) -> List[str]:
-    """How the data `found` (the `data_record` of `splits`, {split name: dataset as read})
-    differs from the `recorded` one, in short phrases (none: it is the same data)."""
+    """How `found` (the `data_record` of `splits`) differs from `recorded`, in short phrases."""
     differences = []
     if found["classes"] != recorded["classes"]:
         differences.append(f"classes {found['classes']} (the run's: {recorded['classes']})")
@@ -67,9 +58,7 @@ def data_differences(recorded: Dict, found: Dict, splits: Dict[str, object]) -> 
 
 
 def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -> str:
-    """How split `name` differs: its size, its class counts, which of its files (with their
-    labels and crops) are not the recorded ones, or else that the same items come in another
-    order."""
+    """How split `name` differs: size, class counts, which files are not the run's, or order."""
     parts = []
     if found["images"] != recorded["images"]:
         parts.append(f"{counted(found['images'], 'image')} (the run's: {recorded['images']})")
@@ -93,9 +82,7 @@ def split_difference(name: str, recorded: Dict, found: Dict, lines: List[str]) -
 
 
 def data_identity(record: Dict) -> str:
-    """SHA-256 of what decides whether two `data_record`s are the same data: the dataset, its
-    classes and each split's item hash (what `data_differences` compares), not where it lies.
-    Runs with the same identity trained on the same data, wherever it was."""
+    """SHA-256 of what decides whether two `data_record`s are the same data, not where it lies."""
     splits = sorted(record["splits"].items())
     deciding = {"dataset": record["dataset"], "classes": list(record["classes"]),
                 "splits": {name: split["sha256"] for name, split in splits}}

@@ -1,11 +1,6 @@
-"""The training batches of a run: fixed-size, reproducible per (seed, epoch), resumable in the
-middle of an epoch.
-
-Every image's augmentation draws from (seed, epoch, index) (`SeededAugmentation`), the order of
-an epoch from (seed, epoch), and the sampler can skip the batches an interrupted run already
-did, so a resumed run repeats an uninterrupted one exactly. Workers are not persistent: each
-epoch starts them afresh from (seed, epoch); persistent workers would carry a stale epoch.
-"""
+"""The training batches of a run: fixed-size, drawn from (seed, epoch), and able to skip the
+batches an interrupted run did, so a resumed run repeats an uninterrupted one exactly. Workers
+are not persistent, which would carry a stale epoch."""
 import random
 from typing import Optional
 
@@ -19,16 +14,13 @@ from .faults import ignore_interrupts
 
 
 def seed_everything(seed: int):
-    """Seed Python's, NumPy's and torch's global random number generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 class TrainLoader:
-    """Batches of `batch_size` (the last partial one dropped, so every step has one shape),
-    class-balanced (`balanced`, with `samples_per_epoch`), distributed over `world` processes
-    or plainly shuffled. Call `start_epoch(epoch)` before iterating an epoch."""
+    """Batches of one shape (no partial one); call `start_epoch(epoch)` each epoch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
                  world: int = 1, balanced: bool = False, samples_per_epoch: int = 0,
@@ -49,12 +41,10 @@ class TrainLoader:
                                  prefetch_factor=prefetch_factor if workers else None)
 
     def __len__(self) -> int:
-        """Steps in a full epoch."""
         return len(self.loader.sampler.sampler) // self.batch_size
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> DataLoader:
-        """Seed everything random in epoch `epoch` from (seed, epoch) and return its loader,
-        without the first `skip_batches` batches (done before a resume)."""
+        """The epoch's loader, seeded from (seed, epoch), less its first `skip_batches`."""
         seed = self.seed * 1000 + epoch
         seed_everything(seed)
         self.generator.manual_seed(seed)

@@ -1,20 +1,6 @@
-"""The evaluation protocol of a run: which images train, which choose best.pt, which test it.
-
-- **train**: the training split, or K images per class of it (`--shots`, the CoOp protocol);
-- **selection**: evaluated every `--eval-every` epochs to choose best.pt: the `--eval-split`,
-  or a stratified part held out of the training split (`--val-fraction`; the held-out images
-  never train);
-- **test**: the test split. When the selection set is another set, best.pt is evaluated on it
-  once, at the end (`test.json`); when the selection set is the test split itself (the RAF-DB
-  recipe, as in the paper), there is nothing more to report.
-
-Base-to-novel (`--base-classes`, CoCoOp's protocol) trains and selects on the base classes'
-images only; the test split keeps every class and is scored on base, novel and all classes
-(`evaluate_reported`), with zero-shot CLIP measured on the same sets before training
-(`baselines`). `read_splits` reads and checks every set before CLIP is loaded (files, labels,
-classes, that every image of the evaluation sets decodes); `Splits.set_transforms` gives them
-CLIP's resolution once it is known; `report_best` evaluates best.pt on the test set at the end.
-"""
+"""The evaluation protocol: which images train (--shots), which choose best.pt (--eval-split,
+--val-fraction) and which test it once at the end (the test split, unless it chose best.pt, as
+in the paper's RAF-DB recipe); base-to-novel (--base-classes) scores base, novel and all."""
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,10 +28,8 @@ from .prototype_cache import prototype_key_fields, training_prototypes
 
 @dataclass
 class Splits:
-    """The sets of one run (see the module doc). `records` are the files that list a drawn
-    subset (shots.json, heldout.json): (file name, its content). `read`: the splits as read from
-    the data root, before any subset was drawn, by split name ({} for the demo), which identify
-    the data (`faults.check_data`)."""
+    """The sets of one run. `records`: (file name, content) of the files listing a drawn subset;
+    `read`: the splits as read, before any draw ({} for the demo), for `faults.check_data`."""
     train: object
     selection: object
     test: Optional[object]  # None: the selection set is the test split
@@ -57,12 +41,10 @@ class Splits:
 
     @property
     def classnames(self) -> List[str]:
-        """The classes the model trains on (the base classes in base-to-novel)."""
         return list(self.train.classnames)
 
     @property
     def all_classnames(self) -> List[str]:
-        """The classes of the reported set: the dataset's, novel ones included."""
         return list(self.reported.classnames)
 
     @property
@@ -71,20 +53,16 @@ class Splits:
 
     @property
     def reported(self):
-        """The set whose numbers a run reports: the test set, or the selection set when it is
-        the test split itself."""
         return self.test if self.test is not None else self.selection
 
     def set_transforms(self, resolution: int):
-        """Training augmentation for the training set, CLIP's preprocessing for the others;
-        both hand over uint8 pixels (normalised and erased on the device)."""
+        """Augmentation for training, CLIP's preprocessing for the rest (uint8)."""
         self.train.transform = train_transform(resolution, uint8=True)
         for evaluated in (self.selection, self.test):
             if evaluated is not None:
                 evaluated.transform = eval_transform(resolution, uint8=True)
 
     def write_records(self, run):
-        """shots.json, heldout.json in the run folder: which images the seeded draws chose."""
         for name, record in self.records:
             run.write_json(name, record)
             run.log(f"{record['protocol']}: {counted(record['num_images'], 'image')}, listed in "
@@ -109,15 +87,12 @@ class Splits:
 
 
 def selection_split_name(cfg) -> str:
-    """The name of the set that chooses best.pt (see `mpafer.app.protocol`): the evaluation split,
-    or "heldout", the part of the training split that --val-fraction holds out (heldout.json);
-    in base-to-novel, its base-class images ("test base")."""
+    """The set that chooses best.pt: the eval split or "heldout" (+ " base")."""
     name = "heldout" if cfg.val_fraction > 0 else cfg.eval_split
     return f"{name} base" if cfg.base_classes else name
 
 
 def dataset_options(cfg) -> Dict:
-    """The reader options the settings ask for (--skip-bad-images, --classnames)."""
     options = {"skip_bad_images": True} if cfg.skip_bad_images else {}
     if cfg.classnames:
         options["classnames"] = [c.strip() for c in cfg.classnames.split(",")]
@@ -125,12 +100,7 @@ def dataset_options(cfg) -> Dict:
 
 
 def read_splits(cfg) -> Splits:
-    """The run's sets, read and checked, without transforms (see the module doc): the demo's
-    synthetic faces with --demo, else --dataset at --data-root.
-
-    With --base-classes (the base-to-novel protocol of CoCoOp), the training and selection sets
-    hold the base classes' images only, labelled among the base classes; the test split keeps
-    every class, and best.pt is evaluated on it once, on base, novel and all classes."""
+    """The run's sets, read and checked before CLIP is loaded, without transforms."""
     aliases = {}
     if cfg.demo:  # drawn in memory: nothing to check
         train, test = demo_datasets(cfg.demo_train_per_class, cfg.demo_test_per_class,
@@ -155,13 +125,22 @@ def read_splits(cfg) -> Splits:
     base = base_classes(cfg.base_classes, train.classnames)
     if base:
         train = class_subset(train, base)
-    require_training_images(train, read.get("train"))
+    empty = [c for c, n in zip(train.classnames, train.class_counts()) if n == 0]
+    if empty:  # a class that could never be learned, nor its prototype built
+        read_train = read.get("train")
+        if not hasattr(read_train, "class_folder"):
+            raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
+                             "needs training images")
+        split_dir = os.path.join(read_train.root, read_train.split)
+        where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
+                          if read_train.class_folder(c) is not None
+                          else f"{split_dir} has no folder for class {c}" for c in empty)
+        raise ValueError(f"{where}: every class needs training images; put its images there, "
+                         "or remove the class's folders from every split")
     train, held_out, records = carve_subsets(cfg, train)
-    if held_out is not None:
-        selection = held_out
-    else:
-        selection = evaluated[cfg.eval_split]
-        selection = class_subset(selection, base) if base else selection
+    selection = held_out if held_out is not None else evaluated[cfg.eval_split]
+    if held_out is None and base:
+        selection = class_subset(selection, base)
     test = None if cfg.eval_split == "test" and held_out is None and not base else evaluated["test"]
     splits = Splits(train, selection, test, selection_split_name(cfg), records, read, base,
                     aliases)
@@ -171,10 +150,7 @@ def read_splits(cfg) -> Splits:
 
 
 def require_all_readable(splits: Splits, workers: int):
-    """Decode every image the run will read, before anything expensive: the training images
-    (which the prototype pass reads too), the selection set and the test set. An unreadable one
-    stops the run in one line that names it and the fix (`require_readable`), not a worker's
-    traceback in the middle of an epoch."""
+    """Decode every image the run reads: a bad one fails now, not mid-epoch."""
     checked = []
     for name, dataset in (("train", splits.train), (splits.selection_name, splits.selection),
                           ("test", splits.test)):
@@ -183,28 +159,8 @@ def require_all_readable(splits: Splits, workers: int):
             checked.append(dataset)
 
 
-def require_training_images(train, read_train=None):
-    """Every class the model trains on has training images: a class without any (an empty or
-    missing class folder) could never be learned, nor its prototype built. Raises ValueError
-    naming the folder (`read_train`: the split as read, for its folders) and the fix."""
-    empty = [c for c, n in zip(train.classnames, train.class_counts()) if n == 0]
-    if not empty:
-        return
-    if not hasattr(read_train, "class_folder"):
-        raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
-                         "needs training images")
-    split_dir = os.path.join(read_train.root, read_train.split)
-    where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
-                      if read_train.class_folder(c) is not None
-                      else f"{split_dir} has no folder for class {c}" for c in empty)
-    fix = "put its images there, or remove the class's folders from every split"
-    raise ValueError(f"{where}: every class needs training images; {fix}")
-
-
 def base_classes(flag: str, classnames) -> Optional[List[str]]:
-    """The base classes --base-classes names (None: not base-to-novel), as the data spells them
-    (a name matches in any case or by a usual synonym: happy is happiness); every one must be a
-    class of the data, and at least one class must be left novel."""
+    """--base-classes as the data spells them (None: off); one class must stay novel."""
     if not flag:
         return None
     base, unknown = match_classes([c.strip() for c in flag.split(",")], classnames)
@@ -220,9 +176,7 @@ def base_classes(flag: str, classnames) -> Optional[List[str]]:
 
 
 def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[str, Dict]]]:
-    """--val-fraction: a stratified part of the training set becomes the selection set;
-    --shots: training uses K images per class of the rest. Both seeded -> (training set, the
-    held-out part or None, the records listing them)."""
+    """--val-fraction, then --shots -> (training set, held-out part or None, records)."""
     records, kept, held_out = [], None, None
     dataset = "synthetic-demo" if cfg.demo else cfg.dataset
     if cfg.val_fraction > 0:
@@ -244,9 +198,7 @@ def carve_subsets(cfg, train_set) -> Tuple[object, Optional[Subset], List[Tuple[
 
 def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: bool = False,
                    samples_per_epoch: int = 0) -> Tuple[int, Optional[str]]:
-    """-> (a batch size that gives every process at least one full batch per epoch, a note when
-    it had to be lowered). Few-shot training sets (K images per class, e.g. 7 with one shot) are
-    often smaller than the usual batch."""
+    """-> (a batch size that fills every process's batch, a note if lowered)."""
     per_process = (-(-(samples_per_epoch or train_size) // world) if balanced
                    else train_size // world)
     if per_process < 1:
@@ -262,11 +214,8 @@ def fit_batch_size(batch_size: int, train_size: int, world: int = 1, balanced: b
 
 def evaluate_reported(classifier_for: Callable, splits: Splits, device, amp=None,
                       **evaluate_options) -> Dict:
-    """The numbers a run reports, on `splits.reported`, of `classifier_for(classnames)` (a model
-    or logits function for those classes): WAR, UAR, per-class recall, confusion. In base-to-
-    novel the reported set holds every class: then also "base", "novel" (each classified among
-    its own classes, see `engine.evaluate_base_novel`) and their harmonic mean "hm", with the
-    top-level numbers those of all classes."""
+    """The metrics of `classifier_for(classnames)` on `splits.reported`; in base-to-novel also
+    "base", "novel" (each among its own classes) and their harmonic mean "hm"."""
     if not splits.base:
         return evaluate(classifier_for(splits.classnames), splits.reported, splits.classnames,
                         device, amp, **evaluate_options)
@@ -278,43 +227,20 @@ def evaluate_reported(classifier_for: Callable, splits: Splits, device, amp=None
 
 
 def evaluate_selection(model, splits: Splits, device, amp=None, **evaluate_options) -> Dict:
-    """An epoch's evaluation: the selection set, which chooses best.pt. In base-to-novel it holds
-    the base classes only (novel accuracy never chooses a checkpoint); the test split's base,
-    novel and all-class numbers are measured beside it, for the record ("base_to_novel")."""
+    """An epoch's evaluation of the selection set; in base-to-novel the test split's base, novel
+    and all-class numbers beside it, for the record only (novel never chooses a checkpoint)."""
     metrics = evaluate(model, splits.selection, splits.classnames, device, amp,
                        **evaluate_options)
     if splits.base:
         reported = evaluate_reported(model.with_classes, splits, device, amp, **evaluate_options)
-        metrics["base_to_novel"] = summary_of(reported)
+        metrics["base_to_novel"] = {**{part: {k: reported[part][k] for k in ("war", "uar")}
+                                       for part in ("base", "novel", "all")}, "hm": reported["hm"]}
     return metrics
 
 
-def summary_of(reported: Dict) -> Dict:
-    """{base, novel, all: {war, uar}, hm} of an `evaluate_reported` result in base-to-novel."""
-    return {**{part: {k: reported[part][k] for k in ("war", "uar")}
-               for part in ("base", "novel", "all")}, "hm": reported["hm"]}
-
-
-def format_base_to_novel(rows: Dict[str, Dict]) -> str:
-    """{label: `evaluate_reported` result} as a small table of WAR: base, novel, all, HM."""
-    width = max(len(label) for label in rows) + 2
-    lines = [" " * width + f"{'base':>8}{'novel':>8}{'all':>8}{'HM':>8}   (WAR %)"]
-    for label, r in rows.items():
-        lines.append(f"{label:<{width}}" + "".join(
-            f"{100 * v:>8.2f}" for v in (r["base"]["war"], r["novel"]["war"], r["all"]["war"],
-                                         r["hm"])))
-    return "\n".join(lines)
-
-
 def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_options) -> Dict:
-    """The reference points of a run, measured on the set it reports before any training: the
-    model with its random prompts, and zero-shot CLIP with MPA-FER's hard prompts (template 3;
-    a class's logit is the mean over its descriptions' prompts), the baseline prompt learning
-    has to beat. When the descriptions do not cover the classes, a run whose hard prompts need
-    none (--hard-prompt-template 1 or 2) is measured with those; otherwise there is no baseline
-    (None). In base-to-novel both are measured on base, novel and all classes.
-    -> {"random_prompts": metrics, "zero_shot_hard_prompts": metrics or None,
-    "hard_prompt_template": the template of the zero-shot prompts}."""
+    """Before training, on the reported set: random prompts, and zero-shot CLIP with the hard
+    prompts, the baseline to beat (None when the run's template needs missing descriptions)."""
     device = model.clip.logit_scale.device
     measured = {"random_prompts": evaluate_reported(model.eval().with_classes, splits, device,
                                                     amp, **evaluate_options),
@@ -340,10 +266,8 @@ def baselines(model, splits: Splits, descriptions=None, amp=None, **evaluate_opt
 
 
 def run_prototypes(run, model, train_set, resolution: int):
-    """The class prototypes of L_v for a run: computed once on rank 0 from the training set
-    (or read from the cache, keyed by everything they depend on, the data root included:
-    file names and labels cannot tell the same images from others, so a dataset that moved
-    computes its prototypes once more), then given to every rank."""
+    """L_v's class prototypes, computed (or read from the cache) on rank 0, given to every rank.
+    The key holds the data root: file names and labels cannot tell the same images apart."""
     cfg, per_class = run.cfg, run.cfg.prototypes_per_class or None
     prototypes = None
     if run.master:
@@ -357,7 +281,6 @@ def run_prototypes(run, model, train_set, resolution: int):
 
 
 def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
-    """`baselines` on the set the run reports, logged and written to baseline.json."""
     measured = baselines(model, splits, descriptions, run.amp,
                          batch_size=2 * run.cfg.batch_size, workers=run.cfg.workers)
     zero_shot = measured["zero_shot_hard_prompts"]
@@ -374,9 +297,7 @@ def record_baselines(run, model, splits: Splits, descriptions=None) -> Dict:
 
 
 def report_best(run, model, splits: Splits, best: Dict):
-    """The run's result: when another set chose best.pt (and always in base-to-novel), best.pt
-    evaluated once on the test set (test.json, and the base-to-novel table); then the result
-    beside zero-shot CLIP's (baseline.json)."""
+    """best.pt on the test set when another set chose it, then beside zero-shot CLIP."""
     trained = best["war"]
     if splits.test is not None:
         run.barrier()  # rank 0 wrote best.pt; the others read it only after that
@@ -393,11 +314,16 @@ def report_best(run, model, splits: Splits, best: Dict):
             baseline = json.load(f)
         zero_shot, template = baseline["zero_shot_hard_prompts"], baseline.get(
             "hard_prompt_template", 3)
-    if splits.base and splits.test is not None:
+    if splits.base and splits.test is not None:  # a small table of WAR
         rows = {"zero-shot CLIP, hard prompts": zero_shot} if zero_shot else {}
+        rows["MPA-FER, trained on base"] = test
+        width = max(len(label) for label in rows) + 2
+        table = [" " * width + f"{'base':>8}{'novel':>8}{'all':>8}{'HM':>8}   (WAR %)"] + [
+            f"{label:<{width}}" + "".join(f"{100 * v:>8.2f}" for v in (
+                r["base"]["war"], r["novel"]["war"], r["all"]["war"], r["hm"]))
+            for label, r in rows.items()]
         run.log(f"\nbase-to-novel on the test split ({len(splits.base)} base classes, best.pt "
-                f"chosen on {splits.selection_name} images):\n"
-                + format_base_to_novel({**rows, "MPA-FER, trained on base": test}))
+                f"chosen on {splits.selection_name} images):\n" + "\n".join(table))
     if zero_shot:
         which = "the hard prompts" + (f" of template {template}" if template != 3 else "")
         run.log(f"\n{'DEMO: ' if run.cfg.demo else ''}zero-shot CLIP with {which} "
@@ -411,12 +337,8 @@ CLASS_SETS = ("shared", "open")
 
 
 def class_set_data(dataset, trained: List[str], class_set: Optional[str], source: str):
-    """The data to evaluate `source` (a checkpoint trained on classes `trained`) on, as far as
-    its classes allow: all of it when the checkpoint knows every class (in any order:
-    predictions match by name); with --class-set shared, the images of the classes both have,
-    scored among those; with --class-set open, all of it, the classes the checkpoint was not
-    trained on scored through its learned context. A class the checkpoint spells otherwise
-    (Happy, happy: happiness) is the checkpoint's class."""
+    """`dataset` as far as the classes `source` was trained on allow (--class-set shared or
+    open, see its help); a class the checkpoint spells otherwise takes the checkpoint's name."""
     data = [next((t for t in trained if same_class(c, t)), c) for c in dataset.classnames]
     if data != list(dataset.classnames):
         dataset.classnames = tuple(data)
@@ -444,8 +366,7 @@ def class_set_data(dataset, trained: List[str], class_set: Optional[str], source
 
 
 def seen_and_unseen(metrics: Dict, seen_classes: List[str]) -> Dict:
-    """--class-set open: WAR and UAR over the images of the classes the checkpoint was trained
-    on ("seen") and of the others ("unseen"), from the predictions over all of them."""
+    """--class-set open: WAR and UAR of the classes the checkpoint was trained on and the rest."""
     seen = [c for c in metrics["classnames"] if c in seen_classes]
     unseen = [c for c in metrics["classnames"] if c not in seen_classes]
     return {"seen": over_classes(metrics, seen), "unseen": over_classes(metrics, unseen)}
@@ -465,10 +386,8 @@ def format_seen_and_unseen(metrics: Dict) -> str:
 
 
 def evaluation_data(given: Dict, checkpoint: Optional[Dict]) -> Dict:
-    """eval.py's data where the command line leaves it open (`given`: its data flags, None where
-    not given): that of the run that trained `checkpoint` (its dataset, root, evaluation split,
-    folder class names; the demo's faces), else RAF-DB's test split. A run that chose best.pt on
-    a part of its training set (--val-fraction) is tested on test."""
+    """eval.py's data flags left None (in `given`): those of the run that trained `checkpoint`
+    (a --val-fraction run is tested on test), else RAF-DB's test split."""
     trained = (checkpoint or {}).get("train_config", {})
     demo = given["demo"] or (given["dataset"] is None and bool(trained.get("demo")))
     same = not demo and given["dataset"] in (None, trained.get("dataset"))

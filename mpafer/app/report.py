@@ -4,19 +4,9 @@ training curves of each run.
     python -m mpafer.report runs/rafdb/*                      # one Markdown table
     python -m mpafer.report runs/fewshot/* --json summary.json --curves
 
-A run folder is what train.py writes: config.json, metrics.jsonl, best.pt, and test.json when
-best.pt was chosen on another split and then evaluated once on the test split. Runs are grouped
-by their recorded configuration and the data they trained on, ignoring the seed and the fields
-that do not change the result (output folder, weight paths, workers, device, logging). The data
-is told apart by the record a resume checks (last.pt: its files, labels and classes), not by the
-dataset's name or where it lies: two folder datasets are two rows, a dataset that moved is one.
-Each run contributes:
-
-- its reported result: test.json if there is one (best.pt on the test split), else best.pt's
-  own evaluation (on the split that chose it, named in the table);
-- its last evaluated epoch (metrics.jsonl), the number that involves no model selection.
-
-The standard deviation is the sample standard deviation (n - 1) over the group's runs.
+Runs are grouped by configuration and data (by content), ignoring the seed and settings that
+change no result. Each gives its reported result (test.json, else best.pt's evaluation) and its
+last evaluated epoch, which involves no model selection. Std: the sample std (n - 1).
 """
 import argparse
 import glob
@@ -35,8 +25,7 @@ from .config import RESULT_NEUTRAL
 from .figures import save_png, training_curves
 from .fingerprint import data_identity
 
-# Recorded training fields that do not tell runs apart: those that do not change what a run
-# computes, and the seed, over which a group's mean and spread are taken.
+# Training fields that do not tell runs apart: the seed, and those that change no result.
 IGNORED = RESULT_NEUTRAL | {"seed"}
 
 
@@ -61,25 +50,9 @@ def read_json(path: str) -> Dict:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def configuration_key(config: Dict, descriptions_sha256: Optional[str] = None,
-                      data: Optional[str] = None) -> Dict:
-    """The fields that define what a run computes: flat {name: value}, ignored fields dropped;
-    a run's descriptions are identified by content (from best.pt), not by path, and its data by
-    `data` (`run_data`'s identity), not by the dataset's name or path."""
-    key = {k: v for k, v in config.get("train", {}).items() if k not in IGNORED}
-    key.update(config.get("model", {}))
-    if descriptions_sha256:
-        key["descriptions_sha256"] = descriptions_sha256
-    if data:
-        key["data"] = data
-    return key
-
-
 def run_data(folder: str, config: Dict) -> Tuple[Optional[str], str]:
-    """-> (what identifies the data a run trained on, a readable name for it). The identity is
-    that of the data record last.pt keeps for a resume to check (`app.fingerprint`); a run
-    without one (older, or no last.pt) falls back to (a hash of) its data root. The demo's faces
-    are drawn from its settings: no identity beyond them (None)."""
+    """-> (what identifies the data a run trained on, a readable name): the identity of the
+    record in last.pt, else a hash of its data root; None for the demo, drawn from settings."""
     train = config.get("train", {})
     if train.get("demo"):
         return None, "synthetic-demo"
@@ -120,8 +93,14 @@ def read_run(folder: str) -> Optional[Dict]:
         print(f"note: skipping {folder}: nothing evaluated yet", file=sys.stderr)
         return None
     data, data_name = run_data(folder, config)
-    return {"folder": folder, "seed": config.get("train", {}).get("seed"),
-            "key": configuration_key(config, best and best.get("descriptions_sha256"), data),
+    # What a run computes: descriptions and data identified by content, not by path.
+    key = {k: v for k, v in config.get("train", {}).items() if k not in IGNORED}
+    key.update(config.get("model", {}))
+    if best and best.get("descriptions_sha256"):
+        key["descriptions_sha256"] = best["descriptions_sha256"]
+    if data:
+        key["data"] = data
+    return {"folder": folder, "seed": config.get("train", {}).get("seed"), "key": key,
             "data_name": data_name,
             "reported": reported and reported_numbers(reported),
             "source": source, "last": evaluated[-1] if evaluated else None,
@@ -142,7 +121,7 @@ def reported_numbers(reported: Dict) -> Dict:
 
 
 def mean_std(values: Sequence[float]) -> Dict:
-    """Mean and sample standard deviation (n - 1; None for one value) of `values`."""
+    """Mean and sample standard deviation (None for one value)."""
     n = len(values)
     mean = sum(values) / n if n else None
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
@@ -177,10 +156,8 @@ SHORT_HASH = 8
 
 
 def label_groups(summaries: List[Dict]):
-    """Name each group by the fields whose values differ between groups (its data, else its
-    dataset, and its method when there is only one group). Hashes are shortened; the data is
-    named by its dataset and root folder (`run_data`), with a short hash only where two groups'
-    data share that name."""
+    """Name each group by the fields that differ between groups (one group: its data and
+    method); hashes shortened, the data by name (+ a short hash where two share a name)."""
     keys = sorted({k for s in summaries for k in s["config"]})
     differing = [k for k in keys
                  if len({json.dumps(s["config"].get(k)) for s in summaries}) > 1]
@@ -195,8 +172,6 @@ def label_groups(summaries: List[Dict]):
 
 
 def label_part(key: str, summary: Dict, ambiguous: bool) -> str:
-    """`key=value` of a group's label: its data by name (+ a short hash when `ambiguous`),
-    any SHA-256 by its first characters."""
     value = summary["config"].get(key)
     if key == "data":
         suffix = f"#{value[:SHORT_HASH]}" if ambiguous and value else ""
@@ -231,10 +206,7 @@ def markdown_table(summaries: Sequence[Dict]) -> str:
 
 
 def ladder_table(record: Dict) -> str:
-    """The ablation ladder (`mpafer.app.ablation`'s record) as one Markdown table: zero-shot CLIP
-    with the hard prompts, then each row's mean ± std over the seeds, its change from the row
-    before, each seed's value and the last evaluated epoch's WAR; with base, novel and HM
-    columns for a base-to-novel ladder."""
+    """The ablation ladder's record as one Markdown table."""
     def seeds(stat):
         return ", ".join(f"{100 * v:.1f}" for v in stat["values"])
 
@@ -268,31 +240,20 @@ def write_curves(folder: str) -> str:
     return path
 
 
-def run_folders(patterns: Sequence[str]) -> List[str]:
-    """Folders named or matched by `patterns` (the shell usually expands them already)."""
-    found = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) or [pattern]
-        found += [m for m in matches if os.path.isdir(m)]
-    if not found:
-        raise FileNotFoundError(f"no run folders in {' '.join(patterns)}")
-    return found
-
-
-def parse_args(argv=None):
-    """The report's options (nothing is read yet)."""
+def main(argv=None):
     parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (train.py --out), e.g. runs/rafdb/*")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     parser.add_argument("--curves", action="store_true",
                         help="(re)draw curves.png in every run folder")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    runs = [r for r in (read_run(f) for f in run_folders(args.runs)) if r is not None]
+    args = parser.parse_args(argv)
+    folders = []  # (the shell usually expands the patterns already)
+    for pattern in args.runs:
+        folders += [m for m in sorted(glob.glob(pattern)) or [pattern] if os.path.isdir(m)]
+    if not folders:
+        raise FileNotFoundError(f"no run folders in {' '.join(args.runs)}")
+    runs = [r for r in (read_run(f) for f in folders) if r is not None]
     if not runs:
         raise ValueError("none of the folders is a run with results")
     if args.curves:

@@ -1,10 +1,5 @@
-"""Runs are never lost: the run folder, the resume record and its checks, the checkpoints a run
-writes, and the list of what it left. What may stop a run and how it goes on from there (Ctrl-C,
-SIGTERM, a full disk, moved data, a damaged checkpoint) is `mpafer.app.faults`.
-
-train.py drives these. They work on plain objects: the settings (a TrainConfig), the model, its
-`engine.Optimization` (optimiser, schedule, scaler) and checkpoint dicts.
-"""
+"""The run folder, resume and its checks, the checkpoints a run writes, and what it left.
+What may stop a run is `mpafer.app.faults`."""
 import dataclasses
 import json
 import os
@@ -76,15 +71,13 @@ def folder_conflict(folder: str) -> Optional[str]:
 
 
 def clear_run_files(folder: str):
-    """Remove what an earlier run wrote into `folder` (only its own files), so that a new run
-    there never reports a file it did not write."""
+    """Remove an earlier run's own files from `folder`, so a new run reports only its own."""
     for path in existing(folder, RUN_FILES):
         remove_run_file(path)
 
 
 def remove_temporaries(folder: str):
-    """Remove the temporary files of writes that a kill (SIGKILL, a power loss) interrupted
-    before their rename; the files they were replacing are whole."""
+    """Remove the temporaries of writes a kill interrupted before their rename."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if TEMPORARY.match(name):
@@ -98,46 +91,37 @@ def remove_run_file(path: str):
         raise WriteError(path, error, "remove") from error
 
 
-# -- what a resume may change --------------------------------------------------------------------
+# -- the settings of a run -------------------------------------------------------------------------
 
 def resume_refusals(given: Dict, recorded: Dict, may_change: Iterable[str] = ()) -> List[str]:
-    """The flags in `given` that would change the recorded run: not in `may_change`, and
-    different from the value `recorded` (a field missing there counts as differing)."""
+    """The flags in `given`, not in `may_change`, that differ from or are missing in `recorded`."""
     may_change = set(may_change)
     return [f"{flag(k)} {v!r} (the run has {recorded[k]!r})" if k in recorded
             else f"{flag(k)} {v!r}" for k, v in given.items()
             if k not in may_change and (k not in recorded or recorded[k] != v)]
 
 
-def resume_changes(recorded: Dict, current: Dict, may_change: Iterable[str]) -> Dict[str, list]:
-    """{field: [recorded value, value now]} of the fields a resume changed."""
-    return {k: [recorded.get(k), current[k]] for k in sorted(may_change)
-            if k in current and recorded.get(k) != current[k] and k != "resume"}
-
-
-# -- the settings of a run -------------------------------------------------------------------------
-
 def run_config(argv=None, description: str = None):
-    """-> (TrainConfig, MPAFERConfig, the model fields given on the command line).
-
-    Every value is checked here, before anything is loaded or written: a value out of range,
-    a resume that would change the recorded run, or a run folder that holds another run is an
-    argument error naming the flag. A new run's settings come from `config.new_run_values`; a
-    resumed run's from its last.pt (`resume_values`)."""
+    """-> (TrainConfig, MPAFERConfig, model flags given), all checked before any load."""
     parser, train, model = parse_flags(argv, description)
     if train.get("resume"):
         values, model_values = resume_values(parser, train, model)
     else:
         values, model_values = new_run_values(parser, train, model)
     cfg, model_cfg = check_config(parser, values, model_values, train)
-    if not cfg.resume:
-        cfg.out = new_run_out(parser, cfg, "out" in train)
+    if not cfg.resume:  # a new run's folder; one holding another run needs --overwrite
+        if "out" in train and cfg.name:
+            parser.error("--out and --name both say where the run goes; give one of them")
+        if "out" not in train:
+            cfg.out = new_run_folder("demo" if cfg.demo else cfg.dataset, cfg.name)
+        conflict = folder_conflict(cfg.out)
+        if conflict and not cfg.overwrite:
+            parser.error(conflict)
     return cfg, model_cfg, model
 
 
 def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
-    """Settings of a resumed run: the recorded ones, changed only by the flags a resume may
-    change (RESUME_MAY_CHANGE); any other flag that differs from the record is refused."""
+    """A resumed run's recorded settings, changed only by RESUME_MAY_CHANGE flags."""
     path = train["resume"]
     try:
         checkpoint = load_checkpoint(path)
@@ -171,25 +155,10 @@ def resume_values(parser, train: Dict, model: Dict) -> Tuple[Dict, Dict]:
     return values, checkpoint["config"]
 
 
-def new_run_out(parser, cfg: TrainConfig, out_given: bool) -> str:
-    """The new run's folder; one that holds another run's checkpoints is refused unless
-    --overwrite."""
-    if out_given and cfg.name:
-        parser.error("--out and --name both say where the run goes; give one of them")
-    base = "demo" if cfg.demo else cfg.dataset
-    out = cfg.out if out_given else new_run_folder(base, cfg.name)
-    conflict = folder_conflict(out)
-    if conflict and not cfg.overwrite:
-        parser.error(conflict)
-    return out
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 class Logger:
-    """Prints on rank 0 and appends the same lines to <out>/log.txt once the run folder is
-    opened (`open`); lines logged before that are kept and written then, so a run that fails
-    its checks writes nothing."""
+    """Prints on rank 0; log.txt gets the lines once `open`ed, so a failed check writes none."""
 
     def __init__(self, active: bool):
         self.path, self.active, self.pending = None, active, []
@@ -211,10 +180,7 @@ class Logger:
 
 @dataclass
 class Run:
-    """Where and how this process trains: the settings, its rank among `world` processes, the
-    device and autocast dtype, the log, the checkpoint resumed from (if any), the resumes so
-    far (where each continued and which flags it changed) and the record of the data it trains
-    on (`data.fingerprint.data_record`; None for the demo)."""
+    """Where and how this process trains (`data`: its data's record; None for the demo)."""
     cfg: Any  # the TrainConfig
     rank: int
     world: int
@@ -237,7 +203,6 @@ class Run:
             dist.barrier()
 
     def max_over_ranks(self, value: int) -> int:
-        """The largest `value` of all processes: one all-reduce, the same answer everywhere."""
         if self.world == 1:
             return value
         synced = torch.tensor([value], dtype=torch.int64, device=self.device)
@@ -245,7 +210,6 @@ class Run:
         return int(synced.item())
 
     def from_master(self, value):
-        """Rank 0's `value`, on every rank."""
         if self.world == 1:
             return value
         box = [value]
@@ -253,15 +217,12 @@ class Run:
         return box[0]
 
     def write_json(self, name: str, payload):
-        """<out>/name, written atomically by rank 0."""
         if self.master:
             atomic_write_json(payload, self.path(name))
 
 
 def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
-    """Processes, device, precision, the checkpoint resumed from (and which of the `may_change`
-    flags the resume changed). Nothing is written yet: `open_folder` writes the first file once
-    the data and CLIP have passed their checks."""
+    """Processes, device, precision and the checkpoint resumed from; nothing is written yet."""
     rank, world, device = setup_distributed(cfg.device)
     if device.type == "cuda":
         configure_cuda()
@@ -270,7 +231,9 @@ def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
     if cfg.resume:
         run.resume = load_checkpoint(cfg.resume)
         state = run.resume["resume"]
-        changed = resume_changes(run.resume["train_config"], dataclasses.asdict(cfg), may_change)
+        recorded, now = run.resume["train_config"], dataclasses.asdict(cfg)
+        changed = {k: [recorded.get(k), now[k]] for k in sorted(may_change)
+                   if k in now and recorded.get(k) != now[k] and k != "resume"}
         run.history = [*state.get("history", []), {
             "from": cfg.resume, "epoch": run.resume["epoch"], "step": state.get("step", 0),
             "changed": changed}]
@@ -278,9 +241,7 @@ def start_run(cfg, may_change: Iterable[str] = ()) -> Run:
 
 
 def load_clip(run: Run):
-    """The run's frozen CLIP: --clip (downloaded into --cache-dir), or the demo's tiny CLIP,
-    pre-trained once by rank 0 and cached. A resumed run gets the activation it recorded, and a
-    CLIP other than its own is refused."""
+    """The run's frozen CLIP; a resumed run keeps its activation and may not change CLIP."""
     cfg = run.cfg
     if run.master and not cfg.clip:
         demo_clip_path(cfg.cache_dir, log=run.log)
@@ -297,11 +258,8 @@ def load_checkpoint_clip(checkpoint: Optional[Dict], source: str, name: Optional
                          activation: Optional[str] = None, cache_dir: str = "weights",
                          device=None, allow_other_clip: bool = False, demo: bool = False,
                          recorded: Optional[Dict] = None):
-    """The frozen CLIP to evaluate a checkpoint (or an Exp-CLIP head, whose sidecar `recorded`
-    {name, sha256, activation}) with -> (CLIP, the name or path it was loaded from). `name`
-    (--clip) or the recorded CLIP, else ViT-B/16; the demo's tiny CLIP from the cache folder
-    when the demo asks for it or the recorded file has moved. A CLIP other than the recorded one
-    is refused (unless `allow_other_clip`)."""
+    """-> (the CLIP for a checkpoint or an Exp-CLIP head (sidecar `recorded`), its name): --clip,
+    else the recorded one, else ViT-B/16; another than the recorded one needs `allow_other_clip`."""
     recorded = recorded or (checkpoint or {}).get("clip") or {}
     chosen = name or recorded.get("name") or ""
     if chosen and not os.path.isfile(chosen) and os.path.basename(chosen) == DEMO_CLIP_FILE:
@@ -319,16 +277,14 @@ def load_checkpoint_clip(checkpoint: Optional[Dict], source: str, name: Optional
 
 
 def run_record(run: Run, model_cfg) -> Dict:
-    """config.json: the settings that ran, the precision and processes they ran with, and the
-    resumes (where each continued and which flags it changed)."""
+    """config.json: the settings, precision, processes and resumes."""
     return {"train": dataclasses.asdict(run.cfg), "model": model_cfg.to_dict(),
             "precision": str(run.amp or torch.float32).replace("torch.", ""),
             "processes": run.world, "resumed": run.history}
 
 
 def already_finished(run: Run) -> bool:
-    """A resumed run that has trained all its epochs: say so, and what it left, instead of
-    training (--epochs N extends it)."""
+    """A resumed run that has trained all its epochs: say so, and what it left."""
     if (run.resume is None or run.resume["resume"].get("step")
             or run.resume["epoch"] < run.cfg.epochs):
         return False
@@ -339,10 +295,7 @@ def already_finished(run: Run) -> bool:
 
 
 def open_folder(run: Run, model_cfg):
-    """The first write of the run: create its folder (a new run first removes what an earlier
-    attempt left there; every run removes the temporary files of writes a kill interrupted),
-    write config.json, start log.txt with the lines logged so far. A folder that cannot be
-    written fails here, in one line (`files.WriteError`)."""
+    """The run's first write: clear an earlier attempt, write config.json, open log.txt."""
     if not run.master:
         return
     if run.resume is None:
@@ -354,16 +307,12 @@ def open_folder(run: Run, model_cfg):
 
 # -- checkpoints and metrics -----------------------------------------------------------------------
 
-NO_BEST = {"war": -1.0, "epoch": 0}  # the best evaluation before any
-
-
 def restore(run: Run, model,
             optimization: Optimization) -> Tuple[int, Dict, int, Optional[torch.Tensor]]:
-    """Load the resumed run's state into `model` and `optimiser` -> (epochs done, best so far,
-    steps done in the next epoch, their loss sums). A resumed run drops the metrics.jsonl lines
-    of epochs it redoes."""
+    """Load the resumed state -> (epochs done, best, steps done in the next epoch, their loss
+    sums); metrics.jsonl loses the lines of epochs it redoes."""
     if run.resume is None:
-        return 0, dict(NO_BEST), 0, None
+        return 0, {"war": -1.0, "epoch": 0}, 0, None  # (the best before any evaluation)
     model.load_trainable_state_dict(run.resume["state_dict"])
     state = run.resume["resume"]
     optimization.load_state_dict(state)
@@ -382,29 +331,19 @@ def restore(run: Run, model,
     return epoch, best, step, state.get("sums")
 
 
-def resume_state(run: Run, optimization: Optimization, best: Dict, step: int = 0,
-                 sums=None) -> Dict:
-    """What last.pt needs to continue: optimiser, schedule and scaler, the best evaluation so
-    far, and for a run stopped in the middle of an epoch the steps done in it and their loss
-    sums. Nothing else is needed: every epoch re-seeds from (seed, epoch). `data` records the
-    data it trains on, for a resume to check (`check_data`)."""
-    return {**optimization.state_dict(), "best": best, "step": step, "sums": sums,
-            "processes": run.world, "history": run.history, "data": run.data}
-
-
 def save_checkpoints(run: Run, model, descriptions, optimization: Optimization, epochs_done: int,
                      metrics: Dict, best: Dict, step: int = 0, sums=None):
-    """last.pt (resumable) and, when this epoch is the best so far, best.pt; both atomic, by
-    rank 0. `metrics`: the epoch's evaluation ({} if none). `step` > 0: the run stopped after
-    that step of epoch `epochs_done + 1` (Ctrl-C)."""
+    """last.pt and, when this epoch is the best, best.pt (`step` > 0: stopped after that step of
+    epoch `epochs_done + 1`). Epochs re-seed from (seed, epoch): last.pt needs no RNG state."""
     if not run.master:
         return
     train_cfg = dataclasses.asdict(run.cfg)
     metrics = {k: metrics[k] for k in ("war", "uar", "per_class_recall", "confusion")
                if k in metrics}
     is_best = not step and best["epoch"] == epochs_done
-    atomic_save(make_checkpoint(model, descriptions, epochs_done, metrics, train_cfg,
-                                resume_state(run, optimization, best, step, sums)),
+    resume = {**optimization.state_dict(), "best": best, "step": step, "sums": sums,
+              "processes": run.world, "history": run.history, "data": run.data}
+    atomic_save(make_checkpoint(model, descriptions, epochs_done, metrics, train_cfg, resume),
                 run.path("last.pt"))
     if is_best:
         atomic_save(make_checkpoint(model, descriptions, epochs_done, metrics, train_cfg),
@@ -415,12 +354,8 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
                  images_per_second: float, lr: float, metrics: Dict, eval_seconds: float,
                  best: Dict, grad_norms: Optional[Dict[str, float]] = None,
                  diagnostics: Optional[Dict[str, float]] = None) -> str:
-    """Append the epoch's line to <out>/metrics.jsonl (every logged loss, the learning rate, the
-    evaluation if there was one, speed, each term's gradient norm when measured, the soft
-    prompts' `MPAFER.prompt_diagnostics` at the end of the epoch) -> its line
-    for the log. train.py writes it before the epoch's last.pt and logs the line after: a kill
-    in between leaves a line that the resume redoes (it drops the lines past its epoch), never
-    a saved epoch without its line."""
+    """Append the epoch's line to metrics.jsonl -> its log line. Written before last.pt: a kill
+    in between leaves a line the resume drops, never a saved epoch without its line."""
     record = {"epoch": epoch + 1, **losses, "lr": lr,
               **{k: metrics.get(k) for k in ("war", "uar", "per_class_recall")},
               "images_per_second": images_per_second, "seconds": seconds,
@@ -448,7 +383,7 @@ def record_epoch(run: Run, epoch: int, losses: Dict[str, float], seconds: float,
 # -- what the run left ---------------------------------------------------------------------------
 
 def files_summary(run: Run, best: Dict) -> str:
-    """What the run left (only files that exist) and how to evaluate it."""
+    """What the run left and how to evaluate it."""
     cfg, lines = run.cfg, []
     if os.path.isfile(run.path("best.pt")):
         selection = protocol.selection_split_name(cfg)
