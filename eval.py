@@ -49,6 +49,31 @@ class Classifier(NamedTuple):
     classnames: List[str]
 
 
+def evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint):
+    """Metrics of every classifier on the split (each through its own transform), printed."""
+    results = {}
+    for c in classifiers:
+        # A checkpoint's class order may differ from the dataset's: predictions match by name.
+        order = [c.classnames.index(name) for name in classnames]
+        dataset.transform = c.transform
+        metrics = evaluate(lambda x, c=c: c.logits(x)[:, order], dataset, classnames, device,
+                           amp, batch_size=cfg.batch_size, workers=cfg.workers, desc=c.label)
+        results[c.label] = {**metrics, "transform": c.transform_name}
+        print(f"\n{c.label} on {'synthetic demo' if cfg.demo else cfg.dataset} {cfg.split} "
+              f"(transform: {c.transform_name}):")
+        print(format_report(metrics))
+        if cfg.class_set == "open" and checkpoint:
+            results[c.label].update(seen_and_unseen(metrics, checkpoint["classnames"]))
+            print(format_seen_and_unseen(results[c.label]))
+    if len(results) > 1:
+        print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR "
+                                            f"{100 * v['uar']:.2f}%" for k, v in results.items()))
+        transforms = {v["transform"] for v in results.values()}
+        if len(transforms) == 1:
+            print(f"(all on the same input transform: {transforms.pop()})")
+    return results
+
+
 def main(argv=None):
     cfg = parse_eval_flags(argv, __doc__)
     device = resolve_device(cfg.device)
@@ -105,26 +130,7 @@ def main(argv=None):
             expclip = expclip_classifier(clip_model, classnames, prompts, head=head).eval()
             classifiers.append(Classifier(f"Exp-CLIP ({name})", expclip, *transform, classnames))
 
-    results = {}
-    for c in classifiers:
-        # A checkpoint's class order may differ from the dataset's: predictions match by name.
-        order = [c.classnames.index(name) for name in classnames]
-        dataset.transform = c.transform
-        metrics = evaluate(lambda x, c=c: c.logits(x)[:, order], dataset, classnames, device,
-                           amp, batch_size=cfg.batch_size, workers=cfg.workers, desc=c.label)
-        results[c.label] = {**metrics, "transform": c.transform_name}
-        print(f"\n{c.label} on {'synthetic demo' if cfg.demo else cfg.dataset} {cfg.split} "
-              f"(transform: {c.transform_name}):")
-        print(format_report(metrics))
-        if cfg.class_set == "open" and checkpoint:
-            results[c.label].update(seen_and_unseen(metrics, checkpoint["classnames"]))
-            print(format_seen_and_unseen(results[c.label]))
-    if len(results) > 1:
-        print("\nside by side:  " + "   ".join(f"{k}: WAR {100 * v['war']:.2f}% UAR "
-                                            f"{100 * v['uar']:.2f}%" for k, v in results.items()))
-        transforms = {v["transform"] for v in results.values()}
-        if len(transforms) == 1:
-            print(f"(all on the same input transform: {transforms.pop()})")
+    results = evaluate_all(cfg, classifiers, dataset, classnames, device, amp, checkpoint)
     main_label = classifiers[0].label if checkpoint else list(results)[-1]  # the checkpoint
     if cfg.json:
         payload = {"dataset": "synthetic-demo" if cfg.demo else cfg.dataset, "split": cfg.split,

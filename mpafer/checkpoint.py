@@ -9,7 +9,7 @@ containers that load with `torch.load(weights_only=True)`:
     face_convention   how its training faces were cropped (`mpafer.faces.CONVENTIONS`)
     state_dict        trainable tensors only; epoch (1-based) and its metrics
     resume            (last.pt only) optimizer, scheduler and scaler states, where the run
-                      stands (`mpafer.app.runs.resume_state`); no RNG states (epochs re-seed)
+                      stands (`mpafer.app.runs.save_checkpoints`); no RNG states (epochs re-seed)
 """
 from typing import Dict, Optional, Sequence
 

@@ -111,7 +111,7 @@ class TrainConfig:
     log_interval: int = field(default=20, metadata={
         "help": "steps between loss syncs (progress bar, NaN check)", "result": False})
     grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute CLIP blocks in backward: less memory (ViT-L/14 at batch 32 in 24 GB)",
+        "help": "recompute CLIP blocks in backward: less memory",
         "result": False})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the image tower (CUDA; first steps are slow)", "result": False})
