@@ -92,3 +92,21 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def untrained_checkpoint(root, classnames, seed: int = 1):
+    """A tiny CLIP file and an MPA-FER checkpoint of untrained prompts on `classnames` (what
+    eval.py reads as a trained run) in `root` -> (CLIP file, CLIP model, checkpoint path)."""
+    from mpafer import clip
+    from mpafer.checkpoint import make_checkpoint
+    from mpafer.files import atomic_save
+    from mpafer.model import MPAFER, MPAFERConfig
+    clip_file = str(root / "clip.pt")
+    torch.save(tiny_state_dict(seed=seed), clip_file)
+    clip_model, _ = clip.load(clip_file, device="cpu", activation="quick_gelu")
+    torch.manual_seed(0)
+    model = MPAFER(clip_model, list(classnames), None,
+                   MPAFERConfig(soft_hard_alignment=False, prototype_alignment=False, top_k=4))
+    path = str(root / "best.pt")
+    atomic_save(make_checkpoint(model, None, 1, {}), path)
+    return clip_file, clip_model, path

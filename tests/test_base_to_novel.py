@@ -10,9 +10,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mpafer.app.engine import evaluate_base_novel
-from mpafer.checkpoint import load_checkpoint, make_checkpoint
+from mpafer.checkpoint import load_checkpoint
 from mpafer.clip.tokenizer import tokenize
-from mpafer.files import atomic_save
 from mpafer.metrics import harmonic_mean
 from mpafer.model import MPAFER, MPAFERConfig
 from tests.helpers import (
@@ -22,6 +21,7 @@ from tests.helpers import (
     run,
     tiny_clip,
     tiny_state_dict,
+    untrained_checkpoint,
 )
 
 CLASSES = ["happiness", "sadness", "anger", "fear"]
@@ -177,15 +177,7 @@ def write_folder(root, classes):
 def checkpoint_on_three(tmp_path_factory):
     """A checkpoint trained (as far as eval.py can tell) on happiness, sadness, anger."""
     root = tmp_path_factory.mktemp("cross")
-    clip_file = str(root / "clip.pt")
-    torch.save(tiny_state_dict(seed=1), clip_file)
-    from mpafer import clip
-    clip_model, _ = clip.load(clip_file, device="cpu", activation="quick_gelu")
-    torch.manual_seed(0)
-    model = MPAFER(clip_model, ["happiness", "sadness", "anger"], None,
-                   MPAFERConfig(soft_hard_alignment=False, prototype_alignment=False, top_k=4))
-    path = str(root / "best.pt")
-    atomic_save(make_checkpoint(model, None, 1, {}), path)
+    _, _, path = untrained_checkpoint(root, ["happiness", "sadness", "anger"])
     write_folder(root / "faces", ["happiness", "sadness", "fear", "anger"])
     return root, path
 

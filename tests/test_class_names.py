@@ -5,18 +5,13 @@ import json
 import os
 
 import pytest
-import torch
 
-from mpafer import clip
 from mpafer.app.protocol import base_classes
-from mpafer.checkpoint import make_checkpoint
 from mpafer.data import FolderDataset
-from mpafer.files import atomic_save
 from mpafer.labels import canonical_name, match_classes
-from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.prompts import load_descriptions
 from tests.dataset_writers import save_image
-from tests.helpers import load_script, tiny_state_dict
+from tests.helpers import load_script, untrained_checkpoint
 
 # The widely shared FER2013 image folders, in the order a user lists them.
 FER2013_FOLDERS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
@@ -61,14 +56,7 @@ def capitalised_checkpoint(tmp_path_factory):
     """A checkpoint whose classes are spelled Happy, Sad, Angry (as --classnames gave them before
     names were mapped), and folders named happy, sad, angry, fear."""
     root = tmp_path_factory.mktemp("spelling")
-    clip_file = str(root / "clip.pt")
-    torch.save(tiny_state_dict(seed=1), clip_file)
-    clip_model, _ = clip.load(clip_file, device="cpu", activation="quick_gelu")
-    torch.manual_seed(0)
-    model = MPAFER(clip_model, ["Happy", "Sad", "Angry"], None,
-                   MPAFERConfig(soft_hard_alignment=False, prototype_alignment=False, top_k=4))
-    path = str(root / "best.pt")
-    atomic_save(make_checkpoint(model, None, 1, {}), path)
+    clip_file, _, path = untrained_checkpoint(root, ["Happy", "Sad", "Angry"])
     for folders, name in ((["happy", "sad", "angry"], "same"),
                           (["happy", "sad", "angry", "fear"], "more")):
         for i, folder in enumerate(folders):

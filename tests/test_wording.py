@@ -11,13 +11,11 @@ from PIL import Image
 from mpafer import clip
 from mpafer.app.demo import DEMO_CLIP_FILE, demo_clip_path
 from mpafer.app.protocol import Splits, record_baselines
-from mpafer.checkpoint import make_checkpoint
 from mpafer.data import FolderDataset
-from mpafer.files import atomic_save
 from mpafer.metrics import format_report, over_classes
 from mpafer.model import MPAFER, MPAFERConfig
 from mpafer.progress import counted
-from tests.helpers import load_script, run, tiny_state_dict
+from tests.helpers import load_script, run, tiny_state_dict, untrained_checkpoint
 
 
 def test_counts_take_the_number_of_their_count():
@@ -49,15 +47,7 @@ def write_faces(root, split, classes, per_class=2):
 def tiny(tmp_path_factory):
     """A tiny CLIP file and a checkpoint trained (as far as eval.py can tell) on three classes."""
     root = tmp_path_factory.mktemp("wording")
-    clip_file = str(root / "clip.pt")
-    torch.save(tiny_state_dict(seed=1), clip_file)
-    clip_model, _ = clip.load(clip_file, device="cpu", activation="quick_gelu")
-    torch.manual_seed(0)
-    model = MPAFER(clip_model, ["happiness", "sadness", "anger"], None,
-                   MPAFERConfig(soft_hard_alignment=False, prototype_alignment=False, top_k=4))
-    checkpoint = str(root / "best.pt")
-    atomic_save(make_checkpoint(model, None, 1, {}), checkpoint)
-    return root, clip_file, clip_model, checkpoint
+    return (root, *untrained_checkpoint(root, ["happiness", "sadness", "anger"]))
 
 
 def test_class_set_open_without_an_unseen_image_prints_n_a_and_writes_null(tiny, tmp_path,
