@@ -450,6 +450,28 @@ def test_folder_dataset(tmp_path):
     assert os.path.join(root, "val") in str(error.value) and "train" in str(error.value)
 
 
+def test_val_split_may_be_a_validation_or_valid_folder(tmp_path):
+    # Exports spell the val split out; the reader finds it under either name, paths included.
+    for folder in ("validation", "valid"):
+        root = str(tmp_path / folder)
+        save_image(os.path.join(root, "train", "happiness", "a.png"), (1, 2, 3))
+        save_image(os.path.join(root, "train", "neutral", "b.png"), (1, 2, 3))
+        save_image(os.path.join(root, folder, "fear", "c.png"), (1, 2, 3))  # only here
+        save_image(os.path.join(root, folder, "neutral", "d.png"), (1, 2, 3))
+        with pytest.warns(UserWarning, match="happiness"):
+            val = FolderDataset(root, "val")
+        assert val.classnames == ("neutral", "happiness", "fear")  # fear found in val too
+        assert val.paths == [os.path.join(root, folder, "neutral", "d.png"),
+                             os.path.join(root, folder, "fear", "c.png")]
+        assert val.targets == [0, 2]
+        assert val.class_folder("fear") == os.path.join(root, folder, "fear")
+        with pytest.warns(UserWarning, match="fear"):
+            assert FolderDataset(root, "train").classnames == val.classnames
+        assert np.asarray(val[0][0])[0, 0].tolist() == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="validation"):  # the error names what is there
+        FolderDataset(str(tmp_path / "validation"), "test")
+
+
 def test_folder_names_may_be_synonyms_in_any_case(tmp_path):
     # FER2013's folder names (adjectives, capitalised) map onto the canonical classes.
     root = str(tmp_path)

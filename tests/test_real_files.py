@@ -207,6 +207,22 @@ def test_a_phone_jpeg_is_turned_upright(tmp_path):
     assert np.array_equal(np.asarray(load_image(path)), upright)
 
 
+def test_a_32_bit_grey_tiff_of_8_bit_values_reads_as_8_bit(tmp_path):
+    # Some tools store 8-bit grey in a 32-bit integer TIFF (mode I): values 0..255 are read as
+    # they are. A 16-bit container (mode I;16) always holds 16-bit values: scaled by 1/257.
+    grey = grey_pixels()
+    grey[0, 0] = 255  # the brightest value an 8-bit picture has
+    wide = str(tmp_path / "grey8-in-32.tif")
+    Image.fromarray(grey.astype(np.int32)).save(wide)
+    with Image.open(wide) as image:
+        assert image.mode == "I"
+    assert np.array_equal(np.asarray(load_image(wide)), as_rgb_reference(grey))
+    sixteen = str(tmp_path / "grey8-in-16.png")
+    Image.fromarray(grey.astype(np.uint16)).save(sixteen)
+    dark = np.rint(grey.astype(np.float64) / 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(sixteen)), as_rgb_reference(dark))
+
+
 def test_a_face_box_is_cut_from_the_upright_picture(tmp_path):
     rgb = pixels(20, 30)
     path = str(tmp_path / "rotated.png")

@@ -131,7 +131,7 @@ def read_splits(cfg) -> Splits:
         if not hasattr(read_train, "class_folder"):
             raise ValueError(f"no training images for class(es) {', '.join(empty)}: every class "
                              "needs training images")
-        split_dir = os.path.join(read_train.root, read_train.split)
+        split_dir = os.path.join(read_train.root, read_train.split_folder)
         where = "; ".join(f"{read_train.class_folder(c)} (class {c}) holds no image"
                           if read_train.class_folder(c) is not None
                           else f"{split_dir} has no folder for class {c}" for c in empty)

@@ -91,8 +91,9 @@ def load_image(path, box=None):
 
 
 def as_rgb(image):
-    """8-bit RGB from any PIL mode, keeping what the picture shows: 16/32-bit grey scaled by
-    1/257 (PIL's conversion clips it to white), float grey as 0..1 (or 0..255 when a value
+    """8-bit RGB from any PIL mode, keeping what the picture shows: 16-bit grey scaled by 1/257
+    (PIL's conversion clips it to white), 32-bit integer grey likewise unless every value lies in
+    0..255 (8-bit values in a wider container), float grey as 0..1 (or 0..255 when a value
     exceeds 1), transparency composited on white."""
     if image.mode == "RGB":
         return image
@@ -100,6 +101,8 @@ def as_rgb(image):
         pixels = np.asarray(image).astype(np.float64)  # [H, W], any byte order
         if image.mode == "F":
             scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+        elif image.mode == "I" and pixels.size and 0 <= pixels.min() and pixels.max() <= 255:
+            scale = 1.0
         else:
             scale = 255.0 / 65535.0  # = 1 / 257
         pixels = np.nan_to_num(pixels * scale, nan=0.0)

@@ -1,5 +1,6 @@
 """Images in root/<split>/<class folder>/ (`--dataset folder`), at any depth, in any format PIL
-reads; hidden files and folders are ignored. Class folders are the canonical names or their
+reads; hidden files and folders are ignored. The val split may be a folder named validation/ or
+valid/ instead. Class folders are the canonical names or their
 usual synonyms, in any case; any other names are given with `--classnames a,b,c`."""
 import os
 import warnings
@@ -12,9 +13,13 @@ from .base import IMAGE_EXTENSIONS, FERDataset, missing_error, require_dir
 # The usual folder names of the canonical classes, in any case (`labels.canonical_name`).
 FOLDER_SYNONYMS = SYNONYMS
 
+# The folder names a split is read from, first match wins (other exports spell val out).
+SPLIT_FOLDERS = {"val": ("val", "validation", "valid")}
+
 FOLDER_LAYOUT = """\
 <root>/
   <split>/<class folder>/**/*.jpg|png|tif|...   e.g. train/happiness/0001.jpg
+  splits: train, val (or validation, valid), test
   class folders: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, any case,
   or the usual synonyms (happy, sad, angry, surprised, fearful, disgusted, contemptuous);
   any other names are given explicitly (--classnames a,b,c; classnames=[...] in Python)
@@ -49,6 +54,12 @@ class ClassFolderReading:
         return text + (f"; left out {', '.join(left_out)}" if left_out else "")
 
 
+def split_folder(root, split):
+    """The folder under `root` that holds `split` (see SPLIT_FOLDERS), or None."""
+    return next((name for name in SPLIT_FOLDERS.get(split, (split,))
+                 if os.path.isdir(os.path.join(root, name))), None)
+
+
 def canonical_class(folder_name):
     """The canonical class a folder name stands for ('Happy' -> 'happiness'), or None."""
     name = canonical_name(folder_name)
@@ -63,17 +74,18 @@ class FolderDataset(FERDataset):
         super().__init__(root, transform)
         self.split = split
         require_dir(self.root, "dataset root", FOLDER_LAYOUT)
-        split_dir = os.path.join(self.root, split)
-        if not os.path.isdir(split_dir):
+        self.split_folder = split_folder(self.root, split)
+        if self.split_folder is None:
             found = sorted(d for d in os.listdir(self.root)
                            if os.path.isdir(os.path.join(self.root, d)))
-            raise missing_error(split_dir, f"split folder (found: {', '.join(found) or 'none'})",
+            raise missing_error(os.path.join(self.root, split),
+                                f"split folder (found: {', '.join(found) or 'none'})",
                                 FOLDER_LAYOUT)
+        split_dir = os.path.join(self.root, self.split_folder)
         if classnames is None:
-            splits = {split} | {s for s in ("train", "val", "test")
-                                if os.path.isdir(os.path.join(self.root, s))}
+            splits = {split_folder(self.root, s) for s in ("train", "val", "test")} - {None}
             found = set()
-            for name in sorted(splits):
+            for name in sorted(splits | {self.split_folder}):
                 found.update(self._class_folders(os.path.join(self.root, name)))
             classnames = tuple(c for c in CANONICAL_CLASSES if c in found)
             folders = self._class_folders(split_dir)
@@ -97,7 +109,7 @@ class FolderDataset(FERDataset):
             if name not in folders:
                 continue
             found, self.reading[name] = _read_class_folder(split_dir, folders[name])
-            files += [os.path.join(split, folders[name], f) for f in found]
+            files += [os.path.join(self.split_folder, folders[name], f) for f in found]
             targets += [label] * len(found)
         if not files:
             raise ValueError(f"{split_dir}: no images found\nExpected layout:\n{FOLDER_LAYOUT}")
@@ -110,7 +122,9 @@ class FolderDataset(FERDataset):
     def class_folder(self, classname):
         """The folder of a class in this split (None: the split has no folder for it)."""
         reading = self.reading.get(classname)
-        return None if reading is None else os.path.join(self.root, self.split, reading.folder)
+        if reading is None:
+            return None
+        return os.path.join(self.root, self.split_folder, reading.folder)
 
     def format_reading(self):
         """One line per class folder: the images read, and the files left out."""
