@@ -27,11 +27,12 @@ from mpafer.app.protocol import (
     dataset_options,
     evaluation_data,
     format_seen_and_unseen,
+    require_readable_once,
     seen_and_unseen,
 )
 from mpafer.app.runs import load_checkpoint_clip
 from mpafer.checkpoint import load_checkpoint, model_from_checkpoint
-from mpafer.data import build_dataset, require_readable
+from mpafer.data import build_dataset
 from mpafer.expclip import expclip_classifier, input_transform, load_head, read_head_metadata
 from mpafer.faces import MTCNN
 from mpafer.files import atomic_write_json
@@ -94,7 +95,7 @@ def main(argv=None):
         dataset = class_set_data(dataset, checkpoint["classnames"], cfg.class_set,
                                  cfg.checkpoint)
     if not (cfg.demo or cfg.skip_bad_images):
-        require_readable(dataset, cfg.split, cfg.workers)
+        require_readable_once(dataset, cfg.split, cfg.workers, cfg.cache_dir)
     if cfg.detect_faces:
         convention = face_convention(checkpoint)[0] if checkpoint else "folder"
         dataset = DetectedFaces(dataset, MTCNN(cfg.detector_weights, download_root=cfg.cache_dir)

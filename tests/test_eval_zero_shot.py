@@ -209,4 +209,5 @@ def test_expclip_evaluation_loads_the_clip_its_head_records(tmp_path, setup, cap
     result = json.loads(report.read_text())
     assert result["clip"] == setup["clip"] and result["clip_activation"] == "quick_gelu"
     assert "does not say which activation" not in capsys.readouterr().out
-    assert not (tmp_path / "empty-cache").exists()  # nothing downloaded
+    cache = tmp_path / "empty-cache"  # nothing downloaded: only the mark that the images decoded
+    assert [p.name for p in cache.iterdir()] == ["checked-images"]

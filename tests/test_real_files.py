@@ -20,12 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
+import mpafer.data.base as mpafer_data_base
 from mpafer import clip
 from mpafer.app.faults import ignore_interrupts
-from mpafer.app.protocol import read_splits
+from mpafer.app.protocol import read_splits, require_readable_once
 from mpafer.app.runs import run_config
 from mpafer.data import FolderDataset, load_image
 from mpafer.data.batches import LoadError, batches
+from mpafer.data.subsets import Subset
 from tests.dataset_writers import save_image, write_truncated_jpeg
 from tests.helpers import REPO, tiny_state_dict, write_safetensors
 
@@ -264,7 +266,7 @@ CHECK_BYPASSED = textwrap.dedent("""\
     from tests.helpers import load_script
 
     # As if the file broke after the check before training: the workers meet it.
-    mpafer.app.protocol.require_all_readable = lambda splits, workers: None
+    mpafer.app.protocol.require_all_readable = lambda *args: None
     sys.argv[0] = "train.py"
     run_cli(load_script("train").main)
 """)
@@ -314,6 +316,47 @@ def test_an_unreadable_training_image_stops_the_run_before_the_clip_loads(tmp_pa
     assert "train split" in line and os.path.join(root, bad) in line
     assert "--skip-bad-images" in line
     assert "MPA-FER on CLIP" not in stdout  # stopped before the CLIP was loaded
+
+
+def test_images_that_decoded_are_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "faces"), str(tmp_path / "cache")
+    for name in ("happy/a.png", "happy/b.png", "sad/c.png"):
+        save_image(os.path.join(root, "train", name), (9, 9, 9))
+    decoded = []
+
+    def counted_load(path, box=None):
+        decoded.append(os.path.basename(path))
+        return real_load(path, box)
+
+    real_load = mpafer_data_base.load_image
+    monkeypatch.setattr(mpafer_data_base, "load_image", counted_load)
+
+    def check(dataset, cache_dir=cache):
+        decoded.clear()
+        require_readable_once(dataset, "train", 1, cache_dir)
+        return sorted(decoded)
+
+    train = FolderDataset(root, "train")
+    assert check(train) == ["a.png", "b.png", "c.png"]
+    assert len(os.listdir(os.path.join(cache, "checked-images"))) == 1
+    assert check(FolderDataset(root, "train")) == []  # the same files, read again: no decoding
+    assert check(train, cache_dir=None) == ["a.png", "b.png", "c.png"]  # no cache: every time
+    few = Subset(train, [0, 2])  # other images of the same files: checked on their own
+    assert check(few) == ["a.png", "c.png"] and check(few) == []
+    # A cache that cannot be written costs the next run a check, never this one.
+    blocked = str(tmp_path / "blocked")
+    with open(blocked, "w") as f:
+        f.write("a file where the cache folder would be")
+    assert check(train, cache_dir=blocked) == ["a.png", "b.png", "c.png"]
+    assert check(train, cache_dir=blocked) == ["a.png", "b.png", "c.png"]
+
+    # A file re-saved under its name (new size and time) is decoded again, and a bad one fails.
+    time.sleep(0.01)
+    with open(os.path.join(root, "train", "sad", "c.png"), "wb") as f:
+        f.write(b"not a png any more")
+    with pytest.raises(ValueError, match="c.png.*--skip-bad-images"):
+        check(FolderDataset(root, "train"))
+    assert len(os.listdir(os.path.join(cache, "checked-images"))) == 2  # none for a failure
 
 
 @pytest.mark.parametrize("alignment", ["--no-prototype-alignment", "--prototype-alignment"])

@@ -45,8 +45,9 @@ class TrainConfig:
                 "with a note for a file; a transformers config's hidden_act; a resumed run keeps "
                 "its own)"})
     cache_dir: str = field(default="", metadata={
-        "help": "CLIP downloads and the prototype cache (default: $MPAFER_WEIGHTS, else the "
-                "repository's weights/)", "result": False})
+        "help": "CLIP downloads, the prototype cache and the marks of image sets that "
+                "decoded (checked-images/) (default: $MPAFER_WEIGHTS, else the repository's "
+                "weights/)", "result": False})
     descriptions: str = field(default="", metadata={
         "help": "class descriptions JSON (default: the shipped one)", "result": False})
     out: str = field(default="", metadata={
@@ -359,7 +360,8 @@ class EvalConfig:
     confusion_counts: bool = field(default=False, metadata={
         "help": "--confusion-png: counts in the cells instead of percentages"})
     cache_dir: str = field(default="", metadata={
-        "help": "CLIP downloads (default: $MPAFER_WEIGHTS, else the repository's weights/)"})
+        "help": "CLIP downloads and the marks of image sets that decoded "
+                "(default: $MPAFER_WEIGHTS, else the repository's weights/)"})
     device: str = field(default="", metadata={"help": "default: cuda if available, else cpu"})
     amp: str = field(default="auto", metadata=AMP_FLAG)
     batch_size: int = field(default=64, metadata={"help": "images per evaluation batch"})

@@ -1,6 +1,7 @@
 """The evaluation protocol: which images train (--shots), which choose best.pt (--eval-split,
 --val-fraction) and which test it once at the end (the test split, unless it chose best.pt, as
 in the paper's RAF-DB recipe); base-to-novel (--base-classes) scores base, novel and all."""
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..data import (
     train_transform,
 )
 from ..data.subsets import Subset, class_subset, few_shot_indices, stratified_split, subset_record
+from ..files import atomic_write_json
 from ..labels import match_classes, same_class
 from ..metrics import format_report, over_classes
 from ..progress import counted
@@ -23,7 +25,7 @@ from ..prompts import hard_prompts_by_class, load_descriptions
 from ..zeroshot import ZeroShotClassifier
 from .demo import demo_datasets, description_aliases
 from .engine import evaluate, evaluate_base_novel
-from .prototype_cache import prototype_key_fields, training_prototypes
+from .prototype_cache import image_identity, prototype_key_fields, training_prototypes
 
 
 @dataclass
@@ -145,18 +147,39 @@ def read_splits(cfg) -> Splits:
     splits = Splits(train, selection, test, selection_split_name(cfg), records, read, base,
                     aliases)
     if read and not cfg.skip_bad_images:  # (with it, unreadable images were dropped)
-        require_all_readable(splits, cfg.workers)
+        require_all_readable(splits, cfg.workers, cfg.cache_dir)
     return splits
 
 
-def require_all_readable(splits: Splits, workers: int):
+def require_all_readable(splits: Splits, workers: int, cache_dir: Optional[str] = None):
     """Decode every image the run reads: a bad one fails now, not mid-epoch."""
     checked = []
     for name, dataset in (("train", splits.train), (splits.selection_name, splits.selection),
                           ("test", splits.test)):
         if dataset is not None and not any(dataset is done for done in checked):
-            require_readable(dataset, name, workers)
+            require_readable_once(dataset, name, workers, cache_dir)
             checked.append(dataset)
+
+
+def require_readable_once(dataset, split: str, workers: int, cache_dir: Optional[str] = None):
+    """`data.require_readable`, skipped where the same images, unchanged (names, labels, crops,
+    file sizes and modification times), passed before: <cache_dir>/checked-images/ keeps a
+    marker per set that passed. A marker that cannot be written costs the next run a check."""
+    marker = None
+    base = dataset.base if isinstance(dataset, Subset) else dataset
+    if cache_dir and hasattr(base, "source_files"):
+        identity = {"reader": type(base).__name__, "root": os.path.abspath(base.root),
+                    **image_identity(dataset)}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+        marker = os.path.join(cache_dir, "checked-images", f"{key[:32]}.json")
+        if os.path.isfile(marker):
+            return
+    require_readable(dataset, split, workers)
+    if marker is not None:
+        try:
+            atomic_write_json({**identity, "split": split, "images": len(dataset)}, marker)
+        except OSError:  # (a WriteError too) read-only or full: the check itself passed
+            pass
 
 
 def base_classes(flag: str, classnames) -> Optional[List[str]]:

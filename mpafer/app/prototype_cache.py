@@ -56,18 +56,26 @@ def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: 
                          amp_dtype: Optional[torch.dtype]) -> Dict:
     """Everything a training set's prototypes depend on: the CLIP, the preprocessing, the images
     (and their files' sizes and times, or the demo renderer's version), the subset, precision."""
-    base = train_set.base if isinstance(train_set, DataSubset) else train_set
     key = {"clip_sha256": model.clip.checkpoint_sha256, "clip_activation": model.clip.activation,
            "resolution": resolution,
            "transform": describe_transform(eval_transform(resolution, uint8=True)),
            "normalize": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},  # on the device
            "dataset": dataset, "root": root, "split": "train", "images": len(train_set),
-           "items_sha256": dataset_fingerprint(base), "files_sha256": files_stat_fingerprint(base),
+           **image_identity(train_set),
            "classes": list(train_set.classnames), "per_class": per_class or 0,
            "seed": seed if per_class else None,  # the seed draws the per-class subset
            "amp": str(amp_dtype)}
     if dataset == "synthetic-demo":
         key["renderer"] = RENDERER_VERSION
-    if isinstance(train_set, DataSubset):  # --shots / --val-fraction: which images, not how many
-        key["subset"] = train_set.fingerprint()
     return key
+
+
+def image_identity(dataset) -> Dict:
+    """Which images exactly: the items (files, labels, crops) of the full set, its files' sizes
+    and modification times, and for a subset (--shots, --val-fraction) which of them."""
+    base = dataset.base if isinstance(dataset, DataSubset) else dataset
+    identity = {"items_sha256": dataset_fingerprint(base),
+                "files_sha256": files_stat_fingerprint(base)}
+    if isinstance(dataset, DataSubset):  # which images, not how many
+        identity["subset"] = dataset.fingerprint()
+    return identity
