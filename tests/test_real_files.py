@@ -318,6 +318,20 @@ def test_an_unreadable_training_image_stops_the_run_before_the_clip_loads(tmp_pa
     assert "MPA-FER on CLIP" not in stdout  # stopped before the CLIP was loaded
 
 
+def test_a_run_chooses_best_pt_on_a_validation_folder_and_says_so(tmp_path):
+    root = str(tmp_path / "faces")
+    for name in ("train/happy/a.png", "train/sad/b.png", "validation/happy/c.png",
+                 "validation/sad/d.png", "validation/sad/e.png", "test/sad/f.png"):
+        save_image(os.path.join(root, name), (9, 9, 9))
+    cfg, _, _ = run_config(["--dataset", "folder", "--data-root", root, "--eval-split", "val",
+                            "--workers", "0", "--cache-dir", str(tmp_path / "cache")], "")
+    with pytest.warns(UserWarning, match="happiness"):  # the test folder has no happy/
+        splits = read_splits(cfg)
+    assert splits.selection_name == "val" and len(splits.selection) == 3
+    assert len(splits.test) == 1  # tested once at the end, as with a val/ folder
+    assert f"read {os.path.join(root, 'validation')}:" in splits.describe()
+
+
 def test_images_that_decoded_are_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
     root, cache = str(tmp_path / "faces"), str(tmp_path / "cache")
     for name in ("happy/a.png", "happy/b.png", "sad/c.png"):

@@ -71,8 +71,9 @@ class Splits:
                     f"{run.path(name)}")
 
     def describe(self) -> str:
-        lines = [f"read {os.path.join(d.root, name)}:\n{d.format_reading()}"
-                 for name, d in self.read.items() if hasattr(d, "format_reading")]
+        lines = [f"read {os.path.join(d.root, getattr(d, 'split_folder', name))}:\n"
+                 f"{d.format_reading()}" for name, d in self.read.items()
+                 if hasattr(d, "format_reading")]
         lines.append(f"train: {counted(len(self.train), 'image')}\n"
                      f"{format_class_counts(self.train)}")
         if self.base:
