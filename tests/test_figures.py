@@ -37,6 +37,21 @@ def test_ticks_are_round_and_cover_the_data():
     assert figures.log_ticks(0.3, 4) == [0.2, 0.5, 1, 2, 5]
 
 
+def test_one_value_keeps_its_sign_and_one_epoch_sits_in_the_middle():
+    # A one-epoch run: a learning rate of 0.032 gets an axis of rates, not one from -0.5.
+    for value in (0.032, 7.0, -3.0, 1e-7):
+        ticks = figures.nice_ticks(value, value)
+        assert ticks[0] <= value <= ticks[-1]
+        assert all(t > 0 for t in ticks) if value > 0 else all(t < 0 for t in ticks)
+        assert ticks[-1] - ticks[0] < 3 * abs(value)
+    assert figures.nice_ticks(0, 0) == [-0.5, -0.25, 0.0, 0.25, 0.5]
+    canvas = Image.new("RGB", (600, 400), "white")
+    figures.line_panel(canvas, (0, 0, 600, 400), [("lr", [1], [0.032])], "rate", "lr")
+    marker = np.all(np.asarray(canvas) == figures.PALETTE[0], axis=-1)  # [H, W]
+    rows, columns = np.nonzero(marker[60:])  # below the legend's swatch
+    assert len(columns) and 0.45 * 600 < columns.mean() < 0.6 * 600
+
+
 def metrics(confusion):
     confusion = np.asarray(confusion)
     return {"classnames": NAMES[:len(confusion)], "confusion": confusion.tolist(),

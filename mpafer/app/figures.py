@@ -101,8 +101,10 @@ def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
         return [0.0, 1.0]
     low, high = min(finite), max(finite)
     if not high - low > max(1e-9 * max(abs(low), abs(high)), 1e-200):
+        # One value: half of it either side, so a positive quantity keeps a positive axis.
         middle = (low + high) / 2
-        low, high = middle - max(abs(middle), 1) * 0.5, middle + max(abs(middle), 1) * 0.5
+        half = abs(middle) * 0.5 if abs(middle) > 1e-100 else 0.5
+        low, high = middle - half, middle + half
     raw = (high - low) / (count - 1)
     power = 10.0 ** math.floor(math.log10(raw))
     step = next((m * power for m in (1, 2, 2.5, 5) if m * power >= raw), 10 * power)
@@ -173,7 +175,8 @@ def line_panel(canvas: Image.Image, box, series, title: str, ylabel: str, log: b
     scale = math.log10 if log else (lambda v: v)
     lo_y, hi_y = scale(yticks[0]), scale(yticks[-1])
     lo_x, hi_x = min(xticks[0], min(xs)), max(xticks[-1], max(xs))
-    hi_x = hi_x if hi_x > lo_x else lo_x + 1
+    if hi_x <= lo_x:  # one epoch: its point in the middle
+        lo_x, hi_x = lo_x - 1, hi_x + 1
 
     def to_pixel(x, y):
         px = plot[0] + (x - lo_x) / (hi_x - lo_x) * (plot[2] - plot[0])
