@@ -1,8 +1,11 @@
 """The benchmark runs in a tiny setting and writes well-formed figures (no timing asserted)."""
 import json
 import math
+import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mpafer.app import bench
 from mpafer.app.bench.epoch import write_rafdb_like
@@ -107,3 +110,35 @@ def test_faces_benchmark_times_both_detectors_and_prints_the_ratio(tmp_path, cap
     assert results["faces_ours"] == results["faces_reference"] >= 3
     assert [len(results["times"][k]) for k in ("ours", "reference")] == [2, 2]
     assert "MTCNN, ours / facenet-pytorch" in capsys.readouterr().out
+
+
+def test_template_benchmark_brings_the_landmarks_back_to_the_crops_pixels(tmp_path):
+    # Four copies of one crop: their median is that crop's own landmarks, which the test finds
+    # by hand (the detector on a 3x enlarged copy, pixel centres mapped back), and cutting each
+    # crop again by its own landmarks gives the crop back, up to resampling.
+    import facenet_pytorch
+    from skimage import data as skdata
+
+    from mpafer.app.bench import template
+    from mpafer.faces import MTCNN
+    weights = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
+    crop = Image.fromarray(skdata.astronaut()).crop((130, 20, 330, 220)).resize(
+        (100, 100), Image.Resampling.BICUBIC)
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i in range(4):
+        crop.save(folder / f"{i}.png")
+    out = tmp_path / "template.json"
+    results = template.main(["--images", str(folder), "--held-out", str(folder), "--upscale",
+                             "3", "--convention", "rafdb", "--detector-weights", weights,
+                             "--json", str(out)])
+    found = MTCNN(weights).detect(crop.resize((300, 300), Image.Resampling.BICUBIC),
+                                  min_face=120)
+    expected = (found.landmarks[int(found.scores.argmax())].numpy() + 0.5) / 3 - 0.5
+    assert results["faces"] == 4 and results["crop_size"] == [100, 100]
+    assert np.allclose(results["median"], expected, atol=0.01)
+    held_out = results["held_out"]
+    assert held_out["faces"] == 4
+    assert held_out["difference_median"] < 3 and held_out["difference_median"] < held_out[
+        "difference_convention"]
+    assert json.loads(out.read_text())["median"] == results["median"]

@@ -1,6 +1,7 @@
 """The speed targets, each ratio measured side by side in one run (random weights); `gpu`
 runs every GPU check in one command (`python -m mpafer.bench gpu --help`); `faces` times face
-detection against facenet-pytorch (`python -m mpafer.bench faces --help`).
+detection against facenet-pytorch (`python -m mpafer.bench faces --help`); `template` measures
+where a dataset's face crops hold the five landmarks (`python -m mpafer.bench template --help`).
 
   clip    the vendored image and text towers vs an `nn.MultiheadAttention` reference with the
           same weights                                                  (clip_ratio <= 1.0)
