@@ -142,3 +142,8 @@ def test_template_benchmark_brings_the_landmarks_back_to_the_crops_pixels(tmp_pa
     assert held_out["difference_median"] < 3 and held_out["difference_median"] < held_out[
         "difference_convention"]
     assert json.loads(out.read_text())["median"] == results["median"]
+    crop.resize((64, 64)).save(folder / "9-smaller.png")  # the median of mixed sizes means nothing
+    with pytest.raises(ValueError) as error:
+        template.main(["--images", str(folder), "--detector-weights", weights])
+    message = str(error.value)  # names the file that differs from those read before it
+    assert ".png is " in message and "64 x 64" in message and "100 x 100" in message

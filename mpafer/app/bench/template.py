@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--detector-weights", help="a folder holding pnet.pt, rnet.pt and onet.pt")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    if args.limit < 1 or args.upscale < 1:
+        p.error("--limit and --upscale must be at least 1")
     for flag, folder in (("--images", args.images), ("--held-out", args.held_out)):
         if folder is not None and not os.path.isdir(folder):
             p.error(f"{flag}: no such folder: {folder}")
@@ -56,17 +58,21 @@ def image_files(folder: str, limit: int) -> List[str]:
 
 
 def landmarks_in_crops(detector: MTCNN, paths: Sequence[str], upscale: int):
-    """-> [(crop as grey [H, W], its enlarged RGB copy, landmarks [5, 2] in the copy)]."""
-    found = []
+    """Yields (crop as grey [H, W], its enlarged RGB copy, landmarks [5, 2] in the copy) for each
+    crop with a face, one at a time (the copies are not kept); all crops must have one size."""
+    size = None
     for path in progress_bar(paths, desc="detecting", leave=False):
         with Image.open(path) as image:
+            if size is not None and image.size != size:
+                raise ValueError(f"{path} is {image.width} x {image.height}, the crops before it "
+                                 f"{size[0]} x {size[1]}: the crops of one folder share a size")
+            size = image.size
             grey = np.asarray(image.convert("L"), dtype=np.float64)
             big = image.convert("RGB").resize((image.width * upscale, image.height * upscale),
                                               Image.Resampling.BICUBIC)
         faces = detector.detect(big, min_face=0.4 * min(big.size))
         if len(faces.scores) and float(faces.scores.max()) >= 0.95:
-            found.append((grey, big, faces.landmarks[int(faces.scores.argmax())].numpy()))
-    return found
+            yield grey, big, faces.landmarks[int(faces.scores.argmax())].numpy()
 
 
 def in_crop(landmarks: np.ndarray, upscale: int) -> np.ndarray:
@@ -94,17 +100,18 @@ def main(argv=None):
     args = parse_args(argv)
     detector = MTCNN(args.detector_weights)
     paths = image_files(args.images, args.limit)
-    faces = landmarks_in_crops(detector, paths, args.upscale)
-    if not faces:
+    points, crop_size = [], None
+    for grey, _, landmarks in landmarks_in_crops(detector, paths, args.upscale):
+        points.append(in_crop(landmarks, args.upscale))
+        crop_size = list(grey.shape[::-1])  # (width, height)
+    if not points:
         raise ValueError(f"--images: no face found in {len(paths)} crops of {args.images}")
-    points = np.stack([in_crop(f[2], args.upscale) for f in faces])  # [N, 5, 2]
-    median = np.median(points, axis=0)
-    convention = CONVENTIONS[args.convention]
-    current = np.asarray(convention.template, dtype=np.float64)
-    results = {"images": args.images, "crops": len(paths), "faces": len(faces),
-               "crop_size": list(faces[0][0].shape[::-1]), "median": median.round(2).tolist(),
+    median = np.median(np.stack(points), axis=0)  # [5, 2] over [N, 5, 2]
+    current = np.asarray(CONVENTIONS[args.convention].template, dtype=np.float64)
+    results = {"images": args.images, "crops": len(paths), "faces": len(points),
+               "crop_size": crop_size, "median": median.round(2).tolist(),
                "convention": args.convention, "template": current.round(2).tolist()}
-    print(f"{len(faces)} faces in {len(paths)} crops of {args.images} "
+    print(f"{len(points)} faces in {len(paths)} crops of {args.images} "
           f"({results['crop_size'][0]} x {results['crop_size'][1]})")
     print(f"{'landmark':<20}{'median (x, y)':>18}{'--convention ' + args.convention:>26}")
     for name, m, t in zip(LANDMARKS, median, current):
@@ -114,8 +121,10 @@ def main(argv=None):
                                       args.upscale)
         differences = crop_differences(held_out, {"median": median, "convention": current})
         a, b = np.array(differences["convention"]), np.array(differences["median"])
+        if not len(a):
+            raise ValueError(f"--held-out: no face found in the crops of {args.held_out}")
         results["held_out"] = {
-            "folder": args.held_out, "faces": len(held_out),
+            "folder": args.held_out, "faces": len(a),
             "difference_convention": float(a.mean()), "difference_median": float(b.mean()),
             "median_closer": float((b < a).mean()),
             "gain": float((a - b).mean()), "gain_standard_error": float((a - b).std()
