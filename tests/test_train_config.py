@@ -51,6 +51,18 @@ def test_precedence_defaults_preset_demo_flags(train):
         train.run_config(["--dataset", "imagenet"])
 
 
+def test_a_mistyped_flag_is_refused_and_the_flag_it_resembles_is_named(train, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.run_config(["--demo", "--epohcs", "3", "--lr=0.1", "--dmeo", "--zzz"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1  # one line, whatever was mistyped
+    assert "unrecognized arguments: --epohcs 3 --dmeo --zzz" in error
+    assert "--epohcs: did you mean --epochs?" in error and "--dmeo: did you mean --demo?" in error
+    assert "--zzz:" not in error  # nothing like it: no guess
+    assert train.run_config(["--demo", "--epochs", "3"])[0].epochs == 3  # no abbreviation taken
+
+
 def test_every_setting_has_one_group_and_the_printed_settings_stay_short():
     from mpafer.app.config import SETTING_GROUPS, format_settings
     from mpafer.model import MPAFERConfig

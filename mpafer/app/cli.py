@@ -1,6 +1,7 @@
 """The commands' shared front: an argparse whose errors are one line, and `run_cli`, which turns
 expected failures into one line and a stop signal into its exit status."""
 import argparse
+import difflib
 import multiprocessing
 import os
 import pickle
@@ -13,12 +14,19 @@ from .faults import EXIT_STATUS, interrupt_at_once
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors and no abbreviated flags (a typo is no guess)."""
+    """argparse with one-line errors and no abbreviated flags (a typo is no guess, but the flag
+    it most resembles is named)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            flags = list(self._option_string_actions)
+            close = [(given, difflib.get_close_matches(given.split("=", 1)[0], flags, 1, 0.75))
+                     for given in message.split(": ", 1)[1].split() if given.startswith("--")]
+            message += "".join(f"; {given.split('=', 1)[0]}: did you mean {found[0]}?"
+                               for given, found in close if found)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
