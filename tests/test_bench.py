@@ -147,3 +147,10 @@ def test_template_benchmark_brings_the_landmarks_back_to_the_crops_pixels(tmp_pa
         template.main(["--images", str(folder), "--detector-weights", weights])
     message = str(error.value)  # names the file that differs from those read before it
     assert ".png is " in message and "64 x 64" in message and "100 x 100" in message
+    other = tmp_path / "other"  # held-out crops of another size than the measured ones
+    other.mkdir()
+    crop.resize((64, 64)).save(other / "small.png")
+    (folder / "9-smaller.png").unlink()
+    with pytest.raises(ValueError, match="small.png is 64 x 64.*100 x 100"):
+        template.main(["--images", str(folder), "--held-out", str(other),
+                       "--detector-weights", weights])

@@ -9,7 +9,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..data.base import dataset_fingerprint
+from ..data.base import dataset_fingerprint, files_stat_fingerprint
+from ..data.subsets import Subset
 from ..progress import counted
 
 SHOWN = 3  # files named in a message, at most
@@ -87,3 +88,14 @@ def data_identity(record: Dict) -> str:
     deciding = {"dataset": record["dataset"], "classes": list(record["classes"]),
                 "splits": {name: split["sha256"] for name, split in splits}}
     return hashlib.sha256(json.dumps(deciding, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def image_identity(dataset) -> Dict:
+    """Which images exactly: the items (files, labels, crops) of the full set, its files' sizes
+    and modification times, and for a subset (--shots, --val-fraction) which of them."""
+    base = dataset.base if isinstance(dataset, Subset) else dataset
+    identity = {"items_sha256": dataset_fingerprint(base),
+                "files_sha256": files_stat_fingerprint(base)}
+    if isinstance(dataset, Subset):  # which images, not how many
+        identity["subset"] = dataset.fingerprint()
+    return identity

@@ -25,7 +25,8 @@ from ..prompts import hard_prompts_by_class, load_descriptions
 from ..zeroshot import ZeroShotClassifier
 from .demo import demo_datasets, description_aliases
 from .engine import evaluate, evaluate_base_novel
-from .prototype_cache import image_identity, prototype_key_fields, training_prototypes
+from .fingerprint import image_identity
+from .prototype_cache import prototype_key_fields, training_prototypes
 
 
 @dataclass

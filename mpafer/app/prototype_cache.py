@@ -11,11 +11,10 @@ from torch.utils.data import DataLoader
 
 from ..clip.loading import safe_load
 from ..clip.transform import CLIP_MEAN, CLIP_STD
-from ..data.base import dataset_fingerprint, files_stat_fingerprint
-from ..data.subsets import Subset as DataSubset
 from ..data.transforms import describe_transform, eval_transform
 from ..files import atomic_save
 from ..prototypes import compute_prototypes
+from .fingerprint import image_identity
 from .synthetic import RENDERER_VERSION
 
 
@@ -68,14 +67,3 @@ def prototype_key_fields(model, train_set, resolution: int, dataset: str, root: 
     if dataset == "synthetic-demo":
         key["renderer"] = RENDERER_VERSION
     return key
-
-
-def image_identity(dataset) -> Dict:
-    """Which images exactly: the items (files, labels, crops) of the full set, its files' sizes
-    and modification times, and for a subset (--shots, --val-fraction) which of them."""
-    base = dataset.base if isinstance(dataset, DataSubset) else dataset
-    identity = {"items_sha256": dataset_fingerprint(base),
-                "files_sha256": files_stat_fingerprint(base)}
-    if isinstance(dataset, DataSubset):  # which images, not how many
-        identity["subset"] = dataset.fingerprint()
-    return identity

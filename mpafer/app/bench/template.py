@@ -15,7 +15,7 @@ levels, on the pixels that both templates' crops reach (lower: more like the dat
 import argparse
 import os
 import random
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -57,15 +57,16 @@ def image_files(folder: str, limit: int) -> List[str]:
     return found[:limit]
 
 
-def landmarks_in_crops(detector: MTCNN, paths: Sequence[str], upscale: int):
+def landmarks_in_crops(detector: MTCNN, paths: Sequence[str], upscale: int,
+                       size: Optional[Tuple[int, int]] = None):
     """Yields (crop as grey [H, W], its enlarged RGB copy, landmarks [5, 2] in the copy) for each
-    crop with a face, one at a time (the copies are not kept); all crops must have one size."""
-    size = None
+    crop with a face, one at a time (the copies are not kept); all crops must have one size
+    (`size`, else the first crop's)."""
     for path in progress_bar(paths, desc="detecting", leave=False):
         with Image.open(path) as image:
-            if size is not None and image.size != size:
+            if size is not None and image.size != tuple(size):
                 raise ValueError(f"{path} is {image.width} x {image.height}, the crops before it "
-                                 f"{size[0]} x {size[1]}: the crops of one folder share a size")
+                                 f"{size[0]} x {size[1]}: the crops compared share a size")
             size = image.size
             grey = np.asarray(image.convert("L"), dtype=np.float64)
             big = image.convert("RGB").resize((image.width * upscale, image.height * upscale),
@@ -118,7 +119,7 @@ def main(argv=None):
         print(f"{name:<20}{f'({m[0]:.2f}, {m[1]:.2f})':>18}{f'({t[0]:.2f}, {t[1]:.2f})':>26}")
     if args.held_out:
         held_out = landmarks_in_crops(detector, image_files(args.held_out, args.limit),
-                                      args.upscale)
+                                      args.upscale, crop_size)
         differences = crop_differences(held_out, {"median": median, "convention": current})
         a, b = np.array(differences["convention"]), np.array(differences["median"])
         if not len(a):
